@@ -1,0 +1,14 @@
+// Python bindings of neuraldb_kernels._C (setup.py builds this file; CMake builds the kernels without it).
+#include <torch/extension.h>
+
+#include "gated_retrieval.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "neuraldb gated-retrieval kernels";
+  m.def("gated_retrieval_cpu", &neuraldb::gated_retrieval_cpu, "Fused gated retrieval on CPU (fp32 accumulation)",
+        pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"));
+#ifdef NEURALDB_WITH_CUDA
+  m.def("gated_retrieval_cuda", &neuraldb::gated_retrieval_cuda, "Fused gated retrieval on CUDA",
+        pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"));
+#endif
+}

@@ -1,0 +1,21 @@
+// The kernels behind torch.ops.neuraldb.gated_retrieval. Contract: neuraldb_kernels/reference.py.
+// Inputs are validated in Python; kernels only check what would make them read out of bounds.
+#pragma once
+
+#include <torch/types.h>
+
+#include <tuple>
+
+namespace neuraldb {
+
+// queries (T, d1) fp32/fp16/bf16, keys (m, d1) fp16/bf16/fp32 unit rows, values (m, d2); rows unit-stride.
+// Returns out (T, d2) in the queries' dtype, idx (T,) int64, score (T,) float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                                                   const at::Tensor& values, double gamma);
+
+#ifdef NEURALDB_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cuda(const at::Tensor& queries, const at::Tensor& keys,
+                                                                    const at::Tensor& values, double gamma);
+#endif
+
+}  // namespace neuraldb

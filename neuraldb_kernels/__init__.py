@@ -1,0 +1,17 @@
+"""neuraldb_kernels: the fused gated-retrieval op behind NeuralDB, with PyTorch, C++, Triton and CUDA backends.
+
+Tensors in, tensors out: this package knows nothing about models or facts.
+
+Example::
+
+    >>> import torch, neuraldb_kernels
+    >>> keys = torch.nn.functional.normalize(torch.randn(100, 16), dim=1).half()
+    >>> out, idx, score = neuraldb_kernels.gated_retrieval(torch.randn(4, 16), keys, torch.randn(100, 8), 0.65)
+"""
+
+from neuraldb_kernels.backends import available_backends
+from neuraldb_kernels.op import gated_retrieval
+from neuraldb_kernels.reference import gated_retrieval_reference
+
+__all__ = ["gated_retrieval", "gated_retrieval_reference", "available_backends"]
+__version__ = "0.1.0"

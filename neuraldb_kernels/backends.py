@@ -1,0 +1,141 @@
+"""The backends of ``gated_retrieval``, when each can run, and which one "auto" picks.
+
+Every backend takes 2-D queries (T, d1) with unit-stride rows, keys (m, d1), values (m, d2) on the queries'
+device and a validated gamma, and returns ``(out, idx, score)`` exactly as :mod:`neuraldb_kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from neuraldb_kernels import extension
+from neuraldb_kernels.reference import gated_retrieval_reference
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+ENV_VAR = "NEURALDB_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # Returns None when the backend can run on that device type, else a sentence saying why not.
+    unavailable_reason: Callable[[str], str | None]
+    kernel: Callable[[], Kernel]
+
+
+def _reference_reason(device_type: str) -> str | None:
+    return None
+
+
+def _cpu_reason(device_type: str) -> str | None:
+    if device_type != "cpu":
+        return f"the 'cpu' backend runs on CPU tensors, got tensors on {device_type}"
+    ext = extension.load()
+    if ext is None:
+        return extension.missing_reason()
+    return None
+
+
+def _cpu_kernel() -> Kernel:
+    ext = extension.load()
+    assert ext is not None
+    return ext.gated_retrieval_cpu
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (`pip install triton`)"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and _triton_interpreting():
+        return None
+    return (
+        f"the 'triton' backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got tensors on {device_type}"
+    )
+
+
+def _triton_kernel() -> Kernel:
+    from neuraldb_kernels.triton_kernel import gated_retrieval_triton
+
+    return gated_retrieval_triton
+
+
+def _cuda_reason(device_type: str) -> str | None:
+    if device_type != "cuda":
+        return f"the 'cuda' backend runs on CUDA tensors, got tensors on {device_type}"
+    ext = extension.load()
+    if ext is None:
+        return extension.missing_reason()
+    if not hasattr(ext, "gated_retrieval_cuda"):
+        return "neuraldb_kernels._C was built without CUDA (torch without CUDA, no nvcc, or NEURALDB_SKIP_CUDA_BUILD=1)"
+    return None
+
+
+def _cuda_kernel() -> Kernel:
+    ext = extension.load()
+    assert ext is not None
+    return ext.gated_retrieval_cuda
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", _reference_reason, lambda: gated_retrieval_reference),
+        Backend("cpu", _cpu_reason, _cpu_kernel),
+        Backend("triton", _triton_reason, _triton_kernel),
+        Backend("cuda", _cuda_reason, _cuda_kernel),
+    )
+}
+
+# Preference order of "auto" per device type; the reference is always last and always available.
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device``, best first.
+
+    Example::
+
+        >>> available_backends("cpu")
+        ['cpu', 'torch']
+    """
+    device_type = torch.device(device).type
+    order = _AUTO_ORDER.get(device_type, ("torch",))
+    extra = [n for n in BACKENDS if n not in order]
+    return [n for n in (*order, *extra) if BACKENDS[n].unavailable_reason(device_type) is None]
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The concrete backend name for ``backend`` (None/"auto" honours ``$NEURALDB_BACKEND``) on ``device``.
+
+    Raises ValueError for an unknown name and RuntimeError, saying why, for one that cannot run there.
+    """
+    name = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or "auto"
+    device_type = device.type
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+            if BACKENDS[candidate].unavailable_reason(device_type) is None:
+                return candidate
+        return "torch"
+    if name not in BACKENDS:
+        source = f"${ENV_VAR}" if backend in (None, "auto") else "backend"
+        raise ValueError(f"{source} must be one of None, 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    reason = BACKENDS[name].unavailable_reason(device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
+    return name
+
+
+def kernel(name: str) -> Kernel:
+    """The kernel function of a resolved backend name."""
+    return BACKENDS[name].kernel()

@@ -1,0 +1,36 @@
+"""Loads the compiled ``neuraldb_kernels._C`` once; without it the package still works on the reference."""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+
+_module: ModuleType | None = None
+_error: str | None = None
+_loaded = False
+
+
+def load() -> ModuleType | None:
+    """The compiled extension, or None (with one warning per process) when it is missing or broken."""
+    global _module, _error, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            from neuraldb_kernels import _C  # type: ignore[attr-defined]
+
+            _module = _C
+        except ImportError as exc:
+            _error = f"the compiled extension neuraldb_kernels._C could not be imported ({exc})"
+            warnings.warn(
+                f"{_error}; serving the PyTorch reference. Reinstall with "
+                "`pip install --no-build-isolation .` to build it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _module
+
+
+def missing_reason() -> str | None:
+    """Why the extension is unavailable, or None when it loaded."""
+    load()
+    return _error

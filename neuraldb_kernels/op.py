@@ -1,0 +1,75 @@
+"""``torch.ops.neuraldb.gated_retrieval``: declared once, with a fake implementation for tracing.
+
+The op itself takes 2-D queries and the name of an already resolved backend; :func:`gated_retrieval` is the
+public entry point that validates, flattens leading dims and picks the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neuraldb_kernels import backends
+from neuraldb_kernels.validation import check_inputs
+
+
+@torch.library.custom_op("neuraldb::gated_retrieval", mutates_args=())
+def _gated_retrieval_op(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.kernel(backend)(queries, keys, values, gamma)
+
+
+@_gated_retrieval_op.register_fake
+def _(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, backend: str):
+    t = queries.shape[0]
+    return (
+        queries.new_empty((t, values.shape[1])),
+        queries.new_empty((t,), dtype=torch.int64),
+        queries.new_empty((t,), dtype=torch.float32),
+    )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # Kernels need unit-stride rows; a row-strided view (e.g. a slice of a bigger buffer) is fine as it is.
+    return t if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+def gated_retrieval(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated nearest-key lookup: the residual of the best-matching key where its cosine exceeds ``gamma``.
+
+    Args:
+        queries: ``(..., d1)`` fp32/fp16/bf16; normalised inside the op (rows of zeros stay zero).
+        keys: ``(m, d1)`` fp16 (bf16/fp32 accepted) with rows of unit length. The op does **not**
+            renormalise them: :class:`neuraldb.NeuralKVDatabase` stores them normalised.
+        values: ``(m, d2)`` fp16/bf16/fp32 residual rows.
+        gamma: gate threshold in [-1, 1]; a row retrieves only where ``score > gamma`` (strictly).
+        backend: None or "auto" (best for the device, overridden by ``$NEURALDB_BACKEND``), "torch"
+            (the reference), "cpu" (C++), "triton" or "cuda".
+
+    Returns:
+        ``out (..., d2)`` in the queries' dtype (``values[idx]`` where the gate opens, else zeros),
+        ``idx (...)`` int64 (the smallest index reaching the best score, -1 when ``m == 0``) and
+        ``score (...)`` float32 (the best cosine, ``-inf`` when ``m == 0``), all on the queries' device.
+
+    Example::
+
+        >>> import torch, neuraldb_kernels
+        >>> keys = torch.nn.functional.normalize(torch.randn(1000, 64), dim=1).half()
+        >>> values = torch.randn(1000, 32).half()
+        >>> out, idx, score = neuraldb_kernels.gated_retrieval(keys[:3].float() * 5, keys, values, 0.65)
+        >>> idx.tolist()
+        [0, 1, 2]
+    """
+    g = check_inputs(queries, keys, values, gamma)
+    name = backends.resolve(backend, queries.device)
+    lead = queries.shape[:-1]
+    q2 = _rows(queries.reshape(-1, queries.shape[-1]))
+    out, idx, score = torch.ops.neuraldb.gated_retrieval(q2, _rows(keys), _rows(values), g, name)
+    return out.reshape(*lead, values.shape[1]), idx.reshape(lead), score.reshape(lead)

@@ -1,0 +1,61 @@
+"""Argument checks for ``gated_retrieval``: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KEY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {t.dtype}")
+
+
+def check_gamma(gamma: object) -> float:
+    """``gamma`` as a float, or a ValueError/TypeError saying it must be a finite number in [-1, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float in [-1, 1], got {type(gamma).__name__}")
+    g = float(gamma)
+    if not math.isfinite(g) or not -1.0 <= g <= 1.0:
+        raise ValueError(f"gamma must be a finite float in [-1, 1], got {gamma!r}")
+    return g
+
+
+def check_inputs(queries: object, keys: object, values: object, gamma: object) -> float:
+    """Validate the op's arguments (shapes, dtypes, devices, gamma) and return gamma as a float."""
+    _check_tensor("queries", queries, QUERY_DTYPES)
+    _check_tensor("keys", keys, KEY_DTYPES)
+    _check_tensor("values", values, VALUE_DTYPES)
+    assert isinstance(queries, torch.Tensor) and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+    if queries.dim() < 1:
+        raise ValueError("queries must have shape (..., d1) with at least one dim, got a 0-d tensor")
+    if keys.dim() != 2:
+        raise ValueError(f"keys must be 2-D (m, d1), got shape {tuple(keys.shape)}")
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D (m, d2), got shape {tuple(values.shape)}")
+    d1 = queries.shape[-1]
+    if keys.shape[1] != d1:
+        raise ValueError(
+            f"keys must have shape (m, {d1}) to match queries (..., {d1}), got {tuple(keys.shape)}"
+        )
+    if values.shape[0] != keys.shape[0]:
+        raise ValueError(
+            f"values must have one row per key: expected shape ({keys.shape[0]}, d2), got {tuple(values.shape)}"
+        )
+    if keys.device != queries.device or values.device != queries.device:
+        raise ValueError(
+            "queries, keys and values must be on one device, got "
+            f"queries on {queries.device}, keys on {keys.device}, values on {values.device}"
+        )
+    return check_gamma(gamma)

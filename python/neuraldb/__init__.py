@@ -1,0 +1,14 @@
+"""neuraldb: edit 100,000+ facts into a Hugging Face language model with a gated neural key-value database.
+
+Example::
+
+    >>> import neuraldb
+    >>> model, tok = neuraldb.load_model("smollm2")
+    >>> db = neuraldb.edit(model, tok, [neuraldb.Fact("Danielle Darrieux", "The mother tongue of {} is", "English")])
+    >>> neuraldb.patch_model(model, db)
+"""
+
+from neuraldb_kernels import gated_retrieval
+
+__all__ = ["gated_retrieval"]
+__version__ = "0.1.0"
