@@ -40,4 +40,4 @@ class Fact:
     @property
     def text(self) -> str:
         """The prompt with the subject filled in."""
-        return self.prompt.format(self.subject)
+        return self.prompt.replace("{}", self.subject)
