@@ -1,0 +1,188 @@
+"""Shared teacher-forced log-probability helpers used by every evaluation in this package.
+
+One forward pass scores ``context + continuation`` for a whole batch. Sequences are **left-padded** so that
+every continuation ends at the last position; only the last ``max(len(continuation)) + 1`` positions are
+projected to the vocabulary (``logits_to_keep`` where the model supports it), and ``position_ids`` are
+computed from the attention mask so absolute-position models see the same positions as without padding.
+
+Tokenisation follows lm-evaluation-harness: ``continuation_ids = encode(context + continuation)[len(encode(context)):]``
+so the continuation is tokenised exactly as the model sees it in running text; where the tokeniser merges across
+the boundary (the context's tokens are not a prefix of the whole), it falls back to encoding the continuation on
+its own without special tokens (ROME's ``tok(" " + target)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["ContinuationScore", "encode_pair", "score_continuations", "progress"]
+
+
+def progress(iterable, *, desc: str | None = None, total: int | None = None, enabled: bool = True):
+    """tqdm progress bar (to stderr) when ``enabled``; the bare iterable otherwise."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class ContinuationScore:
+    """Teacher-forced scores of one continuation: per-token log-probabilities and the model's top-1 tokens."""
+
+    token_ids: list[int]
+    token_logprobs: list[float]
+    argmax_ids: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def sum_logprob(self) -> float:
+        """log P(continuation | context), the whole multi-token continuation."""
+        return float(sum(self.token_logprobs))
+
+    @property
+    def mean_logprob(self) -> float:
+        """Per-token average log-probability (ROME/MEMIT divide the NLL by the target length)."""
+        return self.sum_logprob / max(self.n_tokens, 1)
+
+    @property
+    def token_correct(self) -> list[bool]:
+        """Per target token: is it the model's top-1 prediction (teacher forcing)?"""
+        return [a == t for a, t in zip(self.argmax_ids, self.token_ids)]
+
+    @property
+    def token_accuracy(self) -> float:
+        c = self.token_correct
+        return sum(c) / len(c) if c else 0.0
+
+    @property
+    def is_greedy(self) -> bool:
+        """Every target token is the top-1 prediction (lm-eval's ``is_greedy``)."""
+        return all(self.token_correct)
+
+
+def _encode(tok, text: str, *, special: bool) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` (with the tokeniser's special tokens, e.g. BOS) and of ``continuation``.
+
+    Trailing spaces of the context move to the continuation (lm-eval does the same), so
+    ``("Paris is in ", "France")`` scores the token " France".
+    """
+    n_space = len(context) - len(context.rstrip(" "))
+    if n_space:
+        context, continuation = context[:-n_space], " " * n_space + continuation
+    ctx = _encode(tok, context, special=True)
+    whole = _encode(tok, context + continuation, special=True)
+    if len(whole) > len(ctx) and whole[: len(ctx)] == ctx:
+        return ctx, whole[len(ctx) :]
+    return ctx, _encode(tok, continuation, special=False)
+
+
+def _pad_id(tok) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tok, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _supports(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def score_token_ids(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 32,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[ContinuationScore]:
+    """Score already-tokenised ``(context_ids, continuation_ids)`` pairs. Batches are formed from pairs of
+    similar total length (sorted), results come back in input order. ``context_ids`` must be non-empty."""
+    n = len(pairs)
+    out: list[ContinuationScore | None] = [None] * n
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    device = _device(model)
+    use_keep = _supports(model, "logits_to_keep")
+    use_pos = _supports(model, "position_ids")
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    for batch in progress(batches, desc=desc, enabled=show_progress and len(batches) > 1):
+        seqs = []
+        for i in batch:
+            ctx, cont = list(pairs[i][0]), list(pairs[i][1])
+            if not ctx:
+                raise ValueError("context must contain at least one token (use the tokeniser's BOS for empty text)")
+            if not cont:
+                raise ValueError("continuation must contain at least one token")
+            seqs.append((ctx, cont))
+        length = max(len(c) + len(t) for c, t in seqs)
+        max_cont = max(len(t) for _, t in seqs)
+        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for r, (c, t) in enumerate(seqs):
+            s = c + t
+            ids[r, length - len(s) :] = torch.tensor(s)
+            mask[r, length - len(s) :] = 1
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if use_pos:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        keep = max_cont + 1
+        if use_keep:
+            kwargs["logits_to_keep"] = keep
+        logits = model(**kwargs).logits
+        logits = logits[:, -keep:, :].float()
+        # position j of the kept window predicts the token at window position j + 1
+        logp = torch.log_softmax(logits[:, :-1, :], dim=-1)
+        top = logits[:, :-1, :].argmax(-1)
+        for r, (i, (_, t)) in enumerate(zip(batch, seqs)):
+            k = len(t)
+            tgt = torch.tensor(t, device=logp.device)
+            rows = logp[r, keep - 1 - k :, :]
+            lp = rows.gather(-1, tgt[:, None])[:, 0]
+            out[i] = ContinuationScore(list(t), lp.tolist(), top[r, keep - 1 - k :].tolist())
+    return out  # type: ignore[return-value]
+
+
+def score_continuations(
+    model,
+    tok,
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 32,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[ContinuationScore]:
+    """Teacher-forced scores of ``continuations[i]`` after ``contexts[i]`` (strings; see :func:`encode_pair`)."""
+    if len(contexts) != len(continuations):
+        raise ValueError("contexts and continuations must have the same length")
+    pairs = [encode_pair(tok, c, t) for c, t in zip(contexts, continuations)]
+    return score_token_ids(
+        model, pairs, pad_id=_pad_id(tok), batch_size=batch_size, desc=desc, show_progress=show_progress
+    )

@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from neuraldb.evaluation.scoring import encode_pair, score_continuations
+
+from _eval_stubs import BigramLM, StubTokenizer
+
+
+@pytest.fixture
+def lm():
+    tok = StubTokenizer()
+    model = BigramLM()
+    is_, new, york, boston = (tok.id(p) for p in (" is", " New", " York", " Boston"))
+    model.set_next(is_, {new: 0.5, boston: 0.3})
+    model.set_next(new, {york: 0.9})
+    return model, tok
+
+
+def test_encode_pair_moves_trailing_space_and_splits_at_boundary():
+    tok = StubTokenizer(bos=True)
+    ctx, cont = encode_pair(tok, "Paris is in ", "France")
+    assert ctx == [1, tok.id("Paris"), tok.id(" is"), tok.id(" in")]
+    assert cont == [tok.id(" France")]
+
+
+def test_summed_and_mean_logprob_of_multi_token_target(lm):
+    model, tok = lm
+    (s,) = score_continuations(model, tok, ["Bob is"], [" New York"], show_progress=False)
+    assert s.n_tokens == 2
+    assert s.sum_logprob == pytest.approx(math.log(0.5) + math.log(0.9), abs=1e-5)
+    assert s.mean_logprob == pytest.approx((math.log(0.5) + math.log(0.9)) / 2, abs=1e-5)
+    assert s.token_correct == [True, True] and s.is_greedy
+
+
+def test_padding_and_batching_do_not_change_scores(lm):
+    model, tok = lm
+    ctxs = ["Bob is", "A much longer prompt where Bob is", "x"]
+    conts = [" New York", " Boston", " New York"]
+    batched = score_continuations(model, tok, ctxs, conts, batch_size=8, show_progress=False)
+    single = [score_continuations(model, tok, [c], [t], batch_size=1, show_progress=False)[0]
+              for c, t in zip(ctxs, conts)]
+    for a, b in zip(batched, single):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-6)
+        assert a.argmax_ids == b.argmax_ids
+    assert batched[1].sum_logprob == pytest.approx(math.log(0.3), abs=1e-5)
+    # one forward for the whole batch, logits kept only for the last max(len(target)) + 1 positions
+    model.calls.clear()
+    score_continuations(model, tok, ctxs, conts, batch_size=8, show_progress=False)
+    assert len(model.calls) == 1
+
+
+def test_greedy_flag_is_false_when_any_token_is_not_top1(lm):
+    model, tok = lm
+    (s,) = score_continuations(model, tok, ["Bob is"], [" Boston"], show_progress=False)
+    assert s.token_correct == [False] and not s.is_greedy and s.token_accuracy == 0.0
