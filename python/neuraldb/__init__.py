@@ -10,5 +10,11 @@ Example::
 
 from neuraldb_kernels import gated_retrieval
 
+from neuraldb.architectures import down_proj_dims, down_proj_module
+from neuraldb.database import NeuralKVDatabase
+from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
+
 __all__ = ["gated_retrieval"]
+__all__ += ["NeuralKVDatabase", "patch_model", "unpatch_model", "disabled", "patch_info"]
+__all__ += ["down_proj_module", "down_proj_dims"]
 __version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""Which module of a Hugging Face model is the MLP down-projection that NeuralDB edits: the one place that knows.
+
+``ARCHITECTURES`` maps a config's ``model_type`` to the down-projection's path template, the default layer
+(a fraction of the depth, so one entry serves every size of a family) and the default gate threshold.
+Key and value dims are read from the module itself (input and output features), never from the config,
+so a model whose config and weights disagree cannot silently get a wrong-sized database.
+
+Example::
+
+    >>> import neuraldb
+    >>> path, module = neuraldb.down_proj_module(model, 8)   # doctest: +SKIP
+    >>> path
+    'model.layers.8.mlp.down_proj'
+    >>> neuraldb.down_proj_dims(module)                     # (key_dim, value_dim) for SmolLM2-135M
+    (1536, 576)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_GAMMA = 0.65
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One model family: ``down_proj`` is a path template with ``{layer}``; ``layer_fraction`` picks the
+    default layer as ``round(fraction * num_layers)``; ``gamma`` is the default gate threshold."""
+
+    down_proj: str
+    layer_fraction: float = 0.25
+    gamma: float = DEFAULT_GAMMA
+
+
+_LLAMA_LIKE = ArchSpec("model.layers.{layer}.mlp.down_proj")
+
+# Layer fractions follow the layers the editing literature uses for each family (Llama-3-8B: 8 of 32,
+# GPT-J: 8 of 28, GPT-2 XL: 17 of 48); families without a published choice take the Llama fraction.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma3": ArchSpec("model.language_model.layers.{layer}.mlp.down_proj"),
+    "phi3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "phi": ArchSpec("model.layers.{layer}.mlp.fc2"),
+    "starcoder2": ArchSpec("model.layers.{layer}.mlp.c_proj"),
+    "gpt2": ArchSpec("transformer.h.{layer}.mlp.c_proj", layer_fraction=17 / 48),
+    "gptj": ArchSpec("transformer.h.{layer}.mlp.fc_out", layer_fraction=8 / 28),
+    "gpt_neox": ArchSpec("gpt_neox.layers.{layer}.mlp.dense_4h_to_h"),
+    "opt": ArchSpec("model.decoder.layers.{layer}.fc2"),
+    "falcon": ArchSpec("transformer.h.{layer}.mlp.dense_4h_to_h"),
+}
+
+
+def model_type(model: torch.nn.Module) -> str | None:
+    """The ``config.model_type`` of a Hugging Face model, or None for a module without a config."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def arch_spec(model: torch.nn.Module) -> ArchSpec:
+    """The table entry for ``model``; a ValueError explaining ``module=...`` for an unknown family."""
+    mtype = model_type(model)
+    spec = ARCHITECTURES.get(mtype) if mtype is not None else None
+    if spec is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(
+            f"neuraldb does not know where the MLP down-projection of model_type {mtype!r} is (known: {known}). "
+            'Name it yourself, e.g. patch_model(model, db, module="model.layers.8.mlp.down_proj"): the '
+            "module whose input is the MLP's hidden activation and whose output is added to the residual stream."
+        )
+    return spec
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    """Number of transformer layers, from the (text) config."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text_config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"model.config has no positive num_hidden_layers (got {n!r}); pass layer= and module=")
+    return n
+
+
+def default_layer(model: torch.nn.Module) -> int:
+    """The table's default layer for ``model``: ``round(layer_fraction * num_layers)``, within range."""
+    spec = arch_spec(model)
+    n = num_layers(model)
+    return min(n - 1, int(spec.layer_fraction * n + 0.5))
+
+
+def default_gamma(model: torch.nn.Module) -> float:
+    """The table's default gate threshold for ``model`` (0.65 for families without their own)."""
+    mtype = model_type(model)
+    spec = ARCHITECTURES.get(mtype) if mtype is not None else None
+    return spec.gamma if spec is not None else DEFAULT_GAMMA
+
+
+def find_module(model: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module]:
+    """``(path, module)`` for ``path`` in ``model``.
+
+    A path that does not resolve exactly is matched by suffix against the model's module names, so the table's
+    paths also work on wrappers (``base_model.model.…`` of PEFT) and on a bare backbone (``layers.8.…``).
+    """
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"module must be a non-empty module path string or an nn.Module, got {path!r}")
+    try:
+        return path, model.get_submodule(path)
+    except AttributeError:
+        pass
+    matches = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name and (name.endswith("." + path) or path.endswith("." + name))
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ValueError(f"module {path!r} does not exist in this {type(model).__name__}")
+    names = ", ".join(n for n, _ in matches[:5])
+    raise ValueError(f"module {path!r} is ambiguous in this {type(model).__name__}: it matches {names}")
+
+
+def down_proj_module(model: torch.nn.Module, layer: int) -> tuple[str, torch.nn.Module]:
+    """``(path, module)`` of the MLP down-projection of ``layer``: the module NeuralDB patches and whose input
+    the editing code captures as keys.
+
+    Example::
+
+        >>> path, module = down_proj_module(model, 8)   # doctest: +SKIP
+        >>> path
+        'model.layers.8.mlp.down_proj'
+    """
+    spec = arch_spec(model)
+    check_layer(model, layer)
+    return find_module(model, spec.down_proj.format(layer=layer))
+
+
+def check_layer(model: torch.nn.Module, layer: object) -> int:
+    """``layer`` as an int in ``[0, num_layers)``, or a TypeError/ValueError naming ``layer``."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    n = num_layers(model)
+    if not 0 <= layer < n:
+        raise ValueError(f"layer must be in [0, {n}) for this {n}-layer model, got {layer}")
+    return layer
+
+
+def down_proj_dims(module: torch.nn.Module) -> tuple[int, int]:
+    """``(key_dim, value_dim)``: the input and output features of a down-projection module.
+
+    Handles ``nn.Linear`` (and subclasses such as Falcon's) and GPT-2's ``Conv1D``, whose weight is stored
+    transposed as ``(in, out)``.
+
+    Example::
+
+        >>> down_proj_dims(torch.nn.Linear(1536, 576))
+        (1536, 576)
+    """
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
+        return in_f, out_f
+    raise TypeError(
+        f"module {type(module).__name__} is not a linear projection (nn.Linear, Conv1D or a module with "
+        "in_features/out_features); neuraldb patches the MLP's down-projection"
+    )

@@ -1,0 +1,515 @@
+"""``NeuralKVDatabase``: the edit memory, unit-norm keys and residual values with stable ids and fact metadata.
+
+Storage is two preallocated buffers that double when full, so appending 100k facts in batches is amortised
+O(1) per fact; ``keys``/``values`` are views of their first ``len(db)`` rows, which the op reads without a
+copy. Deleting swaps the last row into the hole (O(1) per fact); ids never change and are never reused.
+
+Thread safety: one re-entrant lock (``db.lock``). Every mutation holds it, and the patched forward holds it
+around its retrieval (see :mod:`neuraldb.patching`), so a forward sees the database before or after a
+change, never a mix. A swap-remove rewrites a live row, which is why readers lock rather than rely on
+snapshots. Code that reads ``keys``/``values`` directly from another thread should hold ``db.lock`` too.
+
+The file format is described in :mod:`neuraldb.database_io`.
+
+Example::
+
+    >>> import torch
+    >>> from neuraldb import NeuralKVDatabase
+    >>> from neuraldb.facts import Fact
+    >>> db = NeuralKVDatabase(1536, 576)
+    >>> ids = db.add(torch.randn(2, 1536), torch.randn(2, 576),
+    ...              facts=[Fact("Paris", "{} is the capital of", "Italy"), None])
+    >>> db.delete([ids[0]])
+    >>> len(db), db.ids()
+    (1, [1])
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from neuraldb.facts import Fact
+
+FactLike = Fact | dict | None
+
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MIN_CAPACITY = 16
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_dim(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def check_gamma(gamma: object) -> float:
+    """``gamma`` as a float in [-1, 1], or a TypeError/ValueError naming ``gamma``."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float in [-1, 1], got {type(gamma).__name__}")
+    g = float(gamma)
+    if not math.isfinite(g) or not -1.0 <= g <= 1.0:
+        raise ValueError(f"gamma must be a finite float in [-1, 1], got {gamma!r}")
+    return g
+
+
+def _rows(name: str, t: object, dim: int, dim_name: str) -> torch.Tensor:
+    """``t`` as a detached 2-D (m, dim) floating tensor; 1-D input is one row."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INPUT_DTYPES:
+        allowed = "/".join(map(_dtype_name, _INPUT_DTYPES))
+        raise TypeError(f"{name} must have a floating dtype ({allowed}), got {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device and holds no data")
+    t = t.detach()
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (m, {dim}) ({dim_name}={dim}) or ({dim},), got {tuple(t.shape)}")
+    return t
+
+
+def _first_bad_rows(mask: torch.Tensor, limit: int = 5) -> list[int]:
+    return mask.nonzero().flatten()[:limit].tolist()
+
+
+def normalize_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of ``keys`` scaled to unit length (computed in fp32, then cast to ``dtype``); ValueError naming
+    ``keys`` and the rows that are zero or non-finite."""
+    k = keys.float()
+    bad = ~torch.isfinite(k).all(dim=1)
+    if bad.any():
+        raise ValueError(f"keys must be finite; rows {_first_bad_rows(bad)} contain inf or nan")
+    # Dividing by the largest entry first keeps the norm from overflowing or underflowing in fp32.
+    scale = k.abs().amax(dim=1, keepdim=True)
+    zero = scale.squeeze(1) == 0
+    if zero.any():
+        raise ValueError(f"keys must have non-zero rows; rows {_first_bad_rows(zero)} are zero")
+    k = k / scale
+    return (k / k.norm(dim=1, keepdim=True)).to(dtype)
+
+
+def cast_residuals(residuals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``residuals`` in ``dtype``; ValueError naming ``residuals`` for non-finite rows or rows that overflow."""
+    bad = ~torch.isfinite(residuals).all(dim=1)
+    if bad.any():
+        raise ValueError(f"residuals must be finite; rows {_first_bad_rows(bad)} contain inf or nan")
+    out = residuals.to(dtype)
+    bad = ~torch.isfinite(out).all(dim=1)
+    if bad.any():
+        raise ValueError(
+            f"residuals rows {_first_bad_rows(bad)} overflow {_dtype_name(dtype)} "
+            f"(largest magnitude {torch.finfo(dtype).max:g}); store them in a wider dtype"
+        )
+    return out
+
+
+def fact_to_json(fact: FactLike, name: str = "facts") -> dict | None:
+    """The JSON form of one fact entry: null, ``{"fact": {...}}`` or ``{"dict": {...}}``."""
+    import dataclasses
+    import json
+
+    if fact is None:
+        return None
+    if isinstance(fact, Fact):
+        entry = {"fact": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(fact).items()}}
+    elif isinstance(fact, dict):
+        entry = {"dict": fact}
+    else:
+        raise TypeError(f"{name} must be a neuraldb.Fact, a dict or None, got {type(fact).__name__}")
+    try:
+        json.dumps(entry, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be JSON-serialisable so the database can be saved: {exc}") from None
+    return entry
+
+
+def fact_from_json(entry: object, name: str = "facts") -> FactLike:
+    """Inverse of :func:`fact_to_json`; ValueError naming ``name`` for anything else."""
+    if entry is None:
+        return None
+    if isinstance(entry, dict) and len(entry) == 1:
+        if isinstance(entry.get("dict"), dict):
+            return entry["dict"]
+        if isinstance(entry.get("fact"), dict):
+            try:
+                return Fact(**entry["fact"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{name} holds an invalid Fact: {exc}") from None
+    raise ValueError(f'{name} must be null, {{"fact": {{...}}}} or {{"dict": {{...}}}}, got {entry!r:.200}')
+
+
+def _check_facts(facts: object, m: int) -> list[FactLike]:
+    if facts is None:
+        return [None] * m
+    if isinstance(facts, (Fact, dict, str)) or not isinstance(facts, Sequence):
+        raise TypeError(f"facts must be a list of {m} Fact/dict/None entries, got {type(facts).__name__}")
+    if len(facts) != m:
+        raise ValueError(f"facts must have one entry per key row: expected {m}, got {len(facts)}")
+    for i, f in enumerate(facts):
+        fact_to_json(f, name=f"facts[{i}]")
+    return list(facts)
+
+
+def _check_ids(ids: object) -> list[int]:
+    """``ids`` (an int or an iterable of ints) as a list; TypeError/ValueError naming ``ids``."""
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must hold integers, got a tensor of {ids.dtype}")
+        ids = ids.flatten().tolist()
+    if isinstance(ids, (str, bytes)) or not (isinstance(ids, Iterable) or hasattr(ids, "__index__")):
+        raise TypeError(f"ids must be an int or an iterable of ints, got {type(ids).__name__}")
+    items = list(ids) if isinstance(ids, Iterable) else [ids]
+    out = []
+    for i in items:
+        if isinstance(i, bool):
+            raise TypeError(f"ids must hold ints, got a bool ({i!r})")
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise TypeError(f"ids must hold ints, got {type(i).__name__} ({i!r})") from None
+    seen: set[int] = set()
+    dups = sorted({i for i in out if i in seen or seen.add(i)})
+    if dups:
+        raise ValueError(f"ids must not repeat; duplicated: {dups[:5]}")
+    return out
+
+
+class NeuralKVDatabase:
+    """Unit-norm keys ``(n, key_dim)`` and residuals ``(n, value_dim)`` with stable ids and fact metadata.
+
+    Args:
+        key_dim: input features of the patched down-projection (the key length).
+        value_dim: its output features (the residual length).
+        dtype: storage dtype of keys and values (float16, bfloat16 or float32).
+        device: where the tensors live; :func:`neuraldb.patch_model` moves the database to the model's device.
+
+    Metadata the editing code sets and :meth:`save` keeps: ``layer``, ``gamma`` (used by ``patch_model``
+    when it is not given), ``template`` (the text template keys were built with), ``model_id``,
+    ``module_path`` and ``config`` (free-form, JSON-serialisable editing hyperparameters).
+
+    Example::
+
+        >>> db = NeuralKVDatabase(8, 4, dtype=torch.float32)
+        >>> [i] = db.add(torch.ones(8), torch.arange(4.0), facts=[{"note": "demo"}])
+        >>> key, residual, fact = db.get(i)
+        >>> round(float(key.norm()), 4), residual.tolist(), fact
+        (1.0, [0.0, 1.0, 2.0, 3.0], {'note': 'demo'})
+    """
+
+    def __init__(
+        self,
+        key_dim: int,
+        value_dim: int,
+        *,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.key_dim = _check_dim("key_dim", key_dim)
+        self.value_dim = _check_dim("value_dim", value_dim)
+        if dtype not in STORAGE_DTYPES:
+            allowed = "/".join(map(_dtype_name, STORAGE_DTYPES))
+            raise TypeError(f"dtype must be one of {allowed}, got {dtype!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
+        self.dtype = dtype
+        self._lock = threading.RLock()
+        self._keys = torch.empty((_MIN_CAPACITY, key_dim), dtype=dtype, device=device)
+        self._values = torch.empty((_MIN_CAPACITY, value_dim), dtype=dtype, device=device)
+        self._n = 0
+        self._row_ids: list[int] = []
+        self._rows: dict[int, int] = {}
+        self._facts: dict[int, FactLike] = {}
+        self._next_id = 0
+        self._layer: int | None = None
+        self._gamma: float | None = None
+        self.template: str | None = None
+        self.model_id: str | None = None
+        self.module_path: str | None = None
+        self.config: dict[str, Any] = {}
+
+    # -- metadata ---------------------------------------------------------------------------------------------
+
+    @property
+    def layer(self) -> int | None:
+        """The layer whose down-projection the keys belong to (None: unknown)."""
+        return self._layer
+
+    @layer.setter
+    def layer(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise TypeError(f"layer must be a non-negative int or None, got {value!r}")
+        self._layer = value
+
+    @property
+    def gamma(self) -> float | None:
+        """The gate threshold the facts were edited for (None: the architecture's default)."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float | None) -> None:
+        self._gamma = None if value is None else check_gamma(value)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every mutation and by the patched forward's retrieval; hold it to read keys/values
+        consistently from another thread."""
+        return self._lock
+
+    @property
+    def device(self) -> torch.device:
+        return self._keys.device
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated; grows by doubling."""
+        return self._keys.shape[0]
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added fact gets (ids are never reused, even after delete)."""
+        return self._next_id
+
+    # -- read -------------------------------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Live ``(n, key_dim)`` view of the unit-norm keys; row ``i`` belongs to ``ids()[i]``."""
+        return self._keys[: self._n]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Live ``(n, value_dim)`` view of the residuals; row ``i`` belongs to ``ids()[i]``."""
+        return self._values[: self._n]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._rows
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids())
+
+    def ids(self) -> list[int]:
+        """Ids in row order: the op's ``idx`` maps to the fact id ``ids()[idx]``."""
+        with self._lock:
+            return list(self._row_ids)
+
+    def row(self, id: int) -> int:
+        """The current row of ``id`` (rows move on delete; ids do not)."""
+        return self._rows[self._known(id)]
+
+    def get(self, id: int) -> tuple[torch.Tensor, torch.Tensor, FactLike]:
+        """``(key, residual, fact)`` of ``id``: copies of its stored rows and its fact metadata."""
+        with self._lock:
+            r = self._rows[self._known(id)]
+            return self._keys[r].clone(), self._values[r].clone(), self._facts[id]
+
+    def fact(self, id: int) -> FactLike:
+        """The fact metadata stored with ``id`` (a Fact, a dict or None)."""
+        with self._lock:
+            return self._facts[self._known(id)]
+
+    def _known(self, id: object) -> int:
+        if isinstance(id, bool) or not hasattr(id, "__index__"):
+            raise TypeError(f"id must be an int, got {type(id).__name__}")
+        i = operator.index(id)  # type: ignore[arg-type]
+        if i not in self._rows:
+            raise KeyError(f"id {i} is not in the database")
+        return i
+
+    def _check_known(self, ids: list[int]) -> None:
+        missing = [i for i in ids if i not in self._rows]
+        if missing:
+            raise KeyError(f"ids not in the database: {missing[:5]}")
+
+    # -- write ------------------------------------------------------------------------------------------------
+
+    def add(
+        self, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[FactLike] | None = None
+    ) -> list[int]:
+        """Append facts; returns their new ids (increasing, never reused).
+
+        Args:
+            keys: ``(m, key_dim)`` or ``(key_dim,)``, any floating dtype, on any (non-meta) device; each row is
+                normalised to unit length in fp32 before it is stored.
+            residuals: ``(m, value_dim)`` or ``(value_dim,)``, finite and representable in the storage dtype.
+            facts: None or one ``Fact``/``dict``/``None`` per row (dicts must be JSON-serialisable).
+
+        Nothing changes when any argument is invalid.
+        """
+        k = _rows("keys", keys, self.key_dim, "key_dim")
+        v = _rows("residuals", residuals, self.value_dim, "value_dim")
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(f"keys and residuals must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+        m = k.shape[0]
+        fs = _check_facts(facts, m)
+        k = normalize_keys(k, self.dtype)
+        v = cast_residuals(v, self.dtype)
+        if m == 0:
+            return []
+        with self._lock:
+            self._reserve(self._n + m)
+            n = self._n
+            self._keys[n : n + m].copy_(k)
+            self._values[n : n + m].copy_(v)
+            new_ids = list(range(self._next_id, self._next_id + m))
+            for offset, (i, f) in enumerate(zip(new_ids, fs)):
+                self._rows[i] = n + offset
+                self._facts[i] = f
+            self._row_ids.extend(new_ids)
+            self._next_id += m
+            self._n = n + m
+        return new_ids
+
+    def update(
+        self,
+        ids: int | Iterable[int],
+        keys: torch.Tensor | None = None,
+        residuals: torch.Tensor | None = None,
+        *,
+        facts: Sequence[FactLike] | None = None,
+    ) -> None:
+        """Replace the keys, residuals and/or facts of existing ``ids`` (rows in the order of ``ids``).
+
+        Raises KeyError for unknown ids, ValueError for duplicates or bad rows; nothing changes on error.
+        """
+        id_list = _check_ids(ids)
+        m = len(id_list)
+        k = v = None
+        if keys is not None:
+            k = normalize_keys(_rows("keys", keys, self.key_dim, "key_dim"), self.dtype)
+            if k.shape[0] != m:
+                raise ValueError(f"keys must have one row per id: expected {m}, got {k.shape[0]}")
+        if residuals is not None:
+            v = cast_residuals(_rows("residuals", residuals, self.value_dim, "value_dim"), self.dtype)
+            if v.shape[0] != m:
+                raise ValueError(f"residuals must have one row per id: expected {m}, got {v.shape[0]}")
+        fs = _check_facts(facts, m) if facts is not None else None
+        with self._lock:
+            self._check_known(id_list)
+            if m == 0:
+                return
+            rows = torch.tensor([self._rows[i] for i in id_list], dtype=torch.long, device=self.device)
+            if k is not None:
+                self._keys.index_copy_(0, rows, k.to(self.device))
+            if v is not None:
+                self._values.index_copy_(0, rows, v.to(self.device))
+            if fs is not None:
+                self._facts.update(zip(id_list, fs))
+
+    def delete(self, ids: int | Iterable[int]) -> None:
+        """Remove ``ids``: each hole is filled by the last row (O(1) per fact); other ids keep their facts.
+
+        Raises KeyError for unknown ids and ValueError for duplicates; nothing changes on error.
+        """
+        id_list = _check_ids(ids)
+        with self._lock:
+            self._check_known(id_list)
+            if not id_list:
+                return
+            rows, row_ids = self._rows, self._row_ids
+            # Bookkeeping first (pure Python), then one gather for the tensors. A survivor moves only when it is
+            # the last row, so its original row lies in the removed tail [len - len(ids), len) and the gather
+            # never overwrites a row before reading it.
+            src: dict[int, int] = {}
+            for i in id_list:
+                r = rows.pop(i)
+                src.pop(i, None)
+                last = row_ids.pop()
+                if last != i:
+                    src.setdefault(last, rows[last])
+                    row_ids[r] = last
+                    rows[last] = r
+                del self._facts[i]
+            if src:
+                d = torch.tensor([rows[i] for i in src], dtype=torch.long, device=self.device)
+                s = torch.tensor(list(src.values()), dtype=torch.long, device=self.device)
+                self._keys.index_copy_(0, d, self._keys.index_select(0, s))
+                self._values.index_copy_(0, d, self._values.index_select(0, s))
+            self._n = len(row_ids)
+
+    def to(self, device: torch.device | str) -> NeuralKVDatabase:
+        """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``."""
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
+        with self._lock:
+            if device != self.device:
+                self._keys = self._keys.to(device)
+                self._values = self._values.to(device)
+        return self
+
+    def _reserve(self, rows: int) -> None:
+        cap = self.capacity
+        if rows <= cap:
+            return
+        while cap < rows:
+            cap *= 2
+        keys = torch.empty((cap, self.key_dim), dtype=self.dtype, device=self.device)
+        values = torch.empty((cap, self.value_dim), dtype=self.dtype, device=self.device)
+        keys[: self._n].copy_(self.keys)
+        values[: self._n].copy_(self.values)
+        self._keys, self._values = keys, values
+
+    def _restore(
+        self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], facts: list[FactLike], next_id: int
+    ) -> None:
+        """Fill an empty database with already validated rows (used by load)."""
+        n = len(ids)
+        self._reserve(n)
+        self._keys[:n].copy_(keys)
+        self._values[:n].copy_(values)
+        self._row_ids = list(ids)
+        self._rows = {i: r for r, i in enumerate(ids)}
+        self._facts = dict(zip(ids, facts))
+        self._next_id = next_id
+        self._n = n
+
+    # -- files ------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the database to one ``.safetensors`` file, atomically (see :mod:`neuraldb.database_io`)."""
+        from neuraldb.database_io import save_database
+
+        save_database(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> NeuralKVDatabase:
+        """Read a database written by :meth:`save`, validating everything (see :mod:`neuraldb.database_io`)."""
+        from neuraldb.database_io import load_database
+
+        return load_database(path, device=device)
+
+    # Pickling and deep copies get a fresh lock (locks cannot be copied).
+    def __getstate__(self) -> dict:
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuralKVDatabase(n={self._n}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+            f"dtype={_dtype_name(self.dtype)}, device={self.device}, layer={self._layer}, gamma={self._gamma})"
+        )

@@ -1,0 +1,302 @@
+"""``patch_model``: make one MLP down-projection return ``W k + gated_retrieval(k, db.keys, db.values, gamma)``.
+
+How: a forward hook on the down-projection adds the retrieved residual to the module's own output. The
+module, its weights and its class are never touched, so :func:`unpatch_model` (removing the hook) gives
+outputs bitwise identical to a never-patched model, and ``generate()``, ``.to()``, ``state_dict()`` and
+saving the model with ``save_pretrained`` behave as without neuraldb.
+
+The hook calls one custom op, ``torch.ops.neuraldb.database_retrieval(queries, route)``, whose integer
+``route`` names the patch; the op reads the database at run time, under the database's lock. Hence:
+
+- a forward running while another thread adds or deletes sees the old or the new database, never a mix;
+- changes to the database are seen by the next forward, without re-patching;
+- ``torch.compile`` traces the op as one opaque node (its fake implementation gives the output shape), so
+  adding facts never triggers a recompile and the lock stays outside the graph. The op is tagged
+  ``cudagraph_unsafe`` because the database's storage moves when it grows.
+- the database follows the model: if a forward's activations are on another device than the database
+  (after ``model.to("cuda")``), the database is moved there in place. A database shared by two models on
+  different devices would move back and forth; give each model its own.
+
+Patching an already patched model replaces the previous patch cleanly (the old hook is removed only after the
+new arguments have been validated), so at most one database is active per model.
+
+Example::
+
+    >>> import neuraldb
+    >>> db = neuraldb.NeuralKVDatabase.load("edits.safetensors")      # doctest: +SKIP
+    >>> neuraldb.patch_model(model, db)                               # doctest: +SKIP
+    >>> with neuraldb.disabled(model):                                # doctest: +SKIP
+    ...     original = model(**batch).logits
+    >>> neuraldb.unpatch_model(model)                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+import weakref
+from collections.abc import Iterator
+
+import torch
+
+from neuraldb import architectures as arch
+from neuraldb.database import NeuralKVDatabase, check_gamma
+from neuraldb_kernels import gated_retrieval
+
+_ATTR = "_neuraldb_patch"
+_QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Live patches by route number. Weak, so a model that is garbage-collected without unpatching frees its database.
+_routes: weakref.WeakValueDictionary[int, Patch] = weakref.WeakValueDictionary()
+_route_numbers = itertools.count()
+
+
+class Patch:
+    """What :func:`patch_model` installed on a model; read it with :func:`patch_info`.
+
+    Attributes: ``db``, ``module_path``, ``layer`` (None when patched by ``module=``), ``gamma``, ``backend``,
+    ``enabled`` (False inside :func:`disabled`).
+    """
+
+    def __init__(
+        self, db: NeuralKVDatabase, module_path: str, layer: int | None, gamma: float, backend: str | None
+    ) -> None:
+        self.db = db
+        self.module_path = module_path
+        self.layer = layer
+        self.gamma = gamma
+        self.backend = backend
+        self.enabled = True
+        self._register()
+
+    def _register(self) -> None:
+        self.route = next(_route_numbers)
+        _routes[self.route] = self
+
+    # A deep copy or an unpickled copy of a patched model gets its own route, so it reads its own database copy.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "route"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    def retrieve(self, queries: torch.Tensor) -> torch.Tensor:
+        db = self.db
+        with db.lock:
+            if db.device != queries.device:
+                db.to(queries.device)
+            q = queries if queries.dtype in _QUERY_DTYPES else queries.float()
+            out, _, _ = gated_retrieval(q, db.keys, db.values, self.gamma, backend=self.backend)
+        return out.to(queries.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"Patch(module_path={self.module_path!r}, layer={self.layer}, gamma={self.gamma}, "
+            f"backend={self.backend!r}, enabled={self.enabled}, db={self.db!r})"
+        )
+
+
+def _patch_for(route: int) -> Patch:
+    patch = _routes.get(route)
+    if patch is None:
+        raise RuntimeError(f"neuraldb route {route} is not patched any more (the model was unpatched)")
+    return patch
+
+
+@torch.library.custom_op("neuraldb::database_retrieval", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _database_retrieval(queries: torch.Tensor, route: int) -> torch.Tensor:
+    return _patch_for(route).retrieve(queries)
+
+
+@_database_retrieval.register_fake
+def _(queries: torch.Tensor, route: int) -> torch.Tensor:
+    return queries.new_empty((*queries.shape[:-1], _patch_for(route).db.value_dim))
+
+
+# The retrieved residual is piecewise constant in the query, so its gradient is zero almost everywhere; this
+# lets a patched model be trained or used to optimise new residuals.
+_database_retrieval.register_autograd(lambda ctx, grad: (None, None), setup_context=lambda ctx, inputs, output: None)
+
+
+class _RetrievalHook:
+    def __init__(self, patch: Patch) -> None:
+        self.patch = patch
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        patch = self.patch
+        if not patch.enabled:
+            return output
+        query = args[0] if args else next(iter(kwargs.values()))
+        residual = torch.ops.neuraldb.database_retrieval(query, patch.route)
+        return output + residual.to(output.dtype)
+
+
+def _resolve(
+    model: torch.nn.Module, db: NeuralKVDatabase, layer: int | None, module: str | torch.nn.Module | None
+) -> tuple[str, torch.nn.Module, int | None]:
+    if module is not None:
+        if isinstance(module, torch.nn.Module):
+            found = [name for name, m in model.named_modules() if m is module]
+            if not found:
+                raise ValueError("module must be a submodule of model (or its path), got a module outside it")
+            path, target = found[0], module
+        else:
+            path, target = arch.find_module(model, module)
+        if layer is not None:
+            arch.check_layer(model, layer)
+        return path, target, layer
+    if layer is None and db.module_path is not None:
+        path, target = arch.find_module(model, db.module_path)
+        return path, target, db.layer
+    if layer is None:
+        layer = db.layer if db.layer is not None else arch.default_layer(model)
+    path, target = arch.down_proj_module(model, layer)
+    return path, target, layer
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    param = next(module.parameters(), None)
+    return None if param is None else param.device
+
+
+def patch_model(
+    model: torch.nn.Module,
+    db: NeuralKVDatabase,
+    *,
+    layer: int | None = None,
+    gamma: float | None = None,
+    module: str | torch.nn.Module | None = None,
+    backend: str | None = None,
+) -> torch.nn.Module:
+    """Patch ``model`` in place so that one MLP down-projection adds ``db``'s gated retrieval to its output.
+
+    Args:
+        model: a Hugging Face causal LM (any family in :data:`neuraldb.architectures.ARCHITECTURES`) or any
+            module when ``module`` is given.
+        db: the database; its ``key_dim``/``value_dim`` must be the module's input/output features. It is moved
+            to the module's device.
+        layer: which layer's down-projection; defaults to ``db.module_path``, then ``db.layer``, then the
+            architecture's default layer.
+        gamma: gate threshold in [-1, 1]; defaults to ``db.gamma``, then the architecture's default (0.65).
+        module: the module itself or its path (e.g. ``"model.layers.8.mlp.down_proj"``), for architectures
+            neuraldb does not know or to patch a different projection.
+        backend: the ``gated_retrieval`` backend (None: best available).
+
+    Returns:
+        ``model``, patched. Patching a patched model replaces the previous patch.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong types, unknown architecture without ``module``,
+        layer out of range, database dims that do not match the module, bad gamma or backend. On error the
+        model (and any previous patch) is left unchanged.
+
+    Example::
+
+        >>> db = neuraldb.NeuralKVDatabase(1536, 576)                      # doctest: +SKIP
+        >>> neuraldb.patch_model(model, db, layer=8, gamma=0.65)           # doctest: +SKIP
+        >>> neuraldb.patch_info(model).module_path                         # doctest: +SKIP
+        'model.layers.8.mlp.down_proj'
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(db, NeuralKVDatabase):
+        raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    path, target, layer = _resolve(model, db, layer, module)
+    key_dim, value_dim = arch.down_proj_dims(target)
+    if (db.key_dim, db.value_dim) != (key_dim, value_dim):
+        raise ValueError(
+            f"db has key_dim={db.key_dim}, value_dim={db.value_dim} but {path} maps {key_dim} -> {value_dim} "
+            "features; the database was built for another layer or model"
+        )
+    if gamma is None:
+        gamma = db.gamma if db.gamma is not None else arch.default_gamma(model)
+    gamma = check_gamma(gamma)
+    _warn_if_inconsistent(db, path, layer)
+
+    device = _device_of(target)
+    if device is not None and device.type != "meta":
+        with db.lock:
+            db.to(device)
+            # A dry run on one zero query validates the backend for this device before anything is installed.
+            weight_dtype = next(target.parameters()).dtype
+            dtype = weight_dtype if weight_dtype in _QUERY_DTYPES else torch.float32
+            gated_retrieval(torch.zeros(1, key_dim, dtype=dtype, device=device), db.keys, db.values, gamma, backend=backend)
+
+    if patch_info(model) is not None:
+        unpatch_model(model)
+    patch = Patch(db, path, layer, gamma, backend)
+    target.register_forward_hook(_RetrievalHook(patch), with_kwargs=True)
+    setattr(model, _ATTR, patch)
+    return model
+
+
+def _warn_if_inconsistent(db: NeuralKVDatabase, path: str, layer: int | None) -> None:
+    if db.module_path is not None and not (db.module_path.endswith(path) or path.endswith(db.module_path)):
+        warnings.warn(
+            f"db was built for {db.module_path!r} but is being patched into {path!r}", UserWarning, stacklevel=3
+        )
+    elif db.layer is not None and layer is not None and db.layer != layer:
+        warnings.warn(f"db was built for layer {db.layer} but is being patched into layer {layer}", UserWarning, stacklevel=3)
+
+
+def patch_info(model: torch.nn.Module) -> Patch | None:
+    """The :class:`Patch` installed on ``model`` by :func:`patch_model`, or None.
+
+    Example::
+
+        >>> neuraldb.patch_info(model).gamma      # doctest: +SKIP
+        0.65
+    """
+    patch = getattr(model, _ATTR, None)
+    return patch if isinstance(patch, Patch) else None
+
+
+def _require_patch(model: torch.nn.Module) -> Patch:
+    patch = patch_info(model)
+    if patch is None:
+        raise ValueError(f"model ({type(model).__name__}) is not patched by neuraldb.patch_model")
+    return patch
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove the patch: the model computes exactly what it computed before :func:`patch_model`.
+
+    Raises ValueError when ``model`` is not patched.
+
+    Example::
+
+        >>> neuraldb.unpatch_model(model) is model   # doctest: +SKIP
+        True
+    """
+    patch = _require_patch(model)
+    target = model.get_submodule(patch.module_path)
+    # By identity rather than a stored handle, so a deep copy of a patched model unpatches its own module.
+    keys = [k for k, h in target._forward_hooks.items() if isinstance(h, _RetrievalHook) and h.patch is patch]
+    for hooks in (target._forward_hooks, target._forward_hooks_with_kwargs, target._forward_hooks_always_called):
+        for key in keys:
+            hooks.pop(key, None)
+    delattr(model, _ATTR)
+    _routes.pop(patch.route, None)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Turn retrieval off inside a ``with`` block (the model computes as if unpatched); nests and restores.
+
+    Example::
+
+        >>> with neuraldb.disabled(model):            # doctest: +SKIP
+        ...     before = model(**batch).logits
+    """
+    patch = _require_patch(model)
+    previous = patch.enabled
+    patch.enabled = False
+    try:
+        yield model
+    finally:
+        patch.enabled = previous

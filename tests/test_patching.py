@@ -1,0 +1,404 @@
+"""patch_model's contract beyond one architecture: live database changes, re-patching, disabled(), dtypes, devices,
+torch.compile, autograd, copies, threads, and every bad argument."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from _tiny_models import (
+    PATCH_LAYER,
+    assert_bitwise,
+    capture,
+    per_token,
+    prompt,
+    separated_position,
+    stored_key_scores,
+    tiny_model,
+)
+
+import neuraldb
+from neuraldb.patching import Patch
+
+
+def _setup(arch="llama", dtype=torch.float32, length=12):
+    model = tiny_model(arch, dtype=dtype)
+    ids = prompt(length)
+    _, module = neuraldb.down_proj_module(model, PATCH_LAYER)
+    with capture(module) as cap:
+        base = model(ids).logits
+    keys, out = per_token(cap.inputs[0], ids)[0], per_token(cap.outputs[0], ids)
+    db = neuraldb.NeuralKVDatabase(*neuraldb.down_proj_dims(module))
+    return model, ids, module, base, keys, out, db
+
+
+def _residual(out, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out.shape[-1], generator=g) * float(out.abs().max().float()) * 4
+
+
+def test_database_changes_are_seen_without_repatching():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    [i] = db.add(keys[p], _residual(out))
+    first = model(ids).logits
+    assert not torch.equal(first, base)
+    db.update([i], residuals=_residual(out, seed=6))
+    second = model(ids).logits
+    assert not torch.equal(second, first) and not torch.equal(second, base)
+    db.delete([i])
+    assert_bitwise(model(ids).logits, base)
+
+
+@pytest.mark.parametrize(
+    "arch,dtype", [("llama", torch.bfloat16), ("llama", torch.float16), ("gpt2", torch.float16), ("opt", torch.bfloat16)]
+)
+def test_half_precision_weights(arch, dtype):
+    model, ids, module, base, keys, out, db = _setup(arch, dtype)
+    p, gamma = separated_position(keys, margin=0.05)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    with capture(module) as cap:
+        logits = model(ids).logits
+    expected = out.clone()
+    expected[0, p] = out[0, p] + db.values[0].to(dtype)
+    got = per_token(cap.outputs[0], ids)
+    assert got.dtype == dtype
+    assert_bitwise(got, expected)
+    assert_bitwise(logits[:, :p], base[:, :p])
+    neuraldb.unpatch_model(model)
+    assert_bitwise(model(ids).logits, base)
+
+
+def test_model_to_dtype_after_patching():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys, margin=0.05)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    model.to(torch.bfloat16)
+    with capture(module) as cap:
+        model(ids)
+    with neuraldb.disabled(model), capture(module) as plain:
+        model(ids)
+    diff = (per_token(cap.outputs[0], ids) - per_token(plain.outputs[0], ids)).float().abs().amax(-1)[0]
+    assert diff[p] > 0 and torch.count_nonzero(diff) == 1
+
+
+def test_model_on_meta_runs_shape_only():
+    model, ids, module, base, keys, out, db = _setup()
+    db.add(keys[3], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER)
+    model.to("meta")
+    logits = model(ids.to("meta")).logits
+    assert logits.device.type == "meta" and logits.shape == base.shape
+    assert db.device.type == "cpu"  # shape-only runs never move the database
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_database_follows_the_model_to_cuda():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    cpu_logits = model(ids).logits
+    model.to("cuda")
+    cuda_logits = model(ids.cuda()).logits
+    assert db.device.type == "cuda"
+    torch.testing.assert_close(cuda_logits.cpu(), cpu_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_repatching_replaces_cleanly():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    patched = model(ids).logits
+    other = neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim)
+    neuraldb.patch_model(model, other, layer=PATCH_LAYER)
+    assert len(module._forward_hooks) == 1
+    assert neuraldb.patch_info(model).db is other
+    assert_bitwise(model(ids).logits, base)
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    assert_bitwise(model(ids).logits, patched)
+
+
+def test_failed_repatch_keeps_the_previous_patch():
+    model, ids, module, base, keys, out, db = _setup()
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER)
+    before = neuraldb.patch_info(model)
+    with pytest.raises(ValueError, match="key_dim"):
+        neuraldb.patch_model(model, neuraldb.NeuralKVDatabase(db.key_dim + 1, db.value_dim), layer=PATCH_LAYER)
+    with pytest.raises(ValueError, match="gamma"):
+        neuraldb.patch_model(model, db, gamma=1.5)
+    assert neuraldb.patch_info(model) is before
+    assert len(module._forward_hooks) == 1
+
+
+def test_disabled_nests_and_restores_on_error():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    with pytest.raises(RuntimeError, match="inside"):
+        with neuraldb.disabled(model):
+            with neuraldb.disabled(model):
+                assert_bitwise(model(ids).logits, base)
+            assert_bitwise(model(ids).logits, base)
+            raise RuntimeError("inside")
+    assert neuraldb.patch_info(model).enabled
+    assert not torch.equal(model(ids).logits, base)
+
+
+def test_defaults_come_from_the_database_then_the_table():
+    model, ids, module, base, keys, out, db = _setup()
+    neuraldb.patch_model(model, db)
+    info = neuraldb.patch_info(model)
+    assert (info.layer, info.gamma) == (neuraldb.architectures.default_layer(model), 0.65)
+    db.layer, db.gamma = 2, 0.9
+    neuraldb.patch_model(model, db)
+    info = neuraldb.patch_info(model)
+    assert (info.layer, info.gamma, info.module_path) == (2, 0.9, "model.layers.2.mlp.down_proj")
+    db.module_path = "model.layers.0.mlp.down_proj"
+    db.layer = 0
+    neuraldb.patch_model(model, db)
+    assert neuraldb.patch_info(model).module_path == "model.layers.0.mlp.down_proj"
+    with pytest.warns(UserWarning, match="built for"):
+        neuraldb.patch_model(model, db, layer=1)
+
+
+def test_module_argument_by_path_and_by_object():
+    model, ids, module, base, keys, out, db = _setup()
+    neuraldb.patch_model(model, db, module=f"model.layers.{PATCH_LAYER}.mlp.down_proj")
+    assert neuraldb.patch_info(model).module_path == f"model.layers.{PATCH_LAYER}.mlp.down_proj"
+    neuraldb.patch_model(model, db, module=module)
+    assert neuraldb.patch_info(model).module_path == f"model.layers.{PATCH_LAYER}.mlp.down_proj"
+    assert len(module._forward_hooks) == 1
+
+
+class _Unknown(torch.nn.Module):
+    """A model family neuraldb does not know: two linear layers, no config."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(4, 6)
+        self.down = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_unknown_architecture_explains_module_and_works_with_it():
+    model = _Unknown()
+    db = neuraldb.NeuralKVDatabase(6, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r'module="model\.layers\.8\.mlp\.down_proj"'):
+        neuraldb.patch_model(model, db)
+    neuraldb.patch_model(model, db, module="down", gamma=0.99)
+    x = torch.randn(3, 4)
+    hidden = torch.relu(model.up(x))
+    db.add(hidden[1], torch.full((4,), 100.0))
+    with neuraldb.disabled(model):
+        plain = model(x)
+    got = model(x)
+    assert torch.equal(got[1], plain[1] + 100.0)
+
+
+def test_wrapped_model_resolves_by_suffix():
+    inner = tiny_model("llama")
+
+    class Wrapper(torch.nn.Module):  # the shape of PEFT's PeftModel: base_model.model.<hf model>
+        def __init__(self, model):
+            super().__init__()
+            self.base_model = torch.nn.Module()
+            self.base_model.model = model
+            self.config = model.config
+
+        def forward(self, *a, **k):
+            return self.base_model.model(*a, **k)
+
+    wrapped = Wrapper(inner)
+    db = neuraldb.NeuralKVDatabase(*neuraldb.down_proj_dims(inner.model.layers[1].mlp.down_proj))
+    neuraldb.patch_model(wrapped, db, layer=1)
+    assert neuraldb.patch_info(wrapped).module_path == "base_model.model.model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(layer=3), ValueError, "layer"),
+        (dict(layer=-1), ValueError, "layer"),
+        (dict(layer=True), TypeError, "layer"),
+        (dict(layer="1"), TypeError, "layer"),
+        (dict(gamma=2.0), ValueError, "gamma"),
+        (dict(gamma="0.5"), TypeError, "gamma"),
+        (dict(gamma=float("nan")), ValueError, "gamma"),
+        (dict(module="model.layers.9.mlp.down_proj"), ValueError, "module"),
+        (dict(module="mlp.down_proj"), ValueError, "ambiguous"),
+        (dict(module=torch.nn.Linear(48, 32)), ValueError, "module"),
+        (dict(module="model.layers.1.mlp"), TypeError, "module"),
+        (dict(module=3), TypeError, "module"),
+        (dict(backend="nonsense"), ValueError, "backend"),
+        (dict(backend=1), TypeError, "backend"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_the_model_unpatched(kwargs, exc, match):
+    model, ids, module, base, keys, out, db = _setup()
+    with pytest.raises(exc, match=match):
+        neuraldb.patch_model(model, db, **kwargs)
+    assert neuraldb.patch_info(model) is None
+    assert not module._forward_hooks
+
+
+def test_bad_model_and_db_types():
+    model, ids, module, base, keys, out, db = _setup()
+    with pytest.raises(TypeError, match="model"):
+        neuraldb.patch_model("model", db)
+    with pytest.raises(TypeError, match="db"):
+        neuraldb.patch_model(model, {"keys": keys})
+    with pytest.raises(ValueError, match="value_dim"):
+        neuraldb.patch_model(model, neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim + 1))
+    with pytest.raises(ValueError, match="not patched"):
+        neuraldb.unpatch_model(model)
+    with pytest.raises(ValueError, match="not patched"):
+        with neuraldb.disabled(model):
+            pass
+
+
+def test_compiled_forward_sees_database_changes_without_recompiling():
+    import torch._dynamo.testing
+
+    model, ids, module, base, keys, out, db = _setup()
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=0.9)
+    mlp = model.model.layers[PATCH_LAYER].mlp
+    x = torch.randn(1, 7, 32)
+    with capture(module) as cap:
+        plain = mlp(x)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(mlp, fullgraph=True, backend=counter)  # fullgraph: the hook must not break the graph
+    assert_bitwise(compiled(x), plain)
+    db.add(cap.inputs[0][0, 3], torch.ones(32))
+    got = compiled(x)
+    assert_bitwise(got, mlp(x))
+    assert torch.equal((got - plain).abs().amax(-1)[0] > 0, torch.arange(7) == 3)
+    db.add(torch.randn(5, 48), torch.randn(5, 32))
+    compiled(x)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_custom_op_passes_opcheck():
+    model, ids, module, base, keys, out, db = _setup()
+    db.add(keys[:4], torch.randn(4, 32))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=0.5)
+    route = neuraldb.patch_info(model).route
+    queries = torch.cat([keys[:2], torch.randn(3, 48)]).requires_grad_()
+    torch.library.opcheck(torch.ops.neuraldb.database_retrieval.default, (queries, route))
+
+
+def test_patched_model_backpropagates():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+
+def test_deep_copy_of_a_patched_model_is_independent():
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    patched = model(ids).logits
+    twin = copy.deepcopy(model)
+    twin_patch = neuraldb.patch_info(twin)
+    assert isinstance(twin_patch, Patch) and twin_patch.db is not db and twin_patch.route != neuraldb.patch_info(model).route
+    assert_bitwise(twin(ids).logits, patched)
+    twin_patch.db.delete(twin_patch.db.ids())
+    assert_bitwise(twin(ids).logits, base)
+    assert_bitwise(model(ids).logits, patched)
+    neuraldb.unpatch_model(twin)
+    assert len(module._forward_hooks) == 1
+    assert_bitwise(model(ids).logits, patched)
+
+
+def test_forward_during_concurrent_writes_sees_a_consistent_database():
+    model, ids, module, base, keys, out, db = _setup(length=16)
+    # Three positions whose activations only match themselves at gamma 0.999.
+    chosen = []
+    for pos in range(keys.shape[0]):
+        scores = stored_key_scores(keys, keys[pos])
+        if float(torch.cat([scores[:pos], scores[pos + 1 :]]).max()) < 0.99:
+            chosen.append(pos)
+    assert len(chosen) >= 3
+    pos = dict(zip("abc", chosen))
+    res = {name: _residual(out, seed) for seed, name in enumerate(("a", "b", "c", "b2"))}
+    gamma = 0.999
+
+    # Every consistent state the writer below can leave: two or three of the facts, b with either residual.
+    states = []
+    for subset in ("abc", "ab", "ac", "bc"):
+        for b_res in ("b", "b2") if "b" in subset else ("b",):
+            probe = neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim)
+            for name in subset:
+                probe.add(keys[pos[name]], res[b_res if name == "b" else name])
+            neuraldb.patch_model(model, probe, layer=PATCH_LAYER, gamma=gamma)
+            with torch.no_grad():
+                states.append(model(ids).logits)
+
+    # Keys that never pass the gate make each retrieval long; the facts go last so every delete moves one of them
+    # into the hole (its key and its residual are two copies a reader could see half-done).
+    filler = torch.randn(20000, db.key_dim, generator=torch.Generator().manual_seed(0))
+    db.add(filler, torch.randn(20000, db.value_dim))
+    assert float(stored_key_scores(keys, filler[0]).max()) < gamma
+    ids_of = {name: db.add(keys[pos[name]], res[name])[0] for name in "abc"}
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+
+    stop = threading.Event()
+    errors: list[str] = []
+    counts = {"forwards": 0, "writes": 0}
+
+    def reader():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    got = model(ids).logits
+                counts["forwards"] += 1
+                if not any(torch.equal(got, s) for s in states):
+                    errors.append("a forward saw a state that is none of the consistent ones")
+        except Exception as exc:  # a torn read can also surface as a shape error inside the op
+            errors.append(repr(exc))
+
+    def writer():
+        try:
+            while not stop.is_set():
+                for name in "abc":
+                    db.delete([ids_of[name]])
+                    [ids_of[name]] = db.add(keys[pos[name]], res[name])
+                db.update([ids_of["b"]], residuals=res["b2"])
+                db.update([ids_of["b"]], residuals=res["b"])
+                counts["writes"] += 1
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)] + [threading.Thread(target=writer)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that an unlocked reader would interleave with writes
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    assert counts["forwards"] > 5 and counts["writes"] > 5
