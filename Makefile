@@ -26,3 +26,9 @@ test: install
 
 bench: install
 	$(PY) benchmarks/op_table.py
+
+# The C++ kernel built against libtorch with CMake (CUDA off) and its C++ test, run by ctest.
+ctest: install
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake -j $${MAX_JOBS:-2}
+	ctest --test-dir build/cmake --output-on-failure

@@ -46,11 +46,12 @@ def _gencode(archs: str) -> list[str]:
 
 
 def _extension():
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # torch >= 2.10 headers need C++20.
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     include_dirs = [str(ROOT / "csrc")]
     if _want_cuda():
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         nvcc += _gencode(os.environ.get("NEURALDB_CUDA_ARCHS", "80;90"))
         return CUDAExtension(
             "neuraldb_kernels._C",

@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neuraldb gated-retrieval kernels";
   m.def("gated_retrieval_cpu", &neuraldb::gated_retrieval_cpu, "Fused gated retrieval on CPU (fp32 accumulation)",
         pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"));
+  m.def("cpu_isas", &neuraldb::cpu_isas, "CPU kernels this machine can run, best first (NEURALDB_CPU_ISA picks one)");
 #ifdef NEURALDB_WITH_CUDA
   m.def("gated_retrieval_cuda", &neuraldb::gated_retrieval_cuda, "Fused gated retrieval on CUDA",
         pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"));

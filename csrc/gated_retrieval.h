@@ -4,7 +4,9 @@
 
 #include <torch/types.h>
 
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace neuraldb {
 
@@ -12,6 +14,9 @@ namespace neuraldb {
 // Returns out (T, d2) in the queries' dtype, idx (T,) int64, score (T,) float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                                    const at::Tensor& values, double gamma);
+// Names of the CPU kernels this machine can run, best first (e.g. {"amx", "avx512", "avx2", "scalar"}); the
+// environment variable NEURALDB_CPU_ISA picks one of them (see csrc/cpu/gated_retrieval_cpu.cpp).
+std::vector<std::string> cpu_isas();
 
 #ifdef NEURALDB_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cuda(const at::Tensor& queries, const at::Tensor& keys,

@@ -1,0 +1,76 @@
+// Internal interface between the CPU op (gated_retrieval_cpu.cpp: validation, threading, gating) and the
+// per-ISA key scans (scan_scalar.cpp, scan_avx2.cpp, scan_avx512.cpp). Plain C++ only: the ISA files are
+// compiled with __attribute__((target(...))) on their own functions, and must not pull in torch headers.
+#pragma once
+
+#include <cstdint>
+
+namespace neuraldb {
+namespace cpu {
+
+enum class KeyType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+// One scan problem: T normalised fp32 query rows against m key rows.
+struct Problem {
+  const float* q;     // (T, qs) fp32, rows normalised, zero padded from d1 to qs (qs is a multiple of 64)
+  int64_t T = 0;
+  int64_t qs = 0;
+  const void* keys;   // (m, ks) in key_type, unit-stride rows
+  int64_t m = 0;
+  int64_t ks = 0;     // row stride of keys, in elements
+  int64_t d1 = 0;
+  KeyType key_type = KeyType::kF16;
+};
+
+// Exact fp32 scan of keys [k0, k1) for all T queries. best/best_idx hold the running best per query and are
+// updated with a strict '>' while keys are visited in increasing order, so callers that hand a thread its
+// chunks in increasing order keep the lowest index among ties.
+using ScanFn = void (*)(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
+// fp32 dot of query row t with key row i, rounded exactly as that ISA's ScanFn rounds it.
+using DotFn = float (*)(const Problem& p, int64_t t, int64_t i);
+
+void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
+float dot_scalar(const Problem& p, int64_t t, int64_t i);
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define NEURALDB_X86 1
+void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
+float dot_avx2(const Problem& p, int64_t t, int64_t i);
+void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
+float dot_avx512(const Problem& p, int64_t t, int64_t i);
+
+// ---- AMX bf16 pre-filter (exactness restored by fp32 rescoring of the candidates, see scan_avx512.cpp) ----
+constexpr int kAmxKeyBlock = 32;    // keys per AMX step (two 16-row A tiles)
+constexpr int kAmxQueryBlock = 16;  // queries per B tile
+
+struct AmxProblem {
+  const Problem* p;
+  const uint16_t* qpack;  // queries as bf16 B tiles (VNNI layout), see amx_pack_queries
+  int64_t tp = 0;         // T rounded up to a multiple of 16 (or 32 when T > 16)
+  int64_t d1p = 0;        // d1 rounded up to a multiple of 32
+  float margin = 0.f;     // |bf16 score - fp32 score| <= margin * ||key|| for unit queries
+  const uint16_t* live;   // (tp / 16,) bit n of word g: query 16 g + n exists and is not all zeros
+};
+
+// Per-thread state of the pre-filter: a running lower bound of the best fp32 score per query, and the keys
+// whose upper bound reaches it (the only keys that can be the fp32 argmax).
+struct AmxThread {
+  uint16_t* kbuf;     // (32, d1p) bf16 keys of the current block
+  float* scores;      // (32, tp) bf16 scores of the current block
+  float* thr;         // (tp,) max over seen keys of (score - bound)
+  int64_t* cand_idx;  // (tp, cap)
+  float* cand_up;     // (tp, cap) score + bound of each candidate
+  int32_t* cand_n;    // (tp,)
+  uint8_t* overflow;  // (tp,) 1 when more than cap keys were within the margin: rescan that query exactly
+  int32_t cap;
+};
+
+bool amx_enable();  // asks the OS for the AMX tile state once per process; false when unavailable
+void amx_pack_queries(const AmxProblem& a, uint16_t* qpack);
+void amx_thread_begin(const AmxProblem& a);  // loads the tile configuration of the calling thread
+void amx_thread_end();
+void amx_scan(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1);
+#endif
+
+}  // namespace cpu
+}  // namespace neuraldb

@@ -1,0 +1,482 @@
+// neuraldb::gated_retrieval_cpu: the fused CPU kernel behind backend "cpu".
+//
+// One pass over the keys: queries are normalised into a padded fp32 buffer, the keys are scanned in chunks by
+// an ISA-specific kernel chosen at run time (scalar, AVX2+F16C, AVX-512, AVX-512 + AMX bf16 pre-filter),
+// threads keep a running max/argmax (or, for the pre-filter, candidate keys) per query, a serial reduce picks
+// the lowest index among equal scores, and the gate copies values[idx] where score > gamma.
+//
+// Tuning knobs (environment, read on every call; meant for tests and benchmarks):
+//   NEURALDB_CPU_ISA=auto|scalar|avx2|avx512|amx   force a kernel ("amx" forces the pre-filter for any T)
+//   NEURALDB_CPU_CHUNK=N                           keys per work chunk (threads take chunks in turn)
+//   NEURALDB_CPU_PARALLEL_MIN_US=X                 estimated single-thread time below which no thread team
+//                                                  is started (default 300; 0 always uses the team)
+//   NEURALDB_CPU_AMX_MIN_T=N                       smallest T for which "auto" uses the AMX pre-filter
+//   NEURALDB_CPU_AMX_CAP=N                         candidates per query and thread before the exact rescan
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/cpu_kernels.h"
+#include "gated_retrieval.h"
+
+namespace neuraldb {
+namespace {
+
+using cpu::KeyType;
+using cpu::Problem;
+
+constexpr float kNormEps = 1e-12f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------------
+// Kernels available on this CPU, and which one a call uses
+// ------------------------------------------------------------------------------------------------
+enum class Isa { kScalar, kAvx2, kAvx512, kAmx };
+
+struct Support {
+  bool avx2 = false, avx512 = false, amx = false;
+};
+
+const Support& support() {
+  static const Support s = [] {
+    Support r;
+#ifdef NEURALDB_X86
+    __builtin_cpu_init();
+    r.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    r.avx512 = r.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12) || (defined(__clang__) && __clang_major__ >= 16)
+    r.amx = r.avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-tile") &&
+            __builtin_cpu_supports("amx-bf16") && cpu::amx_enable();
+#endif
+#endif
+    return r;
+  }();
+  return s;
+}
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAmx: return "amx";
+  }
+  return "?";
+}
+
+bool supported(Isa i) {
+  switch (i) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return support().avx2;
+    case Isa::kAvx512: return support().avx512;
+    case Isa::kAmx: return support().amx;
+  }
+  return false;
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0', name, " must be an integer, got '", v, "'");
+  return x;
+}
+
+struct Plan {
+  Isa isa;          // exact scan kernel (never kAmx)
+  bool prefilter;   // AMX bf16 pre-filter before the exact rescoring
+};
+
+Plan plan(int64_t T) {
+  // Below this many queries the exact fp32 scan is memory bound and the pre-filter cannot win.
+  const int64_t amx_min_t = env_int("NEURALDB_CPU_AMX_MIN_T", 16);
+  const char* env = std::getenv("NEURALDB_CPU_ISA");
+  const std::string want = env == nullptr || *env == '\0' ? "auto" : env;
+  if (want == "auto") {
+    const Isa exact = support().avx512 ? Isa::kAvx512 : support().avx2 ? Isa::kAvx2 : Isa::kScalar;
+    return {exact, support().amx && T >= amx_min_t};
+  }
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
+    if (want != isa_name(i)) continue;
+    TORCH_CHECK(supported(i), "NEURALDB_CPU_ISA=", want, " is not supported by this CPU (or OS)");
+    return i == Isa::kAmx ? Plan{Isa::kAvx512, true} : Plan{i, false};
+  }
+  TORCH_CHECK(false, "NEURALDB_CPU_ISA must be auto, scalar, avx2, avx512 or amx; got '", want, "'");
+}
+
+cpu::ScanFn scan_fn(Isa i) {
+#ifdef NEURALDB_X86
+  if (i == Isa::kAvx512 || i == Isa::kAmx) return cpu::scan_avx512;
+  if (i == Isa::kAvx2) return cpu::scan_avx2;
+#endif
+  return cpu::scan_scalar;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Threads
+// ------------------------------------------------------------------------------------------------
+// Work is split into chunks of keys that threads take in increasing order from an atomic counter (so a thread
+// busy elsewhere, e.g. another process on the second core, simply takes fewer chunks). Each thread therefore
+// visits its keys in increasing order, and its running best keeps the lowest index among ties.
+struct Team {
+  int threads = 1;
+  int64_t chunk = 0;    // keys per chunk
+  int64_t chunks = 0;
+};
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+Team team(int64_t m, int64_t row_bytes, double est_us, int64_t align) {
+  Team t;
+  int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // A thread team costs a few microseconds when the other cores are idle, and a scheduler time slice when one
+  // of them is busy with another process: small problems stay on the calling thread.
+  const double min_us = static_cast<double>(env_int("NEURALDB_CPU_PARALLEL_MIN_US", 300));
+  if (est_us < min_us) threads = 1;
+#ifndef _OPENMP
+  threads = 1;
+#endif
+  int64_t chunk = env_int("NEURALDB_CPU_CHUNK", 0);
+  if (chunk <= 0) {
+    chunk = round_up(std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes)), align);
+    // Enough chunks per thread that an interrupted thread does not hold up the rest.
+    if (threads > 1) chunk = std::min(chunk, round_up(std::max<int64_t>(1, m / (16 * threads)), align));
+  }
+  chunk = std::max<int64_t>(1, chunk);
+  t.chunk = chunk;
+  t.chunks = (m + chunk - 1) / chunk;
+  t.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, t.chunks)));
+  return t;
+}
+
+// Runs body(thread, k0, k1) over all chunks; begin(thread)/end(thread) bracket each thread's work.
+template <class Begin, class Body, class End>
+void run_chunks(const Team& t, int64_t m, Begin begin, Body body, End end) {
+  if (t.threads <= 1) {
+    begin(0);
+    for (int64_t c = 0; c < t.chunks; ++c) body(0, c * t.chunk, std::min(m, (c + 1) * t.chunk));
+    end(0);
+    return;
+  }
+#ifdef _OPENMP
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(t.threads)
+  {
+    const int tid = omp_get_thread_num();
+    begin(tid);
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= t.chunks) break;
+      body(tid, c * t.chunk, std::min(m, (c + 1) * t.chunk));
+    }
+    end(tid);
+  }
+#endif
+}
+
+// Exact fp32 scan of all keys: best[t], idx[t] with the lowest index among equal scores.
+void exact_scan(const Problem& p, Isa isa, float* best, int64_t* idx) {
+  const cpu::ScanFn scan = scan_fn(isa);
+  const int64_t row_bytes = p.d1 * (p.key_type == KeyType::kF32 ? 4 : 2);
+  // ~10 GB/s per core from memory, ~50 GFLOP/s of fp32 FMA per core.
+  const double est_us = std::max(static_cast<double>(p.m) * row_bytes / 1e4, 2.0 * p.m * p.d1 * p.T / 5e4);
+  const Team t = team(p.m, row_bytes, est_us, 24);
+  std::vector<float> tb(static_cast<size_t>(t.threads * p.T), kNegInf);
+  std::vector<int64_t> ti(static_cast<size_t>(t.threads * p.T), -1);
+  run_chunks(
+      t, p.m, [](int) {},
+      [&](int tid, int64_t k0, int64_t k1) { scan(p, k0, k1, tb.data() + tid * p.T, ti.data() + tid * p.T); },
+      [](int) {});
+  for (int64_t q = 0; q < p.T; ++q) {
+    float b = kNegInf;
+    int64_t bi = -1;
+    for (int th = 0; th < t.threads; ++th) {
+      const float s = tb[th * p.T + q];
+      const int64_t i = ti[th * p.T + q];
+      if (i >= 0 && (bi < 0 || s > b || (s == b && i < bi))) {
+        b = s;
+        bi = i;
+      }
+    }
+    best[q] = b;
+    idx[q] = bi;
+  }
+}
+
+#ifdef NEURALDB_X86
+// 64-byte aligned scratch owned by the calling thread, reused across calls.
+struct Scratch {
+  std::vector<char> mem;
+  char* take(size_t bytes, size_t& off) {
+    off = round_up(static_cast<int64_t>(off), 64);
+    char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<intptr_t>(mem.data()), 64));
+    char* r = base + off;
+    off += bytes;
+    return r;
+  }
+};
+
+// AMX bf16 pre-filter over all keys for queries [0, p.T) (p.T <= 256), then exact fp32 rescoring of the
+// surviving candidates; queries whose candidates overflow are rescanned exactly.
+void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, float* best, int64_t* idx) {
+  cpu::AmxProblem a;
+  a.p = &p;
+  a.tp = p.T <= 16 ? 16 : round_up(p.T, 32);
+  a.d1p = round_up(std::max<int64_t>(p.d1, 1), 32);
+  // |bf16(x) - x| <= 2^-8 |x|, so each product is off by <= 2^-7 (1 + 2^-9) |q_i k_i|, and the sum by that
+  // times sum |q_i k_i| <= ||q|| ||k|| = ||k||. Both fp32 accumulations (bf16 pre-filter, fp32 rescoring) add
+  // <= (1.07 d1 + 4) 2^-24 ||k||; (d1 + 64) 2^-22 covers them, the fp32 norm and subnormal flushing.
+  a.margin = static_cast<float>(std::ldexp(1.0 + std::ldexp(1.0, -9), -7) + std::ldexp(p.d1 + 64.0, -22));
+  const int64_t cap = std::max<int64_t>(1, env_int("NEURALDB_CPU_AMX_CAP", 128));
+  std::vector<uint16_t> live(static_cast<size_t>(a.tp / 16), 0);
+  for (int64_t q = 0; q < p.T; ++q)
+    if (!zero_row[q]) live[q / 16] |= static_cast<uint16_t>(1u << (q % 16));
+  a.live = live.data();
+
+  const int64_t row_bytes = p.d1 * (p.key_type == KeyType::kF32 ? 4 : 2);
+  // AMX runs ~1000 bf16 MACs per cycle: the scan is memory bound.
+  const double est_us = static_cast<double>(p.m) * row_bytes / 1e4;
+  const Team t = team(p.m, row_bytes, est_us, cpu::kAmxKeyBlock);
+
+  const int64_t kst = a.d1p + 32, sst = a.tp + 16;
+  const size_t per_thread = 64 * 8 + 2 * 32 * kst + 4 * 32 * sst + 4 * a.tp + (8 + 4) * a.tp * cap + 4 * a.tp + a.tp;
+  thread_local Scratch scratch;
+  const size_t qpack_bytes = 2 * (a.tp / 16) * (a.d1p / 32) * 512;
+  const size_t need = 64 + qpack_bytes + t.threads * per_thread + 64;
+  if (scratch.mem.size() < need) scratch.mem.resize(need);
+  size_t off = 0;
+  auto* qpack = reinterpret_cast<uint16_t*>(scratch.take(qpack_bytes, off));
+  a.qpack = qpack;
+  cpu::amx_pack_queries(a, qpack);
+  std::vector<cpu::AmxThread> ws(static_cast<size_t>(t.threads));
+  for (auto& w : ws) {
+    w.kbuf = reinterpret_cast<uint16_t*>(scratch.take(2 * 32 * kst, off));
+    w.scores = reinterpret_cast<float*>(scratch.take(4 * 32 * sst, off));
+    w.thr = reinterpret_cast<float*>(scratch.take(4 * a.tp, off));
+    w.cand_idx = reinterpret_cast<int64_t*>(scratch.take(8 * a.tp * cap, off));
+    w.cand_up = reinterpret_cast<float*>(scratch.take(4 * a.tp * cap, off));
+    w.cand_n = reinterpret_cast<int32_t*>(scratch.take(4 * a.tp, off));
+    w.overflow = reinterpret_cast<uint8_t*>(scratch.take(a.tp, off));
+    w.cap = static_cast<int32_t>(cap);
+    std::fill(w.thr, w.thr + a.tp, kNegInf);
+    std::fill(w.cand_n, w.cand_n + a.tp, 0);
+    std::fill(w.overflow, w.overflow + a.tp, 0);
+  }
+  TORCH_INTERNAL_ASSERT(off <= scratch.mem.size() - 64);
+
+  run_chunks(
+      t, p.m, [&](int) { cpu::amx_thread_begin(a); },
+      [&](int tid, int64_t k0, int64_t k1) { cpu::amx_scan(a, ws[tid], k0, k1); }, [](int) { cpu::amx_thread_end(); });
+
+  std::vector<int64_t> rescan;
+  for (int64_t q = 0; q < p.T; ++q) {
+    if (zero_row[q]) {
+      // q / max(0, eps) is all zeros: every score is 0 and the first key wins.
+      best[q] = 0.f;
+      idx[q] = 0;
+      continue;
+    }
+    float thr = kNegInf;
+    bool overflow = false;
+    for (const auto& w : ws) {
+      thr = std::max(thr, w.thr[q]);
+      overflow = overflow || w.overflow[q];
+    }
+    float b = kNegInf;
+    int64_t bi = -1;
+    if (!overflow) {
+      for (const auto& w : ws)
+        for (int32_t c = 0; c < w.cand_n[q]; ++c) {
+          if (!(w.cand_up[q * cap + c] >= thr)) continue;
+          const int64_t i = w.cand_idx[q * cap + c];
+          const float s = cpu::dot_avx512(p, q, i);
+          if (bi < 0 || s > b || (s == b && i < bi)) {
+            b = s;
+            bi = i;
+          }
+        }
+    }
+    if (bi < 0) {
+      rescan.push_back(q);  // overflowed (or non-finite scores): scan this query exactly
+      continue;
+    }
+    best[q] = b;
+    idx[q] = bi;
+  }
+  if (rescan.empty()) return;
+  std::vector<float> qsub(static_cast<size_t>(rescan.size() * p.qs));
+  for (size_t r = 0; r < rescan.size(); ++r)
+    std::memcpy(qsub.data() + r * p.qs, p.q + rescan[r] * p.qs, sizeof(float) * p.qs);
+  Problem sub = p;
+  sub.q = qsub.data();
+  sub.T = static_cast<int64_t>(rescan.size());
+  std::vector<float> sb(rescan.size());
+  std::vector<int64_t> si(rescan.size());
+  exact_scan(sub, Isa::kAvx512, sb.data(), si.data());
+  for (size_t r = 0; r < rescan.size(); ++r) {
+    best[rescan[r]] = sb[r];
+    idx[rescan[r]] = si[r];
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// Queries in, gated values out
+// ------------------------------------------------------------------------------------------------
+template <class Q>
+void normalize_rows(const at::Tensor& queries, int64_t T, int64_t d1, float* dst, int64_t qs, uint8_t* zero_row) {
+  const Q* src = queries.data_ptr<Q>();
+  const int64_t stride = queries.stride(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const Q* row = src + t * stride;
+    float* out = dst + t * qs;
+    // fp32 sum of squares, as the reference's q.float().norm() (same underflow / overflow behaviour).
+    float part[16] = {};
+    int64_t j = 0;
+    for (; j + 16 <= d1; j += 16)
+      for (int l = 0; l < 16; ++l) {
+        const float x = static_cast<float>(row[j + l]);
+        part[l] += x * x;
+      }
+    for (; j < d1; ++j) {
+      const float x = static_cast<float>(row[j]);
+      part[j % 16] += x * x;
+    }
+    float ss = 0.f;
+    for (float v : part) ss += v;
+    const float norm = std::max(std::sqrt(ss), kNormEps);
+    bool zero = true;
+    for (j = 0; j < d1; ++j) {
+      out[j] = static_cast<float>(row[j]) / norm;
+      zero = zero && out[j] == 0.f;
+    }
+    std::fill(out + d1, out + qs, 0.f);
+    zero_row[t] = zero;
+  }
+}
+
+template <class V, class O>
+void gather_rows(const at::Tensor& values, const int64_t* idx, const float* score, float gamma, int64_t T,
+                 at::Tensor& out) {
+  const V* src = values.data_ptr<V>();
+  O* dst = out.data_ptr<O>();
+  const int64_t d2 = values.size(1), vs = values.stride(0);
+  for (int64_t t = 0; t < T; ++t) {
+    if (idx[t] < 0 || !(score[t] > gamma)) continue;  // out was zero filled
+    const V* row = src + idx[t] * vs;
+    for (int64_t j = 0; j < d2; ++j) dst[t * d2 + j] = static_cast<O>(static_cast<float>(row[j]));
+  }
+}
+
+template <class V>
+void gather_any(const at::Tensor& values, const int64_t* idx, const float* score, float gamma, int64_t T,
+                at::Tensor& out) {
+  switch (out.scalar_type()) {
+    case at::kFloat: return gather_rows<V, float>(values, idx, score, gamma, T, out);
+    case at::kHalf: return gather_rows<V, c10::Half>(values, idx, score, gamma, T, out);
+    case at::kBFloat16: return gather_rows<V, c10::BFloat16>(values, idx, score, gamma, T, out);
+    default: TORCH_CHECK(false, "gated_retrieval_cpu: unsupported output dtype ", out.scalar_type());
+  }
+}
+
+bool is_float_type(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
+
+}  // namespace
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> r;
+  for (Isa i : {Isa::kAmx, Isa::kAvx512, Isa::kAvx2, Isa::kScalar})
+    if (supported(i)) r.emplace_back(isa_name(i));
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                                                   const at::Tensor& values, double gamma) {
+  TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(),
+              "gated_retrieval_cpu: queries, keys and values must be CPU tensors");
+  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && values.dim() == 2,
+              "gated_retrieval_cpu: expected queries (T, d1), keys (m, d1), values (m, d2)");
+  TORCH_CHECK(is_float_type(queries.scalar_type()) && is_float_type(keys.scalar_type()) &&
+                  is_float_type(values.scalar_type()),
+              "gated_retrieval_cpu: queries, keys and values must be float32, float16 or bfloat16");
+  const int64_t T = queries.size(0), d1 = queries.size(1), m = keys.size(0), d2 = values.size(1);
+  TORCH_CHECK(keys.size(1) == d1, "gated_retrieval_cpu: keys must be (m, ", d1, "), got ", keys.sizes());
+  TORCH_CHECK(values.size(0) == m, "gated_retrieval_cpu: values must have ", m, " rows, got ", values.sizes());
+  // Rows are read as contiguous runs; overlapping rows (stride(0) < d, e.g. expanded tensors) are fine.
+  auto unit_rows = [](const at::Tensor& x) { return x.size(1) <= 1 || x.stride(1) == 1; };
+  TORCH_CHECK(unit_rows(queries) && unit_rows(keys) && unit_rows(values),
+              "gated_retrieval_cpu: rows of queries, keys and values must be unit-stride");
+
+  auto out = at::zeros({T, d2}, queries.options());
+  auto idx_t = at::full({T}, -1, queries.options().dtype(at::kLong));
+  auto score_t = at::full({T}, kNegInf, queries.options().dtype(at::kFloat));
+  if (T == 0 || m == 0) return {out, idx_t, score_t};
+
+  // Normalised, zero padded fp32 queries (rows of qs floats, qs a multiple of 64 so every vector load of a
+  // query row stays inside it).
+  const int64_t qs = round_up(std::max<int64_t>(d1, 1), 64);
+  std::vector<float> qbuf(static_cast<size_t>(T * qs + 16));
+  std::vector<uint8_t> zero_row(static_cast<size_t>(T));
+  switch (queries.scalar_type()) {
+    case at::kFloat: normalize_rows<float>(queries, T, d1, qbuf.data(), qs, zero_row.data()); break;
+    case at::kHalf: normalize_rows<c10::Half>(queries, T, d1, qbuf.data(), qs, zero_row.data()); break;
+    default: normalize_rows<c10::BFloat16>(queries, T, d1, qbuf.data(), qs, zero_row.data()); break;
+  }
+
+  Problem p;
+  p.q = qbuf.data();
+  p.T = T;
+  p.qs = qs;
+  p.keys = keys.data_ptr();
+  p.m = m;
+  p.ks = m > 1 ? keys.stride(0) : d1;
+  p.d1 = d1;
+  p.key_type = keys.scalar_type() == at::kHalf ? KeyType::kF16
+               : keys.scalar_type() == at::kBFloat16 ? KeyType::kBF16
+                                                     : KeyType::kF32;
+
+  float* best = score_t.data_ptr<float>();
+  int64_t* idx = idx_t.data_ptr<int64_t>();
+  const Plan pl = plan(T);
+  if (pl.prefilter && d1 > 0) {
+#ifdef NEURALDB_X86
+    // Groups of up to 256 queries: their packed bf16 copy stays in L2 while the keys stream past.
+    constexpr int64_t kGroup = 256;
+    for (int64_t t0 = 0; t0 < T; t0 += kGroup) {
+      Problem g = p;
+      g.q = p.q + t0 * qs;
+      g.T = std::min(kGroup, T - t0);
+      std::vector<uint8_t> zr(zero_row.begin() + t0, zero_row.begin() + t0 + g.T);
+      prefilter_scan(g, zr, best + t0, idx + t0);
+    }
+#endif
+  } else {
+    exact_scan(p, pl.isa, best, idx);
+  }
+
+  const float g = static_cast<float>(gamma);  // the reference compares fp32 scores with gamma cast to fp32
+  switch (values.scalar_type()) {
+    case at::kFloat: gather_any<float>(values, idx, best, g, T, out); break;
+    case at::kHalf: gather_any<c10::Half>(values, idx, best, g, T, out); break;
+    default: gather_any<c10::BFloat16>(values, idx, best, g, T, out); break;
+  }
+  return {out, idx_t, score_t};
+}
+
+}  // namespace neuraldb

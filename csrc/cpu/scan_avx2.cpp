@@ -1,0 +1,174 @@
+// AVX2 + F16C + FMA key scan (8 fp32 lanes), chosen at run time on x86 CPUs without AVX-512.
+// Every function that uses intrinsics carries the target attribute; nothing here is compiled for the whole
+// file, so the rest of the library keeps running on any x86-64 CPU.
+#include "cpu_kernels.h"
+
+#ifdef NEURALDB_X86
+#include <immintrin.h>
+
+#include <cstring>
+
+#define NDB_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace neuraldb {
+namespace cpu {
+namespace {
+
+struct F16 {
+  using T = uint16_t;
+  NDB_AVX2 static inline __m256 load(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+struct BF16 {
+  using T = uint16_t;
+  NDB_AVX2 static inline __m256 load(const T* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+struct F32 {
+  using T = float;
+  NDB_AVX2 static inline __m256 load(const T* p) { return _mm256_loadu_ps(p); }
+};
+
+// Loads the last n < 8 elements of a row, zero filled (no read past the row).
+template <class K>
+NDB_AVX2 inline __m256 load_tail(const typename K::T* p, int n) {
+  typename K::T buf[8] = {};
+  std::memcpy(buf, p, sizeof(typename K::T) * n);
+  return K::load(buf);
+}
+
+NDB_AVX2 inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+constexpr int kLanes = 8;
+constexpr int kQB = 4;  // query rows per tile; 16 ymm registers bound KB * QB + KB + 1
+
+template <int QB>
+constexpr int key_block() {
+  return QB == 1 ? 6 : QB == 2 ? 4 : QB == 3 ? 3 : 2;
+}
+
+// KB keys x QB queries of full dot products; pf (may be null) is the next key block, prefetched meanwhile.
+template <class K, int KB, int QB>
+NDB_AVX2 inline void tile(const typename K::T* k, int64_t ks, const float* q, int64_t qs, int64_t d1,
+                          const typename K::T* pf, float* out) {
+  __m256 acc[KB][QB];
+#pragma GCC unroll 8
+  for (int i = 0; i < KB; ++i)
+#pragma GCC unroll 8
+    for (int b = 0; b < QB; ++b) acc[i][b] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + kLanes <= d1; j += kLanes) {
+    __m256 kv[KB];
+#pragma GCC unroll 8
+    for (int i = 0; i < KB; ++i) kv[i] = K::load(k + i * ks + j);
+    if (pf != nullptr && (j * sizeof(typename K::T)) % 64 == 0) {
+#pragma GCC unroll 8
+      for (int i = 0; i < KB; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * ks + j), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int b = 0; b < QB; ++b) {
+      const __m256 qv = _mm256_loadu_ps(q + b * qs + j);
+#pragma GCC unroll 8
+      for (int i = 0; i < KB; ++i) acc[i][b] = _mm256_fmadd_ps(kv[i], qv, acc[i][b]);
+    }
+  }
+  if (j < d1) {
+    const int n = static_cast<int>(d1 - j);
+    __m256 kv[KB];
+#pragma GCC unroll 8
+    for (int i = 0; i < KB; ++i) kv[i] = load_tail<K>(k + i * ks + j, n);
+#pragma GCC unroll 8
+    for (int b = 0; b < QB; ++b) {
+      const __m256 qv = _mm256_loadu_ps(q + b * qs + j);  // queries are zero padded to qs
+#pragma GCC unroll 8
+      for (int i = 0; i < KB; ++i) acc[i][b] = _mm256_fmadd_ps(kv[i], qv, acc[i][b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < KB; ++i)
+#pragma GCC unroll 8
+    for (int b = 0; b < QB; ++b) out[i * QB + b] = hsum(acc[i][b]);
+}
+
+template <class K, int QB>
+NDB_AVX2 void scan_qb(const Problem& p, int64_t k0, int64_t k1, int64_t t0, float* best, int64_t* best_idx) {
+  constexpr int KB = key_block<QB>();
+  const auto* keys = static_cast<const typename K::T*>(p.keys);
+  const float* q = p.q + t0 * p.qs;
+  float sc[KB * QB];
+  int64_t i0 = k0;
+  for (; i0 + KB <= k1; i0 += KB) {
+    const typename K::T* pf = i0 + 2 * KB <= k1 ? keys + (i0 + KB) * p.ks : nullptr;
+    tile<K, KB, QB>(keys + i0 * p.ks, p.ks, q, p.qs, p.d1, pf, sc);
+#pragma GCC unroll 8
+    for (int b = 0; b < QB; ++b)
+#pragma GCC unroll 8
+      for (int i = 0; i < KB; ++i)
+        if (sc[i * QB + b] > best[t0 + b]) {
+          best[t0 + b] = sc[i * QB + b];
+          best_idx[t0 + b] = i0 + i;
+        }
+  }
+  for (; i0 < k1; ++i0) {
+    tile<K, 1, QB>(keys + i0 * p.ks, p.ks, q, p.qs, p.d1, nullptr, sc);
+    for (int b = 0; b < QB; ++b)
+      if (sc[b] > best[t0 + b]) {
+        best[t0 + b] = sc[b];
+        best_idx[t0 + b] = i0;
+      }
+  }
+}
+
+template <class K>
+NDB_AVX2 void scan(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
+  // Blocks of keys small enough to stay in L1 while every query block passes over them.
+  const int64_t kblock = p.T <= kQB ? (k1 - k0) : 48;
+  for (int64_t a = k0; a < k1; a += kblock) {
+    const int64_t b = a + kblock < k1 ? a + kblock : k1;
+    for (int64_t t0 = 0; t0 < p.T; t0 += kQB) {
+      switch (p.T - t0 < kQB ? p.T - t0 : kQB) {
+        case 1: scan_qb<K, 1>(p, a, b, t0, best, best_idx); break;
+        case 2: scan_qb<K, 2>(p, a, b, t0, best, best_idx); break;
+        case 3: scan_qb<K, 3>(p, a, b, t0, best, best_idx); break;
+        default: scan_qb<K, 4>(p, a, b, t0, best, best_idx); break;
+      }
+    }
+  }
+}
+
+template <class K>
+NDB_AVX2 float dot(const Problem& p, int64_t t, int64_t i) {
+  float s;
+  tile<K, 1, 1>(static_cast<const typename K::T*>(p.keys) + i * p.ks, p.ks, p.q + t * p.qs, p.qs, p.d1, nullptr, &s);
+  return s;
+}
+
+}  // namespace
+
+void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
+  switch (p.key_type) {
+    case KeyType::kF16: return scan<F16>(p, k0, k1, best, best_idx);
+    case KeyType::kBF16: return scan<BF16>(p, k0, k1, best, best_idx);
+    case KeyType::kF32: return scan<F32>(p, k0, k1, best, best_idx);
+  }
+}
+
+float dot_avx2(const Problem& p, int64_t t, int64_t i) {
+  switch (p.key_type) {
+    case KeyType::kF16: return dot<F16>(p, t, i);
+    case KeyType::kBF16: return dot<BF16>(p, t, i);
+    case KeyType::kF32: return dot<F32>(p, t, i);
+  }
+  return 0.f;
+}
+
+}  // namespace cpu
+}  // namespace neuraldb
+#endif  // NEURALDB_X86

@@ -1,0 +1,121 @@
+// Portable key scan: the fallback on CPUs without AVX2+F16C+FMA and on non-x86 machines.
+#include <cstring>
+
+#include "cpu_kernels.h"
+
+namespace neuraldb {
+namespace cpu {
+namespace {
+
+inline float f32_from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float load_f16(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1fu) return f32_from_bits(sign | 0x7f800000u | (mant << 13));  // inf / nan
+  if (exp != 0) return f32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
+  if (mant == 0) return f32_from_bits(sign);
+  // Subnormal half: mant * 2^-24, exact in fp32.
+  const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+  return sign ? -v : v;
+}
+
+struct F16 {
+  using T = uint16_t;
+  static float load(const T* p, int64_t j) { return load_f16(p[j]); }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float load(const T* p, int64_t j) { return f32_from_bits(static_cast<uint32_t>(p[j]) << 16); }
+};
+struct F32 {
+  using T = float;
+  static float load(const T* p, int64_t j) { return p[j]; }
+};
+
+constexpr int kKB = 4;  // keys per tile
+constexpr int kQB = 4;  // queries per tile
+
+template <class K, int KB, int QB>
+void tile(const typename K::T* k, int64_t ks, const float* q, int64_t qs, int64_t d1, float* out) {
+  float acc[KB][QB] = {};
+  for (int64_t j = 0; j < d1; ++j) {
+    float kv[KB];
+    for (int i = 0; i < KB; ++i) kv[i] = K::load(k + i * ks, j);
+    for (int b = 0; b < QB; ++b) {
+      const float qv = q[b * qs + j];
+      for (int i = 0; i < KB; ++i) acc[i][b] += kv[i] * qv;
+    }
+  }
+  for (int i = 0; i < KB; ++i)
+    for (int b = 0; b < QB; ++b) out[i * QB + b] = acc[i][b];
+}
+
+template <class K, int KB>
+void tile_kb(int qb, const typename K::T* k, int64_t ks, const float* q, int64_t qs, int64_t d1, float* out) {
+  switch (qb) {
+    case 1: return tile<K, KB, 1>(k, ks, q, qs, d1, out);
+    case 2: return tile<K, KB, 2>(k, ks, q, qs, d1, out);
+    case 3: return tile<K, KB, 3>(k, ks, q, qs, d1, out);
+    default: return tile<K, KB, 4>(k, ks, q, qs, d1, out);
+  }
+}
+
+template <class K>
+void scan(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
+  const auto* keys = static_cast<const typename K::T*>(p.keys);
+  float sc[kKB * kQB];
+  for (int64_t t0 = 0; t0 < p.T; t0 += kQB) {
+    const int qb = static_cast<int>(p.T - t0 < kQB ? p.T - t0 : kQB);
+    const float* q = p.q + t0 * p.qs;
+    for (int64_t i0 = k0; i0 < k1; i0 += kKB) {
+      const int kb = static_cast<int>(k1 - i0 < kKB ? k1 - i0 : kKB);
+      if (kb == kKB)
+        tile_kb<K, kKB>(qb, keys + i0 * p.ks, p.ks, q, p.qs, p.d1, sc);
+      else
+        for (int i = 0; i < kb; ++i) tile_kb<K, 1>(qb, keys + (i0 + i) * p.ks, p.ks, q, p.qs, p.d1, sc + i * qb);
+      for (int b = 0; b < qb; ++b)
+        for (int i = 0; i < kb; ++i) {
+          const float s = sc[i * qb + b];
+          if (s > best[t0 + b]) {
+            best[t0 + b] = s;
+            best_idx[t0 + b] = i0 + i;
+          }
+        }
+    }
+  }
+}
+
+template <class K>
+float dot(const Problem& p, int64_t t, int64_t i) {
+  float s;
+  tile<K, 1, 1>(static_cast<const typename K::T*>(p.keys) + i * p.ks, p.ks, p.q + t * p.qs, p.qs, p.d1, &s);
+  return s;
+}
+
+}  // namespace
+
+void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
+  switch (p.key_type) {
+    case KeyType::kF16: return scan<F16>(p, k0, k1, best, best_idx);
+    case KeyType::kBF16: return scan<BF16>(p, k0, k1, best, best_idx);
+    case KeyType::kF32: return scan<F32>(p, k0, k1, best, best_idx);
+  }
+}
+
+float dot_scalar(const Problem& p, int64_t t, int64_t i) {
+  switch (p.key_type) {
+    case KeyType::kF16: return dot<F16>(p, t, i);
+    case KeyType::kBF16: return dot<BF16>(p, t, i);
+    case KeyType::kF32: return dot<F32>(p, t, i);
+  }
+  return 0.f;
+}
+
+}  // namespace cpu
+}  // namespace neuraldb
