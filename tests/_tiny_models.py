@@ -35,7 +35,9 @@ _LLAMA = dict(
 def _gemma3_multimodal() -> T.PretrainedConfig:
     return T.Gemma3Config(
         text_config=dict(_LLAMA),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+        ),
     )
 
 
@@ -67,7 +69,9 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, ffn_dim=64,
         max_position_embeddings=128, word_embed_proj_dim=32, **_TOKENS,
     ),
-    "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, **_TOKENS),
+    "falcon": lambda: T.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, **_TOKENS
+    ),
 }
 
 

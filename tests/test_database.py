@@ -248,7 +248,13 @@ def test_bad_update_changes_nothing(kwargs, exc, match):
 
 @pytest.mark.parametrize(
     "ids,exc,match",
-    [([5], KeyError, "5"), ([0, 5], KeyError, "5"), ([0, 0], ValueError, "ids"), ([None], TypeError, "ids"), (1.5, TypeError, "ids")],
+    [
+        ([5], KeyError, "5"),
+        ([0, 5], KeyError, "5"),
+        ([0, 0], ValueError, "ids"),
+        ([None], TypeError, "ids"),
+        (1.5, TypeError, "ids"),
+    ],
 )
 def test_bad_delete_changes_nothing(ids, exc, match):
     db = _db(3)

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import CONFIGS, PATCH_LAYER, assert_bitwise, capture, per_token, prompt, separated_position, tiny_model
+from _tiny_models import (
+    CONFIGS,
+    PATCH_LAYER,
+    assert_bitwise,
+    capture,
+    per_token,
+    prompt,
+    separated_position,
+    tiny_model,
+)
 
 import neuraldb
 from neuraldb.architectures import ARCHITECTURES
@@ -42,9 +51,9 @@ def test_empty_database_is_bitwise_neutral(arch):
     assert_bitwise(model(ids).logits, base)
 
 
-def _one_fact_setup(arch, dtype=torch.float32, batch_ids=None):
-    model = tiny_model(arch, dtype=dtype)
-    ids = prompt() if batch_ids is None else batch_ids
+def _one_fact_setup(arch):
+    model = tiny_model(arch)
+    ids = prompt()
     path, module = neuraldb.down_proj_module(model, PATCH_LAYER)
     with capture(module) as cap:
         base = model(ids).logits

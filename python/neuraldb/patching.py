@@ -224,7 +224,8 @@ def patch_model(
             # A dry run on one zero query validates the backend for this device before anything is installed.
             weight_dtype = next(target.parameters()).dtype
             dtype = weight_dtype if weight_dtype in _QUERY_DTYPES else torch.float32
-            gated_retrieval(torch.zeros(1, key_dim, dtype=dtype, device=device), db.keys, db.values, gamma, backend=backend)
+            probe = torch.zeros(1, key_dim, dtype=dtype, device=device)
+            gated_retrieval(probe, db.keys, db.values, gamma, backend=backend)
 
     if patch_info(model) is not None:
         unpatch_model(model)
@@ -240,7 +241,9 @@ def _warn_if_inconsistent(db: NeuralKVDatabase, path: str, layer: int | None) ->
             f"db was built for {db.module_path!r} but is being patched into {path!r}", UserWarning, stacklevel=3
         )
     elif db.layer is not None and layer is not None and db.layer != layer:
-        warnings.warn(f"db was built for layer {db.layer} but is being patched into layer {layer}", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"db was built for layer {db.layer} but is being patched into layer {layer}", UserWarning, stacklevel=3
+        )
 
 
 def patch_info(model: torch.nn.Module) -> Patch | None:
