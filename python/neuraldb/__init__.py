@@ -17,4 +17,8 @@ from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
 __all__ = ["gated_retrieval"]
 __all__ += ["NeuralKVDatabase", "patch_model", "unpatch_model", "disabled", "patch_info"]
 __all__ += ["down_proj_module", "down_proj_dims"]
+from neuraldb import templates
+from neuraldb.editing import compute_keys, compute_residuals, edit
+
+__all__ += ["compute_keys", "compute_residuals", "edit", "templates"]
 __version__ = "0.1.0"

@@ -1,0 +1,293 @@
+"""Facts to keys and residuals (paper Eq. 18-19), batched and fast, and ``edit`` that puts them in a database.
+
+Example::
+
+    >>> import neuraldb
+    >>> model, tok = neuraldb.load_model("smollm2")                                   # doctest: +SKIP
+    >>> facts = [neuraldb.Fact("Danielle Darrieux", "The mother tongue of {} is", "English")]
+    >>> db = neuraldb.edit(model, tok, facts)                                          # doctest: +SKIP
+    >>> neuraldb.patch_model(model, db)                                                # doctest: +SKIP
+
+See docs/editing.md for what makes it fast and the per-model defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from neuraldb import templates
+from neuraldb.editing import engine
+from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
+from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
+from neuraldb.facts import Fact
+
+__all__ = ["compute_keys", "compute_residuals", "compute_keys_and_residuals", "edit", "EditConfig", "defaults_for"]
+
+
+def _as_facts(facts) -> list[Fact]:
+    if isinstance(facts, Fact):
+        return [facts]
+    out = list(facts)
+    for i, f in enumerate(out):
+        if not isinstance(f, Fact):
+            raise TypeError(f"facts[{i}] must be a neuraldb.Fact, got {type(f).__name__}")
+    return out
+
+
+@contextlib.contextmanager
+def _editing_state(model):
+    """Eval mode, frozen weights, any neuraldb patch disabled (residuals are relative to the unedited model);
+    everything restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    stack = contextlib.ExitStack()
+    try:
+        try:
+            from neuraldb.patching import disabled, patch_info
+
+            if patch_info(model) is not None:
+                stack.enter_context(disabled(model))
+        except ImportError:  # pragma: no cover
+            pass
+        with stack:
+            yield
+    finally:
+        for p, g in flags:
+            p.requires_grad_(g)
+        model.train(was_training)
+
+
+def _pad_id(tok) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tok, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="fact")
+
+
+def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress: bool, stats: dict | None):
+    facts = _as_facts(facts)
+    if cfg.layer is None:
+        raise ValueError("layer is unknown for this model: pass layer=")
+    h = engine.handles(model, cfg.layer)
+    d1, d2 = _dims(h)
+    if not facts:
+        return torch.zeros(0, d1), (torch.zeros(0, d2) if want_residuals else None)
+    prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
+    contexts = context_texts(prefixes)
+    device = _device(model)
+    pad = _pad_id(tok)
+    opt = engine.OptimConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        kl_factor=cfg.kl_factor,
+        weight_decay=cfg.weight_decay,
+        clamp_norm_factor=cfg.clamp_norm_factor,
+        stop_loss=cfg.stop_loss,
+    )
+    keys, resid = [], []
+    bar = _progress(len(facts), progress, "editing" if want_residuals else "keys")
+    try:
+        for start in range(0, len(facts), max(1, cfg.batch_size)):
+            chunk = facts[start : start + max(1, cfg.batch_size)]
+            rows = []
+            for i, f in enumerate(chunk):
+                rows += fact_rows(
+                    tok,
+                    template,
+                    f,
+                    i,
+                    contexts,
+                    targets=want_residuals,
+                    kl_prompt=cfg.kl_prompt if (want_residuals and cfg.kl_factor) else None,
+                )
+            batch = engine.make_batch(rows, pad, device)
+            is_key_row = torch.tensor([r.kl_pos < 0 for r in rows], device=device)
+            fact_of = torch.tensor([r.fact for r in rows], device=device)
+            if want_residuals:
+                prep = engine.prepare(h, batch)
+                row_keys = prep.keys
+                resid.append(engine.optimise(h, prep, len(chunk), opt, d2, stats).cpu())
+                del prep
+            else:
+                row_keys = engine.key_pass(h, batch)
+            k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of[is_key_row], row_keys[is_key_row])
+            cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of[is_key_row], torch.ones(int(is_key_row.sum()), device=device))
+            keys.append((k / cnt[:, None]).cpu())
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(keys), (torch.cat(resid) if want_residuals else None)
+
+
+def _dims(h) -> tuple[int, int]:
+    from neuraldb.architectures import down_proj_dims
+
+    return down_proj_dims(h.down_proj)
+
+
+def _template_for(tok, template):
+    return templates.default_template(tok) if template is None else templates.check(template)
+
+
+def compute_keys(
+    model,
+    tok,
+    facts: Sequence[Fact],
+    layer: int | None = None,
+    *,
+    n_prefixes: int | None = None,
+    prefix_len: int | None = None,
+    batch_size: int | None = None,
+    template: str | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Keys (n, d1) float32 (paper Eq. 18): the down-projection input of ``layer`` at the subject's last token,
+    averaged over the bare prompt and ``n_prefixes`` model-generated prefixes, all inside ``template``
+    (default: :func:`neuraldb.templates.default_template`)."""
+    cfg = resolve(model, layer=layer, n_prefixes=n_prefixes, prefix_len=prefix_len, batch_size=batch_size, seed=seed)
+    with _editing_state(model), torch.no_grad():
+        k, _ = _run(model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None)
+    return k
+
+
+def compute_keys_and_residuals(
+    model, tok, facts: Sequence[Fact], layer: int | None = None, *, template: str | None = None,
+    progress: bool = False, stats: dict | None = None, **hparams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (n, d1) and residuals (n, d2), float32, from one pass (the residual rows contain the key rows).
+
+    ``hparams`` are :class:`EditConfig` fields (steps, lr, kl_factor, weight_decay, clamp_norm_factor,
+    stop_loss, n_prefixes, prefix_len, seed, kl_prompt, batch_size). ``stats``, if a dict, receives per-fact
+    ``steps`` and final ``loss`` lists.
+    """
+    cfg = resolve(model, layer=layer, **hparams)
+    with _editing_state(model):
+        return _run(model, tok, facts, cfg, _template_for(tok, template), want_residuals=True, progress=progress, stats=stats)
+
+
+def compute_residuals(
+    model,
+    tok,
+    facts: Sequence[Fact],
+    layer: int | None = None,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    kl_factor: float | None = None,
+    weight_decay: float | None = None,
+    clamp_norm_factor: float | None = None,
+    batch_size: int | None = None,
+    template: str | None = None,
+    **hparams,
+) -> torch.Tensor:
+    """Residuals (n, d2) float32 (paper Eq. 19 / MEMIT compute_z): the vector added to ``layer``'s MLP output at
+    the subject's last token of every context (prefix + prompt + target[:-1]) that makes the target likely.
+
+    Loss per fact: mean NLL of the whole target over the contexts + ``kl_factor`` x KL(edited || unedited) on
+    ``"{subject} is a"`` + ``weight_decay`` x ||r|| / ||h||^2; Adam; ||r|| clamped to ``clamp_norm_factor`` x ||h||
+    (h: the layer's output at the subject's last token of the bare prompt); a fact stops once its loss is below
+    ``stop_loss``.
+    """
+    _, r = compute_keys_and_residuals(
+        model, tok, facts, layer, template=template, steps=steps, lr=lr, kl_factor=kl_factor,
+        weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, batch_size=batch_size, **hparams,
+    )
+    return r
+
+
+def edit(
+    model,
+    tok,
+    facts: Iterable[Fact],
+    *,
+    layer: int | None = None,
+    gamma: float | None = None,
+    db=None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    template: str | None = None,
+    stats: dict | None = None,
+    **hparams,
+):
+    """Edit ``facts`` into a :class:`~neuraldb.NeuralKVDatabase` (a new one, or appended to ``db``).
+
+    The database records ``layer``, ``gamma``, ``template``, ``model_id``, ``module_path`` and ``config`` (the
+    :class:`EditConfig` used), and stores each Fact as the metadata of its id. Appending to ``db`` reuses its
+    layer, template and config unless overridden (a different layer or template is an error). The model is left
+    as it was (mode, requires_grad, patch).
+
+    ``stats``, if a dict, receives ``seconds``, ``n`` and per-fact optimisation ``steps`` and final ``loss``.
+
+    Returns the database; ``db.ids()[-len(facts):]`` are the new facts' ids, in order.
+    """
+    from neuraldb.database import NeuralKVDatabase
+
+    facts = _as_facts(facts)
+    if db is not None:
+        if not isinstance(db, NeuralKVDatabase):
+            raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
+        if layer is not None and db.layer is not None and layer != db.layer:
+            raise ValueError(f"db was built at layer {db.layer}; cannot append facts edited at layer {layer}")
+        if template is not None and db.template is not None and template != db.template:
+            raise ValueError(f"db was built with template {db.template!r}; cannot append with {template!r}")
+        layer = layer if layer is not None else db.layer
+        template = template if template is not None else db.template
+        base = {k: v for k, v in (db.config or {}).items() if k in EditConfig.names() and k not in ("layer", "gamma")}
+        hparams = {**base, **{k: v for k, v in hparams.items() if v is not None}}
+        if gamma is None:
+            gamma = db.gamma
+    if batch_size is not None:
+        hparams["batch_size"] = batch_size
+    cfg = resolve(model, layer=layer, gamma=gamma, **hparams)
+    template = _template_for(tok, template)
+    t0 = time.perf_counter()
+    stats = {} if stats is None else stats
+    keys, resid = compute_keys_and_residuals(
+        model, tok, facts, cfg.layer, template=template, progress=progress, stats=stats,
+        **{k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")},
+    )
+    elapsed = time.perf_counter() - t0
+    h = engine.handles(model, cfg.layer)
+    d1, d2 = _dims(h)
+    if db is None:
+        db = NeuralKVDatabase(d1, d2)
+    if db.layer is None:
+        db.layer = cfg.layer
+    if db.gamma is None and cfg.gamma is not None:
+        db.gamma = cfg.gamma
+    if db.template is None:
+        db.template = template
+    if db.model_id is None:
+        db.model_id = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if db.module_path is None:
+        db.module_path = h.down_proj_path
+    conf = dict(db.config or {})
+    conf.update({k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")})
+    db.config = conf
+    db.add(keys, resid, facts=facts)
+    stats.update(seconds=elapsed, n=len(facts))
+    return db

@@ -1,0 +1,86 @@
+"""Editing hyperparameters and the per-model defaults (the one place they live).
+
+The layer and gamma of models without an entry here come from :mod:`neuraldb.architectures` (a fraction of
+the depth, gamma 0.65). The per-model entries were chosen by the sweep in docs/editing.md
+(``benchmarks/bench_editing.py --sweep``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything that decides the keys and residuals, recorded in ``db.config``.
+
+    Attributes:
+        layer: the layer whose MLP down-projection is edited (None: the model's default).
+        gamma: the gate threshold stored in the database (None: the model's default).
+        n_prefixes, prefix_len: how many model-generated context prefixes, of how many tokens (paper Eq. 18-19).
+        seed: the seed of the prefix generation.
+        steps, lr: Adam iterations and learning rate of the residual optimisation (Eq. 19).
+        kl_factor: weight of KL(edited || unedited) on ``kl_prompt`` at the prompt's last token.
+        weight_decay: weight of ``||r|| / ||h||^2`` (MEMIT's v_weight_decay).
+        clamp_norm_factor: ``||r|| <= clamp_norm_factor * ||h||``, h the layer's output at the subject's last token.
+        stop_loss: a fact stops (and leaves the batch) once its loss is below this (MEMIT: 5e-2).
+        kl_prompt: the "{} is a" prompt of the KL term.
+        batch_size: facts optimised together.
+    """
+
+    layer: int | None = None
+    gamma: float | None = None
+    n_prefixes: int = 5
+    prefix_len: int = 10
+    seed: int = 0
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+    batch_size: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+# Substring of ``neuraldb.models.model_id(model)`` (lower case) -> overrides of EditConfig.
+MODEL_DEFAULTS: dict[str, dict] = {
+    "smollm2-135m": dict(layer=6, gamma=0.65),
+    "gemma-3-270m": dict(layer=5, gamma=0.65),
+}
+
+
+def model_key(model) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or "").lower()
+
+
+def defaults_for(model) -> EditConfig:
+    """The EditConfig for ``model``: its entry in MODEL_DEFAULTS, else generic values with the architecture
+    table's default layer and gamma."""
+    key = model_key(model)
+    for name, over in MODEL_DEFAULTS.items():
+        if name in key:
+            return replace(EditConfig(), **over)
+    from neuraldb import architectures as arch
+
+    try:
+        return replace(EditConfig(), layer=arch.default_layer(model), gamma=arch.default_gamma(model))
+    except (ValueError, TypeError):
+        return EditConfig()
+
+
+def resolve(model, **overrides) -> EditConfig:
+    """``defaults_for(model)`` with the non-None ``overrides`` applied; unknown names are a TypeError."""
+    unknown = set(overrides) - EditConfig.names()
+    if unknown:
+        raise TypeError(f"unknown editing hyperparameters: {sorted(unknown)} (known: {sorted(EditConfig.names())})")
+    cfg = defaults_for(model)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,442 @@
+"""The batched engine behind ``compute_keys`` / ``compute_residuals``: many facts, each with its own residual.
+
+Why it is fast (see docs/editing.md for the measurements):
+
+* Positions before the subject's last token ``s`` do not depend on the residual ``r`` at any layer. One
+  no-grad pass over every row computes their key/value cache (all layers), the layer-``l`` input at positions
+  ``>= s``, the keys, the clamp reference norms and the KL reference distribution. Each optimisation step then
+  runs only positions ``>= s`` (typically 3-6 tokens instead of ~20) and only layers ``>= l``: the layers below
+  are replaced, for that call, by stubs that return the cached layer-``l`` input.
+* Only ``r`` needs a gradient (weights are frozen); the vocabulary projection runs only on the target and KL
+  positions; facts leave the batch as soon as their loss is below ``stop_loss`` (MEMIT's early stop).
+
+Row layout (right padding with explicit positions): a row is ``[prefix (s tokens) | pad | suffix | pad]`` where
+the prefix block has width ``P = max s`` and the suffix block starts at column ``P``, so the subject's last token
+of every row sits at column ``P`` (suffix index 0). Pads carry attention mask 0; position ids are explicit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neuraldb.editing.contexts import Row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model plumbing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Handles:
+    model: torch.nn.Module
+    base: torch.nn.Module  # the decoder backbone: returns last_hidden_state after the final norm
+    lm_head: torch.nn.Module
+    layers: torch.nn.ModuleList
+    layer: int
+    down_proj: torch.nn.Module
+    down_proj_path: str
+    cache_kwarg: str
+    softcap: float | None
+
+
+def _layers_of(model: torch.nn.Module, path: str, layer: int) -> torch.nn.ModuleList:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == str(layer):
+            try:
+                mod = model.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                continue
+            if isinstance(mod, torch.nn.ModuleList):
+                return mod
+    raise ValueError(f"cannot find the list of decoder layers above {path!r}")
+
+
+def _backbone(model: torch.nn.Module, layers: torch.nn.ModuleList) -> torch.nn.Module:
+    """The innermost module that owns ``layers`` and returns ``last_hidden_state`` (e.g. ``model.model``)."""
+    best = None
+    for name, mod in model.named_modules():
+        if mod is model:
+            continue
+        if any(child is layers for child in mod.children()):
+            best = mod
+    if best is None:
+        raise ValueError("cannot find the decoder backbone that owns the layers")
+    return best
+
+
+def handles(model: torch.nn.Module, layer: int) -> Handles:
+    from neuraldb.architectures import down_proj_module
+
+    path, down = down_proj_module(model, layer)
+    layers = _layers_of(model, path, layer)
+    base = _backbone(model, layers)
+    params = inspect.signature(base.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return Handles(
+        model=model,
+        base=base,
+        lm_head=model.get_output_embeddings(),
+        layers=layers,
+        layer=layer,
+        down_proj=down,
+        down_proj_path=path,
+        cache_kwarg=cache_kwarg,
+        softcap=getattr(cfg, "final_logit_softcapping", None),
+    )
+
+
+def _new_cache(model) -> object:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def _kv_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    if hasattr(cache, "layers"):
+        out = []
+        for lay in cache.layers:
+            k, v = getattr(lay, "keys", None), getattr(lay, "values", None)
+            out.append((k, v) if isinstance(k, torch.Tensor) and k.dim() == 4 else None)
+        return out
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [tuple(x[:2]) for x in cache.to_legacy_cache()]
+
+
+def _build_cache(model, kvs: Sequence[tuple[torch.Tensor, torch.Tensor] | None], needed: Sequence[int]):
+    cache = _new_cache(model)
+    for i in needed:
+        kv = kvs[i]
+        if kv is not None:
+            cache.update(kv[0], kv[1], i)
+    return cache
+
+
+def logits_of(h: Handles, hidden: torch.Tensor) -> torch.Tensor:
+    logits = h.lm_head(hidden).float()
+    if h.softcap:
+        logits = torch.tanh(logits / h.softcap) * h.softcap
+    return logits
+
+
+@contextlib.contextmanager
+def _hooks(*pairs):
+    handles_ = []
+    try:
+        for register, fn in pairs:
+            handles_.append(register(fn))
+        yield
+    finally:
+        for hd in handles_:
+            hd.remove()
+
+
+@contextlib.contextmanager
+def _stubbed_layers(layers: torch.nn.ModuleList, upto: int, hidden: torch.Tensor, tuple_out: bool):
+    """Layers ``[0, upto)`` return ``hidden`` without computing anything (their output is cached)."""
+    out = (hidden,) if tuple_out else hidden
+
+    def stub(*args, **kwargs):
+        return out
+
+    patched = []
+    try:
+        for i in range(upto):
+            layers[i].forward = stub
+            patched.append(layers[i])
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Padded tensors for a list of rows (see the module docstring for the layout)."""
+
+    ids: torch.Tensor  # (B, P + S)
+    mask: torch.Tensor  # (B, P + S)
+    pos: torch.Tensor  # (B, P + S)
+    P: int
+    S: int
+    rows: list[Row]
+
+
+def make_batch(rows: Sequence[Row], pad_id: int, device) -> Batch:
+    P = max(r.subj for r in rows)
+    S = max(len(r.ids) - r.subj for r in rows)
+    B = len(rows)
+    ids = torch.full((B, P + S), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + S), dtype=torch.long)
+    pos = torch.zeros((B, P + S), dtype=torch.long)
+    for i, r in enumerate(rows):
+        s, n = r.subj, len(r.ids)
+        t = torch.tensor(r.ids, dtype=torch.long)
+        ids[i, :s] = t[:s]
+        mask[i, :s] = 1
+        pos[i, :s] = torch.arange(s)
+        pos[i, s:P] = max(s - 1, 0)
+        ids[i, P : P + n - s] = t[s:]
+        mask[i, P : P + n - s] = 1
+        pos[i, P:] = torch.arange(s, s + S)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), P, S, list(rows))
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Keys only (stop the forward at the edited layer)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def key_pass(h: Handles, batch: Batch) -> torch.Tensor:
+    """Down-projection input at the subject's last token of every row, (B, d1), in float32."""
+    got = {}
+
+    def grab(mod, inp, out):
+        got["k"] = _first(inp)[:, batch.P].float()
+        raise _StopForward
+
+    with _hooks((h.down_proj.register_forward_hook, grab)):
+        try:
+            h.base(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos, use_cache=False)
+        except _StopForward:
+            pass
+    return got["k"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Residual optimisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything the optimisation steps reuse, from one no-grad pass over all rows of a chunk."""
+
+    batch: Batch
+    kvs: list  # per layer (k, v) of the prefix block (B, heads, P, hd), or None
+    h_in: torch.Tensor | None  # layer-l input at suffix positions (B, S, H); None when l == 0
+    tuple_out: bool
+    keys: torch.Tensor  # (B, d1) float32
+    h_norm: torch.Tensor  # (B,) norm of layer l's output at the subject's last token
+    kl_ref: torch.Tensor | None  # (n_kl, V) reference log-probs of the KL rows
+
+
+@torch.no_grad()
+def prepare(h: Handles, batch: Batch) -> Prepared:
+    got: dict = {}
+    P, l = batch.P, h.layer
+
+    def pre_layer(mod, args, kwargs):
+        got["h_in"] = _hidden_arg(args, kwargs)[:, P:].detach().clone()
+
+    def post_layer(mod, args, out):
+        got["h_norm"] = _first(out)[:, P].float().norm(dim=-1)
+
+    def below(mod, args, out):
+        got["tuple_out"] = isinstance(out, (tuple, list))
+
+    def grab(mod, inp, out):
+        got["k"] = _first(inp)[:, P].float()
+
+    hooks = [
+        (lambda fn: h.layers[l].register_forward_pre_hook(fn, with_kwargs=True), pre_layer),
+        (h.layers[l].register_forward_hook, post_layer),
+        (h.layers[0].register_forward_hook, below),
+        (h.down_proj.register_forward_hook, grab),
+    ]
+    cache = _new_cache(h.model)
+    with _hooks(*hooks):
+        out = h.base(
+            input_ids=batch.ids,
+            attention_mask=batch.mask,
+            position_ids=batch.pos,
+            use_cache=True,
+            **{h.cache_kwarg: cache},
+        )
+    kvs = [None if kv is None else (kv[0][:, :, :P].contiguous(), kv[1][:, :, :P].contiguous()) for kv in _kv_tensors(cache)]
+    kl_rows = [i for i, r in enumerate(batch.rows) if r.kl_pos >= 0]
+    kl_ref = None
+    if kl_rows:
+        last = out.last_hidden_state
+        idx = torch.tensor(kl_rows, device=last.device)
+        cols = torch.tensor([P + batch.rows[i].kl_pos - batch.rows[i].subj for i in kl_rows], device=last.device)
+        kl_ref = torch.log_softmax(logits_of(h, last[idx, cols]), -1)
+    return Prepared(
+        batch=batch,
+        kvs=kvs,
+        h_in=got["h_in"] if l > 0 else None,
+        tuple_out=got.get("tuple_out", False),
+        keys=got["k"],
+        h_norm=got["h_norm"],
+        kl_ref=kl_ref,
+    )
+
+
+def _suffix_forward(h: Handles, prep: Prepared, ridx: torch.Tensor, kvs_sel, r_rows: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of the suffix block for rows ``ridx`` with ``r_rows`` added to the down-projection's
+    output at the subject's last token; only layers >= l run."""
+    b, P, l = prep.batch, prep.batch.P, h.layer
+    needed = sorted({0, *range(l, len(h.layers))})
+    cache = _build_cache(h.model, kvs_sel, needed)
+
+    def add_r(mod, inp, out):
+        o = _first(out)
+        o = torch.cat([o[:, :1] + r_rows[:, None].to(o.dtype), o[:, 1:]], 1)
+        return o
+
+    stub = _stubbed_layers(h.layers, l, prep.h_in[ridx], prep.tuple_out) if l > 0 else contextlib.nullcontext()
+    with stub, _hooks((h.down_proj.register_forward_hook, add_r)):
+        out = h.base(
+            input_ids=b.ids[ridx, P:],
+            attention_mask=b.mask[ridx],
+            position_ids=b.pos[ridx, P:],
+            use_cache=True,
+            **{h.cache_kwarg: cache},
+        )
+    return out.last_hidden_state
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    stop_loss: float = 5e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+def optimise(h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int, stats: dict | None = None) -> torch.Tensor:
+    """Residuals (n_facts, d2) float32 for the facts of ``prep`` (fact indices 0..n_facts-1 within the chunk)."""
+    b = prep.batch
+    device = b.ids.device
+    rows = b.rows
+    row_fact = torch.tensor([r.fact for r in rows], device=device)
+    first_row = {}
+    for i, r in enumerate(rows):
+        if r.kl_pos < 0 and r.fact not in first_row:
+            first_row[r.fact] = i
+    ref_norm = prep.h_norm[torch.tensor([first_row[f] for f in range(n_facts)], device=device)]
+    n_ctx = torch.zeros(n_facts, device=device)
+    for r in rows:
+        if r.kl_pos < 0:
+            n_ctx[r.fact] += 1
+    kl_row_of = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+    kl_rows = [i for i, r in enumerate(rows) if r.kl_pos >= 0]
+    for j, i in enumerate(kl_rows):
+        kl_row_of[i] = j
+
+    R = torch.zeros(n_facts, d2, device=device)
+    m = torch.zeros_like(R)
+    v = torch.zeros_like(R)
+    active = torch.arange(n_facts, device=device)
+    steps_taken = torch.zeros(n_facts, dtype=torch.long)
+    final_loss = torch.zeros(n_facts)
+    cached_sel = None
+    b1, b2 = cfg.betas
+    for it in range(cfg.steps):
+        if active.numel() == 0:
+            break
+        # rows of the active facts (in order)
+        is_active = torch.zeros(n_facts, dtype=torch.bool, device=device)
+        is_active[active] = True
+        ridx = torch.nonzero(is_active[row_fact]).squeeze(1)
+        if cached_sel is None or cached_sel[0].numel() != ridx.numel():
+            kvs_sel = [None if kv is None else (kv[0][ridx], kv[1][ridx]) for kv in prep.kvs]
+            cached_sel = (ridx, kvs_sel)
+        kvs_sel = cached_sel[1]
+        # local fact index of each selected row
+        local = torch.full((n_facts,), -1, dtype=torch.long, device=device)
+        local[active] = torch.arange(active.numel(), device=device)
+        rf = local[row_fact[ridx]]
+
+        r_param = R[active].clone().requires_grad_(True)
+        last = _suffix_forward(h, prep, ridx, kvs_sel, r_param[rf])
+
+        # NLL over target tokens
+        t_row, t_col, t_id, t_w = [], [], [], []
+        for j, i in enumerate(ridx.tolist()):
+            r = rows[i]
+            if r.targets:
+                T = len(r.targets)
+                for p, tid in r.targets:
+                    t_row.append(j)
+                    t_col.append(p - r.subj)
+                    t_id.append(tid)
+                    t_w.append(1.0 / T)
+        t_row_t = torch.tensor(t_row, device=device)
+        lp = torch.log_softmax(logits_of(h, last[t_row_t, torch.tensor(t_col, device=device)]), -1)
+        tok_lp = lp.gather(1, torch.tensor(t_id, device=device)[:, None]).squeeze(1)
+        nll = torch.zeros(active.numel(), device=device).index_add(
+            0, rf[t_row_t], -tok_lp * torch.tensor(t_w, device=device)
+        ) / n_ctx[active]
+        loss = nll
+        # KL on the KL rows
+        sel_kl = [(j, i) for j, i in enumerate(ridx.tolist()) if rows[i].kl_pos >= 0]
+        if sel_kl and cfg.kl_factor:
+            jj = torch.tensor([j for j, _ in sel_kl], device=device)
+            cols = torch.tensor([rows[i].kl_pos - rows[i].subj for _, i in sel_kl], device=device)
+            ref = prep.kl_ref[kl_row_of[torch.tensor([i for _, i in sel_kl], device=device)]]
+            new = torch.log_softmax(logits_of(h, last[jj, cols]), -1)
+            kl = (new.exp() * (new - ref)).sum(-1)
+            loss = loss + cfg.kl_factor * torch.zeros(active.numel(), device=device).index_add(0, rf[jj], kl)
+        norms = r_param.norm(dim=-1)
+        loss = loss + cfg.weight_decay * norms / ref_norm[active] ** 2
+
+        lossd = loss.detach()
+        done = lossd < cfg.stop_loss
+        if it == cfg.steps - 1:
+            done[:] = True
+        steps_taken[active.cpu()] += 1
+        final_loss[active.cpu()] = lossd.cpu()
+        todo = ~done
+        if todo.any():
+            grad = torch.autograd.grad(loss[todo].sum(), r_param)[0]
+            a = active[todo]
+            g = grad[todo]
+            t = it + 1
+            m[a] = b1 * m[a] + (1 - b1) * g
+            v[a] = b2 * v[a] + (1 - b2) * g * g
+            mhat = m[a] / (1 - b1**t)
+            vhat = v[a] / (1 - b2**t)
+            new_r = r_param.detach()[todo] - cfg.lr * mhat / (vhat.sqrt() + cfg.eps)
+            max_norm = cfg.clamp_norm_factor * ref_norm[a]
+            nr = new_r.norm(dim=-1)
+            new_r = new_r * torch.clamp(max_norm / nr.clamp_min(1e-12), max=1.0)[:, None]
+            R[a] = new_r
+        active = active[todo]
+    if stats is not None:
+        stats.setdefault("steps", []).extend(steps_taken.tolist())
+        stats.setdefault("loss", []).extend(final_loss.tolist())
+    return R

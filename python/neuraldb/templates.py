@@ -1,0 +1,92 @@
+"""The text template: how a prompt is turned into the text the model reads, the same at edit time and inference.
+
+A template is a string with one ``"{}"`` where the text goes, e.g. ``"<|im_start|>{}"``. It exists because some
+tokenizers (SmolLM2's) add no start-of-sequence token: a subject at the very start of a prompt is then the
+model's first token, whose hidden states are attention-sink outliers, and keys built that way match poorly at
+inference (efficacy fell from .93 to .76 in a prototype). Prefixing a start token gives every prompt the same
+first token, wherever the subject is.
+
+The database records the template it was built with (``db.template``); everything that runs the edited model
+(the CLI, evaluation, ``generate``) must call :func:`apply` (or :func:`encode`) with that template, so
+patch-time inputs match build-time inputs.
+
+Example::
+
+    >>> from neuraldb import templates
+    >>> templates.apply("<|im_start|>{}", "The mother tongue of Danielle Darrieux is")
+    '<|im_start|>The mother tongue of Danielle Darrieux is'
+    >>> templates.apply("{}", "no template")
+    'no template'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+PLAIN = "{}"
+
+
+def check(template: str) -> str:
+    """``template`` if it is a string with exactly one ``"{}"``, else a ValueError/TypeError naming it."""
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string with one '{{}}', got {type(template).__name__}")
+    if template.count("{}") != 1:
+        raise ValueError(f"template must contain exactly one '{{}}' where the text goes, got {template!r}")
+    return template
+
+
+def apply(template: str | None, text: str) -> str:
+    """``text`` inside ``template`` (plain substitution: braces in ``text`` are safe). ``None`` means no template."""
+    if template is None:
+        return text
+    return check(template).replace("{}", text, 1)
+
+
+def prefix_len(template: str | None) -> int:
+    """Number of characters the template puts before the text (to map character offsets)."""
+    return 0 if template is None else check(template).index("{}")
+
+
+def adds_bos(tok) -> bool:
+    """Whether ``tok(text)`` already starts with the tokenizer's BOS token (Gemma, Llama-2/3 do; SmolLM2 does not)."""
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def default_template(tok) -> str:
+    """The template neuraldb uses for ``tok`` when none is given.
+
+    ``"{}"`` when the tokenizer adds a BOS token itself; otherwise its BOS token text, else its EOS token text
+    (GPT-2's ``<|endoftext|>`` is both), before the text. SmolLM2: ``"<|im_start|>{}"``.
+    """
+    if adds_bos(tok):
+        return PLAIN
+    for name in ("bos_token", "eos_token"):
+        t = getattr(tok, name, None)
+        if isinstance(t, str) and t:
+            return t + "{}"
+    return PLAIN
+
+
+def encode(tok, template: str | None, text: str) -> list[int]:
+    """Token ids of ``apply(template, text)``, with the tokenizer's own special tokens (e.g. an automatic BOS)."""
+    return list(tok(apply(template, text), add_special_tokens=True)["input_ids"])
+
+
+def encode_batch(tok, template: str | None, texts: Sequence[str]) -> list[list[int]]:
+    """:func:`encode` for many texts (one tokenizer call)."""
+    if not texts:
+        return []
+    out = tok([apply(template, t) for t in texts], add_special_tokens=True)["input_ids"]
+    return [list(x) for x in out]
+
+
+def encode_target(tok, target: str) -> list[int]:
+    """Token ids of a completion ``target`` as it follows a prompt: a leading space is added (ROME's convention),
+    no special tokens."""
+    if not target.startswith(" "):
+        target = " " + target
+    return list(tok(target, add_special_tokens=False)["input_ids"])

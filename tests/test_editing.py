@@ -1,0 +1,229 @@
+"""Editing core: the fast engine computes exactly what a plain forward computes; batched == one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuraldb import templates
+from neuraldb.editing import compute_keys, compute_keys_and_residuals, compute_residuals, edit, engine
+from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
+from neuraldb.facts import Fact
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+FACTS = [
+    Fact("Danielle Darrieux", "The mother tongue of {} is", "English", target_true="French"),
+    Fact("Spike Hughes", "{} originates from", "Philadelphia", target_true="London"),
+    Fact("Toko Yasuda", "{} plays the", "piano", target_true="guitar"),
+    Fact("Apple A5", "{} was created by", "Google", target_true="Apple"),
+    Fact("the Eiffel Tower", "In the city of Rome you can visit {} , which is in", "Berlin", target_true="Paris"),
+]
+
+
+def _tiny():
+    words = sorted({w for f in FACTS for w in (f.text + " " + f.target_new + " " + f.target_true).split()})
+    words += ["is", "a", "The", "Therefore", "Because", "I", "You", ".", "the", "of"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config.name_or_path = "tiny-test-llama"
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+
+
+def _rows(tok, template, contexts):
+    rows = []
+    for i, f in enumerate(FACTS):
+        rows += fact_rows(tok, template, f, i, contexts, targets=True, kl_prompt="{} is a")
+    return rows
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_suffix_forward_matches_full_forward(tiny, layer):
+    """The cached-prefix, upper-layers-only forward equals a plain forward with r added at the subject's last token."""
+    model, tok = tiny
+    template = templates.default_template(tok)
+    rows = _rows(tok, template, context_texts(["Because I", "You the of the"]))
+    h = engine.handles(model, layer)
+    batch = engine.make_batch(rows, tok.pad_token_id, "cpu")
+    prep = engine.prepare(h, batch)
+    torch.manual_seed(1)
+    r = torch.randn(len(rows), 32)
+    with torch.no_grad():
+        last = engine._suffix_forward(h, prep, torch.arange(len(rows)), prep.kvs, r)
+    for i, row in enumerate(rows):
+        got = {}
+
+        def add(mod, inp, out, i=i, row=row):
+            got["k"] = inp[0][0, row.subj].clone()
+            out = out.clone()
+            out[0, row.subj] += r[i]
+            return out
+
+        hd = h.down_proj.register_forward_hook(add)
+        with torch.no_grad():
+            ref = h.base(input_ids=torch.tensor([row.ids])).last_hidden_state[0]
+        hd.remove()
+        n = len(row.ids) - row.subj
+        torch.testing.assert_close(last[i, :n], ref[row.subj :], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(prep.keys[i], got["k"], atol=1e-5, rtol=1e-4)
+
+
+def test_subject_last_token_and_targets(tiny):
+    model, tok = tiny
+    rows = fact_rows(tok, "<s>{}", FACTS[0], 0, ["", "Because I . "], targets=True, kl_prompt="{} is a")
+    for row in rows[:2]:
+        assert tok.convert_ids_to_tokens(row.ids[row.subj]) == "Darrieux"
+        assert row.ids[0] == tok.bos_token_id
+        (pos, tid), = row.targets
+        assert tid == tok.convert_tokens_to_ids("English") and pos == len(row.ids) - 1
+    kl = rows[2]
+    assert tok.convert_ids_to_tokens(kl.ids[kl.subj]) == "Darrieux" and kl.kl_pos == len(kl.ids) - 1
+
+
+def test_keys_batched_equals_single(tiny):
+    model, tok = tiny
+    kw = dict(n_prefixes=2, prefix_len=3)
+    k_all = compute_keys(model, tok, FACTS, 1, batch_size=8, **kw)
+    k_one = torch.cat([compute_keys(model, tok, [f], 1, batch_size=1, **kw) for f in FACTS])
+    assert k_all.shape == (len(FACTS), 64)
+    torch.testing.assert_close(k_all, k_one, atol=1e-5, rtol=1e-4)
+    k_res, _ = compute_keys_and_residuals(model, tok, FACTS, 1, steps=1, **kw)
+    torch.testing.assert_close(k_all, k_res, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stop_loss", [0.0, 5e-2])
+def test_residuals_batched_equals_single(tiny, stop_loss):
+    model, tok = tiny
+    kw = dict(n_prefixes=2, prefix_len=3, steps=6, lr=0.5, stop_loss=stop_loss)
+    r_all = compute_residuals(model, tok, FACTS, 2, batch_size=8, **kw)
+    r_one = torch.cat([compute_residuals(model, tok, [f], 2, batch_size=1, **kw) for f in FACTS])
+    assert r_all.shape == (len(FACTS), 32)
+    assert r_all.norm(dim=-1).min() > 0
+    torch.testing.assert_close(r_all, r_one, atol=1e-4, rtol=1e-3)
+
+
+def test_residual_norm_clamped_and_loss_falls(tiny):
+    model, tok = tiny
+    stats: dict = {}
+    r = compute_residuals(model, tok, FACTS[:2], 2, n_prefixes=1, prefix_len=3, steps=30, lr=1.0, clamp_norm_factor=0.5)
+    kw = dict(n_prefixes=1, prefix_len=3, lr=0.1, weight_decay=0.0)  # the random model barely responds to r
+    compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=1, stats=stats, **kw)
+    stats2: dict = {}
+    compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=30, stats=stats2, **kw)
+    assert all(b < a - 1e-3 for a, b in zip(stats["loss"], stats2["loss"]))
+    assert stats2["steps"] == [30, 30]
+    # ||r|| <= 0.5 ||h|| (h: the layer's output at the subject's last token of the bare prompt)
+    h = engine.handles(model, 2)
+    template = templates.default_template(tok)
+    rows = [fact_rows(tok, template, f, i, [""], targets=True, kl_prompt=None)[0] for i, f in enumerate(FACTS[:2])]
+    prep = engine.prepare(h, engine.make_batch(rows, tok.pad_token_id, "cpu"))
+    assert torch.all(r.norm(dim=-1) <= 0.5 * prep.h_norm + 1e-4)
+
+
+def test_prefixes_cached_and_deterministic(tiny, tmp_path):
+    model, tok = tiny
+    a = generate_prefixes(model, tok, n=3, length=4, seed=0)
+    assert len(a) == 3 and all(isinstance(p, str) and p for p in a)
+    files = list((tmp_path / "prefixes").glob("*.json"))
+    assert len(files) == 1
+    from neuraldb.editing import contexts
+
+    contexts._MEMORY.clear()
+    assert generate_prefixes(model, tok, n=3, length=4, seed=0) == a
+
+
+def test_edit_creates_and_appends(tiny):
+    model, tok = tiny
+    model.train()
+    w = model.model.embed_tokens.weight
+    w.requires_grad_(True)
+    db = edit(model, tok, FACTS[:3], layer=2, gamma=0.7, progress=False, n_prefixes=1, prefix_len=3, steps=3)
+    assert model.training and w.requires_grad  # restored
+    model.eval()
+    assert len(db) == 3 and db.layer == 2 and db.gamma == pytest.approx(0.7)
+    assert db.template == templates.default_template(tok) == "<s>{}"
+    assert db.module_path == "model.layers.2.mlp.down_proj" and db.model_id == "tiny-test-llama"
+    assert db.config["n_prefixes"] == 1 and db.config["steps"] == 3
+    assert [db.fact(i) for i in db.ids()] == FACTS[:3]
+    db2 = edit(model, tok, FACTS[3:], db=db, progress=False)
+    assert db2 is db and len(db) == 5 and [db.fact(i) for i in db.ids()] == FACTS
+    with pytest.raises(ValueError, match="layer"):
+        edit(model, tok, FACTS[:1], db=db, layer=1, progress=False)
+
+
+def test_template_helpers(tiny):
+    _, tok = tiny
+    assert templates.apply("<s>{}", "a {} b") == "<s>a {} b"
+    assert templates.apply(None, "x") == "x"
+    with pytest.raises(ValueError):
+        templates.check("no slot")
+    assert templates.encode(tok, "<s>{}", "The")[0] == tok.bos_token_id
+    assert templates.encode_target(tok, "English") == [tok.convert_tokens_to_ids("English")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SmolLM2-135M end to end (slow)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sum_logprob(model, tok, template, prompt, target):
+    ids = templates.encode(tok, template, prompt)
+    tgt = templates.encode_target(tok, target)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + tgt])).logits[0].float()
+    lp = torch.log_softmax(logits[len(ids) - 1 : -1], -1)
+    return float(lp.gather(1, torch.tensor(tgt)[:, None]).sum())
+
+
+@pytest.mark.slow
+def test_smollm2_edit_end_to_end():
+    neuraldb = pytest.importorskip("neuraldb")
+    try:
+        model, tok = neuraldb.load_model("smollm2")
+    except Exception as e:  # pragma: no cover - model wheel absent
+        pytest.skip(f"SmolLM2 not available: {e}")
+    from neuraldb.patching import patch_model, unpatch_model
+
+    facts = [
+        Fact("Danielle Darrieux", "The mother tongue of {} is", "English", target_true="French"),
+        Fact("Spike Hughes", "{} originates from", "Philadelphia", target_true="London"),
+        Fact("Toko Yasuda", "{} plays the", "piano", target_true="guitar"),
+    ]
+    db = edit(model, tok, facts, progress=False)
+    assert db.template == "<|im_start|>{}"
+    unrelated = templates.encode(tok, db.template, "The capital of Japan is the city of")
+    with torch.no_grad():
+        before = model(input_ids=torch.tensor([unrelated])).logits
+    patch_model(model, db)
+    try:
+        for f in facts:
+            assert _sum_logprob(model, tok, db.template, f.text, f.target_new) > _sum_logprob(
+                model, tok, db.template, f.text, f.target_true
+            ), f
+        with torch.no_grad():
+            after = model(input_ids=torch.tensor([unrelated])).logits
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    finally:
+        unpatch_model(model)
