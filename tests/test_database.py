@@ -296,5 +296,7 @@ def test_to_moves_in_place():
     assert db.to("cpu") is db
     meta = _db(2).to("meta")
     assert meta.device.type == "meta" and meta.keys.shape == (2, D1)
+    with pytest.raises(ValueError, match="meta"):
+        meta.to("cpu")
     with pytest.raises(TypeError, match="device"):
         db.to("nowhere")

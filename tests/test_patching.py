@@ -173,6 +173,17 @@ def test_defaults_come_from_the_database_then_the_table():
         neuraldb.patch_model(model, db, layer=1)
 
 
+def test_database_for_model():
+    model = tiny_model("gpt2")
+    db = neuraldb.NeuralKVDatabase.for_model(model, 2)
+    assert (db.key_dim, db.value_dim) == (128, 32)  # Conv1D c_proj: 4 * n_embd -> n_embd
+    assert (db.layer, db.module_path) == (2, "transformer.h.2.mlp.c_proj")
+    neuraldb.patch_model(model, db)
+    assert neuraldb.patch_info(model).module_path == "transformer.h.2.mlp.c_proj"
+    default = neuraldb.NeuralKVDatabase.for_model(model)
+    assert default.layer == neuraldb.architectures.default_layer(model)
+
+
 def test_module_argument_by_path_and_by_object():
     model, ids, module, base, keys, out, db = _setup()
     neuraldb.patch_model(model, db, module=f"model.layers.{PATCH_LAYER}.mlp.down_proj")
@@ -263,6 +274,9 @@ def test_bad_model_and_db_types():
         neuraldb.patch_model(model, {"keys": keys})
     with pytest.raises(ValueError, match="value_dim"):
         neuraldb.patch_model(model, neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim + 1))
+    with pytest.raises(ValueError, match="meta"):
+        neuraldb.patch_model(model, neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim, device="meta"))
+    assert neuraldb.patch_info(model) is None
     with pytest.raises(ValueError, match="not patched"):
         neuraldb.unpatch_model(model)
     with pytest.raises(ValueError, match="not patched"):

@@ -8,10 +8,11 @@ so a model whose config and weights disagree cannot silently get a wrong-sized d
 Example::
 
     >>> import neuraldb
+    >>> model, tok = neuraldb.load_model("smollm2")          # doctest: +SKIP
     >>> path, module = neuraldb.down_proj_module(model, 8)   # doctest: +SKIP
-    >>> path
+    >>> path                                                 # doctest: +SKIP
     'model.layers.8.mlp.down_proj'
-    >>> neuraldb.down_proj_dims(module)                     # (key_dim, value_dim) for SmolLM2-135M
+    >>> neuraldb.down_proj_dims(module)                      # doctest: +SKIP
     (1536, 576)
 """
 
@@ -138,7 +139,7 @@ def down_proj_module(model: torch.nn.Module, layer: int) -> tuple[str, torch.nn.
     Example::
 
         >>> path, module = down_proj_module(model, 8)   # doctest: +SKIP
-        >>> path
+        >>> path                                        # doctest: +SKIP
         'model.layers.8.mlp.down_proj'
     """
     spec = arch_spec(model)

@@ -244,6 +244,32 @@ class NeuralKVDatabase:
         self.module_path: str | None = None
         self.config: dict[str, Any] = {}
 
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, layer: int | None = None, *, dtype: torch.dtype = torch.float16
+    ) -> NeuralKVDatabase:
+        """An empty database sized for ``layer``'s down-projection of ``model`` (default: the architecture's
+        layer), on that module's device, with ``layer``, ``module_path`` and ``model_id`` filled in.
+
+        Example::
+
+            >>> db = NeuralKVDatabase.for_model(model, 8)   # doctest: +SKIP
+            >>> db.key_dim, db.value_dim, db.module_path    # doctest: +SKIP
+            (1536, 576, 'model.layers.8.mlp.down_proj')
+        """
+        from neuraldb import architectures as arch
+
+        layer = arch.default_layer(model) if layer is None else arch.check_layer(model, layer)
+        path, module = arch.down_proj_module(model, layer)
+        key_dim, value_dim = arch.down_proj_dims(module)
+        param = next(module.parameters(), None)
+        db = cls(key_dim, value_dim, dtype=dtype, device=param.device if param is not None else "cpu")
+        db.layer, db.module_path = layer, path
+        config = getattr(model, "config", None)
+        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        db.model_id = str(name) if name else None
+        return db
+
     # -- metadata ---------------------------------------------------------------------------------------------
 
     @property
@@ -453,6 +479,8 @@ class NeuralKVDatabase:
         except (RuntimeError, TypeError):
             raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
         with self._lock:
+            if self.device.type == "meta" and device.type != "meta":
+                raise ValueError(f"device: this database is on the meta device and holds no data to move to {device}")
             if device != self.device:
                 self._keys = self._keys.to(device)
                 self._values = self._values.to(device)

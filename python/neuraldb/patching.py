@@ -16,6 +16,8 @@ The hook calls one custom op, ``torch.ops.neuraldb.database_retrieval(queries, r
 - the database follows the model: if a forward's activations are on another device than the database
   (after ``model.to("cuda")``), the database is moved there in place. A database shared by two models on
   different devices would move back and forth; give each model its own.
+- on CUDA the lock covers launching the retrieval, not its execution; writes stay ordered after it because
+  both are queued on the same (default) stream. Writers on a side stream must synchronise themselves.
 
 Patching an already patched model replaces the previous patch cleanly (the old hook is removed only after the
 new arguments have been validated), so at most one database is active per model.
