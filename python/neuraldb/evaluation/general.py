@@ -97,8 +97,10 @@ def multiple_choice(
     return {"acc": 100 * sum(acc) / n if n else None, "acc_norm": 100 * sum(accn) / n if n else None, "n": n}
 
 
-def lambada(model, tok, rows: Sequence[dict], *, batch_size: int = 16, show_progress: bool = True) -> dict:
-    scores = score_continuations(model, tok, [r["context"] for r in rows], [" " + r["continuation"] for r in rows],
+def lambada(model, tok, rows: Sequence[dict], *, batch_size: int = 16, show_progress: bool = True,
+            prompt_fn=None) -> dict:
+    pf = prompt_fn or (lambda s: s)
+    scores = score_continuations(model, tok, [pf(r["context"]) for r in rows], [" " + r["continuation"] for r in rows],
                                  batch_size=batch_size, desc="lambada", show_progress=show_progress)
     n = len(rows)
     return {
@@ -161,9 +163,12 @@ PRIMARY = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_nor
 def evaluate_general(
     model, tok, data_dir: str | Path, *, tasks: Sequence[str] | None = None, limit: int | None = None,
     wikitext_max_tokens: int | None = None, wikitext_window: int = 512, seed: int = 0, batch_size: int = 16,
-    show_progress: bool = True,
+    show_progress: bool = True, prompt_fn=None,
 ) -> dict:
-    """Run general-ability tasks on files under ``data_dir``. Missing files are reported, not fatal."""
+    """Run general-ability tasks on files under ``data_dir``. Missing files are reported, not fatal.
+
+    ``prompt_fn`` (the database's text template) wraps every context of LAMBADA and the multiple-choice tasks;
+    WikiText-2 windows are scored as raw token windows without it."""
     data_dir = Path(data_dir)
     results: dict = {"tasks": {}, "limit": limit, "seed": seed, "notes": []}
     for task in tasks or TASKS:
@@ -180,9 +185,11 @@ def evaluate_general(
                                           batch_size=max(1, batch_size // 4), show_progress=show_progress)
             elif task == "lambada_openai":
                 res = lambada(model, tok, _sample(_read_jsonl(path), limit, seed), batch_size=batch_size,
-                              show_progress=show_progress)
+                              show_progress=show_progress, prompt_fn=prompt_fn)
             else:
                 docs = _docs(task, _sample(_read_jsonl(path), limit, seed))
+                if prompt_fn is not None:
+                    docs = [([prompt_fn(c) for c in cs], ts, g) for cs, ts, g in docs]
                 res = multiple_choice(model, tok, docs, batch_size=batch_size, desc=task, show_progress=show_progress)
                 res["primary"] = PRIMARY[task]
                 res["chance"] = CHANCE[task]

@@ -1,0 +1,232 @@
+"""Reports of evaluation runs: JSON, Markdown tables (the paper's Table 2 columns) and a matplotlib plot.
+
+A *run* is the dict :func:`neuraldb.evaluation.pipeline.run_eval` returns: ``model``, ``dataset``
+("counterfact" or "zsre"), ``n_facts``, ``pre``/``post`` evaluation results, optional ``general`` (``pre``/``post``)
+and ``deletion``. Several runs (e.g. 100 and 1,000 facts) combine into one table and one plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+from .deletion import deletion_table
+
+__all__ = ["write_json", "markdown_report", "plot_runs", "write_reports"]
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _strip(obj):
+    """A JSON-safe copy (NaN -> None)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _strip(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_strip(obj), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+CF_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑"),
+           ("fluency", "Fluency ↑"), ("consistency", "Consistency ↑")]
+CF_MAG = [("efficacy_magnitude", "EM"), ("generalization_magnitude", "GM"), ("specificity_magnitude", "SM"),
+          ("score", "Score")]
+ZS_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑")]
+
+
+def _table(runs: Sequence[dict], dataset: str) -> list[str]:
+    rs = sorted([r for r in runs if r["dataset"] == dataset], key=lambda r: (r["model"], r["n_facts"]))
+    if not rs:
+        return []
+    cols = CF_COLS + CF_MAG if dataset == "counterfact" else ZS_COLS + [("locality_unchanged", "Loc. unchanged")]
+    name = "CounterFact" if dataset == "counterfact" else "ZsRE"
+    out = [f"### {name}", "", "| Model | State | Facts | " + " | ".join(c[1] for c in cols) + " |",
+           "|---|---|---:|" + "---:|" * len(cols)]
+    seen_pre = set()
+    for r in rs:
+        rows = []
+        key = (r["model"], r.get("facts_path"), r["n_facts"])
+        if key not in seen_pre:
+            seen_pre.add(key)
+            rows.append(("Pre-edited", r["pre"]["summary"], {}))
+        rows.append(("NeuralDB", r["post"]["summary"], {"locality_unchanged": r.get("locality_unchanged")}))
+        for state, s, extra in rows:
+            vals = [extra.get(k, s.get(k)) for k, _ in cols]
+            out.append(f"| {r['model']} | {state} | {r['n_facts']} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    out.append("")
+    return out
+
+
+def _general_table(runs: Sequence[dict]) -> list[str]:
+    rs = [r for r in runs if r.get("general")]
+    if not rs:
+        return []
+    tasks = []
+    for r in rs:
+        for t in r["general"]["pre"]["tasks"]:
+            if t not in tasks:
+                tasks.append(t)
+    head = ["Task", "Metric", "Chance"]
+    cols = []
+    for r in rs:
+        label = f"{r['model']} {r['dataset']}"
+        cols.append((r, "pre", f"{label}: 0 facts"))
+        cols.append((r, "post", f"{label}: {r['n_facts']} facts"))
+    out = ["### General ability (before vs after editing)", "",
+           "| " + " | ".join(head + [c[2] for c in cols]) + " |", "|---|---|---:|" + "---:|" * len(cols)]
+    for t in tasks:
+        metric = chance = None
+        cells = []
+        for r, state, _ in cols:
+            res = r["general"][state]["tasks"].get(t)
+            if res is None:
+                cells.append("–")
+                continue
+            metric = res["primary"] + (f" (n={res['n']})" if "n" in res else f" ({res.get('n_tokens')} tok)")
+            chance = res.get("chance")
+            cells.append(_fmt(res["value"], 2 if t == "wikitext2" else 1))
+        out.append(f"| {t} | {metric} | {_fmt(chance)} | " + " | ".join(cells) + " |")
+    avg = [_fmt(r["general"][state].get("average")) for r, state, _ in cols]
+    out.append("| **average** (accuracy tasks) | primary | | " + " | ".join(avg) + " |")
+    out.append("")
+    return out
+
+
+def markdown_report(runs: Sequence[dict], title: str = "neuraldb evaluation") -> str:
+    lines = [f"# {title}", ""]
+    cmds = [r.get("command") for r in runs if r.get("command")]
+    if cmds:
+        lines += ["Commands:", "", "```", *cmds, "```", ""]
+    lines += _table(runs, "counterfact") + _table(runs, "zsre") + _general_table(runs)
+    for r in runs:
+        if r.get("deletion"):
+            d = r["deletion"]
+            lines += [f"### Deletion (App. J.5): {r['model']}, {r['dataset']}, {d['n_facts']} facts, "
+                      f"{d['n_deleted']} even-indexed deleted", "", deletion_table(d), ""]
+    timing = [r for r in runs if r.get("timing")]
+    if timing:
+        lines += ["### Timing (seconds)", "", "| Model | Dataset | Facts | " + " | ".join(timing[0]["timing"]) + " |",
+                  "|---|---|---:|" + "---:|" * len(timing[0]["timing"])]
+        for r in timing:
+            lines.append(f"| {r['model']} | {r['dataset']} | {r['n_facts']} | "
+                         + " | ".join(_fmt(r["timing"].get(k)) for k in timing[0]["timing"]) + " |")
+        lines.append("")
+    notes, defs = [], {}
+    for r in runs:
+        for part in ("pre", "post"):
+            for n in r[part].get("notes", []):
+                if n not in notes:
+                    notes.append(n)
+            defs.update(r[part].get("definitions", {}))
+        if r.get("general"):
+            for n in r["general"]["pre"].get("notes", []):
+                if n not in notes:
+                    notes.append(n)
+            defs.update({f"general {k}": v for k, v in r["general"]["pre"].get("definitions", {}).items()})
+        for n in r.get("notes", []):
+            if n not in notes:
+                notes.append(n)
+    if notes:
+        lines += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if defs:
+        lines += ["### Metric definitions", ""] + [f"- **{k}**: {v}" for k, v in defs.items()] + [""]
+    return "\n".join(lines)
+
+
+def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
+    """Metrics vs number of edited facts (0 = pre-edited), one panel per dataset plus general ability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in ("counterfact", "zsre") if any(r["dataset"] == d for r in runs)]
+    has_general = any(r.get("general") for r in runs)
+    panels = len(datasets) + int(has_general)
+    if panels == 0:
+        return None
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = axes[0]
+    for ax, d in zip(axes, datasets):
+        for model in sorted({r["model"] for r in runs if r["dataset"] == d}):
+            rs = sorted([r for r in runs if r["dataset"] == d and r["model"] == model], key=lambda r: r["n_facts"])
+            for metric, style in (("efficacy", "o-"), ("generalization", "s-"), ("specificity", "^-")):
+                xs = [0] + [r["n_facts"] for r in rs]
+                ys = [rs[0]["pre"]["summary"].get(metric)] + [r["post"]["summary"].get(metric) for r in rs]
+                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{model} {metric}")
+        ax.set_title("CounterFact" if d == "counterfact" else "ZsRE")
+        ax.set_xlabel("edited facts")
+        ax.set_ylabel("%")
+        ax.set_ylim(-2, 102)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    if has_general:
+        ax = axes[-1]
+        for model in sorted({r["model"] for r in runs if r.get("general")}):
+            rs = sorted([r for r in runs if r.get("general") and r["model"] == model], key=lambda r: r["n_facts"])
+            tasks = [t for t in rs[0]["general"]["pre"]["tasks"] if t != "wikitext2"]
+            for t in tasks + ["average"]:
+                def val(g):
+                    return g.get("average") if t == "average" else g["tasks"].get(t, {}).get("value")
+                xs = [0] + [r["n_facts"] for r in rs]
+                ys = [val(rs[0]["general"]["pre"])] + [val(r["general"]["post"]) for r in rs]
+                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), "o-" if t == "average" else ".--", label=f"{model} {t}",
+                            linewidth=2 if t == "average" else 1)
+        ax.set_title("General ability (primary accuracy)")
+        ax.set_xlabel("edited facts")
+        ax.set_ylabel("%")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(runs: Sequence[dict], out_dir: str | Path, *, title: str = "neuraldb evaluation",
+                  stem: str = "report") -> dict[str, Path]:
+    """``{stem}.json`` (all runs, per-fact records dropped), ``{stem}.md`` and ``{stem}.png`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slim = [_slim(r) for r in runs]
+    paths = {"json": write_json({"runs": slim}, out_dir / f"{stem}.json")}
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown_report(slim, title=title) + "\n", encoding="utf-8")
+    paths["markdown"] = md
+    try:
+        p = plot_runs(slim, out_dir / f"{stem}.png")
+        if p is not None:
+            paths["plot"] = p
+    except ImportError:  # matplotlib is optional (the "bench" extra)
+        pass
+    return paths
+
+
+def _slim(run: dict) -> dict:
+    r = dict(run)
+    for part in ("pre", "post"):
+        if part in r and isinstance(r[part], dict):
+            r[part] = {k: v for k, v in r[part].items() if k != "per_fact"}
+    return r

@@ -1,0 +1,86 @@
+"""Deletion experiment bookkeeping (App. J.5) and the JSON / Markdown / plot reports."""
+
+import json
+
+import pytest
+
+from neuraldb.evaluation.counterfact import CONSISTENCY_SKIPPED
+from neuraldb.evaluation.deletion import deletion_experiment, deletion_table, half_summary
+from neuraldb.evaluation.report import markdown_report, write_reports
+from neuraldb.facts import Fact
+
+
+class FakeDB:
+    def __init__(self, n):
+        self._ids = list(range(100, 100 + n))
+
+    def ids(self):
+        return list(self._ids)
+
+    def delete(self, ids):
+        for i in ids:
+            self._ids.remove(i)
+
+
+def _facts(n):
+    return [Fact(f"S{i}", "{} is in", "X", target_true="Y") for i in range(n)]
+
+
+def test_deletion_reverts_even_half_only():
+    facts, db = _facts(6), FakeDB(6)
+
+    def evaluate(fs):  # an edited fact succeeds iff its row is still in the database
+        live = set(db.ids())
+        return {"per_fact": [{"rewrite_success": float(100 + i in live), "paraphrase_success": 0.5 * (100 + i in live),
+                              "neighborhood_success": 1.0} for i in range(len(fs))]}
+
+    pre = {"per_fact": [{"rewrite_success": 0.0, "paraphrase_success": 0.0, "neighborhood_success": 1.0}] * 6}
+    r = deletion_experiment(None, None, facts, db, evaluate=evaluate, kind="counterfact", pre=pre)
+    assert db.ids() == [101, 103, 105]
+    odd, even = r["halves"]["odd"], r["halves"]["even"]
+    assert odd["post"]["efficacy"] == 100 and odd["deleted_even"]["efficacy"] == 100
+    assert even["post"]["efficacy"] == 100 and even["deleted_even"]["efficacy"] == 0
+    assert even["deleted_even"]["generalization"] == 0 and odd["deleted_even"]["generalization"] == 50
+    assert even["pre"]["n_facts"] == 3
+    md = deletion_table(r)
+    assert "| Even-indexed facts (deleted) | Efficacy | 0.0 | 100.0 | 0.0 |" in md
+
+
+def test_half_summary_zsre_keys():
+    res = {"per_fact": [{"rewrite_acc": 1.0, "paraphrase_acc": 0.5, "neighborhood_acc": None},
+                        {"rewrite_acc": 0.0, "paraphrase_acc": 0.5, "neighborhood_acc": 0.25}]}
+    s = half_summary(res, [0, 1], "zsre")
+    assert s == {"efficacy": 50.0, "generalization": 50.0, "specificity": 25.0, "n_facts": 2}
+
+
+def _run(n, e):
+    s = {"efficacy": e, "generalization": e - 5, "specificity": 80.0, "fluency": 620.0, "consistency": None,
+         "efficacy_magnitude": 10.0, "generalization_magnitude": 5.0, "specificity_magnitude": 1.0, "score": 70.0}
+    pre = dict(s, efficacy=10.0, generalization=12.0)
+    g = {"tasks": {"arc_easy": {"acc": 40.0, "acc_norm": 42.0, "value": 42.0, "primary": "acc_norm", "n": 10,
+                                "chance": 25.0},
+                   "wikitext2": {"token_ppl": 20.5, "value": 20.5, "primary": "token_ppl", "n_tokens": 100}},
+         "average": 42.0, "notes": [], "definitions": {"acc_norm": "length-normalised"}}
+    return {"model": "stub", "dataset": "counterfact", "n_facts": n, "facts_path": "f",
+            "pre": {"summary": pre, "notes": [CONSISTENCY_SKIPPED], "definitions": {"efficacy": "def"}},
+            "post": {"summary": s, "notes": [CONSISTENCY_SKIPPED], "per_fact": [1, 2]},
+            "general": {"pre": g, "post": g}, "command": f"neuraldb eval --n {n}", "timing": {"edit": 1.0}}
+
+
+def test_markdown_report_has_table2_columns_and_states_skipped_consistency():
+    md = markdown_report([_run(100, 99.0), _run(1000, 98.0)])
+    assert "| Model | State | Facts | Efficacy ↑ | Generalization ↑ | Specificity ↑ | Fluency ↑ | Consistency ↑" in md
+    assert "| stub | NeuralDB | 1000 | 98.0 | 93.0 | 80.0 | 620.0 | – |" in md
+    assert "| stub | Pre-edited | 100 | 10.0 |" in md
+    assert "consistency skipped" in md
+    assert "| arc_easy | acc_norm (n=10) | 25.0 | 42.0 | 42.0 | 42.0 | 42.0 |" in md
+    assert "neuraldb eval --n 1000" in md
+
+
+def test_write_reports_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = write_reports([_run(100, 99.0), _run(1000, 98.0)], tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert len(data["runs"]) == 2 and "per_fact" not in data["runs"][0]["post"]
+    assert paths["plot"].stat().st_size > 1000
+    assert paths["markdown"].read_text().startswith("# neuraldb evaluation")
