@@ -55,3 +55,38 @@ def test_greedy_flag_is_false_when_any_token_is_not_top1(lm):
     model, tok = lm
     (s,) = score_continuations(model, tok, ["Bob is"], [" Boston"], show_progress=False)
     assert s.token_correct == [False] and not s.is_greedy and s.token_accuracy == 0.0
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_shared_context_scoring_matches_unshared_on_a_real_architecture():
+    from neuraldb.evaluation.scoring import score_grouped_token_ids, score_token_ids
+
+    model = _tiny_llama()
+    groups = [([5, 6, 7], [[8], [9, 10, 11]]), ([3], [[4, 4], [12]]), ([1, 2, 3, 4, 5, 6, 7, 8, 9], [[20, 21]])]
+    grouped = score_grouped_token_ids(model, groups, batch_size=3, show_progress=False)
+    flat = score_token_ids(model, [(c, t) for c, ts in groups for t in ts], batch_size=2, show_progress=False)
+    got = [s for g in grouped for s in g]
+    assert len(got) == len(flat) == 5
+    for a, b in zip(got, flat):
+        assert a.token_ids == b.token_ids
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+        assert a.argmax_ids == b.argmax_ids
+    # and both equal one sequence scored alone, with no padding at all
+    (alone,) = score_token_ids(model, [([5, 6, 7], [9, 10, 11])], batch_size=1, show_progress=False)
+    assert got[1].token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+
+
+def test_shared_context_scoring_falls_back_without_a_cache(lm):
+    from neuraldb.evaluation.scoring import score_grouped
+
+    model, tok = lm
+    (res,) = score_grouped(model, tok, ["Bob is"], [[" New York", " Boston"]], show_progress=False)
+    assert res[0].sum_logprob == pytest.approx(math.log(0.45), abs=1e-5)
+    assert res[1].sum_logprob == pytest.approx(math.log(0.3), abs=1e-5)

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 from ..facts import Fact
 from .fluency import TfidfVectorizer, fluency_score, generate_texts, tfidf_similarity
-from .scoring import score_continuations
+from .scoring import score_grouped
 
 __all__ = ["evaluate_counterfact", "harmonic_mean", "CONSISTENCY_SKIPPED"]
 
@@ -74,8 +74,8 @@ def evaluate_counterfact(
         raise ValueError("reduction must be 'mean' (ROME/MEMIT) or 'sum' (whole-target log-probability)")
     pf = prompt_fn or (lambda s: s)
     ctxs: list[str] = []
-    conts: list[str] = []
-    index: list[tuple[int, str, int]] = []  # (fact, kind, prompt position); new at 2j, true at 2j+1
+    conts: list[list[str]] = []
+    index: list[tuple[int, str, int]] = []  # (fact, kind, prompt position)
     for i, f in enumerate(facts):
         if not f.target_true:
             raise ValueError(f"CounterFact evaluation needs target_true (fact {i}: {f.subject!r})")
@@ -83,12 +83,11 @@ def evaluate_counterfact(
         for kind, prompts in groups.items():
             for j, p in enumerate(prompts):
                 index.append((i, kind, j))
-                for target in (f.target_new, f.target_true):
-                    ctxs.append(pf(p))
-                    conts.append(" " + target.strip())
-    scores = score_continuations(
-        model, tok, ctxs, conts, batch_size=batch_size, desc="counterfact", show_progress=show_progress
-    )
+                ctxs.append(pf(p))
+                conts.append([" " + f.target_new.strip(), " " + f.target_true.strip()])
+    # each prompt runs once; its two targets are scored from the shared prompt cache
+    scores = score_grouped(model, tok, ctxs, conts, batch_size=batch_size, desc="counterfact",
+                           show_progress=show_progress)
 
     def nll(s) -> float:
         return -(s.mean_logprob if reduction == "mean" else s.sum_logprob)
@@ -99,7 +98,7 @@ def evaluate_counterfact(
         for f in facts
     ]
     for k, (i, kind, _) in enumerate(index):
-        a, b = nll(scores[2 * k]), nll(scores[2 * k + 1])
+        a, b = nll(scores[k][0]), nll(scores[k][1])
         per_fact[i][kind].append({"nll_new": a, "nll_true": b})
 
     def success(kind: str, x: dict) -> float:

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import torch
 
-from .scoring import score_continuations, score_token_ids, _pad_id
+from .scoring import _pad_id, score_continuations, score_grouped, score_token_ids
 
 __all__ = ["TASKS", "evaluate_general", "multiple_choice", "lambada", "wikitext_perplexity", "CHANCE"]
 
@@ -82,13 +82,20 @@ def multiple_choice(
     desc: str = "mc", show_progress: bool = True,
 ) -> dict:
     """``docs``: (contexts per choice, continuations per choice, gold). Returns acc and acc_norm x 100."""
+    per: list[list[tuple[float, float]]] = [[] for _ in docs]
+    shared = [d for d, (cs, _, _) in enumerate(docs) if len(set(cs)) == 1]
+    if shared:  # one context, several choices: run the context once
+        res = score_grouped(model, tok, [docs[d][0][0] for d in shared], [docs[d][1] for d in shared],
+                            batch_size=batch_size, desc=desc, show_progress=show_progress)
+        for d, scores in zip(shared, res):
+            per[d] = [(s.sum_logprob, s.sum_logprob / max(len(t.lstrip(" ")), 1)) for s, t in zip(scores, docs[d][1])]
+    rest = [d for d in range(len(docs)) if len(set(docs[d][0])) != 1]
     ctxs, conts, owner = [], [], []
-    for d, (cs, ts, _) in enumerate(docs):
-        for c, t in zip(cs, ts):
+    for d in rest:  # a context per choice (WSC partial scoring)
+        for c, t in zip(docs[d][0], docs[d][1]):
             ctxs.append(c); conts.append(t); owner.append(d)
     scores = score_continuations(model, tok, ctxs, conts, batch_size=batch_size, desc=desc,
-                                 show_progress=show_progress)
-    per: list[list[tuple[float, float]]] = [[] for _ in docs]
+                                 show_progress=show_progress) if ctxs else []
     for d, t, s in zip(owner, conts, scores):
         per[d].append((s.sum_logprob, s.sum_logprob / max(len(t.lstrip(" ")), 1)))
     acc = [float(max(range(len(p)), key=lambda k: p[k][0]) == docs[d][2]) for d, p in enumerate(per)]

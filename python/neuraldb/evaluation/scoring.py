@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ContinuationScore", "encode_pair", "score_continuations", "progress"]
+__all__ = ["ContinuationScore", "encode_pair", "score_continuations", "score_grouped", "score_token_ids", "progress"]
 
 
 def progress(iterable, *, desc: str | None = None, total: int | None = None, enabled: bool = True):
@@ -186,3 +186,135 @@ def score_continuations(
     return score_token_ids(
         model, pairs, pad_id=_pad_id(tok), batch_size=batch_size, desc=desc, show_progress=show_progress
     )
+
+
+def _out_cache(out):
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        cache = getattr(out, "cache", None)
+    return cache if hasattr(cache, "batch_select_indices") else None
+
+
+@torch.inference_mode()
+def score_grouped_token_ids(
+    model,
+    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 32,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[list[ContinuationScore]]:
+    """Score several continuations of each shared context, running the context **once**.
+
+    Pass 1 runs the left-padded contexts with a KV cache and reads the first continuation token's distribution
+    from the last position; pass 2 (only when some continuation has 2+ tokens) repeats each context's cache once per
+    continuation and feeds the continuations' tokens after it, with ``position_ids`` continuing the context's.
+    Same numbers as :func:`score_token_ids` on ``context + continuation`` (up to float rounding), at a fraction of
+    the cost when contexts are long and continuations short (CounterFact's two targets, multiple-choice letters).
+    Models that return no cache fall back to :func:`score_token_ids`.
+    """
+    results: list[list[ContinuationScore | None]] = [[None] * len(c) for _, c in groups]
+    if not groups:
+        return []
+    device = _device(model)
+    order = sorted(range(len(groups)), key=lambda g: len(groups[g][0]))
+    batches, cur, cur_rows = [], [], 0
+    for g in order:  # batch_size bounds the number of continuation rows in pass 2
+        k = max(1, len(groups[g][1]))
+        if cur and cur_rows + k > batch_size:
+            batches.append(cur)
+            cur, cur_rows = [], 0
+        cur.append(g)
+        cur_rows += k
+    if cur:
+        batches.append(cur)
+    use_keep = _supports(model, "logits_to_keep")
+    for batch in progress(batches, desc=desc, enabled=show_progress and len(batches) > 1):
+        ctxs = [list(groups[g][0]) for g in batch]
+        if any(not c for c in ctxs):
+            raise ValueError("context must contain at least one token (use the tokeniser's BOS for empty text)")
+        P = max(len(c) for c in ctxs)
+        ids = torch.full((len(batch), P), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), P), dtype=torch.long)
+        for r, c in enumerate(ctxs):
+            ids[r, P - len(c) :] = torch.tensor(c)
+            mask[r, P - len(c) :] = 1
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                  "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "use_cache": True}
+        if use_keep:
+            kwargs["logits_to_keep"] = 1
+        out = model(**kwargs)
+        cache = _out_cache(out)
+        if cache is None:
+            flat = [(groups[g][0], t) for g in batch for t in groups[g][1]]
+            scores = iter(score_token_ids(model, flat, pad_id=pad_id, batch_size=batch_size, show_progress=False))
+            for g in batch:
+                results[g] = [next(scores) for _ in groups[g][1]]
+            continue
+        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
+        first_top = first.argmax(-1)
+        rows = [(b, j, list(t)) for b, g in enumerate(batch) for j, t in enumerate(groups[g][1])]
+        if not rows:
+            continue
+        if any(not t for _, _, t in rows):
+            raise ValueError("continuation must contain at least one token")
+        T = max(len(t) for _, _, t in rows)
+        rest_lp = rest_top = None
+        if T > 1:
+            sel = torch.tensor([b for b, _, _ in rows], dtype=torch.long, device=device)
+            cache.batch_select_indices(sel)
+            inp = torch.full((len(rows), T - 1), pad_id, dtype=torch.long)
+            m2 = torch.zeros((len(rows), T - 1), dtype=torch.long)
+            pos = torch.zeros((len(rows), T - 1), dtype=torch.long)
+            for r, (b, _, t) in enumerate(rows):
+                n = len(t) - 1
+                if n:
+                    inp[r, :n] = torch.tensor(t[:-1])
+                    m2[r, :n] = 1
+                pos[r] = len(ctxs[b]) + torch.arange(T - 1)
+            full_mask = torch.cat([mask.to(device)[sel], m2.to(device)], dim=1)
+            cache_kw = "cache" if _supports(model, "cache") else "past_key_values"
+            out2 = model(input_ids=inp.to(device), attention_mask=full_mask, position_ids=pos.to(device),
+                         use_cache=True, **{cache_kw: cache})
+            logits2 = out2.logits.float()
+            rest_lp = torch.log_softmax(logits2, dim=-1)
+            rest_top = logits2.argmax(-1)
+        for r, (b, j, t) in enumerate(rows):
+            lps = [float(first[b, t[0]])]
+            tops = [int(first_top[b])]
+            for i in range(1, len(t)):
+                lps.append(float(rest_lp[r, i - 1, t[i]]))
+                tops.append(int(rest_top[r, i - 1]))
+            results[batch[b]][j] = ContinuationScore(t, lps, tops)
+    return results  # type: ignore[return-value]
+
+
+def score_grouped(
+    model,
+    tok,
+    contexts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 32,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[list[ContinuationScore]]:
+    """:func:`score_grouped_token_ids` on strings: ``continuations[i]`` are the options after ``contexts[i]``.
+    Tokenisation as :func:`encode_pair` (per option; options that merge with the context fall back alone)."""
+    groups = []
+    flat_fallback = []
+    for gi, (c, ts) in enumerate(zip(contexts, continuations)):
+        pairs = [encode_pair(tok, c, t) for t in ts]
+        ctx = pairs[0][0] if pairs else _encode(tok, c, special=True)
+        if any(p[0] != ctx for p in pairs):  # trailing-space moves differ per option: score them unshared
+            flat_fallback.append(gi)
+        groups.append((ctx, [p[1] for p in pairs], pairs))
+    res = score_grouped_token_ids(
+        model, [(g[0], g[1]) if i not in flat_fallback else (g[0], []) for i, g in enumerate(groups)],
+        pad_id=_pad_id(tok), batch_size=batch_size, desc=desc, show_progress=show_progress,
+    )
+    for gi in flat_fallback:
+        res[gi] = score_token_ids(model, groups[gi][2], pad_id=_pad_id(tok), batch_size=batch_size,
+                                  show_progress=False)
+    return res
