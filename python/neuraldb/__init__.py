@@ -13,9 +13,10 @@ from neuraldb_kernels import gated_retrieval
 from neuraldb.architectures import down_proj_dims, down_proj_module
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
+from neuraldb.sharded import ShardedNeuralKVDatabase
 
 __all__ = ["gated_retrieval"]
-__all__ += ["NeuralKVDatabase", "patch_model", "unpatch_model", "disabled", "patch_info"]
+__all__ += ["NeuralKVDatabase", "ShardedNeuralKVDatabase", "patch_model", "unpatch_model", "disabled", "patch_info"]
 __all__ += ["down_proj_module", "down_proj_dims"]
 from neuraldb import templates
 from neuraldb.editing import compute_keys, compute_residuals, edit

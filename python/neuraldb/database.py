@@ -366,6 +366,19 @@ class NeuralKVDatabase:
         if missing:
             raise KeyError(f"ids not in the database: {missing[:5]}")
 
+    def retrieve(
+        self, queries: torch.Tensor, gamma: float, *, backend: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``gated_retrieval(queries, keys, values, gamma)`` on this database, under its lock: ``(out, idx, score)``.
+
+        This is the one method :func:`neuraldb.patch_model` calls per forward; any object with the same method
+        and attributes (e.g. :class:`neuraldb.ShardedNeuralKVDatabase`) can be patched in.
+        """
+        from neuraldb_kernels import gated_retrieval
+
+        with self._lock:
+            return gated_retrieval(queries, self.keys, self.values, gamma, backend=backend)
+
     # -- write ------------------------------------------------------------------------------------------------
 
     def add(

@@ -44,9 +44,12 @@ import torch
 
 from neuraldb import architectures as arch
 from neuraldb.database import NeuralKVDatabase, check_gamma
-from neuraldb_kernels import gated_retrieval
 
 _ATTR = "_neuraldb_patch"
+# What patch_model uses of a database: NeuralKVDatabase has it, and so may other stores (ShardedNeuralKVDatabase).
+# ``retrieve(queries, gamma, *, backend)`` returns ``(out, idx, score)`` like gated_retrieval; an optional
+# ``query_dim`` (default key_dim) is the width of the queries the patched module receives.
+DATABASE_PROTOCOL = ("key_dim", "value_dim", "layer", "module_path", "gamma", "lock", "device", "to", "retrieve")
 _QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Live patches by route number. Weak, so a model that is garbage-collected without unpatching frees its database.
@@ -90,7 +93,7 @@ class Patch:
             if db.device != queries.device:
                 db.to(queries.device)
             q = queries if queries.dtype in _QUERY_DTYPES else queries.float()
-            out, _, _ = gated_retrieval(q, db.keys, db.values, self.gamma, backend=self.backend)
+            out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
         return out.to(queries.dtype)
 
     def __repr__(self) -> str:
@@ -203,15 +206,19 @@ def patch_model(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(db, NeuralKVDatabase):
-        raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
+    if not isinstance(db, NeuralKVDatabase) and not all(hasattr(db, a) for a in DATABASE_PROTOCOL):
+        raise TypeError(
+            f"db must be a neuraldb.NeuralKVDatabase (or provide {', '.join(DATABASE_PROTOCOL)}), "
+            f"got {type(db).__name__}"
+        )
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     path, target, layer = _resolve(model, db, layer, module)
     key_dim, value_dim = arch.down_proj_dims(target)
-    if (db.key_dim, db.value_dim) != (key_dim, value_dim):
+    query_dim = getattr(db, "query_dim", db.key_dim)  # a tensor-parallel database takes a slice of the key
+    if (query_dim, db.value_dim) != (key_dim, value_dim):
         raise ValueError(
-            f"db has key_dim={db.key_dim}, value_dim={db.value_dim} but {path} maps {key_dim} -> {value_dim} "
+            f"db has key_dim={query_dim}, value_dim={db.value_dim} but {path} maps {key_dim} -> {value_dim} "
             "features; the database was built for another layer or model"
         )
     if gamma is None:
@@ -227,7 +234,7 @@ def patch_model(
             weight_dtype = next(target.parameters()).dtype
             dtype = weight_dtype if weight_dtype in _QUERY_DTYPES else torch.float32
             probe = torch.zeros(1, key_dim, dtype=dtype, device=device)
-            gated_retrieval(probe, db.keys, db.values, gamma, backend=backend)
+            db.retrieve(probe, gamma, backend=backend)
 
     if patch_info(model) is not None:
         unpatch_model(model)

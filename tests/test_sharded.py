@@ -1,0 +1,85 @@
+"""ShardedNeuralKVDatabase on CPU with gloo: the checks in _sharded_checks.py run in one spawned 3-rank group
+(starting processes dominates the cost), plus single-process tests of the (score, id) packing and the errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import _sharded_checks as checks
+from neuraldb.sharded import pack_score_id, unpack_score_id
+
+WORLD = 3
+
+
+def _spawn(tmp_path: Path, names: list[str], world: int = WORLD) -> None:
+    import torch.multiprocessing as mp
+
+    results = tmp_path / "results"
+    results.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    # Children inherit sys.path via spawn's preparation data; make sure tests/ (for the checks module) is on it.
+    here = str(Path(__file__).parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        ctx = mp.start_processes(
+            checks.worker,
+            args=(world, str(tmp_path / "store"), str(data), names, str(results)),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        while not ctx.join(timeout=300):
+            pass
+    except Exception:
+        reports = "\n".join(p.read_text() for p in sorted(results.glob("rank*.txt")) if p.read_text() != "ok")
+        pytest.fail(f"a rank failed:\n{reports}", pytrace=False)
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    assert sorted(p.name for p in results.iterdir()) == [f"rank{r}.txt" for r in range(world)]
+    assert all(p.read_text() == "ok" for p in results.iterdir())
+
+
+def test_sharded_database_in_a_three_rank_gloo_group(tmp_path):
+    """Random keys == the single database; ties across and within ranks; empty shards; add/update/delete routed to
+    the owner; save/load and resharding 3 -> 2 ranks; query-parallel gathering; a patched model's logits."""
+    _spawn(tmp_path, [c.__name__ for c in checks.CHECKS])
+
+
+def test_pack_orders_by_score_then_lowest_id():
+    scores = torch.tensor(
+        [float("-inf"), -1.0, -0.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.999, 1.0, 1.0, 1.0, float("-inf")]
+    )
+    ids = torch.tensor([-1, 7, 3, 2, 9, 4, 5, 6, 8, 2**32 - 2, 11, 0, 5])
+    key = pack_score_id(scores, ids)
+    back_score, back_id = unpack_score_id(key)
+    assert torch.equal(back_id, ids)
+    assert torch.equal(back_score, scores + 0.0)  # -0.0 comes back as +0.0, which compares equal
+    order = sorted(range(len(ids)), key=lambda i: (float(scores[i]), -int(ids[i])))
+    assert torch.argsort(key).tolist() == order
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1000, generator=g).clamp(-1, 1)
+    s[::7] = s[1::7]  # plenty of equal scores
+    i = torch.randint(0, 2**31, (1000,), generator=g)
+    k = pack_score_id(s, i)
+    for a, b in torch.randint(0, 1000, (2000, 2), generator=g).tolist():
+        want = (float(s[a]), -int(i[a])) > (float(s[b]), -int(i[b]))
+        assert bool(k[a] > k[b]) == want
+
+
+def test_needs_an_initialised_process_group():
+    import neuraldb
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        neuraldb.ShardedNeuralKVDatabase(8, 4)
