@@ -36,6 +36,13 @@ def _cuda_include_dirs() -> list[str]:
     return [str(p) for p in (site / "nvidia" / "cu13" / "include",) if p.is_dir()]
 
 
+def _cuda_library_dirs() -> list[str]:
+    # torch derives CUDA_HOME from the nvcc on PATH; where that is a wrapper script (/usr/local/bin/nvcc here),
+    # CUDA_HOME/lib64 has no libcudart.so and the link fails: add the toolkit's own library directory.
+    dirs = [Path(CUDA_HOME or "") / "lib64", Path(CUDA_HOME or "") / "lib", Path("/usr/local/cuda/lib64")]
+    return [str(d) for d in dict.fromkeys(dirs) if (d / "libcudart.so").exists()]
+
+
 def _gencode(archs: str) -> list[str]:
     flags = []
     for arch in archs.replace(",", ";").split(";"):
@@ -57,6 +64,7 @@ def _extension():
             "neuraldb_kernels._C",
             sources + _rel("csrc/cuda/*.cu"),
             include_dirs=include_dirs + _cuda_include_dirs(),
+            library_dirs=_cuda_library_dirs(),
             define_macros=[("NEURALDB_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],

@@ -1,0 +1,500 @@
+"""The Triton backend of ``gated_retrieval``: a split-K scan over the keys, then a small reduce/gate/gather kernel.
+
+Contract: :mod:`neuraldb_kernels.reference`. Three launches, all on the caller's stream, no host synchronisation
+(outputs and the per-split workspace come from ``torch.empty``, which CUDA-graph capture handles):
+
+1. ``_norm_kernel`` (only when the queries must change dtype for the tensor cores): ``max(||q||, 1e-12)`` per row.
+2. ``_scan_kernel``, grid ``(row blocks, splits)``: each program takes ``BLOCK_T`` query rows and a contiguous
+   range of keys (flash-decoding style: the keys are split across programs so that 100k-1M keys fill every SM
+   even for one query row), loops over key tiles of ``BLOCK_N`` rows and, inside, over ``d1`` in ``BLOCK_D``
+   chunks, and keeps a running (max, first argmax) per query row; it writes one (score, index) pair per row and
+   split. Three ways to form the dot products:
+
+   * ``BLOCK_T == 1``: fp32 multiply-adds on the upcast key tile (no tensor cores, exact fp32 products); for
+     ``T == 1`` the autotuner chooses between this and the 16-row tensor-core block below;
+   * queries already in the keys' dtype (fp16/fp16, bf16/bf16) or fp32 keys: one ``tl.dot`` per chunk on the
+     raw (unnormalised) rows; the products are exact and accumulate in fp32 (fp32 keys use ``ieee`` precision);
+   * any other pair (fp32 or bf16 queries with fp16 keys, ...): the normalised query is split into
+     ``hi + lo / LO_SCALE`` in the keys' dtype and fed to two ``tl.dot``; its rounding error is about
+     ``u**2`` (2.4e-7 for fp16, 1.5e-5 for bf16) instead of ``u`` for a plain cast.
+
+   The argmax is taken on these scores; scaling a row by its norm does not change which key wins. Every path is
+   exact to about 1e-7 relative (1.5e-5 for bf16 splits), far inside the 1e-3 the contract allows for near-ties.
+3. ``_finish_kernel``, one program per row: reduces the per-split pairs (max score, lowest index on ties; the
+   splits are contiguous and increasing, so this is the global first argmax), recomputes the winning cosine in
+   fp32 exactly as the reference does (``q / max(||q||, 1e-12)`` times the key row), applies the strict gate
+   ``score > gamma`` and writes ``values[idx]`` cast to the queries' dtype, or zeros.
+
+On CUDA the scan is autotuned per (T bucket, d1, dtypes); the first call for each key benchmarks the configs and
+synchronises, so warm up before capturing a CUDA graph. ``NEURALDB_TRITON_AUTOTUNE=0`` turns that off (a fixed
+config per path, see ``_DEFAULT_CONFIGS``). Under ``TRITON_INTERPRET=1`` (CPU tensors) a fixed config
+is used and the interpreter's broken bf16 ``tl.dot`` is avoided by upcasting the (exactly representable) operands
+to fp32. ``TRITON_INTERPRET`` must be set before this module is imported: ``triton.jit`` reads it at decoration.
+
+Known limit: the scan works on the raw query row where no dtype change is needed, so queries with a norm near
+fp32's range (~1e38 / sqrt(d1)) overflow there; the reference normalises first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_EPS = 1e-12
+
+# How many programs the scan aims for, in multiples of the SM count, and the fewest keys one split scans.
+# These shape decode (T <= 16) performance on 100k-1M keys; retune on the GPU with benchmarks/gpu_op_table.py.
+_WAVES = 4
+_MIN_KEYS_PER_SPLIT = 64
+_MAX_SPLITS = 2048
+_SPLIT_ROUND = 16
+
+# Per-dtype scale of the low half of a split query: 2**(mantissa bits + 1), so lo * LO_SCALE is O(|q|).
+_LO_SCALE = {torch.float16: 2048.0, torch.bfloat16: 256.0, torch.float32: 1.0}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _norm_kernel(q_ptr, nrm_ptr, D1, stride_q, EPS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """nrm[t] = max(||q[t]||, EPS) in fp32."""
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    row = q_ptr + t.to(tl.int64) * stride_q
+    ss = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D1, BLOCK_D):
+        d = d0 + offs
+        q = tl.load(row + d, mask=d < D1, other=0.0).to(tl.float32)
+        ss += q * q
+    tl.store(nrm_ptr + t, tl.maximum(tl.sqrt_rn(tl.sum(ss, axis=0)), EPS))
+
+
+@triton.jit
+def _mma(k, q, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc += k @ q with fp32 accumulation (k: (BLOCK_N, BLOCK_D), q: (BLOCK_D, BLOCK_T))."""
+    if UPCAST:
+        # The interpreter stores bf16 as raw uint16 and multiplies the bit patterns; the operands here are exactly
+        # representable in fp32, so upcasting changes nothing but the accumulation order.
+        return tl.dot(k.to(tl.float32), q.to(tl.float32), acc)
+    elif IEEE:
+        return tl.dot(k, q, acc, input_precision="ieee")
+    else:
+        return tl.dot(k, q, acc)
+
+
+@triton.jit
+def _to_bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest even by hand: the interpreter truncates in ``.to(tl.bfloat16)``."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _scan_kernel(
+    q_ptr,
+    nrm_ptr,
+    k_ptr,
+    ps_ptr,
+    pi_ptr,
+    T,
+    M,
+    D1,
+    stride_q,
+    stride_k,
+    keys_per_split,
+    T_BUCKET: tl.constexpr,  # only an autotuning key
+    SPLIT_Q: tl.constexpr,
+    LO_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # The query block is read transposed, (BLOCK_D, BLOCK_T), so the scores come out as (BLOCK_N keys, BLOCK_T
+    # rows): the keys are the MMA's M dimension, which suits Hopper's wgmma for any T.
+    q_cols = q_ptr + rows.to(tl.int64)[None, :] * stride_q
+    if SPLIT_Q:
+        nrm = tl.load(nrm_ptr + rows, mask=row_ok, other=1.0)
+
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, M)
+    best = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    best_i = tl.full((BLOCK_T,), 2147483647, tl.int32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < end
+        k_rows = k_ptr + n.to(tl.int64)[:, None] * stride_k
+        acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
+        if SPLIT_Q:
+            acc_lo = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
+        for d0 in range(0, D1, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D1
+            k = tl.load(k_rows + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            qt = tl.load(q_cols + d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            if BLOCK_T == 1:
+                qv = tl.sum(qt.to(tl.float32), axis=1)  # the single row as a (BLOCK_D,) vector
+                acc += tl.expand_dims(tl.sum(k.to(tl.float32) * qv[None, :], axis=1), 1)
+            elif SPLIT_Q:
+                qn = tl.div_rn(qt.to(tl.float32), nrm[None, :])
+                q_hi = qn.to(k.dtype)
+                q_lo = ((qn - q_hi.to(tl.float32)) * LO_SCALE).to(k.dtype)
+                acc = _mma(k, q_hi, acc, UPCAST, IEEE)
+                acc_lo = _mma(k, q_lo, acc_lo, UPCAST, IEEE)
+            else:
+                acc = _mma(k, qt.to(k.dtype), acc, UPCAST, IEEE)
+        if SPLIT_Q:
+            acc = acc + acc_lo * (1.0 / LO_SCALE)
+        acc = tl.where(n_ok[:, None], acc, float("-inf"))
+        tile_best = tl.max(acc, axis=0)
+        tile_i = tl.min(tl.where(acc == tile_best[None, :], n[:, None], 2147483647), axis=0)
+        # Tiles come in increasing key order: a strict ">" keeps the first index on ties.
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_i = tl.where(better, tile_i, best_i)
+    tl.store(ps_ptr + pid_s * T + rows, best, mask=row_ok)
+    tl.store(pi_ptr + pid_s * T + rows, best_i, mask=row_ok)
+
+
+@triton.jit
+def _finish_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ps_ptr,
+    pi_ptr,
+    out_ptr,
+    idx_ptr,
+    score_ptr,
+    gamma,
+    T,
+    M,
+    D1,
+    D2,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    num_splits,
+    EPS: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    t = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    ps = tl.load(ps_ptr + s * T + t, mask=s_ok, other=float("-inf"))
+    pi = tl.load(pi_ptr + s * T + t, mask=s_ok, other=2147483647)
+    best = tl.max(ps, axis=0)
+    i = tl.min(tl.where(ps == best, pi, 2147483647), axis=0).to(tl.int64)
+    # An index outside [0, M) only arises from NaN scores: read row 0 and keep the gate shut.
+    valid = i < M
+    i = tl.where(valid, i, 0)
+
+    # The winning cosine, computed as the reference does: (q / max(||q||, eps)) . key, in fp32.
+    offs_d = tl.arange(0, BLOCK_D)
+    q_row = q_ptr + t.to(tl.int64) * stride_q
+    k_row = k_ptr + i * stride_k
+    ss = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D1, BLOCK_D):
+        d = d0 + offs_d
+        q = tl.load(q_row + d, mask=d < D1, other=0.0).to(tl.float32)
+        ss += q * q
+    nrm = tl.maximum(tl.sqrt_rn(tl.sum(ss, axis=0)), EPS)
+    dot = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D1, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D1
+        q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
+        k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+        dot += tl.div_rn(q, nrm) * k
+    score = tl.where(valid, tl.sum(dot, axis=0), float("nan"))
+    tl.store(idx_ptr + t, i)
+    tl.store(score_ptr + t, score)
+
+    offs_v = tl.arange(0, BLOCK_V)
+    v_row = v_ptr + i * stride_v
+    o_row = out_ptr + t.to(tl.int64) * stride_o
+    # The gate as a vector: the interpreter mistypes a broadcast scalar bool (splat gives fp32 data).
+    gate_v = (tl.zeros((BLOCK_V,), tl.float32) + score) > gamma
+    for c0 in range(0, D2, BLOCK_V):
+        c = c0 + offs_v
+        c_ok = c < D2
+        v = tl.load(v_row + c, mask=c_ok & gate_v, other=0.0)
+        if RNE_BF16:
+            tl.store(o_row + c, _to_bf16_rne(v.to(tl.float32)), mask=c_ok)
+        else:
+            tl.store(o_row + c, v.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+# Whether triton.jit saw TRITON_INTERPRET=1 when this module was imported (it decides at decoration time).
+_BUILT_FOR_INTERPRETER = not isinstance(_scan_kernel, triton.runtime.JITFunction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs and autotuning
+# --------------------------------------------------------------------------------------------------------------
+
+
+def t_bucket(t: int) -> int:
+    """The autotuning bucket of T: 1, 16 (2-16, decode), then 64, 256, 1024, 4096 (prefill; >= 1025 -> 4096)."""
+    if t <= 1:
+        return 1
+    if t <= 16:
+        return 16
+    for b in (64, 256, 1024):
+        if t <= b:
+            return b
+    return 4096
+
+
+def _cfg(bt: int, bn: int, bd: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+
+
+# 2 <= T <= 16: one 16-row query block per program, tensor cores, memory-bound on the keys (cp.async pipelined).
+_CONFIGS_DECODE = [
+    _cfg(16, bn, bd, w, s)
+    for bn, bd, w, s in (
+        (64, 64, 4, 4),
+        (64, 128, 4, 3),
+        (64, 128, 8, 4),
+        (128, 64, 4, 3),
+        (128, 64, 8, 4),
+        (128, 128, 4, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 4),
+    )
+]
+# T == 1: fp32 multiply-adds over (BLOCK_N, BLOCK_D) key tiles (BLOCK_T = 1; Triton does not software-pipeline
+# these plain loads, occupancy hides the latency) or the decode path with 15 padded rows; the autotuner picks.
+_CONFIGS_ROW = [
+    _cfg(1, bn, bd, w, 3) for bn, bd, w in ((16, 512, 8), (32, 256, 8), (64, 128, 4), (32, 512, 8))
+] + _CONFIGS_DECODE[::2]
+# T > 16: a GEMM with a max/argmax epilogue; compute-bound at T in the thousands.
+_CONFIGS_PREFILL = [
+    _cfg(bt, bn, bd, w, s)
+    for bt, bn, bd, w in (
+        (64, 128, 64, 4),
+        (64, 128, 64, 8),
+        (128, 128, 64, 8),
+        (64, 256, 64, 8),
+        (128, 128, 32, 8),
+        (32, 64, 64, 4),  # for fp32 keys (the ieee dot runs on FMA units)
+    )
+    for s in (3, 4)
+]
+# The fixed configs used under the interpreter (each inner-loop iteration costs ~1 ms there: big tiles).
+_INTERPRET_CONFIG = {
+    "row": {"BLOCK_T": 1, "BLOCK_N": 64, "BLOCK_D": 256},
+    "decode": {"BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_D": 256},
+    "prefill": {"BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_D": 256},
+}
+# Per-thread budget, in fp32 values, of the accumulators (dot paths) or the upcast key tile (T == 1 path): beyond
+# it ptxas spills on sm_90 (checked by compiling every config for sm_90 without a GPU).
+_MAX_TILE_REGS = 64
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs that only compute padding (row blocks taller than the T bucket) or would spill registers:
+    the hi/lo split keeps two accumulators, and fp32 keys (ieee dot on FMA units) want small tiles."""
+    args = {**named_args, **kwargs}
+    bucket = args.get("T_BUCKET", 4096)
+    accs = 2 if args.get("SPLIT_Q") else 1
+    kept = []
+    for c in configs:
+        bt, bn, bd = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+        threads = 32 * c.num_warps
+        if bt > max(64, bucket):
+            continue
+        if bt == 1 and bn * bd > _MAX_TILE_REGS * threads:
+            continue
+        if bt > 1 and accs * bt * bn > _MAX_TILE_REGS * threads:
+            continue
+        if args.get("IEEE") and bt > 1 and (bn * bd > 64 * 64 or bt * bn > 64 * 64):
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
+
+
+_AUTOTUNE_KEY = ["T_BUCKET", "D1"]  # triton adds the dtypes of the tensor arguments
+_tuned: dict[str, object] = {}
+
+
+# Without autotuning (NEURALDB_TRITON_AUTOTUNE=0: CI, quick tests) the first config of these that survives the
+# pruning runs; educated guesses for sm_90 until benchmarks/gpu_op_table.py has measured them.
+_DEFAULT_CONFIGS = {
+    "row": [_cfg(1, 32, 256, 8, 3), _cfg(16, 64, 64, 4, 3)],
+    "decode": [_cfg(16, 128, 64, 4, 3), _cfg(16, 64, 64, 4, 3)],
+    "prefill": [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 8, 3), _cfg(32, 64, 64, 4, 3)],
+}
+
+
+def _autotuning() -> bool:
+    return os.environ.get("NEURALDB_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _tuned_scan(kind: str):
+    if kind not in _tuned:
+        configs = {"row": _CONFIGS_ROW, "decode": _CONFIGS_DECODE, "prefill": _CONFIGS_PREFILL}[kind]
+        _tuned[kind] = triton.autotune(
+            configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+        )(_scan_kernel)
+    return _tuned[kind]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _kind(t: int) -> str:
+    return "row" if t == 1 else "decode" if t <= 16 else "prefill"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so that cross-split reduction is exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(t: int, m: int, sms: int) -> tuple[int, int]:
+    """``(num_splits, keys_per_split)`` for T query rows over m > 0 keys on a device with ``sms`` SMs.
+
+    Aims for ``_WAVES * sms`` programs in all, counting 128-row blocks for prefill, but no split shorter than
+    ``_MIN_KEYS_PER_SPLIT`` keys and at most ``_MAX_SPLITS`` splits (the finishing kernel reads them all).
+    """
+    rows_per_block = 1 if t == 1 else 16 if t <= 16 else 128
+    row_blocks = -(-t // rows_per_block)
+    want = -(-(_WAVES * sms) // row_blocks)
+    splits = max(1, min(want, -(-m // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
+    per = -(-m // splits)
+    per = -(-per // _SPLIT_ROUND) * _SPLIT_ROUND
+    return -(-m // per), per
+
+
+def _split_q(q_dtype: torch.dtype, k_dtype: torch.dtype) -> bool:
+    """Whether the queries need the normalised hi/lo split to meet the keys' dtype (else: a direct cast)."""
+    return k_dtype != torch.float32 and q_dtype != k_dtype
+
+
+def gated_retrieval_triton(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    *,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernel for 2-D ``queries`` (T, d1) with unit-stride rows; see the module docstring.
+
+    ``num_splits`` and ``config`` (``BLOCK_T``/``BLOCK_N``/``BLOCK_D``, plus ``num_warps``/``num_stages`` on
+    CUDA) override the plan and the autotuner; tests use them to force ties across splits and every code path.
+    """
+    if keys.dtype not in _LO_SCALE:
+        raise TypeError(f"keys must have dtype float16/bfloat16/float32, got {keys.dtype}")
+    device = queries.device
+    interpret = _interpreting()
+    if device.type == "cpu" and not (interpret and _BUILT_FOR_INTERPRETER):
+        raise RuntimeError(
+            "the Triton kernel runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before "
+            "neuraldb_kernels.triton_kernel (and triton) are first imported"
+        )
+    t, d1 = queries.shape
+    m, d2 = keys.shape[0], values.shape[1]
+    if m >= 2**31 - 1:
+        raise ValueError(f"keys must have fewer than 2**31 - 1 rows, got {m}")
+    out = torch.empty((t, d2), dtype=queries.dtype, device=device)
+    idx = torch.empty((t,), dtype=torch.int64, device=device)
+    score = torch.empty((t,), dtype=torch.float32, device=device)
+    if t == 0:
+        return out, idx, score
+    if m == 0:
+        return out.zero_(), idx.fill_(-1), score.fill_(float("-inf"))
+
+    splits, per = plan_splits(t, m, _sm_count(device))
+    if num_splits is not None:
+        per = -(-m // max(1, min(num_splits, m)))
+        splits = -(-m // per)
+    ps = torch.empty((splits, t), dtype=torch.float32, device=device)
+    pi = torch.empty((splits, t), dtype=torch.int32, device=device)
+
+    split_q = _split_q(queries.dtype, keys.dtype)  # ignored by the BLOCK_T == 1 path
+    nrm = ps  # placeholder pointer when SPLIT_Q is off (never read)
+    kind = _kind(t)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if split_q:
+            nrm = torch.empty((t,), dtype=torch.float32, device=device)
+            _norm_kernel[(t,)](queries, nrm, d1, queries.stride(0), EPS=NORM_EPS, BLOCK_D=1024)
+        args = (queries, nrm, keys, ps, pi, t, m, d1, queries.stride(0), keys.stride(0), per)
+        consts = dict(
+            T_BUCKET=t_bucket(t),
+            SPLIT_Q=split_q,
+            LO_SCALE=_LO_SCALE[keys.dtype],
+            UPCAST=interpret,
+            IEEE=keys.dtype == torch.float32,
+        )
+        if interpret or config is not None or not _autotuning():
+            if interpret:
+                cfg = dict(_INTERPRET_CONFIG[kind])
+            else:
+                c = _prune(_DEFAULT_CONFIGS[kind], {}, **consts)[0]
+                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            cfg.update(config or {})
+            grid = (triton.cdiv(t, cfg["BLOCK_T"]), splits)
+            _scan_kernel[grid](*args, **consts, **cfg)
+        else:
+            grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), splits)  # noqa: E731
+            _tuned_scan(kind)[grid](*args, **consts)
+        _finish_kernel[(t,)](
+            queries,
+            keys,
+            values,
+            ps,
+            pi,
+            out,
+            idx,
+            score,
+            float(gamma),
+            t,
+            m,
+            d1,
+            d2,
+            queries.stride(0),
+            keys.stride(0),
+            values.stride(0),
+            out.stride(0),
+            splits,
+            EPS=NORM_EPS,
+            RNE_BF16=interpret and queries.dtype == torch.bfloat16 and values.dtype != torch.bfloat16,
+            BLOCK_S=max(16, triton.next_power_of_2(splits)),
+            BLOCK_D=256 if interpret else 1024,
+            BLOCK_V=256 if interpret else 1024,
+            num_warps=4,
+        )
+    return out, idx, score
+
+
+__all__ = ["gated_retrieval_triton", "plan_splits", "t_bucket"]
