@@ -176,6 +176,15 @@ def check_save_load_and_reshard(tmp: Path) -> None:
         assert_matches_single(two, single, q, 0.3)
     dist.barrier()
 
+    # Empty shards save and load (one fact: ranks 1 and 2 hold nothing), and so does an empty database.
+    for m in (1, 0):
+        tiny = neuraldb.ShardedNeuralKVDatabase(D1, D2)
+        tiny.add(k[:m], v[:m])
+        tiny.save(tmp / f"tiny{m}")
+        again = neuraldb.ShardedNeuralKVDatabase.load(tmp / f"tiny{m}")
+        assert again.ids() == list(range(m)) and len(again.shard) == (m if rank() == 0 else 0)
+        assert_matches_single(again, tiny.gather(), q, 0.3)
+
     # Errors reach every rank.
     with pytest.raises(FileNotFoundError):
         neuraldb.ShardedNeuralKVDatabase.load(tmp / "missing")

@@ -83,3 +83,28 @@ def test_needs_an_initialised_process_group():
 
     with pytest.raises(RuntimeError, match="init_process_group"):
         neuraldb.ShardedNeuralKVDatabase(8, 4)
+
+
+def test_one_rank_group_in_process(tmp_path):
+    """world_size 1 (no collectives in retrieve): the same answers as the single database, in this process."""
+    import torch.distributed as dist
+
+    import neuraldb
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        single = neuraldb.NeuralKVDatabase(checks.D1, checks.D2)
+        k, v = checks._data(25, seed=9)
+        single.add(k, v)
+        single.delete([3])  # a swap-remove: rows leave id order ...
+        db = neuraldb.ShardedNeuralKVDatabase.from_database(single)
+        in_order = db.gather()  # ... the equivalent database puts them back
+        assert db.ids() == in_order.ids() == sorted(single.ids()) and len(db) == 24
+        checks.assert_matches_single(db, in_order, checks._queries(k, seed=3), 0.3)
+        db.save(tmp_path / "one")
+        back = neuraldb.ShardedNeuralKVDatabase.load(tmp_path / "one")
+        checks.assert_matches_single(back, in_order, checks._queries(k, seed=4), 0.3)
+    finally:
+        dist.destroy_process_group()

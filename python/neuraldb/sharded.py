@@ -482,6 +482,8 @@ class ShardedNeuralKVDatabase:
             local_ids = self._local_id_tensor()
             gid = local_ids[idx.clamp_min(0)] if len(local_ids) else idx
             gid = torch.where(idx >= 0, gid, -1)
+            if self.world_size == 1:  # nothing to exchange
+                return out.reshape(*lead, self.value_dim), gid.reshape(lead), score.reshape(lead)
             key = pack_score_id(score, gid)
             dist.all_reduce(key, op=dist.ReduceOp.MAX, group=self._group)
             best_score, best_id = unpack_score_id(key)
