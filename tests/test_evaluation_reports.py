@@ -84,3 +84,31 @@ def test_write_reports_files(tmp_path):
     assert len(data["runs"]) == 2 and "per_fact" not in data["runs"][0]["post"]
     assert paths["plot"].stat().st_size > 1000
     assert paths["markdown"].read_text().startswith("# neuraldb evaluation")
+
+
+def test_zsre_target_selection_rome_vs_easyedit():
+    from neuraldb.evaluation.pipeline import select_facts
+
+    f = Fact("IAAF", "When was {} founded?", "2006", target_true="1998", extras={"answers": ("1998",)})
+    (rome,) = select_facts([f], "zsre", n_facts=1, zsre_target="answers")
+    assert rome.target_new == "1998" and rome.extras["answers"] == ("1998",)
+    (easy,) = select_facts([f], "zsre", n_facts=1, zsre_target="alt")
+    assert easy.target_new == "2006"
+    assert len(select_facts([f] * 5, "counterfact", n_facts=2, offset=1)) == 2
+
+
+def test_eval_command_combines_results(tmp_path):
+    import argparse
+
+    pytest.importorskip("matplotlib")
+    from neuraldb.evaluation import command
+
+    for n in (100, 1000):
+        (tmp_path / f"r{n}.json").write_text(json.dumps(_run(n, 99.0)))
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--combine", str(tmp_path / "r100.json"), str(tmp_path / "r1000.json"),
+                              "--out", str(tmp_path / "out")])
+    assert command.run(args) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| stub | NeuralDB | 1000 |" in md and "| stub | NeuralDB | 100 |" in md

@@ -1,0 +1,101 @@
+"""``neuraldb eval``: evaluate edits on CounterFact or ZsRE (pre vs post), optionally general ability and deletion.
+
+::
+
+    neuraldb eval --model smollm2 --dataset counterfact \\
+        --facts ../shared/data/knowledge_editing/counterfact_rome_format_1031.json.gz --n 100 \\
+        --general-data ../shared/data/general_eval --general-limit 100 --deletion --out docs/results/smollm2-cf100
+    neuraldb eval --combine docs/results/*/results.json --out docs/results   # one table + plot over several runs
+
+Writes ``results.json`` (summaries), ``per_fact.json`` (every prompt's scores), ``report.md`` and ``report.png``
+under ``--out``. Metric definitions: :mod:`neuraldb.evaluation` (ROME/MEMIT's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate edits: CounterFact/ZsRE metrics, general ability, deletion; JSON/Markdown/plot reports",
+        description="Edit N facts (or load --db), evaluate pre- vs post-edit with ROME/MEMIT's metric definitions, "
+        "and write results.json, report.md and report.png to --out.",
+    )
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'gemma3-270m', a HF directory or .gguf")
+    p.add_argument("--dataset", choices=("counterfact", "zsre"), help="which metrics (required unless --combine)")
+    p.add_argument("--facts", type=Path, help="facts file (CounterFact ROME/MEND format, ZsRE MEND format)")
+    p.add_argument("--n", type=int, default=100, help="number of facts to edit and evaluate (default 100)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many facts first")
+    p.add_argument("--db", type=Path, help="evaluate this saved database instead of editing")
+    p.add_argument("--save-db", type=Path, help="save the database built by editing here")
+    p.add_argument("--edit-args", default="{}", help='JSON of extra keyword arguments for neuraldb.edit, e.g. '
+                   '\'{"layer": 6, "gamma": 0.65}\'')
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--reduction", choices=("mean", "sum"), default="mean",
+                   help="CounterFact target probability: per-token mean NLL (ROME/MEMIT, default) or summed")
+    p.add_argument("--zsre-target", choices=("answers", "alt"), default="answers",
+                   help="ZsRE edit target: answers[0] (ROME/MEMIT, default) or alt (EasyEdit)")
+    p.add_argument("--no-fluency", action="store_true", help="skip generation (fluency/consistency)")
+    p.add_argument("--fluency-facts", type=int, help="generate for only the first K facts (speed)")
+    p.add_argument("--reference-texts", type=Path,
+                   help="JSON {case_id or target_new: [texts]} for consistency; without it consistency is skipped")
+    p.add_argument("--general-data", type=Path, help="directory with the general-ability files (general_eval)")
+    p.add_argument("--general-tasks", nargs="+", help="subset of tasks (default: all)")
+    p.add_argument("--general-limit", type=int, help="examples per task (seeded subsample)")
+    p.add_argument("--wikitext-tokens", type=int, default=None, help="score only the first T WikiText-2 tokens")
+    p.add_argument("--deletion", action="store_true", help="run the delete-even-facts experiment (App. J.5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="only combine existing results.json files into one report under --out")
+    p.add_argument("--title", default="neuraldb evaluation")
+    return p
+
+
+def run(args) -> int:
+    from .report import write_json, write_reports
+
+    if args.combine:
+        runs = []
+        for path in args.combine:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            runs += data.get("runs", [data])
+        paths = write_reports(runs, args.out, title=args.title)
+        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+    if args.dataset is None or args.facts is None:
+        print("neuraldb eval: error: --dataset and --facts are required (or --combine)", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .pipeline import run_eval
+
+    command = "neuraldb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_ = run_eval(
+        model_name=args.model, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
+        db_path=args.db, save_db=args.save_db, edit_kwargs=json.loads(args.edit_args),
+        general_dir=args.general_data, general_tasks=args.general_tasks, general_limit=args.general_limit,
+        wikitext_max_tokens=args.wikitext_tokens, fluency=not args.no_fluency, fluency_max_facts=args.fluency_facts,
+        reference_texts=args.reference_texts, deletion=args.deletion, reduction=args.reduction,
+        zsre_target=args.zsre_target, batch_size=args.batch_size, seed=args.seed,
+        show_progress=not args.no_progress, command=command, per_fact_path=args.out / "per_fact.json",
+    )
+    from .report import _slim
+
+    write_json(_slim(run_), args.out / "results.json")
+    paths = write_reports([run_], args.out, title=args.title)
+    print(Path(paths["markdown"]).read_text(encoding="utf-8"))
+    return 0

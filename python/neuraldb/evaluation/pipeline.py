@@ -1,0 +1,164 @@
+"""One evaluation run end to end, as ``neuraldb eval`` performs it.
+
+load model -> load facts (first ``n_facts`` after ``offset``) -> edit (or load a saved database) -> patch ->
+evaluate pre-edited (the patch disabled) and post-edited -> optional general ability before/after -> optional
+deletion experiment (last, since it deletes rows) -> a run dict for :mod:`.report`.
+
+Every prompt goes through the database's text template (``db.template``, see :mod:`neuraldb.templates`) in all
+states, so the pre-edited numbers are measured on exactly the texts the edited model is measured on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+from .counterfact import evaluate_counterfact
+from .deletion import deletion_experiment
+from .fluency import load_reference_texts
+from .general import evaluate_general
+from .report import write_json
+from .zsre import evaluate_zsre, locality_unchanged
+
+__all__ = ["run_eval", "select_facts"]
+
+
+def select_facts(facts: Sequence, dataset: str, *, n_facts: int | None, offset: int = 0,
+                 zsre_target: str = "answers") -> list:
+    """Slice the facts; for ZsRE choose the edit target. ``zsre_target="answers"`` is ROME/MEMIT/AlphaEdit's
+    choice (``MENDQADataset`` edits toward ``answers[0]``, the paper's setting); ``"alt"`` is EasyEdit's."""
+    out = list(facts[offset : None if n_facts is None else offset + n_facts])
+    if dataset == "zsre" and zsre_target == "answers":
+        fixed = []
+        for f in out:
+            answers = f.extras.get("answers") or ()
+            if answers:
+                f = dataclasses.replace(f, target_new=answers[0], target_true=None)
+            fixed.append(f)
+        out = fixed
+    elif dataset == "zsre" and zsre_target != "alt":
+        raise ValueError("zsre_target must be 'answers' (ROME) or 'alt' (EasyEdit)")
+    return out
+
+
+def run_eval(
+    *,
+    model_name: str,
+    dataset: str,
+    facts_path: str | Path,
+    n_facts: int | None = 100,
+    offset: int = 0,
+    db_path: str | Path | None = None,
+    save_db: str | Path | None = None,
+    edit_kwargs: dict | None = None,
+    general_dir: str | Path | None = None,
+    general_tasks: Sequence[str] | None = None,
+    general_limit: int | None = None,
+    wikitext_max_tokens: int | None = None,
+    fluency: bool = True,
+    fluency_max_facts: int | None = None,
+    reference_texts: str | Path | None = None,
+    deletion: bool = False,
+    reduction: str = "mean",
+    zsre_target: str = "answers",
+    batch_size: int = 32,
+    seed: int = 0,
+    show_progress: bool = True,
+    command: str | None = None,
+    per_fact_path: str | Path | None = None,
+    model_and_tok=None,
+) -> dict:
+    from .. import facts as facts_mod
+    from .. import templates
+    from ..patching import disabled, patch_model
+
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model_and_tok is None:
+        from ..models import load_model
+
+        model, tok = load_model(model_name)
+    else:
+        model, tok = model_and_tok
+    timing["load_model"] = time.perf_counter() - t0
+    if dataset not in ("counterfact", "zsre"):
+        raise ValueError("dataset must be 'counterfact' or 'zsre'")
+    facts = select_facts(facts_mod.load(facts_path), dataset, n_facts=n_facts, offset=offset,
+                         zsre_target=zsre_target)
+
+    t0 = time.perf_counter()
+    if db_path is not None:
+        from ..database import NeuralKVDatabase
+
+        db = NeuralKVDatabase.load(db_path)
+    else:
+        from ..editing import edit
+
+        stats: dict = {}
+        db = edit(model, tok, facts, progress=show_progress, stats=stats, **(edit_kwargs or {}))
+    timing["edit" if db_path is None else "load_db"] = time.perf_counter() - t0
+    if save_db is not None:
+        db.save(save_db)
+    if len(db) != len(facts):
+        raise RuntimeError(f"the database holds {len(db)} facts, expected {len(facts)}")
+    patch_model(model, db)
+    template = getattr(db, "template", None)
+
+    def prompt_fn(s: str) -> str:
+        return templates.apply(template, s)
+
+    refs = load_reference_texts(reference_texts) if reference_texts else None
+    if dataset == "counterfact":
+        evaluate = partial(evaluate_counterfact, model, tok, reduction=reduction, batch_size=batch_size,
+                           fluency=fluency, fluency_max_facts=fluency_max_facts, reference_texts=refs,
+                           prompt_fn=prompt_fn, seed=seed, show_progress=show_progress)
+        evaluate_nogen = partial(evaluate_counterfact, model, tok, reduction=reduction, batch_size=batch_size,
+                                 fluency=False, prompt_fn=prompt_fn, show_progress=show_progress)
+    else:
+        evaluate = evaluate_nogen = partial(evaluate_zsre, model, tok, batch_size=batch_size, prompt_fn=prompt_fn,
+                                            show_progress=show_progress)
+
+    run: dict = {
+        "model": model_name, "dataset": dataset, "n_facts": len(facts), "offset": offset,
+        "facts_path": str(facts_path), "template": template, "reduction": reduction if dataset == "counterfact"
+        else None, "zsre_target": zsre_target if dataset == "zsre" else None, "command": command,
+        "edit_kwargs": edit_kwargs or {}, "db_config": getattr(db, "config", None),
+        "layer": getattr(db, "layer", None), "gamma": getattr(db, "gamma", None), "notes": [],
+    }
+    t0 = time.perf_counter()
+    with disabled(model):
+        pre = evaluate(facts)
+    timing["eval_pre"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    post = evaluate(facts)
+    timing["eval_post"] = time.perf_counter() - t0
+    run["pre"], run["post"] = pre, post
+    if dataset == "zsre":
+        run["locality_unchanged"] = locality_unchanged(pre, post)
+        run["notes"].append(
+            f"ZsRE edit target: {'answers[0] (ROME/MEMIT MENDQADataset)' if zsre_target == 'answers' else 'alt (EasyEdit)'}"
+        )
+
+    if general_dir is not None:
+        gen = partial(evaluate_general, model, tok, general_dir, tasks=general_tasks, limit=general_limit,
+                      wikitext_max_tokens=wikitext_max_tokens, seed=seed, batch_size=max(1, batch_size // 2),
+                      show_progress=show_progress, prompt_fn=prompt_fn)
+        t0 = time.perf_counter()
+        with disabled(model):
+            g_pre = gen()
+        g_post = gen()
+        timing["general"] = time.perf_counter() - t0
+        run["general"] = {"pre": g_pre, "post": g_post}
+
+    if deletion:
+        t0 = time.perf_counter()
+        run["deletion"] = deletion_experiment(model, tok, facts, db, evaluate=evaluate_nogen, kind=dataset,
+                                              pre=pre, post=post)
+        timing["deletion"] = time.perf_counter() - t0
+    run["timing"] = timing
+    if per_fact_path is not None:
+        write_json({"pre": pre["per_fact"], "post": post["per_fact"]}, per_fact_path)
+    return run
