@@ -210,6 +210,15 @@ def check_query_parallel(tmp: Path) -> None:
     db.query_parallel = False
     assert_matches_single(db, single, q, 0.3)
     assert torch.equal(out, db.retrieve(q, 0.3)[0]) and torch.equal(ids, db.retrieve(q, 0.3)[1])
+    # A DTensor sharded along the features (what torch's RowwiseParallel hands the down-projection) is gathered
+    # with full_tensor(), whatever query_parallel says.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world(),))
+    dq = DTensor.from_local(local, mesh, [Shard(1)])
+    out2, ids2, _ = db.retrieve(dq, 0.3)
+    assert torch.equal(out2, out) and torch.equal(ids2, ids)
 
 
 def check_patched_model_logits(tmp: Path) -> None:
