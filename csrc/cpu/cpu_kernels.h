@@ -55,7 +55,7 @@ struct AmxProblem {
 // Per-thread state of the pre-filter: a running lower bound of the best fp32 score per query, and the keys
 // whose upper bound reaches it (the only keys that can be the fp32 argmax).
 struct AmxThread {
-  uint16_t* kbuf;     // (32, d1p) bf16 keys of the current block
+  uint16_t* kbuf;     // (2, 32, d1p + 32) bf16 keys of the current and the next block
   float* scores;      // (32, tp) bf16 scores of the current block
   float* thr;         // (tp,) max over seen keys of (score - bound)
   int64_t* cand_idx;  // (tp, cap)

@@ -142,7 +142,7 @@ struct Team {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-Team team(int64_t m, int64_t row_bytes, double est_us, int64_t align) {
+Team team(int64_t m, int64_t row_bytes, double est_us, int64_t align, int64_t chunk_bytes = 256 << 10) {
   Team t;
   int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // A thread team costs a few microseconds when the other cores are idle, and a scheduler time slice when one
@@ -154,7 +154,7 @@ Team team(int64_t m, int64_t row_bytes, double est_us, int64_t align) {
 #endif
   int64_t chunk = env_int("NEURALDB_CPU_CHUNK", 0);
   if (chunk <= 0) {
-    chunk = round_up(std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes)), align);
+    chunk = round_up(std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, row_bytes)), align);
     // Enough chunks per thread that an interrupted thread does not hold up the rest.
     if (threads > 1) chunk = std::min(chunk, round_up(std::max<int64_t>(1, m / (16 * threads)), align));
   }
@@ -252,10 +252,11 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   const int64_t row_bytes = p.d1 * (p.key_type == KeyType::kF32 ? 4 : 2);
   // AMX runs ~1000 bf16 MACs per cycle: the scan is memory bound.
   const double est_us = static_cast<double>(p.m) * row_bytes / 1e4;
-  const Team t = team(p.m, row_bytes, est_us, cpu::kAmxKeyBlock);
+  // Larger chunks than the exact scan: the pipeline of a chunk starts with one block it cannot overlap.
+  const Team t = team(p.m, row_bytes, est_us, cpu::kAmxKeyBlock, 1 << 20);
 
   const int64_t kst = a.d1p + 32, sst = a.tp + 16;
-  const size_t per_thread = 64 * 8 + 2 * 32 * kst + 4 * 32 * sst + 4 * a.tp + (8 + 4) * a.tp * cap + 4 * a.tp + a.tp;
+  const size_t per_thread = 64 * 8 + 2 * 2 * 32 * kst + 4 * 32 * sst + 4 * a.tp + (8 + 4) * a.tp * cap + 4 * a.tp + a.tp;
   thread_local Scratch scratch;
   const size_t qpack_bytes = 2 * (a.tp / 16) * (a.d1p / 32) * 512;
   const size_t need = 64 + qpack_bytes + t.threads * per_thread + 64;
@@ -266,7 +267,7 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   cpu::amx_pack_queries(a, qpack);
   std::vector<cpu::AmxThread> ws(static_cast<size_t>(t.threads));
   for (auto& w : ws) {
-    w.kbuf = reinterpret_cast<uint16_t*>(scratch.take(2 * 32 * kst, off));
+    w.kbuf = reinterpret_cast<uint16_t*>(scratch.take(2 * 2 * 32 * kst, off));  // two blocks: double buffer
     w.scores = reinterpret_cast<float*>(scratch.take(4 * 32 * sst, off));
     w.thr = reinterpret_cast<float*>(scratch.take(4 * a.tp, off));
     w.cand_idx = reinterpret_cast<int64_t*>(scratch.take(8 * a.tp * cap, off));
@@ -398,6 +399,29 @@ void gather_any(const at::Tensor& values, const int64_t* idx, const float* score
 bool is_float_type(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 
 }  // namespace
+
+int64_t read_probe(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "read_probe: expected a contiguous CPU tensor");
+  const auto* p = static_cast<const uint64_t*>(t.data_ptr());
+  const int64_t words = static_cast<int64_t>(t.nbytes() / 8);
+  // Same threading as the kernels: 256 KB chunks taken in turn by the thread team.
+  const Team team_ = team(words, 8, static_cast<double>(t.nbytes()) / 1e4, 8);
+  std::vector<uint64_t> acc(static_cast<size_t>(team_.threads) * 8, 0);
+  run_chunks(
+      team_, words, [](int) {},
+      [&](int tid, int64_t a, int64_t b) {
+        uint64_t x[8] = {};
+        int64_t i = a;
+        for (; i + 8 <= b; i += 8)
+          for (int l = 0; l < 8; ++l) x[l] ^= p[i + l];
+        for (; i < b; ++i) x[0] ^= p[i];
+        for (int l = 0; l < 8; ++l) acc[tid * 8 + l] ^= x[l];
+      },
+      [](int) {});
+  uint64_t r = 0;
+  for (uint64_t v : acc) r ^= v;
+  return static_cast<int64_t>(r & 0x7fffffffffffffffULL);
+}
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> r;

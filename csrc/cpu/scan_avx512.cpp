@@ -88,7 +88,9 @@ NDB_AVX512 inline void tile(const typename K::T* k, int64_t ks, const float* q, 
     }
 #pragma GCC unroll 8
     for (int b = 0; b < QB; ++b) {
-      const __m512 qv = _mm512_loadu_ps(q + b * qs + j);
+      __m512 qv = _mm512_loadu_ps(q + b * qs + j);
+      // Keep the query in a register: GCC otherwise folds one load of it into each of the KB multiply-adds.
+      if (KB > 1) asm("" : "+v"(qv));
 #pragma GCC unroll 8
       for (int i = 0; i < KB; ++i) acc[i][b] = _mm512_fmadd_ps(kv[i], qv, acc[i][b]);
     }
@@ -192,25 +194,62 @@ struct TileConfig {
 inline int64_t kbuf_stride(const AmxProblem& a) { return a.d1p + 32; }
 inline int64_t scores_stride(const AmxProblem& a) { return a.tp + 16; }
 
-// Converts one key row to bf16 (zero padded to d1p) and returns its squared fp32 norm.
+// Converts 32 elements (j, j + 32) of a key row to bf16 at dst and adds their squares to ss.
 template <class K>
-NDB_AMX inline float convert_row(const typename K::T* src, int64_t d1, int64_t d1p, uint16_t* dst) {
-  __m512 ss = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d1p; j += 32) {
-    __m512 lo, hi;
-    if (j + 32 <= d1) {
-      lo = K::load(src + j);
-      hi = K::load(src + j + 16);
-    } else {
-      lo = K::load(src + j, tail_mask(d1 - j));
-      hi = K::load(src + j + 16, tail_mask(d1 - j - 16));
-    }
-    ss = _mm512_fmadd_ps(lo, lo, ss);
-    ss = _mm512_fmadd_ps(hi, hi, ss);
-    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, uint16_t* dst, __m512& ss) {
+  __m512 lo, hi;
+  if (j + 32 <= d1) {
+    lo = K::load(src + j);
+    hi = K::load(src + j + 16);
+  } else {
+    lo = K::load(src + j, tail_mask(d1 - j));
+    hi = K::load(src + j + 16, tail_mask(d1 - j - 16));
   }
-  return _mm512_reduce_add_ps(ss);
+  ss = _mm512_fmadd_ps(lo, lo, ss);
+  ss = _mm512_fmadd_ps(hi, hi, ss);
+  _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
 }
+
+// Bound on |bf16 score - fp32 score| of a key with squared norm n2. Non-finite keys get an infinite bound:
+// always candidates, never raising the threshold.
+inline float key_bound(float margin, float n2) { return std::isfinite(n2) ? margin * std::sqrt(n2) + 1e-30f : INFINITY; }
+
+// Incremental conversion of one block of key rows into a bf16 buffer, a few 32-element pieces at a time, so
+// that it can run between the tile multiplications of the previous block.
+template <class K>
+struct BlockConverter {
+  const typename K::T* src = nullptr;  // first row
+  int64_t ks = 0, d1 = 0, d1p = 0, kst = 0;
+  uint16_t* dst = nullptr;
+  float* bound = nullptr;
+  float margin = 0.f;
+  int rows = 0, row = 0;
+  int64_t j = 0;
+  __m512 ss;
+
+  NDB_AMX void start(const typename K::T* s, int n, uint16_t* d, float* b) {
+    src = s;
+    rows = n;
+    row = 0;
+    j = 0;
+    dst = d;
+    bound = b;
+    ss = _mm512_setzero_ps();
+  }
+  NDB_AMX bool done() const { return row >= rows; }
+  NDB_AMX void step(int64_t pieces) {
+    for (int64_t u = 0; u < pieces && row < rows; ++u) {
+      convert32<K>(src + row * ks, j, d1, dst + row * kst, ss);
+      j += 32;
+      if (j >= d1p) {
+        bound[row] = key_bound(margin, _mm512_reduce_add_ps(ss));
+        ss = _mm512_setzero_ps();
+        j = 0;
+        ++row;
+      }
+    }
+  }
+};
 
 inline void prune(const AmxThread& w, int64_t t) {
   const float thr = w.thr[t];
@@ -267,6 +306,8 @@ NDB_AMX void epilogue(const AmxProblem& a, AmxThread& w, int64_t i0, int nk, con
   }
 }
 
+// Blocks of 32 keys, software pipelined: while the tiles multiply block b (bf16 keys in one half of kbuf), the
+// vector units convert block b + 1 into the other half and the next block after that is prefetched into L2.
 template <class K, int NQ>
 NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1) {
   const Problem& p = *a.p;
@@ -274,26 +315,38 @@ NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_
   const int64_t nks = a.d1p / 32;
   const int64_t kst = kbuf_stride(a);
   const int64_t sst = scores_stride(a);
-  const uint16_t* kb0 = w.kbuf;
-  const uint16_t* kb1 = w.kbuf + 16 * kst;
-  float bound[kAmxKeyBlock];
+  const int64_t steps = (a.tp / 16 / NQ) * nks;  // tile steps per block
   const int64_t lines_per_row = (p.d1 * static_cast<int64_t>(sizeof(typename K::T)) + 63) / 64;
-  for (int64_t i0 = k0; i0 < k1; i0 += kAmxKeyBlock) {
-    const int nk = static_cast<int>(k1 - i0 < kAmxKeyBlock ? k1 - i0 : kAmxKeyBlock);
-    for (int r = 0; r < nk; ++r) {
-      const float n2 = convert_row<K>(keys + (i0 + r) * p.ks, p.d1, a.d1p, w.kbuf + r * kst);
-      // Non-finite keys get an infinite bound: always candidates, never raising the threshold.
-      bound[r] = std::isfinite(n2) ? a.margin * std::sqrt(n2) + 1e-30f : INFINITY;
-    }
+  const int64_t row_bytes = p.ks * static_cast<int64_t>(sizeof(typename K::T));
+  float bounds[2][kAmxKeyBlock];
+
+  BlockConverter<K> conv;
+  conv.ks = p.ks;
+  conv.d1 = p.d1;
+  conv.d1p = a.d1p;
+  conv.kst = kst;
+  conv.margin = a.margin;
+  auto rows_of = [&](int64_t i0) { return static_cast<int>(k1 - i0 < kAmxKeyBlock ? (k1 - i0 > 0 ? k1 - i0 : 0) : kAmxKeyBlock); };
+
+  conv.start(keys + k0 * p.ks, rows_of(k0), w.kbuf, bounds[0]);
+  conv.step(INT64_MAX);
+  int cur = 0;
+  for (int64_t i0 = k0; i0 < k1; i0 += kAmxKeyBlock, cur ^= 1) {
+    const int nk = rows_of(i0);
+    const uint16_t* kb0 = w.kbuf + cur * kAmxKeyBlock * kst;
+    const uint16_t* kb1 = kb0 + 16 * kst;
     // GCC's tileloadd intrinsic does not tell the compiler that it reads memory: finish the stores first.
     asm volatile("" ::: "memory");
-    // While the tiles multiply, pull the next block of keys into L2, spread evenly over the k steps: the
-    // conversion above then reads from cache instead of stalling on memory.
-    const int64_t next_rows = (k1 - i0 - kAmxKeyBlock) < kAmxKeyBlock ? (k1 - i0 - kAmxKeyBlock) : kAmxKeyBlock;
-    const int64_t pf_total = next_rows > 0 ? next_rows * lines_per_row : 0;
-    const int64_t pf_per_step = (pf_total + (a.tp / 16 / NQ) * nks - 1) / ((a.tp / 16 / NQ) * nks);
-    const char* pf_row = reinterpret_cast<const char*>(keys + (i0 + kAmxKeyBlock) * p.ks);
+
+    const int nk_next = rows_of(i0 + kAmxKeyBlock);
+    conv.start(keys + (i0 + kAmxKeyBlock) * p.ks, nk_next, w.kbuf + (cur ^ 1) * kAmxKeyBlock * kst, bounds[cur ^ 1]);
+    const int64_t pieces = (static_cast<int64_t>(nk_next) * nks + steps - 1) / steps;
+    const int nk_pf = rows_of(i0 + 2 * kAmxKeyBlock);
+    const int64_t pf_total = nk_pf * lines_per_row;
+    const int64_t pf_per_step = (pf_total + steps - 1) / steps;
+    const char* pf_row = reinterpret_cast<const char*>(keys + (i0 + 2 * kAmxKeyBlock) * p.ks);
     int64_t pf_line = 0, pf_done = 0;
+
     for (int64_t qb = 0; qb < a.tp / 16; qb += NQ) {
       const uint16_t* bq = a.qpack + qb * nks * 512;
       _tile_zero(0);
@@ -303,13 +356,6 @@ NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_
         _tile_zero(3);
       }
       for (int64_t s = 0; s < nks; ++s) {
-        for (int64_t u = 0; u < pf_per_step && pf_done < pf_total; ++u, ++pf_done) {
-          _mm_prefetch(pf_row + pf_line * 64, _MM_HINT_T1);
-          if (++pf_line == lines_per_row) {
-            pf_line = 0;
-            pf_row += p.ks * static_cast<int64_t>(sizeof(typename K::T));
-          }
-        }
         _tile_loadd(4, kb0 + s * 32, kst * 2);
         _tile_loadd(5, kb1 + s * 32, kst * 2);
         _tile_loadd(6, bq + s * 512, 64);
@@ -320,6 +366,14 @@ NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_
           _tile_dpbf16ps(2, 4, 7);
           _tile_dpbf16ps(3, 5, 7);
         }
+        conv.step(pieces);
+        for (int64_t u = 0; u < pf_per_step && pf_done < pf_total; ++u, ++pf_done) {
+          _mm_prefetch(pf_row + pf_line * 64, _MM_HINT_T1);
+          if (++pf_line == lines_per_row) {
+            pf_line = 0;
+            pf_row += row_bytes;
+          }
+        }
       }
       float* sc = w.scores + qb * 16;
       _tile_stored(0, sc, sst * 4);
@@ -329,7 +383,8 @@ NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_
         _tile_stored(3, sc + 16 * sst + 16, sst * 4);
       }
     }
-    epilogue(a, w, i0, nk, bound);
+    conv.step(INT64_MAX);  // whatever the spread left over
+    epilogue(a, w, i0, nk, bounds[cur]);
   }
 }
 

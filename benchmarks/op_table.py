@@ -1,0 +1,231 @@
+"""gated_retrieval on this CPU: every backend against eager PyTorch and against a same-run read-bandwidth probe.
+
+    python benchmarks/op_table.py            # T in {1, 8, 128} x m in {10k, 100k, 1M} x d1 in {1536, 4096, 14336}
+    python benchmarks/op_table.py --quick    # m = 100k, d1 = 1536 only
+
+Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians reported):
+
+* every available CPU backend of the op (``cpu`` = the C++ kernel, auto-chosen ISA; ``torch`` = the eager
+  reference, which is the chunked PyTorch spec in ``neuraldb_kernels/reference.py``);
+* eager peers: ``fp16_mm`` = ``queries.half() @ keys.T`` (scores only: no normalisation, argmax or gather) and
+  ``fp32_mm`` = ``queries.float() @ keys.float().T`` (the fp32 upcast of the keys included; skipped where the
+  fp32 copy would not fit in memory);
+* ``read``: the read-bandwidth probe, ``neuraldb_kernels._C.read_probe(keys)``, a C++ loop that XORs every
+  64-bit word of the key tensor with the kernel's own threading (256 KB chunks taken in turn by
+  torch.get_num_threads() threads); ``keys.sum()`` is timed too, for reference.
+
+Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5. Configurations whose tensors would not fit
+in the available memory are skipped. Results go to stdout (a table) and to benchmarks/results/op_table-*.json
+with the CPU model, thread count, torch version, load average before/after, and every raw timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import neuraldb_kernels
+from neuraldb_kernels import extension
+from neuraldb_kernels.reference import gated_retrieval_reference
+
+D2 = 256
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return sorted(f for f in ("avx2", "f16c", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
+                                          "amx_tile") if f in have)
+    except OSError:
+        pass
+    return []
+
+
+def mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
+    """fp16 unit rows, generated in chunks (no fp32 copy of the whole matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.empty(m, d1, dtype=torch.float16)
+    step = max(1, (64 << 20) // (4 * d1))
+    for s in range(0, m, step):
+        keys[s : s + step] = torch.nn.functional.normalize(torch.randn(min(step, m - s), d1, generator=g), dim=1)
+    return keys
+
+
+def variants(t: int, m: int, d1: int, queries, keys, values, budget: int) -> dict:
+    ext = extension.load()
+    v = {}
+    for name in neuraldb_kernels.available_backends("cpu"):
+        if name == "triton":
+            continue
+        v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend=n))(name)
+    v["fp16_mm"] = lambda: queries.half() @ keys.T
+    if m * d1 * 4 + t * m * 4 < budget:
+        v["fp32_mm"] = lambda: queries.float() @ keys.float().T
+    if ext is not None:
+        v["read"] = lambda: ext.read_probe(keys)
+    v["sum"] = lambda: keys.sum()
+    return v
+
+
+def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
+    keys = make_keys(m, d1)
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(m, D2, generator=g).half()
+    # Half the queries are noisy copies of keys (their gate opens), half are random.
+    queries = torch.randn(t, d1, generator=g)
+    queries[: (t + 1) // 2] += 2 * d1**0.5 * keys[torch.randint(0, m, ((t + 1) // 2,), generator=g)].float()
+    fns = variants(t, m, d1, queries, keys, values, budget)
+    # Correctness check of each backend against the reference before timing (it is the point of the kernel).
+    ref = gated_retrieval_reference(queries, keys, values, 0.5)
+    for name in fns:
+        if name in ("torch", "fp16_mm", "fp32_mm", "read", "sum"):
+            continue
+        out, idx, score = fns[name]()
+        agree = float((idx == ref[1]).float().mean())
+        if agree < 1.0:
+            print(f"  note: {name} idx agrees with the reference on {agree:.3f} of rows (near-ties allowed)")
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for n, f in fns.items():  # warm-up (thread pools, allocator, first-touch)
+        f()
+    for r in range(reps):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # interleaved, alternating order
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    key_bytes = keys.numel() * keys.element_size()
+    read = med.get("read", med["sum"])
+    eager = {n: med[n] for n in ("torch", "fp16_mm", "fp32_mm") if n in med}
+    best_eager = min(eager, key=eager.get)
+    row = {
+        "T": t, "m": m, "d1": d1, "d2": D2, "key_bytes": key_bytes, "reps": reps,
+        "median_s": med, "times_s": times,
+        "read_GBps": key_bytes / read / 1e9, "sum_GBps": key_bytes / med["sum"] / 1e9,
+        "best_eager": best_eager,
+    }
+    for n in fns:
+        if n in ("read", "sum", "fp16_mm", "fp32_mm") or n == "torch":
+            continue
+        row[n] = {
+            "GBps": key_bytes / med[n] / 1e9,
+            "frac_of_read_bw": read / med[n],
+            "speedup_vs_eager_ref": med["torch"] / med[n],
+            "speedup_vs_fp16_mm": med["fp16_mm"] / med[n],
+            "speedup_vs_fp32_mm": med["fp32_mm"] / med[n] if "fp32_mm" in med else None,
+            "speedup_vs_best_eager": med[best_eager] / med[n],
+        }
+    del keys, values
+    return row
+
+
+def fmt_ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:9.2f}"
+
+
+def print_table(rows: list[dict], header: bool = True) -> None:
+    head = (f"{'T':>4} {'m':>8} {'d1':>6} | {'cpu ms':>9} {'torch ms':>9} {'fp16mm ms':>9} {'fp32mm ms':>9} "
+            f"{'read ms':>9} {'sum ms':>9} | {'read GB/s':>9} {'cpu GB/s':>8} {'%read':>6} {'x ref':>6} "
+            f"{'x fp16mm':>8} {'x best':>7} best eager")
+    if header:
+        print(head)
+        print("-" * len(head))
+    for r in rows:
+        med = r["median_s"]
+        c = r.get("cpu")
+        print(
+            f"{r['T']:>4} {r['m']:>8} {r['d1']:>6} | {fmt_ms(med.get('cpu'))} {fmt_ms(med.get('torch'))} "
+            f"{fmt_ms(med.get('fp16_mm'))} {fmt_ms(med.get('fp32_mm'))} {fmt_ms(med.get('read'))} "
+            f"{fmt_ms(med.get('sum'))} | {r['read_GBps']:9.2f} "
+            + (f"{c['GBps']:8.2f} {100 * c['frac_of_read_bw']:5.0f}% {c['speedup_vs_eager_ref']:6.1f} "
+               f"{c['speedup_vs_fp16_mm']:8.2f} {c['speedup_vs_best_eager']:7.2f}" if c else " (no cpu backend)")
+            + f" {r['best_eager']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="m = 100k, d1 = 1536 only (T = 1, 8, 128)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds per configuration (median reported)")
+    ap.add_argument("--T", type=int, nargs="*", default=[1, 8, 128])
+    ap.add_argument("--m", type=int, nargs="*", default=None)
+    ap.add_argument("--d1", type=int, nargs="*", default=None)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/op_table-<time>.json)")
+    args = ap.parse_args(argv)
+    ms = args.m or ([100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    d1s = args.d1 or ([1536] if args.quick else [1536, 4096, 14336])
+
+    ext = extension.load()
+    meta = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "backends": [b for b in neuraldb_kernels.available_backends("cpu") if b != "triton"],
+        "cpu_kernels": list(ext.cpu_isas()) if ext is not None else [],
+        "env": {k: v for k, v in os.environ.items() if k.startswith("NEURALDB_")},
+        "loadavg_before": os.getloadavg(),
+        "read_probe": "neuraldb_kernels._C.read_probe(keys): C++ XOR of every 64-bit word, kernel threading",
+        "quick": args.quick,
+    }
+    print(f"# {meta['cpu_model']} | {meta['threads']} threads | torch {meta['torch']} | kernels {meta['cpu_kernels']}"
+          f" | load {meta['loadavg_before'][0]:.1f}")
+    rows = []
+    avail = mem_available()
+    for d1 in d1s:
+        for m in ms:
+            need = m * d1 * 2 + m * D2 * 2
+            if need > 0.6 * avail:
+                print(f"# skip m={m} d1={d1}: {need / 2**30:.1f} GiB of keys+values, {avail / 2**30:.1f} GiB available")
+                continue
+            for t in args.T:
+                budget = int(0.6 * avail) - need
+                rows.append(bench_config(t, m, d1, args.reps, budget))
+                print_table(rows[-1:], header=len(rows) == 1)
+    meta["loadavg_after"] = os.getloadavg()
+    print()
+    print_table(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"op_table-{dt.datetime.now():%Y%m%d-%H%M%S}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

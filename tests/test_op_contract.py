@@ -1,0 +1,213 @@
+"""The op's contract around the kernels: argument errors, backend choice, torch.library / torch.compile, and the
+fallback to the reference when the compiled extension is missing."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import pytest
+import torch
+from retrieval_checks import assert_matches_reference
+
+import neuraldb_kernels
+from neuraldb_kernels import backends, extension
+from neuraldb_kernels.reference import gated_retrieval_reference
+
+CPU_BACKENDS = [b for b in neuraldb_kernels.available_backends("cpu") if b != "triton"]
+
+
+def inputs(t=3, m=40, d1=16, d2=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(m, d1, generator=g), dim=1).half()
+    values = torch.randn(m, d2, generator=g).half()
+    q = keys[:t].float() * 2 + 0.01 * torch.randn(t, d1, generator=g)
+    return q, keys, values
+
+
+# ---- argument errors: the type, naming the argument and what was expected ---------------------------------------
+@pytest.mark.parametrize(
+    "change,exc,words",
+    [
+        (lambda q, k, v: (q, k[:, :-1], v), ValueError, ["keys", "(m, 16)"]),
+        (lambda q, k, v: (q[:, :-1], k, v), ValueError, ["keys", "(m, 15)"]),
+        (lambda q, k, v: (q, k, v[:-1]), ValueError, ["values", "(40, d2)"]),
+        (lambda q, k, v: (q, k[None], v), ValueError, ["keys", "2-D"]),
+        (lambda q, k, v: (q, k[0], v), ValueError, ["keys", "2-D"]),
+        (lambda q, k, v: (q, k, v[0]), ValueError, ["values", "2-D"]),
+        (lambda q, k, v: (q[0, 0], k, v), ValueError, ["queries", "0-d"]),
+        (lambda q, k, v: (q.long(), k, v), TypeError, ["queries", "float32/float16/bfloat16", "int64"]),
+        (lambda q, k, v: (q, k.to(torch.int8), v), TypeError, ["keys", "int8"]),
+        (lambda q, k, v: (q, k, v.int()), TypeError, ["values", "int32"]),
+        (lambda q, k, v: (q.to(torch.complex64), k, v), TypeError, ["queries", "complex64"]),
+        (lambda q, k, v: (q, k.to(torch.complex64), v), TypeError, ["keys", "complex64"]),
+        (lambda q, k, v: (q, k, v.bool()), TypeError, ["values", "bool"]),
+        (lambda q, k, v: (q.to(torch.float64), k, v), TypeError, ["queries", "float64"]),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, ["queries", "torch.Tensor"]),
+        (lambda q, k, v: (q, k.to("meta"), v), ValueError, ["one device", "keys on meta"]),
+        (lambda q, k, v: (q.to("meta"), k, v), ValueError, ["one device", "queries on meta"]),
+        (lambda q, k, v: (q, k, v.to("meta")), ValueError, ["one device", "values on meta"]),
+    ],
+    ids=lambda x: x.__name__ if isinstance(x, type) else None,
+)
+def test_bad_tensors(change, exc, words):
+    q, k, v = change(*inputs())
+    with pytest.raises(exc) as info:
+        neuraldb_kernels.gated_retrieval(q, k, v, 0.5)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+@pytest.mark.parametrize(
+    "gamma,exc",
+    [(math.nan, ValueError), (math.inf, ValueError), (-math.inf, ValueError), (1.0001, ValueError),
+     (-1.5, ValueError), ("0.5", TypeError), (None, TypeError), (True, TypeError), (torch.tensor(0.5), TypeError)],
+)
+def test_bad_gamma(gamma, exc):
+    with pytest.raises(exc, match="gamma"):
+        neuraldb_kernels.gated_retrieval(*inputs(), gamma)
+
+
+@pytest.mark.parametrize("gamma", [-1, -1.0, 0, 1, 1.0, 0.25])
+def test_gamma_bounds_are_accepted(gamma):
+    q, k, v = inputs()
+    neuraldb_kernels.gated_retrieval(q, k, v, gamma)
+
+
+# ---- backends: names, availability, the environment override ------------------------------------------------------
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of.*'nope'"):
+        neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="nope")
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is unavailable: .*CUDA tensors.*cpu"):
+        neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cuda")
+
+
+def test_auto_prefers_the_compiled_kernel():
+    names = neuraldb_kernels.available_backends("cpu")
+    assert names[-1] == "torch" or names[-2:] == ["torch", "triton"]
+    assert backends.resolve(None, torch.device("cpu")) == names[0]
+    assert backends.resolve("auto", torch.device("cpu")) == names[0]
+
+
+def test_env_override(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("NEURALDB_BACKEND", "torch")
+    assert backends.resolve(None, cpu) == "torch"
+    assert backends.resolve("auto", cpu) == "torch"
+    if "cpu" in CPU_BACKENDS:
+        assert backends.resolve("cpu", cpu) == "cpu", "an explicit backend wins over the environment"
+    # The override reaches the op: a kernel that records its calls.
+    calls = []
+    real = backends.BACKENDS["torch"]
+    monkeypatch.setitem(
+        backends.BACKENDS, "torch",
+        backends.Backend("torch", real.unavailable_reason, lambda: lambda *a: calls.append(1) or real.kernel()(*a)),
+    )
+    neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
+    assert calls == [1]
+    monkeypatch.setenv("NEURALDB_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
+    monkeypatch.setenv("NEURALDB_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"\$NEURALDB_BACKEND must be one of"):
+        neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
+
+
+def test_cpu_kernel_choice_is_checked(monkeypatch):
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("extension not built")
+    monkeypatch.setenv("NEURALDB_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="NEURALDB_CPU_ISA must be auto, scalar, avx2, avx512 or amx"):
+        neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cpu")
+    isas = extension.load().cpu_isas()
+    assert isas[-1] == "scalar"
+    missing = [i for i in ("amx", "avx512", "avx2") if i not in isas]
+    if missing:
+        monkeypatch.setenv("NEURALDB_CPU_ISA", missing[0])
+        with pytest.raises(RuntimeError, match="not supported"):
+            neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cpu")
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_output_types_and_devices(backend, qdtype):
+    q, k, v = inputs()
+    out, idx, score = neuraldb_kernels.gated_retrieval(q.to(qdtype).reshape(1, 3, 16), k, v.float(), 0.5,
+                                                        backend=backend)
+    assert out.shape == (1, 3, 5) and out.dtype == qdtype
+    assert idx.shape == (1, 3) and idx.dtype == torch.int64
+    assert score.shape == (1, 3) and score.dtype == torch.float32
+    assert idx.tolist() == [[0, 1, 2]]
+    assert torch.equal(out[0], v[:3].to(qdtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_database_and_no_queries(backend):
+    q, k, v = inputs()
+    out, idx, score = neuraldb_kernels.gated_retrieval(q, k[:0], v[:0], -1.0, backend=backend)
+    assert idx.tolist() == [-1, -1, -1] and score.tolist() == [-math.inf] * 3 and not out.any()
+    out, idx, score = neuraldb_kernels.gated_retrieval(q[:0], k, v, 0.5, backend=backend)
+    assert out.shape == (0, 5) and idx.shape == (0,) and score.shape == (0,)
+
+
+# ---- torch.library and torch.compile ----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    q, k, v = inputs(t=4, m=33, d1=24, d2=3)
+    for args in ((q, k, v, 0.5, backend), (q.half(), k.float(), v.bfloat16(), -0.25, backend),
+                 (q, k[:0], v[:0], 0.5, backend)):
+        torch.library.opcheck(torch.ops.neuraldb.gated_retrieval.default, args)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 7, 16), torch.empty(100, 16, dtype=torch.float16), torch.empty(100, 9)
+        out, idx, score = neuraldb_kernels.gated_retrieval(q, k, v, 0.5, backend="torch")
+    assert out.shape == (2, 7, 9) and idx.shape == (2, 7) and score.shape == (2, 7)
+    assert (out.dtype, idx.dtype, score.dtype) == (torch.float32, torch.int64, torch.float32)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = inputs(t=6, m=50, d1=32, d2=4)
+
+    def f(x):
+        out, idx, score = neuraldb_kernels.gated_retrieval(x * 1.5, k, v, 0.5)
+        return out + 1, idx, score
+
+    compiled = torch.compile(f, fullgraph=True)
+    for a, b in zip(compiled(q), f(q)):
+        assert torch.equal(a, b)
+    q3 = q.reshape(2, 3, 32)
+    for a, b in zip(compiled(q3), f(q3)):
+        assert torch.equal(a, b)
+
+
+# ---- the package without its compiled extension ---------------------------------------------------------------
+def test_missing_extension_falls_back_to_the_reference(monkeypatch):
+    # Simulate a failed import of neuraldb_kernels._C in a fresh loader state.
+    monkeypatch.setattr(extension, "_loaded", False)
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_error", None)
+    monkeypatch.setitem(sys.modules, "neuraldb_kernels._C", None)  # makes `from neuraldb_kernels import _C` fail
+    monkeypatch.delattr(neuraldb_kernels, "_C", raising=False)
+    q, k, v = inputs()
+    with pytest.warns(RuntimeWarning, match="could not be imported.*serving the PyTorch reference") as rec:
+        assert neuraldb_kernels.available_backends("cpu")[0] == "torch"
+        res = neuraldb_kernels.gated_retrieval(q, k, v, 0.5)
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    assert_matches_reference(res, q, k, v, 0.5, tol=None)
+    for a, b in zip(res, gated_retrieval_reference(q, k, v, 0.5)):
+        assert torch.equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process: not again
+        neuraldb_kernels.gated_retrieval(q, k, v, 0.5)
+        with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable: the compiled extension"):
+            neuraldb_kernels.gated_retrieval(q, k, v, 0.5, backend="cpu")
