@@ -81,6 +81,43 @@ if not INTERPRETING:
                         for c in kept:
                             assert c.kwargs["BLOCK_T"] <= max(64, bucket)
 
+    def test_auto_on_cuda_resolves_without_a_gpu(monkeypatch):
+        from neuraldb_kernels import backends, extension
+
+        cuda = torch.device("cuda", 0)
+        assert backends.resolve(None, cuda) == "triton"  # triton is installed (importorskip above)
+        monkeypatch.setenv("NEURALDB_BACKEND", "cuda")
+        ext = extension.load()
+        if ext is not None and hasattr(ext, "gated_retrieval_cuda"):
+            assert backends.resolve(None, cuda) == "cuda"
+        else:
+            with pytest.raises(RuntimeError, match="cuda"):
+                backends.resolve(None, cuda)
+
+    def test_cuda_graph_traces_with_fake_tensors():
+        # What torch.compile sees on a GPU, traced here without one: fake CUDA inputs, the op resolved to the
+        # Triton backend and kept as one opaque node, output metadata from the fake implementation.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        import neuraldb_kernels
+
+        with FakeTensorMode():
+            q = torch.empty(2, 5, 64, device="cuda", dtype=torch.bfloat16)
+            k = torch.empty(1000, 64, device="cuda", dtype=torch.float16)
+            v = torch.empty(1000, 32, device="cuda", dtype=torch.float16)
+
+        def f(q, k, v):
+            out, idx, score = neuraldb_kernels.gated_retrieval(q, k, v, 0.5)
+            return out * 2, idx, score
+
+        gm = make_fx(f, tracing_mode="fake")(q, k, v)
+        calls = [n for n in gm.graph.nodes if n.target is torch.ops.neuraldb.gated_retrieval.default]
+        assert len(calls) == 1 and calls[0].args[-1] == "triton"
+        out, idx, score = (n.meta["val"] for n in gm.graph.find_nodes(op="output")[0].args[0])
+        assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+        assert idx.shape == (2, 5) and idx.dtype == torch.int64 and score.dtype == torch.float32
+
     def test_comparison_helper_catches_wrong_answers():
         g = torch.Generator().manual_seed(1)
         keys = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1).half()
