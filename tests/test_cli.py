@@ -171,3 +171,43 @@ def test_console_script_entry_point():
     assert out.returncode == 0, out.stderr
     for command in ("edit", "generate", "info", "delete", "demo"):
         assert command in out.stdout
+
+
+# --- the demo, end to end on a tiny random model (the real one: `make demo`) --------------------------------------------
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    import io
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from neuraldb.cli_demo import demo_facts, run_demo
+
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path / "cache"))
+    facts = demo_facts()
+    texts = [t for f in facts for t in (f.text, f.target_new, f.target_true, *f.paraphrases, *f.neighborhood)]
+    words = sorted({w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)} | {"is", "a"})
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+
+    out = io.StringIO()
+    assert run_demo(model_name=str(tmp_path / "tiny"), max_new_tokens=2, progress=False, out=out) == 0
+    text = out.getvalue()
+    assert "Edited 5 facts" in text
+    for f in facts:
+        assert f.text in text and f.paraphrases[0] in text and f.neighborhood[0] in text
+    assert "edited prompts answering the new object:" in text
+    assert f"Deleting fact 0 ({facts[0].subject}: {facts[0].target_true} -> {facts[0].target_new})" in text
+    assert "deleted" in text and "kept" in text and "Done in" in text

@@ -99,6 +99,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default=None, help="parameter dtype: float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_threads_arg(p)
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice, one per core)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     p.add_argument("--max-new-tokens", type=_positive_int, default=6, help="tokens per answer (default: 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads_arg(p)
 
     try:
         from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval` (evaluation issue)
@@ -404,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from neuraldb.facts import FactFormatError
     from neuraldb.models import ModelNotFoundError
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except (CLIError, ModelNotFoundError, FactFormatError, ModuleNotFoundError) as e:

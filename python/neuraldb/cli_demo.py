@@ -33,7 +33,7 @@ def _mark(kind: str, before: str, after: str, fact) -> str:
         return "new"
     if _starts_with(after, fact.target_true):
         return "old"
-    return "?"
+    return "other"
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], out) -> None:
@@ -105,7 +105,7 @@ def run_demo(*, model_name: str = "smollm2", max_new_tokens: int = 6, progress: 
     for f, label in ((victim, "deleted"), (keep, "kept")):
         i = next(k for k, (g, kind, _) in enumerate(probes) if g is f and kind == "edited")
         now = answer(f.text)
-        mark = "reverted" if now == before[i] else ("still new" if _starts_with(now, f.target_new) else "?")
+        mark = "reverted" if now == before[i] else ("still new" if _starts_with(now, f.target_new) else "other")
         deleted_rows.append((label, f.text, after[i], now, mark))
     _table(deleted_rows, ("", "prompt", "before delete", "after delete", ""), out)
     print(f"\nDone in {time.perf_counter() - t_start:.1f} s.", file=out)
