@@ -11,8 +11,9 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
   ``fp32_mm`` = ``queries.float() @ keys.float().T`` (the fp32 upcast of the keys included; skipped where the
   fp32 copy would not fit in memory);
 * ``read``: the read-bandwidth probe, ``neuraldb_kernels._C.read_probe(keys)``, a C++ loop that XORs every
-  64-bit word of the key tensor with the kernel's own threading (256 KB chunks taken in turn by
-  torch.get_num_threads() threads); ``keys.sum()`` is timed too, for reference.
+  64-byte line of the key tensor (512-bit loads and a software prefetch 1 KB ahead where AVX-512 exists) with
+  the kernel's own threading (256 KB chunks taken in turn by torch.get_num_threads() threads); ``keys.sum()``
+  is timed too, for reference. "% read" is read time / kernel time, from the same interleaved run.
 
 Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5. Configurations whose tensors would not fit
 in the available memory are skipped. Results go to stdout (a table) and to benchmarks/results/op_table-*.json
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_kernels": list(ext.cpu_isas()) if ext is not None else [],
         "env": {k: v for k, v in os.environ.items() if k.startswith("NEURALDB_")},
         "loadavg_before": os.getloadavg(),
-        "read_probe": "neuraldb_kernels._C.read_probe(keys): C++ XOR of every 64-bit word, kernel threading",
+        "read_probe": "neuraldb_kernels._C.read_probe(keys): C++ XOR of every 64-byte line (AVX-512 loads, "
+                      "prefetch 1 KB ahead), the kernels' threading",
         "quick": args.quick,
     }
     print(f"# {meta['cpu_model']} | {meta['threads']} threads | torch {meta['torch']} | kernels {meta['cpu_kernels']}"

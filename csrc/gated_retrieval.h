@@ -17,8 +17,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Ten
 // Names of the CPU kernels this machine can run, best first (e.g. {"amx", "avx512", "avx2", "scalar"}); the
 // environment variable NEURALDB_CPU_ISA picks one of them (see csrc/cpu/gated_retrieval_cpu.cpp).
 std::vector<std::string> cpu_isas();
-// Reads every byte of a contiguous CPU tensor with the kernels' threading and returns an XOR checksum: the
-// read-bandwidth probe of the op benchmarks.
+// Reads every byte of a contiguous CPU tensor with the kernels' threading: the read-bandwidth probe of the op
+// benchmarks. Returns the XOR of its 64-bit words, XOR its trailing (nbytes % 8) bytes, masked to 63 bits.
 int64_t read_probe(const at::Tensor& t);
 
 #ifdef NEURALDB_WITH_CUDA

@@ -32,12 +32,14 @@ using DotFn = float (*)(const Problem& p, int64_t t, int64_t i);
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_scalar(const Problem& p, int64_t t, int64_t i);
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEURALDB_PORTABLE_ONLY)
 #define NEURALDB_X86 1
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx512(const Problem& p, int64_t t, int64_t i);
+// XOR of all bytes, read with 512-bit loads and software prefetch (the benchmarks' read-bandwidth probe).
+uint64_t read_avx512(const void* data, int64_t bytes, int64_t prefetch_bytes);
 
 // ---- AMX bf16 pre-filter (exactness restored by fp32 rescoring of the candidates, see scan_avx512.cpp) ----
 constexpr int kAmxKeyBlock = 32;    // keys per AMX step (two 16-row A tiles)

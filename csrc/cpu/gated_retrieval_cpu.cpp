@@ -402,20 +402,41 @@ bool is_float_type(at::ScalarType s) { return s == at::kFloat || s == at::kHalf 
 
 int64_t read_probe(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "read_probe: expected a contiguous CPU tensor");
-  const auto* p = static_cast<const uint64_t*>(t.data_ptr());
-  const int64_t words = static_cast<int64_t>(t.nbytes() / 8);
-  // Same threading as the kernels: 256 KB chunks taken in turn by the thread team.
-  const Team team_ = team(words, 8, static_cast<double>(t.nbytes()) / 1e4, 8);
-  std::vector<uint64_t> acc(static_cast<size_t>(team_.threads) * 8, 0);
+  const auto* p = static_cast<const char*>(t.data_ptr());
+  const int64_t bytes = static_cast<int64_t>(t.nbytes());
+  // Same threading as the kernels: 256 KB chunks taken in turn by the thread team. With AVX-512: 512-bit loads
+  // and a software prefetch NEURALDB_READ_PREFETCH bytes ahead (default 1024; 0 = none).
+  const int64_t lines = (bytes + 63) / 64;
+  const Team team_ = team(lines, 64, static_cast<double>(bytes) / 1e4, 64);
+  const int64_t pf = env_int("NEURALDB_READ_PREFETCH", 1024);
+  const bool wide = plan(1).isa == Isa::kAvx512;  // NEURALDB_CPU_ISA=avx2/scalar: the portable loop
+  std::vector<uint64_t> acc(static_cast<size_t>(team_.threads), 0);
   run_chunks(
-      team_, words, [](int) {},
+      team_, lines, [](int) {},
       [&](int tid, int64_t a, int64_t b) {
+        const char* s = p + a * 64;
+        const int64_t n = std::min(bytes, b * 64) - a * 64;
+#ifdef NEURALDB_X86
+        if (wide) {
+          acc[tid] ^= cpu::read_avx512(s, n, pf);
+          return;
+        }
+#endif
         uint64_t x[8] = {};
-        int64_t i = a;
-        for (; i + 8 <= b; i += 8)
-          for (int l = 0; l < 8; ++l) x[l] ^= p[i + l];
-        for (; i < b; ++i) x[0] ^= p[i];
-        for (int l = 0; l < 8; ++l) acc[tid * 8 + l] ^= x[l];
+        int64_t i = 0;
+        for (; i + 64 <= n; i += 64)
+          for (int l = 0; l < 8; ++l) {
+            uint64_t w;
+            std::memcpy(&w, s + i + 8 * l, 8);
+            x[l] ^= w;
+          }
+        for (; i + 8 <= n; i += 8) {
+          uint64_t w;
+          std::memcpy(&w, s + i, 8);
+          x[0] ^= w;
+        }
+        for (; i < n; ++i) x[0] ^= static_cast<unsigned char>(s[i]);
+        for (int l = 0; l < 8; ++l) acc[tid] ^= x[l];
       },
       [](int) {});
   uint64_t r = 0;

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 
 #define NDB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define NDB_AMX \
@@ -122,6 +123,8 @@ NDB_AVX512 void scan_qb(const Problem& p, int64_t k0, int64_t k1, int64_t t0, bo
   float sc[KB * QB];
   int64_t i0 = k0;
   for (; i0 + KB <= k1; i0 += KB) {
+    // Prefetching the next tile's rows beat no prefetch (-25% time at T = 1, 8) and a fixed distance ahead in
+    // the same rows (256 .. 1024 elements) on the development machine.
     const typename K::T* pf = prefetch && i0 + 2 * KB <= p.m ? keys + (i0 + KB) * p.ks : nullptr;
     tile<K, KB, QB>(keys + i0 * p.ks, p.ks, q, p.qs, p.d1, pf, sc);
 #pragma GCC unroll 8
@@ -388,6 +391,35 @@ NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_
   }
 }
 
+// The read-bandwidth probe: XOR of every 64-byte line, 4 lines per iteration, prefetching ahead.
+NDB_AVX512 uint64_t read_avx512_impl(const char* p, int64_t bytes, int64_t prefetch_bytes) {
+  __m512i x0 = _mm512_setzero_si512(), x1 = x0, x2 = x0, x3 = x0;
+  int64_t i = 0;
+  for (; i + 256 <= bytes; i += 256) {
+    if (prefetch_bytes > 0) {
+      _mm_prefetch(p + i + prefetch_bytes, _MM_HINT_T0);
+      _mm_prefetch(p + i + prefetch_bytes + 64, _MM_HINT_T0);
+      _mm_prefetch(p + i + prefetch_bytes + 128, _MM_HINT_T0);
+      _mm_prefetch(p + i + prefetch_bytes + 192, _MM_HINT_T0);
+    }
+    x0 = _mm512_xor_si512(x0, _mm512_loadu_si512(p + i));
+    x1 = _mm512_xor_si512(x1, _mm512_loadu_si512(p + i + 64));
+    x2 = _mm512_xor_si512(x2, _mm512_loadu_si512(p + i + 128));
+    x3 = _mm512_xor_si512(x3, _mm512_loadu_si512(p + i + 192));
+  }
+  alignas(64) uint64_t w[8];
+  _mm512_store_si512(w, _mm512_xor_si512(_mm512_xor_si512(x0, x1), _mm512_xor_si512(x2, x3)));
+  uint64_t r = 0;
+  for (uint64_t v : w) r ^= v;
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    r ^= v;
+  }
+  for (; i < bytes; ++i) r ^= static_cast<unsigned char>(p[i]);
+  return r;
+}
+
 }  // namespace
 
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
@@ -405,6 +437,10 @@ float dot_avx512(const Problem& p, int64_t t, int64_t i) {
     case KeyType::kF32: return dot<F32>(p, t, i);
   }
   return 0.f;
+}
+
+uint64_t read_avx512(const void* data, int64_t bytes, int64_t prefetch_bytes) {
+  return read_avx512_impl(static_cast<const char*>(data), bytes, prefetch_bytes);
 }
 
 bool amx_enable() {
