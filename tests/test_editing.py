@@ -227,3 +227,18 @@ def test_smollm2_edit_end_to_end():
         torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     finally:
         unpatch_model(model)
+
+
+def test_bf16_steps_restore_weights_and_patience(tiny):
+    model, tok = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(n_prefixes=1, prefix_len=3, steps=4, lr=0.1)
+    r16 = compute_residuals(model, tok, FACTS[:2], 2, compute_dtype="bfloat16", **kw)
+    r32 = compute_residuals(model, tok, FACTS[:2], 2, **kw)
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert torch.nn.functional.cosine_similarity(r16, r32).min() > 0.9
+    stats: dict = {}
+    compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=50, patience=2, weight_decay=0.0, stats=stats, **{
+        k: v for k, v in kw.items() if k != "steps"})
+    assert max(stats["steps"]) < 50

@@ -64,6 +64,28 @@ def _editing_state(model):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _compute_dtype(model, name: str, prep):
+    """Parameters (not buffers: RoPE's inv_freq stays fp32) cast to ``name`` for the block, then restored bit for
+    bit (the original tensors are kept, not cast back); the cached activations are cast too."""
+    dtype = getattr(torch, name)
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    if not params:
+        yield
+        return
+    saved = [p.data for p in params]
+    prep.kvs = [None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in prep.kvs]
+    if prep.h_in is not None:
+        prep.h_in = prep.h_in.to(dtype)
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
 def _pad_id(tok) -> int:
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         v = getattr(tok, name, None)
@@ -105,42 +127,61 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
         weight_decay=cfg.weight_decay,
         clamp_norm_factor=cfg.clamp_norm_factor,
         stop_loss=cfg.stop_loss,
+        patience=cfg.patience,
     )
-    keys, resid = [], []
+    kl_prompt = cfg.kl_prompt if (want_residuals and cfg.kl_factor) else None
+    fact_rows_all = [
+        fact_rows(tok, template, f, 0, contexts, targets=want_residuals, kl_prompt=kl_prompt) for f in facts
+    ]
+    # Facts with similar suffix (subject's last token to the end) and prefix lengths go in the same batch, so the
+    # padding the optimisation steps compute on stays small; results go back in the original order.
+    order = sorted(
+        range(len(facts)),
+        key=lambda i: (max(len(r.ids) - r.subj for r in fact_rows_all[i]), max(r.subj for r in fact_rows_all[i])),
+    )
+    keys = torch.zeros(len(facts), d1)
+    resid = torch.zeros(len(facts), d2) if want_residuals else None
+    steps_of = [0] * len(facts)
+    loss_of = [0.0] * len(facts)
+    bs = max(1, cfg.batch_size)
     bar = _progress(len(facts), progress, "editing" if want_residuals else "keys")
     try:
-        for start in range(0, len(facts), max(1, cfg.batch_size)):
-            chunk = facts[start : start + max(1, cfg.batch_size)]
+        for start in range(0, len(facts), bs):
+            chunk = order[start : start + bs]
             rows = []
-            for i, f in enumerate(chunk):
-                rows += fact_rows(
-                    tok,
-                    template,
-                    f,
-                    i,
-                    contexts,
-                    targets=want_residuals,
-                    kl_prompt=cfg.kl_prompt if (want_residuals and cfg.kl_factor) else None,
-                )
+            for j, i in enumerate(chunk):
+                for r in fact_rows_all[i]:
+                    r.fact = j
+                    rows.append(r)
             batch = engine.make_batch(rows, pad, device)
             is_key_row = torch.tensor([r.kl_pos < 0 for r in rows], device=device)
             fact_of = torch.tensor([r.fact for r in rows], device=device)
+            idx = torch.tensor(chunk)
             if want_residuals:
                 prep = engine.prepare(h, batch)
                 row_keys = prep.keys
-                resid.append(engine.optimise(h, prep, len(chunk), opt, d2, stats).cpu())
+                st: dict = {}
+                with _compute_dtype(model, cfg.compute_dtype, prep):
+                    resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st).cpu()
+                for j, i in enumerate(chunk):
+                    steps_of[i], loss_of[i] = st["steps"][j], st["loss"][j]
                 del prep
             else:
                 row_keys = engine.key_pass(h, batch)
             k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of[is_key_row], row_keys[is_key_row])
-            cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of[is_key_row], torch.ones(int(is_key_row.sum()), device=device))
-            keys.append((k / cnt[:, None]).cpu())
+            cnt = torch.zeros(len(chunk), device=device).index_add(
+                0, fact_of[is_key_row], torch.ones(int(is_key_row.sum()), device=device)
+            )
+            keys[idx] = (k / cnt[:, None]).cpu()
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
-    return torch.cat(keys), (torch.cat(resid) if want_residuals else None)
+    if stats is not None and want_residuals:
+        stats.setdefault("steps", []).extend(steps_of)
+        stats.setdefault("loss", []).extend(loss_of)
+    return keys, resid
 
 
 def _dims(h) -> tuple[int, int]:

@@ -24,8 +24,12 @@ class EditConfig:
         weight_decay: weight of ``||r|| / ||h||^2`` (MEMIT's v_weight_decay).
         clamp_norm_factor: ``||r|| <= clamp_norm_factor * ||h||``, h the layer's output at the subject's last token.
         stop_loss: a fact stops (and leaves the batch) once its loss is below this (MEMIT: 5e-2).
+        patience: if > 0, a fact also stops when its loss has not improved by 2% for this many steps (facts
+            whose loss has a floor above stop_loss, e.g. held by the norm clamp, stop burning steps).
         kl_prompt: the "{} is a" prompt of the KL term.
         batch_size: facts optimised together.
+        compute_dtype: "bfloat16" runs the optimisation steps with bf16 weights (keys, the prefix pass and the KL
+            reference stay in the model's dtype); about 2x faster on CPUs with AVX-512 BF16.
     """
 
     layer: int | None = None
@@ -39,8 +43,10 @@ class EditConfig:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     stop_loss: float = 5e-2
+    patience: int = 0
     kl_prompt: str = "{} is a"
     batch_size: int = 32
+    compute_dtype: str = "float32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +59,6 @@ class EditConfig:
 # Substring of ``neuraldb.models.model_id(model)`` (lower case) -> overrides of EditConfig.
 MODEL_DEFAULTS: dict[str, dict] = {
     "smollm2-135m": dict(layer=6, gamma=0.65),
-    "gemma-3-270m": dict(layer=5, gamma=0.65),
 }
 
 

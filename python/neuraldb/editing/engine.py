@@ -333,6 +333,8 @@ class OptimConfig:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     stop_loss: float = 5e-2
+    patience: int = 0
+    stall_tol: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -363,6 +365,8 @@ def optimise(h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int
     active = torch.arange(n_facts, device=device)
     steps_taken = torch.zeros(n_facts, dtype=torch.long)
     final_loss = torch.zeros(n_facts)
+    best = torch.full((n_facts,), float("inf"), device=device)
+    since_best = torch.zeros(n_facts, dtype=torch.long, device=device)
     cached_sel = None
     b1, b2 = cfg.betas
     for it in range(cfg.steps):
@@ -416,6 +420,11 @@ def optimise(h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int
 
         lossd = loss.detach()
         done = lossd < cfg.stop_loss
+        if cfg.patience > 0:  # stop a fact whose loss has not improved by stall_tol (relative) for `patience` steps
+            improved = lossd < best[active] * (1 - cfg.stall_tol)
+            best[active] = torch.minimum(best[active], lossd)
+            since_best[active] = torch.where(improved, 0, since_best[active] + 1)
+            done |= since_best[active] >= cfg.patience
         if it == cfg.steps - 1:
             done[:] = True
         steps_taken[active.cpu()] += 1

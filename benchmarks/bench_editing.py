@@ -1,0 +1,326 @@
+"""Editing speed and quality on CounterFact (ROME format): s/fact for keys+residuals, efficacy/generalization/specificity.
+
+    python benchmarks/bench_editing.py --n 200                       # neuraldb.edit with the model's defaults + quality
+    python benchmarks/bench_editing.py --n 10 --naive --no-eval      # same-run before/after timing vs the naive loop
+    python benchmarks/bench_editing.py --n 100 --sweep layer=4,6,8 n_prefixes=2,5   # small grid
+    python benchmarks/bench_editing.py --model gemma3-270m --n 100
+
+Quality uses ROME's success definitions with whole-target summed log-probabilities (P(new) > P(true) on the
+rewrite prompt and the paraphrases, the reverse on the neighborhood prompts), every prompt inside the database's
+template. Post-edit scores are computed exactly but cheaply: a sequence on which the gate fires at no position
+(max cosine <= gamma everywhere at the edited layer) is unchanged by the patch, so it keeps its pre-edit score;
+the rest are re-scored with the patched model. Results are appended as JSON lines to benchmarks/results/editing.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+
+from neuraldb.models import load_model  # noqa: E402
+from neuraldb import templates  # noqa: E402
+from neuraldb.editing import EditConfig, edit, engine  # noqa: E402
+from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes  # noqa: E402
+from neuraldb.editing.defaults import resolve  # noqa: E402
+from neuraldb.facts import Fact  # noqa: E402
+
+DATA = Path(os.environ.get("NEURALDB_SHARED", ROOT.parent / "shared")) / "data/knowledge_editing"
+RESULTS = ROOT / "benchmarks" / "results" / "editing.jsonl"
+
+
+def load_counterfact(n: int, offset: int = 0) -> list[Fact]:
+    recs = json.load(gzip.open(DATA / "counterfact_rome_format_1031.json.gz", "rt", encoding="utf-8"))
+    out = []
+    for r in recs[offset : offset + n]:
+        rw = r["requested_rewrite"]
+        out.append(
+            Fact(rw["subject"], rw["prompt"], rw["target_new"]["str"], rw["target_true"]["str"],
+                 tuple(r["paraphrase_prompts"]), tuple(r["neighborhood_prompts"]))
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The naive loop (what a one-fact-at-a-time ROME/MEMIT-style implementation does): the "before" of the speed table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def naive_edit(model, tok, facts, cfg: EditConfig, template: str):
+    """One fact at a time; every step runs every context through the whole model and the full vocabulary."""
+    h = engine.handles(model, cfg.layer)
+    prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
+    ctx = context_texts(prefixes)
+    keys, resid, steps_used = [], [], []
+    for f in facts:
+        rows = fact_rows(tok, template, f, 0, ctx, targets=True, kl_prompt=cfg.kl_prompt)
+        L = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), L), 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.ids)] = torch.tensor(r.ids)
+            mask[i, : len(r.ids)] = 1
+        subj = torch.tensor([r.subj for r in rows])
+        got = {}
+
+        def grab(mod, inp, out):
+            got["k"] = inp[0][torch.arange(len(rows)), subj].detach()
+            got["o"] = out[torch.arange(len(rows)), subj].detach()
+
+        hd = h.down_proj.register_forward_hook(grab)
+        with torch.no_grad():
+            out0 = model(input_ids=ids, attention_mask=mask)
+        hd.remove()
+        hd = h.layers[cfg.layer].register_forward_hook(
+            lambda m, a, o: got.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[0, subj[0]].detach())
+        )
+        with torch.no_grad():
+            model(input_ids=ids[:1], attention_mask=mask[:1])
+        hd.remove()
+        kl_i = len(rows) - 1
+        kl_ref = torch.log_softmax(out0.logits[kl_i, rows[kl_i].kl_pos].float(), -1)
+        keys.append(got["k"][:-1].mean(0))
+        delta = torch.zeros(got["o"].shape[-1], requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        hnorm = got["h"].norm()
+
+        def add(mod, inp, out):
+            out = out.clone()
+            out[torch.arange(len(rows)), subj] += delta
+            return out
+
+        hd = h.down_proj.register_forward_hook(add)
+        try:
+            for it in range(cfg.steps):
+                opt.zero_grad()
+                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+                nll = 0.0
+                for i, r in enumerate(rows[:-1]):
+                    nll = nll + sum(-logp[i, p, t] for p, t in r.targets) / len(r.targets)
+                nll = nll / (len(rows) - 1)
+                new = logp[kl_i, rows[kl_i].kl_pos]
+                kl = (new.exp() * (new - kl_ref)).sum()
+                loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / hnorm**2
+                if loss.item() < cfg.stop_loss or it == cfg.steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    mx = cfg.clamp_norm_factor * hnorm
+                    if delta.norm() > mx:
+                        delta.mul_(mx / delta.norm())
+        finally:
+            hd.remove()
+        steps_used.append(it + 1)
+        resid.append(delta.detach().clone())
+    return torch.stack(keys), torch.stack(resid), steps_used
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quality
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sequences(facts):
+    """(fact index, kind, prompt, target, sign) for every scored pair; kind in rewrite/paraphrase/neighborhood."""
+    out = []
+    for i, f in enumerate(facts):
+        for kind, prompts in (("rewrite", [f.text]), ("paraphrase", f.paraphrases), ("neighborhood", f.neighborhood)):
+            for j, p in enumerate(prompts):
+                out.append((i, kind, j, p))
+    return out
+
+
+@torch.no_grad()
+def _score(model, tok, template, pairs, batch=64):
+    """Summed log-prob of target after prompt, for each (prompt, target); vocabulary projection only at the target
+    positions, sequences sorted by length to limit padding."""
+    h = engine.handles(model, 0)
+    enc = [(templates.encode(tok, template, p), templates.encode_target(tok, t)) for p, t in pairs]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
+    res = [0.0] * len(enc)
+    for s in range(0, len(order), batch):
+        chunk = order[s : s + batch]
+        L = max(len(enc[i][0]) + len(enc[i][1]) for i in chunk)
+        ids = torch.zeros(len(chunk), L, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        rows, cols, tgt = [], [], []
+        for j, i in enumerate(chunk):
+            a, b = enc[i]
+            ids[j, : len(a) + len(b)] = torch.tensor(a + b)
+            mask[j, : len(a) + len(b)] = 1
+            rows += [j] * len(b)
+            cols += list(range(len(a) - 1, len(a) + len(b) - 1))
+            tgt += b
+        last = h.base(input_ids=ids, attention_mask=mask).last_hidden_state
+        lp = torch.log_softmax(engine.logits_of(h, last[torch.tensor(rows), torch.tensor(cols)]), -1)
+        tok_lp = lp[torch.arange(len(tgt)), torch.tensor(tgt)]
+        sums = torch.zeros(len(chunk)).index_add(0, torch.tensor(rows), tok_lp)
+        for j, i in enumerate(chunk):
+            res[i] = float(sums[j])
+    return res
+
+
+@torch.no_grad()
+def _fires(model, tok, template, db, pairs, layer, gamma, batch=128):
+    """Whether the gate fires at any position of prompt+target (the patch changes nothing elsewhere)."""
+    h = engine.handles(model, layer)
+    keys = db.keys.float()
+    out = []
+    for s in range(0, len(pairs), batch):
+        chunk = pairs[s : s + batch]
+        seqs = [templates.encode(tok, template, p) + templates.encode_target(tok, t) for p, t in chunk]
+        L = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, q in enumerate(seqs):
+            ids[i, : len(q)] = torch.tensor(q)
+            mask[i, : len(q)] = 1
+        got = {}
+
+        def grab(mod, inp, o):
+            got["q"] = inp[0].float()
+            raise engine._StopForward
+
+        hd = h.down_proj.register_forward_hook(grab)
+        try:
+            model(input_ids=ids, attention_mask=mask)
+        except engine._StopForward:
+            pass
+        finally:
+            hd.remove()
+        q = torch.nn.functional.normalize(got["q"], dim=-1, eps=1e-6)
+        score = (q @ keys.T).amax(-1).masked_fill(mask == 0, -2.0)
+        out += (score.amax(-1) > gamma).tolist()
+    return out
+
+
+def pre_scores(model, tok, template, facts, tag):
+    cache = Path(os.environ.get("NEURALDB_CACHE_DIR", Path.home() / ".cache/neuraldb")) / "bench"
+    digest = hashlib.sha256(template.encode()).hexdigest()[:10]
+    path = cache / f"pre-{tag}-{len(facts)}-{digest}.pt"
+    if path.is_file():
+        return torch.load(path)
+    seqs = _sequences(facts)
+    pairs = [(p, facts[i].target_new) for i, _, _, p in seqs] + [(p, facts[i].target_true) for i, _, _, p in seqs]
+    sc = _score(model, tok, template, pairs)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(sc, path)
+    return sc
+
+
+def quality(model, tok, db, facts, pre):
+    from neuraldb.patching import patch_model, unpatch_model
+
+    template = db.template
+    seqs = _sequences(facts)
+    pairs = [(p, facts[i].target_new) for i, _, _, p in seqs] + [(p, facts[i].target_true) for i, _, _, p in seqs]
+    fired = _fires(model, tok, template, db, pairs, db.layer, db.gamma)
+    todo = [j for j, f in enumerate(fired) if f]
+    post = list(pre)
+    patch_model(model, db)
+    try:
+        for j, v in zip(todo, _score(model, tok, template, [pairs[j] for j in todo])):
+            post[j] = v
+    finally:
+        unpatch_model(model)
+    n = len(seqs)
+
+    def metrics(sc):
+        per = {}
+        for k, (i, kind, _, _) in enumerate(seqs):
+            new, true = sc[k], sc[k + n]
+            ok = new > true if kind != "neighborhood" else true > new
+            per.setdefault((kind, i), []).append(float(ok))
+        agg = {}
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            vals = [sum(v) / len(v) for (kd, _), v in per.items() if kd == kind]
+            agg[kind] = 100 * sum(vals) / len(vals)
+        return {"efficacy": agg["rewrite"], "generalization": agg["paraphrase"], "specificity": agg["neighborhood"]}
+
+    return {"pre": metrics(pre), "post": metrics(post), "rescored": len(todo), "pairs": len(pairs)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--naive", action="store_true", help="also time the naive one-at-a-time loop (same run)")
+    ap.add_argument("--naive-n", type=int, default=None, help="facts for the naive loop (default --n)")
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--sweep", nargs="*", default=[], help="name=v1,v2 ... (EditConfig fields); grid over all")
+    ap.add_argument("--set", nargs="*", default=[], help="name=value overrides of the defaults")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def parse(v):
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+
+    model, tok = load_model(args.model)
+    facts = load_counterfact(args.n, args.offset)
+    base = {k: parse(v) for k, v in (s.split("=", 1) for s in args.set)}
+    grid_names = [s.split("=", 1)[0] for s in args.sweep]
+    grid_vals = [[parse(x) for x in s.split("=", 1)[1].split(",")] for s in args.sweep]
+    template = templates.default_template(tok)
+    pre = None
+    if not args.no_eval:
+        t = time.perf_counter()
+        pre = pre_scores(model, tok, template, facts, f"{args.model}-{args.offset}")
+        print(f"pre-edit scores: {time.perf_counter() - t:.1f}s", flush=True)
+    if args.naive:
+        cfg = resolve(model, **base)
+        nf = facts[: args.naive_n or args.n]
+        t, c = time.perf_counter(), time.process_time()
+        _, _, st = naive_edit(model, tok, nf, cfg, template)
+        el, cpu = time.perf_counter() - t, time.process_time() - c
+        rec = {"mode": "naive", "model": args.model, "n": len(nf), "s_per_fact": el / len(nf), "cpu_s_per_fact": cpu / len(nf),
+               "mean_steps": sum(st) / len(st), "threads": torch.get_num_threads(), "config": cfg.to_dict()}
+        print(json.dumps(rec), flush=True)
+        _append(rec)
+    for combo in itertools.product(*grid_vals) if grid_vals else [()]:
+        over = {**base, **dict(zip(grid_names, combo))}
+        stats: dict = {}
+        t, c = time.perf_counter(), time.process_time()
+        db = edit(model, tok, facts, progress=False, stats=stats, **over)
+        el, cpu = time.perf_counter() - t, time.process_time() - c
+        rec = {"mode": "neuraldb", "model": args.model, "n": len(facts), "s_per_fact": el / len(facts),
+               "cpu_s_per_fact": cpu / len(facts),
+               "mean_steps": sum(stats["steps"]) / len(stats["steps"]), "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
+               "overrides": over, "config": {**db.config, "layer": db.layer, "gamma": db.gamma}, "tag": args.tag}
+        if pre is not None:
+            rec["quality"] = quality(model, tok, db, facts, pre)
+        print(json.dumps(rec), flush=True)
+        _append(rec)
+
+
+def _append(rec):
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
