@@ -158,6 +158,15 @@ def test_edit_bad_facts_files(tmp_path, capsys):
     assert "no facts to edit" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_database_built_for_another_model(db_path, tmp_path, capsys):
+    from test_models import tiny_model_dir
+
+    model_dir = tiny_model_dir(tmp_path / "tiny")
+    assert main(["generate", "--model", str(model_dir), "--db", str(db_path), "-p", "paris is in"]) == 1
+    err = capsys.readouterr().err
+    assert "the database was built for model 'tiny:test'" in err and "--force" in err
+
+
 def test_unknown_model_is_one_line(capsys):
     assert main(["generate", "--model", "no-such-model", "--prompt", "hi"]) == 1
     err = capsys.readouterr().err
@@ -211,3 +220,39 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert "edited prompts answering the new object:" in text
     assert f"Deleting fact 0 ({facts[0].subject}: {facts[0].target_true} -> {facts[0].target_new})" in text
     assert "deleted" in text and "kept" in text and "Done in" in text
+
+
+@pytest.mark.slow
+def test_edit_generate_info_delete_on_smollm2(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from neuraldb.models import ModelNotFoundError, locate_gguf
+
+    try:
+        locate_gguf("smollm2")
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Colosseum", "prompt": "The {} is located in the city of",
+                                 "target_new": "Athens", "target_true": "Rome"}) + "\n")  # fmt: skip
+    db = tmp_path / "edits.safetensors"
+    prompt = "The Colosseum is located in the city of"
+    threads = torch.get_num_threads()
+    assert main(["edit", "--facts", str(facts), "--out", str(db), "--no-progress", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # main() puts the thread count back
+    assert "Edited 1 facts" in capsys.readouterr().out
+
+    assert main(["generate", "--db", str(db), "--prompt", prompt, "--max-new-tokens", "3", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"prompt:    {prompt}"
+    assert lines[1].startswith("unedited:  Rome") and lines[2].startswith("edited:    Athens"), lines
+
+    assert main(["info", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1" in out and f"0  {prompt} -> Athens  (was: Rome)" in out
+
+    assert main(["delete", str(db), "--ids", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--db", str(db), "--prompt", prompt, "--max-new-tokens", "3", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == lines[1].replace("unedited:", "edited:  "), lines  # deleted: the edit is gone
+

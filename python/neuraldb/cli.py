@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     p.add_argument("--max-new-tokens", type=_positive_int, default=6, help="tokens per answer (default: 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads_arg(p)
+    # One thread by default: the demo's matrices are small, and a single thread cannot be slowed down by
+    # OpenMP spin-waiting when other work shares the cores (two threads made it 10x slower on a busy machine).
+    p.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default: 1)")
 
     try:
         from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval` (evaluation issue)
@@ -412,9 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from neuraldb.facts import FactFormatError
     from neuraldb.models import ModelNotFoundError
 
-    if getattr(args, "threads", None):
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
@@ -424,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)  # for callers of main() inside a longer-lived process
 
 
 if __name__ == "__main__":  # pragma: no cover
