@@ -197,9 +197,10 @@ struct TileConfig {
 inline int64_t kbuf_stride(const AmxProblem& a) { return a.d1p + 32; }
 inline int64_t scores_stride(const AmxProblem& a) { return a.tp + 16; }
 
-// Converts 32 elements (j, j + 32) of a key row to bf16 at dst and adds their squares to ss.
+// Converts 32 elements (j, j + 32) of a key row to bf16 at dst and adds their squares to s0, s1.
 template <class K>
-NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, uint16_t* dst, __m512& ss) {
+NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, uint16_t* dst, __m512& s0,
+                              __m512& s1) {
   __m512 lo, hi;
   if (j + 32 <= d1) {
     lo = K::load(src + j);
@@ -208,8 +209,8 @@ NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, u
     lo = K::load(src + j, tail_mask(d1 - j));
     hi = K::load(src + j + 16, tail_mask(d1 - j - 16));
   }
-  ss = _mm512_fmadd_ps(lo, lo, ss);
-  ss = _mm512_fmadd_ps(hi, hi, ss);
+  s0 = _mm512_fmadd_ps(lo, lo, s0);
+  s1 = _mm512_fmadd_ps(hi, hi, s1);
   _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
 }
 
@@ -228,7 +229,7 @@ struct BlockConverter {
   float margin = 0.f;
   int rows = 0, row = 0;
   int64_t j = 0;
-  __m512 ss;
+  __m512 s0, s1;  // squared norm of the current row so far (two sums: the FMA latency is the bottleneck)
 
   NDB_AMX void start(const typename K::T* s, int n, uint16_t* d, float* b) {
     src = s;
@@ -237,20 +238,27 @@ struct BlockConverter {
     j = 0;
     dst = d;
     bound = b;
-    ss = _mm512_setzero_ps();
+    s0 = s1 = _mm512_setzero_ps();
   }
-  NDB_AMX bool done() const { return row >= rows; }
   NDB_AMX void step(int64_t pieces) {
-    for (int64_t u = 0; u < pieces && row < rows; ++u) {
-      convert32<K>(src + row * ks, j, d1, dst + row * kst, ss);
-      j += 32;
-      if (j >= d1p) {
-        bound[row] = key_bound(margin, _mm512_reduce_add_ps(ss));
-        ss = _mm512_setzero_ps();
-        j = 0;
-        ++row;
+    // Work on register copies: through the struct, every multiply-add would wait for a store and a load.
+    __m512 a = s0, b = s1;
+    int64_t jj = j;
+    int r = row;
+    for (int64_t u = 0; u < pieces && r < rows; ++u) {
+      convert32<K>(src + r * ks, jj, d1, dst + r * kst, a, b);
+      jj += 32;
+      if (jj >= d1p) {
+        bound[r] = key_bound(margin, _mm512_reduce_add_ps(_mm512_add_ps(a, b)));
+        a = b = _mm512_setzero_ps();
+        jj = 0;
+        ++r;
       }
     }
+    s0 = a;
+    s1 = b;
+    j = jj;
+    row = r;
   }
 };
 
