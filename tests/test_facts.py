@@ -218,7 +218,7 @@ def test_broken_files(tmp_path):
     with pytest.raises(FactFormatError, match="not valid JSON"):
         facts.load(tmp_path / "bad.json")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(FactFormatError, match="neither a JSON array nor JSON lines"):
+    with pytest.raises(FactFormatError, match="line 2: invalid JSON"):
         facts.load(tmp_path / "bad.jsonl")
     (tmp_path / "list.jsonl").write_text("[1, 2]")
     with pytest.raises(FactFormatError, match="must be a JSON object"):

@@ -110,17 +110,22 @@ def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
             return
         # JSON lines (a file holding one pretty-printed object is also accepted)
         rest = head + f.read()
-    lines = rest.splitlines()
-    try:
-        parsed = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
-    except json.JSONDecodeError:
+    parsed = []
+    for n, line in enumerate(rest.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            yield f"{path}: record 0", json.loads(rest)
-            return
+            parsed.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise FactFormatError(f"{path}: neither a JSON array nor JSON lines ({e})") from None
+            try:
+                parsed = [(0, json.loads(rest))]
+                break
+            except json.JSONDecodeError:
+                raise FactFormatError(
+                    f"{path}: line {n}: invalid JSON ({e}); expected a JSON array or one JSON object per line"
+                ) from None
     for n, rec in parsed:
-        yield f"{path}: line {n}", rec
+        yield (f"{path}: line {n}" if n else f"{path}: record 0"), rec
 
 
 def _place_subject(text: str, subject: str) -> tuple[str, str]:
