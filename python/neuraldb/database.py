@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 import threading
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 from neuraldb.facts import Fact
+from neuraldb_kernels.validation import check_gamma
 
 FactLike = Fact | dict | None
 
@@ -54,16 +54,6 @@ def _check_dim(name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
-
-
-def check_gamma(gamma: object) -> float:
-    """``gamma`` as a float in [-1, 1], or a TypeError/ValueError naming ``gamma``."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a float in [-1, 1], got {type(gamma).__name__}")
-    g = float(gamma)
-    if not math.isfinite(g) or not -1.0 <= g <= 1.0:
-        raise ValueError(f"gamma must be a finite float in [-1, 1], got {gamma!r}")
-    return g
 
 
 def _rows(name: str, t: object, dim: int, dim_name: str) -> torch.Tensor:
