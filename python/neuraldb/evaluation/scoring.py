@@ -189,9 +189,9 @@ def score_continuations(
 
 
 def _out_cache(out):
-    cache = getattr(out, "past_key_values", None)
+    cache = out.get("cache") if hasattr(out, "get") else None  # transformers >= 5.2x names it "cache"
     if cache is None:
-        cache = getattr(out, "cache", None)
+        cache = getattr(out, "past_key_values", None)
     return cache if hasattr(cache, "batch_select_indices") else None
 
 
