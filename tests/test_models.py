@@ -202,6 +202,16 @@ def test_cache_key_follows_the_file(tmp_path, cache):
     assert k1.parent == cache / "models" and k1.name.startswith("m-q4-")
     g.write_bytes(b"abcd")
     assert models._gguf_cache_path(g) != k1
+    # the same file elsewhere (another environment's copy of the same wheel) shares the entry
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / g.name).write_bytes(b"abcd")
+    assert models._gguf_cache_path(other / g.name) == models._gguf_cache_path(g)
+    big = bytes(range(256)) * (3 * 65536)  # 48 MiB: the middle is not read, the tail is
+    (tmp_path / "big.gguf").write_bytes(big)
+    k_big = models._gguf_cache_path(tmp_path / "big.gguf")
+    (tmp_path / "big.gguf").write_bytes(big[:-1] + b"x")
+    assert models._gguf_cache_path(tmp_path / "big.gguf") != k_big
 
 
 # --- the real model -----------------------------------------------------------------------------------------------------

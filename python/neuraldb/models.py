@@ -231,16 +231,23 @@ def _finish(model, tok, identity: str, dtype: torch.dtype, device):
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
+    """The cache entry of ``gguf``: keyed by its content (name, size, the first and last 4 MiB), not its path, so
+    every environment that installs the same wheel shares one entry; and by the transformers version."""
     import transformers
 
-    st = gguf.stat()
-    fingerprint = json.dumps(
-        [str(gguf.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__, _CACHE_FORMAT]
-    ).encode()
+    size = gguf.stat().st_size
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        h.update(f.read(_EDGE))
+        if size > _EDGE:
+            f.seek(max(size - _EDGE, _EDGE))
+            h.update(f.read())
+    fingerprint = json.dumps([gguf.name, size, h.hexdigest(), transformers.__version__, _CACHE_FORMAT]).encode()
     slug = gguf.name.removesuffix(".gguf").lower().replace(".", "-")
     return cache_dir() / "models" / f"{slug}-{hashlib.sha256(fingerprint).hexdigest()[:12]}"
 
 
+_EDGE = 4 << 20
 _MARKER = "neuraldb-cache.json"
 
 
