@@ -44,21 +44,26 @@ uint64_t read_avx512(const void* data, int64_t bytes, int64_t prefetch_bytes);
 // ---- AMX bf16 pre-filter (exactness restored by fp32 rescoring of the candidates, see scan_avx512.cpp) ----
 constexpr int kAmxKeyBlock = 32;    // keys per AMX step (two 16-row A tiles)
 constexpr int kAmxQueryBlock = 16;  // queries per B tile
+constexpr int kMaxSuperBlocks = 4;  // key blocks that share one segment of the packed queries
 
 struct AmxProblem {
   const Problem* p;
   const uint16_t* qpack;  // queries as bf16 B tiles (VNNI layout), see amx_pack_queries
   int64_t tp = 0;         // T rounded up to a multiple of 16 (or 32 when T > 16)
   int64_t d1p = 0;        // d1 rounded up to a multiple of 32
-  float margin = 0.f;     // |bf16 score - fp32 score| <= margin * ||key|| for unit queries
+  int64_t seg = 0;        // d1 is processed in segments of this many elements (a multiple of 32)
+  int64_t nb = 1;         // key blocks (of 32) per super-block, at most kMaxSuperBlocks
+  // |bf16 score - fp32 score| of query q and key k <= qn ||bf16(k) - k|| + kfac ||k|| (gated_retrieval_cpu.cpp)
+  float qn = 0.f;
+  float kfac = 0.f;
   const uint16_t* live;   // (tp / 16,) bit n of word g: query 16 g + n exists and is not all zeros
 };
 
 // Per-thread state of the pre-filter: a running lower bound of the best fp32 score per query, and the keys
 // whose upper bound reaches it (the only keys that can be the fp32 argmax).
 struct AmxThread {
-  uint16_t* kbuf;     // (2, 32, d1p + 32) bf16 keys of the current and the next block
-  float* scores;      // (32, tp) bf16 scores of the current block
+  uint16_t* kbuf;     // (2, 32 nb, seg + 32) bf16 keys of the current and the next (super-block, segment)
+  float* scores;      // (32 nb, tp + 16) bf16 scores of the current super-block
   float* thr;         // (tp,) max over seen keys of (score - bound)
   int64_t* cand_idx;  // (tp, cap)
   float* cand_up;     // (tp, cap) score + bound of each candidate
@@ -68,7 +73,8 @@ struct AmxThread {
 };
 
 bool amx_enable();  // asks the OS for the AMX tile state once per process; false when unavailable
-void amx_pack_queries(const AmxProblem& a, uint16_t* qpack);
+// Packs the queries as bf16 B tiles; *qn and *dq receive max ||q|| and max ||bf16(q) - q|| over the queries.
+void amx_pack_queries(const AmxProblem& a, uint16_t* qpack, float* qn, float* dq);
 void amx_thread_begin(const AmxProblem& a);  // loads the tile configuration of the calling thread
 void amx_thread_end();
 void amx_scan(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1);

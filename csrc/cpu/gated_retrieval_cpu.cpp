@@ -12,6 +12,7 @@
 //                                                  is started (default 300; 0 always uses the team)
 //   NEURALDB_CPU_AMX_MIN_T=N                       smallest T for which "auto" uses the AMX pre-filter
 //   NEURALDB_CPU_AMX_CAP=N                         candidates per query and thread before the exact rescan
+//   NEURALDB_CPU_DEBUG=1                           print the pre-filter's statistics to stderr
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -240,11 +242,13 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   a.p = &p;
   a.tp = p.T <= 16 ? 16 : round_up(p.T, 32);
   a.d1p = round_up(std::max<int64_t>(p.d1, 1), 32);
-  // |bf16(x) - x| <= 2^-8 |x|, so each product is off by <= 2^-7 (1 + 2^-9) |q_i k_i|, and the sum by that
-  // times sum |q_i k_i| <= ||q|| ||k|| = ||k||. Both fp32 accumulations (bf16 pre-filter, fp32 rescoring) add
-  // <= (1.07 d1 + 4) 2^-24 ||k||; (d1 + 64) 2^-22 covers them, the fp32 norm and subnormal flushing.
-  a.margin = static_cast<float>(std::ldexp(1.0 + std::ldexp(1.0, -9), -7) + std::ldexp(p.d1 + 64.0, -22));
-  const int64_t cap = std::max<int64_t>(1, env_int("NEURALDB_CPU_AMX_CAP", 128));
+  // Working set per thread in L2 (2 MB here): a segment of the packed queries (tp x seg bf16), the bf16 keys of
+  // two (super-block, segment) units and the super-block's scores. Long rows are cut into segments; when all
+  // packed queries do not fit in 512 KB, 4 blocks of 32 keys share each segment of them.
+  a.seg = a.d1p <= 2048 ? a.d1p : 1024;
+  a.nb = 2 * a.tp * a.d1p <= (512 << 10) ? 1 : cpu::kMaxSuperBlocks;
+  // Candidates per query and thread before falling back to an exact rescan of that query.
+  const int64_t cap = std::max<int64_t>(1, env_int("NEURALDB_CPU_AMX_CAP", 512));
   std::vector<uint16_t> live(static_cast<size_t>(a.tp / 16), 0);
   for (int64_t q = 0; q < p.T; ++q)
     if (!zero_row[q]) live[q / 16] |= static_cast<uint16_t>(1u << (q % 16));
@@ -254,10 +258,10 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   // AMX runs ~1000 bf16 MACs per cycle: the scan is memory bound.
   const double est_us = static_cast<double>(p.m) * row_bytes / 1e4;
   // Larger chunks than the exact scan: the pipeline of a chunk starts with one block it cannot overlap.
-  const Team t = team(p.m, row_bytes, est_us, cpu::kAmxKeyBlock, 1 << 20);
+  const Team t = team(p.m, row_bytes, est_us, cpu::kAmxKeyBlock * a.nb, 1 << 20);
 
-  const int64_t kst = a.d1p + 32, sst = a.tp + 16;
-  const size_t per_thread = 64 * 8 + 2 * 2 * 32 * kst + 4 * 32 * sst + 4 * a.tp + (8 + 4) * a.tp * cap + 4 * a.tp + a.tp;
+  const int64_t kst = a.seg + 32, sst = a.tp + 16, rows = 32 * a.nb;
+  const size_t per_thread = 64 * 8 + 2 * 2 * rows * kst + 4 * rows * sst + 4 * a.tp + (8 + 4) * a.tp * cap + 4 * a.tp + a.tp;
   thread_local Scratch scratch;
   const size_t qpack_bytes = 2 * (a.tp / 16) * (a.d1p / 32) * 512;
   const size_t need = 64 + qpack_bytes + t.threads * per_thread + 64;
@@ -265,11 +269,24 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   size_t off = 0;
   auto* qpack = reinterpret_cast<uint16_t*>(scratch.take(qpack_bytes, off));
   a.qpack = qpack;
-  cpu::amx_pack_queries(a, qpack);
+  // The bound on |bf16 score - fp32 score| for query q, key k (q' = bf16(q), k' = bf16(k), u = 2^-24):
+  //   q'.k' - q.k = q'.(k' - k) + k.(q' - q), so |q'.k' - q.k| <= ||q'|| ||k' - k|| + ||k|| ||q' - q||
+  //   (Cauchy-Schwarz on the actual rounding errors, about 3x tighter than 2^-7 ||k||);
+  //   the tiles' fp32 sum of d1 exact bf16 products adds <= d1 u sum|q'_i k'_i| <= d1 u ||q'|| ||k'||, and the
+  //   fp32 rescoring (16 lanes of d1 / 16 terms, then 4 halvings) <= (d1 / 16 + 4) u ||q|| ||k||.
+  // With ||q'|| <= ||q|| + ||q' - q|| and ||k'|| <= (1 + 2^-8) ||k||, all of it is <= qn ||k' - k|| + kfac ||k||
+  // where qn bounds ||q'|| and kfac = max ||q' - q|| + 1.01 (d1 + d1 / 16 + 8) u qn (1 + 2^-7) (the 1.01 covers
+  // n u / (1 - n u) for n u < 1e-2). key_bound() adds 0.1% for the fp32 norms and 1e-30 for subnormals flushed
+  // by the tiles.
+  float qn = 0.f, dq = 0.f;
+  cpu::amx_pack_queries(a, qpack, &qn, &dq);
+  a.qn = (qn + dq) * 1.001f;
+  a.kfac = static_cast<float>(dq * 1.001 +
+                              1.01 * (p.d1 + p.d1 / 16.0 + 8.0) * std::ldexp(1.0, -24) * a.qn * (1 + 1.0 / 128));
   std::vector<cpu::AmxThread> ws(static_cast<size_t>(t.threads));
   for (auto& w : ws) {
-    w.kbuf = reinterpret_cast<uint16_t*>(scratch.take(2 * 2 * 32 * kst, off));  // two blocks: double buffer
-    w.scores = reinterpret_cast<float*>(scratch.take(4 * 32 * sst, off));
+    w.kbuf = reinterpret_cast<uint16_t*>(scratch.take(2 * 2 * rows * kst, off));  // two units: double buffer
+    w.scores = reinterpret_cast<float*>(scratch.take(4 * rows * sst, off));
     w.thr = reinterpret_cast<float*>(scratch.take(4 * a.tp, off));
     w.cand_idx = reinterpret_cast<int64_t*>(scratch.take(8 * a.tp * cap, off));
     w.cand_up = reinterpret_cast<float*>(scratch.take(4 * a.tp * cap, off));
@@ -320,6 +337,14 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
     }
     best[q] = b;
     idx[q] = bi;
+  }
+  if (env_int("NEURALDB_CPU_DEBUG", 0) > 0) {
+    int64_t cands = 0;
+    for (const auto& w : ws)
+      for (int64_t q = 0; q < p.T; ++q) cands += w.cand_n[q];
+    std::fprintf(stderr, "neuraldb amx pre-filter: T=%ld m=%ld d1=%ld threads=%d chunk=%ld bound=%g|bf16(k)-k|+%g|k| "
+                 "candidates/query=%.1f exact rescans=%zu\n", (long)p.T, (long)p.m, (long)p.d1, t.threads,
+                 (long)t.chunk, a.qn, a.kfac, double(cands) / p.T, rescan.size());
   }
   if (rescan.empty()) return;
   std::vector<float> qsub(static_cast<size_t>(rescan.size() * p.qs));

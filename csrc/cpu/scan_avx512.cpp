@@ -1,10 +1,11 @@
 // AVX-512 key scans, chosen at run time:
 //  * scan_avx512: exact fp32 scan (16 lanes; keys converted on load; register tiles of up to 8 queries).
 //  * amx_scan:    AMX bf16 pre-filter for many queries. Scores from bf16-rounded queries and keys differ from
-//                 the fp32 scores by at most margin * ||key|| (see gated_retrieval_cpu.cpp for the bound), so
-//                 a key can only be the fp32 argmax when its bf16 score plus that bound reaches the best bf16
-//                 score minus its bound. Those candidates are rescored with dot_avx512, the same fp32 dot the
-//                 exact scan computes: the pre-filter changes the speed, never the result.
+//                 the fp32 scores by at most a per-key bound (Cauchy-Schwarz on the actual rounding errors, see
+//                 gated_retrieval_cpu.cpp), so a key can only be the fp32 argmax when its bf16 score plus its
+//                 bound reaches the best bf16 score minus that key's bound. Those candidates are rescored with
+//                 dot_avx512, the same fp32 dot the exact scan computes: the pre-filter changes the speed, never
+//                 the result.
 // Every function here carries a target attribute instead of the file being compiled for AVX-512, so the
 // library still loads and runs on CPUs without it.
 #include "cpu_kernels.h"
@@ -194,13 +195,23 @@ struct TileConfig {
 
 // Row stride (elements) of the bf16 key block: padded by one cache line so the 16 rows of a tile do not all
 // fall into the same L1 set when d1 is a multiple of 2048.
-inline int64_t kbuf_stride(const AmxProblem& a) { return a.d1p + 32; }
+inline int64_t kbuf_stride(const AmxProblem& a) { return a.seg + 32; }
 inline int64_t scores_stride(const AmxProblem& a) { return a.tp + 16; }
 
-// Converts 32 elements (j, j + 32) of a key row to bf16 at dst and adds their squares to s0, s1.
+// bf16 (as a __m512bh holding 32 values) widened back to fp32: the 16 low and the 16 high values.
+NDB_AMX inline __m512 bf16_lo(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+}
+NDB_AMX inline __m512 bf16_hi(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+// Converts 32 elements (j, j + 32) of a key row to bf16 at dst; adds their squares to s0, s1 and the squares of
+// their bf16 rounding errors to e0, e1 (bf16(x) - x is exact in fp32). Four sums: the multiply-add latency, not
+// the throughput, would bound fewer.
 template <class K>
 NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, uint16_t* dst, __m512& s0,
-                              __m512& s1) {
+                              __m512& s1, __m512& e0, __m512& e1) {
   __m512 lo, hi;
   if (j + 32 <= d1) {
     lo = K::load(src + j);
@@ -209,56 +220,96 @@ NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, u
     lo = K::load(src + j, tail_mask(d1 - j));
     hi = K::load(src + j + 16, tail_mask(d1 - j - 16));
   }
+  const __m512i bf = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j), bf);
+  const __m512 dlo = _mm512_sub_ps(bf16_lo(bf), lo), dhi = _mm512_sub_ps(bf16_hi(bf), hi);
   s0 = _mm512_fmadd_ps(lo, lo, s0);
   s1 = _mm512_fmadd_ps(hi, hi, s1);
-  _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  e0 = _mm512_fmadd_ps(dlo, dlo, e0);
+  e1 = _mm512_fmadd_ps(dhi, dhi, e1);
 }
 
-// Bound on |bf16 score - fp32 score| of a key with squared norm n2. Non-finite keys get an infinite bound:
-// always candidates, never raising the threshold.
-inline float key_bound(float margin, float n2) { return std::isfinite(n2) ? margin * std::sqrt(n2) + 1e-30f : INFINITY; }
+// Bound on |bf16 score - fp32 score| of a key with squared norm n2 and squared bf16 rounding error e2 (see
+// AmxProblem). Non-finite keys get an infinite bound: always candidates, never raising the threshold.
+inline float key_bound(const AmxProblem& a, float n2, float e2) {
+  const float b = a.qn * std::sqrt(e2) + a.kfac * std::sqrt(n2);
+  return std::isfinite(b) ? b * 1.001f + 1e-30f : INFINITY;
+}
 
-// Incremental conversion of one block of key rows into a bf16 buffer, a few 32-element pieces at a time, so
-// that it can run between the tile multiplications of the previous block.
+// A unit of the pipeline: one segment [j0, j1) of the key rows of one super-block, converted to bf16.
+struct Unit {
+  int64_t row0 = 0;  // first key
+  int rows = 0;      // keys in the super-block (0: no unit)
+  int64_t j0 = 0, j1 = 0;
+  int parity = 0;    // super-block parity: which norm accumulator it adds to
+};
+
+// Converts a unit into a bf16 buffer a few 32-element pieces at a time, so that the conversion of the next unit
+// runs between the tile multiplications of the current one. Squared norms accumulate per row across segments.
 template <class K>
-struct BlockConverter {
-  const typename K::T* src = nullptr;  // first row
-  int64_t ks = 0, d1 = 0, d1p = 0, kst = 0;
+struct UnitConverter {
+  const typename K::T* keys = nullptr;
+  int64_t ks = 0, d1 = 0, kst = 0;
   uint16_t* dst = nullptr;
-  float* bound = nullptr;
-  float margin = 0.f;
+  float* norm2 = nullptr;  // (rows,) squared norms so far
+  float* err2 = nullptr;   // (rows,) squared norms of the bf16 rounding errors so far
   int rows = 0, row = 0;
-  int64_t j = 0;
-  __m512 s0, s1;  // squared norm of the current row so far (two sums: the FMA latency is the bottleneck)
+  int64_t j0 = 0, j1 = 0, j = 0;
+  const typename K::T* src = nullptr;
+  __m512 s0, s1, e0, e1;  // the current row's part of the segment so far
 
-  NDB_AMX void start(const typename K::T* s, int n, uint16_t* d, float* b) {
-    src = s;
-    rows = n;
+  NDB_AMX void start(const Unit& u, uint16_t* d, float* n2, float* e2) {
+    rows = u.rows;
     row = 0;
-    j = 0;
+    j0 = u.j0;
+    j1 = u.j1;
+    j = j0;
     dst = d;
-    bound = b;
-    s0 = s1 = _mm512_setzero_ps();
+    norm2 = n2;
+    err2 = e2;
+    src = keys + u.row0 * ks;
+    s0 = s1 = e0 = e1 = _mm512_setzero_ps();
+    if (j0 == 0)
+      for (int r = 0; r < rows; ++r) norm2[r] = err2[r] = 0.f;
   }
   NDB_AMX void step(int64_t pieces) {
-    // Work on register copies: through the struct, every multiply-add would wait for a store and a load.
-    __m512 a = s0, b = s1;
+    // Register copies: through the struct, every multiply-add would wait for a store and a load.
+    __m512 a = s0, b = s1, c = e0, d = e1;
     int64_t jj = j;
     int r = row;
     for (int64_t u = 0; u < pieces && r < rows; ++u) {
-      convert32<K>(src + r * ks, jj, d1, dst + r * kst, a, b);
+      convert32<K>(src + r * ks, jj, d1, dst + r * kst - j0, a, b, c, d);
       jj += 32;
-      if (jj >= d1p) {
-        bound[r] = key_bound(margin, _mm512_reduce_add_ps(_mm512_add_ps(a, b)));
-        a = b = _mm512_setzero_ps();
-        jj = 0;
+      if (jj >= j1) {
+        norm2[r] += _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+        err2[r] += _mm512_reduce_add_ps(_mm512_add_ps(c, d));
+        a = b = c = d = _mm512_setzero_ps();
+        jj = j0;
         ++r;
       }
     }
     s0 = a;
     s1 = b;
+    e0 = c;
+    e1 = d;
     j = jj;
     row = r;
+  }
+};
+
+// Software prefetch of a unit's lines into L2, spread over the steps of the unit before it.
+struct PrefetchCursor {
+  const char* base = nullptr;  // first line of the current row
+  int64_t row_bytes = 0, lines = 0, rows = 0, row = 0, line = 0;
+  NDB_AMX void step(int64_t n) {
+    for (; n > 0 && row < rows; --n) {
+      _mm_prefetch(base + line * 64, _MM_HINT_T1);
+      if (++line == lines) {
+        line = 0;
+        ++row;
+        base += row_bytes;
+      }
+    }
   }
 };
 
@@ -317,85 +368,120 @@ NDB_AMX void epilogue(const AmxProblem& a, AmxThread& w, int64_t i0, int nk, con
   }
 }
 
-// Blocks of 32 keys, software pipelined: while the tiles multiply block b (bf16 keys in one half of kbuf), the
-// vector units convert block b + 1 into the other half and the next block after that is prefetched into L2.
+// Super-blocks of nb x 32 keys, split along d1 into segments, software pipelined: while the tiles multiply the
+// bf16 copy of one (super-block, segment) unit, the vector units convert the next unit into the other half of
+// kbuf and the unit after that is prefetched into L2. Partial scores of a super-block live in w.scores between
+// segments, so that a segment of the packed queries is reused by nb x 32 keys: both stay in L2 for any d1.
 template <class K, int NQ>
 NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1) {
   const Problem& p = *a.p;
-  const auto* keys = static_cast<const typename K::T*>(p.keys);
+  constexpr int64_t kB = kAmxKeyBlock;
+  const int64_t esz = static_cast<int64_t>(sizeof(typename K::T));
   const int64_t nks = a.d1p / 32;
   const int64_t kst = kbuf_stride(a);
   const int64_t sst = scores_stride(a);
-  const int64_t steps = (a.tp / 16 / NQ) * nks;  // tile steps per block
-  const int64_t lines_per_row = (p.d1 * static_cast<int64_t>(sizeof(typename K::T)) + 63) / 64;
-  const int64_t row_bytes = p.ks * static_cast<int64_t>(sizeof(typename K::T));
-  float bounds[2][kAmxKeyBlock];
+  const int64_t sb_rows = kB * a.nb;
+  const int64_t nseg = (a.d1p + a.seg - 1) / a.seg;
+  const int64_t nqb = a.tp / 16;
+  float norm2[2][kB * kMaxSuperBlocks], err2[2][kB * kMaxSuperBlocks];
+  float bound[kB * kMaxSuperBlocks];
 
-  BlockConverter<K> conv;
+  // The pipeline's units in order: (super-block 0, segment 0..nseg-1), (super-block 1, segment 0), ...
+  auto unit = [&](int64_t n) {
+    Unit u;
+    const int64_t sb = n / nseg, g = n % nseg;
+    u.row0 = k0 + sb * sb_rows;
+    u.rows = static_cast<int>(u.row0 < k1 ? (k1 - u.row0 < sb_rows ? k1 - u.row0 : sb_rows) : 0);
+    u.j0 = g * a.seg;
+    u.j1 = u.j0 + a.seg < a.d1p ? u.j0 + a.seg : a.d1p;
+    u.parity = static_cast<int>(sb & 1);
+    return u;
+  };
+  auto prefetch_of = [&](const Unit& u) {
+    PrefetchCursor c;
+    c.base = reinterpret_cast<const char*>(static_cast<const typename K::T*>(p.keys) + u.row0 * p.ks) +
+             (u.j0 * esz) / 64 * 64;
+    c.row_bytes = p.ks * esz;
+    const int64_t end = (u.j1 < p.d1 ? u.j1 : p.d1) * esz;
+    c.lines = end > u.j0 * esz ? (end - (u.j0 * esz) / 64 * 64 + 63) / 64 : 0;
+    c.rows = u.rows;
+    return c;
+  };
+
+  UnitConverter<K> conv;
+  conv.keys = static_cast<const typename K::T*>(p.keys);
   conv.ks = p.ks;
   conv.d1 = p.d1;
-  conv.d1p = a.d1p;
   conv.kst = kst;
-  conv.margin = a.margin;
-  auto rows_of = [&](int64_t i0) { return static_cast<int>(k1 - i0 < kAmxKeyBlock ? (k1 - i0 > 0 ? k1 - i0 : 0) : kAmxKeyBlock); };
+  uint16_t* buf[2] = {w.kbuf, w.kbuf + sb_rows * kst};
 
-  conv.start(keys + k0 * p.ks, rows_of(k0), w.kbuf, bounds[0]);
+  Unit cur = unit(0);
+  conv.start(cur, buf[0], norm2[cur.parity], err2[cur.parity]);
   conv.step(INT64_MAX);
-  int cur = 0;
-  for (int64_t i0 = k0; i0 < k1; i0 += kAmxKeyBlock, cur ^= 1) {
-    const int nk = rows_of(i0);
-    const uint16_t* kb0 = w.kbuf + cur * kAmxKeyBlock * kst;
-    const uint16_t* kb1 = kb0 + 16 * kst;
+  int cb = 0;
+  for (int64_t n = 0; cur.rows > 0; ++n, cb ^= 1) {
+    const Unit next = unit(n + 1);
+    PrefetchCursor pf = prefetch_of(unit(n + 2));
     // GCC's tileloadd intrinsic does not tell the compiler that it reads memory: finish the stores first.
     asm volatile("" ::: "memory");
+    conv.start(next, buf[cb ^ 1], norm2[next.parity], err2[next.parity]);
 
-    const int nk_next = rows_of(i0 + kAmxKeyBlock);
-    conv.start(keys + (i0 + kAmxKeyBlock) * p.ks, nk_next, w.kbuf + (cur ^ 1) * kAmxKeyBlock * kst, bounds[cur ^ 1]);
-    const int64_t pieces = (static_cast<int64_t>(nk_next) * nks + steps - 1) / steps;
-    const int nk_pf = rows_of(i0 + 2 * kAmxKeyBlock);
-    const int64_t pf_total = nk_pf * lines_per_row;
-    const int64_t pf_per_step = (pf_total + steps - 1) / steps;
-    const char* pf_row = reinterpret_cast<const char*>(keys + (i0 + 2 * kAmxKeyBlock) * p.ks);
-    int64_t pf_line = 0, pf_done = 0;
+    const int64_t s0 = cur.j0 / 32, s1 = cur.j1 / 32;
+    const int nkb = static_cast<int>((cur.rows + kB - 1) / kB);
+    const int64_t steps = (nqb / NQ) * nkb * (s1 - s0);
+    const int64_t pieces = (next.rows * ((next.j1 - next.j0) / 32) + steps - 1) / steps;
+    const int64_t pf_per_step = (pf.rows * pf.lines + steps - 1) / steps;
+    const bool first = cur.j0 == 0;
 
-    for (int64_t qb = 0; qb < a.tp / 16; qb += NQ) {
-      const uint16_t* bq = a.qpack + qb * nks * 512;
-      _tile_zero(0);
-      _tile_zero(1);
-      if (NQ == 2) {
-        _tile_zero(2);
-        _tile_zero(3);
-      }
-      for (int64_t s = 0; s < nks; ++s) {
-        _tile_loadd(4, kb0 + s * 32, kst * 2);
-        _tile_loadd(5, kb1 + s * 32, kst * 2);
-        _tile_loadd(6, bq + s * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 5, 6);
-        if (NQ == 2) {
-          _tile_loadd(7, bq + (nks + s) * 512, 64);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        conv.step(pieces);
-        for (int64_t u = 0; u < pf_per_step && pf_done < pf_total; ++u, ++pf_done) {
-          _mm_prefetch(pf_row + pf_line * 64, _MM_HINT_T1);
-          if (++pf_line == lines_per_row) {
-            pf_line = 0;
-            pf_row += row_bytes;
+    for (int64_t qb = 0; qb < nqb; qb += NQ) {
+      for (int kb = 0; kb < nkb; ++kb) {
+        const uint16_t* a0 = buf[cb] + kb * kB * kst - cur.j0;
+        const uint16_t* a1 = a0 + 16 * kst;
+        float* sc = w.scores + kb * kB * sst + qb * 16;
+        if (first) {
+          _tile_zero(0);
+          _tile_zero(1);
+          if (NQ == 2) {
+            _tile_zero(2);
+            _tile_zero(3);
+          }
+        } else {
+          _tile_loadd(0, sc, sst * 4);
+          _tile_loadd(1, sc + 16 * sst, sst * 4);
+          if (NQ == 2) {
+            _tile_loadd(2, sc + 16, sst * 4);
+            _tile_loadd(3, sc + 16 * sst + 16, sst * 4);
           }
         }
-      }
-      float* sc = w.scores + qb * 16;
-      _tile_stored(0, sc, sst * 4);
-      _tile_stored(1, sc + 16 * sst, sst * 4);
-      if (NQ == 2) {
-        _tile_stored(2, sc + 16, sst * 4);
-        _tile_stored(3, sc + 16 * sst + 16, sst * 4);
+        const uint16_t* bq = a.qpack + qb * nks * 512;
+        for (int64_t s = s0; s < s1; ++s) {
+          _tile_loadd(4, a0 + s * 32, kst * 2);
+          _tile_loadd(5, a1 + s * 32, kst * 2);
+          _tile_loadd(6, bq + s * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          if (NQ == 2) {
+            _tile_loadd(7, bq + (nks + s) * 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          conv.step(pieces);
+          pf.step(pf_per_step);
+        }
+        _tile_stored(0, sc, sst * 4);
+        _tile_stored(1, sc + 16 * sst, sst * 4);
+        if (NQ == 2) {
+          _tile_stored(2, sc + 16, sst * 4);
+          _tile_stored(3, sc + 16 * sst + 16, sst * 4);
+        }
       }
     }
     conv.step(INT64_MAX);  // whatever the spread left over
-    epilogue(a, w, i0, nk, bounds[cur]);
+    if (cur.j1 == a.d1p) {  // last segment: the super-block's scores are complete
+      for (int r = 0; r < cur.rows; ++r) bound[r] = key_bound(a, norm2[cur.parity][r], err2[cur.parity][r]);
+      epilogue(a, w, cur.row0, cur.rows, bound);
+    }
+    cur = next;
   }
 }
 
@@ -463,27 +549,37 @@ bool amx_enable() {
 #endif
 }
 
-NDB_AMX void amx_pack_queries(const AmxProblem& a, uint16_t* qpack) {
+NDB_AMX void amx_pack_queries(const AmxProblem& a, uint16_t* qpack, float* qn, float* dq) {
   // Tile (query block qb, k step s) is 16 rows of 16 (query, pair) dwords: row r, column n holds
   // bf16(q[16 qb + n][32 s + 2 r]) and bf16(q[16 qb + n][32 s + 2 r + 1]).
   const Problem& p = *a.p;
   const int64_t nks = a.d1p / 32;
   auto* out = reinterpret_cast<uint32_t*>(qpack);
+  float max_n2 = 0.f, max_e2 = 0.f;
   for (int64_t t = 0; t < a.tp; ++t) {
     const int64_t qb = t / 16, n = t % 16;
+    __m512 n2 = _mm512_setzero_ps(), e2 = n2;
     for (int64_t s = 0; s < nks; ++s) {
       alignas(64) uint32_t pairs[16];
       if (t < p.T) {
         const float* q = p.q + t * p.qs + s * 32;
-        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 16), _mm512_loadu_ps(q));
-        _mm512_store_si512(reinterpret_cast<__m512i*>(pairs), reinterpret_cast<__m512i>(v));
+        const __m512 lo = _mm512_loadu_ps(q), hi = _mm512_loadu_ps(q + 16);
+        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_store_si512(reinterpret_cast<__m512i*>(pairs), v);
+        const __m512 dlo = _mm512_sub_ps(bf16_lo(v), lo), dhi = _mm512_sub_ps(bf16_hi(v), hi);
+        n2 = _mm512_fmadd_ps(hi, hi, _mm512_fmadd_ps(lo, lo, n2));
+        e2 = _mm512_fmadd_ps(dhi, dhi, _mm512_fmadd_ps(dlo, dlo, e2));
       } else {
         for (int r = 0; r < 16; ++r) pairs[r] = 0;
       }
       uint32_t* tile = out + (qb * nks + s) * 256;
       for (int r = 0; r < 16; ++r) tile[r * 16 + n] = pairs[r];
     }
+    max_n2 = std::fmax(max_n2, _mm512_reduce_add_ps(n2));
+    max_e2 = std::fmax(max_e2, _mm512_reduce_add_ps(e2));
   }
+  *qn = std::sqrt(max_n2);
+  *dq = std::sqrt(max_e2);
 }
 
 NDB_AMX void amx_thread_begin(const AmxProblem&) {
