@@ -131,7 +131,7 @@ def markdown_report(runs: Sequence[dict], title: str = "neuraldb evaluation") ->
             for n in r[part].get("notes", []):
                 if n not in notes:
                     notes.append(n)
-            defs.update(r[part].get("definitions", {}))
+            defs.update({f"{r['dataset']} {k}": v for k, v in r[part].get("definitions", {}).items()})
         if r.get("general"):
             for n in r["general"]["pre"].get("notes", []):
                 if n not in notes:
