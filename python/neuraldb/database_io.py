@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import torch
 
+from neuraldb.atomic import atomic_path
 from neuraldb.database import (
     STORAGE_DTYPES,
     NeuralKVDatabase,
@@ -102,30 +102,8 @@ def save_database(db: NeuralKVDatabase, path: str | os.PathLike) -> None:
             "facts_json": torch.frombuffer(bytearray(facts.encode("utf-8")), dtype=torch.uint8),
         }
         # The slices alias the live buffers on CPU; a clone is not needed because the lock is held while writing.
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_path(target) as tmp:
             save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, allow_nan=False)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; not every platform can open a directory, and durability is best effort there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _Invalid(ValueError):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from neuraldb.atomic import atomic_path
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -453,8 +455,6 @@ def save(facts: Iterable[Fact], path: str | os.PathLike) -> None:
     """Writes ``facts`` as JSON lines in the ``neuraldb`` format (gzip-compressed when ``path`` ends in .gz)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    tmp = path.with_name(path.name + ".tmp")
-    with opener(tmp, "wt", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, opener(tmp, "wt", encoding="utf-8") as f:
         for fact in facts:
             f.write(json.dumps(to_record(fact), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

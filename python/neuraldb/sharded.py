@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from neuraldb.atomic import atomic_path
 from neuraldb.database import (
     FactLike,
     NeuralKVDatabase,
@@ -149,27 +150,6 @@ def _agree(error: BaseException | None, group: Any) -> None:
     if bad:
         r, e = bad[0]
         raise RuntimeError(f"rank {r} of the process group failed: {e}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -629,7 +609,8 @@ class ShardedNeuralKVDatabase:
                         "shards": [{"file": n, "count": c} for n, c in zip(names, all_counts)],
                         **{name: getattr(self, name) for name in _METADATA},
                     }
-                    _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False))
+                    with atomic_path(directory / MANIFEST) as tmp:
+                        tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
                     if old is not None:
                         for s in old["shards"]:
                             if s["file"] not in names:
