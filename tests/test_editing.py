@@ -111,6 +111,10 @@ def test_keys_batched_equals_single(tiny):
     torch.testing.assert_close(k_all, k_one, atol=1e-5, rtol=1e-4)
     k_res, _ = compute_keys_and_residuals(model, tok, FACTS, 1, steps=1, **kw)
     torch.testing.assert_close(k_all, k_res, atol=1e-5, rtol=1e-4)
+    bare = compute_keys(model, tok, FACTS, 1, n_prefixes=0)
+    torch.testing.assert_close(compute_keys(model, tok, FACTS, 1, key_bare_weight=1.0, **kw), bare, atol=1e-5, rtol=1e-4)
+    half = compute_keys(model, tok, FACTS, 1, key_bare_weight=0.5, **kw)
+    torch.testing.assert_close(half, 0.5 * bare + 0.5 * (3 * k_all - bare) / 2, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stop_loss", [0.0, 5e-2])
@@ -199,9 +203,9 @@ def _sum_logprob(model, tok, template, prompt, target):
 
 @pytest.mark.slow
 def test_smollm2_edit_end_to_end():
-    neuraldb = pytest.importorskip("neuraldb")
+    models = pytest.importorskip("neuraldb.models")
     try:
-        model, tok = neuraldb.load_model("smollm2")
+        model, tok = models.load_model("smollm2")
     except Exception as e:  # pragma: no cover - model wheel absent
         pytest.skip(f"SmolLM2 not available: {e}")
     from neuraldb.patching import patch_model, unpatch_model

@@ -168,10 +168,21 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
                 del prep
             else:
                 row_keys = engine.key_pass(h, batch)
-            k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of[is_key_row], row_keys[is_key_row])
-            cnt = torch.zeros(len(chunk), device=device).index_add(
-                0, fact_of[is_key_row], torch.ones(int(is_key_row.sum()), device=device)
-            )
+            # key rows of a fact come in context order: the bare prompt first
+            w = torch.ones(len(rows), device=device)
+            n_ctx = len(contexts)
+            if cfg.key_bare_weight is not None and n_ctx > 1:
+                bare = torch.tensor([r.kl_pos < 0 and r.subj >= 0 for r in rows], device=device)
+                first = torch.zeros(len(rows), dtype=torch.bool, device=device)
+                seen = set()
+                for j, r in enumerate(rows):
+                    if r.kl_pos < 0 and r.fact not in seen:
+                        seen.add(r.fact)
+                        first[j] = True
+                w = torch.where(first, cfg.key_bare_weight, (1 - cfg.key_bare_weight) / (n_ctx - 1)) * bare
+            w = w * is_key_row
+            k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of, row_keys * w[:, None])
+            cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of, w)
             keys[idx] = (k / cnt[:, None]).cpu()
             if bar is not None:
                 bar.update(len(chunk))
@@ -205,11 +216,15 @@ def compute_keys(
     batch_size: int | None = None,
     template: str | None = None,
     seed: int | None = None,
+    key_bare_weight: float | None = None,
 ) -> torch.Tensor:
     """Keys (n, d1) float32 (paper Eq. 18): the down-projection input of ``layer`` at the subject's last token,
     averaged over the bare prompt and ``n_prefixes`` model-generated prefixes, all inside ``template``
     (default: :func:`neuraldb.templates.default_template`)."""
-    cfg = resolve(model, layer=layer, n_prefixes=n_prefixes, prefix_len=prefix_len, batch_size=batch_size, seed=seed)
+    cfg = resolve(
+        model, layer=layer, n_prefixes=n_prefixes, prefix_len=prefix_len, batch_size=batch_size, seed=seed,
+        key_bare_weight=key_bare_weight,
+    )
     with _editing_state(model), torch.no_grad():
         k, _ = _run(model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None)
     return k

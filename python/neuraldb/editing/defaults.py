@@ -28,6 +28,8 @@ class EditConfig:
             whose loss has a floor above stop_loss, e.g. held by the norm clamp, stop burning steps).
         kl_prompt: the "{} is a" prompt of the KL term.
         batch_size: facts optimised together.
+        key_bare_weight: weight of the bare prompt in the key mean (the prefixed contexts share the rest); None
+            is the plain mean of Eq. 18; MEMIT's grouping amounts to 0.5.
         compute_dtype: "bfloat16" runs the optimisation steps with bf16 weights (keys, the prefix pass and the KL
             reference stay in the model's dtype); about 2x faster on CPUs with AVX-512 BF16.
     """
@@ -47,6 +49,7 @@ class EditConfig:
     kl_prompt: str = "{} is a"
     batch_size: int = 32
     compute_dtype: str = "float32"
+    key_bare_weight: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
