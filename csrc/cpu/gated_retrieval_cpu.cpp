@@ -366,34 +366,32 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
 // ------------------------------------------------------------------------------------------------
 // Queries in, gated values out
 // ------------------------------------------------------------------------------------------------
-template <class Q>
-void normalize_rows(const at::Tensor& queries, int64_t T, int64_t d1, float* dst, int64_t qs, uint8_t* zero_row) {
-  const Q* src = queries.data_ptr<Q>();
-  const int64_t stride = queries.stride(0);
+// Rows of fp32 queries (row stride `stride`) to q / max(||q||, eps) in dst (row stride qs, zero padded). Plain
+// loops over independent lanes, so that the compiler vectorises them, once per ISA (picked when loaded).
+#if defined(NEURALDB_X86) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void normalize_rows(const float* src, int64_t stride, int64_t T, int64_t d1, float* dst, int64_t qs,
+                    uint8_t* zero_row) {
   for (int64_t t = 0; t < T; ++t) {
-    const Q* row = src + t * stride;
+    const float* row = src + t * stride;
     float* out = dst + t * qs;
     // fp32 sum of squares, as the reference's q.float().norm() (same underflow / overflow behaviour).
     float part[16] = {};
     int64_t j = 0;
     for (; j + 16 <= d1; j += 16)
-      for (int l = 0; l < 16; ++l) {
-        const float x = static_cast<float>(row[j + l]);
-        part[l] += x * x;
-      }
-    for (; j < d1; ++j) {
-      const float x = static_cast<float>(row[j]);
-      part[j % 16] += x * x;
-    }
+      for (int l = 0; l < 16; ++l) part[l] += row[j + l] * row[j + l];
+    for (; j < d1; ++j) part[j % 16] += row[j] * row[j];
     float ss = 0.f;
     for (float v : part) ss += v;
     const float norm = std::max(std::sqrt(ss), kNormEps);
-    bool zero = true;
-    for (j = 0; j < d1; ++j) {
-      out[j] = static_cast<float>(row[j]) / norm;
-      zero = zero && out[j] == 0.f;
-    }
+    for (j = 0; j < d1; ++j) out[j] = row[j] / norm;
     std::fill(out + d1, out + qs, 0.f);
+    bool zero = true;
+    if (!(ss > 0.f))  // only then can every q / norm be zero (ss == 0: zero or subnormal-sized entries)
+      for (j = 0; j < d1; ++j) zero = zero && out[j] == 0.f;
+    else
+      zero = false;
     zero_row[t] = zero;
   }
 }
@@ -502,16 +500,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Ten
   // Normalised, zero padded fp32 queries (rows of qs floats, qs a multiple of 64 so every vector load of a
   // query row stays inside it).
   const int64_t qs = round_up(std::max<int64_t>(d1, 1), 64);
-  std::vector<float> qbuf(static_cast<size_t>(T * qs + 16));
+  // Reused per calling thread: a fresh buffer of T x qs floats costs page faults and a memset on every call.
+  thread_local std::vector<float> qbuf_storage;
+  if (qbuf_storage.size() < static_cast<size_t>(T * qs + 16)) qbuf_storage.resize(static_cast<size_t>(T * qs + 16));
+  float* const qbuf = qbuf_storage.data();
   std::vector<uint8_t> zero_row(static_cast<size_t>(T));
-  switch (queries.scalar_type()) {
-    case at::kFloat: normalize_rows<float>(queries, T, d1, qbuf.data(), qs, zero_row.data()); break;
-    case at::kHalf: normalize_rows<c10::Half>(queries, T, d1, qbuf.data(), qs, zero_row.data()); break;
-    default: normalize_rows<c10::BFloat16>(queries, T, d1, qbuf.data(), qs, zero_row.data()); break;
+  {
+    // fp16/bf16 queries: one (vectorised) conversion to fp32 first; fp32 rows are read where they are.
+    const at::Tensor qf = queries.scalar_type() == at::kFloat ? queries : queries.to(at::kFloat).contiguous();
+    normalize_rows(qf.data_ptr<float>(), T > 1 ? qf.stride(0) : d1, T, d1, qbuf, qs, zero_row.data());
   }
 
   Problem p;
-  p.q = qbuf.data();
+  p.q = qbuf;
   p.T = T;
   p.qs = qs;
   p.keys = keys.data_ptr();
@@ -525,7 +526,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Ten
   float* best = score_t.data_ptr<float>();
   int64_t* idx = idx_t.data_ptr<int64_t>();
   const Plan pl = plan(T);
-  if (pl.prefilter && d1 > 0) {
+  // A handful of keys is cheaper to score exactly than to pack the queries for the tiles (unless forced).
+  const bool forced = std::getenv("NEURALDB_CPU_ISA") != nullptr && std::string(std::getenv("NEURALDB_CPU_ISA")) == "amx";
+  if (pl.prefilter && d1 > 0 && (m >= 128 || forced)) {
 #ifdef NEURALDB_X86
     // Groups of up to 256 queries: their packed bf16 copy stays in L2 while the keys stream past.
     constexpr int64_t kGroup = 256;
