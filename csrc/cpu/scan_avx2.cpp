@@ -70,7 +70,7 @@ NDB_AVX2 inline void tile(const typename K::T* k, int64_t ks, const float* q, in
     for (int i = 0; i < KB; ++i) kv[i] = K::load(k + i * ks + j);
     if (pf != nullptr && (j * sizeof(typename K::T)) % 64 == 0) {
 #pragma GCC unroll 8
-      for (int i = 0; i < KB; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * ks + j), _MM_HINT_T0);
+      for (int i = 0; i < KB; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * ks + j), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
     for (int b = 0; b < QB; ++b) {
