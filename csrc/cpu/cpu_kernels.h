@@ -56,6 +56,7 @@ struct AmxProblem {
   // |bf16 score - fp32 score| of query q and key k <= qn ||bf16(k) - k|| + kfac ||k|| (gated_retrieval_cpu.cpp)
   float qn = 0.f;
   float kfac = 0.f;
+  bool tight = true;      // measure ||bf16(k) - k|| per key (else bound it by 2^-8 ||k||, a cheaper conversion)
   const uint16_t* live;   // (tp / 16,) bit n of word g: query 16 g + n exists and is not all zeros
 };
 

@@ -12,6 +12,7 @@
 //                                                  is started (default 300; 0 always uses the team)
 //   NEURALDB_CPU_AMX_MIN_T=N                       smallest T for which "auto" uses the AMX pre-filter
 //   NEURALDB_CPU_AMX_CAP=N                         candidates per query and thread before the exact rescan
+//   NEURALDB_CPU_AMX_TIGHT=0|1                     measure each key's bf16 rounding error (default: d1 > 2048)
 //   NEURALDB_CPU_DEBUG=1                           print the pre-filter's statistics to stderr
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -247,6 +248,9 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   // packed queries do not fit in 512 KB, 4 blocks of 32 keys share each segment of them.
   a.seg = a.d1p <= 2048 ? a.d1p : 1024;
   a.nb = 2 * a.tp * a.d1p <= (512 << 10) ? 1 : cpu::kMaxSuperBlocks;
+  // Measured key rounding errors cost ~20% more conversion work; they matter where scores crowd together, which
+  // random-ish data does more as d1 grows (their spread is ~1/sqrt(d1)).
+  a.tight = env_int("NEURALDB_CPU_AMX_TIGHT", p.d1 > 2048 ? 1 : 0) != 0;
   // Candidates per query and thread before falling back to an exact rescan of that query.
   const int64_t cap = std::max<int64_t>(1, env_int("NEURALDB_CPU_AMX_CAP", 512));
   std::vector<uint16_t> live(static_cast<size_t>(a.tp / 16), 0);

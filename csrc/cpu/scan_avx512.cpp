@@ -210,7 +210,7 @@ NDB_AMX inline __m512 bf16_hi(__m512i v) {
 // Converts 32 elements (j, j + 32) of a key row to bf16 at dst; adds their squares to s0, s1 and the squares of
 // their bf16 rounding errors to e0, e1 (bf16(x) - x is exact in fp32). Four sums: the multiply-add latency, not
 // the throughput, would bound fewer.
-template <class K>
+template <class K, bool TIGHT>
 NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, uint16_t* dst, __m512& s0,
                               __m512& s1, __m512& e0, __m512& e1) {
   __m512 lo, hi;
@@ -223,11 +223,13 @@ NDB_AMX inline void convert32(const typename K::T* src, int64_t j, int64_t d1, u
   }
   const __m512i bf = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
   _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j), bf);
-  const __m512 dlo = _mm512_sub_ps(bf16_lo(bf), lo), dhi = _mm512_sub_ps(bf16_hi(bf), hi);
   s0 = _mm512_fmadd_ps(lo, lo, s0);
   s1 = _mm512_fmadd_ps(hi, hi, s1);
-  e0 = _mm512_fmadd_ps(dlo, dlo, e0);
-  e1 = _mm512_fmadd_ps(dhi, dhi, e1);
+  if (TIGHT) {
+    const __m512 dlo = _mm512_sub_ps(bf16_lo(bf), lo), dhi = _mm512_sub_ps(bf16_hi(bf), hi);
+    e0 = _mm512_fmadd_ps(dlo, dlo, e0);
+    e1 = _mm512_fmadd_ps(dhi, dhi, e1);
+  }
 }
 
 // Bound on |bf16 score - fp32 score| of a key with squared norm n2 and squared bf16 rounding error e2 (see
@@ -247,7 +249,8 @@ struct Unit {
 
 // Converts a unit into a bf16 buffer a few 32-element pieces at a time, so that the conversion of the next unit
 // runs between the tile multiplications of the current one. Squared norms accumulate per row across segments.
-template <class K>
+// TIGHT: measure ||bf16(k) - k|| per key; otherwise use its bound 2^-8 ||k|| (cheaper conversion, looser bound).
+template <class K, bool TIGHT>
 struct UnitConverter {
   const typename K::T* keys = nullptr;
   int64_t ks = 0, d1 = 0, kst = 0;
@@ -279,11 +282,13 @@ struct UnitConverter {
     int64_t jj = j;
     int r = row;
     for (int64_t u = 0; u < pieces && r < rows; ++u) {
-      convert32<K>(src + r * ks, jj, d1, dst + r * kst - j0, a, b, c, d);
+      convert32<K, TIGHT>(src + r * ks, jj, d1, dst + r * kst - j0, a, b, c, d);
       jj += 32;
       if (jj >= j1) {
-        norm2[r] += _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-        err2[r] += _mm512_reduce_add_ps(_mm512_add_ps(c, d));
+        const float n2 = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+        norm2[r] += n2;
+        // |bf16(x) - x| <= 2^-8 |x| (round to nearest, 8 significant bits); 1.001 covers the fp32 sum.
+        err2[r] += TIGHT ? _mm512_reduce_add_ps(_mm512_add_ps(c, d)) : n2 * (1.001f / 65536);
         a = b = c = d = _mm512_setzero_ps();
         jj = j0;
         ++r;
@@ -373,7 +378,7 @@ NDB_AMX void epilogue(const AmxProblem& a, AmxThread& w, int64_t i0, int nk, con
 // bf16 copy of one (super-block, segment) unit, the vector units convert the next unit into the other half of
 // kbuf and the unit after that is prefetched into L2. Partial scores of a super-block live in w.scores between
 // segments, so that a segment of the packed queries is reused by nb x 32 keys: both stay in L2 for any d1.
-template <class K, int NQ>
+template <class K, int NQ, bool TIGHT>
 NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1) {
   const Problem& p = *a.p;
   constexpr int64_t kB = kAmxKeyBlock;
@@ -409,7 +414,7 @@ NDB_AMX void amx_scan_impl(const AmxProblem& a, AmxThread& w, int64_t k0, int64_
     return c;
   };
 
-  UnitConverter<K> conv;
+  UnitConverter<K, TIGHT> conv;
   conv.keys = static_cast<const typename K::T*>(p.keys);
   conv.ks = p.ks;
   conv.d1 = p.d1;
@@ -596,12 +601,19 @@ NDB_AMX void amx_thread_begin(const AmxProblem&) {
 
 NDB_AMX void amx_thread_end() { _tile_release(); }
 
-void amx_scan(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1) {
+template <class K>
+void amx_scan_k(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1) {
   const bool two = a.tp % 32 == 0;
+  if (a.tight)
+    return two ? amx_scan_impl<K, 2, true>(a, w, k0, k1) : amx_scan_impl<K, 1, true>(a, w, k0, k1);
+  return two ? amx_scan_impl<K, 2, false>(a, w, k0, k1) : amx_scan_impl<K, 1, false>(a, w, k0, k1);
+}
+
+void amx_scan(const AmxProblem& a, AmxThread& w, int64_t k0, int64_t k1) {
   switch (a.p->key_type) {
-    case KeyType::kF16: return two ? amx_scan_impl<F16, 2>(a, w, k0, k1) : amx_scan_impl<F16, 1>(a, w, k0, k1);
-    case KeyType::kBF16: return two ? amx_scan_impl<BF16, 2>(a, w, k0, k1) : amx_scan_impl<BF16, 1>(a, w, k0, k1);
-    case KeyType::kF32: return two ? amx_scan_impl<F32, 2>(a, w, k0, k1) : amx_scan_impl<F32, 1>(a, w, k0, k1);
+    case KeyType::kF16: return amx_scan_k<F16>(a, w, k0, k1);
+    case KeyType::kBF16: return amx_scan_k<BF16>(a, w, k0, k1);
+    case KeyType::kF32: return amx_scan_k<F32>(a, w, k0, k1);
   }
 }
 
