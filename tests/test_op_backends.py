@@ -161,14 +161,15 @@ def test_ties_across_threads_and_chunks(backend, monkeypatch, two_threads, chunk
 
 
 # ---- the AMX pre-filter: many keys inside its margin, candidate lists that overflow -----------------------------
-@pytest.mark.parametrize("tight", ["0", "1"])
+@pytest.mark.parametrize("tight,blocks", [("0", "1"), ("1", "1"), ("1", "3")])
 @pytest.mark.parametrize("cap", [1, 2, 128])
-def test_prefilter_crowded_margin(monkeypatch, cap, tight):
+def test_prefilter_crowded_margin(monkeypatch, cap, tight, blocks):
     if "amx" not in _cpu_kernels():
         pytest.skip("no AMX on this CPU")
     backend = _use("cpu-amx", monkeypatch)
     monkeypatch.setenv("NEURALDB_CPU_AMX_CAP", str(cap))
     monkeypatch.setenv("NEURALDB_CPU_AMX_TIGHT", tight)
+    monkeypatch.setenv("NEURALDB_CPU_AMX_BLOCKS", blocks)
     g = torch.Generator().manual_seed(cap)
     base = torch.randn(1, 256, generator=g)
     # 2000 keys within ~1e-3 of each other in cosine: bf16 rounding alone cannot order them.

@@ -13,6 +13,7 @@
 //   NEURALDB_CPU_AMX_MIN_T=N                       smallest T for which "auto" uses the AMX pre-filter
 //   NEURALDB_CPU_AMX_CAP=N                         candidates per query and thread before the exact rescan
 //   NEURALDB_CPU_AMX_TIGHT=0|1                     measure each key's bf16 rounding error (default: d1 > 2048)
+//   NEURALDB_CPU_AMX_BLOCKS=1..4                   blocks of 32 keys sharing a segment of the packed queries
 //   NEURALDB_CPU_DEBUG=1                           print the pre-filter's statistics to stderr
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -243,11 +244,11 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
   a.p = &p;
   a.tp = p.T <= 16 ? 16 : round_up(p.T, 32);
   a.d1p = round_up(std::max<int64_t>(p.d1, 1), 32);
-  // Working set per thread in L2 (2 MB here): a segment of the packed queries (tp x seg bf16), the bf16 keys of
-  // two (super-block, segment) units and the super-block's scores. Long rows are cut into segments; when all
-  // packed queries do not fit in 512 KB, 4 blocks of 32 keys share each segment of them.
-  a.seg = a.d1p <= 2048 ? a.d1p : 1024;
-  a.nb = 2 * a.tp * a.d1p <= (512 << 10) ? 1 : cpu::kMaxSuperBlocks;
+  // Long rows are cut into segments of 2048 so that the bf16 keys of two (block, segment) units stay in L2.
+  // Super-blocks of 2-4 blocks of 32 keys (sharing each segment of the packed queries) were slower at every d1
+  // measured (1536, 4096, 14336; T = 128), so one block is the default; NEURALDB_CPU_AMX_BLOCKS overrides it.
+  a.seg = std::min<int64_t>(a.d1p, 2048);
+  a.nb = std::clamp<int64_t>(env_int("NEURALDB_CPU_AMX_BLOCKS", 1), 1, cpu::kMaxSuperBlocks);
   // Measured key rounding errors cost ~20% more conversion work; they matter where scores crowd together, which
   // random-ish data does more as d1 grows (their spread is ~1/sqrt(d1)).
   a.tight = env_int("NEURALDB_CPU_AMX_TIGHT", p.d1 > 2048 ? 1 : 0) != 0;
@@ -307,13 +308,16 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
       t, p.m, [&](int) { cpu::amx_thread_begin(a); },
       [&](int tid, int64_t k0, int64_t k1) { cpu::amx_scan(a, ws[tid], k0, k1); }, [](int) { cpu::amx_thread_end(); });
 
-  std::vector<int64_t> rescan;
-  for (int64_t q = 0; q < p.T; ++q) {
+  // Rescoring: each query's surviving candidates (bf16 upper bound >= the best lower bound over all threads),
+  // with the exact fp32 dot. Parallel over queries when there is enough of it (long rows, many candidates).
+  std::vector<uint8_t> needs_rescan(static_cast<size_t>(p.T), 0);
+  std::vector<int64_t> rescored(static_cast<size_t>(p.T), 0);
+  auto rescore = [&](int64_t q) {
     if (zero_row[q]) {
       // q / max(0, eps) is all zeros: every score is 0 and the first key wins.
       best[q] = 0.f;
       idx[q] = 0;
-      continue;
+      return;
     }
     float thr = kNegInf;
     bool overflow = false;
@@ -329,6 +333,7 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
           if (!(w.cand_up[q * cap + c] >= thr)) continue;
           const int64_t i = w.cand_idx[q * cap + c];
           const float s = cpu::dot_avx512(p, q, i);
+          ++rescored[q];
           if (bi < 0 || s > b || (s == b && i < bi)) {
             b = s;
             bi = i;
@@ -336,19 +341,30 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
         }
     }
     if (bi < 0) {
-      rescan.push_back(q);  // overflowed (or non-finite scores): scan this query exactly
-      continue;
+      needs_rescan[q] = 1;  // overflowed (or non-finite scores): scan this query exactly
+      return;
     }
     best[q] = b;
     idx[q] = bi;
-  }
+  };
+  int64_t pending = 0;
+  for (const auto& w : ws)
+    for (int64_t q = 0; q < p.T; ++q) pending += w.cand_n[q];
+  Team rt = team(p.T, 1, 2.0 * static_cast<double>(pending) * p.d1 / 5e3, 1);  // ~5 GB/s of scattered rows
+  rt.chunk = 1;
+  rt.chunks = p.T;
+  rt.threads = static_cast<int>(std::min<int64_t>(rt.threads, p.T));
+  run_chunks(rt, p.T, [](int) {}, [&](int, int64_t q0, int64_t q1) { for (int64_t q = q0; q < q1; ++q) rescore(q); },
+             [](int) {});
+  std::vector<int64_t> rescan;
+  for (int64_t q = 0; q < p.T; ++q)
+    if (needs_rescan[q]) rescan.push_back(q);
   if (env_int("NEURALDB_CPU_DEBUG", 0) > 0) {
-    int64_t cands = 0;
-    for (const auto& w : ws)
-      for (int64_t q = 0; q < p.T; ++q) cands += w.cand_n[q];
+    int64_t n = 0;
+    for (int64_t r : rescored) n += r;
     std::fprintf(stderr, "neuraldb amx pre-filter: T=%ld m=%ld d1=%ld threads=%d chunk=%ld bound=%g|bf16(k)-k|+%g|k| "
-                 "candidates/query=%.1f exact rescans=%zu\n", (long)p.T, (long)p.m, (long)p.d1, t.threads,
-                 (long)t.chunk, a.qn, a.kfac, double(cands) / p.T, rescan.size());
+                 "kept/query=%.1f rescored/query=%.1f exact rescans=%zu\n", (long)p.T, (long)p.m, (long)p.d1,
+                 t.threads, (long)t.chunk, a.qn, a.kfac, double(pending) / p.T, double(n) / p.T, rescan.size());
   }
   if (rescan.empty()) return;
   std::vector<float> qsub(static_cast<size_t>(rescan.size() * p.qs));
