@@ -29,6 +29,8 @@ Retrieval (:meth:`ShardedNeuralKVDatabase.retrieve`), per call of T query rows:
    rows' residuals, zeros except on the winning rank (skipped entirely when no row passes; ``compact=False``
    reduces all T rows instead, which avoids a device->host sync on GPUs).
 
+Files (``save``/``load``, a directory with one ``NeuralKVDatabase`` file per rank): :mod:`neuraldb.sharded_io`.
+
 Example (run on every rank, after ``torch.distributed.init_process_group``)::
 
     >>> db = neuraldb.ShardedNeuralKVDatabase(1536, 576)          # doctest: +SKIP
@@ -39,17 +41,13 @@ Example (run on every rank, after ``torch.distributed.init_process_group``)::
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from neuraldb.atomic import atomic_path
 from neuraldb.database import (
     FactLike,
     NeuralKVDatabase,
@@ -62,14 +60,11 @@ from neuraldb.database import (
 )
 from neuraldb_kernels import gated_retrieval
 
-MANIFEST = "manifest.json"
-FORMAT = "neuraldb.ShardedNeuralKVDatabase"
-FORMAT_VERSION = 1
-ROUTING = "id % world_size"
 _LOW32 = (1 << 32) - 1
 # Ids are packed into the low 32 bits of the retrieval key (as id + 1, so -1 fits).
 MAX_IDS = _LOW32 - 1
 _METADATA = ("layer", "gamma", "template", "model_id", "module_path", "config")
+_MIN_LIVE = 64  # initial length of the live-id bitmap (it doubles as ids are allocated)
 
 
 # torch >= 2.14 renames all_gather_into_tensor (same semantics: rank outputs concatenated along dim 0).
@@ -150,29 +145,6 @@ def _agree(error: BaseException | None, group: Any) -> None:
     if bad:
         r, e = bad[0]
         raise RuntimeError(f"rank {r} of the process group failed: {e}")
-
-
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"path {str(directory)!r}: no {MANIFEST} (not a sharded database written by save)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot load {str(path)!r}: not JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"cannot load {str(path)!r}: it does not declare format {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"cannot load {str(path)!r}: format_version {meta.get('format_version')!r} is not supported")
-    if meta.get("routing") != ROUTING:
-        raise ValueError(f"cannot load {str(path)!r}: unknown routing {meta.get('routing')!r}")
-    shards = meta.get("shards")
-    if not isinstance(shards, list) or len(shards) != meta.get("world_size") or not shards:
-        raise ValueError(f"cannot load {str(path)!r}: 'shards' must list world_size entries")
-    for s in shards:
-        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or "/" in s["file"] or "\\" in s["file"]:
-            raise ValueError(f"cannot load {str(path)!r}: bad shard entry {s!r:.200}")
-    return meta
 
 
 def _forward(name: str) -> property:
@@ -504,9 +476,10 @@ class ShardedNeuralKVDatabase:
 
     def _fill(
         self, ids: list[int], keys: torch.Tensor, values: torch.Tensor, facts: list[FactLike], rows: list[int],
-        next_id: int,
+        next_id: int, *, live: list[int] | None = None,
     ) -> None:
-        """Restore from all live rows (any order; ``rows[j]`` is the row of ``ids[j]`` in ``keys``/``values``)."""
+        """Restore from all live rows (any order; ``rows[j]`` is the row of ``ids[j]`` in ``keys``/``values``).
+        ``live``: every live id when ``ids`` holds only some of them (a load that read only this rank's shard)."""
         mine = sorted((i, r, f) for i, r, f in zip(ids, rows, facts) if self.owner(i) == self.rank)
         sel = torch.tensor([r for _, r, _ in mine], dtype=torch.long, device=keys.device)
         self._shard._restore(
@@ -515,9 +488,10 @@ class ShardedNeuralKVDatabase:
         )
         self._grow_live(max(next_id, 1))
         self._live.zero_()
-        if ids:
-            self._live[torch.tensor(ids, dtype=torch.long)] = True
-        self._count = len(ids)
+        live = ids if live is None else live
+        if live:
+            self._live[torch.tensor(live, dtype=torch.long)] = True
+        self._count = len(live)
         self._version += 1
 
     def gather(self) -> NeuralKVDatabase:
@@ -544,84 +518,17 @@ class ShardedNeuralKVDatabase:
     # -- files -----------------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Collective: write a directory holding one ``NeuralKVDatabase`` file per rank and ``manifest.json``.
+        """Collective: write a directory holding one ``NeuralKVDatabase`` file per rank and ``manifest.json``
+        (see :mod:`neuraldb.sharded_io`).
 
         Each rank writes its own shard (a new file name per save); rank 0 then writes the manifest atomically
         (temporary file, fsync, rename), which is the commit point: a save interrupted earlier leaves the previous
         manifest and its shard files intact. Shard files of the previous save are removed after the commit. The
         directory must be visible to every rank (a shared or node-local file system for single-node groups).
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        directory = Path(path)
-        box: list[Any] = [None]
-        error: BaseException | None = None
-        if self.rank == 0:
-            try:
-                if directory.exists() and not directory.is_dir():
-                    raise ValueError(f"path {str(directory)!r} exists and is not a directory")
-                if not directory.parent.is_dir():
-                    raise FileNotFoundError(
-                        f"path {str(directory)!r}: directory {str(directory.parent)!r} does not exist"
-                    )
-                directory.mkdir(exist_ok=True)
-                box[0] = uuid.uuid4().hex[:12]
-            except Exception as exc:  # every rank must reach _agree, whatever failed
-                error = exc
-        _agree(error, self._group)
-        src = dist.get_global_rank(self._group, 0) if self._group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=self._group)
-        token = box[0]
-        names = [f"shard-{r:05d}-of-{self.world_size:05d}-{token}.safetensors" for r in range(self.world_size)]
-        mine = directory / names[self.rank]
-        with self.lock:
-            error = None
-            try:
-                self._shard.save(mine)
-                counts = len(self._shard)
-            except Exception as exc:  # every rank must reach _agree, whatever failed
-                error, counts = exc, -1
-            try:
-                _agree(error, self._group)
-            except BaseException:
-                mine.unlink(missing_ok=True)
-                raise
-            all_counts: list[Any] = [None] * self.world_size
-            dist.all_gather_object(all_counts, counts, group=self._group)
-            error = None
-            if self.rank == 0:
-                try:
-                    old = None
-                    try:
-                        old = _read_manifest(directory)
-                    except (OSError, ValueError):
-                        pass
-                    manifest = {
-                        "format": FORMAT,
-                        "format_version": FORMAT_VERSION,
-                        "routing": ROUTING,
-                        "world_size": self.world_size,
-                        "key_dim": self.key_dim,
-                        "value_dim": self.value_dim,
-                        "dtype": str(self.dtype).removeprefix("torch."),
-                        "count": len(self),
-                        "next_id": self.next_id,
-                        "shards": [{"file": n, "count": c} for n, c in zip(names, all_counts)],
-                        **{name: getattr(self, name) for name in _METADATA},
-                    }
-                    with atomic_path(directory / MANIFEST) as tmp:
-                        tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
-                    if old is not None:
-                        for s in old["shards"]:
-                            if s["file"] not in names:
-                                (directory / s["file"]).unlink(missing_ok=True)
-                except Exception as exc:  # every rank must reach _agree, whatever failed
-                    error = exc
-            try:
-                _agree(error, self._group)
-            except BaseException:
-                mine.unlink(missing_ok=True)
-                raise
+        from neuraldb.sharded_io import save_sharded
+
+        save_sharded(self, path)
 
     @classmethod
     def load(
@@ -631,62 +538,9 @@ class ShardedNeuralKVDatabase:
         shard (and only the ids of the others); with another world size every rank reads every shard and keeps
         the rows it owns (resharding). Every file is validated as by ``NeuralKVDatabase.load``; an error on any
         rank raises on all of them. ``kwargs``: ``query_parallel``/``compact``."""
-        from safetensors import safe_open
+        from neuraldb.sharded_io import load_sharded
 
-        from neuraldb.database_io import load_database
-
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        directory = Path(path)
-        world = dist.get_world_size(process_group)
-        rank = dist.get_rank(process_group)
-        result: tuple | None = None
-        error: BaseException | None = None
-        try:
-            meta = _read_manifest(directory)
-            files = [directory / s["file"] for s in meta["shards"]]
-            same = meta["world_size"] == world
-            all_ids: list[int] = []
-            if same:  # the others' ids only, for the live bitmap
-                for r, f in enumerate(files):
-                    if r != rank:
-                        with safe_open(str(f), framework="pt") as h:
-                            all_ids += h.get_tensor("ids").tolist()
-            parts = []
-            for r in [rank] if same else range(len(files)):
-                f = files[r]
-                db = load_database(f)
-                if (db.key_dim, db.value_dim, db.dtype) != (meta["key_dim"], meta["value_dim"], _dtype(meta)):
-                    raise ValueError(f"cannot load {str(f)!r}: its dims/dtype differ from the manifest")
-                if db.next_id != meta["next_id"]:
-                    raise ValueError(f"cannot load {str(f)!r}: its next_id differs from the manifest")
-                wrong = [i for i in db.ids() if i % meta["world_size"] != r]
-                if wrong:
-                    raise ValueError(f"cannot load {str(f)!r}: ids {wrong[:5]} do not belong to shard {r}")
-                all_ids += db.ids()
-                parts.append(db)
-            if len(all_ids) != meta["count"] or len(set(all_ids)) != len(all_ids):
-                raise ValueError(f"cannot load {str(directory)!r}: the shards hold {len(all_ids)} ids, expected "
-                                 f"{meta['count']} distinct ones")
-            result = (meta, parts, all_ids)
-        except Exception as exc:  # every rank must reach _agree, whatever failed
-            error = exc
-        _agree(error, process_group)
-        assert result is not None
-        meta, parts, all_ids = result
-        out = cls(meta["key_dim"], meta["value_dim"], process_group=process_group, dtype=_dtype(meta), device=device,
-                  **kwargs)
-        ids = [i for p in parts for i in p.ids()]
-        keys = torch.cat([p.keys for p in parts]) if parts else torch.empty(0, out.key_dim, dtype=out.dtype)
-        values = torch.cat([p.values for p in parts]) if parts else torch.empty(0, out.value_dim, dtype=out.dtype)
-        facts = [p.fact(i) for p in parts for i in p.ids()]
-        out._fill(ids, keys, values, facts, list(range(len(ids))), meta["next_id"])
-        # _fill marked only the rows read here as live; the manifest's other shards hold the rest.
-        out._live[torch.tensor(all_ids, dtype=torch.long)] = True
-        out._count = len(all_ids)
-        for name in _METADATA:
-            setattr(out, name, meta.get(name, {} if name == "config" else None))
-        return out
+        return load_sharded(path, process_group=process_group, device=device, cls=cls, **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -694,16 +548,6 @@ class ShardedNeuralKVDatabase:
             f"key_dim={self.key_dim}, value_dim={self.value_dim}, dtype={str(self.dtype).removeprefix('torch.')}, "
             f"device={self.device}, layer={self.layer}, gamma={self.gamma})"
         )
-
-
-_MIN_LIVE = 64
-
-
-def _dtype(meta: dict) -> torch.dtype:
-    d = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(meta.get("dtype"))
-    if d is None:
-        raise ValueError(f"manifest dtype {meta.get('dtype')!r} is not float16/bfloat16/float32")
-    return d
 
 
 __all__ = ["ShardedNeuralKVDatabase", "pack_score_id", "unpack_score_id"]
