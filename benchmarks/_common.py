@@ -1,4 +1,4 @@
-"""Helpers the benchmark scripts share: machine description, read-bandwidth probe, peak memory, timing.
+"""Helpers the benchmark scripts share: machine description, JSON results, read-bandwidth probe, memory, timing.
 
 Import from a script in this folder with ``from _common import ...`` (each script puts this folder, the repo root and
 ``python/`` on ``sys.path``, so the scripts run from a checkout without installing anything).
@@ -7,6 +7,7 @@ Import from a script in this folder with ``from _common import ...`` (each scrip
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -30,14 +31,30 @@ import torch  # noqa: E402
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The ISA extensions the CPU kernels care about that ``/proc/cpuinfo`` lists (sorted; [] off Linux)."""
+    wanted = ("avx2", "f16c", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return sorted(x for x in wanted if x in have)
+    except OSError:
+        pass
+    return []
 
 
 def _lscpu_field(name: str) -> str | None:
@@ -61,14 +78,17 @@ def _git_commit() -> str | None:
 
 
 def mem_total_bytes() -> int | None:
+    """``MemTotal`` in bytes; None off Linux."""
     return _proc_kib("/proc/meminfo", "MemTotal")
 
 
 def mem_available_bytes() -> int | None:
+    """``MemAvailable`` in bytes (what can be allocated without swapping); None off Linux."""
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded to 0.01 ([] where unsupported)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -81,7 +101,7 @@ def machine_description(device: str | torch.device = "cpu") -> dict:
 
     desc: dict = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "l3_cache": _lscpu_field("L3 cache"),
@@ -119,12 +139,21 @@ def machine_description(device: str | torch.device = "cpu") -> dict:
     return desc
 
 
+def write_json(path: Path, obj: object, **dumps_kwargs: object) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` (creating its folder); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, **dumps_kwargs))  # type: ignore[arg-type]
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def sync(device: str | torch.device) -> None:
+    """Wait for queued CUDA work when ``device`` is a CUDA device (a no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -153,6 +182,7 @@ def timed_both(fn: Callable[[], object], device: str | torch.device = "cpu") -> 
 
 
 def median(xs: list[float]) -> float:
+    """The median of ``xs``; NaN when empty."""
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -233,6 +263,7 @@ def reset_peak_rss() -> bool:
 
 
 def gib(n: float | None) -> float | None:
+    """Bytes to GiB, rounded to 3 decimals (None stays None)."""
     return None if n is None else round(n / 2**30, 3)
 
 

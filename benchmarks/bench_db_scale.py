@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
+    write_json,
 )
 
 import torch  # noqa: E402
@@ -179,12 +180,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         res = json.loads(next(x for x in lines if x.startswith("RESULT "))[len("RESULT "):])
         res["load_average_before_after"] = [load_before, load_average()]
         result["runs"].append(res)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(out, result)
     print()
     print(table(result))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     print(f"\nwrote {out}")
     return result
 

@@ -35,7 +35,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, load_average, machine_description, median, read_bandwidth, timed_both  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    load_average,
+    machine_description,
+    median,
+    read_bandwidth,
+    timed_both,
+    write_json,
+)
 
 import torch  # noqa: E402
 
@@ -419,8 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
                       + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
                       flush=True)
         result["machine"]["load_average_after"] = load_average()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))  # after every m, so a killed run keeps what it measured
+        write_json(out, result)  # after every m, so a killed run keeps what it measured
     print()
     print(tables(result))
     if not args.no_plot:

@@ -31,10 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+from _common import RESULTS, write_json  # noqa: E402  (also puts the repo root and python/ on sys.path)
+
+import torch  # noqa: E402
 
 
 def project(facts: float, gpus: int, d1: int, d2: int, bytes_per: int = 2, hbm_tb_s: float = 3.35,
@@ -133,7 +134,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--project-only", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sharded.json"))
+    p.add_argument("--out", default=str(RESULTS / "sharded.json"))
     a = p.parse_args()
     args = {"facts": a.facts, "d1": a.d1, "d2": a.d2, "reps": a.reps, "ranks": a.ranks}
     report: dict = {
@@ -161,8 +162,7 @@ def main() -> None:
               f"{r['key_GB_per_gpu']:.1f} GB keys + {r['value_GB_per_gpu']:.1f} GB values per GPU, scan "
               f"{r['scan_ms']:.2f} ms + {r['collectives']} x {r['collective_us_each']:.0f} us -> "
               f"{r['per_token_ms']:.2f} ms per decode step")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
+    write_json(Path(a.out), report)
     print(f"wrote {a.out}")
 
 

@@ -23,7 +23,6 @@ compiled; T = 2048: >= 50% of dense fp16 tensor-core throughput.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import re
@@ -33,9 +32,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS  # noqa: E402
+from _common import write_json as _write_json  # noqa: E402
+
+import torch  # noqa: E402
+
 DEFAULT_T = (1, 8, 16, 128, 2048)
 DEFAULT_M = (10_000, 100_000, 1_000_000)
 DEFAULT_D1 = (4096, 14336)
@@ -152,9 +155,7 @@ def result_path(device_name: str, stamp: str | None = None) -> Path:
 
 
 def write_json(path: Path, meta: dict, rows: list[Row]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1, sort_keys=True))
-    return path
+    return _write_json(path, {**meta, "rows": [asdict(r) for r in rows]}, sort_keys=True)
 
 
 # ---- measuring (GPU) ------------------------------------------------------------------------------------------------

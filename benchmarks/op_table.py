@@ -24,54 +24,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import neuraldb_kernels
-from neuraldb_kernels import extension
-from neuraldb_kernels.reference import gated_retrieval_reference
+from _common import RESULTS, cpu_flags, cpu_model, mem_available_bytes, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+import neuraldb_kernels  # noqa: E402
+from neuraldb_kernels import extension  # noqa: E402
 
 D2 = 256
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx2", "f16c", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
-                                          "amx_tile") if f in have)
-    except OSError:
-        pass
-    return []
-
-
-def mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
@@ -213,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {meta['cpu_model']} | {meta['threads']} threads | torch {meta['torch']} | kernels {meta['cpu_kernels']}"
           f" | load {meta['loadavg_before'][0]:.1f}")
     rows = []
-    avail = mem_available()
+    avail = mem_available_bytes() or 8 << 30
     for d1 in d1s:
         for m in ms:
             need = m * d1 * 2 + m * D2 * 2
@@ -227,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_after"] = os.getloadavg()
     print()
     print_table(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"op_table-{dt.datetime.now():%Y%m%d-%H%M%S}{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_json(out, {"meta": meta, "rows": rows})
     print(f"\nwrote {out}")
     return 0
 
