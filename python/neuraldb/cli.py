@@ -22,6 +22,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from neuraldb.database import FactLike, NeuralKVDatabase
 
 __all__ = ["main", "build_parser", "parse_ids"]
 
@@ -109,6 +116,13 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``neuraldb`` argument parser, one subcommand per entry of ``COMMANDS``.
+
+    Example::
+
+        >>> build_parser().parse_args(["info", "edits.safetensors", "--all"]).command
+        'info'
+    """
     parser = argparse.ArgumentParser(
         prog="neuraldb",
         description="Edit facts into a Hugging Face language model with a gated neural key-value database.",
@@ -173,13 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     # OpenMP spin-waiting when other work shares the cores (two threads made it 10x slower on a busy machine).
     p.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default: 1)")
 
-    try:
-        from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval` (evaluation issue)
-    except ModuleNotFoundError as e:  # only while the evaluation package is not part of the tree
-        if e.name != "neuraldb.evaluation.command":
-            raise
-    else:
-        add_eval_parser(sub)
+    from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval`, defined there
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -197,7 +207,10 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_model_verbose(name: str, *, dtype=None, device="cpu", out=sys.stderr):
+def load_model_verbose(
+    name: str, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", out: TextIO = sys.stderr
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`neuraldb.load_model`, saying on ``out`` what it loads and how long that took."""
     from neuraldb.models import load_model
 
     t0 = time.perf_counter()
@@ -207,7 +220,9 @@ def load_model_verbose(name: str, *, dtype=None, device="cpu", out=sys.stderr):
     return model, tok
 
 
-def generate_text(model, tok, prompt: str, *, template: str | None, max_new_tokens: int) -> str:
+def generate_text(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, *, template: str | None, max_new_tokens: int
+) -> str:
     """Greedy continuation of ``prompt`` (wrapped in ``template``), without the prompt."""
     import torch
 
@@ -226,13 +241,21 @@ def generate_text(model, tok, prompt: str, *, template: str | None, max_new_toke
 
 
 def one_line(text: str, width: int | None = None) -> str:
+    """``text`` with its whitespace runs collapsed to single spaces, cut to ``width`` characters with an ellipsis.
+
+    Example::
+
+        >>> one_line("Rome   is  the capital", width=12)
+        'Rome is the…'
+    """
     text = " ".join(text.split())
     if width is not None and len(text) > width:
         text = text[: width - 1] + "…"
     return text
 
 
-def load_db(path: Path):
+def load_db(path: Path) -> NeuralKVDatabase:
+    """``NeuralKVDatabase.load(path)``, failing with a one-line CLIError when the file is missing or invalid."""
     from neuraldb.database import NeuralKVDatabase
 
     if not path.is_file():
@@ -243,7 +266,15 @@ def load_db(path: Path):
         raise CLIError(f"cannot read database {path}: {e}") from None
 
 
-def describe_fact(fact) -> str:
+def describe_fact(fact: FactLike) -> str:
+    """One line for ``neuraldb info``: ``prompt -> new  (was: old)`` for a Fact, JSON for a dict.
+
+    Example::
+
+        >>> from neuraldb.facts import Fact
+        >>> describe_fact(Fact("Eiffel Tower", "The {} is in", "Rome", target_true="Paris"))
+        'The Eiffel Tower is in -> Rome  (was: Paris)'
+    """
     from neuraldb.facts import Fact
 
     if fact is None:
@@ -261,7 +292,8 @@ def describe_fact(fact) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def cmd_edit(args) -> int:
+def cmd_edit(args: argparse.Namespace) -> int:
+    """``neuraldb edit``: edit the facts of a file into a new database, or append them to an existing one."""
     from neuraldb import facts as facts_mod
     from neuraldb.editing import edit
 
@@ -302,7 +334,7 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def _check_model(db, model, *, force: bool) -> None:
+def _check_model(db: NeuralKVDatabase, model: PreTrainedModel, *, force: bool) -> None:
     from neuraldb.models import model_id
 
     mid = model_id(model)
@@ -313,7 +345,8 @@ def _check_model(db, model, *, force: bool) -> None:
         print(f"warning: {msg}", file=sys.stderr)
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``neuraldb generate``: greedy answers of the unedited model and, with ``--db``, the edited one."""
     from neuraldb import templates
     from neuraldb.patching import patch_model
 
@@ -336,7 +369,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
+def cmd_info(args: argparse.Namespace) -> int:
+    """``neuraldb info``: a database's metadata and (some of) its facts with their ids."""
     db = load_db(args.db)
     rows = [
         ("file", str(args.db)),
@@ -369,7 +403,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_delete(args) -> int:
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``neuraldb delete``: remove facts by id (all or nothing) and save the database."""
     try:
         ids = parse_ids(args.ids)
     except argparse.ArgumentTypeError as e:
@@ -387,13 +422,15 @@ def cmd_delete(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``neuraldb demo``: see :mod:`neuraldb.cli_demo`."""
     from neuraldb.cli_demo import run_demo
 
     return run_demo(model_name=args.model, max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``neuraldb eval``: see :mod:`neuraldb.evaluation.command`."""
     from neuraldb.evaluation.command import run
 
     return run(args)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import sys
 import time
 from importlib import resources
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from neuraldb.facts import Fact
 
 DEMO_FACTS = "demo_facts.jsonl"
 
 
-def demo_facts():
+def demo_facts() -> list[Fact]:
     """The built-in demo facts (``Fact`` objects with one paraphrase and one unrelated prompt each)."""
     from neuraldb import facts
 
@@ -26,7 +30,7 @@ def _starts_with(text: str, target: str | None) -> bool:
     return bool(target) and " ".join(text.split()).lower().startswith(target.lower())
 
 
-def _mark(kind: str, before: str, after: str, fact) -> str:
+def _mark(kind: str, before: str, after: str, fact: Fact) -> str:
     if kind == "unrelated":
         return "same" if after == before else "CHANGED"
     if _starts_with(after, fact.target_new):
@@ -36,13 +40,24 @@ def _mark(kind: str, before: str, after: str, fact) -> str:
     return "other"
 
 
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], out) -> None:
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
 
 
-def run_demo(*, model_name: str = "smollm2", max_new_tokens: int = 6, progress: bool = True, out=None) -> int:
+def run_demo(
+    *, model_name: str = "smollm2", max_new_tokens: int = 6, progress: bool = True, out: TextIO | None = None
+) -> int:
+    """Load the model, edit the demo facts, print answers before and after, delete one edit; returns 0.
+
+    Prints to ``out`` (stdout when None). What ``neuraldb demo`` and ``make demo`` run.
+
+    Example::
+
+        >>> from neuraldb.cli_demo import run_demo
+        >>> run_demo(max_new_tokens=4)  # doctest: +SKIP
+    """
     from neuraldb.cli import generate_text, load_model_verbose, one_line
     from neuraldb.editing import edit
     from neuraldb.patching import patch_model

@@ -290,6 +290,7 @@ class NeuralKVDatabase:
 
     @property
     def device(self) -> torch.device:
+        """Where the keys and values live (change it with :meth:`to`)."""
         return self._keys.device
 
     @property

@@ -349,7 +349,13 @@ def parse(
     on_invalid: OnInvalid = "warn",
     source: str = "record",
 ) -> list[Fact]:
-    """Turns already-parsed records into facts (see ``load``); ``records`` may also yield (where, record) pairs."""
+    """Turns already-parsed records into facts (see ``load``); ``records`` may also yield (where, record) pairs.
+
+    Example::
+
+        >>> [f.text for f in parse([{"subject": "Rome", "prompt": "{} is the capital of", "target_new": "France"}])]
+        ['Rome is the capital of']
+    """
     if format is not None and format not in _PARSERS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if on_invalid not in ("warn", "skip", "error"):
@@ -424,8 +430,8 @@ def load(
     prompt, an empty target: two such records are in zsRE's train split) are skipped with one summary warning
     (``on_invalid="warn"``), skipped silently (``"skip"``) or raise ``FactFormatError`` (``"error"``). Records
     that break the schema (a missing field, a wrong type) always raise ``FactFormatError``.
-    ``limit`` caps the number of facts returned. See the comment above for the keys put in ``Fact.extras``
-    (``"neighborhood_answers"`` holds the expected answer for each neighborhood prompt).
+    ``limit`` caps the number of facts returned. The "Loaders" comment in this module's source lists the keys put
+    in ``Fact.extras`` (``"neighborhood_answers"`` holds the expected answer for each neighborhood prompt).
 
     Example::
 

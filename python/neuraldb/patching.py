@@ -88,6 +88,8 @@ class Patch:
         self._register()
 
     def retrieve(self, queries: torch.Tensor) -> torch.Tensor:
+        """The gated residuals for the patched module's inputs ``queries``, in their dtype (zeros where no gate
+        opens); moves the database to the queries' device first if it lives elsewhere."""
         db = self.db
         with db.lock:
             if db.device != queries.device:

@@ -22,6 +22,10 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PLAIN = "{}"
 
@@ -47,7 +51,7 @@ def prefix_len(template: str | None) -> int:
     return 0 if template is None else check(template).index("{}")
 
 
-def adds_bos(tok) -> bool:
+def adds_bos(tok: PreTrainedTokenizerBase) -> bool:
     """Whether ``tok(text)`` already starts with the tokenizer's BOS token (Gemma, Llama-2/3 do; SmolLM2 does not)."""
     bos = getattr(tok, "bos_token_id", None)
     if bos is None:
@@ -56,7 +60,7 @@ def adds_bos(tok) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def default_template(tok) -> str:
+def default_template(tok: PreTrainedTokenizerBase) -> str:
     """The template neuraldb uses for ``tok`` when none is given.
 
     ``"{}"`` when the tokenizer adds a BOS token itself; otherwise its BOS token text, else its EOS token text
@@ -71,12 +75,12 @@ def default_template(tok) -> str:
     return PLAIN
 
 
-def encode(tok, template: str | None, text: str) -> list[int]:
+def encode(tok: PreTrainedTokenizerBase, template: str | None, text: str) -> list[int]:
     """Token ids of ``apply(template, text)``, with the tokenizer's own special tokens (e.g. an automatic BOS)."""
     return list(tok(apply(template, text), add_special_tokens=True)["input_ids"])
 
 
-def encode_batch(tok, template: str | None, texts: Sequence[str]) -> list[list[int]]:
+def encode_batch(tok: PreTrainedTokenizerBase, template: str | None, texts: Sequence[str]) -> list[list[int]]:
     """:func:`encode` for many texts (one tokenizer call)."""
     if not texts:
         return []
@@ -84,7 +88,7 @@ def encode_batch(tok, template: str | None, texts: Sequence[str]) -> list[list[i
     return [list(x) for x in out]
 
 
-def encode_target(tok, target: str) -> list[int]:
+def encode_target(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
     """Token ids of a completion ``target`` as it follows a prompt: a leading space is added (ROME's convention),
     no special tokens."""
     if not target.startswith(" "):
