@@ -23,6 +23,8 @@ ENV_VAR = "NEURALDB_BACKEND"
 
 @dataclass(frozen=True)
 class Backend:
+    """One entry of ``BACKENDS``: whether it can run on a device type, and its kernel (imported on first use)."""
+
     name: str
     # Returns None when the backend can run on that device type, else a sentence saying why not.
     unavailable_reason: Callable[[str], str | None]
@@ -137,5 +139,12 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
 
 def kernel(name: str) -> Kernel:
-    """The kernel function of a resolved backend name."""
+    """The kernel function of a resolved backend name.
+
+    Example::
+
+        >>> q = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+        >>> kernel(resolve("torch", q.device))(q, q.half(), torch.eye(2), 0.5)[1].tolist()
+        [0, 1]
+    """
     return BACKENDS[name].kernel()

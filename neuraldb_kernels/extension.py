@@ -11,7 +11,14 @@ _loaded = False
 
 
 def load() -> ModuleType | None:
-    """The compiled extension, or None (with one warning per process) when it is missing or broken."""
+    """The compiled extension, or None (with one warning per process) when it is missing or broken.
+
+    Example::
+
+        >>> ext = load()
+        >>> ext is None or callable(ext.gated_retrieval_cpu)
+        True
+    """
     global _module, _error, _loaded
     if not _loaded:
         _loaded = True

@@ -52,7 +52,15 @@ def best_keys(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, 
 def gated_retrieval_reference(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference for 2-D ``queries`` (T, d1); returns ``(out (T, d2), idx (T,), score (T,))``."""
+    """Reference for 2-D ``queries`` (T, d1); returns ``(out (T, d2), idx (T,), score (T,))``.
+
+    Example::
+
+        >>> keys = torch.eye(3, 4).half()
+        >>> out, idx, score = gated_retrieval_reference(torch.tensor([[0.0, 2.0, 0.0, 0.0]]), keys, torch.eye(3), 0.5)
+        >>> idx.tolist(), score.tolist(), out.tolist()
+        ([1], [1.0], [[0.0, 1.0, 0.0]])
+    """
     score, idx = best_keys(queries, keys)
     out = torch.zeros((queries.shape[0], values.shape[1]), dtype=queries.dtype, device=queries.device)
     if keys.shape[0] == 0:

@@ -258,7 +258,13 @@ _BUILT_FOR_INTERPRETER = not isinstance(_scan_kernel, triton.runtime.JITFunction
 
 
 def t_bucket(t: int) -> int:
-    """The autotuning bucket of T: 1, 16 (2-16, decode), then 64, 256, 1024, 4096 (prefill; >= 1025 -> 4096)."""
+    """The autotuning bucket of T: 1, 16 (2-16, decode), then 64, 256, 1024, 4096 (prefill; >= 1025 -> 4096).
+
+    Example::
+
+        >>> t_bucket(8), t_bucket(300)
+        (16, 1024)
+    """
     if t <= 1:
         return 1
     if t <= 16:
@@ -384,6 +390,11 @@ def plan_splits(t: int, m: int, sms: int) -> tuple[int, int]:
 
     Aims for ``_WAVES * sms`` programs in all, counting 128-row blocks for prefill, but no split shorter than
     ``_MIN_KEYS_PER_SPLIT`` keys and at most ``_MAX_SPLITS`` splits (the finishing kernel reads them all).
+
+    Example (one decode row over 100k keys on an H100's 132 SMs)::
+
+        >>> plan_splits(1, 100_000, 132)
+        (521, 192)
     """
     rows_per_block = 1 if t == 1 else 16 if t <= 16 else 128
     row_blocks = -(-t // rows_per_block)

@@ -23,7 +23,13 @@ def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> None
 
 
 def check_gamma(gamma: object) -> float:
-    """``gamma`` as a float, or a ValueError/TypeError saying it must be a finite number in [-1, 1]."""
+    """``gamma`` as a float, or a ValueError/TypeError saying it must be a finite number in [-1, 1].
+
+    Example::
+
+        >>> check_gamma(1)
+        1.0
+    """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a float in [-1, 1], got {type(gamma).__name__}")
     g = float(gamma)
