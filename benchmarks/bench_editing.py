@@ -7,9 +7,9 @@
 
 Quality uses ROME's success definitions with whole-target summed log-probabilities (P(new) > P(true) on the
 rewrite prompt and the paraphrases, the reverse on the neighborhood prompts), every prompt inside the database's
-template. Post-edit scores are computed exactly but cheaply: a sequence on which the gate fires at no position
-(max cosine <= gamma everywhere at the edited layer) is unchanged by the patch, so it keeps its pre-edit score;
-the rest are re-scored with the patched model. Results are appended as JSON lines to benchmarks/results/editing.jsonl.
+template. Post-edit scores are computed exactly but cheaply (neuraldb.evaluation.gate): a sequence on which the
+gate fires at no position is unchanged by the patch, so it keeps its pre-edit score; the rest are re-scored.
+Results are appended as JSON lines to benchmarks/results/editing.jsonl.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from neuraldb import templates  # noqa: E402
 from neuraldb.editing import EditConfig, edit, engine  # noqa: E402
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes  # noqa: E402
 from neuraldb.editing.defaults import resolve  # noqa: E402
+from neuraldb.evaluation.gate import gate_fires, merge_rescored  # noqa: E402
 from neuraldb.facts import Fact  # noqa: E402
 
 DATA = Path(os.environ.get("NEURALDB_SHARED", ROOT.parent / "shared")) / "data/knowledge_editing"
@@ -172,40 +173,6 @@ def _score(model, tok, template, pairs, batch=64):
     return res
 
 
-@torch.no_grad()
-def _fires(model, tok, template, db, pairs, layer, gamma, batch=128):
-    """Whether the gate fires at any position of prompt+target (the patch changes nothing elsewhere)."""
-    h = engine.handles(model, layer)
-    keys = db.keys.float()
-    out = []
-    for s in range(0, len(pairs), batch):
-        chunk = pairs[s : s + batch]
-        seqs = [templates.encode(tok, template, p) + templates.encode_target(tok, t) for p, t in chunk]
-        L = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), L, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, q in enumerate(seqs):
-            ids[i, : len(q)] = torch.tensor(q)
-            mask[i, : len(q)] = 1
-        got = {}
-
-        def grab(mod, inp, o):
-            got["q"] = inp[0].float()
-            raise engine._StopForward
-
-        hd = h.down_proj.register_forward_hook(grab)
-        try:
-            model(input_ids=ids, attention_mask=mask)
-        except engine._StopForward:
-            pass
-        finally:
-            hd.remove()
-        q = torch.nn.functional.normalize(got["q"], dim=-1, eps=1e-6)
-        score = (q @ keys.T).amax(-1).masked_fill(mask == 0, -2.0)
-        out += (score.amax(-1) > gamma).tolist()
-    return out
-
-
 def pre_scores(model, tok, template, facts, tag):
     cache = Path(os.environ.get("NEURALDB_CACHE_DIR", Path.home() / ".cache/neuraldb")) / "bench"
     digest = hashlib.sha256(template.encode()).hexdigest()[:10]
@@ -226,13 +193,11 @@ def quality(model, tok, db, facts, pre):
     template = db.template
     seqs = _sequences(facts)
     pairs = [(p, facts[i].target_new) for i, _, _, p in seqs] + [(p, facts[i].target_true) for i, _, _, p in seqs]
-    fired = _fires(model, tok, template, db, pairs, db.layer, db.gamma)
-    todo = [j for j, f in enumerate(fired) if f]
-    post = list(pre)
+    tokens = [templates.encode(tok, template, p) + templates.encode_target(tok, t) for p, t in pairs]
+    fired = gate_fires(model, db.layer, tokens, db.keys, db.gamma)
     patch_model(model, db)
     try:
-        for j, v in zip(todo, _score(model, tok, template, [pairs[j] for j in todo])):
-            post[j] = v
+        post = merge_rescored(pre, fired, lambda todo: _score(model, tok, template, [pairs[j] for j in todo]))
     finally:
         unpatch_model(model)
     n = len(seqs)
@@ -249,7 +214,7 @@ def quality(model, tok, db, facts, pre):
             agg[kind] = 100 * sum(vals) / len(vals)
         return {"efficacy": agg["rewrite"], "generalization": agg["paraphrase"], "specificity": agg["neighborhood"]}
 
-    return {"pre": metrics(pre), "post": metrics(post), "rescored": len(todo), "pairs": len(pairs)}
+    return {"pre": metrics(pre), "post": metrics(post), "rescored": sum(fired), "pairs": len(pairs)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 * :mod:`.fluency` — ROME's n-gram entropy and TF-IDF consistency
 * :mod:`.general` — LAMBADA, WikiText-2, ARC-E/C, WSC273, CommonsenseQA, PIQA, MMLU from local files
 * :mod:`.deletion` — the paper's App. J.5 delete-even-facts experiment
+* :mod:`.distractors` — edited facts among many more (distractor) keys: metrics and retrieval hits vs table size
+* :mod:`.gate` — exact post-edit scores that re-score only the sequences the gate opens on
 * :mod:`.report` — JSON, Markdown tables and plots
 * :mod:`.scoring` — the shared batched teacher-forcing helper
 """

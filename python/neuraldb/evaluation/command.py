@@ -6,6 +6,8 @@
         --facts ../shared/data/knowledge_editing/counterfact_rome_format_1031.json.gz --n 100 \\
         --general-data ../shared/data/general_eval --general-limit 100 --deletion --out docs/results/smollm2-cf100
     neuraldb eval --combine docs/results/*/results.json --out docs/results   # one table + plot over several runs
+    neuraldb eval --dataset counterfact --db cf1000.safetensors --facts counterfact_rome_format_1031.json.gz \
+        --distractors counterfact_mend_{train,val,edit}.json.gz --eval-facts 200 --out docs/results/distractors
 
 Writes ``results.json`` (summaries), ``per_fact.json`` (every prompt's scores), ``report.md`` and ``report.png``
 under ``--out``. Metric definitions: :mod:`neuraldb.evaluation` (ROME/MEMIT's).
@@ -59,6 +61,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
                    help="only combine existing results.json files into one report under --out")
     p.add_argument("--title", default="neuraldb evaluation")
+    p.add_argument("--distractors", nargs="+", type=Path, metavar="FACTS",
+                   help="with --db: add the keys of these facts (synthetic residuals) around the database's facts and "
+                   "report CounterFact metrics vs table size (neuraldb.evaluation.distractors)")
+    p.add_argument("--sizes", nargs="+", type=int, help="table sizes (keys) for --distractors (default n, 2n, 5n, "
+                   "10n, all)")
+    p.add_argument("--eval-facts", type=int, help="--distractors: evaluate a seeded subset of this many edited facts")
+    p.add_argument("--keys-cache", type=Path, help="--distractors: directory that caches the distractor keys")
     return p
 
 
@@ -80,10 +89,23 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .pipeline import run_eval
-
     command = "neuraldb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.distractors:
+        if args.dataset != "counterfact" or args.db is None:
+            print("neuraldb eval: error: --distractors needs --dataset counterfact and --db", file=sys.stderr)
+            return 2
+        from .distractors import distractor_eval, scaling_markdown
+
+        result = distractor_eval(
+            model_name=args.model, db_path=args.db, facts_path=args.facts, distractor_paths=args.distractors,
+            out_dir=args.out, sizes=args.sizes, eval_facts=args.eval_facts, keys_cache=args.keys_cache,
+            seed=args.seed, batch_size=args.batch_size, command=command, show_progress=not args.no_progress,
+        )
+        print(scaling_markdown(result))
+        return 0
+    from .pipeline import run_eval
+
     run_ = run_eval(
         model_name=args.model, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
         db_path=args.db, save_db=args.save_db, edit_kwargs=json.loads(args.edit_args),

@@ -26,9 +26,10 @@ from typing import Callable, Mapping, Sequence
 
 from ..facts import Fact
 from .fluency import TfidfVectorizer, fluency_score, generate_texts, tfidf_similarity
+from .gate import merge_rescored
 from .scoring import score_grouped
 
-__all__ = ["evaluate_counterfact", "harmonic_mean", "CONSISTENCY_SKIPPED"]
+__all__ = ["counterfact_prompts", "evaluate_counterfact", "harmonic_mean", "CONSISTENCY_SKIPPED"]
 
 CONSISTENCY_SKIPPED = (
     "consistency skipped: ROME's reference Wikipedia snippets (attribute_snippets.json) are not available offline "
@@ -49,6 +50,25 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def counterfact_prompts(
+    facts: Sequence[Fact], prompt_fn: Callable[[str], str] | None = None
+) -> tuple[list[tuple[int, str, int]], list[str], list[list[str]]]:
+    """Every scored prompt of ``facts``: ``(fact, kind, position)`` with kind rewrite / paraphrase / neighborhood,
+    the prompt after ``prompt_fn``, and its two continuations ``[" " + target_new, " " + target_true]``."""
+    pf = prompt_fn or (lambda s: s)
+    index, ctxs, conts = [], [], []
+    for i, f in enumerate(facts):
+        if not f.target_true:
+            raise ValueError(f"CounterFact evaluation needs target_true (fact {i}: {f.subject!r})")
+        groups = {"rewrite": [f.text], "paraphrase": list(f.paraphrases), "neighborhood": list(f.neighborhood)}
+        for kind, prompts in groups.items():
+            for j, p in enumerate(prompts):
+                index.append((i, kind, j))
+                ctxs.append(pf(p))
+                conts.append([" " + f.target_new.strip(), " " + f.target_true.strip()])
+    return index, ctxs, conts
+
+
 def evaluate_counterfact(
     model,
     tok,
@@ -63,43 +83,50 @@ def evaluate_counterfact(
     prompt_fn: Callable[[str], str] | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    baseline: dict | None = None,
+    rescore: Sequence[bool] | None = None,
 ) -> dict:
     """Efficacy / generalization / specificity (success rates and magnitudes) of ``facts`` on ``model``.
 
     Facts need ``target_true``. ``prompt_fn`` (e.g. the editing side's text template) is applied to every prompt
     before it is tokenised, so evaluation sees prompts the way editing did. Returns ``{"summary", "per_fact",
     "definitions"}``; summary values are percentages (x 100), magnitudes included.
+
+    ``baseline`` and ``rescore`` (together) score only some prompts: ``rescore`` has one flag per prompt in
+    :func:`counterfact_prompts` order, and unflagged prompts copy their NLLs from ``baseline``, an earlier result
+    of this function on the same facts with the same ``reduction`` and ``prompt_fn`` (see :mod:`.gate` for when
+    that is exact).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError("reduction must be 'mean' (ROME/MEMIT) or 'sum' (whole-target log-probability)")
+    if (baseline is None) != (rescore is None):
+        raise ValueError("baseline and rescore go together")
     pf = prompt_fn or (lambda s: s)
-    ctxs: list[str] = []
-    conts: list[list[str]] = []
-    index: list[tuple[int, str, int]] = []  # (fact, kind, prompt position)
-    for i, f in enumerate(facts):
-        if not f.target_true:
-            raise ValueError(f"CounterFact evaluation needs target_true (fact {i}: {f.subject!r})")
-        groups = {"rewrite": [f.text], "paraphrase": list(f.paraphrases), "neighborhood": list(f.neighborhood)}
-        for kind, prompts in groups.items():
-            for j, p in enumerate(prompts):
-                index.append((i, kind, j))
-                ctxs.append(pf(p))
-                conts.append([" " + f.target_new.strip(), " " + f.target_true.strip()])
-    # each prompt runs once; its two targets are scored from the shared prompt cache
-    scores = score_grouped(model, tok, ctxs, conts, batch_size=batch_size, desc="counterfact",
-                           show_progress=show_progress)
+    index, ctxs, conts = counterfact_prompts(facts, prompt_fn=pf)
 
     def nll(s) -> float:
         return -(s.mean_logprob if reduction == "mean" else s.sum_logprob)
+
+    def score(todo: list[int]) -> list[dict]:
+        # each prompt runs once; its two targets are scored from the shared prompt cache
+        sc = score_grouped(model, tok, [ctxs[k] for k in todo], [conts[k] for k in todo], batch_size=batch_size,
+                           desc="counterfact", show_progress=show_progress)
+        return [{"nll_new": nll(a), "nll_true": nll(b)} for a, b in sc]
+
+    if rescore is None:
+        prompt_scores = score(list(range(len(ctxs))))
+    else:
+        old = [baseline["per_fact"][i][kind][j] for i, kind, j in index]
+        prompt_scores = merge_rescored([{"nll_new": x["nll_new"], "nll_true": x["nll_true"]} for x in old],
+                                       rescore, score)
 
     per_fact = [
         {"subject": f.subject, "target_new": f.target_new, "target_true": f.target_true,
          "case_id": f.extras.get("case_id"), "rewrite": [], "paraphrase": [], "neighborhood": []}
         for f in facts
     ]
-    for k, (i, kind, _) in enumerate(index):
-        a, b = nll(scores[k][0]), nll(scores[k][1])
-        per_fact[i][kind].append({"nll_new": a, "nll_true": b})
+    for (i, kind, _), x in zip(index, prompt_scores):
+        per_fact[i][kind].append(x)
 
     def success(kind: str, x: dict) -> float:
         return float(x["nll_true"] < x["nll_new"]) if kind == "neighborhood" else float(x["nll_new"] < x["nll_true"])
