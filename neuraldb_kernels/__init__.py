@@ -10,8 +10,15 @@ Example::
 """
 
 from neuraldb_kernels.backends import available_backends
-from neuraldb_kernels.op import gated_retrieval
+from neuraldb_kernels.op import gated_retrieval, gated_retrieval_prefiltered
+from neuraldb_kernels.prefilter import build_sketch
 from neuraldb_kernels.reference import gated_retrieval_reference
 
-__all__ = ["gated_retrieval", "gated_retrieval_reference", "available_backends"]
+__all__ = [
+    "available_backends",
+    "build_sketch",
+    "gated_retrieval",
+    "gated_retrieval_prefiltered",
+    "gated_retrieval_reference",
+]
 __version__ = "0.1.0"

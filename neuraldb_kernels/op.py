@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from neuraldb_kernels import backends
+from neuraldb_kernels.prefilter import check_sketch, gated_retrieval_prefiltered_reference
 from neuraldb_kernels.validation import check_inputs
 
 
@@ -72,4 +73,66 @@ def gated_retrieval(
     lead = queries.shape[:-1]
     q2 = _rows(queries.reshape(-1, queries.shape[-1]))
     out, idx, score = torch.ops.neuraldb.gated_retrieval(q2, _rows(keys), _rows(values), g, name)
+    return out.reshape(*lead, values.shape[1]), idx.reshape(lead), score.reshape(lead)
+
+
+@torch.library.custom_op("neuraldb::gated_retrieval_prefiltered", mutates_args=())
+def _gated_retrieval_prefiltered_op(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, sketch: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch)
+
+
+@_gated_retrieval_prefiltered_op.register_fake
+def _(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, sketch: torch.Tensor, backend: str
+):
+    t = queries.shape[0]
+    return (
+        queries.new_empty((t, values.shape[1])),
+        queries.new_empty((t,), dtype=torch.int64),
+        queries.new_empty((t,), dtype=torch.float32),
+    )
+
+
+def gated_retrieval_prefiltered(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    sketch: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gated_retrieval` that scans the int4 ``sketch`` of the keys and rescores only the keys that can
+    pass the gate (see :mod:`neuraldb_kernels.prefilter`): ``out`` is exactly the plain op's.
+
+    Args:
+        queries, keys, values, gamma: as for :func:`gated_retrieval`.
+        sketch: ``build_sketch(keys)``, kept in step with ``keys`` (row ``i`` sketches key ``i``).
+        backend: resolved as for :func:`gated_retrieval`; every backend runs the PyTorch reference of the
+            pre-filter for now.
+
+    Returns:
+        ``(out, idx, score)``: where the gate opens, the plain op's; where it stays closed, ``out`` zeros (as the
+        plain op), ``idx = -1`` and ``score = -inf`` (the argmax below gamma is not computed).
+
+    Example::
+
+        >>> import torch, neuraldb_kernels
+        >>> keys = torch.nn.functional.normalize(torch.randn(1000, 64), dim=1).half()
+        >>> sketch = neuraldb_kernels.build_sketch(keys)
+        >>> q = torch.cat([keys[:2].float() * 5, torch.randn(1, 64)])
+        >>> out, idx, score = neuraldb_kernels.gated_retrieval_prefiltered(q, keys, torch.randn(1000, 8), 0.65, sketch)
+        >>> idx.tolist()
+        [0, 1, -1]
+    """
+    g = check_inputs(queries, keys, values, gamma)
+    check_sketch(sketch, keys)
+    name = backends.resolve(backend, queries.device)
+    lead = queries.shape[:-1]
+    q2 = _rows(queries.reshape(-1, queries.shape[-1]))
+    out, idx, score = torch.ops.neuraldb.gated_retrieval_prefiltered(
+        q2, _rows(keys), _rows(values), g, _rows(sketch), name
+    )
     return out.reshape(*lead, values.shape[1]), idx.reshape(lead), score.reshape(lead)
