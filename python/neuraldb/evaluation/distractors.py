@@ -325,7 +325,10 @@ def plot_scaling(result: dict, path: str | Path) -> Path:
         a2.plot(xs, [100 * b["hits"][kind]["distractor"] / b["hits"][kind]["prompts"] for b in r["by_size"]], style,
                 label=kind)
     a2.set(xscale="log", xlabel="keys in the table", ylabel="% of prompts", title="prompts retrieving a distractor")
+    a2.set_ylim(bottom=0)
     for a in (a1, a2):
+        a.set_xticks(xs, [f"{x:,}" for x in xs], minor=False)
+        a.minorticks_off()
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
