@@ -44,6 +44,17 @@ def select_facts(facts: Sequence, dataset: str, *, n_facts: int | None, offset: 
     return out
 
 
+def _gate_flags(model, tok, facts, db, prompt_fn, batch_size: int) -> list[bool]:
+    """Per CounterFact prompt: does the gate open anywhere on it with ``db``'s rows? Prompts where it does not
+    keep their pre-edit scores exactly (:mod:`.gate`), so only the flagged ones are re-scored post-edit."""
+    from .counterfact import counterfact_prompts
+    from .gate import prompt_hits
+
+    _, ctxs, conts = counterfact_prompts(facts, prompt_fn=prompt_fn)
+    hits = prompt_hits(model, tok, ctxs, conts, db.layer, db.keys, db.gamma, batch_size=batch_size)[0]
+    return [bool(h) for h in hits]
+
+
 def run_eval(
     *,
     model_name: str,
@@ -133,7 +144,12 @@ def run_eval(
         pre = evaluate(facts)
     timing["eval_pre"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    post = evaluate(facts)
+    if dataset == "counterfact":
+        flags = _gate_flags(model, tok, facts, db, prompt_fn, batch_size)
+        post = evaluate(facts, baseline=pre, rescore=flags)
+        run["rescored_prompts"] = {"post": [sum(flags), len(flags)]}
+    else:
+        post = evaluate(facts)
     timing["eval_post"] = time.perf_counter() - t0
     run["pre"], run["post"] = pre, post
     if dataset == "zsre":
@@ -155,7 +171,13 @@ def run_eval(
 
     if deletion:
         t0 = time.perf_counter()
-        run["deletion"] = deletion_experiment(model, tok, facts, db, evaluate=evaluate_nogen, kind=dataset,
+        evaluate_deleted = evaluate_nogen
+        if dataset == "counterfact":
+            def evaluate_deleted(fs):  # flags from the rows left after the deletion
+                flags = _gate_flags(model, tok, fs, db, prompt_fn, batch_size)
+                run["rescored_prompts"]["deletion"] = [sum(flags), len(flags)]
+                return evaluate_nogen(fs, baseline=pre, rescore=flags)
+        run["deletion"] = deletion_experiment(model, tok, facts, db, evaluate=evaluate_deleted, kind=dataset,
                                               pre=pre, post=post)
         timing["deletion"] = time.perf_counter() - t0
     run["timing"] = timing

@@ -1,0 +1,52 @@
+"""run_eval's post-edit and deleted-state CounterFact scores (gate-skip re-scoring) equal a full evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_evaluation_distractors import EVAL_FACTS
+
+from neuraldb import patch_model, templates, unpatch_model
+from neuraldb.database import NeuralKVDatabase
+from neuraldb.evaluation.counterfact import evaluate_counterfact
+from neuraldb.evaluation.deletion import half_summary
+from neuraldb.evaluation.pipeline import run_eval
+from test_editing import _tiny
+
+
+def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+    model, tok = _tiny()
+    facts = EVAL_FACTS[:4]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    run = run_eval(model_name="tiny", dataset="counterfact", facts_path=path, n_facts=None, save_db=tmp_path / "db",
+                   edit_kwargs=dict(layer=2, gamma=0.9, n_prefixes=1, prefix_len=3, steps=5), fluency=False,
+                   deletion=True, show_progress=False, model_and_tok=(model, tok))
+    unpatch_model(model)
+    done, total = run["rescored_prompts"]["post"]
+    assert 0 < done < total  # both the copied and the re-scored paths ran
+
+    db = NeuralKVDatabase.load(tmp_path / "db")
+    pf = (lambda s: templates.apply(db.template, s))
+    patch_model(model, db)
+    try:
+        full = evaluate_counterfact(model, tok, facts, prompt_fn=pf, show_progress=False)
+        db.delete(db.ids()[0::2])
+        deleted = evaluate_counterfact(model, tok, facts, prompt_fn=pf, show_progress=False)
+    finally:
+        unpatch_model(model)
+    for k in ("efficacy", "generalization", "specificity"):
+        assert run["post"]["summary"][k] == full["summary"][k]
+    for a, b in zip(run["post"]["per_fact"], full["per_fact"]):
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            for x, y in zip(a[kind], b[kind]):
+                assert x["nll_new"] == pytest.approx(y["nll_new"], abs=1e-5)
+    for half, idx in (("odd", [1, 3]), ("even", [0, 2])):
+        assert run["deletion"]["halves"][half]["deleted_even"] == half_summary(deleted, idx, "counterfact")
