@@ -167,3 +167,16 @@ def test_run_distractor_scaling(tiny, edited):
     assert all(c["distractor"] == 0 for c in last["hits"].values())
     assert first["rescored"] > 0 and first["hits"]["rewrite"]["own"] > 0
     assert len(with_distractors(edited, dkeys, torch.zeros(4, edited.value_dim))) == 7 and len(edited) == 3
+
+
+def test_pre_edit_scores_are_cached(tiny, edited, tmp_path):
+    from neuraldb.evaluation.distractors import pre_edit_scores
+
+    model, tok = tiny
+    first = pre_edit_scores(model, tok, edited, EVAL_FACTS[:2], cache_dir=tmp_path)
+    [path] = tmp_path.glob("pre-counterfact-2-*.json")
+    second = pre_edit_scores(model, tok, edited, EVAL_FACTS[:2], cache_dir=tmp_path)
+    assert second["summary"] == first["summary"] and second["per_fact"][0]["rewrite"] == first["per_fact"][0]["rewrite"]
+    assert len(list(tmp_path.glob("pre-counterfact-*.json"))) == 1
+    pre_edit_scores(model, tok, edited, EVAL_FACTS[1:3], cache_dir=tmp_path)  # other facts, another file
+    assert len(list(tmp_path.glob("pre-counterfact-*.json"))) == 2 and path.is_file()

@@ -37,10 +37,12 @@ __all__ = [
     "distractor_facts",
     "distractor_keys",
     "drop_duplicates",
+    "evaluated_subset",
     "hit_counts",
     "key_settings",
     "load_facts",
     "plot_scaling",
+    "pre_edit_scores",
     "run_distractor_scaling",
     "scaling_markdown",
     "synthetic_residuals",
@@ -177,6 +179,39 @@ def hit_counts(hits: Sequence[Sequence[int]], index: Sequence[tuple[int, str, in
     return out
 
 
+def evaluated_subset(n_edited: int, eval_facts: int | None, seed: int) -> list[int]:
+    """Sorted indices of the edited facts to evaluate: all, or a seeded random subset of ``eval_facts``."""
+    if eval_facts is None or eval_facts >= n_edited:
+        return list(range(n_edited))
+    return sorted(torch.randperm(n_edited, generator=torch.Generator().manual_seed(seed))[:eval_facts].tolist())
+
+
+def pre_edit_scores(model, tok, db, facts: Sequence[Fact], *, cache_dir: str | Path | None = None,
+                    batch_size: int = 32) -> dict:
+    """:func:`.counterfact.evaluate_counterfact` of ``facts`` on the unpatched model inside ``db``'s template,
+    saved under ``cache_dir`` (named by a hash of the template and the facts' prompts and targets) and read from
+    there when present, so the pre-edit pass can run ahead, e.g. while distractor keys are computed."""
+    from .. import templates
+    from .counterfact import counterfact_prompts, evaluate_counterfact
+    from .report import write_json
+
+    def pf(s: str) -> str:
+        return templates.apply(db.template, s)
+
+    path = None
+    if cache_dir is not None:
+        _, ctxs, conts = counterfact_prompts(facts, prompt_fn=pf)
+        digest = hashlib.sha256(json.dumps([ctxs, conts]).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"pre-counterfact-{len(facts)}-{digest}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    pre = evaluate_counterfact(model, tok, facts, reduction="mean", batch_size=batch_size, prompt_fn=pf,
+                               show_progress=False)
+    if path is not None:
+        write_json(pre, path)
+    return pre
+
+
 def run_distractor_scaling(
     model,
     tok,
@@ -190,13 +225,14 @@ def run_distractor_scaling(
     batch_size: int = 32,
     show_progress: bool = False,
     log: Callable[[str], None] | None = None,
+    pre: dict | None = None,
 ) -> dict:
     """Evaluate ``facts`` (the database's edited facts, row i = fact i) with the first ``size - len(db)`` rows of
     ``dkeys`` appended as distractors (:func:`synthetic_residuals`), for each total table size in ``sizes``.
 
     ``eval_facts``: evaluate a seeded random subset of this many edited facts (all of them stay in the table).
-    The pre-edit scores are computed once (patch off); each size re-scores only the prompts on which some key
-    passes the gate (:mod:`.gate`). Returns a JSON-able dict: settings, the pre-edit summary, and per size the
+    The pre-edit scores are computed once (patch off), or taken from ``pre`` (:func:`pre_edit_scores` of the
+    same subset); each size re-scores only the prompts on which some key passes the gate (:mod:`.gate`). Returns a JSON-able dict: settings, the pre-edit summary, and per size the
     CounterFact summary, hit counts (:func:`hit_counts`), the number of re-scored prompts and the seconds taken.
     """
     from .. import templates
@@ -214,10 +250,7 @@ def run_distractor_scaling(
         raise ValueError(f"sizes must lie in {n_edited}..{n_edited + len(dkeys)}")
     if patch_info(model) is not None:
         raise ValueError("pass an unpatched model")
-    chosen = list(range(n_edited))
-    if eval_facts is not None and eval_facts < n_edited:
-        g = torch.Generator().manual_seed(seed)
-        chosen = sorted(torch.randperm(n_edited, generator=g)[:eval_facts].tolist())
+    chosen = evaluated_subset(n_edited, eval_facts, seed)
     sub = [facts[i] for i in chosen]
 
     def pf(s: str) -> str:
@@ -242,11 +275,12 @@ def run_distractor_scaling(
     run["timing"]["retrieval_hits"] = time.perf_counter() - t0
     say(f"retrieval hits for {len(index)} prompts x {len(sizes)} sizes: {run['timing']['retrieval_hits']:.0f}s")
     ev = {"reduction": "mean", "batch_size": batch_size, "prompt_fn": pf, "show_progress": show_progress}
-    t0 = time.perf_counter()
-    pre = evaluate_counterfact(model, tok, sub, **ev)
-    run["timing"]["eval_pre"] = time.perf_counter() - t0
+    if pre is None:
+        t0 = time.perf_counter()
+        pre = evaluate_counterfact(model, tok, sub, **ev)
+        run["timing"]["eval_pre"] = time.perf_counter() - t0
     run["pre"] = pre["summary"]
-    say(f"pre: {pre['summary']} ({run['timing']['eval_pre']:.0f}s)")
+    say(f"pre: {pre['summary']}")
     try:
         for size, h in zip(sizes, hits):
             t0 = time.perf_counter()
@@ -361,8 +395,8 @@ def distractor_eval(
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """``neuraldb eval --distractors``: load the model and the database of the first ``len(db)`` facts of
-    ``facts_path``, compute (or read from ``keys_cache``) the keys of the deduplicated ``distractor_paths`` facts,
-    run :func:`run_distractor_scaling`, and write ``results.json``, ``report.md`` and ``report.png`` to
+    ``facts_path``, compute (or read from ``keys_cache``) the pre-edit scores and the keys of the deduplicated
+    ``distractor_paths`` facts, run :func:`run_distractor_scaling`, and write ``results.json``, ``report.md`` and ``report.png`` to
     ``out_dir``. Returns what results.json holds."""
     from .. import facts as facts_mod
     from ..database import NeuralKVDatabase
@@ -377,6 +411,11 @@ def distractor_eval(
     edited = facts_mod.load(facts_path)[: len(db)]
     timing["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    chosen = evaluated_subset(len(db), eval_facts, seed)
+    pre = pre_edit_scores(model, tok, db, [edited[i] for i in chosen], cache_dir=keys_cache, batch_size=batch_size)
+    timing["eval_pre"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     dfacts, dropped = distractor_facts(edited, load_facts(distractor_paths), seed=seed)
     say(f"{len(dfacts)} distractors ({dropped} duplicates of edited facts dropped); key settings {key_settings(db)}")
     dkeys = distractor_keys(model, tok, db, dfacts, cache_dir=keys_cache, log=say)
@@ -384,7 +423,7 @@ def distractor_eval(
     n_total = len(db) + len(dfacts)
     sizes = default_sizes(len(db), n_total) if sizes is None else sorted(min(s, n_total) for s in set(sizes))
     run = run_distractor_scaling(model, tok, db, edited, dkeys, sizes=sizes, eval_facts=eval_facts,
-                                 seed=seed, batch_size=batch_size, show_progress=show_progress, log=say)
+                                 seed=seed, batch_size=batch_size, show_progress=show_progress, log=say, pre=pre)
     timing.update(run["timing"])
     result = {"model": model_name, "db": str(db_path), "facts_path": str(facts_path),
               "distractor_paths": [str(p) for p in distractor_paths], "n_distractor_candidates": len(dfacts) + dropped,
