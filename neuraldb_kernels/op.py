@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from neuraldb_kernels import backends
+from neuraldb_kernels import backends, extension
 from neuraldb_kernels.prefilter import check_sketch, gated_retrieval_prefiltered_reference
 from neuraldb_kernels.validation import check_inputs
 
@@ -80,6 +80,10 @@ def gated_retrieval(
 def _gated_retrieval_prefiltered_op(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, sketch: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpu":
+        ext = extension.load()
+        assert ext is not None
+        return ext.gated_retrieval_prefiltered_cpu(queries, keys, values, gamma, sketch)
     return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch)
 
 
@@ -110,8 +114,9 @@ def gated_retrieval_prefiltered(
     Args:
         queries, keys, values, gamma: as for :func:`gated_retrieval`.
         sketch: ``build_sketch(keys)``, kept in step with ``keys`` (row ``i`` sketches key ``i``).
-        backend: resolved as for :func:`gated_retrieval`; every backend runs the PyTorch reference of the
-            pre-filter for now.
+        backend: resolved as for :func:`gated_retrieval`; "cpu" runs the C++ kernel, which rescores with the plain
+            CPU kernel's own dot (so its output is bitwise the plain "cpu" output); any other runs the PyTorch
+            reference of the pre-filter on the queries' device.
 
     Returns:
         ``(out, idx, score)``: where the gate opens, the plain op's; where it stays closed, ``out`` zeros (as the

@@ -31,6 +31,8 @@ _HEADER_BYTES = 8  # e and n, fp32
 _U = 2.0**-24  # unit roundoff of fp32
 # Keys per chunk of the reference's sketch scan (bounds its (T, chunk) score block and the decoded fp32 chunk).
 _CHUNK = 4096
+# Keys per chunk of build_sketch (a few float64 copies of the chunk exist at once).
+_BUILD_CHUNK = 1024
 
 
 def _groups(d1: int) -> int:
@@ -60,6 +62,7 @@ def build_sketch(keys: torch.Tensor) -> torch.Tensor:
     """The int4 sketch of ``keys`` (m, d1): a ``(m, sketch_row_bytes(d1))`` uint8 tensor on the keys' device.
 
     Any key values give a valid sketch (``e`` and ``n`` are measured, not assumed); unit fp16 keys give a tight one.
+    Rows are processed in chunks, so the float64 work space stays small whatever m.
 
     Example::
 
@@ -70,6 +73,13 @@ def build_sketch(keys: torch.Tensor) -> torch.Tensor:
     """
     if keys.dim() != 2:
         raise ValueError(f"keys must be 2-D (m, d1), got shape {tuple(keys.shape)}")
+    out = torch.empty((keys.shape[0], sketch_row_bytes(keys.shape[1])), dtype=torch.uint8, device=keys.device)
+    for start in range(0, keys.shape[0], _BUILD_CHUNK):
+        out[start : start + _BUILD_CHUNK] = _sketch_rows(keys[start : start + _BUILD_CHUNK])
+    return out
+
+
+def _sketch_rows(keys: torch.Tensor) -> torch.Tensor:
     m, d1 = keys.shape
     g = _groups(d1)
     k = torch.zeros((m, g * SKETCH_GROUP), dtype=torch.float64, device=keys.device)

@@ -1,6 +1,7 @@
 // Internal interface between the CPU op (gated_retrieval_cpu.cpp: validation, threading, gating) and the
-// per-ISA key scans (scan_scalar.cpp, scan_avx2.cpp, scan_avx512.cpp). Plain C++ only: the ISA files are
-// compiled with __attribute__((target(...))) on their own functions, and must not pull in torch headers.
+// per-ISA key scans (scan_scalar.cpp, scan_avx2.cpp, scan_avx512.cpp; sketch_scores.cpp for the int4 sketch).
+// Plain C++ only: the ISA files are compiled with __attribute__((target(...))) on their own functions, and must
+// not pull in torch headers.
 #pragma once
 
 #include <cstdint>
@@ -32,8 +33,31 @@ using DotFn = float (*)(const Problem& p, int64_t t, int64_t i);
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_scalar(const Problem& p, int64_t t, int64_t i);
 
+// ---- int4 sketch pre-filter (sketch layout: neuraldb_kernels/prefilter.py; bound: gated_retrieval_cpu.cpp) ----
+constexpr int kSketchGroup = 64;  // key elements per 4-bit group (one fp16 scale each)
+constexpr int kSketchHeader = 8;  // e and n (fp32) at the start of every sketch row
+constexpr int64_t kSketchMaxSimdGroups = 1024;  // longer keys (d1 > 65536) take the portable sketch scan
+
+struct SketchProblem {
+  const uint8_t* sketch;  // (m, ss) bytes: e, n, G fp16 scales, 32 G bytes of codes (nibble + 8)
+  int64_t ss = 0;         // row stride, bytes
+  int64_t G = 0;          // groups per key
+  int64_t T = 0;
+  const int8_t* q8;       // (T, 64 G) query codes in [-127, 127], zero padded
+  const float* qscale;    // (T, G) scale of each query group (the query is qscale * q8)
+  // (T, G, 16): 8 x the sum of the 4 query codes under each 32-bit lane of a 64-byte group, i.e. what the +8 of
+  // the key nibbles adds to that lane's integer dot
+  const int32_t* off;
+};
+// s[(i - k0) * T + t] = sum_g fp16scale_g(key i) qscale_g(t) (integer dot of group g), for keys [k0, k1). The integer
+// dots are exact; the fp32 sum over groups and lanes is within g(G + 8) of sum_j |qhat_j dq_j| of the real value.
+using SketchFn = void (*)(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
+void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEURALDB_PORTABLE_ONLY)
 #define NEURALDB_X86 1
+void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
+void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);

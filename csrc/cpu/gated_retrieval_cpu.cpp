@@ -495,27 +495,36 @@ std::vector<std::string> cpu_isas() {
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Tensor& queries, const at::Tensor& keys,
-                                                                   const at::Tensor& values, double gamma) {
-  TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(),
-              "gated_retrieval_cpu: queries, keys and values must be CPU tensors");
-  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && values.dim() == 2,
-              "gated_retrieval_cpu: expected queries (T, d1), keys (m, d1), values (m, d2)");
+namespace {
+
+// What both CPU ops share: checked inputs, the outputs (zeros, idx -1, score -inf) and the normalised queries.
+struct Prepared {
+  at::Tensor out, idx, score;
+  Problem p;
+  std::vector<uint8_t> zero_row;
+};
+
+Prepared prepare(const char* op, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values) {
+  TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), op,
+              ": queries, keys and values must be CPU tensors");
+  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && values.dim() == 2, op,
+              ": expected queries (T, d1), keys (m, d1), values (m, d2)");
   TORCH_CHECK(is_float_type(queries.scalar_type()) && is_float_type(keys.scalar_type()) &&
                   is_float_type(values.scalar_type()),
-              "gated_retrieval_cpu: queries, keys and values must be float32, float16 or bfloat16");
+              op, ": queries, keys and values must be float32, float16 or bfloat16");
   const int64_t T = queries.size(0), d1 = queries.size(1), m = keys.size(0), d2 = values.size(1);
-  TORCH_CHECK(keys.size(1) == d1, "gated_retrieval_cpu: keys must be (m, ", d1, "), got ", keys.sizes());
-  TORCH_CHECK(values.size(0) == m, "gated_retrieval_cpu: values must have ", m, " rows, got ", values.sizes());
+  TORCH_CHECK(keys.size(1) == d1, op, ": keys must be (m, ", d1, "), got ", keys.sizes());
+  TORCH_CHECK(values.size(0) == m, op, ": values must have ", m, " rows, got ", values.sizes());
   // Rows are read as contiguous runs; overlapping rows (stride(0) < d, e.g. expanded tensors) are fine.
   auto unit_rows = [](const at::Tensor& x) { return x.size(1) <= 1 || x.stride(1) == 1; };
-  TORCH_CHECK(unit_rows(queries) && unit_rows(keys) && unit_rows(values),
-              "gated_retrieval_cpu: rows of queries, keys and values must be unit-stride");
+  TORCH_CHECK(unit_rows(queries) && unit_rows(keys) && unit_rows(values), op,
+              ": rows of queries, keys and values must be unit-stride");
 
-  auto out = at::zeros({T, d2}, queries.options());
-  auto idx_t = at::full({T}, -1, queries.options().dtype(at::kLong));
-  auto score_t = at::full({T}, kNegInf, queries.options().dtype(at::kFloat));
-  if (T == 0 || m == 0) return {out, idx_t, score_t};
+  Prepared r;
+  r.out = at::zeros({T, d2}, queries.options());
+  r.idx = at::full({T}, -1, queries.options().dtype(at::kLong));
+  r.score = at::full({T}, kNegInf, queries.options().dtype(at::kFloat));
+  if (T == 0 || m == 0) return r;
 
   // Normalised, zero padded fp32 queries (rows of qs floats, qs a multiple of 64 so every vector load of a
   // query row stays inside it).
@@ -524,14 +533,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Ten
   thread_local std::vector<float> qbuf_storage;
   if (qbuf_storage.size() < static_cast<size_t>(T * qs + 16)) qbuf_storage.resize(static_cast<size_t>(T * qs + 16));
   float* const qbuf = qbuf_storage.data();
-  std::vector<uint8_t> zero_row(static_cast<size_t>(T));
+  r.zero_row.resize(static_cast<size_t>(T));
   {
     // fp16/bf16 queries: one (vectorised) conversion to fp32 first; fp32 rows are read where they are.
     const at::Tensor qf = queries.scalar_type() == at::kFloat ? queries : queries.to(at::kFloat).contiguous();
-    normalize_rows(qf.data_ptr<float>(), T > 1 ? qf.stride(0) : d1, T, d1, qbuf, qs, zero_row.data());
+    normalize_rows(qf.data_ptr<float>(), T > 1 ? qf.stride(0) : d1, T, d1, qbuf, qs, r.zero_row.data());
   }
 
-  Problem p;
+  Problem& p = r.p;
   p.q = qbuf;
   p.T = T;
   p.qs = qs;
@@ -542,35 +551,207 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Ten
   p.key_type = keys.scalar_type() == at::kHalf ? KeyType::kF16
                : keys.scalar_type() == at::kBFloat16 ? KeyType::kBF16
                                                      : KeyType::kF32;
+  return r;
+}
 
-  float* best = score_t.data_ptr<float>();
-  int64_t* idx = idx_t.data_ptr<int64_t>();
+// out[t] = values[idx[t]] where score[t] > gamma (the reference compares fp32 scores with gamma cast to fp32).
+void gate(const at::Tensor& values, const int64_t* idx, const float* score, double gamma, int64_t T, at::Tensor& out) {
+  const float g = static_cast<float>(gamma);
+  switch (values.scalar_type()) {
+    case at::kFloat: gather_any<float>(values, idx, score, g, T, out); break;
+    case at::kHalf: gather_any<c10::Half>(values, idx, score, g, T, out); break;
+    default: gather_any<c10::BFloat16>(values, idx, score, g, T, out); break;
+  }
+}
+
+cpu::DotFn dot_fn(Isa i) {
+#ifdef NEURALDB_X86
+  if (i == Isa::kAvx512 || i == Isa::kAmx) return cpu::dot_avx512;
+  if (i == Isa::kAvx2) return cpu::dot_avx2;
+#endif
+  return cpu::dot_scalar;
+}
+
+cpu::SketchFn sketch_fn(Isa i, int64_t groups) {
+#ifdef NEURALDB_X86
+  if ((i == Isa::kAvx512 || i == Isa::kAmx) && groups <= cpu::kSketchMaxSimdGroups) return cpu::sketch_scores_avx512;
+  if (i == Isa::kAvx2) return cpu::sketch_scores_avx2;
+#endif
+  return cpu::sketch_scores_scalar;
+}
+
+// n u / (1 - n u) with u = 2^-24: the relative error bound of an fp32 sum of n terms, in any order.
+double gamma_n(int64_t n) {
+  const double nu = static_cast<double>(n) * std::ldexp(1.0, -24);
+  return nu / (1.0 - nu);
+}
+
+// The queries quantised for the sketch scan, and per query the two factors of the bound (see below).
+struct SketchQueries {
+  std::vector<int8_t> q8;
+  std::vector<float> qscale;
+  std::vector<int32_t> off;
+  std::vector<double> a, b;
+};
+
+// Query t (normalised, fp32: qn) becomes qhat = qscale_g q8 with one scale per group of 64 (max |qn| / 127).
+// With the key's sketch dq, e >= ||k - dq|| and n >= max(||k||, ||dq||) from its row, and s the fp32 sketch score:
+//   fp32(qn . k) <= qn . k + g(d1) ||qn|| n                     (the exact kernel's dot, any summation order)
+//   qn . k = qhat . dq + (qn - qhat) . dq + qn . (k - dq) <= qhat . dq + ||qn - qhat|| n + ||qn|| e
+//   qhat . dq <= s + g(G + 8) ||qhat|| n                         (integer group dots are exact; see SketchFn)
+// so fp32(qn . k) <= s + a e + b n with a = ||qn||, b = ||qn - qhat|| + g(d1) ||qn|| + g(G + 8) ||qhat||. The
+// norms are float64 sums of fp32 squares (relative error ~1e-14), rounded up by 1e-9.
+SketchQueries quantize_queries(const Problem& p, int64_t G) {
+  SketchQueries r;
+  const int64_t w = G * cpu::kSketchGroup;  // == p.qs: queries are zero padded to a multiple of 64
+  r.q8.assign(static_cast<size_t>(p.T * w), 0);
+  r.qscale.assign(static_cast<size_t>(p.T * G), 0.f);
+  r.off.assign(static_cast<size_t>(p.T * G * 16), 0);
+  r.a.resize(static_cast<size_t>(p.T));
+  r.b.resize(static_cast<size_t>(p.T));
+  constexpr double kUp = 1 + 1e-9;
+  for (int64_t t = 0; t < p.T; ++t) {
+    const float* q = p.q + t * p.qs;
+    double nn = 0, ee = 0, hh = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* x = q + g * cpu::kSketchGroup;
+      float amax = 0.f;
+      for (int j = 0; j < cpu::kSketchGroup; ++j) amax = std::max(amax, std::fabs(x[j]));
+      const float scale = amax / 127.f;
+      r.qscale[t * G + g] = scale;
+      int8_t* c = r.q8.data() + t * w + g * cpu::kSketchGroup;
+      for (int j = 0; j < cpu::kSketchGroup; ++j) {
+        const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
+        c[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+        const double qhat = static_cast<double>(scale) * c[j];
+        nn += static_cast<double>(x[j]) * x[j];
+        ee += (x[j] - qhat) * (x[j] - qhat);
+        hh += qhat * qhat;
+      }
+      for (int l = 0; l < 16; ++l)
+        r.off[(t * G + g) * 16 + l] = 8 * (c[4 * l] + c[4 * l + 1] + c[4 * l + 2] + c[4 * l + 3]);
+    }
+    r.a[t] = std::sqrt(nn) * kUp;
+    r.b[t] = std::sqrt(ee) * kUp + gamma_n(p.d1) * r.a[t] + gamma_n(G + 8) * std::sqrt(hh) * kUp;
+  }
+  return r;
+}
+
+}  // namespace
+
+int64_t sketch_row_bytes(int64_t d1) {
+  const int64_t g = (d1 + cpu::kSketchGroup - 1) / cpu::kSketchGroup;
+  return round_up(cpu::kSketchHeader + 34 * g, 4);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                                                   const at::Tensor& values, double gamma) {
+  Prepared r = prepare("gated_retrieval_cpu", queries, keys, values);
+  const Problem& p = r.p;
+  if (p.T == 0 || p.m == 0) return {r.out, r.idx, r.score};
+  const int64_t T = p.T;
+  float* best = r.score.data_ptr<float>();
+  int64_t* idx = r.idx.data_ptr<int64_t>();
   const Plan pl = plan(T);
   // A handful of keys is cheaper to score exactly than to pack the queries for the tiles (unless forced).
   const bool forced = std::getenv("NEURALDB_CPU_ISA") != nullptr && std::string(std::getenv("NEURALDB_CPU_ISA")) == "amx";
-  if (pl.prefilter && d1 > 0 && (m >= 128 || forced)) {
+  if (pl.prefilter && p.d1 > 0 && (p.m >= 128 || forced)) {
 #ifdef NEURALDB_X86
     // Groups of up to 256 queries: their packed bf16 copy stays in L2 while the keys stream past.
     constexpr int64_t kGroup = 256;
     for (int64_t t0 = 0; t0 < T; t0 += kGroup) {
       Problem g = p;
-      g.q = p.q + t0 * qs;
+      g.q = p.q + t0 * p.qs;
       g.T = std::min(kGroup, T - t0);
-      std::vector<uint8_t> zr(zero_row.begin() + t0, zero_row.begin() + t0 + g.T);
+      std::vector<uint8_t> zr(r.zero_row.begin() + t0, r.zero_row.begin() + t0 + g.T);
       prefilter_scan(g, zr, best + t0, idx + t0);
     }
 #endif
   } else {
     exact_scan(p, pl.isa, best, idx);
   }
+  gate(values, idx, best, gamma, T, r.out);
+  return {r.out, r.idx, r.score};
+}
 
-  const float g = static_cast<float>(gamma);  // the reference compares fp32 scores with gamma cast to fp32
-  switch (values.scalar_type()) {
-    case at::kFloat: gather_any<float>(values, idx, best, g, T, out); break;
-    case at::kHalf: gather_any<c10::Half>(values, idx, best, g, T, out); break;
-    default: gather_any<c10::BFloat16>(values, idx, best, g, T, out); break;
-  }
-  return {out, idx_t, score_t};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(const at::Tensor& queries,
+                                                                               const at::Tensor& keys,
+                                                                               const at::Tensor& values, double gamma,
+                                                                               const at::Tensor& sketch) {
+  constexpr const char* op = "gated_retrieval_prefiltered_cpu";
+  Prepared r = prepare(op, queries, keys, values);
+  const Problem& p = r.p;
+  TORCH_CHECK(sketch.device().is_cpu() && sketch.scalar_type() == at::kByte && sketch.dim() == 2, op,
+              ": sketch must be a 2-D uint8 CPU tensor");
+  TORCH_CHECK(sketch.size(0) == keys.size(0) && sketch.size(1) == sketch_row_bytes(queries.size(1)), op,
+              ": sketch must be (", keys.size(0), ", ", sketch_row_bytes(queries.size(1)), "), got ", sketch.sizes());
+  TORCH_CHECK(sketch.size(1) <= 1 || sketch.stride(1) == 1, op, ": rows of sketch must be unit-stride");
+  if (p.T == 0 || p.m == 0) return {r.out, r.idx, r.score};
+  const int64_t T = p.T, m = p.m, G = p.qs / cpu::kSketchGroup;
+
+  const SketchQueries sq = quantize_queries(p, G);
+  cpu::SketchProblem sp;
+  sp.sketch = sketch.data_ptr<uint8_t>();
+  sp.ss = m > 1 ? sketch.stride(0) : sketch.size(1);
+  sp.G = G;
+  sp.T = T;
+  sp.q8 = sq.q8.data();
+  sp.qscale = sq.qscale.data();
+  sp.off = sq.off.data();
+  const Isa isa = plan(T).isa;
+  const cpu::SketchFn scores = sketch_fn(isa, G);
+  const float g = static_cast<float>(gamma);
+
+  // ~10 GB/s per core from memory; ~1.2 ns per group and query of integer dot products.
+  const double est_us = static_cast<double>(m) * std::max(sp.ss / 1e4, 1.2e-3 * G * T);
+  const Team team_ = team(m, sp.ss, est_us, 1);
+  std::vector<std::vector<float>> sbuf(static_cast<size_t>(team_.threads));
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> cand(static_cast<size_t>(team_.threads));
+  run_chunks(
+      team_, m, [&](int tid) { sbuf[tid].resize(static_cast<size_t>(team_.chunk * T)); },
+      [&](int tid, int64_t k0, int64_t k1) {
+        float* s = sbuf[tid].data();
+        scores(sp, k0, k1, s);
+        for (int64_t i = k0; i < k1; ++i) {
+          float en[2];
+          std::memcpy(en, sp.sketch + i * sp.ss, sizeof en);
+          for (int64_t t = 0; t < T; ++t) {
+            const double si = s[(i - k0) * T + t];
+            const double terms = sq.a[t] * en[0] + sq.b[t] * en[1];
+            // The float64 sum may round down by a few 2^-53 of its terms; 1e-9 of them covers it. NaN keeps the key.
+            const double ub = si + terms + 1e-9 * (std::fabs(si) + terms);
+            if (!(ub < g)) cand[tid].emplace_back(i, t);
+          }
+        }
+      },
+      [](int) {});
+
+  // Rescoring with the dot the exact scan of this ISA computes, so scores are bitwise the plain op's.
+  const cpu::DotFn dot = dot_fn(isa);
+  float* best = r.score.data_ptr<float>();
+  int64_t* idx = r.idx.data_ptr<int64_t>();
+  std::vector<float> b(static_cast<size_t>(T), kNegInf);
+  std::vector<int64_t> bi(static_cast<size_t>(T), -1);
+  int64_t n = 0;
+  for (const auto& c : cand)
+    for (const auto& [i, t] : c) {
+      const float s = dot(p, t, i);
+      ++n;
+      if (s > b[t] || (s == b[t] && bi[t] >= 0 && i < bi[t])) {
+        b[t] = s;
+        bi[t] = i;
+      }
+    }
+  for (int64_t t = 0; t < T; ++t)
+    if (bi[t] >= 0 && b[t] > g) {
+      best[t] = b[t];
+      idx[t] = bi[t];
+    }
+  if (env_int("NEURALDB_CPU_DEBUG", 0) > 0)
+    std::fprintf(stderr, "neuraldb int4 pre-filter: T=%ld m=%ld d1=%ld isa=%s threads=%d rescored/query=%.2f\n",
+                 (long)T, (long)m, (long)p.d1, isa_name(isa), team_.threads, double(n) / T);
+  gate(values, idx, best, gamma, T, r.out);
+  return {r.out, r.idx, r.score};
 }
 
 }  // namespace neuraldb

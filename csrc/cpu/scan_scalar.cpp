@@ -100,6 +100,28 @@ float dot(const Problem& p, int64_t t, int64_t i) {
 
 }  // namespace
 
+void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float* s) {
+  for (int64_t i = k0; i < k1; ++i) {
+    const uint8_t* row = p.sketch + i * p.ss;
+    const uint8_t* codes = row + kSketchHeader + 2 * p.G;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int8_t* q = p.q8 + t * p.G * kSketchGroup;
+      float acc = 0.f;
+      for (int64_t g = 0; g < p.G; ++g) {
+        uint16_t h;
+        std::memcpy(&h, row + kSketchHeader + 2 * g, sizeof h);
+        const uint8_t* c = codes + g * (kSketchGroup / 2);
+        const int8_t* qg = q + g * kSketchGroup;
+        int32_t dot = 0;
+        for (int b = 0; b < kSketchGroup / 2; ++b)
+          dot += (static_cast<int32_t>(c[b] & 15) - 8) * qg[b] + (static_cast<int32_t>(c[b] >> 4) - 8) * qg[32 + b];
+        acc += load_f16(h) * p.qscale[t * p.G + g] * static_cast<float>(dot);
+      }
+      s[(i - k0) * p.T + t] = acc;
+    }
+  }
+}
+
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
   switch (p.key_type) {
     case KeyType::kF16: return scan<F16>(p, k0, k1, best, best_idx);
