@@ -32,6 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "and write results.json, report.md and report.png to --out.",
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'gemma3-270m', a HF directory or .gguf")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the model's parameter dtype (default float32; bfloat16 is Gemma-3's native dtype)")
     p.add_argument("--dataset", choices=("counterfact", "zsre"), help="which metrics (required unless --combine)")
     p.add_argument("--facts", type=Path, help="facts file (CounterFact ROME/MEND format, ZsRE MEND format)")
     p.add_argument("--n", type=int, default=100, help="number of facts to edit and evaluate (default 100)")
@@ -98,7 +100,7 @@ def run(args) -> int:
         from .distractors import distractor_eval, scaling_markdown
 
         result = distractor_eval(
-            model_name=args.model, db_path=args.db, facts_path=args.facts, distractor_paths=args.distractors,
+            model_name=args.model, model_dtype=args.dtype, db_path=args.db, facts_path=args.facts, distractor_paths=args.distractors,
             out_dir=args.out, sizes=args.sizes, eval_facts=args.eval_facts, keys_cache=args.keys_cache,
             seed=args.seed, batch_size=args.batch_size, command=command, show_progress=not args.no_progress,
         )
@@ -107,7 +109,7 @@ def run(args) -> int:
     from .pipeline import run_eval
 
     run_ = run_eval(
-        model_name=args.model, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
+        model_name=args.model, model_dtype=args.dtype, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
         db_path=args.db, save_db=args.save_db, edit_kwargs=json.loads(args.edit_args),
         general_dir=args.general_data, general_tasks=args.general_tasks, general_limit=args.general_limit,
         wikitext_max_tokens=args.wikitext_tokens, fluency=not args.no_fluency, fluency_max_facts=args.fluency_facts,

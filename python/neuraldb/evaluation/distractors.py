@@ -384,6 +384,7 @@ def distractor_eval(
     db_path: str | Path,
     facts_path: str | Path,
     distractor_paths: Sequence[str | Path],
+    model_dtype: str | None = None,
     out_dir: str | Path,
     sizes: Sequence[int] | None = None,
     eval_facts: int | None = None,
@@ -406,7 +407,7 @@ def distractor_eval(
     say = log or (lambda s: None)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, dtype=model_dtype)
     db = NeuralKVDatabase.load(db_path)
     edited = facts_mod.load(facts_path)[: len(db)]
     timing["load"] = time.perf_counter() - t0

@@ -59,6 +59,7 @@ def run_eval(
     *,
     model_name: str,
     dataset: str,
+    model_dtype: str | None = None,
     facts_path: str | Path,
     n_facts: int | None = 100,
     offset: int = 0,
@@ -91,7 +92,7 @@ def run_eval(
     if model_and_tok is None:
         from ..models import load_model
 
-        model, tok = load_model(model_name)
+        model, tok = load_model(model_name, dtype=model_dtype)
     else:
         model, tok = model_and_tok
     timing["load_model"] = time.perf_counter() - t0
@@ -133,7 +134,8 @@ def run_eval(
                                             show_progress=show_progress)
 
     run: dict = {
-        "model": model_name, "dataset": dataset, "n_facts": len(facts), "offset": offset,
+        "model": model_name, "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dataset": dataset, "n_facts": len(facts), "offset": offset,
         "facts_path": str(facts_path), "template": template, "reduction": reduction if dataset == "counterfact"
         else None, "zsre_target": zsre_target if dataset == "zsre" else None, "command": command,
         "edit_kwargs": edit_kwargs or {}, "db_config": getattr(db, "config", None),
