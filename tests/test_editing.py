@@ -246,3 +246,30 @@ def test_bf16_steps_restore_weights_and_patience(tiny):
     compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=50, patience=2, weight_decay=0.0, stats=stats, **{
         k: v for k, v in kw.items() if k != "steps"})
     assert max(stats["steps"]) < 50
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_prepare_in_compute_dtype_matches(tiny, layer):
+    """With a compute dtype, layers <= l run in the model's dtype (keys, norms bit-identical) and the layers above
+    from layer l's cached output in the compute dtype: float64 must reproduce the float32 pass and residuals."""
+    model, tok = tiny
+    template = templates.default_template(tok)
+    rows = _rows(tok, template, context_texts(["Because I", "You the of the"]))
+    h = engine.handles(model, layer)
+    batch = engine.make_batch(rows, tok.pad_token_id, "cpu")
+    ref = engine.prepare(h, batch)
+    got = engine.prepare(h, batch, engine.Precision(model, "float64"))
+    assert torch.equal(got.keys, ref.keys) and torch.equal(got.h_norm, ref.h_norm)
+    for a, b in zip(got.kvs, ref.kvs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a[0].dtype == torch.float64
+            torch.testing.assert_close(a[0].float(), b[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a[1].float(), b[1], atol=1e-5, rtol=1e-4)
+    if layer:
+        torch.testing.assert_close(got.h_in.float(), ref.h_in, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.kl_ref.float(), ref.kl_ref, atol=1e-5, rtol=1e-4)
+    kw = dict(n_prefixes=2, prefix_len=3, steps=4, lr=0.5)
+    r64 = compute_residuals(model, tok, FACTS, layer, compute_dtype="float64", **kw)
+    torch.testing.assert_close(r64, compute_residuals(model, tok, FACTS, layer, **kw), atol=1e-4, rtol=1e-3)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

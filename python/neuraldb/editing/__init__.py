@@ -64,28 +64,6 @@ def _editing_state(model):
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _compute_dtype(model, name: str, prep):
-    """Parameters (not buffers: RoPE's inv_freq stays fp32) cast to ``name`` for the block, then restored bit for
-    bit (the original tensors are kept, not cast back); the cached activations are cast too."""
-    dtype = getattr(torch, name)
-    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
-    if not params:
-        yield
-        return
-    saved = [p.data for p in params]
-    prep.kvs = [None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in prep.kvs]
-    if prep.h_in is not None:
-        prep.h_in = prep.h_in.to(dtype)
-    try:
-        for p in params:
-            p.data = p.data.to(dtype)
-        yield
-    finally:
-        for p, d in zip(params, saved):
-            p.data = d
-
-
 def _pad_id(tok) -> int:
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         v = getattr(tok, name, None)
@@ -145,6 +123,7 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
     loss_of = [0.0] * len(facts)
     bs = max(1, cfg.batch_size)
     bar = _progress(len(facts), progress, "editing" if want_residuals else "keys")
+    precision = engine.Precision(model, cfg.compute_dtype) if want_residuals else None
     try:
         for start in range(0, len(facts), bs):
             chunk = order[start : start + bs]
@@ -158,10 +137,10 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
             fact_of = torch.tensor([r.fact for r in rows], device=device)
             idx = torch.tensor(chunk)
             if want_residuals:
-                prep = engine.prepare(h, batch)
+                prep = engine.prepare(h, batch, precision)
                 row_keys = prep.keys
                 st: dict = {}
-                with _compute_dtype(model, cfg.compute_dtype, prep):
+                with precision.compute():
                     resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st).cpu()
                 for j, i in enumerate(chunk):
                     steps_of[i], loss_of[i] = st["steps"][j], st["loss"][j]

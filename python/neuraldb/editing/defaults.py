@@ -30,8 +30,9 @@ class EditConfig:
         batch_size: facts optimised together.
         key_bare_weight: weight of the bare prompt in the key mean (the prefixed contexts share the rest); None
             is the plain mean of Eq. 18; MEMIT's grouping amounts to 0.5.
-        compute_dtype: "bfloat16" runs the optimisation steps with bf16 weights (keys, the prefix pass and the KL
-            reference stay in the model's dtype); about 2x faster on CPUs with AVX-512 BF16.
+        compute_dtype: "bfloat16" runs the layers above the edited one (in the no-grad pass, for the cache and the
+            KL reference) and the optimisation steps with bf16 weights; the keys, the clamp norms, r and the Adam
+            state stay float32. About 2.5x faster on CPUs with AMX (docs/editing.md); slow where bf16 is emulated.
     """
 
     layer: int | None = None

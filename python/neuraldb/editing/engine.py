@@ -166,6 +166,85 @@ class _StopForward(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Attention of the optimisation steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+_STEP_ATTENTION = "neuraldb_gqa"
+
+
+def _gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Attention for a few query positions over a cached prefix, as transformers' attention interface calls it.
+
+    The steps run 3-8 query positions over ~30 keys in ~160 rows: torch's CPU flash kernel is slow there (its bf16
+    backward ~10x slower than fp32) and the math kernel copies K/V once per query head (GQA) and upcasts bf16.
+    This folds each key/value head's query heads into the query axis (no K/V copies), multiplies in the inputs'
+    dtype and takes the softmax in float32 (or wider). ``attention_mask`` is sdpa's boolean mask (True = attend) or None
+    (causal, the queries being the last positions)."""
+    B, H, Q, D = query.shape
+    Hk, K = key.shape[1], key.shape[2]
+    g = H // Hk
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.reshape(B, Hk, g * Q, D), key.transpose(2, 3)).to(acc).view(B, Hk, g, Q, K)
+    scores = scores * (D**-0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        attention_mask = torch.ones(Q, K, dtype=torch.bool, device=query.device).tril(K - Q)
+    elif attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, None]  # (B, 1, 1, Q, K) against (B, Hk, g, Q, K)
+    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, -1).to(value.dtype).view(B, Hk, g * Q, K)
+    out = torch.matmul(probs, value).view(B, H, Q, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_step_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_STEP_ATTENTION, _gqa_attention)
+    AttentionMaskInterface.register(_STEP_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _step_attention(model: torch.nn.Module):
+    """The model (and its sub-configs) use :func:`_gqa_attention` inside the block."""
+    cfg = model.config
+    saved = cfg._attn_implementation
+    _register_step_attention()
+    cfg._attn_implementation = _STEP_ATTENTION
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = saved
+
+
+class Precision:
+    """The model's floating parameters in a compute dtype (e.g. bf16 on CPUs with AMX), converted once per run.
+
+    ``with precision.compute():`` swaps the converted tensors in and puts the originals back afterwards (bit for
+    bit: the originals are kept, not cast back). Buffers (RoPE's inv_freq) stay as they are. ``dtype`` is None
+    when nothing needs converting."""
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        dtype = getattr(torch, name)
+        self.params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+        self.dtype = dtype if self.params else None
+        self.low = [p.data.to(dtype) for p in self.params]
+
+    @contextlib.contextmanager
+    def compute(self):
+        saved = [p.data for p in self.params]
+        try:
+            for p, d in zip(self.params, self.low):
+                p.data = d
+            yield
+        finally:
+            for p, d in zip(self.params, saved):
+                p.data = d
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -251,15 +330,22 @@ class Prepared:
 
 
 @torch.no_grad()
-def prepare(h: Handles, batch: Batch) -> Prepared:
+def prepare(h: Handles, batch: Batch, precision: Precision | None = None) -> Prepared:
+    """One no-grad pass over ``batch``. With a ``precision`` whose dtype differs from the model's, the layers up to
+    the edited one run in the model's dtype (the keys and clamp norms are exact) and the layers above in the
+    compute dtype, which is also the dtype of the returned cache and activations (the steps run in it)."""
     got: dict = {}
     P, l = batch.P, h.layer
+    low = precision.dtype if precision is not None else None
 
     def pre_layer(mod, args, kwargs):
         got["h_in"] = _hidden_arg(args, kwargs)[:, P:].detach().clone()
 
     def post_layer(mod, args, out):
         got["h_norm"] = _first(out)[:, P].float().norm(dim=-1)
+        if low is not None:
+            got["h_out"] = _first(out).to(low)
+            raise _StopForward
 
     def below(mod, args, out):
         got["tuple_out"] = isinstance(out, (tuple, list))
@@ -267,33 +353,40 @@ def prepare(h: Handles, batch: Batch) -> Prepared:
     def grab(mod, inp, out):
         got["k"] = _first(inp)[:, P].float()
 
-    hooks = [
+    hooks = [  # `below` before `post_layer`: with l == 0 the latter stops the pass
+        (h.layers[0].register_forward_hook, below),
         (lambda fn: h.layers[l].register_forward_pre_hook(fn, with_kwargs=True), pre_layer),
         (h.layers[l].register_forward_hook, post_layer),
-        (h.layers[0].register_forward_hook, below),
         (h.down_proj.register_forward_hook, grab),
     ]
     cache = _new_cache(h.model)
+    run = {"input_ids": batch.ids, "attention_mask": batch.mask, "position_ids": batch.pos, "use_cache": True}
+    out = None
     with _hooks(*hooks):
-        out = h.base(
-            input_ids=batch.ids,
-            attention_mask=batch.mask,
-            position_ids=batch.pos,
-            use_cache=True,
-            **{h.cache_kwarg: cache},
-        )
-    kvs = [None if kv is None else (kv[0][:, :, :P].contiguous(), kv[1][:, :, :P].contiguous()) for kv in _kv_tensors(cache)]
+        try:
+            out = h.base(**run, **{h.cache_kwarg: cache})
+        except _StopForward:
+            pass
+    kvs = _kv_tensors(cache)
+    if low is not None:  # layers above l in the compute dtype, from the cached output of layer l
+        upper = _new_cache(h.model)
+        with precision.compute(), _stubbed_layers(h.layers, l + 1, got["h_out"], got["tuple_out"]):
+            out = h.base(**run, **{h.cache_kwarg: upper})
+        kvs = [a if i <= l else b for i, (a, b) in enumerate(zip(kvs, _kv_tensors(upper)))]
+    cast = (lambda t: t.to(low)) if low is not None else (lambda t: t)
+    kvs = [None if kv is None else tuple(cast(t[:, :, :P]).contiguous() for t in kv) for kv in kvs]
     kl_rows = [i for i, r in enumerate(batch.rows) if r.kl_pos >= 0]
     kl_ref = None
     if kl_rows:
         last = out.last_hidden_state
         idx = torch.tensor(kl_rows, device=last.device)
         cols = torch.tensor([P + batch.rows[i].kl_pos - batch.rows[i].subj for i in kl_rows], device=last.device)
-        kl_ref = torch.log_softmax(logits_of(h, last[idx, cols]), -1)
+        with precision.compute() if low is not None else contextlib.nullcontext():  # the head the steps use
+            kl_ref = torch.log_softmax(logits_of(h, last[idx, cols]), -1)
     return Prepared(
         batch=batch,
         kvs=kvs,
-        h_in=got["h_in"] if l > 0 else None,
+        h_in=cast(got["h_in"]) if l > 0 else None,
         tuple_out=got.get("tuple_out", False),
         keys=got["k"],
         h_norm=got["h_norm"],
@@ -314,7 +407,7 @@ def _suffix_forward(h: Handles, prep: Prepared, ridx: torch.Tensor, kvs_sel, r_r
         return o
 
     stub = _stubbed_layers(h.layers, l, prep.h_in[ridx], prep.tuple_out) if l > 0 else contextlib.nullcontext()
-    with stub, _hooks((h.down_proj.register_forward_hook, add_r)):
+    with stub, _step_attention(h.model), _hooks((h.down_proj.register_forward_hook, add_r)):
         out = h.base(
             input_ids=b.ids[ridx, P:],
             attention_mask=b.mask[ridx],
