@@ -95,7 +95,11 @@ class Patch:
             if db.device != queries.device:
                 db.to(queries.device)
             q = queries if queries.dtype in _QUERY_DTYPES else queries.float()
-            out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
+            # Only the residuals are needed, which a NeuralKVDatabase can compute from its key sketch.
+            if isinstance(db, NeuralKVDatabase):
+                out = db.retrieve_residuals(q, self.gamma, backend=self.backend)
+            else:
+                out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
         return out.to(queries.dtype)
 
     def __repr__(self) -> str:

@@ -58,7 +58,7 @@ from neuraldb.database import (
     check_gamma,
     normalize_keys,
 )
-from neuraldb_kernels import gated_retrieval
+from neuraldb_kernels import build_sketch, gated_retrieval
 
 _LOW32 = (1 << 32) - 1
 # Ids are packed into the low 32 bits of the retrieval key (as id + 1, so -1 fits).
@@ -104,6 +104,7 @@ class _Shard(NeuralKVDatabase):
             n = self._n
             self._keys[n : n + m].copy_(keys)
             self._values[n : n + m].copy_(values)
+            self._sketch[n : n + m].copy_(build_sketch(self._keys[n : n + m]))
             for offset, (i, f) in enumerate(zip(ids, facts)):
                 self._rows[i] = n + offset
                 self._facts[i] = f
@@ -122,6 +123,7 @@ class _Shard(NeuralKVDatabase):
                 src = torch.tensor([self._rows[i] for i in tail], dtype=torch.long, device=self.device)
                 self._keys[first : first + len(tail)] = self._keys.index_select(0, src)
                 self._values[first : first + len(tail)] = self._values.index_select(0, src)
+                self._sketch[first : first + len(tail)] = self._sketch.index_select(0, src)
             for i in ids:
                 del self._rows[i]
                 del self._facts[i]
