@@ -105,10 +105,12 @@ def test_eval_command_combines_results(tmp_path):
 
     for n in (100, 1000):
         (tmp_path / f"r{n}.json").write_text(json.dumps(_run(n, 99.0)))
+    # a --distractors result lives beside the runs (docs/results/*/results.json) and is skipped
+    (tmp_path / "distractors.json").write_text(json.dumps({"n_dropped": 0, "run": {"by_size": []}}))
     parser = argparse.ArgumentParser()
     command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--combine", str(tmp_path / "r100.json"), str(tmp_path / "r1000.json"),
-                              "--out", str(tmp_path / "out")])
+                              str(tmp_path / "distractors.json"), "--out", str(tmp_path / "out")])
     assert command.run(args) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| stub | NeuralDB | 1000 |" in md and "| stub | NeuralDB | 100 |" in md

@@ -80,6 +80,10 @@ def run(args) -> int:
         runs = []
         for path in args.combine:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+            # a --distractors result has its own report and no pre/post run to put in these tables
+            if "dataset" not in data and "runs" not in data:
+                print(f"neuraldb eval: skipping {path}: not a pre/post evaluation run", file=sys.stderr)
+                continue
             runs += data.get("runs", [data])
         paths = write_reports(runs, args.out, title=args.title)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
