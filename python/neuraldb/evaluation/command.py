@@ -70,6 +70,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "10n, all)")
     p.add_argument("--eval-facts", type=int, help="--distractors: evaluate a seeded subset of this many edited facts")
     p.add_argument("--keys-cache", type=Path, help="--distractors: directory that caches the distractor keys")
+    p.add_argument("--distractor-exclude", type=int, help="--distractors: drop duplicates of the first N facts of "
+                   "--facts (default: the database's; a larger N shares the distractor pool with a larger database)")
     return p
 
 
@@ -104,9 +106,9 @@ def run(args) -> int:
         from .distractors import distractor_eval, scaling_markdown
 
         result = distractor_eval(
-            model_name=args.model, model_dtype=args.dtype, db_path=args.db, facts_path=args.facts, distractor_paths=args.distractors,
-            out_dir=args.out, sizes=args.sizes, eval_facts=args.eval_facts, keys_cache=args.keys_cache,
-            seed=args.seed, batch_size=args.batch_size, command=command, show_progress=not args.no_progress,
+            model_name=args.model, model_dtype=args.dtype, db_path=args.db, facts_path=args.facts,
+            distractor_paths=args.distractors, out_dir=args.out, sizes=args.sizes, eval_facts=args.eval_facts,
+            keys_cache=args.keys_cache, exclude=args.distractor_exclude, seed=args.seed, batch_size=args.batch_size, command=command, show_progress=not args.no_progress,
         )
         print(scaling_markdown(result))
         return 0

@@ -309,7 +309,8 @@ def scaling_markdown(result: dict) -> str:
         ("Distractor keys are real (the keys of other CounterFact subjects, computed like the edited facts'); "
         "**distractor residuals are synthetic**: random directions with norms drawn from the edited residuals' "
         f"norms (mean {r['edited_residual_norm']['mean']:.1f}, std {r['edited_residual_norm']['std']:.1f})."),
-        f"{result['n_dropped']} candidate distractors duplicated an edited fact's subject and prompt and were dropped.",
+        (f"{result['n_dropped']} candidate distractors duplicated the subject and prompt of one of the first "
+         f"{result['n_excluded']:,} facts of the edited file and were dropped."),
         (f"Evaluated: {r['n_evaluated']} of the {r['n_edited']} edited facts{subset}, {r['n_prompts']} prompts; "
         f"gamma {r['gamma']}, layer {r['layer']}."), "",
     ]
@@ -389,6 +390,7 @@ def distractor_eval(
     sizes: Sequence[int] | None = None,
     eval_facts: int | None = None,
     keys_cache: str | Path | None = None,
+    exclude: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
     command: str | None = None,
@@ -397,7 +399,9 @@ def distractor_eval(
 ) -> dict:
     """``neuraldb eval --distractors``: load the model and the database of the first ``len(db)`` facts of
     ``facts_path``, compute (or read from ``keys_cache``) the pre-edit scores and the keys of the deduplicated
-    ``distractor_paths`` facts, run :func:`run_distractor_scaling`, and write ``results.json``, ``report.md`` and ``report.png`` to
+    ``distractor_paths`` facts (deduplicated against the first ``max(len(db), exclude)`` facts of ``facts_path``,
+    so databases of different sizes can share one distractor pool and its cached keys), run
+    :func:`run_distractor_scaling`, and write ``results.json``, ``report.md`` and ``report.png`` to
     ``out_dir``. Returns what results.json holds."""
     from .. import facts as facts_mod
     from ..database import NeuralKVDatabase
@@ -409,15 +413,16 @@ def distractor_eval(
     t0 = time.perf_counter()
     model, tok = load_model(model_name, dtype=model_dtype)
     db = NeuralKVDatabase.load(db_path)
-    edited = facts_mod.load(facts_path)[: len(db)]
+    all_facts = facts_mod.load(facts_path)
+    edited = all_facts[: len(db)]
     timing["load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     t0 = time.perf_counter()
     chosen = evaluated_subset(len(db), eval_facts, seed)
     pre = pre_edit_scores(model, tok, db, [edited[i] for i in chosen], cache_dir=keys_cache, batch_size=batch_size)
     timing["eval_pre"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dfacts, dropped = distractor_facts(edited, load_facts(distractor_paths), seed=seed)
+    excluded = all_facts[: max(len(db), exclude or 0)]
+    dfacts, dropped = distractor_facts(excluded, load_facts(distractor_paths), seed=seed)
     say(f"{len(dfacts)} distractors ({dropped} duplicates of edited facts dropped); key settings {key_settings(db)}")
     dkeys = distractor_keys(model, tok, db, dfacts, cache_dir=keys_cache, log=say)
     timing["distractor_keys"] = time.perf_counter() - t0
@@ -428,7 +433,8 @@ def distractor_eval(
     timing.update(run["timing"])
     result = {"model": model_name, "db": str(db_path), "facts_path": str(facts_path),
               "distractor_paths": [str(p) for p in distractor_paths], "n_distractor_candidates": len(dfacts) + dropped,
-              "n_dropped": dropped, "key_settings": key_settings(db), "command": command, "timing": timing,
+              "n_dropped": dropped, "n_excluded": len(excluded), "key_settings": key_settings(db), "command": command,
+              "timing": timing,
               "note": "distractor keys are real CounterFact keys; distractor residuals are synthetic (random "
                       "directions, norms drawn from the edited residuals' norms)", "run": run}
     out = Path(out_dir)
