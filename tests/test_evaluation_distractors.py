@@ -180,3 +180,15 @@ def test_pre_edit_scores_are_cached(tiny, edited, tmp_path):
     assert len(list(tmp_path.glob("pre-counterfact-*.json"))) == 1
     pre_edit_scores(model, tok, edited, EVAL_FACTS[1:3], cache_dir=tmp_path)  # other facts, another file
     assert len(list(tmp_path.glob("pre-counterfact-*.json"))) == 2 and path.is_file()
+
+
+def test_distractor_keys_reproduce_the_databases_keys_and_are_cached(tiny, edited, tmp_path, monkeypatch):
+    import neuraldb.editing
+    from neuraldb.evaluation.distractors import distractor_keys
+
+    model, tok = tiny
+    k = distractor_keys(model, tok, edited, EVAL_FACTS[:3], cache_dir=tmp_path, chunk=2)
+    cos = torch.nn.functional.cosine_similarity(k, edited.keys.float(), dim=1)
+    assert cos.min() > 0.999  # same layer, template, prefixes and weighting as the edit
+    monkeypatch.setattr(neuraldb.editing, "compute_keys", lambda *a, **kw: pytest.fail("keys were not cached"))
+    assert torch.equal(distractor_keys(model, tok, edited, EVAL_FACTS[:3], cache_dir=tmp_path), k)

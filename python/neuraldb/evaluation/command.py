@@ -108,7 +108,8 @@ def run(args) -> int:
         result = distractor_eval(
             model_name=args.model, model_dtype=args.dtype, db_path=args.db, facts_path=args.facts,
             distractor_paths=args.distractors, out_dir=args.out, sizes=args.sizes, eval_facts=args.eval_facts,
-            keys_cache=args.keys_cache, exclude=args.distractor_exclude, seed=args.seed, batch_size=args.batch_size, command=command, show_progress=not args.no_progress,
+            keys_cache=args.keys_cache, exclude=args.distractor_exclude, seed=args.seed, batch_size=args.batch_size,
+            command=command, show_progress=not args.no_progress,
         )
         print(scaling_markdown(result))
         return 0

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 # The EditConfig fields that decide a key (the residual-only ones, e.g. lr and steps, do not).
-KEY_FIELDS = ("n_prefixes", "prefix_len", "seed", "key_bare_weight")
+KEY_FIELDS = ("n_prefixes", "prefix_len", "seed", "key_bare_weight", "key_unit_mean")
 
 
 def load_facts(paths: Sequence[str | Path]) -> list[Fact]:
@@ -64,9 +64,23 @@ def load_facts(paths: Sequence[str | Path]) -> list[Fact]:
 
 
 def key_settings(db) -> dict:
-    """What decides a key, as recorded by the database: layer, template and the :data:`KEY_FIELDS` of its config."""
+    """What decides a key, as recorded by the database: layer, template and those :data:`KEY_FIELDS` its config
+    holds (a field newer than the database is absent, and stands for the behaviour before it existed)."""
     cfg = db.config or {}
-    return {"layer": db.layer, "template": db.template, **{k: cfg.get(k) for k in KEY_FIELDS}}
+    return {"layer": db.layer, "template": db.template, **{k: cfg[k] for k in KEY_FIELDS if k in cfg}}
+
+
+def _key_kwargs(settings: dict) -> dict:
+    """:func:`neuraldb.editing.compute_keys` keywords for ``settings``: an absent field gets EditConfig's own
+    default (the behaviour before the field existed), not the model's current default, which may differ."""
+    import dataclasses
+    import inspect
+
+    from ..editing import EditConfig, compute_keys
+
+    accepted = inspect.signature(compute_keys).parameters
+    base = {f.name: f.default for f in dataclasses.fields(EditConfig)}
+    return {k: settings.get(k, base.get(k)) for k in KEY_FIELDS if k in accepted}
 
 
 def _fact_signature(f: Fact) -> tuple[str, str]:
@@ -125,7 +139,7 @@ def distractor_keys(
     t0, start = time.perf_counter(), len(done)
     for i in range(start, len(facts), chunk):
         parts.append(compute_keys(model, tok, facts[i : i + chunk], s["layer"], template=s["template"],
-                                  **{k: s[k] for k in KEY_FIELDS}))
+                                  **_key_kwargs(s)))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
