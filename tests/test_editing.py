@@ -273,3 +273,18 @@ def test_prepare_in_compute_dtype_matches(tiny, layer):
     r64 = compute_residuals(model, tok, FACTS, layer, compute_dtype="float64", **kw)
     torch.testing.assert_close(r64, compute_residuals(model, tok, FACTS, layer, **kw), atol=1e-4, rtol=1e-3)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_keys_unit_mean(tiny):
+    """key_unit_mean: the (bare-weighted) mean of the contexts' keys scaled to unit length."""
+    model, tok = tiny
+    template = templates.default_template(tok)
+    contexts = context_texts(generate_prefixes(model, tok, n=2, length=3, template=template))
+    h = engine.handles(model, 1)
+    rows = [r for i, f in enumerate(FACTS) for r in fact_rows(tok, template, f, i, contexts, targets=False, kl_prompt=None)]
+    u = torch.nn.functional.normalize(engine.key_pass(h, engine.make_batch(rows, tok.pad_token_id, "cpu")), dim=-1)
+    u = u.view(len(FACTS), len(contexts), -1)
+    kw = dict(n_prefixes=2, prefix_len=3, key_unit_mean=True)
+    torch.testing.assert_close(compute_keys(model, tok, FACTS, 1, **kw), u.mean(1), atol=1e-5, rtol=1e-4)
+    half = compute_keys(model, tok, FACTS, 1, key_bare_weight=0.5, **kw)
+    torch.testing.assert_close(half, 0.5 * u[:, 0] + 0.25 * u[:, 1:].sum(1), atol=1e-5, rtol=1e-4)

@@ -160,6 +160,8 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
                         first[j] = True
                 w = torch.where(first, cfg.key_bare_weight, (1 - cfg.key_bare_weight) / (n_ctx - 1)) * bare
             w = w * is_key_row
+            if cfg.key_unit_mean:
+                row_keys = torch.nn.functional.normalize(row_keys, dim=-1)
             k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of, row_keys * w[:, None])
             cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of, w)
             keys[idx] = (k / cnt[:, None]).cpu()
@@ -196,13 +198,14 @@ def compute_keys(
     template: str | None = None,
     seed: int | None = None,
     key_bare_weight: float | None = None,
+    key_unit_mean: bool | None = None,
 ) -> torch.Tensor:
     """Keys (n, d1) float32 (paper Eq. 18): the down-projection input of ``layer`` at the subject's last token,
     averaged over the bare prompt and ``n_prefixes`` model-generated prefixes, all inside ``template``
     (default: :func:`neuraldb.templates.default_template`)."""
     cfg = resolve(
         model, layer=layer, n_prefixes=n_prefixes, prefix_len=prefix_len, batch_size=batch_size, seed=seed,
-        key_bare_weight=key_bare_weight,
+        key_bare_weight=key_bare_weight, key_unit_mean=key_unit_mean,
     )
     with _editing_state(model), torch.no_grad():
         k, _ = _run(model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None)
