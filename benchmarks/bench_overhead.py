@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py --threads 1                       # SmolLM2-135M, CPU, m = 0 .. 1M, all
     python benchmarks/bench_overhead.py --m 0,10000,100000 --scenarios decode_b1 --reps 60
+    python benchmarks/bench_overhead.py --threads 1 --m 0,10000,100000 --scenarios decode_b1 --prefilter both
     python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda          # GPU session: 8B shapes, fp16
     python benchmarks/bench_overhead.py --model llama3-8b-shape --layers 1 --vocab 512 --device cpu \\
         --dtype float32 --m 0,2000 --reps 2 --tag smoke                                # CPU smoke of the 8B path
@@ -18,6 +19,10 @@ timed region), so load from other processes hits both alike. Reported per (scena
 - ``op_ms``: the op alone on the same number of queries (what the kernel costs, without the model around it);
 - ``floor_ms``: key bytes / read bandwidth measured in the same run on the database's own key buffer (the least time
   any exact scan of the keys can take), and ``added_over_floor`` = added time / floor.
+
+``--prefilter both`` times the patched forward with and without the database's int4 key sketch (which serves
+decode steps of one query row on CPU, see ``NeuralKVDatabase.retrieve_residuals``) in the same repetitions, next
+to the unpatched one; the op alone is then ``retrieve_residuals`` with that setting.
 
 Random keys never open the gate (max cosine ~0.1 << gamma), so the residual gather is skipped; that is the common
 case at inference time, where most tokens match no fact. Results: ``benchmarks/results/overhead_<model>_<device>[_<tag>]
@@ -51,6 +56,8 @@ import neuraldb  # noqa: E402
 from neuraldb import NeuralKVDatabase, architectures as arch, patch_model, unpatch_model  # noqa: E402
 
 SCENARIOS = ("prefill_128", "prefill_512", "decode_b1", "decode_b8")
+# --prefilter: the patched variants timed against the unpatched forward in the same repetitions.
+_VARIANTS = {"on": ("prefilter",), "off": ("plain",), "both": ("plain", "prefilter")}
 DEFAULT_M = (0, 2_000, 10_000, 20_000, 100_000, 1_000_000)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -167,45 +174,59 @@ class Scenario:
 
 
 def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, device: str, gamma: float,
-            backend: str | None) -> dict:
-    """Interleaved patched/unpatched repetitions of one scenario at the database's current size."""
-    patched, unpatched, diffs = [], [], []
-    cpu_u, cpu_p, cpu_d = [], [], []
+            backend: str | None, variants: tuple[str, ...] = ("prefilter",)) -> list[dict]:
+    """Interleaved repetitions of one scenario at the database's current size: unpatched and one patched forward per
+    variant ("prefilter": the database's default, the int4 key sketch where it applies; "plain": ``db.prefilter =
+    False``), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
+    states = ("unpatched", *variants)
+    times: dict[str, list[tuple[float, float]]] = {s: [] for s in states}
     path, _ = arch.down_proj_module(model, layer)
 
     def run(state: str) -> tuple[float, float]:
-        if state == "patched":
+        if state == "unpatched":
+            if neuraldb.patch_info(model) is not None:
+                unpatch_model(model)
+        else:
+            db.prefilter = state == "prefilter"
             patch_model(model, db, module=path, gamma=gamma, backend=backend)
-        elif neuraldb.patch_info(model) is not None:
-            unpatch_model(model)
         return timed_both(scenario.step, device)
 
     for _ in range(warmup):
-        run("unpatched")
-        run("patched")
+        for s in states:
+            run(s)
     for r in range(reps):
-        order = ("unpatched", "patched") if r % 2 == 0 else ("patched", "unpatched")
-        t = {s: run(s) for s in order}
-        unpatched.append(t["unpatched"][0])
-        patched.append(t["patched"][0])
-        diffs.append(t["patched"][0] - t["unpatched"][0])
-        cpu_u.append(t["unpatched"][1])
-        cpu_p.append(t["patched"][1])
-        cpu_d.append(t["patched"][1] - t["unpatched"][1])
+        order = states[r % len(states) :] + states[: r % len(states)]
+        order = order if r % 2 == 0 else order[::-1]
+        for s in order:
+            times[s].append(run(s))
     if neuraldb.patch_info(model) is not None:
         unpatch_model(model)
+    db.prefilter = True
+    qdtype = next(model.parameters()).dtype
+    return [_row(scenario, db, reps, device, qdtype, gamma, backend, times["unpatched"], times[v], v) for v in variants]
 
-    # The op alone on as many queries as the layer sends it (the hidden activation's dtype and width).
-    q = torch.randn(scenario.queries, db.key_dim, device=device, dtype=next(model.parameters()).dtype)
+
+def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, gamma: float, backend: str | None,
+         base: list, pat: list, variant: str) -> dict:
+    unpatched, patched = [w for w, _ in base], [w for w, _ in pat]
+    diffs = [p - u for u, p in zip(unpatched, patched)]
+    cpu_u = [c for _, c in base]
+    cpu_d = [p - u for (_, u), (_, p) in zip(base, pat)]
+    # The op alone on as many queries as the layer sends it (the hidden activation's dtype and width), through the
+    # database method the patch calls, with this variant's setting.
+    q = torch.randn(scenario.queries, db.key_dim, device=device, dtype=qdtype)
     op_reps = max(3, min(reps, 20))
-    neuraldb.gated_retrieval(q, db.keys, db.values, gamma, backend=backend)
-    op = [timed_both(lambda: neuraldb.gated_retrieval(q, db.keys, db.values, gamma, backend=backend), device)
-          for _ in range(op_reps)]
+    db.prefilter = variant == "prefilter"
+    db.retrieve_residuals(q, gamma, backend=backend)
+    op = [timed_both(lambda: db.retrieve_residuals(q, gamma, backend=backend), device) for _ in range(op_reps)]
+    db.prefilter = True
     u, p, d = median(unpatched), median(patched), median(diffs)
     cu, cd = median(cpu_u), median(cpu_d)
     cpu = torch.device(device).type == "cpu"
     return {
         "scenario": scenario.name,
+        "variant": variant,
+        "sketch_bytes": db.sketch.numel(),
         "queries": scenario.queries,
         "reps": reps,
         "unpatched_ms": u * 1e3,
@@ -233,11 +254,17 @@ def _fmt_m(m: int) -> str:
     return f"{m // 1_000_000}M" if m >= 1_000_000 and m % 1_000_000 == 0 else f"{m // 1000}k" if m >= 1000 else str(m)
 
 
+def _label(r: dict, rows: list[dict]) -> str:
+    """The scenario, and the variant where a run compares several (older results have no variant)."""
+    several = len({x.get("variant") for x in rows}) > 1
+    return f"{r['scenario']} {r['variant']}" if several else r["scenario"]
+
+
 def tables(result: dict) -> str:
     rows = result["rows"]
-    scen = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
+    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS for r in rows if r["scenario"] == s))
     ms = sorted({r["m"] for r in rows})
-    by = {(r["scenario"], r["m"]): r for r in rows}
+    by = {(_label(r, rows), r["m"]): r for r in rows}
     has_cpu = any(r.get("cpu_added_pct") is not None for r in rows)
 
     def pct(r: dict) -> str:
@@ -285,11 +312,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    scen = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
+    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS for r in rows if r["scenario"] == s))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     floor: list = []
     for s in scen:
-        rs = sorted((r for r in rows if r["scenario"] == s), key=lambda r: r["m"])
+        rs = sorted((r for r in rows if _label(r, rows) == s), key=lambda r: r["m"])
         cpu = all(r.get("cpu_added_pct") is not None for r in rs)
         key, ms_key, floor_key = ("cpu_added_pct", "cpu_added_ms", "cpu_floor_ms") if cpu else (
             "added_pct", "added_ms", "floor_ms")
@@ -340,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=128, help="KV-cache length for the decode scenarios")
     ap.add_argument("--gamma", type=float, default=None)
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--prefilter", default="on", choices=["on", "off", "both"],
+                    help="the database's int4 key sketch for decode steps (on: its default; both: patched with and "
+                    "without it in the same interleaved repetitions)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP barriers "
                     "waiting for a time slice, which otherwise dominate every timing")
@@ -404,28 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         for s in scenarios:
             reps = args.reps if s.startswith("decode") else max(3, args.reps // 3)
-            row = measure(model, db, built[s], layer, reps, args.warmup, args.device, gamma, args.backend)
-            row["m"] = m
-            row["key_bytes"] = key_bytes
-            if bw is not None:
-                row["read_gb_s"] = bw["bytes_per_s"] / 1e9
-                row["floor_ms"] = key_bytes / bw["bytes_per_s"] * 1e3
-                row["added_over_floor"] = row["added_ms"] / row["floor_ms"]
-                row["op_over_floor"] = row["op_ms"] / row["floor_ms"]
-                if row["cpu_added_ms"] is not None:
-                    row["cpu_read_gb_s"] = bw["bytes_per_cpu_s"] / 1e9
-                    row["cpu_floor_ms"] = key_bytes / bw["bytes_per_cpu_s"] * 1e3
-                    row["cpu_added_over_floor"] = row["cpu_added_ms"] / row["cpu_floor_ms"]
-            result["rows"].append(row)
-            print(f"  {s:12s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
-                  f"({row['added_pct']:+6.2f}%)  op {row['op_ms']:8.3f} ms"
-                  + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""), flush=True)
-            if row["cpu_added_ms"] is not None:
-                print(f"  {'':12s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
-                      f"added {row['cpu_added_ms']:+8.3f} ms "
-                      f"({row['cpu_added_pct']:+6.2f}%)  op {row['cpu_op_ms']:8.3f} ms"
-                      + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
-                      flush=True)
+            for row in measure(model, db, built[s], layer, reps, args.warmup, args.device, gamma, args.backend,
+                               _VARIANTS[args.prefilter]):
+                add_row(result, row, s, m, key_bytes, bw)
         result["machine"]["load_average_after"] = load_average()
         write_json(out, result)  # after every m, so a killed run keeps what it measured
     print()
@@ -434,6 +445,32 @@ def main(argv: list[str] | None = None) -> dict:
         plot(result, out.with_suffix(".png"))
     print(f"\nwrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"))
     return result
+
+
+def add_row(result: dict, row: dict, s: str, m: int, key_bytes: int, bw: dict | None) -> None:
+    """Complete a measured row with the floor (same-run read bandwidth over the keys), store and print it."""
+    row["m"] = m
+    row["key_bytes"] = key_bytes
+    if bw is not None:
+        row["read_gb_s"] = bw["bytes_per_s"] / 1e9
+        row["floor_ms"] = key_bytes / bw["bytes_per_s"] * 1e3
+        row["added_over_floor"] = row["added_ms"] / row["floor_ms"]
+        row["op_over_floor"] = row["op_ms"] / row["floor_ms"]
+        if row["cpu_added_ms"] is not None:
+            row["cpu_read_gb_s"] = bw["bytes_per_cpu_s"] / 1e9
+            row["cpu_floor_ms"] = key_bytes / bw["bytes_per_cpu_s"] * 1e3
+            row["cpu_added_over_floor"] = row["cpu_added_ms"] / row["cpu_floor_ms"]
+    result["rows"].append(row)
+    label = f"{s} {row['variant']}"
+    print(f"  {label:22s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
+          f"({row['added_pct']:+6.2f}%)  op {row['op_ms']:8.3f} ms"
+          + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""), flush=True)
+    if row["cpu_added_ms"] is not None:
+        print(f"  {'':22s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
+              f"added {row['cpu_added_ms']:+8.3f} ms "
+              f"({row['cpu_added_pct']:+6.2f}%)  op {row['cpu_op_ms']:8.3f} ms"
+              + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
 
 * every available CPU backend of the op (``cpu`` = the C++ kernel, auto-chosen ISA; ``torch`` = the eager
   reference, which is the chunked PyTorch spec in ``neuraldb_kernels/reference.py``);
+* ``prefiltered``: the C++ kernel behind the exact int4 key sketch (``gated_retrieval_prefiltered``; its ``out`` is
+  checked to equal ``cpu``'s bitwise; building the sketch is timed once, outside the rounds);
 * eager peers: ``fp16_mm`` = ``queries.half() @ keys.T`` (scores only: no normalisation, argmax or gather) and
   ``fp32_mm`` = ``queries.float() @ keys.float().T`` (the fp32 upcast of the keys included; skipped where the
   fp32 copy would not fit in memory);
@@ -52,13 +54,17 @@ def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
     return keys
 
 
-def variants(t: int, m: int, d1: int, queries, keys, values, budget: int) -> dict:
+def variants(t: int, m: int, d1: int, queries, keys, values, sketch, budget: int) -> dict:
     ext = extension.load()
     v = {}
     for name in neuraldb_kernels.available_backends("cpu"):
         if name == "triton":
             continue
         v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend=n))(name)
+    if "cpu" in v:
+        v["prefiltered"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
+            queries, keys, values, 0.5, sketch, backend="cpu"
+        )
     v["fp16_mm"] = lambda: queries.half() @ keys.T
     if m * d1 * 4 + t * m * 4 < budget:
         v["fp32_mm"] = lambda: queries.float() @ keys.float().T
@@ -75,8 +81,13 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     # Half the queries are noisy copies of keys (their gate opens), half are random.
     queries = torch.randn(t, d1, generator=g)
     queries[: (t + 1) // 2] += 2 * d1**0.5 * keys[torch.randint(0, m, ((t + 1) // 2,), generator=g)].float()
-    fns = variants(t, m, d1, queries, keys, values, budget)
+    t0 = time.perf_counter()
+    sketch = neuraldb_kernels.build_sketch(keys)
+    sketch_build_s = time.perf_counter() - t0
+    fns = variants(t, m, d1, queries, keys, values, sketch, budget)
     times: dict[str, list[float]] = {n: [] for n in fns}
+    # Process CPU time beside the wall time: on a CPU shared with other jobs it counts only this process's work.
+    cpu_times: dict[str, list[float]] = {n: [] for n in fns}
     # The reference's answer, for a correctness check of every backend (its time counts as a "torch" rep).
     t0 = time.perf_counter()
     ref = neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend="torch")
@@ -85,6 +96,9 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
         if name in ("torch", "fp16_mm", "fp32_mm", "read", "sum"):
             continue
         out, idx, score = fns[name]()  # also the warm-up (thread pool, allocator, first touch)
+        if name == "prefiltered":
+            assert torch.equal(out, fns["cpu"]()[0]), "the pre-filtered kernel's out differs from the plain kernel's"
+            continue
         agree = float((idx == ref[1]).float().mean())
         if agree < 1.0:
             print(f"  note: {name} idx agrees with the reference on {agree:.3f} of rows (near-ties allowed)")
@@ -96,9 +110,10 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
         for n in order:
             if n == "torch" and r == reps - 1:
                 continue  # it already has one rep from the correctness check
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
+            cpu_times[n].append(time.process_time() - c0)
     med = {n: statistics.median(ts) for n, ts in times.items()}
     key_bytes = keys.numel() * keys.element_size()
     read = med.get("read", med["sum"])
@@ -107,8 +122,11 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     row = {
         "T": t, "m": m, "d1": d1, "d2": D2, "key_bytes": key_bytes, "reps": reps,
         "median_s": med, "times_s": times,
+        "median_cpu_s": {n: statistics.median(ts) for n, ts in cpu_times.items() if ts}, "cpu_times_s": cpu_times,
         "read_GBps": key_bytes / read / 1e9, "sum_GBps": key_bytes / med["sum"] / 1e9,
         "best_eager": best_eager,
+        "sketch_bytes": sketch.numel(),
+        "sketch_build_s": sketch_build_s,
     }
     for n in fns:
         if n in ("read", "sum", "fp16_mm", "fp32_mm") or n == "torch":
@@ -120,8 +138,9 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
             "speedup_vs_fp16_mm": med["fp16_mm"] / med[n],
             "speedup_vs_fp32_mm": med["fp32_mm"] / med[n] if "fp32_mm" in med else None,
             "speedup_vs_best_eager": med[best_eager] / med[n],
+            "speedup_vs_cpu": med["cpu"] / med[n] if "cpu" in med else None,
         }
-    del keys, values
+    del keys, values, sketch
     return row
 
 
@@ -132,7 +151,8 @@ def fmt_ms(s: float | None) -> str:
 def print_table(rows: list[dict], header: bool = True) -> None:
     head = (f"{'T':>4} {'m':>8} {'d1':>6} | {'cpu ms':>9} {'torch ms':>9} {'fp16mm ms':>9} {'fp32mm ms':>9} "
             f"{'read ms':>9} {'sum ms':>9} | {'read GB/s':>9} {'cpu GB/s':>8} {'%read':>6} {'x ref':>6} "
-            f"{'x fp16mm':>8} {'x best':>7} best eager")
+            f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} | CPU time: {'cpu ms':>7} {'pre ms':>7} "
+            f"{'x cpu':>6} | best eager")
     if header:
         print(head)
         print("-" * len(head))
@@ -145,7 +165,11 @@ def print_table(rows: list[dict], header: bool = True) -> None:
             f"{fmt_ms(med.get('sum'))} | {r['read_GBps']:9.2f} "
             + (f"{c['GBps']:8.2f} {100 * c['frac_of_read_bw']:5.0f}% {c['speedup_vs_eager_ref']:6.1f} "
                f"{c['speedup_vs_fp16_mm']:8.2f} {c['speedup_vs_best_eager']:7.2f}" if c else " (no cpu backend)")
-            + f" {r['best_eager']}"
+            + (f" {fmt_ms(med['prefiltered'])} {r['prefiltered']['speedup_vs_cpu']:6.2f}" if "prefiltered" in med
+               else "")
+            + (f" | {'':9} {cpu['cpu'] * 1e3:7.2f} {cpu['prefiltered'] * 1e3:7.2f} "
+               f"{cpu['cpu'] / cpu['prefiltered']:6.2f}" if "prefiltered" in (cpu := r.get("median_cpu_s", {})) else "")
+            + f" | {r['best_eager']}"
         )
 
 

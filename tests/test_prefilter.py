@@ -100,6 +100,20 @@ def test_empty_database_and_no_queries(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_queries(backend):
+    g = torch.Generator().manual_seed(9)
+    keys = unit_keys(300, 200, generator=g)
+    q = near_queries(keys, 4, 0.5, torch.float32, generator=g)
+    q[0, 3], q[1, 7], q[2, 0] = float("nan"), float("inf"), float("-inf")
+    pre = neuraldb_kernels.gated_retrieval_prefiltered(
+        q, keys, torch.randn(300, 8), 0.5, prefilter.build_sketch(keys), backend=backend
+    )
+    plain_out, _, plain_score = plain(q, keys, torch.randn(300, 8), 0.5, backend)
+    assert pre[1][:3].tolist() == [-1, -1, -1] and not pre[0][:3].any() and not plain_out[:3].any()
+    assert pre[1][3] >= 0 and plain_score[3] > 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_key_a_candidate(backend):
     g = torch.Generator().manual_seed(1)
     keys = unit_keys(300, 200, generator=g)

@@ -621,8 +621,9 @@ SketchQueries quantize_queries(const Problem& p, int64_t G) {
       r.qscale[t * G + g] = scale;
       int8_t* c = r.q8.data() + t * w + g * cpu::kSketchGroup;
       for (int j = 0; j < cpu::kSketchGroup; ++j) {
-        const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
-        c[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+        // Non-finite queries get code 0: their norms below are NaN, which keeps every key for the exact rescoring.
+        const float v = scale > 0.f && std::isfinite(scale) ? std::nearbyint(x[j] / scale) : 0.f;
+        c[j] = static_cast<int8_t>(std::isfinite(v) ? std::clamp(v, -127.f, 127.f) : 0.f);
         const double qhat = static_cast<double>(scale) * c[j];
         nn += static_cast<double>(x[j]) * x[j];
         ee += (x[j] - qhat) * (x[j] - qhat);
