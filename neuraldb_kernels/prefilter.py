@@ -2,7 +2,7 @@
 
 At decode (T = 1) the op reads every fp16 key once, so its cost is the key bytes. A *sketch* of each key, 4-bit
 codes in groups of 64 along d1 with one fp16 scale per group (``SKETCH_GROUP``), is ~27% of those bytes. For a
-key ``k`` with dequantised sketch ``dq`` and ``e = ||k - dq||`` (computed in float64, rounded up), Cauchy-Schwarz
+key ``k`` with dequantised sketch ``dq`` and ``e >= ||k - dq||`` (fp32 with a proven margin, rounded up), Cauchy-Schwarz
 bounds the score the exact path computes in fp32 for a normalised query ``qn``::
 
     fp32(qn . k) <= qn . k + g(d1) ||qn|| ||k||                       (any fp32 summation order, g(n) = n u / (1 - n u))
@@ -31,7 +31,7 @@ _HEADER_BYTES = 8  # e and n, fp32
 _U = 2.0**-24  # unit roundoff of fp32
 # Keys per chunk of the reference's sketch scan (bounds its (T, chunk) score block and the decoded fp32 chunk).
 _CHUNK = 4096
-# Keys per chunk of build_sketch (a few float64 copies of the chunk exist at once).
+# Keys per chunk of build_sketch (a few fp32 copies of the chunk exist at once).
 _BUILD_CHUNK = 1024
 
 
@@ -52,17 +52,11 @@ def sketch_row_bytes(d1: int) -> int:
     return -(-(_HEADER_BYTES + 34 * g) // 4) * 4
 
 
-def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
-    """float64 ``x`` as the smallest float32 >= x."""
-    f = x.float()
-    return torch.where(f.double() < x, torch.nextafter(f, torch.tensor(float("inf"))), f)
-
-
 def build_sketch(keys: torch.Tensor) -> torch.Tensor:
     """The int4 sketch of ``keys`` (m, d1): a ``(m, sketch_row_bytes(d1))`` uint8 tensor on the keys' device.
 
     Any key values give a valid sketch (``e`` and ``n`` are measured, not assumed); unit fp16 keys give a tight one.
-    Rows are processed in chunks, so the float64 work space stays small whatever m.
+    Rows are processed in chunks, so the work space stays small whatever m.
 
     Example::
 
@@ -82,30 +76,34 @@ def build_sketch(keys: torch.Tensor) -> torch.Tensor:
 def _sketch_rows(keys: torch.Tensor) -> torch.Tensor:
     m, d1 = keys.shape
     g = _groups(d1)
-    k = torch.zeros((m, g * SKETCH_GROUP), dtype=torch.float64, device=keys.device)
-    k[:, :d1] = keys.double()
+    k = torch.zeros((m, g * SKETCH_GROUP), dtype=torch.float32, device=keys.device)
+    k[:, :d1] = keys  # exact for fp16 / bf16 / fp32 keys
     kg = k.view(m, g, SKETCH_GROUP)
     amax = kg.abs().amax(dim=2)
-    # The scale rounded up to fp16, so every |k / scale| <= 7 (up to the clamp at fp16's largest value); the codes
-    # need not be optimal for the bound to hold, since e is measured from them.
+    # The scale rounded up to fp16, so codes rarely clip (up to the clamp at fp16's largest value); the codes need not
+    # be optimal for the bound to hold, since e is measured from them.
     want = (amax / 7).clamp_max(torch.finfo(torch.float16).max)
     scale = want.to(torch.float16)
-    scale = torch.where(scale.double() < want, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
-    s64 = scale.double()
-    codes = torch.where(s64[:, :, None] > 0, kg / s64[:, :, None].clamp_min(1e-300), torch.zeros_like(kg))
-    codes = codes.round().clamp(-7, 7).nan_to_num(0.0)
-    dq = codes * s64[:, :, None]  # exact: an fp16 times an integer <= 7 fits fp32 and float64
-    e = (kg - dq).norm(dim=2).norm(dim=1)
-    n = torch.maximum(kg.norm(dim=2).norm(dim=1), dq.norm(dim=2).norm(dim=1))
-    # float64 sums of d1 squares are within ~d1 2^-53 relative: 1e-12 covers them before rounding up to fp32.
-    header = torch.stack([_round_up_f32(e * (1 + 1e-12)), _round_up_f32(n * (1 + 1e-12))], dim=1)
+    scale = torch.where(scale.float() < want, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    sf = scale.float()[:, :, None]
+    codes = (kg / sf.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-7, 7).nan_to_num_(0.0)
+    dq = codes * sf  # exact: an fp16 times an integer <= 7 fits fp32
+    # fp32 sums of squares: r = k - dq rounds by u |r_j|, squaring and any-order summation of the N = 64 G terms add
+    # g(N + 1), so the computed norm is >= (1 - g(N + 4)) of the true one; 2 g(N + 4) up covers it, 2^-60 the
+    # subnormal squares.
+    up = 1 + 2 * _gamma_n(g * SKETCH_GROUP + 4)
+    e = (kg - dq).square().sum(dim=(1, 2)).sqrt() * up + 2.0**-60
+    n = torch.maximum(kg.square().sum(dim=(1, 2)), dq.square().sum(dim=(1, 2))).sqrt() * up + 2.0**-60
+    inf = torch.tensor(float("inf"))
+    header = torch.stack([torch.nextafter(e, inf), torch.nextafter(n, inf)], dim=1)
 
     nib = (codes + 8).to(torch.uint8).view(m, g, 2, SKETCH_GROUP // 2)
     packed = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(m, g * SKETCH_GROUP // 2)
-    out = torch.zeros((m, sketch_row_bytes(d1)), dtype=torch.uint8, device=keys.device)
+    out = torch.empty((m, sketch_row_bytes(d1)), dtype=torch.uint8, device=keys.device)
     out[:, :_HEADER_BYTES] = header.contiguous().view(torch.uint8)
     out[:, _HEADER_BYTES : _HEADER_BYTES + 2 * g] = scale.contiguous().view(torch.uint8)
     out[:, _HEADER_BYTES + 2 * g : _HEADER_BYTES + 34 * g] = packed
+    out[:, _HEADER_BYTES + 34 * g :] = 0
     return out
 
 

@@ -188,7 +188,7 @@ def test_slack_is_needed_where_the_bound_is_tight():
         qn = normalize_queries(q)
         exact = (qn @ keys[:1].float().T).squeeze()
         gamma = _gamma_just_below(exact)
-        e = prefilter.sketch_errors(sketch)[0].double()
+        e = (keys[0].double() - dq[0].double()).norm()  # the exact e, not the stored (rounded-up) one
         no_slack = (qn @ dq[:1].T).double().squeeze() + qn.double().norm() * e
         missed += bool(no_slack < gamma)
         assert prefilter.candidate_keys(q, sketch, keys.shape[1], gamma).tolist()[:1] == [0]
@@ -202,7 +202,7 @@ def test_sketch_layout_and_reference_equivalence():
     assert sketch.shape == (50, prefilter.sketch_row_bytes(131)) and sketch.dtype == torch.uint8
     dq, e, n = prefilter._decode(sketch, 131)
     true_e = (keys.double() - dq.double()).norm(dim=1)
-    assert (e >= true_e).all() and (e <= true_e * (1 + 1e-6) + 1e-30).all()
+    assert (e >= true_e).all() and (e <= true_e * (1 + 1e-4) + 1e-17).all()
     assert (n >= keys.double().norm(dim=1)).all() and (n >= dq.double().norm(dim=1)).all()
     # Padding codes of the tail group are zero.
     assert dq.shape == (50, 131)
