@@ -91,10 +91,12 @@ def test_retrieval_hits_match_the_op_and_prefix_sizes(tiny, edited):
     seqs = [templates.encode(tok, edited.template, f.text) for f in EVAL_FACTS]
     gamma = 0.5
     keys = torch.cat([edited.keys, torch.nn.functional.normalize(torch.randn(4, edited.key_dim), dim=1).half()])
-    per_size = retrieval_hits(model, edited.layer, seqs, keys, gamma, sizes=[1, 3, 7], margin=0.0)
+    focus = [len(s) - 2 for s in seqs]
+    per_size, at_focus = retrieval_hits(model, edited.layer, seqs, keys, gamma, sizes=[1, 3, 7], margin=0.0,
+                                        focus=focus, batch_size=2)
     h = engine.handles(model, edited.layer)
-    for n, hits in zip([1, 3, 7], per_size):
-        for s, got in zip(seqs, hits):
+    for n, hits, hits_at in zip([1, 3, 7], per_size, at_focus):
+        for s, got, got_at, p in zip(seqs, hits, hits_at, focus):
             captured = []
             hd = h.down_proj.register_forward_hook(lambda mod, inp, out, c=captured: c.append(inp[0][0]))
             with torch.no_grad():
@@ -102,7 +104,9 @@ def test_retrieval_hits_match_the_op_and_prefix_sizes(tiny, edited):
             hd.remove()
             score, idx = best_keys(captured[0], keys[:n])
             assert got == list(dict.fromkeys(idx[score > gamma].tolist()))
+            assert got_at == ([int(idx[p])] if score[p] > gamma else [])
     assert per_size[0] != per_size[1]  # the larger table retrieves rows the smaller one lacks
+    assert any(at_focus[-1]) and not all(at_focus[-1])
 
 
 def test_merge_rescored():

@@ -247,7 +247,8 @@ def run_distractor_scaling(
     ``eval_facts``: evaluate a seeded random subset of this many edited facts (all of them stay in the table).
     The pre-edit scores are computed once (patch off), or taken from ``pre`` (:func:`pre_edit_scores` of the
     same subset); each size re-scores only the prompts on which some key passes the gate (:mod:`.gate`). Returns a JSON-able dict: settings, the pre-edit summary, and per size the
-    CounterFact summary, hit counts (:func:`hit_counts`), the number of re-scored prompts and the seconds taken.
+    CounterFact summary, hit counts (:func:`hit_counts`) at any position and at the prompt's last token, the
+    number of re-scored prompts and the seconds taken.
     """
     from .. import templates
     from ..patching import patch_info, patch_model, unpatch_model
@@ -285,7 +286,8 @@ def run_distractor_scaling(
         "timing": {}, "by_size": [],
     }
     t0 = time.perf_counter()
-    hits = prompt_hits(model, tok, ctxs, conts, db.layer, big.keys, db.gamma, sizes=sizes, batch_size=batch_size)
+    hits, hits_last = prompt_hits(model, tok, ctxs, conts, db.layer, big.keys, db.gamma, sizes=sizes,
+                                  batch_size=batch_size, last_prompt_token=True)
     run["timing"]["retrieval_hits"] = time.perf_counter() - t0
     say(f"retrieval hits for {len(index)} prompts x {len(sizes)} sizes: {run['timing']['retrieval_hits']:.0f}s")
     ev = {"reduction": "mean", "batch_size": batch_size, "prompt_fn": pf, "show_progress": show_progress}
@@ -296,13 +298,14 @@ def run_distractor_scaling(
     run["pre"] = pre["summary"]
     say(f"pre: {pre['summary']}")
     try:
-        for size, h in zip(sizes, hits):
+        for size, h, hl in zip(sizes, hits, hits_last):
             t0 = time.perf_counter()
             patch_model(model, with_distractors(db, dkeys[: size - n_edited], resid[: size - n_edited]))
             fires = [bool(x) for x in h]
             post = evaluate_counterfact(model, tok, sub, baseline=pre, rescore=fires, **ev)
             rec = {"keys": size, "distractors": size - n_edited, "summary": post["summary"], "rescored": sum(fires),
-                   "hits": hit_counts(h, index, chosen, n_edited), "seconds": time.perf_counter() - t0}
+                   "hits": hit_counts(h, index, chosen, n_edited),
+                   "hits_last_token": hit_counts(hl, index, chosen, n_edited), "seconds": time.perf_counter() - t0}
             run["by_size"].append(rec)
             say(f"{size} keys: E {post['summary']['efficacy']:.1f} G {post['summary']['generalization']:.1f} "
                 f"S {post['summary']['specificity']:.1f}, re-scored {sum(fires)}/{len(fires)} ({rec['seconds']:.0f}s)")
@@ -340,13 +343,16 @@ def scaling_markdown(result: dict) -> str:
                      f"{_fmt(s['specificity'])} | {_fmt(s['score'])} | {b['rescored']} / {r['n_prompts']} |")
     hits_intro = ("Retrieval hits: prompts that retrieve, at some position (gate open), their own fact's row, another "
                   "edited fact's row, a distractor row, or nothing (a prompt can count in several of the first three).")
-    lines += ["", hits_intro, "", "| Keys | Prompts | Own | Other edited | Distractor | None |", "|---:|---|---:|---:|---:|---:|"]
+    lines += ["", hits_intro, "", ("| Keys | Prompts | Own | Other edited | Distractor | None | "
+              "At the last prompt token: own | other edited | distractor | none |"),
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in r["by_size"]:
         for kind in ("rewrite", "paraphrase", "neighborhood"):
-            c = b["hits"].get(kind)
+            c, cl = b["hits"].get(kind), b["hits_last_token"].get(kind)
             if c:
                 lines.append(f"| {b['keys']:,} | {kind} ({c['prompts']}) | {c['own']} | {c['other_edited']} | "
-                             f"{c['distractor']} | {c['none']} |")
+                             f"{c['distractor']} | {c['none']} | {cl['own']} | {cl['other_edited']} | "
+                             f"{cl['distractor']} | {cl['none']} |")
     t = result["timing"]
     per_size = ", ".join(f"{b['keys']:,}: {b['seconds']:.0f}" for b in r["by_size"])
     lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + f"; per size: {per_size}", ""]
@@ -355,7 +361,7 @@ def scaling_markdown(result: dict) -> str:
 
 def plot_scaling(result: dict, path: str | Path) -> Path:
     """Efficacy / generalization / specificity vs table size (pre-edit dotted), and the share of prompts that
-    retrieve a distractor."""
+    retrieve a distractor anywhere and at their last token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,9 +376,10 @@ def plot_scaling(result: dict, path: str | Path) -> Path:
         a1.axhline(r["pre"][metric], color=color, linestyle=":", linewidth=1)
     a1.set(xscale="log", xlabel="keys in the table (edited + distractors)", ylabel="%", ylim=(-2, 102),
            title=f"{r['n_evaluated']} edited facts (dotted: pre-edit)")
-    for kind, style in (("rewrite", "o-"), ("paraphrase", "s-"), ("neighborhood", "^-")):
-        a2.plot(xs, [100 * b["hits"][kind]["distractor"] / b["hits"][kind]["prompts"] for b in r["by_size"]], style,
-                label=kind)
+    for (kind, style), color in zip((("rewrite", "o"), ("paraphrase", "s"), ("neighborhood", "^")), ("C0", "C1", "C2")):
+        for part, line, where in (("hits", "-", "anywhere"), ("hits_last_token", "--", "at the last prompt token")):
+            a2.plot(xs, [100 * b[part][kind]["distractor"] / b[part][kind]["prompts"] for b in r["by_size"]],
+                    style + line, color=color, label=f"{kind}, {where}")
     a2.set(xscale="log", xlabel="keys in the table", ylabel="% of prompts", title="prompts retrieving a distractor")
     a2.set_ylim(bottom=0)
     for a in (a1, a2):

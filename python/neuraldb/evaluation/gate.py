@@ -62,7 +62,8 @@ def retrieval_hits(
     margin: float = GATE_MARGIN,
     batch_size: int = 64,
     pad_id: int = 0,
-) -> list[list[list[int]]]:
+    focus: Sequence[int] | None = None,
+) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[int]]]]:
     """Rows of ``keys`` that each token sequence retrieves, per key-table size.
 
     ``keys`` (m, d1) are the database's unit rows; a table of size n is its first n rows (``sizes``, default
@@ -71,6 +72,8 @@ def retrieval_hits(
     ``gamma - margin``, in order of first retrieval. The best row per position is the smallest index reaching
     the maximum, as in :func:`neuraldb_kernels.reference.best_keys`. The model must not be patched at
     ``layer`` by anything that changes the down-projection's input (a neuraldb patch changes only its output).
+    With ``focus`` (one position per sequence) it also returns, in the same layout, the row retrieved at that
+    position alone (an empty list where the gate is closed there).
     """
     from neuraldb_kernels.reference import normalize_queries
 
@@ -83,6 +86,7 @@ def retrieval_hits(
     k = keys.float()
     bounds = [0, *sizes]
     out: list[list[list[int]]] = [[] for _ in sizes]
+    at: list[list[list[int]]] = [[] for _ in sizes]
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
         q, mask = _down_proj_inputs(h, chunk, pad_id)
@@ -101,7 +105,10 @@ def retrieval_hits(
             for r in range(len(chunk)):
                 rows = idx[r][open_[r]].tolist()
                 out[si].append(list(dict.fromkeys(rows)))
-    return out
+                if focus is not None:
+                    p = focus[s + r]
+                    at[si].append([int(idx[r, p])] if open_[r, p] else [])
+    return out if focus is None else (out, at)
 
 
 def gate_fires(
@@ -119,27 +126,35 @@ def prompt_hits(
     layer: int,
     keys: torch.Tensor,
     gamma: float,
+    last_prompt_token: bool = False,
     **kwargs,
-) -> list[list[list[int]]]:
+) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[int]]]]:
     """:func:`retrieval_hits` of text prompts with several continuations each (as :func:`.scoring.score_grouped`
     scores them, tokenised by :func:`.scoring.encode_pair`): per size, per prompt, the rows retrieved anywhere in
-    the prompt followed by any of its continuations."""
+    the prompt followed by any of its continuations. With ``last_prompt_token`` it also returns the row retrieved
+    at the prompt's last token, whose output predicts the continuation's first token."""
     from .scoring import _pad_id, encode_pair
 
-    seqs, owner = [], []
+    seqs, owner, last = [], [], []
     for p, (c, ts) in enumerate(zip(contexts, continuations)):
         for t in ts:
             a, b = encode_pair(tok, c, t)
             seqs.append(a + b)
             owner.append(p)
-    per_size = retrieval_hits(model, layer, seqs, keys, gamma, pad_id=_pad_id(tok), **kwargs)
-    out = []
-    for hits in per_size:
-        merged: list[list[int]] = [[] for _ in contexts]
-        for p, h in zip(owner, hits):
-            merged[p] = list(dict.fromkeys(merged[p] + h))
-        out.append(merged)
-    return out
+            last.append(len(a) - 1)
+    res = retrieval_hits(model, layer, seqs, keys, gamma, pad_id=_pad_id(tok),
+                         focus=last if last_prompt_token else None, **kwargs)
+
+    def merge(per_size: list[list[list[int]]]) -> list[list[list[int]]]:
+        out = []
+        for hits in per_size:
+            merged: list[list[int]] = [[] for _ in contexts]
+            for p, h in zip(owner, hits):
+                merged[p] = list(dict.fromkeys(merged[p] + h))
+            out.append(merged)
+        return out
+
+    return (merge(res[0]), merge(res[1])) if last_prompt_token else merge(res)
 
 
 def merge_rescored(baseline: Sequence[T], fires: Sequence[bool], rescore: Callable[[list[int]], Sequence[T]]) -> list[T]:
