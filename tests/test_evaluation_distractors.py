@@ -196,3 +196,18 @@ def test_distractor_keys_reproduce_the_databases_keys_and_are_cached(tiny, edite
     assert cos.min() > 0.999  # same layer, template, prefixes and weighting as the edit
     monkeypatch.setattr(neuraldb.editing, "compute_keys", lambda *a, **kw: pytest.fail("keys were not cached"))
     assert torch.equal(distractor_keys(model, tok, edited, EVAL_FACTS[:3], cache_dir=tmp_path), k)
+
+
+def test_limited_distractor_keys_are_resumed(tiny, edited, tmp_path, monkeypatch):
+    import neuraldb.editing
+    from neuraldb.evaluation.distractors import distractor_keys
+
+    model, tok = tiny
+    first = distractor_keys(model, tok, edited, EVAL_FACTS, cache_dir=tmp_path, chunk=2, limit=2)
+    assert first.shape == (2, edited.key_dim)
+    asked = []
+    real = neuraldb.editing.compute_keys
+    monkeypatch.setattr(neuraldb.editing, "compute_keys", lambda m, t, facts, *a, **kw: asked.append(len(facts))
+                        or real(m, t, facts, *a, **kw))
+    full = distractor_keys(model, tok, edited, EVAL_FACTS, cache_dir=tmp_path, chunk=2)
+    assert asked == [2, 1] and len(full) == len(EVAL_FACTS) and torch.equal(full[:2], first)

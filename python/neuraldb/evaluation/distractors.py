@@ -118,26 +118,29 @@ def distractor_keys(
     *,
     cache_dir: str | Path | None = None,
     chunk: int = 1024,
+    limit: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
-    """Keys (n, d1) float32 of ``facts`` computed as ``db``'s keys were (:func:`key_settings`).
+    """Keys (n, d1) float32 of ``facts`` (of the first ``limit`` only, if given) computed as ``db``'s keys were
+    (:func:`key_settings`).
 
-    With ``cache_dir`` the keys are saved there, named by a hash of the settings and the facts' subjects and
-    prompts; a partial file is written after every ``chunk`` facts, so an interrupted run resumes where it
-    stopped.
+    With ``cache_dir`` the keys are saved there, named by a hash of the settings and all of ``facts``' subjects
+    and prompts; a partial file is written after every ``chunk`` facts, so an interrupted or limited run is
+    resumed by the next one.
     """
     from ..editing import compute_keys
 
     s = key_settings(db)
     path = None if cache_dir is None else _cache_file(Path(cache_dir), s, facts)
+    n = len(facts) if limit is None else min(limit, len(facts))
     done = torch.zeros(0, db.key_dim)
     if path is not None and path.is_file():
         done = torch.load(path)
-        if len(done) == len(facts):
-            return done
+        if len(done) >= n:
+            return done[:n]
     parts = [done]
     t0, start = time.perf_counter(), len(done)
-    for i in range(start, len(facts), chunk):
+    for i in range(start, n, chunk):
         parts.append(compute_keys(model, tok, facts[i : i + chunk], s["layer"], template=s["template"],
                                   **_key_kwargs(s)))
         if path is not None:
@@ -146,9 +149,9 @@ def distractor_keys(
             torch.save(torch.cat(parts), tmp)
             tmp.replace(path)
         if log is not None:
-            n = min(i + chunk, len(facts))
-            log(f"distractor keys {n}/{len(facts)} ({(time.perf_counter() - t0) / (n - start):.3f} s/fact)")
-    return torch.cat(parts)
+            m = min(i + chunk, len(facts))
+            log(f"distractor keys {m}/{len(facts)} ({(time.perf_counter() - t0) / (m - start):.3f} s/fact)")
+    return torch.cat(parts)[:n]
 
 
 def synthetic_residuals(norms: torch.Tensor, n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
@@ -445,10 +448,10 @@ def distractor_eval(
     excluded = all_facts[: max(len(db), exclude or 0)]
     dfacts, dropped = distractor_facts(excluded, load_facts(distractor_paths), seed=seed)
     say(f"{len(dfacts)} distractors ({dropped} duplicates of edited facts dropped); key settings {key_settings(db)}")
-    dkeys = distractor_keys(model, tok, db, dfacts, cache_dir=keys_cache, log=say)
-    timing["distractor_keys"] = time.perf_counter() - t0
     n_total = len(db) + len(dfacts)
-    sizes = default_sizes(len(db), n_total) if sizes is None else sorted(min(s, n_total) for s in set(sizes))
+    sizes = default_sizes(len(db), n_total) if sizes is None else sorted({min(s, n_total) for s in sizes})
+    dkeys = distractor_keys(model, tok, db, dfacts, cache_dir=keys_cache, limit=sizes[-1] - len(db), log=say)
+    timing["distractor_keys"] = time.perf_counter() - t0
     run = run_distractor_scaling(model, tok, db, edited, dkeys, sizes=sizes, eval_facts=eval_facts,
                                  seed=seed, batch_size=batch_size, show_progress=show_progress, log=say, pre=pre)
     timing.update(run["timing"])
