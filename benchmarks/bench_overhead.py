@@ -173,11 +173,18 @@ class Scenario:
                     self.cache.crop(-extra)
 
 
+def _use_sketch(db, on: bool) -> None:
+    """Route the database's decode steps to the sketch scan or to the plain scan. ``db.prefilter = False`` would free
+    the sketch, so each pre-filtered repetition after a plain one would rebuild it inside the timed forward; a key
+    threshold no database reaches selects the plain scan and keeps the sketch."""
+    db.PREFILTER_MIN_KEYS = type(db).PREFILTER_MIN_KEYS if on else sys.maxsize
+
+
 def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, device: str, gamma: float,
             backend: str | None, variants: tuple[str, ...] = ("prefilter",)) -> list[dict]:
     """Interleaved repetitions of one scenario at the database's current size: unpatched and one patched forward per
-    variant ("prefilter": the database's default, the int4 key sketch where it applies; "plain": ``db.prefilter =
-    False``), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
+    variant ("prefilter": the database's default, the int4 key sketch where it applies, built by the warm-up; "plain":
+    the plain scan), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
     states = ("unpatched", *variants)
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in states}
     path, _ = arch.down_proj_module(model, layer)
@@ -187,7 +194,7 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
             if neuraldb.patch_info(model) is not None:
                 unpatch_model(model)
         else:
-            db.prefilter = state == "prefilter"
+            _use_sketch(db, state == "prefilter")
             patch_model(model, db, module=path, gamma=gamma, backend=backend)
         return timed_both(scenario.step, device)
 
@@ -201,7 +208,7 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
             times[s].append(run(s))
     if neuraldb.patch_info(model) is not None:
         unpatch_model(model)
-    db.prefilter = True
+    _use_sketch(db, True)
     qdtype = next(model.parameters()).dtype
     return [_row(scenario, db, reps, device, qdtype, gamma, backend, times["unpatched"], times[v], v) for v in variants]
 
@@ -216,17 +223,17 @@ def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, ga
     # database method the patch calls, with this variant's setting.
     q = torch.randn(scenario.queries, db.key_dim, device=device, dtype=qdtype)
     op_reps = max(3, min(reps, 20))
-    db.prefilter = variant == "prefilter"
+    _use_sketch(db, variant == "prefilter")
     db.retrieve_residuals(q, gamma, backend=backend)
     op = [timed_both(lambda: db.retrieve_residuals(q, gamma, backend=backend), device) for _ in range(op_reps)]
-    db.prefilter = True
+    _use_sketch(db, True)
     u, p, d = median(unpatched), median(patched), median(diffs)
     cu, cd = median(cpu_u), median(cpu_d)
     cpu = torch.device(device).type == "cpu"
     return {
         "scenario": scenario.name,
         "variant": variant,
-        "sketch_bytes": db.sketch.numel(),
+        "sketch_bytes": 0 if db.sketch is None else db.sketch.numel(),
         "queries": scenario.queries,
         "reps": reps,
         "unpatched_ms": u * 1e3,

@@ -1,5 +1,6 @@
-"""The int4 key sketch a NeuralKVDatabase keeps for the pre-filtered retrieval: in step with the keys through add,
-growth, update, swap-remove delete, load, copies and moves; and retrieve_residuals equal to the plain retrieval."""
+"""The int4 key sketch a NeuralKVDatabase keeps for the pre-filtered retrieval: absent until a CPU decode step needs
+it (never loaded, freed by prefilter = False, dropped off the CPU); once built, in step with the keys through add,
+growth, update, swap-remove delete, copies and moves; and retrieve_residuals equal to the plain retrieval."""
 
 from __future__ import annotations
 
@@ -21,36 +22,54 @@ def _keys(n, seed):
     return torch.randn(n, D1, generator=torch.Generator().manual_seed(seed))
 
 
+def _built(db):
+    """``db`` with its sketch built, as the first qualifying retrieve_residuals call does (without needing the kernel)."""
+    with db.lock:
+        db._ensure_sketch()
+    return db
+
+
+def _tensor_bytes(db):
+    return sum(t.untyped_storage().nbytes() for t in vars(db).values() if isinstance(t, torch.Tensor))
+
+
 def assert_in_step(db):
-    assert db.sketch.shape[0] == len(db)
+    assert db.sketch is not None and db.sketch.shape[0] == len(db)
     assert torch.equal(db.sketch, build_sketch(db.keys)), "the sketch is not the sketch of the keys, row for row"
 
 
 def test_sketch_follows_every_change(tmp_path):
     db = NeuralKVDatabase(D1, D2)
     ids = db.add(_keys(40, 0), torch.randn(40, D2))  # grows 16 -> 64 rows
-    assert_in_step(db)
+    assert db.sketch is None
+    assert_in_step(_built(db))
     db.delete([ids[0], ids[5], ids[39], ids[17]])  # swap-removes: the last rows move into the holes
     assert_in_step(db)
     db.update([ids[3], ids[7]], keys=_keys(2, 1))
     db.update([ids[8]], residuals=torch.randn(1, D2))
     assert_in_step(db)
-    db.add(_keys(30, 2), torch.randn(30, D2))
+    db.add(_keys(30, 2), torch.randn(30, D2))  # grows 64 -> 128 rows, sketch included
     db.delete(db.ids()[::3])
     assert_in_step(db)
     path = tmp_path / "db.safetensors"
     db.save(path)
     loaded = NeuralKVDatabase.load(path)
-    assert_in_step(loaded)
-    assert torch.equal(loaded.sketch, db.sketch)
+    assert loaded.sketch is None
+    assert torch.equal(_built(loaded).sketch, db.sketch)
     for other in (copy.deepcopy(db), pickle.loads(pickle.dumps(db)), db.to("cpu")):
         assert torch.equal(other.sketch, db.sketch)
+    off_cpu = copy.deepcopy(db).to("meta")
+    assert off_cpu.sketch is None
+    db.prefilter = False
+    assert db.sketch is None
+    db.prefilter = True
+    assert db.sketch is None, "turning the pre-filter back on builds nothing until a decode step needs it"
 
 
 def test_failed_update_leaves_the_sketch_alone():
     db = NeuralKVDatabase(D1, D2)
     ids = db.add(_keys(20, 3), torch.randn(20, D2))
-    before = db.sketch.clone()
+    before = _built(db).sketch.clone()
     bad = _keys(2, 4)
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError):
@@ -63,8 +82,12 @@ def test_failed_update_leaves_the_sketch_alone():
 def test_shard_appends_and_ordered_deletes_keep_the_sketch():
     shard = _Shard(D1, D2)
     k = torch.nn.functional.normalize(_keys(30, 6), dim=1).half()
-    shard._append(list(range(0, 60, 2)), k, torch.randn(30, D2).half(), [None] * 30)
-    shard._delete_ordered([0, 10, 58])
+    shard._append(list(range(0, 30, 2)), k[:15], torch.randn(15, D2).half(), [None] * 15)
+    shard._delete_ordered([0, 10])
+    assert shard.sketch is None
+    _built(shard)
+    shard._append(list(range(30, 60, 2)), k[15:], torch.randn(15, D2).half(), [None] * 15)  # grows 16 -> 32 rows
+    shard._delete_ordered([2, 36, 58])
     assert_in_step(shard)
 
 
@@ -96,7 +119,9 @@ def test_retrieve_residuals_is_the_plain_retrieval(monkeypatch):
             db.prefilter = False
             assert torch.equal(db.retrieve_residuals(q, gamma), expected)
             db.prefilter = True
+    assert db.sketch is None, "several query rows or prefilter = False build no sketch"
     assert db.retrieve_residuals(one, 0.65).abs().sum() > 0
+    assert_in_step(db)
     # One query row: the sketch scan; three rows, or prefilter off: the plain op.
     assert len(calls) == 3 * 3 + 1
 
@@ -108,8 +133,56 @@ def test_key_moved_by_a_delete_is_still_found():
     db = NeuralKVDatabase(256, 8)
     ids = db.add(torch.randn(1500, 256, generator=g), torch.randn(1500, 8, generator=g))
     last_key, last_residual, _ = db.get(ids[-1])
+    db.retrieve_residuals(torch.randn(1, 256, generator=g), 0.9)  # builds the sketch before the delete
+    assert db.sketch is not None
     db.delete([ids[0]])
     assert db.row(ids[-1]) == 0
     q = last_key.float()[None] * 2
     out = db.retrieve_residuals(q, 0.9)
     assert torch.equal(out[0], last_residual.float()) and torch.equal(out, db.retrieve(q, 0.9)[0])
+
+
+@pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
+def test_only_a_cpu_decode_step_builds_the_sketch(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    db = NeuralKVDatabase(256, 8)
+    db.add(torch.randn(1500, 256, generator=g), torch.randn(1500, 8, generator=g))
+    one, three = torch.randn(1, 256, generator=g), torch.randn(3, 256, generator=g)
+    db.retrieve(one, 0.5)
+    db.retrieve_residuals(three, 0.5)
+    db.retrieve_residuals(one, 0.5, backend="torch")
+    db.prefilter = False
+    db.retrieve_residuals(one, 0.5)
+    db.prefilter = True
+    assert db.sketch is None
+    path = tmp_path / "db.safetensors"
+    db.save(path)
+    loaded = NeuralKVDatabase.load(path)
+    assert loaded.sketch is None
+    for d in (db, loaded):
+        expected = d.retrieve(one, 0.5)[0]
+        assert torch.equal(d.retrieve_residuals(one, 0.5), expected)
+        assert_in_step(d)
+        assert torch.equal(d.retrieve_residuals(one, 0.5), expected)
+    small = NeuralKVDatabase(256, 8)
+    small.add(torch.randn(500, 256, generator=g), torch.randn(500, 8, generator=g))
+    small.retrieve_residuals(one, 0.5)
+    assert small.sketch is None, f"fewer than PREFILTER_MIN_KEYS ({small.PREFILTER_MIN_KEYS}) keys use no sketch"
+
+
+def test_a_database_never_decoded_on_cpu_allocates_no_sketch(tmp_path):
+    g = torch.Generator().manual_seed(10)
+    d1, d2 = 1536, 64
+    db = NeuralKVDatabase(d1, d2)
+    for _ in range(20):
+        db.add(torch.randn(1000, d1, generator=g), torch.randn(1000, d2, generator=g))
+    ids = db.ids()
+    db.update(ids[:100], keys=torch.randn(100, d1, generator=g))
+    db.delete(ids[::7])
+    db.retrieve_residuals(torch.randn(8, d1, generator=g), 0.5)  # a prefill: several query rows
+    db.retrieve(torch.randn(1, d1, generator=g), 0.5)
+    path = tmp_path / "db.safetensors"
+    db.save(path)
+    for d in (db, NeuralKVDatabase.load(path)):
+        assert d.sketch is None
+        assert _tensor_bytes(d) == d.capacity * (d1 + d2) * 2, "only the fp16 keys and residuals are allocated"

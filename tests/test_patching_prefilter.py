@@ -52,6 +52,9 @@ def test_decode_with_the_sketch_is_bitwise_the_plain_path(monkeypatch, arch):
     with neuraldb.disabled(model):
         assert not torch.equal(opened, _decode_logits(model, ids, db, prefilter=True))
 
+    # prefilter = False freed the sketch; this step builds it again, so the delete and update below must maintain it.
+    assert_bitwise(_decode_logits(model, ids, db, prefilter=True), opened)
+    assert db.sketch is not None
     db.delete(db.ids()[:3])  # moves the hit (the last row) into row 0
     db.update(db.ids()[5:7], keys=torch.randn(2, d1, generator=g))
     assert db.row(hit) == 0

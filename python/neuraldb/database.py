@@ -43,8 +43,9 @@ FactLike = Fact | dict | None
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MIN_CAPACITY = 16
-# Rows per build_sketch call at load: the temporary sketch stays small next to the database.
-_SKETCH_LOAD_ROWS = 4096
+# Rows per build_sketch call when the sketch is first built: it is written into its buffer chunk by chunk instead of
+# existing twice.
+_SKETCH_BUILD_ROWS = 4096
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -191,9 +192,13 @@ class NeuralKVDatabase:
         dtype: storage dtype of keys and values (float16, bfloat16 or float32).
         device: where the tensors live; :func:`neuraldb.patch_model` moves the database to the model's device.
 
-    Beside the keys it keeps their int4 sketch (``sketch``, 27% of the fp16 key bytes, rebuilt on load rather than
-    saved), which lets :meth:`retrieve_residuals` read far fewer bytes per decode step with the same result;
-    ``db.prefilter = False`` turns that off (``PREFILTER_MIN_KEYS`` / ``PREFILTER_MAX_ROWS`` say when it is used).
+    Decode steps on CPU can scan an int4 sketch of the keys instead of the keys (:meth:`retrieve_residuals`, same
+    result, ~27% of the bytes read). The sketch costs +26.8% of the fp16 key bytes, so it is built only when first
+    needed: the first :meth:`retrieve_residuals` call that would use it (C++ CPU kernel, at least
+    ``PREFILTER_MIN_KEYS`` keys, at most ``PREFILTER_MAX_ROWS`` query rows) builds it for all rows, and from then on
+    every change keeps it in step. A database on a GPU, or never used for CPU decoding, holds none. It is never
+    saved (nor built by :meth:`load`), is dropped by :meth:`to` a non-CPU device, and ``db.prefilter = False`` frees it
+    and keeps it off.
 
     Metadata the editing code sets and :meth:`save` keeps: ``layer``, ``gamma`` (used by ``patch_model``
     when it is not given), ``template`` (the text template keys were built with), ``model_id``,
@@ -235,7 +240,7 @@ class NeuralKVDatabase:
         self._lock = threading.RLock()
         self._keys = torch.empty((_MIN_CAPACITY, key_dim), dtype=dtype, device=device)
         self._values = torch.empty((_MIN_CAPACITY, value_dim), dtype=dtype, device=device)
-        self._sketch = torch.empty((_MIN_CAPACITY, sketch_row_bytes(key_dim)), dtype=torch.uint8, device=device)
+        self._sketch: torch.Tensor | None = None
         self._n = 0
         self._row_ids: list[int] = []
         self._rows: dict[int, int] = {}
@@ -247,7 +252,7 @@ class NeuralKVDatabase:
         self.model_id: str | None = None
         self.module_path: str | None = None
         self.config: dict[str, Any] = {}
-        self.prefilter: bool = True
+        self._prefilter = True
 
     @classmethod
     def for_model(
@@ -298,6 +303,18 @@ class NeuralKVDatabase:
         self._gamma = None if value is None else check_gamma(value)
 
     @property
+    def prefilter(self) -> bool:
+        """Whether decode steps on CPU may use the int4 key sketch (default True); setting False frees the sketch."""
+        return self._prefilter
+
+    @prefilter.setter
+    def prefilter(self, value: bool) -> None:
+        with self._lock:
+            self._prefilter = bool(value)
+            if not self._prefilter:
+                self._sketch = None
+
+    @property
     def lock(self) -> threading.RLock:
         """Held by every mutation and by the patched forward's retrieval; hold it to read keys/values
         consistently from another thread."""
@@ -331,10 +348,11 @@ class NeuralKVDatabase:
         return self._values[: self._n]
 
     @property
-    def sketch(self) -> torch.Tensor:
+    def sketch(self) -> torch.Tensor | None:
         """Live ``(n, sketch_row_bytes(key_dim))`` uint8 view of the keys' int4 sketch
-        (:func:`neuraldb_kernels.build_sketch`), kept in step with ``keys`` by every change."""
-        return self._sketch[: self._n]
+        (:func:`neuraldb_kernels.build_sketch`), kept in step with ``keys`` by every change; None until a CPU decode
+        step has built it (reading it does not build it, so inspecting a database never allocates the sketch)."""
+        return None if self._sketch is None else self._sketch[: self._n]
 
     def __len__(self) -> int:
         return self._n
@@ -397,7 +415,8 @@ class NeuralKVDatabase:
         When the C++ CPU kernel serves the call, the database holds at least ``PREFILTER_MIN_KEYS`` keys and the
         queries have at most ``PREFILTER_MAX_ROWS`` rows (decode), it scans the keys' int4 sketch and rescores only
         the keys that can pass the gate (:func:`neuraldb_kernels.gated_retrieval_prefiltered`): the result is
-        bitwise the same, with ~27% of the key bytes read. ``db.prefilter = False`` turns that off.
+        bitwise the same, with ~27% of the key bytes read. The first such call builds the sketch (one pass over the
+        keys, under the lock). ``db.prefilter = False`` turns that off.
         """
         from neuraldb_kernels import gated_retrieval, gated_retrieval_prefiltered
         from neuraldb_kernels.backends import resolve
@@ -405,11 +424,13 @@ class NeuralKVDatabase:
         with self._lock:
             rows = queries.numel() // max(1, queries.shape[-1]) if queries.dim() else 1
             if (
-                self.prefilter
+                self._prefilter
                 and self._n >= self.PREFILTER_MIN_KEYS
                 and rows <= self.PREFILTER_MAX_ROWS
+                and self.device.type == "cpu"
                 and resolve(backend, queries.device) == "cpu"
             ):
+                self._ensure_sketch()
                 out, _, _ = gated_retrieval_prefiltered(
                     queries, self.keys, self.values, gamma, self.sketch, backend="cpu"
                 )
@@ -442,13 +463,15 @@ class NeuralKVDatabase:
         v = cast_residuals(v, self.dtype)
         if m == 0:
             return []
-        sk = build_sketch(k)
+        # Sketched outside the lock when a sketch exists; one built by a retrieval meanwhile gets its rows below.
+        sk = build_sketch(k) if self._sketch is not None else None
         with self._lock:
             self._reserve(self._n + m)
             n = self._n
             self._keys[n : n + m].copy_(k)
             self._values[n : n + m].copy_(v)
-            self._sketch[n : n + m].copy_(sk)
+            if self._sketch is not None:
+                self._sketch[n : n + m].copy_(build_sketch(k) if sk is None else sk)
             new_ids = list(range(self._next_id, self._next_id + m))
             for offset, (i, f) in enumerate(zip(new_ids, fs)):
                 self._rows[i] = n + offset
@@ -489,7 +512,8 @@ class NeuralKVDatabase:
             rows = torch.tensor([self._rows[i] for i in id_list], dtype=torch.long, device=self.device)
             if k is not None:
                 self._keys.index_copy_(0, rows, k.to(self.device))
-                self._sketch.index_copy_(0, rows, build_sketch(k).to(self.device))
+                if self._sketch is not None:
+                    self._sketch.index_copy_(0, rows, build_sketch(k).to(self.device))
             if v is not None:
                 self._values.index_copy_(0, rows, v.to(self.device))
             if fs is not None:
@@ -524,11 +548,13 @@ class NeuralKVDatabase:
                 s = torch.tensor(list(src.values()), dtype=torch.long, device=self.device)
                 self._keys.index_copy_(0, d, self._keys.index_select(0, s))
                 self._values.index_copy_(0, d, self._values.index_select(0, s))
-                self._sketch.index_copy_(0, d, self._sketch.index_select(0, s))
+                if self._sketch is not None:
+                    self._sketch.index_copy_(0, d, self._sketch.index_select(0, s))
             self._n = len(row_ids)
 
     def to(self, device: torch.device | str) -> NeuralKVDatabase:
-        """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``."""
+        """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``; the key sketch, which
+        only the CPU kernel reads, is dropped when ``device`` is not the CPU."""
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError):
@@ -539,7 +565,8 @@ class NeuralKVDatabase:
             if device != self.device:
                 self._keys = self._keys.to(device)
                 self._values = self._values.to(device)
-                self._sketch = self._sketch.to(device)
+                if device.type != "cpu":
+                    self._sketch = None
         return self
 
     def _reserve(self, rows: int) -> None:
@@ -550,24 +577,32 @@ class NeuralKVDatabase:
             cap *= 2
         keys = torch.empty((cap, self.key_dim), dtype=self.dtype, device=self.device)
         values = torch.empty((cap, self.value_dim), dtype=self.dtype, device=self.device)
-        sketch = torch.empty((cap, self._sketch.shape[1]), dtype=torch.uint8, device=self.device)
         keys[: self._n].copy_(self.keys)
         values[: self._n].copy_(self.values)
-        sketch[: self._n].copy_(self.sketch)
-        self._keys, self._values, self._sketch = keys, values, sketch
+        if self._sketch is not None:
+            sketch = torch.empty((cap, self._sketch.shape[1]), dtype=torch.uint8, device=self.device)
+            sketch[: self._n].copy_(self._sketch[: self._n])
+            self._sketch = sketch
+        self._keys, self._values = keys, values
+
+    def _ensure_sketch(self) -> None:
+        """Build the sketch of every live row if it does not exist yet (call with the lock held)."""
+        if self._sketch is not None:
+            return
+        sketch = torch.empty((self.capacity, sketch_row_bytes(self.key_dim)), dtype=torch.uint8, device=self.device)
+        for start in range(0, self._n, _SKETCH_BUILD_ROWS):
+            stop = min(self._n, start + _SKETCH_BUILD_ROWS)
+            sketch[start:stop] = build_sketch(self._keys[start:stop])
+        self._sketch = sketch
 
     def _restore(
         self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], facts: list[FactLike], next_id: int
     ) -> None:
-        """Fill an empty database with already validated rows (used by load); the sketch is recomputed from the
-        keys (files do not store it)."""
+        """Fill an empty database with already validated rows (used by load)."""
         n = len(ids)
         self._reserve(n)
         self._keys[:n].copy_(keys)
         self._values[:n].copy_(values)
-        for start in range(0, n, _SKETCH_LOAD_ROWS):
-            stop = min(n, start + _SKETCH_LOAD_ROWS)
-            self._sketch[start:stop] = build_sketch(self._keys[start:stop])
         self._row_ids = list(ids)
         self._rows = {i: r for r, i in enumerate(ids)}
         self._facts = dict(zip(ids, facts))

@@ -104,7 +104,8 @@ class _Shard(NeuralKVDatabase):
             n = self._n
             self._keys[n : n + m].copy_(keys)
             self._values[n : n + m].copy_(values)
-            self._sketch[n : n + m].copy_(build_sketch(self._keys[n : n + m]))
+            if self._sketch is not None:
+                self._sketch[n : n + m].copy_(build_sketch(self._keys[n : n + m]))
             for offset, (i, f) in enumerate(zip(ids, facts)):
                 self._rows[i] = n + offset
                 self._facts[i] = f
@@ -123,7 +124,8 @@ class _Shard(NeuralKVDatabase):
                 src = torch.tensor([self._rows[i] for i in tail], dtype=torch.long, device=self.device)
                 self._keys[first : first + len(tail)] = self._keys.index_select(0, src)
                 self._values[first : first + len(tail)] = self._values.index_select(0, src)
-                self._sketch[first : first + len(tail)] = self._sketch.index_select(0, src)
+                if self._sketch is not None:
+                    self._sketch[first : first + len(tail)] = self._sketch.index_select(0, src)
             for i in ids:
                 del self._rows[i]
                 del self._facts[i]
