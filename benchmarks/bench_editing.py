@@ -223,6 +223,7 @@ def quality(model, tok, db, facts, pre):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default=None, help="the model's dtype (e.g. bfloat16, Gemma-3's native dtype)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -237,6 +238,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     def parse(v):
+        if v in ("True", "False"):
+            return v == "True"
         for cast in (int, float):
             try:
                 return cast(v)
@@ -244,7 +247,7 @@ def main(argv=None):
                 pass
         return v
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=args.dtype)
     facts = load_counterfact(args.n, args.offset)
     base = {k: parse(v) for k, v in (s.split("=", 1) for s in args.set)}
     grid_names = [s.split("=", 1)[0] for s in args.sweep]
@@ -253,7 +256,7 @@ def main(argv=None):
     pre = None
     if not args.no_eval:
         t = time.perf_counter()
-        pre = pre_scores(model, tok, template, facts, f"{args.model}-{args.offset}")
+        pre = pre_scores(model, tok, template, facts, f"{args.model}-{args.dtype or 'default'}-{args.offset}")
         print(f"pre-edit scores: {time.perf_counter() - t:.1f}s", flush=True)
     if args.naive:
         cfg = resolve(model, **base)
@@ -271,7 +274,7 @@ def main(argv=None):
         t, c = time.perf_counter(), time.process_time()
         db = edit(model, tok, facts, progress=False, stats=stats, **over)
         el, cpu = time.perf_counter() - t, time.process_time() - c
-        rec = {"mode": "neuraldb", "model": args.model, "n": len(facts), "s_per_fact": el / len(facts),
+        rec = {"mode": "neuraldb", "model": args.model, "dtype": args.dtype, "n": len(facts), "s_per_fact": el / len(facts),
                "cpu_s_per_fact": cpu / len(facts),
                "mean_steps": sum(stats["steps"]) / len(stats["steps"]), "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
                "overrides": over, "config": {**db.config, "layer": db.layer, "gamma": db.gamma}, "tag": args.tag}
