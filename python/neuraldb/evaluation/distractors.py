@@ -390,12 +390,9 @@ def plot_scaling(result: dict, path: str | Path) -> Path:
         a.minorticks_off()
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .report import save_figure
+
+    return save_figure(fig, path)
 
 
 def default_sizes(n_edited: int, n_total: int) -> list[int]:

@@ -147,6 +147,18 @@ def markdown_report(runs: Sequence[dict], title: str = "neuraldb evaluation") ->
     return "\n".join(lines)
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parents created) at 120 dpi and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
     """Metrics vs number of edited facts (0 = pre-edited), one panel per dataset plus general ability."""
     import matplotlib
@@ -197,12 +209,7 @@ def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
         ax.set_xscale("symlog", linthresh=10)
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_reports(runs: Sequence[dict], out_dir: str | Path, *, title: str = "neuraldb evaluation",
