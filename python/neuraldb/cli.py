@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from neuraldb.database import FactLike, NeuralKVDatabase
+    from neuraldb.database import NeuralKVDatabase
+    from neuraldb.database_inputs import FactLike
 
 __all__ = ["main", "build_parser", "parse_ids"]
 

@@ -36,13 +36,8 @@ from pathlib import Path
 import torch
 
 from neuraldb.atomic import atomic_path
-from neuraldb.database import (
-    STORAGE_DTYPES,
-    NeuralKVDatabase,
-    check_gamma,
-    fact_from_json,
-    fact_to_json,
-)
+from neuraldb.database import NeuralKVDatabase, check_gamma
+from neuraldb.database_inputs import STORAGE_DTYPES, fact_from_json, fact_to_json
 
 FORMAT = "neuraldb.NeuralKVDatabase"
 FORMAT_VERSION = 1

@@ -48,16 +48,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from neuraldb.database import (
-    FactLike,
-    NeuralKVDatabase,
-    _check_facts,
-    _check_ids,
-    _rows,
-    cast_residuals,
-    check_gamma,
-    normalize_keys,
-)
+from neuraldb.database import NeuralKVDatabase, check_gamma
+from neuraldb.database_inputs import FactLike, _check_facts, _check_ids, _rows, cast_residuals, normalize_keys
 from neuraldb_kernels import build_sketch, gated_retrieval
 
 _LOW32 = (1 << 32) - 1
