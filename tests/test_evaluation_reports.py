@@ -46,6 +46,32 @@ def test_deletion_reverts_even_half_only():
     assert "| Even-indexed facts (deleted) | Efficacy | 0.0 | 100.0 | 0.0 |" in md
 
 
+def test_deletion_on_an_evaluated_subset_keeps_each_facts_parity():
+    facts, db = _facts(6), FakeDB(6)
+    seen = []
+
+    def evaluate(fs):
+        seen.append([f.subject for f in fs])
+        live = set(db.ids())
+        idx = [int(f.subject[1:]) for f in fs]
+        return {"per_fact": [{"rewrite_success": float(100 + i in live), "paraphrase_success": float(i),
+                              "neighborhood_success": 1.0} for i in idx]}
+
+    pre = {"per_fact": [{"rewrite_success": 0.0, "paraphrase_success": 0.0, "neighborhood_success": 1.0}] * 3}
+    r = deletion_experiment(None, None, facts, db, evaluate=evaluate, kind="counterfact", evaluated=[1, 2, 5],
+                            pre=pre)
+    assert db.ids() == [101, 103, 105]  # the even rows of all six facts, not of the three evaluated
+    assert seen == [["S1", "S2", "S5"]] * 2
+    odd, even = r["halves"]["odd"], r["halves"]["even"]
+    assert odd["post"]["generalization"] == 300.0 and odd["post"]["n_facts"] == 2  # facts 1 and 5
+    assert even["post"]["generalization"] == 200.0 and even["post"]["n_facts"] == 1  # fact 2
+    assert even["deleted_even"]["efficacy"] == 0 and odd["deleted_even"]["efficacy"] == 100
+    assert r["n_deleted"] == 3 and r["n_evaluated"] == 3
+    with pytest.raises(ValueError, match="evaluated"):
+        deletion_experiment(None, None, facts, FakeDB(6), evaluate=evaluate, kind="counterfact", evaluated=[6],
+                            pre=pre)
+
+
 def test_half_summary_zsre_keys():
     res = {"per_fact": [{"rewrite_acc": 1.0, "paraphrase_acc": 0.5, "neighborhood_acc": None},
                         {"rewrite_acc": 0.0, "paraphrase_acc": 0.5, "neighborhood_acc": 0.25}]}

@@ -68,7 +68,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "report CounterFact metrics vs table size (neuraldb.evaluation.distractors)")
     p.add_argument("--sizes", nargs="+", type=int, help="table sizes (keys) for --distractors (default n, 2n, 5n, "
                    "10n, all)")
-    p.add_argument("--eval-facts", type=int, help="--distractors: evaluate a seeded subset of this many edited facts")
+    p.add_argument("--eval-facts", type=int, help="evaluate a seeded random subset of this many of the edited facts (all are edited)")
     p.add_argument("--keys-cache", type=Path, help="--distractors: directory that caches the distractor keys")
     p.add_argument("--distractor-exclude", type=int, help="--distractors: drop duplicates of the first N facts of "
                    "--facts (default: the database's; a larger N shares the distractor pool with a larger database)")
@@ -117,6 +117,7 @@ def run(args) -> int:
 
     run_ = run_eval(
         model_name=args.model, model_dtype=args.dtype, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
+        eval_facts=args.eval_facts,
         db_path=args.db, save_db=args.save_db, edit_kwargs=json.loads(args.edit_args),
         general_dir=args.general_data, general_tasks=args.general_tasks, general_limit=args.general_limit,
         wikitext_max_tokens=args.wikitext_tokens, fluency=not args.no_fluency, fluency_max_facts=args.fluency_facts,

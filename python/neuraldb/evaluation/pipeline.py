@@ -1,6 +1,7 @@
 """One evaluation run end to end, as ``neuraldb eval`` performs it.
 
 load model -> load facts (first ``n_facts`` after ``offset``) -> edit (or load a saved database) -> patch ->
+choose the facts to evaluate (all, or a seeded subset of ``eval_facts`` of them: every fact is edited either way) ->
 evaluate pre-edited (the patch disabled) and post-edited -> optional general ability before/after -> optional
 deletion experiment (last, since it deletes rows) -> a run dict for :mod:`.report`.
 
@@ -18,6 +19,7 @@ from typing import Sequence
 
 from .counterfact import evaluate_counterfact
 from .deletion import deletion_experiment
+from .distractors import evaluated_subset
 from .fluency import load_reference_texts
 from .general import evaluate_general
 from .report import write_json
@@ -63,6 +65,7 @@ def run_eval(
     facts_path: str | Path,
     n_facts: int | None = 100,
     offset: int = 0,
+    eval_facts: int | None = None,
     db_path: str | Path | None = None,
     save_db: str | Path | None = None,
     edit_kwargs: dict | None = None,
@@ -118,6 +121,8 @@ def run_eval(
         raise RuntimeError(f"the database holds {len(db)} facts, expected {len(facts)}")
     patch_model(model, db)
     template = getattr(db, "template", None)
+    chosen = evaluated_subset(len(facts), eval_facts, seed)
+    shown = [facts[i] for i in chosen]
 
     def prompt_fn(s: str) -> str:
         return templates.apply(template, s)
@@ -135,23 +140,27 @@ def run_eval(
 
     run: dict = {
         "model": model_name, "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "dataset": dataset, "n_facts": len(facts), "offset": offset,
+        "dataset": dataset, "n_facts": len(facts), "n_evaluated": len(shown), "offset": offset,
         "facts_path": str(facts_path), "template": template, "reduction": reduction if dataset == "counterfact"
         else None, "zsre_target": zsre_target if dataset == "zsre" else None, "command": command,
         "edit_kwargs": edit_kwargs or {}, "db_config": getattr(db, "config", None),
         "layer": getattr(db, "layer", None), "gamma": getattr(db, "gamma", None), "notes": [],
     }
+    if len(shown) < len(facts):
+        run["evaluated_indices"] = chosen
+        run["notes"].append(f"all {len(facts)} facts edited; metrics on a seeded random subset of {len(shown)} of "
+                            f"them (seed {seed}, `evaluated_indices`)")
     t0 = time.perf_counter()
     with disabled(model):
-        pre = evaluate(facts)
+        pre = evaluate(shown)
     timing["eval_pre"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if dataset == "counterfact":
-        flags = _gate_flags(model, tok, facts, db, prompt_fn, batch_size)
-        post = evaluate(facts, baseline=pre, rescore=flags)
+        flags = _gate_flags(model, tok, shown, db, prompt_fn, batch_size)
+        post = evaluate(shown, baseline=pre, rescore=flags)
         run["rescored_prompts"] = {"post": [sum(flags), len(flags)]}
     else:
-        post = evaluate(facts)
+        post = evaluate(shown)
     timing["eval_post"] = time.perf_counter() - t0
     run["pre"], run["post"] = pre, post
     if dataset == "zsre":
@@ -180,7 +189,7 @@ def run_eval(
                 run["rescored_prompts"]["deletion"] = [sum(flags), len(flags)]
                 return evaluate_nogen(fs, baseline=pre, rescore=flags)
         run["deletion"] = deletion_experiment(model, tok, facts, db, evaluate=evaluate_deleted, kind=dataset,
-                                              pre=pre, post=post)
+                                              pre=pre, post=post, evaluated=chosen)
         timing["deletion"] = time.perf_counter() - t0
     run["timing"] = timing
     if per_fact_path is not None:

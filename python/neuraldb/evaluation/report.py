@@ -48,6 +48,11 @@ CF_MAG = [("efficacy_magnitude", "EM"), ("generalization_magnitude", "GM"), ("sp
 ZS_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑")]
 
 
+def _facts_cell(run: dict) -> str:
+    n, k = run["n_facts"], run.get("n_evaluated", run["n_facts"])
+    return str(n) if k == n else f"{n} ({k} evaluated)"
+
+
 def _table(runs: Sequence[dict], dataset: str) -> list[str]:
     rs = sorted([r for r in runs if r["dataset"] == dataset], key=lambda r: (r["model"], r["n_facts"]))
     if not rs:
@@ -59,14 +64,14 @@ def _table(runs: Sequence[dict], dataset: str) -> list[str]:
     seen_pre = set()
     for r in rs:
         rows = []
-        key = (r["model"], r.get("facts_path"), r["n_facts"])
+        key = (r["model"], r.get("facts_path"), r["n_facts"], r.get("n_evaluated"))
         if key not in seen_pre:
             seen_pre.add(key)
             rows.append(("Pre-edited", r["pre"]["summary"], {}))
         rows.append(("NeuralDB", r["post"]["summary"], {"locality_unchanged": r.get("locality_unchanged")}))
         for state, s, extra in rows:
             vals = [extra.get(k, s.get(k)) for k, _ in cols]
-            out.append(f"| {r['model']} | {state} | {r['n_facts']} | " + " | ".join(_fmt(v) for v in vals) + " |")
+            out.append(f"| {r['model']} | {state} | {_facts_cell(r)} | " + " | ".join(_fmt(v) for v in vals) + " |")
     out.append("")
     return out
 
@@ -115,8 +120,10 @@ def markdown_report(runs: Sequence[dict], title: str = "neuraldb evaluation") ->
     for r in runs:
         if r.get("deletion"):
             d = r["deletion"]
+            shown = d.get("n_evaluated", d["n_facts"])
             lines += [f"### Deletion (App. J.5): {r['model']}, {r['dataset']}, {d['n_facts']} facts, "
-                      f"{d['n_deleted']} even-indexed deleted", "", deletion_table(d), ""]
+                      f"{d['n_deleted']} even-indexed deleted"
+                      + ("" if shown == d["n_facts"] else f", {shown} evaluated"), "", deletion_table(d), ""]
     timing = [r for r in runs if r.get("timing")]
     if timing:
         lines += ["### Timing (seconds)", "", "| Model | Dataset | Facts | " + " | ".join(timing[0]["timing"]) + " |",
