@@ -81,7 +81,8 @@ def run_one(m: int, d1: int, d2: int, batch: int, delete_frac: float, directory:
     gc.collect()
     base = (rss_bytes(), anon_bytes())
     ideal = (d1 + d2) * m * 2
-    out: dict = {"m": m, "key_dim": d1, "value_dim": d2, "batch": batch, "ideal_gib": gib(ideal), "phases": []}
+    out: dict = {"m": m, "key_dim": d1, "value_dim": d2, "batch": batch, "ideal_gib": gib(ideal), "ideal_bytes": ideal,
+                 "phases": []}
     db = NeuralKVDatabase(d1, d2)
 
     add_secs = [0.0]
@@ -124,9 +125,11 @@ def run_one(m: int, d1: int, d2: int, batch: int, delete_frac: float, directory:
     path.unlink()
 
     add = out["phases"][0]
-    out["add_resident_over_ideal"] = round(add["rss_gib"] / gib(ideal), 3)
-    out["peak_over_ideal"] = {p["phase"]: round(p["peak_rss_gib"] / gib(ideal), 3) for p in out["phases"]}
-    out["peak_anon_over_ideal"] = {p["phase"]: round(p["peak_anon_gib"] / gib(ideal), 3) for p in out["phases"]}
+    # ratios against the unrounded ideal: at small m it rounds to 0.000 GiB
+    ideal_gib = ideal / 2**30
+    out["add_resident_over_ideal"] = round(add["rss_gib"] / ideal_gib, 3)
+    out["peak_over_ideal"] = {p["phase"]: round(p["peak_rss_gib"] / ideal_gib, 3) for p in out["phases"]}
+    out["peak_anon_over_ideal"] = {p["phase"]: round(p["peak_anon_gib"] / ideal_gib, 3) for p in out["phases"]}
     return out
 
 
@@ -196,7 +199,7 @@ def table(result: dict) -> str:
         if "phases" not in run:
             lines.append(f"| {run['m']:,} | - | | | | | | {run.get('skipped') or run.get('error')} |")
             continue
-        ideal = run["ideal_gib"]
+        ideal = run["ideal_bytes"] / 2**30 if "ideal_bytes" in run else run["ideal_gib"]
         for p in run["phases"]:
             note = ""
             if p["phase"] == "add":

@@ -10,46 +10,12 @@ from neuraldb.editing import compute_keys, compute_keys_and_residuals, compute_r
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.facts import Fact
 
+from _tiny_editing import FACTS
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-FACTS = [
-    Fact("Danielle Darrieux", "The mother tongue of {} is", "English", target_true="French"),
-    Fact("Spike Hughes", "{} originates from", "Philadelphia", target_true="London"),
-    Fact("Toko Yasuda", "{} plays the", "piano", target_true="guitar"),
-    Fact("Apple A5", "{} was created by", "Google", target_true="Apple"),
-    Fact("the Eiffel Tower", "In the city of Rome you can visit {} , which is in", "Berlin", target_true="Paris"),
-]
-
-
-def _tiny():
-    words = sorted({w for f in FACTS for w in (f.text + " " + f.target_new + " " + f.target_true).split()})
-    words += ["is", "a", "The", "Therefore", "Because", "I", "You", ".", "the", "of"]
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.config.name_or_path = "tiny-test-llama"
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return _tiny()
-
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+pytestmark = pytest.mark.usefixtures("neuraldb_cache")
 
 
 def _rows(tok, template, contexts):

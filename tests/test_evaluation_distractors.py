@@ -19,25 +19,9 @@ from neuraldb.facts import Fact
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from test_editing import FACTS, _tiny
+from _tiny_editing import EVAL_FACTS
 
-# FACTS with paraphrases and neighborhood prompts made from the tiny tokenizer's words
-EVAL_FACTS = [
-    Fact(f.subject, f.prompt, f.target_new, target_true=f.target_true,
-         paraphrases=(f"Because {f.text}", f"I . {f.text}"),
-         neighborhood=tuple(g.text for g in FACTS if g is not f)[:3])
-    for f in FACTS
-]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return _tiny()
-
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+pytestmark = pytest.mark.usefixtures("neuraldb_cache")
 
 
 @pytest.fixture(scope="module")

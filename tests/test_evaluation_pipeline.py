@@ -10,19 +10,17 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from test_evaluation_distractors import EVAL_FACTS
-
 from neuraldb import patch_model, templates, unpatch_model
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.evaluation.counterfact import evaluate_counterfact
 from neuraldb.evaluation.deletion import half_summary
 from neuraldb.evaluation.pipeline import run_eval
-from test_editing import _tiny
+from _tiny_editing import EVAL_FACTS, word_llama
 
 
 def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
-    model, tok = _tiny()
+    model, tok = word_llama()
     facts = EVAL_FACTS[:4]
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
@@ -54,7 +52,7 @@ def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
 
 def test_run_eval_on_a_seeded_subset_edits_all_and_scores_the_subset(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
-    model, tok = _tiny()
+    model, tok = word_llama()
     facts = EVAL_FACTS[:4]
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
