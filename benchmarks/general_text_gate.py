@@ -1,0 +1,92 @@
+"""Where the gate opens on general text: per database row, the positions of a WikiText-2 stretch it is retrieved at.
+
+    python benchmarks/general_text_gate.py --db smollm2-cf1000.safetensors \\
+        --text ../shared/data/general_eval/wikitext2_raw_test.txt.gz --tokens 4096
+
+The claim behind the method is that ordinary text does not open the gate, so the edited model is the unedited one
+there. This counts the exceptions: every position (the database's template applied, as ``neuraldb eval`` does
+for WikiText-2 perplexity, 512-token windows) whose best cosine with the database's keys exceeds gamma, grouped by
+the row it retrieves, with the fact's subject and the few tokens ending at that position. Results:
+``benchmarks/results/general_text_gate[_<tag>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
+
+import neuraldb  # noqa: E402
+from _common import machine_description, write_json  # noqa: E402
+from neuraldb import templates  # noqa: E402
+from neuraldb.editing import engine  # noqa: E402
+from neuraldb.evaluation.gate import _down_proj_inputs  # noqa: E402
+from neuraldb_kernels.reference import normalize_queries  # noqa: E402
+
+
+def gate_on_text(model, tok, db, text: str, *, tokens: int, window: int = 512, examples: int = 5) -> dict:
+    ids = tok(templates.apply(db.template, text), add_special_tokens=False)["input_ids"][:tokens]
+    keys = normalize_queries(db.keys.float())
+    h = engine.handles(model, db.layer)
+    counts: Counter = Counter()
+    shown: dict[int, list[str]] = {}
+    best_all = []
+    for s in range(0, len(ids), window):
+        seq = ids[s : s + window]
+        q, _ = _down_proj_inputs(h, [seq], tok.pad_token_id or 0)
+        best, row = (normalize_queries(q[0]) @ keys.T).max(-1)
+        best_all.append(best)
+        for p in (best > db.gamma).nonzero().flatten().tolist():
+            r = int(row[p])
+            counts[r] += 1
+            if len(shown.setdefault(r, [])) < examples:
+                shown[r].append(tok.decode(seq[max(0, p - 4) : p + 1]))
+    best = torch.cat(best_all)
+    ids_ = db.ids()
+    return {
+        "positions": len(ids), "open_positions": sum(counts.values()), "rows_retrieved": len(counts),
+        "best_cosine_quantiles": {str(qq): round(float(v), 4) for qq, v in
+                                  zip((0.5, 0.9, 0.99, 0.999, 1.0),
+                                      torch.quantile(best, torch.tensor([0.5, 0.9, 0.99, 0.999, 1.0])))},
+        "rows": [{"row": r, "positions": c, "subject": db.fact(ids_[r]).subject if db.fact(ids_[r]) else None,
+                  "contexts": shown[r]} for r, c in counts.most_common()],
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--text", required=True, help="a text file (.gz allowed), e.g. WikiText-2's raw test split")
+    ap.add_argument("--tokens", type=int, default=4096, help="score the first T tokens (neuraldb eval's default)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tok = neuraldb.load_model(args.model, dtype=args.dtype)
+    db = neuraldb.NeuralKVDatabase.load(args.db)
+    opener = gzip.open if args.text.endswith(".gz") else open
+    with opener(args.text, "rt", encoding="utf-8") as f:
+        text = "\n".join(f.read().splitlines())
+    with torch.inference_mode():
+        res = gate_on_text(model, tok, db, text, tokens=args.tokens)
+    res.update(model=args.model, db=args.db, n_rows=len(db), gamma=db.gamma, layer=db.layer, text=args.text,
+               machine=machine_description())
+    out = ROOT / "benchmarks" / "results" / ("general_text_gate" + (f"_{args.tag}" if args.tag else "") + ".json")
+    write_json(out, res)
+    print(f"{res['open_positions']} of {res['positions']} positions open the gate "
+          f"({100 * res['open_positions'] / res['positions']:.2f}%), {res['rows_retrieved']} rows of {len(db)}")
+    for r in res["rows"][:10]:
+        print(f"  row {r['row']:>6} x{r['positions']:<4} {r['subject']!r}: {r['contexts']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
