@@ -9,6 +9,7 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
   reference, which is the chunked PyTorch spec in ``neuraldb_kernels/reference.py``);
 * ``prefiltered``: the C++ kernel behind the exact int4 key sketch (``gated_retrieval_prefiltered``; its ``out`` is
   checked to equal ``cpu``'s bitwise; building the sketch is timed once, outside the rounds);
+* ``cascade``: the same behind the exact 1-bit first stage as well (``build_signs``; checked and timed likewise);
 * eager peers: ``fp16_mm`` = ``queries.half() @ keys.T`` (scores only: no normalisation, argmax or gather) and
   ``fp32_mm`` = ``queries.float() @ keys.float().T`` (the fp32 upcast of the keys included; skipped where the
   fp32 copy would not fit in memory);
@@ -54,7 +55,7 @@ def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
     return keys
 
 
-def variants(t: int, m: int, d1: int, queries, keys, values, sketch, budget: int) -> dict:
+def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budget: int) -> dict:
     ext = extension.load()
     v = {}
     for name in neuraldb_kernels.available_backends("cpu"):
@@ -64,6 +65,9 @@ def variants(t: int, m: int, d1: int, queries, keys, values, sketch, budget: int
     if "cpu" in v:
         v["prefiltered"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
             queries, keys, values, 0.5, sketch, backend="cpu"
+        )
+        v["cascade"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
+            queries, keys, values, 0.5, sketch, signs, backend="cpu"
         )
     v["fp16_mm"] = lambda: queries.half() @ keys.T
     if m * d1 * 4 + t * m * 4 < budget:
@@ -84,7 +88,10 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     t0 = time.perf_counter()
     sketch = neuraldb_kernels.build_sketch(keys)
     sketch_build_s = time.perf_counter() - t0
-    fns = variants(t, m, d1, queries, keys, values, sketch, budget)
+    t0 = time.perf_counter()
+    signs = neuraldb_kernels.build_signs(keys)
+    signs_build_s = time.perf_counter() - t0
+    fns = variants(t, m, d1, queries, keys, values, sketch, signs, budget)
     times: dict[str, list[float]] = {n: [] for n in fns}
     # Process CPU time beside the wall time: on a CPU shared with other jobs it counts only this process's work.
     cpu_times: dict[str, list[float]] = {n: [] for n in fns}
@@ -96,8 +103,8 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
         if name in ("torch", "fp16_mm", "fp32_mm", "read", "sum"):
             continue
         out, idx, score = fns[name]()  # also the warm-up (thread pool, allocator, first touch)
-        if name == "prefiltered":
-            assert torch.equal(out, fns["cpu"]()[0]), "the pre-filtered kernel's out differs from the plain kernel's"
+        if name in ("prefiltered", "cascade"):
+            assert torch.equal(out, fns["cpu"]()[0]), f"the {name} kernel's out differs from the plain kernel's"
             continue
         agree = float((idx == ref[1]).float().mean())
         if agree < 1.0:
@@ -127,6 +134,8 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
         "best_eager": best_eager,
         "sketch_bytes": sketch.numel(),
         "sketch_build_s": sketch_build_s,
+        "signs_bytes": signs.numel(),
+        "signs_build_s": signs_build_s,
     }
     for n in fns:
         if n in ("read", "sum", "fp16_mm", "fp32_mm") or n == "torch":
@@ -140,7 +149,7 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
             "speedup_vs_best_eager": med[best_eager] / med[n],
             "speedup_vs_cpu": med["cpu"] / med[n] if "cpu" in med else None,
         }
-    del keys, values, sketch
+    del keys, values, sketch, signs
     return row
 
 
@@ -151,8 +160,8 @@ def fmt_ms(s: float | None) -> str:
 def print_table(rows: list[dict], header: bool = True) -> None:
     head = (f"{'T':>4} {'m':>8} {'d1':>6} | {'cpu ms':>9} {'torch ms':>9} {'fp16mm ms':>9} {'fp32mm ms':>9} "
             f"{'read ms':>9} {'sum ms':>9} | {'read GB/s':>9} {'cpu GB/s':>8} {'%read':>6} {'x ref':>6} "
-            f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} | CPU time: {'cpu ms':>7} {'pre ms':>7} "
-            f"{'x cpu':>6} | best eager")
+            f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} {'1bit ms':>9} {'x cpu':>6} | CPU time: "
+            f"{'cpu ms':>7} {'pre ms':>7} {'x cpu':>6} {'1bit ms':>7} {'x cpu':>6} | best eager")
     if header:
         print(head)
         print("-" * len(head))
@@ -165,10 +174,11 @@ def print_table(rows: list[dict], header: bool = True) -> None:
             f"{fmt_ms(med.get('sum'))} | {r['read_GBps']:9.2f} "
             + (f"{c['GBps']:8.2f} {100 * c['frac_of_read_bw']:5.0f}% {c['speedup_vs_eager_ref']:6.1f} "
                f"{c['speedup_vs_fp16_mm']:8.2f} {c['speedup_vs_best_eager']:7.2f}" if c else " (no cpu backend)")
-            + (f" {fmt_ms(med['prefiltered'])} {r['prefiltered']['speedup_vs_cpu']:6.2f}" if "prefiltered" in med
-               else "")
-            + (f" | {'':9} {cpu['cpu'] * 1e3:7.2f} {cpu['prefiltered'] * 1e3:7.2f} "
-               f"{cpu['cpu'] / cpu['prefiltered']:6.2f}" if "prefiltered" in (cpu := r.get("median_cpu_s", {})) else "")
+            + "".join(f" {fmt_ms(med[n])} {r[n]['speedup_vs_cpu']:6.2f}" for n in ("prefiltered", "cascade")
+                      if n in med)
+            + (f" | {'':9} {cpu['cpu'] * 1e3:7.2f}" if "cpu" in (cpu := r.get("median_cpu_s", {})) else "")
+            + "".join(f" {cpu[n] * 1e3:7.2f} {cpu['cpu'] / cpu[n]:6.2f}" for n in ("prefiltered", "cascade")
+                      if n in cpu)
             + f" | {r['best_eager']}"
         )
 
