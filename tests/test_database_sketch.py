@@ -133,6 +133,25 @@ def test_retrieve_residuals_is_the_plain_retrieval(monkeypatch):
 
 
 @pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
+def test_signs_only_where_gamma_is_high_enough(monkeypatch):
+    given = []
+    real = neuraldb_kernels.gated_retrieval_prefiltered
+
+    def spy(*args, **kwargs):
+        given.append(len(args) > 5 and args[5] is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neuraldb_kernels, "gated_retrieval_prefiltered", spy)
+    db = NeuralKVDatabase(256, 8)
+    db.add(torch.randn(1200, 256, generator=torch.Generator().manual_seed(9)), torch.randn(1200, 8))
+    q = torch.randn(1, 256)
+    for gamma in (db.PREFILTER_SIGNS_MIN_GAMMA, 0.9, db.PREFILTER_SIGNS_MIN_GAMMA - 0.01):
+        assert torch.equal(db.retrieve_residuals(q, gamma), db.retrieve(q, gamma)[0])
+    assert given == [True, True, False]
+    assert_in_step(db)
+
+
+@pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
 def test_key_moved_by_a_delete_is_still_found():
     # After a swap-remove the last key lives in the deleted row: with a stale sketch row there it would be missed.
     g = torch.Generator().manual_seed(8)

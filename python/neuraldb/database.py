@@ -90,8 +90,13 @@ class NeuralKVDatabase:
     # row separately while the exact scan shares every key load across rows.
     PREFILTER_MIN_KEYS = 1000
     PREFILTER_MAX_ROWS = 1
-    # The 1-bit first stage in front of the int4 sketch (docs/overhead.md: 2-3x less sketch time per decode step).
+    # The 1-bit first stage in front of the int4 sketch (docs/overhead.md: one query row at d1 = 1536, 10k / 100k
+    # keys: 0.72 / 4.5 ms of CPU against 0.91 / 11.7 for the int4 sketch alone).
     PREFILTER_SIGNS = True
+    # Its bound cannot go below ~||k - a s - v_J|| (~0.55 of a unit key at d1 = 1536, random or real SmolLM2 keys),
+    # so at a lower gamma it passes most keys and costs more than the int4 stage alone (gamma 0.5, 10k random keys:
+    # 99% pass, 1.13 ms against 0.66).
+    PREFILTER_SIGNS_MIN_GAMMA = 0.6
 
     def __init__(
         self,
@@ -296,8 +301,9 @@ class NeuralKVDatabase:
         When the C++ CPU kernel serves the call, the database holds at least ``PREFILTER_MIN_KEYS`` keys and the
         queries have at most ``PREFILTER_MAX_ROWS`` rows (decode), it scans the keys' int4 sketch and rescores only
         the keys that can pass the gate (:func:`neuraldb_kernels.gated_retrieval_prefiltered`): the result is
-        bitwise the same. With ``PREFILTER_SIGNS`` (default) a 1-bit stage runs first and only its survivors' int4
-        rows are read (~10% of the key bytes per step); without it the int4 sketch of every key (~27%). The first
+        bitwise the same. With ``PREFILTER_SIGNS`` (default) and ``gamma >= PREFILTER_SIGNS_MIN_GAMMA`` a 1-bit
+        stage runs first and only its survivors' int4 rows are read (~10% of the key bytes per step); otherwise the
+        int4 sketch of every key (~27%). The first
         such call builds both sketches (one pass over the keys, under the lock). ``db.prefilter = False`` turns
         that off.
         """
@@ -314,7 +320,8 @@ class NeuralKVDatabase:
                 and resolve(backend, queries.device) == "cpu"
             ):
                 self._ensure_sketch()
-                signs = self.signs if self.PREFILTER_SIGNS else None
+                use_signs = self.PREFILTER_SIGNS and float(gamma) >= self.PREFILTER_SIGNS_MIN_GAMMA
+                signs = self.signs if use_signs else None
                 out, _, _ = gated_retrieval_prefiltered(
                     queries, self.keys, self.values, gamma, self.sketch, signs, backend="cpu"
                 )
