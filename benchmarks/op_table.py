@@ -18,7 +18,7 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
   the kernel's own threading (256 KB chunks taken in turn by torch.get_num_threads() threads); ``keys.sum()``
   is timed too, for reference. "% read" is read time / kernel time, from the same interleaved run.
 
-Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5. Configurations whose tensors would not fit
+Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5 (``--gamma``). Configurations whose tensors would not fit
 in the available memory are skipped. Results go to stdout (a table) and to benchmarks/results/op_table-*.json
 with the CPU model, thread count, torch version, load average before/after, and every raw timing.
 """
@@ -55,19 +55,19 @@ def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
     return keys
 
 
-def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budget: int) -> dict:
+def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budget: int, gamma: float) -> dict:
     ext = extension.load()
     v = {}
     for name in neuraldb_kernels.available_backends("cpu"):
         if name == "triton":
             continue
-        v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend=n))(name)
+        v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, gamma, backend=n))(name)
     if "cpu" in v:
         v["prefiltered"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
-            queries, keys, values, 0.5, sketch, backend="cpu"
+            queries, keys, values, gamma, sketch, backend="cpu"
         )
         v["cascade"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
-            queries, keys, values, 0.5, sketch, signs, backend="cpu"
+            queries, keys, values, gamma, sketch, signs, backend="cpu"
         )
     v["fp16_mm"] = lambda: queries.half() @ keys.T
     if m * d1 * 4 + t * m * 4 < budget:
@@ -78,7 +78,7 @@ def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budg
     return v
 
 
-def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
+def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float = 0.5) -> dict:
     keys = make_keys(m, d1)
     g = torch.Generator().manual_seed(1)
     values = torch.randn(m, D2, generator=g).half()
@@ -91,13 +91,13 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     t0 = time.perf_counter()
     signs = neuraldb_kernels.build_signs(keys)
     signs_build_s = time.perf_counter() - t0
-    fns = variants(t, m, d1, queries, keys, values, sketch, signs, budget)
+    fns = variants(t, m, d1, queries, keys, values, sketch, signs, budget, gamma)
     times: dict[str, list[float]] = {n: [] for n in fns}
     # Process CPU time beside the wall time: on a CPU shared with other jobs it counts only this process's work.
     cpu_times: dict[str, list[float]] = {n: [] for n in fns}
     # The reference's answer, for a correctness check of every backend (its time counts as a "torch" rep).
     t0 = time.perf_counter()
-    ref = neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend="torch")
+    ref = neuraldb_kernels.gated_retrieval(queries, keys, values, gamma, backend="torch")
     times["torch"].append(time.perf_counter() - t0)
     for name in fns:
         if name in ("torch", "fp16_mm", "fp32_mm", "read", "sum"):
@@ -127,7 +127,7 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     eager = {n: med[n] for n in ("torch", "fp16_mm", "fp32_mm") if n in med}
     best_eager = min(eager, key=eager.get)
     row = {
-        "T": t, "m": m, "d1": d1, "d2": D2, "key_bytes": key_bytes, "reps": reps,
+        "T": t, "m": m, "d1": d1, "d2": D2, "gamma": gamma, "key_bytes": key_bytes, "reps": reps,
         "median_s": med, "times_s": times,
         "median_cpu_s": {n: statistics.median(ts) for n, ts in cpu_times.items() if ts}, "cpu_times_s": cpu_times,
         "read_GBps": key_bytes / read / 1e9, "sum_GBps": key_bytes / med["sum"] / 1e9,
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--T", type=int, nargs="*", default=[1, 8, 128])
     ap.add_argument("--m", type=int, nargs="*", default=None)
     ap.add_argument("--d1", type=int, nargs="*", default=None)
+    ap.add_argument("--gamma", type=float, default=0.5, help="the gate (the pre-filters' pass rates depend on it)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/op_table-<time>.json)")
     args = ap.parse_args(argv)
     ms = args.m or ([100_000] if args.quick else [10_000, 100_000, 1_000_000])
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for t in args.T:
                 budget = int(0.6 * avail) - need
-                rows.append(bench_config(t, m, d1, args.reps, budget))
+                rows.append(bench_config(t, m, d1, args.reps, budget, args.gamma))
                 print_table(rows[-1:], header=len(rows) == 1)
     meta["loadavg_after"] = os.getloadavg()
     print()

@@ -9,9 +9,9 @@ query, a little tighter than the kernel's int8 one) and the cascade's; then the 
 row (``NEURALDB_CPU_DEBUG``: keys past the 1-bit stage, keys rescored exactly), and the bytes read per key.
 
 Real queries are the inputs of SmolLM2's down_proj at ``--layer`` on the first ``--tokens`` tokens of WikiText-2's
-test split (``--text``); real keys are a ``distractor-keys-*.pt`` tensor (``--keys``: the first one of SmolLM2's
-key width in ``--keys-dir`` by default). Random keys and queries are Gaussian rows, normalised. The result goes
-to ``benchmarks/results/prefilter_pass.json``.
+test split (``--text``); real keys are a ``distractor-keys-*.pt`` tensor (``--keys``; by default the largest one of
+SmolLM2's key width in ``--keys-dir``). Random keys and queries are Gaussian rows, normalised. The result goes to
+``benchmarks/results/prefilter_pass.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, machine_description, write_json  # noqa: E402
+from _common import RESULTS, load_average, machine_description, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -55,10 +55,12 @@ def real_queries(layer: int, text: Path, tokens: int) -> torch.Tensor:
 
 
 def find_keys(keys_dir: Path, d1: int) -> Path:
-    for p in sorted(keys_dir.glob("distractor-keys-*.pt")):
-        if torch.load(p, map_location="cpu", mmap=True).shape[-1] == d1:
-            return p
-    raise FileNotFoundError(f"--keys-dir {keys_dir}: no distractor-keys-*.pt with {d1} columns")
+    """The largest ``distractor-keys-*.pt`` tensor with ``d1`` columns."""
+    shapes = {p: torch.load(p, map_location="cpu", mmap=True).shape for p in keys_dir.glob("distractor-keys-*.pt")}
+    fits = [p for p, s in shapes.items() if s[-1] == d1]
+    if not fits:
+        raise FileNotFoundError(f"--keys-dir {keys_dir}: no distractor-keys-*.pt with {d1} columns")
+    return max(fits, key=lambda p: shapes[p][0])
 
 
 def kernel_counts(queries: torch.Tensor, keys: torch.Tensor, sketch, signs, gamma: float) -> dict:
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             stage_fractions("real keys, random queries", real_k, rand_q, args.gamma),
         ],
     }
+    result["machine"]["load_average_after"] = load_average()
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
