@@ -2,7 +2,7 @@
 
     python benchmarks/bench_overhead.py --threads 1                       # SmolLM2-135M, CPU, m = 0 .. 1M, all
     python benchmarks/bench_overhead.py --m 0,10000,100000 --scenarios decode_b1 --reps 60
-    python benchmarks/bench_overhead.py --threads 1 --m 0,10000,100000 --scenarios decode_b1 --prefilter both
+    python benchmarks/bench_overhead.py --threads 1 --m 0,10000,100000 --scenarios decode_b1 --prefilter all
     python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda          # GPU session: 8B shapes, fp16
     python benchmarks/bench_overhead.py --model llama3-8b-shape --layers 1 --vocab 512 --device cpu \\
         --dtype float32 --m 0,2000 --reps 2 --tag smoke                                # CPU smoke of the 8B path
@@ -20,9 +20,10 @@ timed region), so load from other processes hits both alike. Reported per (scena
 - ``floor_ms``: key bytes / read bandwidth measured in the same run on the database's own key buffer (the least time
   any exact scan of the keys can take), and ``added_over_floor`` = added time / floor.
 
-``--prefilter both`` times the patched forward with and without the database's int4 key sketch (which serves
-decode steps of one query row on CPU, see ``NeuralKVDatabase.retrieve_residuals``) in the same repetitions, next
-to the unpatched one; the op alone is then ``retrieve_residuals`` with that setting.
+``--prefilter both`` times the patched forward with and without the database's key sketches (which serve decode
+steps of one query row on CPU, see ``NeuralKVDatabase.retrieve_residuals``) in the same repetitions, next to the
+unpatched one; ``--prefilter all`` adds the int4 sketch alone (without the 1-bit first stage). The op alone is then
+``retrieve_residuals`` with that setting. (Results before the 1-bit stage call the int4 variant "prefilter".)
 
 Random keys never open the gate (max cosine ~0.1 << gamma), so the residual gather is skipped; that is the common
 case at inference time, where most tokens match no fact. Results: ``benchmarks/results/overhead_<model>_<device>[_<tag>]
@@ -57,7 +58,12 @@ from neuraldb import NeuralKVDatabase, architectures as arch, patch_model, unpat
 
 SCENARIOS = ("prefill_128", "prefill_512", "decode_b1", "decode_b8")
 # --prefilter: the patched variants timed against the unpatched forward in the same repetitions.
-_VARIANTS = {"on": ("prefilter",), "off": ("plain",), "both": ("plain", "prefilter")}
+_VARIANTS = {
+    "on": ("1bit+int4",),
+    "off": ("plain",),
+    "both": ("plain", "1bit+int4"),
+    "all": ("plain", "int4", "1bit+int4"),
+}
 DEFAULT_M = (0, 2_000, 10_000, 20_000, 100_000, 1_000_000)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -173,18 +179,20 @@ class Scenario:
                     self.cache.crop(-extra)
 
 
-def _use_sketch(db, on: bool) -> None:
-    """Route the database's decode steps to the sketch scan or to the plain scan. ``db.prefilter = False`` would free
-    the sketch, so each pre-filtered repetition after a plain one would rebuild it inside the timed forward; a key
-    threshold no database reaches selects the plain scan and keeps the sketch."""
-    db.PREFILTER_MIN_KEYS = type(db).PREFILTER_MIN_KEYS if on else sys.maxsize
+def _use_sketch(db, variant: str) -> None:
+    """Route the database's decode steps to the cascade ("1bit+int4", the default), the int4 sketch alone ("int4")
+    or the plain scan ("plain"). ``db.prefilter = False`` would free the sketches, so each pre-filtered repetition
+    after a plain one would rebuild them inside the timed forward; a key threshold no database reaches selects the
+    plain scan and keeps them."""
+    db.PREFILTER_MIN_KEYS = sys.maxsize if variant == "plain" else type(db).PREFILTER_MIN_KEYS
+    db.PREFILTER_SIGNS = variant == "1bit+int4"
 
 
 def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, device: str, gamma: float,
-            backend: str | None, variants: tuple[str, ...] = ("prefilter",)) -> list[dict]:
+            backend: str | None, variants: tuple[str, ...] = ("1bit+int4",)) -> list[dict]:
     """Interleaved repetitions of one scenario at the database's current size: unpatched and one patched forward per
-    variant ("prefilter": the database's default, the int4 key sketch where it applies, built by the warm-up; "plain":
-    the plain scan), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
+    variant ("1bit+int4": the database's default, the key sketches where they apply, built by the warm-up; "int4":
+    the int4 sketch alone; "plain": the plain scan), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
     states = ("unpatched", *variants)
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in states}
     path, _ = arch.down_proj_module(model, layer)
@@ -194,7 +202,7 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
             if neuraldb.patch_info(model) is not None:
                 unpatch_model(model)
         else:
-            _use_sketch(db, state == "prefilter")
+            _use_sketch(db, state)
             patch_model(model, db, module=path, gamma=gamma, backend=backend)
         return timed_both(scenario.step, device)
 
@@ -208,7 +216,7 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
             times[s].append(run(s))
     if neuraldb.patch_info(model) is not None:
         unpatch_model(model)
-    _use_sketch(db, True)
+    _use_sketch(db, "1bit+int4")
     qdtype = next(model.parameters()).dtype
     return [_row(scenario, db, reps, device, qdtype, gamma, backend, times["unpatched"], times[v], v) for v in variants]
 
@@ -223,10 +231,10 @@ def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, ga
     # database method the patch calls, with this variant's setting.
     q = torch.randn(scenario.queries, db.key_dim, device=device, dtype=qdtype)
     op_reps = max(3, min(reps, 20))
-    _use_sketch(db, variant == "prefilter")
+    _use_sketch(db, variant)
     db.retrieve_residuals(q, gamma, backend=backend)
     op = [timed_both(lambda: db.retrieve_residuals(q, gamma, backend=backend), device) for _ in range(op_reps)]
-    _use_sketch(db, True)
+    _use_sketch(db, "1bit+int4")
     u, p, d = median(unpatched), median(patched), median(diffs)
     cu, cd = median(cpu_u), median(cpu_d)
     cpu = torch.device(device).type == "cpu"
@@ -234,6 +242,7 @@ def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, ga
         "scenario": scenario.name,
         "variant": variant,
         "sketch_bytes": 0 if db.sketch is None else db.sketch.numel(),
+        "sign_bytes": 0 if db.signs is None else db.signs.numel(),
         "queries": scenario.queries,
         "reps": reps,
         "unpatched_ms": u * 1e3,
@@ -374,9 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=128, help="KV-cache length for the decode scenarios")
     ap.add_argument("--gamma", type=float, default=None)
     ap.add_argument("--backend", default=None)
-    ap.add_argument("--prefilter", default="on", choices=["on", "off", "both"],
-                    help="the database's int4 key sketch for decode steps (on: its default; both: patched with and "
-                    "without it in the same interleaved repetitions)")
+    ap.add_argument("--prefilter", default="on", choices=list(_VARIANTS),
+                    help="the database's key sketches for decode steps (on: its default, 1-bit + int4; both: patched "
+                    "with and without them in the same interleaved repetitions; all: also the int4 sketch alone)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP barriers "
                     "waiting for a time slice, which otherwise dominate every timing")

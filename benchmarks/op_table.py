@@ -9,6 +9,7 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
   reference, which is the chunked PyTorch spec in ``neuraldb_kernels/reference.py``);
 * ``prefiltered``: the C++ kernel behind the exact int4 key sketch (``gated_retrieval_prefiltered``; its ``out`` is
   checked to equal ``cpu``'s bitwise; building the sketch is timed once, outside the rounds);
+* ``cascade``: the same behind the exact 1-bit first stage as well (``build_signs``; checked and timed likewise);
 * eager peers: ``fp16_mm`` = ``queries.half() @ keys.T`` (scores only: no normalisation, argmax or gather) and
   ``fp32_mm`` = ``queries.float() @ keys.float().T`` (the fp32 upcast of the keys included; skipped where the
   fp32 copy would not fit in memory);
@@ -17,7 +18,7 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
   the kernel's own threading (256 KB chunks taken in turn by torch.get_num_threads() threads); ``keys.sum()``
   is timed too, for reference. "% read" is read time / kernel time, from the same interleaved run.
 
-Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5. Configurations whose tensors would not fit
+Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5 (``--gamma``). Configurations whose tensors would not fit
 in the available memory are skipped. Results go to stdout (a table) and to benchmarks/results/op_table-*.json
 with the CPU model, thread count, torch version, load average before/after, and every raw timing.
 """
@@ -54,16 +55,19 @@ def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
     return keys
 
 
-def variants(t: int, m: int, d1: int, queries, keys, values, sketch, budget: int) -> dict:
+def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budget: int, gamma: float) -> dict:
     ext = extension.load()
     v = {}
     for name in neuraldb_kernels.available_backends("cpu"):
         if name == "triton":
             continue
-        v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend=n))(name)
+        v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, gamma, backend=n))(name)
     if "cpu" in v:
         v["prefiltered"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
-            queries, keys, values, 0.5, sketch, backend="cpu"
+            queries, keys, values, gamma, sketch, backend="cpu"
+        )
+        v["cascade"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
+            queries, keys, values, gamma, sketch, signs, backend="cpu"
         )
     v["fp16_mm"] = lambda: queries.half() @ keys.T
     if m * d1 * 4 + t * m * 4 < budget:
@@ -74,7 +78,7 @@ def variants(t: int, m: int, d1: int, queries, keys, values, sketch, budget: int
     return v
 
 
-def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
+def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float = 0.5) -> dict:
     keys = make_keys(m, d1)
     g = torch.Generator().manual_seed(1)
     values = torch.randn(m, D2, generator=g).half()
@@ -84,20 +88,23 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     t0 = time.perf_counter()
     sketch = neuraldb_kernels.build_sketch(keys)
     sketch_build_s = time.perf_counter() - t0
-    fns = variants(t, m, d1, queries, keys, values, sketch, budget)
+    t0 = time.perf_counter()
+    signs = neuraldb_kernels.build_signs(keys)
+    signs_build_s = time.perf_counter() - t0
+    fns = variants(t, m, d1, queries, keys, values, sketch, signs, budget, gamma)
     times: dict[str, list[float]] = {n: [] for n in fns}
     # Process CPU time beside the wall time: on a CPU shared with other jobs it counts only this process's work.
     cpu_times: dict[str, list[float]] = {n: [] for n in fns}
     # The reference's answer, for a correctness check of every backend (its time counts as a "torch" rep).
     t0 = time.perf_counter()
-    ref = neuraldb_kernels.gated_retrieval(queries, keys, values, 0.5, backend="torch")
+    ref = neuraldb_kernels.gated_retrieval(queries, keys, values, gamma, backend="torch")
     times["torch"].append(time.perf_counter() - t0)
     for name in fns:
         if name in ("torch", "fp16_mm", "fp32_mm", "read", "sum"):
             continue
         out, idx, score = fns[name]()  # also the warm-up (thread pool, allocator, first touch)
-        if name == "prefiltered":
-            assert torch.equal(out, fns["cpu"]()[0]), "the pre-filtered kernel's out differs from the plain kernel's"
+        if name in ("prefiltered", "cascade"):
+            assert torch.equal(out, fns["cpu"]()[0]), f"the {name} kernel's out differs from the plain kernel's"
             continue
         agree = float((idx == ref[1]).float().mean())
         if agree < 1.0:
@@ -120,13 +127,15 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
     eager = {n: med[n] for n in ("torch", "fp16_mm", "fp32_mm") if n in med}
     best_eager = min(eager, key=eager.get)
     row = {
-        "T": t, "m": m, "d1": d1, "d2": D2, "key_bytes": key_bytes, "reps": reps,
+        "T": t, "m": m, "d1": d1, "d2": D2, "gamma": gamma, "key_bytes": key_bytes, "reps": reps,
         "median_s": med, "times_s": times,
         "median_cpu_s": {n: statistics.median(ts) for n, ts in cpu_times.items() if ts}, "cpu_times_s": cpu_times,
         "read_GBps": key_bytes / read / 1e9, "sum_GBps": key_bytes / med["sum"] / 1e9,
         "best_eager": best_eager,
         "sketch_bytes": sketch.numel(),
         "sketch_build_s": sketch_build_s,
+        "signs_bytes": signs.numel(),
+        "signs_build_s": signs_build_s,
     }
     for n in fns:
         if n in ("read", "sum", "fp16_mm", "fp32_mm") or n == "torch":
@@ -140,7 +149,7 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int) -> dict:
             "speedup_vs_best_eager": med[best_eager] / med[n],
             "speedup_vs_cpu": med["cpu"] / med[n] if "cpu" in med else None,
         }
-    del keys, values, sketch
+    del keys, values, sketch, signs
     return row
 
 
@@ -151,8 +160,8 @@ def fmt_ms(s: float | None) -> str:
 def print_table(rows: list[dict], header: bool = True) -> None:
     head = (f"{'T':>4} {'m':>8} {'d1':>6} | {'cpu ms':>9} {'torch ms':>9} {'fp16mm ms':>9} {'fp32mm ms':>9} "
             f"{'read ms':>9} {'sum ms':>9} | {'read GB/s':>9} {'cpu GB/s':>8} {'%read':>6} {'x ref':>6} "
-            f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} | CPU time: {'cpu ms':>7} {'pre ms':>7} "
-            f"{'x cpu':>6} | best eager")
+            f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} {'1bit ms':>9} {'x cpu':>6} | CPU time: "
+            f"{'cpu ms':>7} {'pre ms':>7} {'x cpu':>6} {'1bit ms':>7} {'x cpu':>6} | best eager")
     if header:
         print(head)
         print("-" * len(head))
@@ -165,10 +174,11 @@ def print_table(rows: list[dict], header: bool = True) -> None:
             f"{fmt_ms(med.get('sum'))} | {r['read_GBps']:9.2f} "
             + (f"{c['GBps']:8.2f} {100 * c['frac_of_read_bw']:5.0f}% {c['speedup_vs_eager_ref']:6.1f} "
                f"{c['speedup_vs_fp16_mm']:8.2f} {c['speedup_vs_best_eager']:7.2f}" if c else " (no cpu backend)")
-            + (f" {fmt_ms(med['prefiltered'])} {r['prefiltered']['speedup_vs_cpu']:6.2f}" if "prefiltered" in med
-               else "")
-            + (f" | {'':9} {cpu['cpu'] * 1e3:7.2f} {cpu['prefiltered'] * 1e3:7.2f} "
-               f"{cpu['cpu'] / cpu['prefiltered']:6.2f}" if "prefiltered" in (cpu := r.get("median_cpu_s", {})) else "")
+            + "".join(f" {fmt_ms(med[n])} {r[n]['speedup_vs_cpu']:6.2f}" for n in ("prefiltered", "cascade")
+                      if n in med)
+            + (f" | {'':9} {cpu['cpu'] * 1e3:7.2f}" if "cpu" in (cpu := r.get("median_cpu_s", {})) else "")
+            + "".join(f" {cpu[n] * 1e3:7.2f} {cpu['cpu'] / cpu[n]:6.2f}" for n in ("prefiltered", "cascade")
+                      if n in cpu)
             + f" | {r['best_eager']}"
         )
 
@@ -180,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--T", type=int, nargs="*", default=[1, 8, 128])
     ap.add_argument("--m", type=int, nargs="*", default=None)
     ap.add_argument("--d1", type=int, nargs="*", default=None)
+    ap.add_argument("--gamma", type=float, default=0.5, help="the gate (the pre-filters' pass rates depend on it)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/op_table-<time>.json)")
     args = ap.parse_args(argv)
     ms = args.m or ([100_000] if args.quick else [10_000, 100_000, 1_000_000])
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for t in args.T:
                 budget = int(0.6 * avail) - need
-                rows.append(bench_config(t, m, d1, args.reps, budget))
+                rows.append(bench_config(t, m, d1, args.reps, budget, args.gamma))
                 print_table(rows[-1:], header=len(rows) == 1)
     meta["loadavg_after"] = os.getloadavg()
     print()

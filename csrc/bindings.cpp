@@ -9,7 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"));
   m.def("gated_retrieval_prefiltered_cpu", &neuraldb::gated_retrieval_prefiltered_cpu,
         "Fused gated retrieval on CPU behind the exact int4 sketch pre-filter", pybind11::arg("queries"),
-        pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"), pybind11::arg("sketch"));
+        pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"), pybind11::arg("sketch"),
+        pybind11::arg("signs") = pybind11::none());
   m.def("cpu_isas", &neuraldb::cpu_isas, "CPU kernels this machine can run, best first (NEURALDB_CPU_ISA picks one)");
   m.def("read_probe", &neuraldb::read_probe, "Reads a CPU tensor once (benchmark bandwidth probe); returns a checksum",
         pybind11::arg("tensor"));

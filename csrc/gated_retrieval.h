@@ -14,15 +14,19 @@ namespace neuraldb {
 // Returns out (T, d2) in the queries' dtype, idx (T,) int64, score (T,) float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                                    const at::Tensor& values, double gamma);
-// gated_retrieval_cpu with the exact int4 pre-filter: sketch (m, sketch_row_bytes(d1)) uint8 is
+// gated_retrieval_cpu with the exact int4 pre-filter (behind the exact 1-bit one when signs are given): sketch (m, sketch_row_bytes(d1)) uint8 is
 // neuraldb_kernels.prefilter.build_sketch(keys). out is gated_retrieval_cpu's bitwise; idx/score are too where the
 // gate opens, and -1 / -inf where it stays closed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(const at::Tensor& queries,
                                                                                const at::Tensor& keys,
                                                                                const at::Tensor& values, double gamma,
-                                                                               const at::Tensor& sketch);
+                                                                               const at::Tensor& sketch,
+                                                                               const c10::optional<at::Tensor>& signs);
 // Bytes per key of that sketch (as neuraldb_kernels.prefilter.sketch_row_bytes).
 int64_t sketch_row_bytes(int64_t d1);
+// Bytes per key of the optional 1-bit first stage, signs = neuraldb_kernels.prefilter.build_signs(keys)
+// (as neuraldb_kernels.prefilter.sign_row_bytes).
+int64_t sign_row_bytes(int64_t d1);
 // Names of the CPU kernels this machine can run, best first (e.g. {"amx", "avx512", "avx2", "scalar"}); the
 // environment variable NEURALDB_CPU_ISA picks one of them (see csrc/cpu/gated_retrieval_cpu.cpp).
 std::vector<std::string> cpu_isas();

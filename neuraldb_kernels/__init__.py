@@ -11,11 +11,12 @@ Example::
 
 from neuraldb_kernels.backends import available_backends
 from neuraldb_kernels.op import gated_retrieval, gated_retrieval_prefiltered
-from neuraldb_kernels.prefilter import build_sketch
+from neuraldb_kernels.prefilter import build_signs, build_sketch
 from neuraldb_kernels.reference import gated_retrieval_reference
 
 __all__ = [
     "available_backends",
+    "build_signs",
     "build_sketch",
     "gated_retrieval",
     "gated_retrieval_prefiltered",

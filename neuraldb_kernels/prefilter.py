@@ -18,6 +18,25 @@ Where it stays closed the pre-filtered op does not know the argmax: it returns `
 Sketch row layout (``uint8``, ``sketch_row_bytes(d1)`` bytes): ``e`` (fp32), ``n`` (fp32), ``G = ceil(d1 / 64)``
 fp16 scales, then ``32 G`` bytes of codes: byte ``b`` of group ``g`` holds element ``64 g + b`` in its low nibble
 and ``64 g + 32 + b`` in its high nibble, each as ``code + 8`` with ``code`` in [-7, 7] (padding: code 0).
+
+**The 1-bit first stage** (``build_signs``, optional): a cascade signs -> int4 -> exact. Per key the signs ``s``
+(``s_j = +1`` for ``k_j >= 0``, else -1), one scale ``a`` (the mean ``|k_j|`` off the outliers), the
+``SIGN_OUTLIERS`` coordinates of largest ``|k_j|`` (set ``J``) stored apart as ``v_j = fp16(k_j - a s_j)``,
+``r >= ||k - a s - v_J||`` and ``n >= max(||k||, ||v_J||)`` (float64, rounded up). Then::
+
+    fp32(qn . k) <= qn . k + g(d1) ||qn|| n
+                 = a (qn . s) + qn . v_J + qn . (k - a s - v_J) + g(d1) ||qn|| n
+                 <= a (c (q8 . s) + ||qn - c q8||_1) + qn . v_J + ||qn|| r + g(d1) ||qn|| n
+
+for any quantisation ``qn = c q8 + dq`` of the query (``|dq . s| <= ||dq||_1`` since ``|s_j| = 1``; one scale
+``c = max |qn| / 127``, so ``q8 . s`` is an exact integer sum). The outliers matter on real keys: SmolLM2's
+down_proj inputs are heavy-tailed, and without them ``||k - a s||`` is ~0.79 for a unit key (every key passes
+gamma 0.65); with 24 it is ~0.55 (docs/overhead.md). A key passes the first stage unless that bound (rounding slack
+included) is below gamma; the int4 bound then decides for the survivors alone.
+
+Sign row layout (``uint8``, ``sign_row_bytes(d1)`` bytes, 300 for d1 = 1536): ``a``, ``r``, ``n`` (fp32), the
+``SIGN_OUTLIERS`` indices (uint16; padding index d1 with value 0 when d1 < SIGN_OUTLIERS), their ``v_j`` (fp16),
+then ``8 G`` bytes of signs: bit ``j`` of byte ``8 g + b`` is element ``64 g + 8 b + j`` (set: +1; padding: 0).
 """
 
 from __future__ import annotations
@@ -28,6 +47,9 @@ from neuraldb_kernels.reference import best_keys, normalize_queries
 
 SKETCH_GROUP = 64
 _HEADER_BYTES = 8  # e and n, fp32
+SIGN_OUTLIERS = 24  # as kSignOutliers in csrc/cpu/cpu_kernels.h
+_SIGN_HEADER = 12  # a, r and n, fp32
+_MAX_SIGN_D1 = 65535  # outlier indices are uint16
 _U = 2.0**-24  # unit roundoff of fp32
 # Keys per chunk of the reference's sketch scan (bounds its (T, chunk) score block and the decoded fp32 chunk).
 _CHUNK = 4096
@@ -112,6 +134,128 @@ def sketch_errors(sketch: torch.Tensor) -> torch.Tensor:
     return sketch[:, :4].contiguous().view(torch.float32).squeeze(1)
 
 
+def sign_row_bytes(d1: int) -> int:
+    """Bytes per key of the 1-bit first stage for key length ``d1`` (300 for d1 = 1536).
+
+    Example::
+
+        >>> sign_row_bytes(1536), sign_row_bytes(131)
+        (300, 132)
+    """
+    return _SIGN_HEADER + 4 * SIGN_OUTLIERS + 8 * _groups(d1)
+
+
+def build_signs(keys: torch.Tensor) -> torch.Tensor:
+    """The 1-bit sketch of ``keys`` (m, d1): a ``(m, sign_row_bytes(d1))`` uint8 tensor on the keys' device.
+
+    As for :func:`build_sketch`, any key values give a valid row (``r`` and ``n`` are measured).
+
+    Example::
+
+        >>> keys = torch.nn.functional.normalize(torch.randn(3, 100), dim=1).half()
+        >>> build_signs(keys).shape
+        torch.Size([3, 124])
+    """
+    if keys.dim() != 2:
+        raise ValueError(f"keys must be 2-D (m, d1), got shape {tuple(keys.shape)}")
+    if keys.shape[1] > _MAX_SIGN_D1:
+        raise ValueError(f"keys must have at most {_MAX_SIGN_D1} columns for build_signs, got {keys.shape[1]}")
+    out = torch.empty((keys.shape[0], sign_row_bytes(keys.shape[1])), dtype=torch.uint8, device=keys.device)
+    for start in range(0, keys.shape[0], _BUILD_CHUNK):
+        out[start : start + _BUILD_CHUNK] = _sign_rows(keys[start : start + _BUILD_CHUNK])
+    return out
+
+
+def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x`` as the smallest fp32 values not below it (NaN stays NaN)."""
+    y = x.float()
+    return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+
+
+def _sign_rows(keys: torch.Tensor) -> torch.Tensor:
+    m, d1 = keys.shape
+    g = _groups(d1)
+    k = keys.double()  # exact; float64 keeps the residual's rounding far below the 1e-9 added to its norm
+    nout = min(SIGN_OUTLIERS, d1)
+    top = k.abs().topk(nout, dim=1).indices
+    s = torch.where(k >= 0, 1.0, -1.0).to(k.dtype)
+    off = torch.ones_like(k, dtype=torch.bool).scatter_(1, top, False)
+    # The mean |k_j| off the outliers minimises ||k - a s|| there; any a gives a valid bound, since r is measured.
+    a = _round_up_f32((k.abs() * off).sum(dim=1) / max(d1 - nout, 1)).double()
+    v = (k.gather(1, top) - a[:, None] * s.gather(1, top)).to(torch.float16)
+    res = k - a[:, None] * s
+    res.scatter_(1, top, res.gather(1, top) - v.double())
+    up = 1 + 1e-9
+    r = _round_up_f32(res.square().sum(dim=1).sqrt() * up)
+    n = _round_up_f32(torch.maximum(k.square().sum(dim=1), v.double().square().sum(dim=1)).sqrt() * up)
+    idx = torch.full((m, SIGN_OUTLIERS), d1, dtype=torch.int16, device=keys.device)
+    idx[:, :nout] = top.to(torch.int16)  # the low 16 bits: uint16 indices as the kernel reads them
+    vals = torch.zeros((m, SIGN_OUTLIERS), dtype=torch.float16, device=keys.device)
+    vals[:, :nout] = v
+    bits = torch.zeros((m, g * SKETCH_GROUP), dtype=torch.uint8, device=keys.device)
+    bits[:, :d1] = (k >= 0).to(torch.uint8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=keys.device)
+    packed = (bits.view(m, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
+    out = torch.empty((m, sign_row_bytes(d1)), dtype=torch.uint8, device=keys.device)
+    out[:, :_SIGN_HEADER] = torch.stack([a.float(), r, n], dim=1).contiguous().view(torch.uint8)
+    o = _SIGN_HEADER + 2 * SIGN_OUTLIERS
+    out[:, _SIGN_HEADER:o] = idx.contiguous().view(torch.uint8)
+    out[:, o : o + 2 * SIGN_OUTLIERS] = vals.contiguous().view(torch.uint8)
+    out[:, o + 2 * SIGN_OUTLIERS :] = packed
+    return out
+
+
+def _decode_signs(signs: torch.Tensor, d1: int) -> tuple[torch.Tensor, ...]:
+    """``(s (m, d1) fp64 +-1, v_full (m, d1) fp64 (v_J, zero elsewhere), a, r, n (m,) fp64)`` of sign rows."""
+    m, g = signs.shape[0], _groups(d1)
+    arn = signs[:, :_SIGN_HEADER].contiguous().view(torch.float32).double()
+    o = _SIGN_HEADER + 2 * SIGN_OUTLIERS
+    idx = signs[:, _SIGN_HEADER:o].contiguous().view(torch.int16).int() & 0xFFFF
+    vals = signs[:, o : o + 2 * SIGN_OUTLIERS].contiguous().view(torch.float16).double()
+    packed = signs[:, o + 2 * SIGN_OUTLIERS :]
+    shifts = torch.arange(8, dtype=torch.uint8, device=signs.device)
+    bits = ((packed[:, :, None] >> shifts) & 1).reshape(m, g * SKETCH_GROUP)[:, :d1]
+    s = bits.double() * 2 - 1
+    # Padding indices (d1) land in a scratch column that is then cut off.
+    v = torch.zeros((m, d1 + 1), dtype=torch.float64, device=signs.device)
+    v.scatter_add_(1, idx.long().clamp_max(d1), vals)
+    return s, v[:, :d1], arn[:, 0], arn[:, 1], arn[:, 2]
+
+
+def sign_bounds(queries: torch.Tensor, signs: torch.Tensor, d1: int) -> torch.Tensor:
+    """``(T, m)`` float64 upper bounds of the exact path's fp32 score ``fp32(qn . k)`` from the 1-bit rows, with the
+    C++ kernel's query quantisation (one scale per row, max |qn| / 127); NaN where the query or key is not finite."""
+    qn = normalize_queries(queries).double()
+    amax = qn.abs().amax(dim=1, keepdim=True)
+    c = (amax.float() / 127).double()
+    ok = (c > 0) & c.isfinite()
+    q8 = torch.where(ok, (qn / torch.where(ok, c, 1.0)).round().clamp(-127, 127), 0.0)
+    l1 = (qn - c * q8).abs().sum(dim=1, keepdim=True)
+    qnorm = qn.norm(dim=1, keepdim=True)
+    slack = (_gamma_n(d1) + _gamma_n(SIGN_OUTLIERS)) * qnorm
+    found = []
+    for start in range(0, signs.shape[0], _CHUNK):
+        s, v, a, r, n = _decode_signs(signs[start : start + _CHUNK], d1)
+        cd = c * (q8 @ s.T)
+        terms = a[None] * (cd.abs() + l1) + qnorm * r[None] + slack * n[None]
+        ub = qn @ v.T + a[None] * (cd + l1) + qnorm * r[None] + slack * n[None]
+        found.append(ub + 1e-9 * ((qn @ v.T).abs() + terms))
+    return torch.cat(found, dim=1) if found else qn.new_zeros((qn.shape[0], 0))
+
+
+def check_signs(signs: object, keys: torch.Tensor) -> None:
+    """TypeError/ValueError naming ``signs`` unless it is a uint8 ``(m, sign_row_bytes(d1))`` tensor beside ``keys``."""
+    if not isinstance(signs, torch.Tensor):
+        raise TypeError(f"signs must be a torch.Tensor, got {type(signs).__name__}")
+    if signs.dtype != torch.uint8:
+        raise TypeError(f"signs must have dtype uint8 (from build_signs), got {signs.dtype}")
+    want = (keys.shape[0], sign_row_bytes(keys.shape[1]))
+    if tuple(signs.shape) != want:
+        raise ValueError(f"signs must have shape {want} (build_signs of the keys), got {tuple(signs.shape)}")
+    if signs.device != keys.device:
+        raise ValueError(f"signs must be on the keys' device ({keys.device}), got {signs.device}")
+
+
 def _decode(sketch: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq (m, d1) fp32, e (m,) float64, n (m,) float64)`` of sketch rows."""
     m, g = sketch.shape[0], _groups(d1)
@@ -140,21 +284,32 @@ def _gamma_n(n: int) -> float:
     return n * _U / (1 - n * _U)
 
 
-def candidate_keys(queries: torch.Tensor, sketch: torch.Tensor, d1: int, gamma: float) -> torch.Tensor:
-    """Sorted indices of the keys whose bound reaches ``gamma`` for at least one row of 2-D ``queries``: a superset
-    of every key whose exact fp32 score exceeds ``gamma``."""
+def int4_bounds(queries: torch.Tensor, sketch: torch.Tensor, d1: int) -> torch.Tensor:
+    """``(T, m)`` float64 upper bounds of the exact path's fp32 score from the int4 rows (the float64 query: the C++
+    kernel's int8 query adds ``||qn - qhat||`` to it); NaN where the query or key is not finite."""
     qn = normalize_queries(queries)
     qnorm = qn.double().norm(dim=1, keepdim=True)
     slack = 2 * _gamma_n(d1) * qnorm
+    dq, e, n = _decode(sketch, d1)
+    s = (qn @ dq.T).double()
+    terms = qnorm * e[None] + slack * n[None]
+    # The float64 sum may round down by a few 2^-53 of its terms; 1e-9 of them covers it.
+    return s + terms + 1e-9 * (s.abs() + terms)
+
+
+def candidate_keys(
+    queries: torch.Tensor, sketch: torch.Tensor, d1: int, gamma: float, signs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sorted indices of the keys whose bounds reach ``gamma`` for at least one row of 2-D ``queries``: a superset
+    of every key whose exact fp32 score exceeds ``gamma``. With ``signs``, a key must pass the 1-bit bound and the
+    int4 bound for the same row (the cascade)."""
     g32 = float(torch.tensor(gamma, dtype=torch.float32))
     found = []
     for start in range(0, sketch.shape[0], _CHUNK):
-        dq, e, n = _decode(sketch[start : start + _CHUNK], d1)
-        s = (qn @ dq.T).double()
-        terms = qnorm * e[None] + slack * n[None]
-        # The float64 sum may round down by a few 2^-53 of its terms; 1e-9 of them covers it. NaN bounds
-        # (non-finite keys) stay candidates.
-        ub = s + terms + 1e-9 * (s.abs() + terms)
+        ub = int4_bounds(queries, sketch[start : start + _CHUNK], d1)
+        if signs is not None:
+            ub = torch.where(sign_bounds(queries, signs[start : start + _CHUNK], d1) < g32, -torch.inf, ub)
+        # NaN bounds (non-finite keys or queries) keep the key, as the kernel's !(ub < gamma).
         keep = ~(ub < g32).all(dim=0)
         found.append(keep.nonzero().flatten() + start)
     if not found:
@@ -163,10 +318,16 @@ def candidate_keys(queries: torch.Tensor, sketch: torch.Tensor, d1: int, gamma: 
 
 
 def gated_retrieval_prefiltered_reference(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, sketch: torch.Tensor
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    sketch: torch.Tensor,
+    signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference of the pre-filtered op for 2-D ``queries``: ``(out, idx, score)`` as ``gated_retrieval_reference``
-    where the gate opens; ``idx = -1``, ``score = -inf`` (and ``out = 0``) where it stays closed.
+    """Reference of the pre-filtered op for 2-D ``queries`` (behind the 1-bit stage when ``signs`` is given):
+    ``(out, idx, score)`` as ``gated_retrieval_reference`` where the gate opens; ``idx = -1``, ``score = -inf``
+    (and ``out = 0``) where it stays closed.
 
     Example::
 
@@ -180,7 +341,7 @@ def gated_retrieval_prefiltered_reference(
     out = torch.zeros((t, values.shape[1]), dtype=queries.dtype, device=queries.device)
     idx = torch.full((t,), -1, dtype=torch.int64, device=queries.device)
     score = torch.full((t,), float("-inf"), dtype=torch.float32, device=queries.device)
-    cand = candidate_keys(queries, sketch, keys.shape[1], gamma) if t else sketch.new_zeros(0, dtype=torch.int64)
+    cand = candidate_keys(queries, sketch, keys.shape[1], gamma, signs) if t else sketch.new_zeros(0, dtype=torch.int64)
     if cand.numel() == 0:
         return out, idx, score
     # The candidates are in increasing order, so best_keys' lowest-index rule among them is the plain op's.

@@ -13,7 +13,7 @@ from neuraldb import NeuralKVDatabase
 from neuraldb.sharded import _Shard
 
 import neuraldb_kernels
-from neuraldb_kernels import build_sketch
+from neuraldb_kernels import build_signs, build_sketch
 
 D1, D2 = 131, 6  # a tail group (131 = 2 x 64 + 3)
 
@@ -36,6 +36,7 @@ def _tensor_bytes(db):
 def assert_in_step(db):
     assert db.sketch is not None and db.sketch.shape[0] == len(db)
     assert torch.equal(db.sketch, build_sketch(db.keys)), "the sketch is not the sketch of the keys, row for row"
+    assert torch.equal(db.signs, build_signs(db.keys)), "the 1-bit rows are not those of the keys, row for row"
 
 
 def test_sketch_follows_every_change(tmp_path):
@@ -59,9 +60,9 @@ def test_sketch_follows_every_change(tmp_path):
     for other in (copy.deepcopy(db), pickle.loads(pickle.dumps(db)), db.to("cpu")):
         assert torch.equal(other.sketch, db.sketch)
     off_cpu = copy.deepcopy(db).to("meta")
-    assert off_cpu.sketch is None
+    assert off_cpu.sketch is None and off_cpu.signs is None
     db.prefilter = False
-    assert db.sketch is None
+    assert db.sketch is None and db.signs is None
     db.prefilter = True
     assert db.sketch is None, "turning the pre-filter back on builds nothing until a decode step needs it"
 
@@ -119,11 +120,35 @@ def test_retrieve_residuals_is_the_plain_retrieval(monkeypatch):
             db.prefilter = False
             assert torch.equal(db.retrieve_residuals(q, gamma), expected)
             db.prefilter = True
+            db.PREFILTER_SIGNS = False  # the int4 stage alone
+            assert torch.equal(db.retrieve_residuals(q, gamma), expected)
+            db.PREFILTER_SIGNS = True
+            db.prefilter = False  # drops what the call above built
+            db.prefilter = True
     assert db.sketch is None, "several query rows or prefilter = False build no sketch"
     assert db.retrieve_residuals(one, 0.65).abs().sum() > 0
     assert_in_step(db)
     # One query row: the sketch scan; three rows, or prefilter off: the plain op.
-    assert len(calls) == 3 * 3 + 1
+    assert len(calls) == 3 * 3 * 2 + 1
+
+
+@pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
+def test_signs_only_where_gamma_is_high_enough(monkeypatch):
+    given = []
+    real = neuraldb_kernels.gated_retrieval_prefiltered
+
+    def spy(*args, **kwargs):
+        given.append(len(args) > 5 and args[5] is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neuraldb_kernels, "gated_retrieval_prefiltered", spy)
+    db = NeuralKVDatabase(256, 8)
+    db.add(torch.randn(1200, 256, generator=torch.Generator().manual_seed(9)), torch.randn(1200, 8))
+    q = torch.randn(1, 256)
+    for gamma in (db.PREFILTER_SIGNS_MIN_GAMMA, 0.9, db.PREFILTER_SIGNS_MIN_GAMMA - 0.01):
+        assert torch.equal(db.retrieve_residuals(q, gamma), db.retrieve(q, gamma)[0])
+    assert given == [True, True, False]
+    assert_in_step(db)
 
 
 @pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")

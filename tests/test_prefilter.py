@@ -1,5 +1,6 @@
-"""The int4 pre-filter (neuraldb_kernels.prefilter): its output is the plain op's, whatever the keys, queries and
-gamma; the bound is exercised where it is tight, so a wrong e_i or slack makes these tests fail."""
+"""The int4 pre-filter (neuraldb_kernels.prefilter), alone and behind the 1-bit stage: its output is the plain op's,
+whatever the keys, queries and gamma; the bound is exercised where it is tight, so a wrong e_i or slack makes these
+tests fail (the 1-bit stage's own tight cases: test_prefilter_signs.py)."""
 
 from __future__ import annotations
 
@@ -55,12 +56,14 @@ def assert_same_as_plain(pre, ref, queries, keys, values, gamma, tol=None):
 
 
 def check(queries, keys, values, gamma, backend, sketch=None):
+    """The int4 pre-filter and the cascade behind the 1-bit stage (``build_signs``) both against the plain op."""
     sketch = prefilter.build_sketch(keys) if sketch is None else sketch
-    pre = neuraldb_kernels.gated_retrieval_prefiltered(queries, keys, values, gamma, sketch, backend=backend)
     q2 = queries.reshape(-1, queries.shape[-1])
     ref = plain(q2, keys, values, gamma, backend)
-    pre2 = (pre[0].reshape(-1, values.shape[1]), pre[1].reshape(-1), pre[2].reshape(-1))
-    assert_same_as_plain(pre2, ref, q2, keys, values, gamma, REF_TOL.get(backend))
+    for signs in (None, prefilter.build_signs(keys)):
+        pre = neuraldb_kernels.gated_retrieval_prefiltered(queries, keys, values, gamma, sketch, signs, backend=backend)
+        pre2 = (pre[0].reshape(-1, values.shape[1]), pre[1].reshape(-1), pre[2].reshape(-1))
+        assert_same_as_plain(pre2, ref, q2, keys, values, gamma, REF_TOL.get(backend))
     return pre
 
 

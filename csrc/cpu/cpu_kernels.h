@@ -54,10 +54,31 @@ struct SketchProblem {
 using SketchFn = void (*)(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 
+// ---- 1-bit sign sketch, the first stage in front of the int4 one (layout: neuraldb_kernels/prefilter.py) ----
+constexpr int kSignOutliers = 24;  // largest |k_j| per key, stored apart as (uint16 index, fp16 k_j - a s_j)
+constexpr int kSignHeader = 12;    // a, r, n (fp32)
+
+struct SignProblem {
+  const uint8_t* signs;  // (m, ss) bytes: a, r, n, kSignOutliers indices, kSignOutliers fp16 values, 8 G sign bytes
+  int64_t ss = 0;        // row stride, bytes
+  int64_t G = 0;         // groups of 64 sign bits per key
+  int64_t T = 0;
+  const uint8_t* qu;     // (T, 64 G) query codes q8 + 128 (q8 in [-127, 127]; padding 128, i.e. q8 = 0)
+  const int32_t* qsum;   // (T,) sum of q8 over the row
+  const float* q;        // (T, qs) the normalised fp32 queries (the outliers' query values are gathered from them)
+  int64_t qs = 0;
+};
+// For keys [k0, k1) and every query t, at [(i - k0) * T + t]: dot = sum_j q8_j s_j with s_j = +1 for a set bit and
+// -1 otherwise (exact), and s1 = the fp32 sum of q_j v_j over the key's outliers (any order: within
+// g(kSignOutliers) sum |q_j v_j| of the real value).
+using SignFn = void (*)(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1);
+void sign_scores_scalar(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1);
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEURALDB_PORTABLE_ONLY)
 #define NEURALDB_X86 1
 void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
+void sign_scores_avx512(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1);
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);

@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -638,7 +639,70 @@ SketchQueries quantize_queries(const Problem& p, int64_t G) {
   return r;
 }
 
+cpu::SignFn sign_fn(Isa i) {
+#ifdef NEURALDB_X86
+  if (i == Isa::kAvx512 || i == Isa::kAmx) return cpu::sign_scores_avx512;
+#endif
+  return cpu::sign_scores_scalar;
+}
+
+// The queries quantised for the sign scan, and per query the constants of its bound (see below).
+struct SignQueries {
+  std::vector<uint8_t> qu;
+  std::vector<int32_t> qsum;
+  std::vector<double> c, l1, a, b;
+};
+
+// A sign row holds, for key k: signs s (s_j = +1 or -1), a scale a, the outlier set J with v_j = fp16(k_j - a s_j),
+// r >= ||k - a s - v_J|| and n >= max(||k||, ||v_J||). Query t (normalised, fp32: qn) becomes c q8 + dq with one
+// scale c = max |qn| / 127, and with dot = q8 . s (exact) and s1 the fp32 outlier sum of the kernel:
+//   fp32(qn . k) <= qn . k + g(d1) ||qn|| n                     (the exact kernel's dot, any summation order)
+//   qn . k = a (qn . s) + qn . v_J + qn . (k - a s - v_J) <= a (qn . s) + qn . v_J + ||qn|| r
+//   qn . s = c dot + dq . s <= c dot + ||dq||_1
+//   qn . v_J <= s1 + g(kSignOutliers) ||qn|| n
+// so fp32(qn . k) <= s1 + a_key (c dot + l1) + A r + B n with l1 = ||dq||_1, A = ||qn||,
+// B = (g(d1) + g(kSignOutliers)) ||qn||. The per-query sums are float64 (relative error ~1e-13), rounded up by 1e-9.
+SignQueries quantize_sign_queries(const Problem& p, int64_t G) {
+  SignQueries r;
+  const int64_t w = G * cpu::kSketchGroup;
+  r.qu.assign(static_cast<size_t>(p.T * w), 128);
+  r.qsum.assign(static_cast<size_t>(p.T), 0);
+  r.c.resize(static_cast<size_t>(p.T));
+  r.l1.resize(static_cast<size_t>(p.T));
+  r.a.resize(static_cast<size_t>(p.T));
+  r.b.resize(static_cast<size_t>(p.T));
+  constexpr double kUp = 1 + 1e-9;
+  for (int64_t t = 0; t < p.T; ++t) {
+    const float* q = p.q + t * p.qs;
+    float amax = 0.f;
+    for (int64_t j = 0; j < p.d1; ++j) amax = std::max(amax, std::fabs(q[j]));
+    const float scale = amax / 127.f;
+    double nn = 0, l1 = 0;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < p.d1; ++j) {
+      // Non-finite queries get code 0: their norm is NaN (or inf), which keeps every key for the next stage.
+      const float v = scale > 0.f && std::isfinite(scale) ? std::nearbyint(q[j] / scale) : 0.f;
+      const int c = static_cast<int>(std::isfinite(v) ? std::clamp(v, -127.f, 127.f) : 0.f);
+      r.qu[t * w + j] = static_cast<uint8_t>(c + 128);
+      sum += c;
+      nn += static_cast<double>(q[j]) * q[j];
+      l1 += std::fabs(q[j] - static_cast<double>(scale) * c);
+    }
+    r.qsum[t] = sum;
+    r.c[t] = scale;
+    r.l1[t] = l1 * kUp;
+    r.a[t] = std::sqrt(nn) * kUp;
+    r.b[t] = (gamma_n(p.d1) + gamma_n(cpu::kSignOutliers)) * r.a[t];
+  }
+  return r;
+}
+
 }  // namespace
+
+int64_t sign_row_bytes(int64_t d1) {
+  const int64_t g = (d1 + cpu::kSketchGroup - 1) / cpu::kSketchGroup;
+  return cpu::kSignHeader + 4 * cpu::kSignOutliers + 8 * g;
+}
 
 int64_t sketch_row_bytes(int64_t d1) {
   const int64_t g = (d1 + cpu::kSketchGroup - 1) / cpu::kSketchGroup;
@@ -678,7 +742,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cpu(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(const at::Tensor& queries,
                                                                                const at::Tensor& keys,
                                                                                const at::Tensor& values, double gamma,
-                                                                               const at::Tensor& sketch) {
+                                                                               const at::Tensor& sketch,
+                                                                               const c10::optional<at::Tensor>& signs) {
   constexpr const char* op = "gated_retrieval_prefiltered_cpu";
   Prepared r = prepare(op, queries, keys, values);
   const Problem& p = r.p;
@@ -687,6 +752,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
   TORCH_CHECK(sketch.size(0) == keys.size(0) && sketch.size(1) == sketch_row_bytes(queries.size(1)), op,
               ": sketch must be (", keys.size(0), ", ", sketch_row_bytes(queries.size(1)), "), got ", sketch.sizes());
   TORCH_CHECK(sketch.size(1) <= 1 || sketch.stride(1) == 1, op, ": rows of sketch must be unit-stride");
+  const bool cascade = signs.has_value();
+  if (cascade) {
+    TORCH_CHECK(signs->device().is_cpu() && signs->scalar_type() == at::kByte && signs->dim() == 2, op,
+                ": signs must be a 2-D uint8 CPU tensor");
+    TORCH_CHECK(signs->size(0) == keys.size(0) && signs->size(1) == sign_row_bytes(queries.size(1)), op,
+                ": signs must be (", keys.size(0), ", ", sign_row_bytes(queries.size(1)), "), got ", signs->sizes());
+    TORCH_CHECK(signs->stride(1) == 1, op, ": rows of signs must be unit-stride");
+  }
   if (p.T == 0 || p.m == 0) return {r.out, r.idx, r.score};
   const int64_t T = p.T, m = p.m, G = p.qs / cpu::kSketchGroup;
 
@@ -703,25 +776,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
   const cpu::SketchFn scores = sketch_fn(isa, G);
   const float g = static_cast<float>(gamma);
 
-  // ~10 GB/s per core from memory; ~1.2 ns per group and query of integer dot products.
-  const double est_us = static_cast<double>(m) * std::max(sp.ss / 1e4, 1.2e-3 * G * T);
-  const Team team_ = team(m, sp.ss, est_us, 1);
+  SignQueries gq;
+  cpu::SignProblem gp;
+  if (cascade) {
+    gq = quantize_sign_queries(p, G);
+    gp.signs = signs->data_ptr<uint8_t>();
+    gp.ss = m > 1 ? signs->stride(0) : signs->size(1);
+    gp.G = G;
+    gp.T = T;
+    gp.qu = gq.qu.data();
+    gp.qsum = gq.qsum.data();
+    gp.q = p.q;
+    gp.qs = p.qs;
+  }
+  const cpu::SignFn sign_scores = sign_fn(isa);
+
+  // ~10 GB/s per core from memory; ~1.2 ns per group and query of integer dot products (int4), ~0.4 (signs).
+  const int64_t scan_bytes = cascade ? gp.ss : sp.ss;
+  const double est_us = static_cast<double>(m) * std::max(scan_bytes / 1e4, (cascade ? 0.4e-3 : 1.2e-3) * G * T);
+  const Team team_ = team(m, scan_bytes, est_us, 1);
   std::vector<std::vector<float>> sbuf(static_cast<size_t>(team_.threads));
+  std::vector<std::vector<int32_t>> dbuf(static_cast<size_t>(team_.threads));
   std::vector<std::vector<std::pair<int64_t, int64_t>>> cand(static_cast<size_t>(team_.threads));
+  std::vector<int64_t> passed_signs(static_cast<size_t>(team_.threads), 0);
+  // Whether key i can pass the gate for query t by its int4 bound, given its sketch score si.
+  auto int4_keeps = [&](int64_t i, int64_t t, double si) {
+    float en[2];
+    std::memcpy(en, sp.sketch + i * sp.ss, sizeof en);
+    const double terms = sq.a[t] * en[0] + sq.b[t] * en[1];
+    // The float64 sum may round down by a few 2^-53 of its terms; 1e-9 of them covers it. NaN keeps the key.
+    const double ub = si + terms + 1e-9 * (std::fabs(si) + terms);
+    return !(ub < g);
+  };
   run_chunks(
-      team_, m, [&](int tid) { sbuf[tid].resize(static_cast<size_t>(team_.chunk * T)); },
+      team_, m,
+      [&](int tid) {
+        sbuf[tid].resize(static_cast<size_t>(team_.chunk * T));
+        if (cascade) dbuf[tid].resize(static_cast<size_t>(team_.chunk * T));
+      },
       [&](int tid, int64_t k0, int64_t k1) {
         float* s = sbuf[tid].data();
-        scores(sp, k0, k1, s);
+        if (!cascade) {
+          scores(sp, k0, k1, s);
+          for (int64_t i = k0; i < k1; ++i)
+            for (int64_t t = 0; t < T; ++t)
+              if (int4_keeps(i, t, s[(i - k0) * T + t])) cand[tid].emplace_back(i, t);
+          return;
+        }
+        int32_t* dot = dbuf[tid].data();
+        sign_scores(gp, k0, k1, dot, s);
+        thread_local std::vector<float> s4;
+        s4.resize(static_cast<size_t>(T));
         for (int64_t i = k0; i < k1; ++i) {
-          float en[2];
-          std::memcpy(en, sp.sketch + i * sp.ss, sizeof en);
+          float arn[3];
+          std::memcpy(arn, gp.signs + i * gp.ss, sizeof arn);
+          bool scored = false;
           for (int64_t t = 0; t < T; ++t) {
-            const double si = s[(i - k0) * T + t];
-            const double terms = sq.a[t] * en[0] + sq.b[t] * en[1];
-            // The float64 sum may round down by a few 2^-53 of its terms; 1e-9 of them covers it. NaN keeps the key.
-            const double ub = si + terms + 1e-9 * (std::fabs(si) + terms);
-            if (!(ub < g)) cand[tid].emplace_back(i, t);
+            const double s1 = s[(i - k0) * T + t];
+            const double cd = gq.c[t] * dot[(i - k0) * T + t];
+            const double terms = arn[0] * (std::fabs(cd) + gq.l1[t]) + gq.a[t] * arn[1] + gq.b[t] * arn[2];
+            const double ub = s1 + arn[0] * (cd + gq.l1[t]) + gq.a[t] * arn[1] + gq.b[t] * arn[2];
+            // As above: 1e-9 of the terms covers the float64 rounding; NaN keeps the key.
+            if (ub + 1e-9 * (std::fabs(s1) + terms) < g) continue;
+            ++passed_signs[tid];
+            if (!scored) {
+              scores(sp, i, i + 1, s4.data());
+              scored = true;
+            }
+            if (int4_keeps(i, t, s4[t])) cand[tid].emplace_back(i, t);
           }
         }
       },
@@ -749,8 +871,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
       idx[t] = bi[t];
     }
   if (env_int("NEURALDB_CPU_DEBUG", 0) > 0)
-    std::fprintf(stderr, "neuraldb int4 pre-filter: T=%ld m=%ld d1=%ld isa=%s threads=%d rescored/query=%.2f\n",
-                 (long)T, (long)m, (long)p.d1, isa_name(isa), team_.threads, double(n) / T);
+    std::fprintf(stderr,
+                 "neuraldb pre-filter: T=%ld m=%ld d1=%ld isa=%s threads=%d signs=%d passed signs/query=%.2f "
+                 "rescored/query=%.2f\n",
+                 (long)T, (long)m, (long)p.d1, isa_name(isa), team_.threads, int(cascade),
+                 cascade ? double(std::accumulate(passed_signs.begin(), passed_signs.end(), int64_t{0})) / T
+                         : double(m),
+                 double(n) / T);
   gate(values, idx, best, gamma, T, r.out);
   return {r.out, r.idx, r.score};
 }

@@ -572,7 +572,66 @@ NDB_AVX512 void sketch_scores(const SketchProblem& p, int64_t k0, int64_t k1, fl
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// 1-bit sign sketch (the first stage of the cascade in gated_retrieval_prefiltered_cpu)
+// ------------------------------------------------------------------------------------------------
+// Per group of 64: the sign bits are the byte mask that keeps the query codes (stored + 128, so unsigned) of the
+// set bits, and vpsadbw sums them into 8 int64 lanes; the +128 of each kept byte comes off through a popcount.
+NDB_AVX512 void sign_scores(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1) {
+  constexpr int64_t kAhead = 8;  // rows ahead into L1 (300-byte rows: ~2.4 KB)
+  const int64_t G = p.G;
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i qmax = _mm512_set1_epi32(static_cast<int>(p.qs - 1));
+  for (int64_t i = k0; i < k1; ++i) {
+    const uint8_t* row = p.signs + i * p.ss;
+    if (i + kAhead < k1) {
+      const char* next = reinterpret_cast<const char*>(row + kAhead * p.ss);
+      for (int64_t b = 0; b < p.ss; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    const uint16_t* oidx = reinterpret_cast<const uint16_t*>(row + kSignHeader);
+    const uint16_t* oval = oidx + kSignOutliers;
+    const uint8_t* bits = row + kSignHeader + 4 * kSignOutliers;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const uint8_t* qu = p.qu + t * G * 64;
+      __m512i acc0 = zero, acc1 = zero;
+      int64_t ones = 0;
+      int64_t g = 0;
+      for (; g + 2 <= G; g += 2) {
+        uint64_t m0, m1;
+        std::memcpy(&m0, bits + 8 * g, 8);
+        std::memcpy(&m1, bits + 8 * g + 8, 8);
+        ones += __builtin_popcountll(m0) + __builtin_popcountll(m1);
+        acc0 = _mm512_add_epi64(acc0, _mm512_sad_epu8(_mm512_maskz_mov_epi8(m0, _mm512_loadu_si512(qu + 64 * g)), zero));
+        acc1 = _mm512_add_epi64(acc1,
+                                _mm512_sad_epu8(_mm512_maskz_mov_epi8(m1, _mm512_loadu_si512(qu + 64 * g + 64)), zero));
+      }
+      if (g < G) {
+        uint64_t m0;
+        std::memcpy(&m0, bits + 8 * g, 8);
+        ones += __builtin_popcountll(m0);
+        acc0 = _mm512_add_epi64(acc0, _mm512_sad_epu8(_mm512_maskz_mov_epi8(m0, _mm512_loadu_si512(qu + 64 * g)), zero));
+      }
+      const int64_t pos = _mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1)) - 128 * ones;
+      dot[(i - k0) * p.T + t] = static_cast<int32_t>(2 * pos - p.qsum[t]);
+      const float* q = p.q + t * p.qs;
+      __m512 acc = _mm512_setzero_ps();
+      for (int o = 0; o < kSignOutliers; o += kLanes) {
+        const __mmask16 m = tail_mask(kSignOutliers - o);
+        // Clamped so a malformed row cannot read outside the query row.
+        const __m512i j = _mm512_min_epu32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, oidx + o)), qmax);
+        const __m512 qv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, j, q, 4);
+        acc = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, oval + o)), acc);
+      }
+      s1[(i - k0) * p.T + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
 }  // namespace
+
+void sign_scores_avx512(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1) {
+  sign_scores(p, k0, k1, dot, s1);
+}
 
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s) { sketch_scores(p, k0, k1, s); }
 

@@ -122,6 +122,31 @@ void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float*
   }
 }
 
+void sign_scores_scalar(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1) {
+  for (int64_t i = k0; i < k1; ++i) {
+    const uint8_t* row = p.signs + i * p.ss;
+    const uint8_t* bits = row + kSignHeader + 4 * kSignOutliers;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const uint8_t* qu = p.qu + t * p.G * 64;
+      // q8 . s = 2 (sum of q8 over the set bits) - sum of q8.
+      int64_t pos = 0;
+      for (int64_t j = 0; j < p.G * 64; ++j)
+        if ((bits[j >> 3] >> (j & 7)) & 1) pos += static_cast<int32_t>(qu[j]) - 128;
+      dot[(i - k0) * p.T + t] = static_cast<int32_t>(2 * pos - p.qsum[t]);
+      const float* q = p.q + t * p.qs;
+      float acc = 0.f;
+      for (int o = 0; o < kSignOutliers; ++o) {
+        uint16_t j, h;
+        std::memcpy(&j, row + kSignHeader + 2 * o, sizeof j);
+        std::memcpy(&h, row + kSignHeader + 2 * (kSignOutliers + o), sizeof h);
+        // Clamped so a malformed row cannot read outside the query row.
+        acc += q[j < p.qs ? j : p.qs - 1] * load_f16(h);
+      }
+      s1[(i - k0) * p.T + t] = acc;
+    }
+  }
+}
+
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
   switch (p.key_type) {
     case KeyType::kF16: return scan<F16>(p, k0, k1, best, best_idx);

@@ -45,7 +45,7 @@ from neuraldb.database_inputs import (
     cast_residuals,
     normalize_keys,
 )
-from neuraldb_kernels.prefilter import build_sketch, sketch_row_bytes
+from neuraldb_kernels.prefilter import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
 from neuraldb_kernels.validation import check_gamma
 
 _MIN_CAPACITY = 16
@@ -63,8 +63,9 @@ class NeuralKVDatabase:
         dtype: storage dtype of keys and values (float16, bfloat16 or float32).
         device: where the tensors live; :func:`neuraldb.patch_model` moves the database to the model's device.
 
-    Decode steps on CPU can scan an int4 sketch of the keys instead of the keys (:meth:`retrieve_residuals`, same
-    result, ~27% of the bytes read). The sketch costs +26.8% of the fp16 key bytes, so it is built only when first
+    Decode steps on CPU can scan a 1-bit sketch of the keys, then an int4 sketch of the keys it cannot rule out,
+    instead of the keys (:meth:`retrieve_residuals`, same result, ~10% of the bytes read at d1 = 1536). The two
+    sketches cost +36.6% of the fp16 key bytes (26.8% int4, 9.8% signs), so they are built only when first
     needed: the first :meth:`retrieve_residuals` call that would use it (C++ CPU kernel, at least
     ``PREFILTER_MIN_KEYS`` keys, at most ``PREFILTER_MAX_ROWS`` query rows) builds it for all rows, and from then on
     every change keeps it in step. A database on a GPU, or never used for CPU decoding, holds none. It is never
@@ -89,6 +90,13 @@ class NeuralKVDatabase:
     # row separately while the exact scan shares every key load across rows.
     PREFILTER_MIN_KEYS = 1000
     PREFILTER_MAX_ROWS = 1
+    # The 1-bit first stage in front of the int4 sketch (docs/overhead.md: one query row at d1 = 1536, 10k / 100k
+    # keys: 0.72 / 4.5 ms of CPU against 0.91 / 11.7 for the int4 sketch alone).
+    PREFILTER_SIGNS = True
+    # Its bound cannot go below ~||k - a s - v_J|| (~0.55 of a unit key at d1 = 1536, random or real SmolLM2 keys),
+    # so at a lower gamma it passes most keys and costs more than the int4 stage alone (gamma 0.5, 10k random keys:
+    # 99% pass, 1.13 ms against 0.66).
+    PREFILTER_SIGNS_MIN_GAMMA = 0.6
 
     def __init__(
         self,
@@ -112,6 +120,7 @@ class NeuralKVDatabase:
         self._keys = torch.empty((_MIN_CAPACITY, key_dim), dtype=dtype, device=device)
         self._values = torch.empty((_MIN_CAPACITY, value_dim), dtype=dtype, device=device)
         self._sketch: torch.Tensor | None = None
+        self._signs: torch.Tensor | None = None  # built and dropped with _sketch
         self._n = 0
         self._row_ids: list[int] = []
         self._rows: dict[int, int] = {}
@@ -183,7 +192,7 @@ class NeuralKVDatabase:
         with self._lock:
             self._prefilter = bool(value)
             if not self._prefilter:
-                self._sketch = None
+                self._sketch = self._signs = None
 
     @property
     def lock(self) -> threading.RLock:
@@ -224,6 +233,12 @@ class NeuralKVDatabase:
         (:func:`neuraldb_kernels.build_sketch`), kept in step with ``keys`` by every change; None until a CPU decode
         step has built it (reading it does not build it, so inspecting a database never allocates the sketch)."""
         return None if self._sketch is None else self._sketch[: self._n]
+
+    @property
+    def signs(self) -> torch.Tensor | None:
+        """Live ``(n, sign_row_bytes(key_dim))`` uint8 view of the keys' 1-bit sketch
+        (:func:`neuraldb_kernels.build_signs`); exists exactly when :attr:`sketch` does."""
+        return None if self._signs is None else self._signs[: self._n]
 
     def __len__(self) -> int:
         return self._n
@@ -286,8 +301,11 @@ class NeuralKVDatabase:
         When the C++ CPU kernel serves the call, the database holds at least ``PREFILTER_MIN_KEYS`` keys and the
         queries have at most ``PREFILTER_MAX_ROWS`` rows (decode), it scans the keys' int4 sketch and rescores only
         the keys that can pass the gate (:func:`neuraldb_kernels.gated_retrieval_prefiltered`): the result is
-        bitwise the same, with ~27% of the key bytes read. The first such call builds the sketch (one pass over the
-        keys, under the lock). ``db.prefilter = False`` turns that off.
+        bitwise the same. With ``PREFILTER_SIGNS`` (default) and ``gamma >= PREFILTER_SIGNS_MIN_GAMMA`` a 1-bit
+        stage runs first and only its survivors' int4 rows are read (~10% of the key bytes per step); otherwise the
+        int4 sketch of every key (~27%). The first
+        such call builds both sketches (one pass over the keys, under the lock). ``db.prefilter = False`` turns
+        that off.
         """
         from neuraldb_kernels import gated_retrieval, gated_retrieval_prefiltered
         from neuraldb_kernels.backends import resolve
@@ -302,8 +320,10 @@ class NeuralKVDatabase:
                 and resolve(backend, queries.device) == "cpu"
             ):
                 self._ensure_sketch()
+                use_signs = self.PREFILTER_SIGNS and float(gamma) >= self.PREFILTER_SIGNS_MIN_GAMMA
+                signs = self.signs if use_signs else None
                 out, _, _ = gated_retrieval_prefiltered(
-                    queries, self.keys, self.values, gamma, self.sketch, backend="cpu"
+                    queries, self.keys, self.values, gamma, self.sketch, signs, backend="cpu"
                 )
             else:
                 out, _, _ = gated_retrieval(queries, self.keys, self.values, gamma, backend=backend)
@@ -335,14 +355,16 @@ class NeuralKVDatabase:
         if m == 0:
             return []
         # Sketched outside the lock when a sketch exists; one built by a retrieval meanwhile gets its rows below.
-        sk = build_sketch(k) if self._sketch is not None else None
+        sk = (build_sketch(k), build_signs(k)) if self._sketch is not None else None
         with self._lock:
             self._reserve(self._n + m)
             n = self._n
             self._keys[n : n + m].copy_(k)
             self._values[n : n + m].copy_(v)
             if self._sketch is not None:
-                self._sketch[n : n + m].copy_(build_sketch(k) if sk is None else sk)
+                sketch, signs = (build_sketch(k), build_signs(k)) if sk is None else sk
+                self._sketch[n : n + m].copy_(sketch)
+                self._signs[n : n + m].copy_(signs)
             new_ids = list(range(self._next_id, self._next_id + m))
             for offset, (i, f) in enumerate(zip(new_ids, fs)):
                 self._rows[i] = n + offset
@@ -385,6 +407,7 @@ class NeuralKVDatabase:
                 self._keys.index_copy_(0, rows, k.to(self.device))
                 if self._sketch is not None:
                     self._sketch.index_copy_(0, rows, build_sketch(k).to(self.device))
+                    self._signs.index_copy_(0, rows, build_signs(k).to(self.device))
             if v is not None:
                 self._values.index_copy_(0, rows, v.to(self.device))
             if fs is not None:
@@ -421,6 +444,7 @@ class NeuralKVDatabase:
                 self._values.index_copy_(0, d, self._values.index_select(0, s))
                 if self._sketch is not None:
                     self._sketch.index_copy_(0, d, self._sketch.index_select(0, s))
+                    self._signs.index_copy_(0, d, self._signs.index_select(0, s))
             self._n = len(row_ids)
 
     def to(self, device: torch.device | str) -> NeuralKVDatabase:
@@ -437,7 +461,7 @@ class NeuralKVDatabase:
                 self._keys = self._keys.to(device)
                 self._values = self._values.to(device)
                 if device.type != "cpu":
-                    self._sketch = None
+                    self._sketch = self._signs = None
         return self
 
     def _reserve(self, rows: int) -> None:
@@ -451,20 +475,26 @@ class NeuralKVDatabase:
         keys[: self._n].copy_(self.keys)
         values[: self._n].copy_(self.values)
         if self._sketch is not None:
-            sketch = torch.empty((cap, self._sketch.shape[1]), dtype=torch.uint8, device=self.device)
-            sketch[: self._n].copy_(self._sketch[: self._n])
-            self._sketch = sketch
+            self._sketch = self._grown(self._sketch, cap)
+            self._signs = self._grown(self._signs, cap)
         self._keys, self._values = keys, values
 
+    def _grown(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
+        out = torch.empty((cap, buf.shape[1]), dtype=buf.dtype, device=self.device)
+        out[: self._n].copy_(buf[: self._n])
+        return out
+
     def _ensure_sketch(self) -> None:
-        """Build the sketch of every live row if it does not exist yet (call with the lock held)."""
+        """Build both sketches of every live row if they do not exist yet (call with the lock held)."""
         if self._sketch is not None:
             return
         sketch = torch.empty((self.capacity, sketch_row_bytes(self.key_dim)), dtype=torch.uint8, device=self.device)
+        signs = torch.empty((self.capacity, sign_row_bytes(self.key_dim)), dtype=torch.uint8, device=self.device)
         for start in range(0, self._n, _SKETCH_BUILD_ROWS):
             stop = min(self._n, start + _SKETCH_BUILD_ROWS)
             sketch[start:stop] = build_sketch(self._keys[start:stop])
-        self._sketch = sketch
+            signs[start:stop] = build_signs(self._keys[start:stop])
+        self._sketch, self._signs = sketch, signs
 
     def _restore(
         self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], facts: list[FactLike], next_id: int

@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from neuraldb.database import NeuralKVDatabase, check_gamma
 from neuraldb.database_inputs import FactLike, _check_facts, _check_ids, _rows, cast_residuals, normalize_keys
-from neuraldb_kernels import build_sketch, gated_retrieval
+from neuraldb_kernels import build_signs, build_sketch, gated_retrieval
 
 _LOW32 = (1 << 32) - 1
 # Ids are packed into the low 32 bits of the retrieval key (as id + 1, so -1 fits).
@@ -98,6 +98,7 @@ class _Shard(NeuralKVDatabase):
             self._values[n : n + m].copy_(values)
             if self._sketch is not None:
                 self._sketch[n : n + m].copy_(build_sketch(self._keys[n : n + m]))
+                self._signs[n : n + m].copy_(build_signs(self._keys[n : n + m]))
             for offset, (i, f) in enumerate(zip(ids, facts)):
                 self._rows[i] = n + offset
                 self._facts[i] = f
@@ -118,6 +119,7 @@ class _Shard(NeuralKVDatabase):
                 self._values[first : first + len(tail)] = self._values.index_select(0, src)
                 if self._sketch is not None:
                     self._sketch[first : first + len(tail)] = self._sketch.index_select(0, src)
+                    self._signs[first : first + len(tail)] = self._signs.index_select(0, src)
             for i in ids:
                 del self._rows[i]
                 del self._facts[i]
