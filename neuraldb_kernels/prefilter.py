@@ -243,17 +243,21 @@ def sign_bounds(queries: torch.Tensor, signs: torch.Tensor, d1: int) -> torch.Te
     return torch.cat(found, dim=1) if found else qn.new_zeros((qn.shape[0], 0))
 
 
+def _check_rows(name: str, rows: object, keys: torch.Tensor, row_bytes: int, builder: str) -> None:
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(rows).__name__}")
+    if rows.dtype != torch.uint8:
+        raise TypeError(f"{name} must have dtype uint8 (from {builder}), got {rows.dtype}")
+    want = (keys.shape[0], row_bytes)
+    if tuple(rows.shape) != want:
+        raise ValueError(f"{name} must have shape {want} ({builder} of the keys), got {tuple(rows.shape)}")
+    if rows.device != keys.device:
+        raise ValueError(f"{name} must be on the keys' device ({keys.device}), got {rows.device}")
+
+
 def check_signs(signs: object, keys: torch.Tensor) -> None:
     """TypeError/ValueError naming ``signs`` unless it is a uint8 ``(m, sign_row_bytes(d1))`` tensor beside ``keys``."""
-    if not isinstance(signs, torch.Tensor):
-        raise TypeError(f"signs must be a torch.Tensor, got {type(signs).__name__}")
-    if signs.dtype != torch.uint8:
-        raise TypeError(f"signs must have dtype uint8 (from build_signs), got {signs.dtype}")
-    want = (keys.shape[0], sign_row_bytes(keys.shape[1]))
-    if tuple(signs.shape) != want:
-        raise ValueError(f"signs must have shape {want} (build_signs of the keys), got {tuple(signs.shape)}")
-    if signs.device != keys.device:
-        raise ValueError(f"signs must be on the keys' device ({keys.device}), got {signs.device}")
+    _check_rows("signs", signs, keys, sign_row_bytes(keys.shape[1]), "build_signs")
 
 
 def _decode(sketch: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,15 +273,7 @@ def _decode(sketch: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def check_sketch(sketch: object, keys: torch.Tensor) -> None:
     """TypeError/ValueError naming ``sketch`` unless it is a uint8 ``(m, sketch_row_bytes(d1))`` tensor beside ``keys``."""
-    if not isinstance(sketch, torch.Tensor):
-        raise TypeError(f"sketch must be a torch.Tensor, got {type(sketch).__name__}")
-    if sketch.dtype != torch.uint8:
-        raise TypeError(f"sketch must have dtype uint8 (from build_sketch), got {sketch.dtype}")
-    want = (keys.shape[0], sketch_row_bytes(keys.shape[1]))
-    if tuple(sketch.shape) != want:
-        raise ValueError(f"sketch must have shape {want} (build_sketch of the keys), got {tuple(sketch.shape)}")
-    if sketch.device != keys.device:
-        raise ValueError(f"sketch must be on the keys' device ({keys.device}), got {sketch.device}")
+    _check_rows("sketch", sketch, keys, sketch_row_bytes(keys.shape[1]), "build_sketch")
 
 
 def _gamma_n(n: int) -> float:

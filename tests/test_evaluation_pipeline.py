@@ -18,12 +18,17 @@ from neuraldb.evaluation.pipeline import run_eval
 from _tiny_editing import EVAL_FACTS, word_llama
 
 
+def _facts_file(tmp_path, facts):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    return path
+
+
 def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
-    path = tmp_path / "facts.jsonl"
-    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    path = _facts_file(tmp_path, facts)
     run = run_eval(model_name="tiny", dataset="counterfact", facts_path=path, n_facts=None, save_db=tmp_path / "db",
                    edit_kwargs=dict(layer=2, gamma=0.9, n_prefixes=1, prefix_len=3, steps=5), fluency=False,
                    deletion=True, show_progress=False, model_and_tok=(model, tok))
@@ -54,8 +59,7 @@ def test_run_eval_on_a_seeded_subset_edits_all_and_scores_the_subset(tmp_path, m
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
-    path = tmp_path / "facts.jsonl"
-    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    path = _facts_file(tmp_path, facts)
     run = run_eval(model_name="tiny", dataset="counterfact", facts_path=path, n_facts=None, eval_facts=2, seed=3,
                    save_db=tmp_path / "db", edit_kwargs=dict(layer=2, gamma=0.9, n_prefixes=1, prefix_len=3, steps=5),
                    fluency=False, deletion=True, show_progress=False, model_and_tok=(model, tok))
