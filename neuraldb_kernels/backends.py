@@ -54,8 +54,12 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once: resolve() runs inside torch.compile'd code, and dynamo cannot trace importlib.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_reason(device_type: str) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed (`pip install triton`)"
     if device_type == "cuda":
         return None

@@ -190,6 +190,19 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
+def test_backend_choice_traces_without_graph_breaks(device_type):
+    # gated_retrieval resolves its backend inside compiled code, so every availability check must trace. The triton
+    # check once called importlib.util.find_spec per call, which torch 2.11's dynamo refuses (seen on an H200).
+    torch._dynamo.reset()
+    want = len(backends.available_backends(device_type))
+
+    def f(x):
+        return x + len(backends.available_backends(device_type))
+
+    assert torch.compile(f, fullgraph=True)(torch.zeros(1)).item() == want
+
+
 # ---- the package without its compiled extension ---------------------------------------------------------------
 def test_missing_extension_falls_back_to_the_reference(monkeypatch):
     # Simulate a failed import of neuraldb_kernels._C in a fresh loader state.
