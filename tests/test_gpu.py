@@ -195,7 +195,7 @@ def test_cuda_graph_capture(backend, t):
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_torch_compile(backend, mode):
-    keys, values = random_db(20_000, 512, 16)
+    keys, values = random_db(20_000, 512, 512)  # d2 == d1: the residual is added to the hidden state
     torch._dynamo.reset()
 
     def f(h, k, v):
