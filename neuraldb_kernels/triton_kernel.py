@@ -310,7 +310,7 @@ _CONFIGS_PREFILL = [
         (32, 64, 64, 4),  # for fp32 keys (the ieee dot runs on FMA units)
     )
     for s in (3, 4)
-]
+] + [_cfg(128, 256, 64, 8, 3), _cfg(128, 256, 32, 8, 4)]  # the fastest on an H200 (benchmarks/triton_config_sweep.py)
 # The fixed configs used under the interpreter (each inner-loop iteration costs ~1 ms there: big tiles).
 _INTERPRET_CONFIG = {
     "row": {"BLOCK_T": 1, "BLOCK_N": 64, "BLOCK_D": 256},
@@ -318,8 +318,10 @@ _INTERPRET_CONFIG = {
     "prefill": {"BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_D": 256},
 }
 # Per-thread budget, in fp32 values, of the accumulators (dot paths) or the upcast key tile (T == 1 path): beyond
-# it ptxas spills on sm_90 (checked by compiling every config for sm_90 without a GPU).
+# it ptxas spills on sm_90 (checked by compiling every config for sm_90 without a GPU). The exception: two
+# warpgroups hold one 128 x 256 accumulator (128 values per thread) without spilling, but not the hi/lo pair.
 _MAX_TILE_REGS = 64
+_MAX_WIDE_ACC_REGS = 128
 
 
 def _prune(configs, named_args, **kwargs):
@@ -336,7 +338,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bt == 1 and bn * bd > _MAX_TILE_REGS * threads:
             continue
-        if bt > 1 and accs * bt * bn > _MAX_TILE_REGS * threads:
+        wide = accs == 1 and c.num_warps == 8
+        if bt > 1 and accs * bt * bn > (_MAX_WIDE_ACC_REGS if wide else _MAX_TILE_REGS) * threads:
             continue
         if args.get("IEEE") and bt > 1 and (bn * bd > 64 * 64 or bt * bn > 64 * 64):
             continue
@@ -349,11 +352,11 @@ _tuned: dict[str, object] = {}
 
 
 # Without autotuning (NEURALDB_TRITON_AUTOTUNE=0: CI, quick tests) the first config of these that survives the
-# pruning runs; educated guesses for sm_90 until benchmarks/gpu_op_table.py has measured them.
+# pruning runs. The prefill head is the fastest fp16 config measured on an H200; the rest are educated guesses.
 _DEFAULT_CONFIGS = {
     "row": [_cfg(1, 32, 256, 8, 3), _cfg(16, 64, 64, 4, 3)],
     "decode": [_cfg(16, 128, 64, 4, 3), _cfg(16, 64, 64, 4, 3)],
-    "prefill": [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 8, 3), _cfg(32, 64, 64, 4, 3)],
+    "prefill": [_cfg(128, 256, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 8, 3), _cfg(32, 64, 64, 4, 3)],
 }
 
 
