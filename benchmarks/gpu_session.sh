@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU session's checks for issue 7, sized to fit a single ~10-minute device call:
+#   build the CUDA extension (in the background: the Triton tests need no build), run tests/test_gpu.py for Triton,
+#   then for CUDA, then the op table at the issue's targets and the 8B-shape overhead table.
+# Every step has its own time limit so one hang cannot cost the others; all logs and JSON land in OUTDIR.
+#   bash benchmarks/gpu_session.sh [OUTDIR]        (OUTDIR defaults to benchmarks/results/gpu_session)
+set -u
+OUTDIR=${1:-benchmarks/results/gpu_session}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+ROOT=$(pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/neuraldb-triton-cache}
+WORK=$(mktemp -d)
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+    "$PY" -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
+    nvcc --version | tail -2
+    nproc
+} >"$OUTDIR/env.txt" 2>&1
+
+# Built outside the tree and copied in after the Triton tests, so no test process sees a half-written _C.
+(
+    NEURALDB_CUDA_ARCHS=${NEURALDB_CUDA_ARCHS:-90} MAX_JOBS=$(nproc) timeout 240 \
+        "$PY" setup.py build_ext --build-lib "$WORK/lib" --build-temp "$WORK/tmp"
+    echo "build rc=$?"
+) >"$OUTDIR/build.log" 2>&1 &
+build_pid=$!
+
+timeout 170 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 tests/test_gpu.py -k triton \
+    >"$OUTDIR/test_triton.log" 2>&1
+echo "pytest triton rc=$?" >>"$OUTDIR/test_triton.log"
+
+wait "$build_pid"
+cp "$WORK"/lib/neuraldb_kernels/_C*.so neuraldb_kernels/ 2>>"$OUTDIR/build.log"
+
+timeout 100 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 90 tests/test_gpu.py -k "not triton or auto_picks" \
+    >"$OUTDIR/test_cuda.log" 2>&1
+echo "pytest cuda rc=$?" >>"$OUTDIR/test_cuda.log"
+
+timeout 170 "$PY" benchmarks/gpu_op_table.py --T 1 8 16 2048 --m 100000 --d1 14336 --out "$OUTDIR/op_table.json" \
+    >"$OUTDIR/op_table.log" 2>&1
+echo "op table rc=$?" >>"$OUTDIR/op_table.log"
+
+timeout 100 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --m 0,100000,1000000 --reps 20 \
+    --no-plot --out "$OUTDIR/overhead.json" >"$OUTDIR/overhead.log" 2>&1
+echo "overhead rc=$?" >>"$OUTDIR/overhead.log"
+rm -rf "$WORK"
