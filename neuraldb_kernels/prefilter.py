@@ -53,7 +53,7 @@ _MAX_SIGN_D1 = 65535  # outlier indices are uint16
 _U = 2.0**-24  # unit roundoff of fp32
 # Keys per chunk of the reference's sketch scan (bounds its (T, chunk) score block and the decoded fp32 chunk).
 _CHUNK = 4096
-# Keys per chunk of build_sketch (a few fp32 copies of the chunk exist at once).
+# Keys per chunk of build_sketch and build_signs (a few fp32/fp64 copies of the chunk exist at once).
 _BUILD_CHUNK = 1024
 
 
@@ -89,9 +89,14 @@ def build_sketch(keys: torch.Tensor) -> torch.Tensor:
     """
     if keys.dim() != 2:
         raise ValueError(f"keys must be 2-D (m, d1), got shape {tuple(keys.shape)}")
-    out = torch.empty((keys.shape[0], sketch_row_bytes(keys.shape[1])), dtype=torch.uint8, device=keys.device)
+    return _build_in_chunks(keys, sketch_row_bytes(keys.shape[1]), _sketch_rows)
+
+
+def _build_in_chunks(keys: torch.Tensor, row_bytes: int, rows_fn) -> torch.Tensor:
+    """``rows_fn`` applied to ``_BUILD_CHUNK`` keys at a time, gathered into one ``(m, row_bytes)`` table."""
+    out = torch.empty((keys.shape[0], row_bytes), dtype=torch.uint8, device=keys.device)
     for start in range(0, keys.shape[0], _BUILD_CHUNK):
-        out[start : start + _BUILD_CHUNK] = _sketch_rows(keys[start : start + _BUILD_CHUNK])
+        out[start : start + _BUILD_CHUNK] = rows_fn(keys[start : start + _BUILD_CHUNK])
     return out
 
 
@@ -160,10 +165,7 @@ def build_signs(keys: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"keys must be 2-D (m, d1), got shape {tuple(keys.shape)}")
     if keys.shape[1] > _MAX_SIGN_D1:
         raise ValueError(f"keys must have at most {_MAX_SIGN_D1} columns for build_signs, got {keys.shape[1]}")
-    out = torch.empty((keys.shape[0], sign_row_bytes(keys.shape[1])), dtype=torch.uint8, device=keys.device)
-    for start in range(0, keys.shape[0], _BUILD_CHUNK):
-        out[start : start + _BUILD_CHUNK] = _sign_rows(keys[start : start + _BUILD_CHUNK])
-    return out
+    return _build_in_chunks(keys, sign_row_bytes(keys.shape[1]), _sign_rows)
 
 
 def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
