@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's checks for issue 7, sized to fit a single ~10-minute device call:
 #   build the CUDA extension (in the background: the Triton tests need no build), run tests/test_gpu.py for Triton,
-#   then for CUDA, then the op table at the issue's targets and the 8B-shape overhead table.
-# Every step has its own time limit so one hang cannot cost the others; all logs and JSON land in OUTDIR.
+#   then for CUDA, then the op table at the issue's targets, the host time of each layer of the patched path, and the
+#   8B-shape overhead table.
+# Every step has its own time limit so one hang cannot cost the others. OUTDIR gets 7 files (the device tool
+# returns at most 8): env.txt, build.log, tests.log, bench.log and three JSON results.
 #   bash benchmarks/gpu_session.sh [OUTDIR]        (OUTDIR defaults to benchmarks/results/gpu_session)
 set -u
 OUTDIR=${1:-benchmarks/results/gpu_session}
@@ -30,21 +32,23 @@ WORK=$(mktemp -d)
 build_pid=$!
 
 timeout 170 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 tests/test_gpu.py -k triton \
-    >"$OUTDIR/test_triton.log" 2>&1
-echo "pytest triton rc=$?" >>"$OUTDIR/test_triton.log"
+    >"$OUTDIR/tests.log" 2>&1
+echo "pytest triton rc=$?" >>"$OUTDIR/tests.log"
 
 wait "$build_pid"
 cp "$WORK"/lib/neuraldb_kernels/_C*.so neuraldb_kernels/ 2>>"$OUTDIR/build.log"
 
 timeout 100 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 90 tests/test_gpu.py -k "not triton or auto_picks" \
-    >"$OUTDIR/test_cuda.log" 2>&1
-echo "pytest cuda rc=$?" >>"$OUTDIR/test_cuda.log"
+    >>"$OUTDIR/tests.log" 2>&1
+echo "pytest cuda rc=$?" >>"$OUTDIR/tests.log"
 
 timeout 170 "$PY" benchmarks/gpu_op_table.py --T 1 8 16 2048 --m 100000 --d1 14336 --out "$OUTDIR/op_table.json" \
-    >"$OUTDIR/op_table.log" 2>&1
-echo "op table rc=$?" >>"$OUTDIR/op_table.log"
+    >"$OUTDIR/bench.log" 2>&1
+echo "op table rc=$?" >>"$OUTDIR/bench.log"
 
-timeout 100 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --m 0,100000,1000000 --reps 20 \
-    --no-plot --out "$OUTDIR/overhead.json" >"$OUTDIR/overhead.log" 2>&1
-echo "overhead rc=$?" >>"$OUTDIR/overhead.log"
+timeout 30 "$PY" benchmarks/host_overhead.py --device cuda --out "$OUTDIR/host_overhead.json" >>"$OUTDIR/bench.log" 2>&1
+
+timeout 120 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --m 0,20000,100000,1000000 --reps 20 \
+    --no-plot --out "$OUTDIR/overhead.json" >>"$OUTDIR/bench.log" 2>&1
+echo "overhead rc=$?" >>"$OUTDIR/bench.log"
 rm -rf "$WORK"
