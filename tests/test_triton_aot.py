@@ -90,6 +90,15 @@ def test_every_decode_config_compiles_for_hopper_without_spills():
         assert res["stack"] == 0, f"{cfg}: {res}"
 
 
+@pytest.mark.parametrize("qdt", ["fp16", "bf16"])
+def test_every_prefill_config_compiles_for_hopper_without_spills(qdt):
+    # The widest tiles hold 128 fp32 accumulators per thread: the pruning rule must drop those that spill.
+    split, ieee = _modes(qdt, "fp16")
+    for cfg in tk._prune(tk._CONFIGS_PREFILL, {}, T_BUCKET=4096, SPLIT_Q=split, IEEE=ieee):
+        res = _resources(compile_scan(90, qdt, "fp16", cfg, bucket=4096).asm["cubin"])
+        assert res["local"] == 0 and res["stack"] == 0, f"{cfg}: {res}"
+
+
 def test_ampere_lowering():
     for kind, bucket in (("decode", 16), ("prefill", 4096)):
         cfg = default_config(kind, "fp16", "fp16", bucket)
