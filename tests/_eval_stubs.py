@@ -58,6 +58,8 @@ class BigramLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, **kw):
         self.calls.append(tuple(input_ids.shape))
         logits = self.table[input_ids]
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions, as transformers takes them
+            logits = logits[:, logits_to_keep]
+        elif logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits)
