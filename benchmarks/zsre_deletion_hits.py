@@ -1,7 +1,7 @@
 """Which database rows ZsRE prompts retrieve before and after the App. J.5 deletion (even-indexed facts removed).
 
     python benchmarks/zsre_deletion_hits.py --db smollm2-zsre100.safetensors \\
-        --facts ../shared/data/knowledge_editing/zsre_mend_eval_portability_1037.json.gz
+        --facts ../shared/data/knowledge_editing/zsre_mend_eval_portability_1037.json.gz [--gamma 0.75]
 
 The database must hold the first N facts of the file in order (as ``neuraldb eval --dataset zsre --save-db`` writes
 it). For the rewrite and paraphrase prompts (each followed by its target, as evaluate_zsre scores them) it counts
@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--db", required=True)
     ap.add_argument("--facts", required=True)
+    ap.add_argument("--gamma", type=float, default=None, help="gate threshold (default: the database's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model, tok = neuraldb.load_model(args.model)
@@ -49,7 +50,8 @@ def main(argv=None) -> None:
                 conts.append([" " + f.target_new.strip()])
     # odd rows first: the first len(odd) rows are the database after the deletion
     order = list(range(1, len(db), 2)) + list(range(0, len(db), 2))
-    after, before = prompt_hits(model, tok, ctxs, conts, db.layer, db.keys[torch.tensor(order)], db.gamma,
+    after, before = prompt_hits(model, tok, ctxs, conts, db.layer, db.keys[torch.tensor(order)],
+                                db.gamma if args.gamma is None else args.gamma,
                                 sizes=[len(db) // 2, len(db)], margin=0.0)
     out: dict = {}
     for (i, kind), hb, ha in zip(index, before, after):
