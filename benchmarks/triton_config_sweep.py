@@ -38,8 +38,7 @@ def sweep(t: int, keys: torch.Tensor, values: torch.Tensor, extra: list[tuple[in
     want = gated_retrieval_reference(q, keys, values, gamma)[1]
     kind = tk._kind(t)
     consts = {"T_BUCKET": tk.t_bucket(t), "SPLIT_Q": tk._split_q(q.dtype, keys.dtype), "IEEE": False}
-    listed = {"row": tk._CONFIGS_ROW, "decode": tk._CONFIGS_DECODE, "prefill": tk._CONFIGS_PREFILL}[kind]
-    configs = tk._prune(listed, {}, **consts)
+    configs = tk._prune(tk._CONFIGS[kind], {}, **consts)
     candidates = [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
                   for c in configs]
     candidates += [c for c in extra if c not in candidates]

@@ -311,6 +311,8 @@ _CONFIGS_PREFILL = [
     )
     for s in (3, 4)
 ] + [_cfg(128, 256, 32, 8, 4)]  # the fastest on an H200 (benchmarks/triton_config_sweep.py) that does not spill
+# What the autotuner chooses from, per scan path.
+_CONFIGS = {"row": _CONFIGS_ROW, "decode": _CONFIGS_DECODE, "prefill": _CONFIGS_PREFILL}
 # The fixed configs used under the interpreter (each inner-loop iteration costs ~1 ms there: big tiles).
 _INTERPRET_CONFIG = {
     "row": {"BLOCK_T": 1, "BLOCK_N": 64, "BLOCK_D": 256},
@@ -366,9 +368,8 @@ def _autotuning() -> bool:
 
 def _tuned_scan(kind: str):
     if kind not in _tuned:
-        configs = {"row": _CONFIGS_ROW, "decode": _CONFIGS_DECODE, "prefill": _CONFIGS_PREFILL}[kind]
         _tuned[kind] = triton.autotune(
-            configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+            configs=_CONFIGS[kind], key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
         )(_scan_kernel)
     return _tuned[kind]
 

@@ -191,15 +191,24 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
-def test_backend_choice_traces_without_graph_breaks(device_type):
+def test_backend_choice_traces_without_graph_breaks(device_type, monkeypatch):
     # gated_retrieval resolves its backend inside compiled code, so every availability check must trace. The triton
-    # check once called importlib.util.find_spec per call, which torch 2.11's dynamo refuses (seen on an H200).
+    # check once called importlib.util.find_spec per call, which torch 2.11's dynamo refuses (seen on an H200); torch
+    # 2.14's traces it, so the lookup is made to fail here: the checks must not look packages up per call at all.
+    import importlib.util
+
     torch._dynamo.reset()
     want = len(backends.available_backends(device_type))
+
+    def no_lookups(*args, **kwargs):
+        raise AssertionError("backend availability looked a package up at call time")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookups)
 
     def f(x):
         return x + len(backends.available_backends(device_type))
 
+    assert len(backends.available_backends(device_type)) == want
     assert torch.compile(f, fullgraph=True)(torch.zeros(1)).item() == want
 
 
