@@ -142,6 +142,9 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return name
 
 
+_kernels: dict[Backend, Kernel] = {}
+
+
 def kernel(name: str) -> Kernel:
     """The kernel function of a resolved backend name.
 
@@ -151,4 +154,9 @@ def kernel(name: str) -> Kernel:
         >>> kernel(resolve("torch", q.device))(q, q.half(), torch.eye(2), 0.5)[1].tolist()
         [0, 1]
     """
-    return BACKENDS[name].kernel()
+    # Cached: the kernel factories import modules or load the extension, per-call costs on a decode step.
+    entry = BACKENDS[name]
+    fn = _kernels.get(entry)
+    if fn is None:
+        fn = _kernels[entry] = entry.kernel()
+    return fn

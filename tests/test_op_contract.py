@@ -190,6 +190,45 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+def _prefiltered_inputs():
+    q, k, v = inputs(t=2, m=300, d1=64, d2=4)
+    return q, k, v, 0.5, neuraldb_kernels.build_sketch(k), neuraldb_kernels.build_signs(k)
+
+
+@pytest.mark.parametrize("prefiltered", [False, True])
+def test_eager_calls_skip_the_custom_op(prefiltered, monkeypatch):
+    # Its dispatch costs more host time than a decode-size kernel; eager callers must not pay it.
+    name = "gated_retrieval_prefiltered" if prefiltered else "gated_retrieval"
+    args = _prefiltered_inputs() if prefiltered else (*inputs(), 0.5)
+    fn = getattr(neuraldb_kernels, name)
+    want = fn(*args)
+
+    def dispatched(*a, **kw):
+        raise AssertionError(f"an eager call went through torch.ops.neuraldb.{name}")
+
+    monkeypatch.setattr(torch.ops.neuraldb, name, dispatched)
+    for a, b in zip(fn(*args), want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prefiltered", [False, True])
+def test_tracers_record_the_custom_op(prefiltered):
+    # make_fx with real tensors runs eagerly under a dispatch mode: a direct kernel call there would bake its
+    # result into the graph as a constant instead of recording the op.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    name = "gated_retrieval_prefiltered" if prefiltered else "gated_retrieval"
+    args = _prefiltered_inputs() if prefiltered else (*inputs(), 0.5)
+    q, rest = args[0], args[1:]
+    fn = getattr(neuraldb_kernels, name)
+    gm = make_fx(lambda x: fn(x, *rest), tracing_mode="real")(q)
+    op = getattr(torch.ops.neuraldb, name).default
+    assert [n.target for n in gm.graph.nodes].count(op) == 1
+    other = torch.flip(q, dims=[0])
+    for a, b in zip(gm(other), fn(other, *rest)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
 def test_backend_choice_traces_without_graph_breaks(device_type, monkeypatch):
     # gated_retrieval resolves its backend inside compiled code, so every availability check must trace. The triton

@@ -316,6 +316,28 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.neuraldb.database_retrieval.default, (queries, route))
 
 
+def test_eager_forward_skips_the_custom_ops_and_tracers_record_them(monkeypatch):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, ids, _, _, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    db.add(keys[p], _residual(out))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    patched = model(ids).logits
+    embeds = model.get_input_embeddings()(ids)
+    gm = make_fx(lambda e: model(inputs_embeds=e).logits, tracing_mode="real")(embeds)
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(torch.ops.neuraldb.database_retrieval.default) == 1
+    assert_bitwise(gm(embeds), patched)
+
+    def dispatched(*a, **kw):
+        raise AssertionError("an eager forward went through a neuraldb custom op")
+
+    for name in ("database_retrieval", "gated_retrieval", "gated_retrieval_prefiltered"):
+        monkeypatch.setattr(torch.ops.neuraldb, name, dispatched)
+    assert_bitwise(model(ids).logits, patched)
+
+
 def test_patched_model_backpropagates():
     model, ids, module, base, keys, out, db = _setup()
     p, gamma = separated_position(keys)

@@ -5,8 +5,10 @@ module, its weights and its class are never touched, so :func:`unpatch_model` (r
 outputs bitwise identical to a never-patched model, and ``generate()``, ``.to()``, ``state_dict()`` and
 saving the model with ``save_pretrained`` behave as without neuraldb.
 
-The hook calls one custom op, ``torch.ops.neuraldb.database_retrieval(queries, route)``, whose integer
-``route`` names the patch; the op reads the database at run time, under the database's lock. Hence:
+Under a tracer (torch.compile, export, make_fx) the hook calls one custom op,
+``torch.ops.neuraldb.database_retrieval(queries, route)``, whose integer ``route`` names the patch; in eager mode
+it runs the same retrieval without that op's dispatch, which would cost more host time than a decode-step kernel.
+Either way the database is read at run time, under its lock. Hence:
 
 - a forward running while another thread adds or deletes sees the old or the new database, never a mix;
 - changes to the database are seen by the next forward, without re-patching;
@@ -44,6 +46,7 @@ import torch
 
 from neuraldb import architectures as arch
 from neuraldb.database import NeuralKVDatabase, check_gamma
+from neuraldb_kernels.op import runs_eagerly
 
 _ATTR = "_neuraldb_patch"
 # What patch_model uses of a database: NeuralKVDatabase has it, and so may other stores (ShardedNeuralKVDatabase).
@@ -100,7 +103,7 @@ class Patch:
                 out = db.retrieve_residuals(q, self.gamma, backend=self.backend)
             else:
                 out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
-        return out.to(queries.dtype)
+        return out if out.dtype == queries.dtype else out.to(queries.dtype)
 
     def __repr__(self) -> str:
         return (
@@ -140,8 +143,12 @@ class _RetrievalHook:
         if not patch.enabled:
             return output
         query = args[0] if args else next(iter(kwargs.values()))
-        residual = torch.ops.neuraldb.database_retrieval(query, patch.route)
-        return output + residual.to(output.dtype)
+        if runs_eagerly(query):
+            # The residual is a constant of the query (the op's derivative is zero), so autograd need not see it.
+            residual = patch.retrieve(query.detach())
+        else:
+            residual = torch.ops.neuraldb.database_retrieval(query, patch.route)
+        return output + (residual if residual.dtype == output.dtype else residual.to(output.dtype))
 
 
 def _resolve(
