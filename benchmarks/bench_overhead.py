@@ -17,6 +17,11 @@ timed region), so load from other processes hits both alike. Reported per (scena
 
 - ``added_pct``: median of the per-repetition differences (patched - unpatched) over the unpatched median;
 - ``op_ms``: the op alone on the same number of queries (what the kernel costs, without the model around it);
+- ``hook_ms``: the patch's forward hook timed inside the patched forwards (median per forward): the op where it runs
+  in the model, with the caches as the model leaves them, plus the hook's own host time and the add. It does not
+  difference two forwards, so it resolves what ``added_pct`` cannot on a noisy machine; it misses only what the op
+  does to the rest of the forward (caches it evicts). On a GPU it is host time (no synchronisation inside), the part
+  a launch-bound decode step adds; ``hook_pct`` = hook_ms over the unpatched median;
 - ``floor_ms``: key bytes / read bandwidth measured in the same run on the database's own key buffer (the least time
   any exact scan of the keys can take), and ``added_over_floor`` = added time / floor.
 
@@ -195,20 +200,26 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
     the int4 sketch alone; "plain": the plain scan), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
     states = ("unpatched", *variants)
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in states}
-    path, _ = arch.down_proj_module(model, layer)
+    hooks: dict[str, list[tuple[float, float]]] = {s: [] for s in variants}
+    path, module = arch.down_proj_module(model, layer)
 
-    def run(state: str) -> tuple[float, float]:
+    def run(state: str, timed: bool = True) -> tuple[float, float]:
         if state == "unpatched":
             if neuraldb.patch_info(model) is not None:
                 unpatch_model(model)
-        else:
-            _use_sketch(db, state)
-            patch_model(model, db, module=path, gamma=gamma, backend=backend)
-        return timed_both(scenario.step, device)
+            return timed_both(scenario.step, device)
+        _use_sketch(db, state)
+        patch_model(model, db, module=path, gamma=gamma, backend=backend)
+        handles = time_patch_hook(module, hooks[state] if timed else [])
+        try:
+            return timed_both(scenario.step, device)
+        finally:
+            for h in handles:
+                h.remove()
 
     for _ in range(warmup):
         for s in states:
-            run(s)
+            run(s, timed=False)
     for r in range(reps):
         order = states[r % len(states) :] + states[: r % len(states)]
         order = order if r % 2 == 0 else order[::-1]
@@ -218,7 +229,30 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         unpatch_model(model)
     _use_sketch(db, "1bit+int4")
     qdtype = next(model.parameters()).dtype
-    return [_row(scenario, db, reps, device, qdtype, gamma, backend, times["unpatched"], times[v], v) for v in variants]
+    rows = [_row(scenario, db, reps, device, qdtype, gamma, backend, times["unpatched"], times[v], v) for v in variants]
+    for row, v in zip(rows, variants):
+        cpu = row["cpu_added_ms"] is not None
+        row["hook_ms"] = median([w for w, _ in hooks[v]]) * 1e3
+        row["hook_pct"] = 100 * row["hook_ms"] / row["unpatched_ms"]
+        row["cpu_hook_ms"] = median([c for _, c in hooks[v]]) * 1e3 if cpu else None
+        row["cpu_hook_pct"] = 100 * row["cpu_hook_ms"] / row["cpu_unpatched_ms"] if cpu else None
+        row["hook_ms_all"] = [round(w * 1e3, 4) for w, _ in hooks[v]]
+    return rows
+
+
+def time_patch_hook(module: torch.nn.Module, sink: list[tuple[float, float]]) -> list:
+    """Hooks around the patch's forward hook on ``module`` (one first, one last) that append its (wall, process CPU)
+    seconds per call to ``sink``; returns their handles. Wall time has no device synchronisation in it."""
+    start: list[tuple[float, float]] = []
+
+    def before(mod, args, output):
+        start.append((time.perf_counter(), time.process_time()))
+
+    def after(mod, args, output):
+        w0, c0 = start.pop()
+        sink.append((time.perf_counter() - w0, time.process_time() - c0))
+
+    return [module.register_forward_hook(before, prepend=True), module.register_forward_hook(after)]
 
 
 def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, gamma: float, backend: str | None,
@@ -283,9 +317,9 @@ def tables(result: dict) -> str:
     by = {(_label(r, rows), r["m"]): r for r in rows}
     has_cpu = any(r.get("cpu_added_pct") is not None for r in rows)
 
-    def pct(r: dict) -> str:
-        cell = f"{r['added_pct']:+.2f}%"
-        return cell + (f" / {r['cpu_added_pct']:+.2f}%" if r.get("cpu_added_pct") is not None else "")
+    def pct(r: dict, key: str = "added_pct") -> str:
+        cell = f"{r[key]:+.2f}%"
+        return cell + (f" / {r['cpu_' + key]:+.2f}%" if r.get("cpu_" + key) is not None else "")
 
     head = "wall / CPU time" if has_cpu else "wall time"
     out = [f"Added latency, % of the unpatched forward (median of paired differences; {head}):", ""]
@@ -294,11 +328,19 @@ def tables(result: dict) -> str:
     for m in ms:
         cells = [pct(by[(s, m)]) if (s, m) in by else "" for s in scen]
         out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
+    if any("hook_pct" in r for r in rows):
+        out += ["", f"The patch's hook timed inside the patched forwards, % of the unpatched forward (median; {head}):",
+                ""]
+        out.append("| m | " + " | ".join(scen) + " |")
+        out.append("|---:|" + "---:|" * len(scen))
+        for m in ms:
+            cells = [pct(by[(s, m)], "hook_pct") if "hook_pct" in by.get((s, m), {}) else "" for s in scen]
+            out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
     out += ["", "Per scenario, ms; floor = key bytes / read bandwidth measured in the same run over the keys"
             + (" (CPU-time columns: the same with process CPU time)" if has_cpu else "") + ":", ""]
-    cols = "| scenario | m | unpatched | added | op alone | floor | added/floor | read GB/s |"
+    cols = "| scenario | m | unpatched | added | hook | op alone | floor | added/floor | read GB/s |"
     if has_cpu:
-        cols += " CPU: unpatched | added | op alone | floor | added/floor |"
+        cols += " CPU: unpatched | added | hook | op alone | floor | added/floor |"
     out.append(cols)
     out.append("|---|---:|" + "---:|" * (cols.count("|") - 3))
 
@@ -310,12 +352,13 @@ def tables(result: dict) -> str:
             r = by.get((s, m))
             if r is None:
                 continue
-            line = (f"| {s} | {_fmt_m(m)} | {r['unpatched_ms']:.2f} | {r['added_ms']:+.3f} | {r['op_ms']:.3f} | "
+            line = (f"| {s} | {_fmt_m(m)} | {r['unpatched_ms']:.2f} | {r['added_ms']:+.3f} | {f(r.get('hook_ms'))} | "
+                    f"{r['op_ms']:.3f} | "
                     f"{f(r.get('floor_ms'))} | {f(r.get('added_over_floor'), '.2f', 'x')} | "
                     f"{f(r.get('read_gb_s'), '.1f')} |")
             if has_cpu:
                 line += (f" {f(r.get('cpu_unpatched_ms'), '.2f')} | {f(r.get('cpu_added_ms'), '+.3f')} | "
-                         f"{f(r.get('cpu_op_ms'))} | {f(r.get('cpu_floor_ms'))} | "
+                         f"{f(r.get('cpu_hook_ms'))} | {f(r.get('cpu_op_ms'))} | {f(r.get('cpu_floor_ms'))} | "
                          f"{f(r.get('cpu_added_over_floor'), '.2f', 'x')} |")
             out.append(line)
     return "\n".join(out)
@@ -479,12 +522,12 @@ def add_row(result: dict, row: dict, s: str, m: int, key_bytes: int, bw: dict | 
     result["rows"].append(row)
     label = f"{s} {row['variant']}"
     print(f"  {label:22s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
-          f"({row['added_pct']:+6.2f}%)  op {row['op_ms']:8.3f} ms"
+          f"({row['added_pct']:+6.2f}%)  hook {row['hook_ms']:8.3f} ms  op {row['op_ms']:8.3f} ms"
           + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""), flush=True)
     if row["cpu_added_ms"] is not None:
         print(f"  {'':22s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
               f"added {row['cpu_added_ms']:+8.3f} ms "
-              f"({row['cpu_added_pct']:+6.2f}%)  op {row['cpu_op_ms']:8.3f} ms"
+              f"({row['cpu_added_pct']:+6.2f}%)  hook {row['cpu_hook_ms']:8.3f} ms  op {row['cpu_op_ms']:8.3f} ms"
               + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
               flush=True)
 

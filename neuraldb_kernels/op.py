@@ -97,10 +97,52 @@ def gated_retrieval(
     g = check_inputs(queries, keys, values, gamma)
     name = backends.resolve(backend, queries.device)
     lead = queries.shape[:-1]
-    q2, k, v = _rows(queries.reshape(-1, queries.shape[-1])), _rows(keys), _rows(values)
-    if _direct(q2, k, v):
-        return _unflatten(lead, *backends.kernel(name)(q2, k, v, g))
-    return _unflatten(lead, *torch.ops.neuraldb.gated_retrieval(q2, k, v, g, name))
+    q2 = queries.reshape(-1, queries.shape[-1])
+    return _unflatten(lead, *_run(q2, _rows(keys), _rows(values), g, name))
+
+
+def _run(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    backend: str,
+    sketch: torch.Tensor | None = None,
+    signs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op on checked arguments (2-D queries, a resolved backend): the kernel itself for eager calls, the custom op
+    (plain, or pre-filtered when ``sketch`` is given) for tracers and autograd."""
+    q = _rows(queries)
+    if sketch is None:
+        if _direct(q, keys, values):
+            return backends.kernel(backend)(q, keys, values, gamma)
+        return torch.ops.neuraldb.gated_retrieval(q, keys, values, gamma, backend)
+    if _direct(q, keys, values):
+        return _prefiltered_kernel(q, keys, values, gamma, sketch, signs, backend)
+    return torch.ops.neuraldb.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs, backend)
+
+
+def gated_residuals(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    backend: str,
+    sketch: torch.Tensor | None = None,
+    signs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` of :func:`gated_retrieval` (of :func:`gated_retrieval_prefiltered` when ``sketch`` is given) without
+    the argument checks, for callers that own consistent tensors (:class:`neuraldb.NeuralKVDatabase`): 2-D
+    ``queries``, ``keys``/``values`` (and the sketches) with unit-stride rows, a float ``gamma`` in [-1, 1] and a
+    backend name from :func:`neuraldb_kernels.backends.resolve`.
+
+    Example::
+
+        >>> keys = torch.nn.functional.normalize(torch.randn(100, 16), dim=1).half()
+        >>> gated_residuals(keys[:2].float(), keys, torch.eye(100)[:, :4], 0.5, "torch").shape
+        torch.Size([2, 4])
+    """
+    return _run(queries, keys, values, gamma, backend, sketch, signs)[0]
 
 
 def _prefiltered_kernel(
@@ -192,8 +234,6 @@ def gated_retrieval_prefiltered(
         check_signs(signs, keys)
     name = backends.resolve(backend, queries.device)
     lead = queries.shape[:-1]
-    q2 = _rows(queries.reshape(-1, queries.shape[-1]))
-    args = (q2, _rows(keys), _rows(values), g, _rows(sketch), None if signs is None else _rows(signs), name)
-    if _direct(*args[:3]):
-        return _unflatten(lead, *_prefiltered_kernel(*args))
-    return _unflatten(lead, *torch.ops.neuraldb.gated_retrieval_prefiltered(*args))
+    q2 = queries.reshape(-1, queries.shape[-1])
+    signs = None if signs is None else _rows(signs)
+    return _unflatten(lead, *_run(q2, _rows(keys), _rows(values), g, name, _rows(sketch), signs))

@@ -38,6 +38,18 @@ def check_gamma(gamma: object) -> float:
     return g
 
 
+def check_queries(queries: object, d1: int, device: torch.device) -> None:
+    """Validate queries for keys ``(m, d1)`` on ``device``: a float tensor of shape ``(..., d1)`` there."""
+    _check_tensor("queries", queries, QUERY_DTYPES)
+    assert isinstance(queries, torch.Tensor)
+    if queries.dim() < 1:
+        raise ValueError("queries must have shape (..., d1) with at least one dim, got a 0-d tensor")
+    if queries.shape[-1] != d1:
+        raise ValueError(f"queries must have shape (..., {d1}) to match the keys, got {tuple(queries.shape)}")
+    if queries.device != device:
+        raise ValueError(f"queries must be on the keys' device ({device}), got {queries.device}")
+
+
 def check_inputs(queries: object, keys: object, values: object, gamma: object) -> float:
     """Validate the op's arguments (shapes, dtypes, devices, gamma) and return gamma as a float."""
     _check_tensor("queries", queries, QUERY_DTYPES)
