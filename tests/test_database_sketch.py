@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import neuraldb.database
 import pytest
 import torch
 from neuraldb import NeuralKVDatabase
@@ -92,21 +93,23 @@ def test_shard_appends_and_ordered_deletes_keep_the_sketch():
     assert_in_step(shard)
 
 
-def _counting(monkeypatch):
+def _prefiltered_calls(monkeypatch) -> list[tuple[torch.Size, bool]]:
+    """Records (query shape, signs given) of every pre-filtered kernel call the database makes."""
     calls = []
-    real = neuraldb_kernels.gated_retrieval_prefiltered
+    real = neuraldb.database.gated_residuals
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+    def spy(queries, keys, values, gamma, backend, sketch=None, signs=None):
+        if sketch is not None:
+            calls.append((queries.shape, signs is not None))
+        return real(queries, keys, values, gamma, backend, sketch, signs)
 
-    monkeypatch.setattr(neuraldb_kernels, "gated_retrieval_prefiltered", spy)
+    monkeypatch.setattr(neuraldb.database, "gated_residuals", spy)
     return calls
 
 
 @pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
 def test_retrieve_residuals_is_the_plain_retrieval(monkeypatch):
-    calls = _counting(monkeypatch)
+    calls = _prefiltered_calls(monkeypatch)
     g = torch.Generator().manual_seed(7)
     db = NeuralKVDatabase(1536, 64)
     db.add(torch.randn(3000, 1536, generator=g), torch.randn(3000, 64, generator=g))
@@ -134,20 +137,13 @@ def test_retrieve_residuals_is_the_plain_retrieval(monkeypatch):
 
 @pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
 def test_signs_only_where_gamma_is_high_enough(monkeypatch):
-    given = []
-    real = neuraldb_kernels.gated_retrieval_prefiltered
-
-    def spy(*args, **kwargs):
-        given.append(len(args) > 5 and args[5] is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(neuraldb_kernels, "gated_retrieval_prefiltered", spy)
+    calls = _prefiltered_calls(monkeypatch)
     db = NeuralKVDatabase(256, 8)
     db.add(torch.randn(1200, 256, generator=torch.Generator().manual_seed(9)), torch.randn(1200, 8))
     q = torch.randn(1, 256)
     for gamma in (db.PREFILTER_SIGNS_MIN_GAMMA, 0.9, db.PREFILTER_SIGNS_MIN_GAMMA - 0.01):
         assert torch.equal(db.retrieve_residuals(q, gamma), db.retrieve(q, gamma)[0])
-    assert given == [True, True, False]
+    assert [signs for _, signs in calls] == [True, True, False]
     assert_in_step(db)
 
 
