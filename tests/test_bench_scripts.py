@@ -1,4 +1,5 @@
-"""benchmarks/host_overhead.py and benchmarks/triton_config_sweep.py run (or refuse cleanly) without a GPU."""
+"""benchmarks/host_overhead.py and benchmarks/triton_config_sweep.py run (or refuse cleanly) without a GPU, and
+bench_overhead's hook timer spans the patch's retrieval."""
 
 from __future__ import annotations
 
@@ -51,3 +52,34 @@ def test_triton_config_sweep_parses_configs_and_needs_a_gpu(capsys):
     if not torch.cuda.is_available():
         assert sweep.main(["--T", "2048"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_overhead_times_the_patch_hook_inside_the_forward(monkeypatch):
+    import time
+
+    import neuraldb
+    from neuraldb.patching import Patch
+
+    bench = load("bench_overhead")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False))
+    db = neuraldb.NeuralKVDatabase(16, 4)
+    db.add(torch.randn(3, 16), torch.randn(3, 4))
+    neuraldb.patch_model(model, db, module=model[0], gamma=0.5)
+    x = torch.randn(2, 16)
+    want = model(x)
+    real = Patch.retrieve
+
+    def slow(self, queries):
+        time.sleep(0.02)
+        return real(self, queries)
+
+    monkeypatch.setattr(Patch, "retrieve", slow)
+    sink: list[tuple[float, float]] = []
+    handles = bench.time_patch_hook(model[0], sink)
+    got = model(x)
+    for h in handles:
+        h.remove()
+    assert torch.equal(got, want), "the timers must not change the output"
+    # One (wall, CPU) pair per forward, spanning the retrieval (the sleep) but not counting it as CPU time.
+    assert len(sink) == 1 and sink[0][0] >= 0.02 and sink[0][1] < 0.02
+    assert len(model[0]._forward_hooks) == 1, "only the patch's own hook is left"
