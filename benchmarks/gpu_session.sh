@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's checks for issue 7, sized to fit a single ~10-minute device call:
 #   build the CUDA extension (in the background: the Triton tests need no build), run tests/test_gpu.py for Triton,
-#   then for CUDA, then the op table at the issue's targets, the host time of each layer of the patched path, and the
-#   8B-shape overhead table.
-# Every step has its own time limit so one hang cannot cost the others. OUTDIR gets 7 files (the device tool
-# returns at most 8): env.txt, build.log, tests.log, bench.log and three JSON results.
+#   then for CUDA, then the op table at the issue's targets, the host time of each layer of the patched path, the
+#   8B-shape overhead table, and its decode step on the CUDA kernel (one C++ launch against Triton's Python launcher:
+#   in a launch-bound decode step the host time is what the patch adds).
+# Every step has its own time limit so one hang cannot cost the others. OUTDIR gets 8 files (the device tool
+# returns at most 8): env.txt, build.log, tests.log, bench.log and four JSON results.
 #   bash benchmarks/gpu_session.sh [OUTDIR]        (OUTDIR defaults to benchmarks/results/gpu_session)
 set -u
 OUTDIR=${1:-benchmarks/results/gpu_session}
@@ -51,4 +52,8 @@ timeout 30 "$PY" benchmarks/host_overhead.py --device cuda --out "$OUTDIR/host_o
 timeout 120 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --m 0,20000,100000,1000000 --reps 20 \
     --no-plot --out "$OUTDIR/overhead.json" >>"$OUTDIR/bench.log" 2>&1
 echo "overhead rc=$?" >>"$OUTDIR/bench.log"
+
+timeout 90 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --m 0,100000 --reps 20 \
+    --scenarios decode_b1 --backend cuda --no-plot --out "$OUTDIR/overhead_cuda.json" >>"$OUTDIR/bench.log" 2>&1
+echo "overhead cuda rc=$?" >>"$OUTDIR/bench.log"
 rm -rf "$WORK"
