@@ -17,7 +17,8 @@ timed region), so load from other processes hits both alike. Reported per (scena
 
 - ``added_pct``: median of the per-repetition differences (patched - unpatched) over the unpatched median;
 - ``op_ms``: the op alone on the same number of queries (what the kernel costs, without the model around it);
-- ``hook_ms``: the patch's forward hook timed inside the patched forwards (median per forward): the op where it runs
+- ``hook_ms``: the patch's forward hook timed inside patched forwards (median per forward; as many forwards as
+  repetitions, run after the pairs so that the timers do not count in ``added_pct``): the op where it runs
   in the model, with the caches as the model leaves them, plus the hook's own host time and the add. It does not
   difference two forwards, so it resolves what ``added_pct`` cannot on a noisy machine; it misses only what the op
   does to the rest of the forward (caches it evicts). On a GPU it is host time (no synchronisation inside), the part
@@ -203,28 +204,32 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
     hooks: dict[str, list[tuple[float, float]]] = {s: [] for s in variants}
     path, module = arch.down_proj_module(model, layer)
 
-    def run(state: str, timed: bool = True) -> tuple[float, float]:
+    def run(state: str) -> tuple[float, float]:
         if state == "unpatched":
             if neuraldb.patch_info(model) is not None:
                 unpatch_model(model)
-            return timed_both(scenario.step, device)
-        _use_sketch(db, state)
-        patch_model(model, db, module=path, gamma=gamma, backend=backend)
-        handles = time_patch_hook(module, hooks[state] if timed else [])
-        try:
-            return timed_both(scenario.step, device)
-        finally:
-            for h in handles:
-                h.remove()
+        else:
+            _use_sketch(db, state)
+            patch_model(model, db, module=path, gamma=gamma, backend=backend)
+        return timed_both(scenario.step, device)
 
     for _ in range(warmup):
         for s in states:
-            run(s, timed=False)
+            run(s)
     for r in range(reps):
         order = states[r % len(states) :] + states[: r % len(states)]
         order = order if r % 2 == 0 else order[::-1]
         for s in order:
             times[s].append(run(s))
+    # The hook is timed in forwards of its own, so the timers' cost stays out of the paired differences.
+    for v in variants:
+        _use_sketch(db, v)
+        patch_model(model, db, module=path, gamma=gamma, backend=backend)
+        handles = time_patch_hook(module, hooks[v])
+        for _ in range(reps):
+            scenario.step()
+        for h in handles:
+            h.remove()
     if neuraldb.patch_info(model) is not None:
         unpatch_model(model)
     _use_sketch(db, "1bit+int4")
