@@ -310,14 +310,14 @@ class NeuralKVDatabase:
         such call builds both sketches (one pass over the keys, under the lock). ``db.prefilter = False`` turns
         that off.
         """
-        # Called once per patched forward: the database's own tensors need no checks, and a decode step's host time
-        # is most of what the patch adds at small m (it runs with caches cold from the model's weights).
         check_queries(queries, self.key_dim, self.device)
         return self._residuals(queries, check_gamma(gamma), resolve(backend, queries.device))
 
     def _residuals(self, queries: torch.Tensor, gamma: float, backend: str) -> torch.Tensor:
         """:meth:`retrieve_residuals` on checked arguments: queries ``(..., key_dim)`` of a query dtype on this
-        database's device, a float gamma and a resolved backend name."""
+        database's device, a float gamma and a resolved backend name. The patch calls it once per forward: the
+        database's own tensors are consistent by construction and go to the kernel unchecked, because on a decode
+        step this host time is much of what the patch adds (it runs with caches cold from the model's weights)."""
         q2 = queries if queries.dim() == 2 else queries.reshape(-1, self.key_dim)
         with self._lock:
             if (
