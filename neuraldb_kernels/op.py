@@ -31,15 +31,16 @@ def _(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: fl
 
 
 def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call with these tensors runs outside every tracer (torch.compile, export, make_fx, fake or meta
-    tensors).
+    """Whether a call with these tensors runs outside every tracer and transform (torch.compile, export, make_fx,
+    torch.func, fake or meta tensors).
 
     Only tracers need the custom ops: an eager call that skips their dispatch saves 10-20 us a call on a CPU, more
     than a decode-size kernel itself, and on a GPU that host time is what a launch-bound decode step adds.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or (type(t) is torch.Tensor and not t.is_meta) for t in tensors)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(t is None or (type(t) is torch.Tensor and not t.is_meta and not wrapped(t)) for t in tensors)
 
 
 def _direct(*tensors: torch.Tensor | None) -> bool:

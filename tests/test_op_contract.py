@@ -229,6 +229,17 @@ def test_tracers_record_the_custom_op(prefiltered):
         assert torch.equal(a, b)
 
 
+def test_vmap_goes_through_the_custom_op():
+    # torch.func wraps tensors in batched ones without storage: the kernel cannot read them, the op's batching
+    # fallback can.
+    q, k, v = inputs(t=6, m=40, d1=16, d2=5)
+    q3 = q.reshape(3, 2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.func.vmap(lambda x: neuraldb_kernels.gated_retrieval(x, k, v, 0.5)[0])(q3)
+    assert torch.equal(got, neuraldb_kernels.gated_retrieval(q3, k, v, 0.5)[0])
+
+
 @pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
 def test_backend_choice_traces_without_graph_breaks(device_type, monkeypatch):
     # gated_retrieval resolves its backend inside compiled code, so every availability check must trace. The triton

@@ -7,7 +7,9 @@ import copy
 import sys
 import threading
 import time
+import warnings
 
+import neuraldb
 import pytest
 import torch
 from _tiny_models import (
@@ -20,8 +22,6 @@ from _tiny_models import (
     stored_key_scores,
     tiny_model,
 )
-
-import neuraldb
 from neuraldb.patching import Patch
 
 
@@ -336,6 +336,19 @@ def test_eager_forward_skips_the_custom_ops_and_tracers_record_them(monkeypatch)
     for name in ("database_retrieval", "gated_retrieval", "gated_retrieval_prefiltered"):
         monkeypatch.setattr(torch.ops.neuraldb, name, dispatched)
     assert_bitwise(model(ids).logits, patched)
+
+
+def test_vmap_over_a_patched_layer():
+    layer = torch.nn.Linear(16, 4, bias=False)
+    db = neuraldb.NeuralKVDatabase(16, 4)
+    keys = torch.randn(5, 16)
+    db.add(keys, torch.randn(5, 4))
+    neuraldb.patch_model(layer, db, module=layer, gamma=0.5)
+    x = torch.cat([keys[:3] * 2, torch.randn(3, 16)]).reshape(3, 2, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.func.vmap(layer)(x)
+        assert torch.equal(got, layer(x))
 
 
 def test_patched_model_backpropagates():
