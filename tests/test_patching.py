@@ -9,7 +9,6 @@ import threading
 import time
 import warnings
 
-import neuraldb
 import pytest
 import torch
 from _tiny_models import (
@@ -22,6 +21,8 @@ from _tiny_models import (
     stored_key_scores,
     tiny_model,
 )
+
+import neuraldb
 from neuraldb.patching import Patch
 
 
