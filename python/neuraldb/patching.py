@@ -212,7 +212,8 @@ def patch_model(
         gamma: gate threshold in [-1, 1]; defaults to ``db.gamma``, then the architecture's default (0.65).
         module: the module itself or its path (e.g. ``"model.layers.8.mlp.down_proj"``), for architectures
             neuraldb does not know or to patch a different projection.
-        backend: the ``gated_retrieval`` backend (None: best available).
+        backend: the ``gated_retrieval`` backend (None: best available, or ``$NEURALDB_BACKEND`` as it is when the
+            patch first runs on a device; the choice is kept until the model moves to another device).
 
     Returns:
         ``model``, patched. Patching a patched model replaces the previous patch.
