@@ -291,6 +291,7 @@ _CONFIGS_DECODE = [
         (128, 128, 4, 3),
         (128, 128, 8, 3),
         (128, 128, 8, 4),
+        (64, 64, 8, 3),  # what fp32 keys keep (see _prune)
     )
 ]
 # T == 1: fp32 multiply-adds over (BLOCK_N, BLOCK_D) key tiles (BLOCK_T = 1; Triton does not software-pipeline
@@ -307,10 +308,13 @@ _CONFIGS_PREFILL = [
         (128, 128, 64, 8),
         (64, 256, 64, 8),
         (128, 128, 32, 8),
-        (32, 64, 64, 4),  # for fp32 keys (the ieee dot runs on FMA units)
+        (32, 64, 64, 4),
     )
     for s in (3, 4)
-] + [_cfg(128, 256, 32, 8, 4)]  # the fastest on an H200 (benchmarks/triton_config_sweep.py) that does not spill
+] + [
+    _cfg(128, 256, 32, 8, 4),  # the fastest on an H200 (benchmarks/triton_config_sweep.py) that does not spill
+    _cfg(64, 64, 32, 8, 3),  # for fp32 keys (the ieee dot runs on FMA units; see _prune)
+]
 # What the autotuner chooses from, per scan path.
 _CONFIGS = {"row": _CONFIGS_ROW, "decode": _CONFIGS_DECODE, "prefill": _CONFIGS_PREFILL}
 # The fixed configs used under the interpreter (each inner-loop iteration costs ~1 ms there: big tiles).
@@ -328,7 +332,9 @@ _MAX_WIDE_ACC_REGS = 128
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs that only compute padding (row blocks taller than the T bucket) or would spill registers:
-    the hi/lo split keeps two accumulators, and fp32 keys (ieee dot on FMA units) want small tiles."""
+    the hi/lo split keeps two accumulators, and fp32 keys (ieee dot on FMA units) want small tiles over 8 warps in at
+    most 3 stages (on sm_90 under Triton 3.8, with half-precision queries a 16 x 64 x 64 tile spills 232-272 bytes on
+    4 warps and 32 x 64 x 64 spills 224 on 8; 16 x 64 x 64 and 64 x 64 x 32 on 8 warps in 3 stages do not)."""
     args = {**named_args, **kwargs}
     bucket = args.get("T_BUCKET", 4096)
     accs = 2 if args.get("SPLIT_Q") else 1
@@ -343,7 +349,8 @@ def _prune(configs, named_args, **kwargs):
         wide = accs == 1 and c.num_warps == 8
         if bt > 1 and accs * bt * bn > (_MAX_WIDE_ACC_REGS if wide else _MAX_TILE_REGS) * threads:
             continue
-        if args.get("IEEE") and bt > 1 and (bn * bd > 64 * 64 or bt * bn > 64 * 64):
+        ieee_spills = c.num_warps < 8 or c.num_stages > 3 or bn * bd > 64 * 64 or bt * bn > 64 * 64
+        if args.get("IEEE") and bt > 1 and ieee_spills:
             continue
         kept.append(c)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
@@ -357,8 +364,14 @@ _tuned: dict[str, object] = {}
 # pruning runs. The prefill head is the fastest fp16 config measured on an H200; the rest are educated guesses.
 _DEFAULT_CONFIGS = {
     "row": [_cfg(1, 32, 256, 8, 3), _cfg(16, 64, 64, 4, 3)],
-    "decode": [_cfg(16, 128, 64, 4, 3), _cfg(16, 64, 64, 4, 3)],
-    "prefill": [_cfg(128, 256, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 8, 3), _cfg(32, 64, 64, 4, 3)],
+    "decode": [_cfg(16, 128, 64, 4, 3), _cfg(16, 64, 64, 4, 3), _cfg(16, 64, 64, 8, 3)],
+    "prefill": [
+        _cfg(128, 256, 32, 8, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(64, 128, 64, 8, 3),
+        _cfg(32, 64, 64, 4, 3),
+        _cfg(64, 64, 32, 8, 3),
+    ],
 }
 
 

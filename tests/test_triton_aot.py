@@ -72,7 +72,7 @@ def default_config(kind, qdt, kdt, bucket):
 
 
 @pytest.mark.parametrize("kind,bucket", [("row", 1), ("decode", 16), ("prefill", 4096)])
-@pytest.mark.parametrize("qdt,kdt", [("fp16", "fp16"), ("bf16", "fp16"), ("fp32", "fp32")])
+@pytest.mark.parametrize("qdt,kdt", [("fp16", "fp16"), ("bf16", "fp16"), ("fp32", "fp32"), ("fp16", "fp32")])
 def test_default_configs_compile_for_hopper(kind, bucket, qdt, kdt):
     cfg = default_config(kind, qdt, kdt, bucket)
     k = compile_scan(90, qdt, kdt, cfg, bucket=bucket)
@@ -84,18 +84,22 @@ def test_default_configs_compile_for_hopper(kind, bucket, qdt, kdt):
     assert res["local"] == 0 and res["stack"] == 0, f"{cfg} spills: {res}"
 
 
-def test_every_decode_config_compiles_for_hopper_without_spills():
-    for cfg in tk._prune(tk._CONFIGS_DECODE, {}, T_BUCKET=16, SPLIT_Q=True, IEEE=False):
-        res = _resources(compile_scan(90, "bf16", "fp16", cfg, bucket=16).asm["cubin"])
-        assert res["stack"] == 0, f"{cfg}: {res}"
+@pytest.mark.parametrize("qdt,kdt", [("bf16", "fp16"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32")])
+def test_every_decode_and_row_config_compiles_for_hopper_without_spills(qdt, kdt):
+    # fp32 keys take the ieee dot, which spills on 4 warps: the pruning rule must drop those configs.
+    split, ieee = _modes(qdt, kdt)
+    for configs, bucket in ((tk._CONFIGS_DECODE, 16), (tk._CONFIGS_ROW, 1)):
+        for cfg in tk._prune(configs, {}, T_BUCKET=bucket, SPLIT_Q=split, IEEE=ieee):
+            res = _resources(compile_scan(90, qdt, kdt, cfg, bucket=bucket).asm["cubin"])
+            assert res["local"] == 0 and res["stack"] == 0, f"{cfg} (T bucket {bucket}): {res}"
 
 
-@pytest.mark.parametrize("qdt", ["fp16", "bf16"])
-def test_every_prefill_config_compiles_for_hopper_without_spills(qdt):
+@pytest.mark.parametrize("qdt,kdt", [("fp16", "fp16"), ("bf16", "fp16"), ("bf16", "fp32"), ("fp32", "fp32")])
+def test_every_prefill_config_compiles_for_hopper_without_spills(qdt, kdt):
     # The widest tiles hold 128 fp32 accumulators per thread: the pruning rule must drop those that spill.
-    split, ieee = _modes(qdt, "fp16")
+    split, ieee = _modes(qdt, kdt)
     for cfg in tk._prune(tk._CONFIGS_PREFILL, {}, T_BUCKET=4096, SPLIT_Q=split, IEEE=ieee):
-        res = _resources(compile_scan(90, qdt, "fp16", cfg, bucket=4096).asm["cubin"])
+        res = _resources(compile_scan(90, qdt, kdt, cfg, bucket=4096).asm["cubin"])
         assert res["local"] == 0 and res["stack"] == 0, f"{cfg}: {res}"
 
 
