@@ -207,3 +207,22 @@ def test_a_database_never_decoded_on_cpu_allocates_no_sketch(tmp_path):
     for d in (db, NeuralKVDatabase.load(path)):
         assert d.sketch is None
         assert _tensor_bytes(d) == d.capacity * (d1 + d2) * 2, "only the fp16 keys and residuals are allocated"
+
+
+@pytest.mark.parametrize("change", ["grow", "prefilter_off", "to_meta"])
+def test_cached_views_do_not_keep_replaced_buffers_alive(change):
+    # retrieve_residuals caches views of the live rows; a buffer the database replaces must not stay pinned by them.
+    db = NeuralKVDatabase(256, 8)
+    g = torch.Generator().manual_seed(3)
+    db.add(torch.randn(1100, 256, generator=g), torch.randn(1100, 8, generator=g))
+    db.retrieve_residuals(torch.randn(1, 256, generator=g), 0.7)
+    assert db.sketch is not None
+    old = {t.untyped_storage().data_ptr() for t in (db._keys, db._values, db._sketch, db._signs)}
+    if change == "grow":
+        db.add(torch.randn(db.capacity, 256, generator=g), torch.randn(db.capacity, 8, generator=g))
+    elif change == "prefilter_off":
+        db.prefilter = False
+    else:
+        db.to("meta")
+    cached = {t.untyped_storage().data_ptr() for t in db._views[1:] if t is not None and not t.is_meta}
+    assert not cached & old

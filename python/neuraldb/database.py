@@ -196,6 +196,7 @@ class NeuralKVDatabase:
             self._prefilter = bool(value)
             if not self._prefilter:
                 self._sketch = self._signs = None
+                self._views = ()
 
     @property
     def lock(self) -> threading.RLock:
@@ -337,8 +338,9 @@ class NeuralKVDatabase:
 
     def _live_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(keys, values, sketch, signs)``, the live rows, made once per state of the storage (call with the lock
-        held). Keyed on the buffers' identities and the row count, so no writer has to invalidate it; the cached views
-        keep their buffers alive, so an identity cannot be reused while it is cached."""
+        held). Keyed on the buffers' identities and the row count, so a writer that forgets to drop it costs memory,
+        never correctness (the cached views keep their buffers alive, so an identity cannot be reused while it is
+        cached); the writers that replace a buffer drop it, so that it does not keep the old one alive."""
         state = (self._n, id(self._keys), id(self._values), id(self._sketch), id(self._signs))
         if not self._views or self._views[0] != state:
             self._views = (state, self.keys, self.values, self.sketch, self.signs)
@@ -477,6 +479,7 @@ class NeuralKVDatabase:
                 self._values = self._values.to(device)
                 if device.type != "cpu":
                     self._sketch = self._signs = None
+                self._views = ()
         return self
 
     def _reserve(self, rows: int) -> None:
@@ -493,6 +496,7 @@ class NeuralKVDatabase:
             self._sketch = self._grown(self._sketch, cap)
             self._signs = self._grown(self._signs, cap)
         self._keys, self._values = keys, values
+        self._views = ()
 
     def _grown(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
         out = torch.empty((cap, buf.shape[1]), dtype=buf.dtype, device=self.device)
