@@ -162,17 +162,10 @@ def _prefiltered_kernel(
     return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch, signs)
 
 
-@torch.library.custom_op("neuraldb::gated_retrieval_prefiltered", mutates_args=())
-def _gated_retrieval_prefiltered_op(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    gamma: float,
-    sketch: torch.Tensor,
-    signs: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _prefiltered_kernel(queries, keys, values, gamma, sketch, signs, backend)
+# Registered from the plain function, which eager calls run without the op's dispatch.
+_gated_retrieval_prefiltered_op = torch.library.custom_op(
+    "neuraldb::gated_retrieval_prefiltered", _prefiltered_kernel, mutates_args=()
+)
 
 
 @_gated_retrieval_prefiltered_op.register_fake
