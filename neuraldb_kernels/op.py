@@ -99,10 +99,10 @@ def gated_retrieval(
     name = backends.resolve(backend, queries.device)
     lead = queries.shape[:-1]
     q2 = queries.reshape(-1, queries.shape[-1])
-    return _unflatten(lead, *_run(q2, _rows(keys), _rows(values), g, name))
+    return _unflatten(lead, *gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name))
 
 
-def _run(
+def gated_retrieval_unchecked(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -111,8 +111,18 @@ def _run(
     sketch: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op on checked arguments (2-D queries, a resolved backend): the kernel itself for eager calls, the custom op
-    (plain, or pre-filtered when ``sketch`` is given) for tracers and autograd."""
+    """:func:`gated_retrieval` (:func:`gated_retrieval_prefiltered` when ``sketch`` is given) without the argument
+    checks, for callers that own consistent tensors (:class:`neuraldb.NeuralKVDatabase`): 2-D ``queries``,
+    ``keys``/``values`` (and the sketches) with unit-stride rows, a float ``gamma`` in [-1, 1] and a backend name from
+    :func:`neuraldb_kernels.backends.resolve`. Eager calls run the kernel itself; tracers and inputs that require grad
+    get the custom op.
+
+    Example::
+
+        >>> keys = torch.nn.functional.normalize(torch.randn(100, 16), dim=1).half()
+        >>> gated_retrieval_unchecked(keys[:2].float(), keys, torch.eye(100)[:, :4], 0.5, "torch")[1].tolist()
+        [0, 1]
+    """
     q = _rows(queries)
     if sketch is None:
         if _direct(q, keys, values):
@@ -121,29 +131,6 @@ def _run(
     if _direct(q, keys, values):
         return _prefiltered_kernel(q, keys, values, gamma, sketch, signs, backend)
     return torch.ops.neuraldb.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs, backend)
-
-
-def gated_residuals(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    gamma: float,
-    backend: str,
-    sketch: torch.Tensor | None = None,
-    signs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out`` of :func:`gated_retrieval` (of :func:`gated_retrieval_prefiltered` when ``sketch`` is given) without
-    the argument checks, for callers that own consistent tensors (:class:`neuraldb.NeuralKVDatabase`): 2-D
-    ``queries``, ``keys``/``values`` (and the sketches) with unit-stride rows, a float ``gamma`` in [-1, 1] and a
-    backend name from :func:`neuraldb_kernels.backends.resolve`.
-
-    Example::
-
-        >>> keys = torch.nn.functional.normalize(torch.randn(100, 16), dim=1).half()
-        >>> gated_residuals(keys[:2].float(), keys, torch.eye(100)[:, :4], 0.5, "torch").shape
-        torch.Size([2, 4])
-    """
-    return _run(queries, keys, values, gamma, backend, sketch, signs)[0]
 
 
 def _prefiltered_kernel(
@@ -230,4 +217,4 @@ def gated_retrieval_prefiltered(
     lead = queries.shape[:-1]
     q2 = queries.reshape(-1, queries.shape[-1])
     signs = None if signs is None else _rows(signs)
-    return _unflatten(lead, *_run(q2, _rows(keys), _rows(values), g, name, _rows(sketch), signs))
+    return _unflatten(lead, *gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name, _rows(sketch), signs))

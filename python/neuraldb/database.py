@@ -46,7 +46,7 @@ from neuraldb.database_inputs import (
     normalize_keys,
 )
 from neuraldb_kernels.backends import resolve
-from neuraldb_kernels.op import gated_residuals
+from neuraldb_kernels.op import gated_retrieval_unchecked
 from neuraldb_kernels.prefilter import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
 from neuraldb_kernels.validation import check_gamma, check_queries
 
@@ -330,10 +330,11 @@ class NeuralKVDatabase:
                 self._ensure_sketch()
                 keys, values, sketch, signs = self._live_views()
                 use_signs = self.PREFILTER_SIGNS and gamma >= self.PREFILTER_SIGNS_MIN_GAMMA
-                out = gated_residuals(q2, keys, values, gamma, backend, sketch, signs if use_signs else None)
+                signs = signs if use_signs else None
+                out = gated_retrieval_unchecked(q2, keys, values, gamma, backend, sketch, signs)[0]
             else:
                 keys, values, _, _ = self._live_views()
-                out = gated_residuals(q2, keys, values, gamma, backend)
+                out = gated_retrieval_unchecked(q2, keys, values, gamma, backend)[0]
         return out if queries.dim() == 2 else out.view(*queries.shape[:-1], self.value_dim)
 
     def _live_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
