@@ -38,12 +38,17 @@ def check_gamma(gamma: object) -> float:
     return g
 
 
-def check_queries(queries: object, d1: int, device: torch.device) -> None:
-    """Validate queries for keys ``(m, d1)`` on ``device``: a float tensor of shape ``(..., d1)`` there."""
+def _check_query_tensor(queries: object) -> None:
     _check_tensor("queries", queries, QUERY_DTYPES)
     assert isinstance(queries, torch.Tensor)
     if queries.dim() < 1:
         raise ValueError("queries must have shape (..., d1) with at least one dim, got a 0-d tensor")
+
+
+def check_queries(queries: object, d1: int, device: torch.device) -> None:
+    """Validate queries for keys ``(m, d1)`` on ``device``: a float tensor of shape ``(..., d1)`` there."""
+    _check_query_tensor(queries)
+    assert isinstance(queries, torch.Tensor)
     if queries.shape[-1] != d1:
         raise ValueError(f"queries must have shape (..., {d1}) to match the keys, got {tuple(queries.shape)}")
     if queries.device != device:
@@ -52,12 +57,10 @@ def check_queries(queries: object, d1: int, device: torch.device) -> None:
 
 def check_inputs(queries: object, keys: object, values: object, gamma: object) -> float:
     """Validate the op's arguments (shapes, dtypes, devices, gamma) and return gamma as a float."""
-    _check_tensor("queries", queries, QUERY_DTYPES)
+    _check_query_tensor(queries)
     _check_tensor("keys", keys, KEY_DTYPES)
     _check_tensor("values", values, VALUE_DTYPES)
     assert isinstance(queries, torch.Tensor) and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
-    if queries.dim() < 1:
-        raise ValueError("queries must have shape (..., d1) with at least one dim, got a 0-d tensor")
     if keys.dim() != 2:
         raise ValueError(f"keys must be 2-D (m, d1), got shape {tuple(keys.shape)}")
     if values.dim() != 2:

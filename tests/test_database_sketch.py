@@ -226,3 +226,24 @@ def test_cached_views_do_not_keep_replaced_buffers_alive(change):
         db.to("meta")
     cached = {t.untyped_storage().data_ptr() for t in db._views[1:] if t is not None and not t.is_meta}
     assert not cached & old
+
+
+@pytest.mark.parametrize(
+    "queries,gamma,exc,words",
+    [
+        (torch.randn(1, 255), 0.5, ValueError, ["queries", "(..., 256)"]),
+        (torch.randn(1, 256).long(), 0.5, TypeError, ["queries", "int64"]),
+        (torch.tensor(1.0), 0.5, ValueError, ["queries", "0-d"]),
+        (torch.randn(1, 256, device="meta"), 0.5, ValueError, ["queries", "device"]),
+        ([0.0] * 256, 0.5, TypeError, ["queries", "torch.Tensor"]),
+        (torch.randn(1, 256), 1.5, ValueError, ["gamma"]),
+    ],
+)
+def test_retrieve_residuals_checks_its_arguments(queries, gamma, exc, words):
+    # The patch skips these checks (it owns its inputs); a direct call must still get a clear error.
+    db = NeuralKVDatabase(256, 8)
+    db.add(torch.randn(1200, 256), torch.randn(1200, 8))
+    with pytest.raises(exc) as info:
+        db.retrieve_residuals(queries, gamma)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert db.sketch is None, "a rejected call builds nothing"
