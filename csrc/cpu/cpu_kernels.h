@@ -4,12 +4,22 @@
 // not pull in torch headers.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 
 namespace neuraldb {
 namespace cpu {
 
 enum class KeyType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+// x rounded to the nearest integer, ties to even, as std::nearbyint in the default rounding mode, for |x| < 2^22
+// (NaN stays NaN): adding 1.5 * 2^23 leaves no fraction bits. Inline, where nearbyint is a libm call per element on
+// baseline x86-64; the query quantisers call it for every element of every query.
+static_assert(FLT_EVAL_METHOD == 0, "round_half_even needs fp32 arithmetic in fp32");
+inline float round_half_even(float x) {
+  constexpr float kShift = 12582912.f;  // 1.5 * 2^23
+  return (x + kShift) - kShift;
+}
 
 // One scan problem: T normalised fp32 query rows against m key rows.
 struct Problem {

@@ -623,7 +623,7 @@ SketchQueries quantize_queries(const Problem& p, int64_t G) {
       int8_t* c = r.q8.data() + t * w + g * cpu::kSketchGroup;
       for (int j = 0; j < cpu::kSketchGroup; ++j) {
         // Non-finite queries get code 0: their norms below are NaN, which keeps every key for the exact rescoring.
-        const float v = scale > 0.f && std::isfinite(scale) ? std::nearbyint(x[j] / scale) : 0.f;
+        const float v = scale > 0.f && std::isfinite(scale) ? cpu::round_half_even(x[j] / scale) : 0.f;
         c[j] = static_cast<int8_t>(std::isfinite(v) ? std::clamp(v, -127.f, 127.f) : 0.f);
         const double qhat = static_cast<double>(scale) * c[j];
         nn += static_cast<double>(x[j]) * x[j];
@@ -681,7 +681,7 @@ SignQueries quantize_sign_queries(const Problem& p, int64_t G) {
     int32_t sum = 0;
     for (int64_t j = 0; j < p.d1; ++j) {
       // Non-finite queries get code 0: their norm is NaN (or inf), which keeps every key for the next stage.
-      const float v = scale > 0.f && std::isfinite(scale) ? std::nearbyint(q[j] / scale) : 0.f;
+      const float v = scale > 0.f && std::isfinite(scale) ? cpu::round_half_even(q[j] / scale) : 0.f;
       const int c = static_cast<int>(std::isfinite(v) ? std::clamp(v, -127.f, 127.f) : 0.f);
       r.qu[t * w + j] = static_cast<uint8_t>(c + 128);
       sum += c;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_kernels.h"
 #include "gated_retrieval.h"
 
 namespace {
@@ -149,8 +150,27 @@ void run_all(const std::string& isa) {
 
 }  // namespace
 
+// The query quantisers' rounding against std::nearbyint: a fine grid over the codes' range and past it, every tie
+// (k + 1/2) with its neighbours, and NaN. Reports the first mismatch only.
+void check_round_half_even() {
+  std::vector<float> xs;
+  for (int64_t k = -300 * 1024; k <= 300 * 1024; ++k) xs.push_back(static_cast<float>(k) / 1024.f);
+  for (int k = -300; k <= 300; ++k) {
+    const float tie = static_cast<float>(k) + 0.5f;
+    xs.insert(xs.end(), {std::nextafter(tie, -1e9f), tie, std::nextafter(tie, 1e9f)});
+  }
+  for (const float x : xs)
+    if (neuraldb::cpu::round_half_even(x) != std::nearbyint(x)) {
+      EXPECT(false, "round_half_even(%a) = %a, nearbyint gives %a", x, neuraldb::cpu::round_half_even(x),
+             std::nearbyint(x));
+      break;
+    }
+  EXPECT(std::isnan(neuraldb::cpu::round_half_even(NAN)), "round_half_even(NaN) is not NaN");
+}
+
 int main() {
   at::manual_seed(0);
+  check_round_half_even();
   const auto isas = neuraldb::cpu_isas();
   for (const auto& isa : isas) {
     std::printf("kernel %s\n", isa.c_str());
