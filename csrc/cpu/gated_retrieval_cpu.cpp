@@ -522,9 +522,14 @@ Prepared prepare(const char* op, const at::Tensor& queries, const at::Tensor& ke
               ": rows of queries, keys and values must be unit-stride");
 
   Prepared r;
-  r.out = at::zeros({T, d2}, queries.options());
-  r.idx = at::full({T}, -1, queries.options().dtype(at::kLong));
-  r.score = at::full({T}, kNegInf, queries.options().dtype(at::kFloat));
+  // Filled here rather than by at::zeros / at::full: their fill kernels dispatch through TensorIterator, which
+  // costs tens of microseconds per decode step once a scan has evicted that code and its data from the caches.
+  r.out = at::empty({T, d2}, queries.options());
+  std::memset(r.out.data_ptr(), 0, r.out.nbytes());  // all-zero bytes are +0 in fp32, fp16 and bf16
+  r.idx = at::empty({T}, queries.options().dtype(at::kLong));
+  std::fill_n(r.idx.data_ptr<int64_t>(), T, int64_t{-1});
+  r.score = at::empty({T}, queries.options().dtype(at::kFloat));
+  std::fill_n(r.score.data_ptr<float>(), T, kNegInf);
   if (T == 0 || m == 0) return r;
 
   // Normalised, zero padded fp32 queries (rows of qs floats, qs a multiple of 64 so every vector load of a
