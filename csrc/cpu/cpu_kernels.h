@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace neuraldb {
 namespace cpu {
@@ -77,18 +79,39 @@ struct SignProblem {
   const int32_t* qsum;   // (T,) sum of q8 over the row
   const float* q;        // (T, qs) the normalised fp32 queries (the outliers' query values are gathered from them)
   int64_t qs = 0;
+  // (T,) each: the constants of query t's bound (see sign_bound_passes) and the gate's threshold.
+  const double* c = nullptr;
+  const double* l1 = nullptr;
+  const double* a = nullptr;
+  const double* b = nullptr;
+  float gamma = 0.f;
 };
-// For keys [k0, k1) and every query t, at [(i - k0) * T + t]: dot = sum_j q8_j s_j with s_j = +1 for a set bit and
-// -1 otherwise (exact), and s1 = the fp32 sum of q_j v_j over the key's outliers (any order: within
-// g(kSignOutliers) sum |q_j v_j| of the real value).
-using SignFn = void (*)(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1);
-void sign_scores_scalar(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1);
+
+// Whether key `row` can score above gamma for query t, from dot = sum_j q8_j s_j (s_j = +1 for a set bit, -1
+// otherwise; exact) and s1 = the fp32 sum of q_j v_j over the key's outliers (any order: within
+// g(kSignOutliers) sum |q_j v_j| of the real value). The bound is derived in gated_retrieval_cpu.cpp; it lives here
+// so that each ISA's scan applies it to the key it has just read, instead of a second pass over stored scores.
+inline bool sign_bound_passes(const SignProblem& p, const uint8_t* row, int64_t t, int32_t dot, float s1) {
+  float arn[3];
+  std::memcpy(arn, row, sizeof arn);
+  const double s = s1, cd = p.c[t] * dot;
+  const double rest = p.a[t] * arn[1] + p.b[t] * arn[2];
+  const double terms = arn[0] * (std::fabs(cd) + p.l1[t]) + rest;
+  const double ub = s + arn[0] * (cd + p.l1[t]) + rest;
+  // The float64 sums may round down by a few 2^-53 of their terms; 1e-9 of them covers it. NaN keeps the key.
+  return !(ub + 1e-9 * (std::fabs(s) + terms) < p.gamma);
+}
+
+// For keys [k0, k1) and every query t: writes each (key i, query t) that passes sign_bound_passes to pass, as i then
+// t (room for (k1 - k0) T pairs), in increasing i, and returns how many pairs.
+using SignFn = int64_t (*)(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass);
+int64_t sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEURALDB_PORTABLE_ONLY)
 #define NEURALDB_X86 1
 void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
-void sign_scores_avx512(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1);
+int64_t sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass);
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);

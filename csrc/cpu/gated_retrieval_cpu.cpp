@@ -646,9 +646,9 @@ SketchQueries quantize_queries(const Problem& p, int64_t G) {
 
 cpu::SignFn sign_fn(Isa i) {
 #ifdef NEURALDB_X86
-  if (i == Isa::kAvx512 || i == Isa::kAmx) return cpu::sign_scores_avx512;
+  if (i == Isa::kAvx512 || i == Isa::kAmx) return cpu::sign_pass_avx512;
 #endif
-  return cpu::sign_scores_scalar;
+  return cpu::sign_pass_scalar;
 }
 
 // The queries quantised for the sign scan, and per query the constants of its bound (see below).
@@ -667,6 +667,7 @@ struct SignQueries {
 //   qn . v_J <= s1 + g(kSignOutliers) ||qn|| n
 // so fp32(qn . k) <= s1 + a_key (c dot + l1) + A r + B n with l1 = ||dq||_1, A = ||qn||,
 // B = (g(d1) + g(kSignOutliers)) ||qn||. The per-query sums are float64 (relative error ~1e-13), rounded up by 1e-9.
+// The scans evaluate it with cpu::sign_bound_passes.
 SignQueries quantize_sign_queries(const Problem& p, int64_t G) {
   SignQueries r;
   const int64_t w = G * cpu::kSketchGroup;
@@ -793,15 +794,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
     gp.qsum = gq.qsum.data();
     gp.q = p.q;
     gp.qs = p.qs;
+    gp.c = gq.c.data();
+    gp.l1 = gq.l1.data();
+    gp.a = gq.a.data();
+    gp.b = gq.b.data();
+    gp.gamma = static_cast<float>(gamma);
   }
-  const cpu::SignFn sign_scores = sign_fn(isa);
+  const cpu::SignFn sign_pass = sign_fn(isa);
 
   // ~10 GB/s per core from memory; ~1.2 ns per group and query of integer dot products (int4), ~0.4 (signs).
   const int64_t scan_bytes = cascade ? gp.ss : sp.ss;
   const double est_us = static_cast<double>(m) * std::max(scan_bytes / 1e4, (cascade ? 0.4e-3 : 1.2e-3) * G * T);
   const Team team_ = team(m, scan_bytes, est_us, 1);
   std::vector<std::vector<float>> sbuf(static_cast<size_t>(team_.threads));
-  std::vector<std::vector<int32_t>> dbuf(static_cast<size_t>(team_.threads));
+  std::vector<std::vector<int64_t>> pbuf(static_cast<size_t>(team_.threads));
   std::vector<std::vector<std::pair<int64_t, int64_t>>> cand(static_cast<size_t>(team_.threads));
   std::vector<int64_t> passed_signs(static_cast<size_t>(team_.threads), 0);
   // Whether key i can pass the gate for query t by its int4 bound, given its sketch score si.
@@ -816,8 +822,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
   run_chunks(
       team_, m,
       [&](int tid) {
-        sbuf[tid].resize(static_cast<size_t>(team_.chunk * T));
-        if (cascade) dbuf[tid].resize(static_cast<size_t>(team_.chunk * T));
+        sbuf[tid].resize(static_cast<size_t>(cascade ? T : team_.chunk * T));
+        if (cascade) pbuf[tid].resize(static_cast<size_t>(2 * team_.chunk * T));
       },
       [&](int tid, int64_t k0, int64_t k1) {
         float* s = sbuf[tid].data();
@@ -828,28 +834,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
               if (int4_keeps(i, t, s[(i - k0) * T + t])) cand[tid].emplace_back(i, t);
           return;
         }
-        int32_t* dot = dbuf[tid].data();
-        sign_scores(gp, k0, k1, dot, s);
-        thread_local std::vector<float> s4;
-        s4.resize(static_cast<size_t>(T));
-        for (int64_t i = k0; i < k1; ++i) {
-          float arn[3];
-          std::memcpy(arn, gp.signs + i * gp.ss, sizeof arn);
-          bool scored = false;
-          for (int64_t t = 0; t < T; ++t) {
-            const double s1 = s[(i - k0) * T + t];
-            const double cd = gq.c[t] * dot[(i - k0) * T + t];
-            const double terms = arn[0] * (std::fabs(cd) + gq.l1[t]) + gq.a[t] * arn[1] + gq.b[t] * arn[2];
-            const double ub = s1 + arn[0] * (cd + gq.l1[t]) + gq.a[t] * arn[1] + gq.b[t] * arn[2];
-            // As above: 1e-9 of the terms covers the float64 rounding; NaN keeps the key.
-            if (ub + 1e-9 * (std::fabs(s1) + terms) < g) continue;
-            ++passed_signs[tid];
-            if (!scored) {
-              scores(sp, i, i + 1, s4.data());
-              scored = true;
-            }
-            if (int4_keeps(i, t, s4[t])) cand[tid].emplace_back(i, t);
+        int64_t* pass = pbuf[tid].data();
+        const int64_t n = sign_pass(gp, k0, k1, pass);
+        passed_signs[tid] += n;
+        // The int4 scores of a key serve all its queries: pairs come grouped by key.
+        int64_t scored = -1;
+        for (int64_t e = 0; e < n; ++e) {
+          const int64_t i = pass[2 * e], t = pass[2 * e + 1];
+          if (i != scored) {
+            scores(sp, i, i + 1, s);
+            scored = i;
           }
+          if (int4_keeps(i, t, s[t])) cand[tid].emplace_back(i, t);
         }
       },
       [](int) {});

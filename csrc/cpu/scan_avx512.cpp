@@ -577,11 +577,12 @@ NDB_AVX512 void sketch_scores(const SketchProblem& p, int64_t k0, int64_t k1, fl
 // ------------------------------------------------------------------------------------------------
 // Per group of 64: the sign bits are the byte mask that keeps the query codes (stored + 128, so unsigned) of the
 // set bits, and vpsadbw sums them into 8 int64 lanes; the +128 of each kept byte comes off through a popcount.
-NDB_AVX512 void sign_scores(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1) {
+NDB_AVX512 int64_t sign_pass(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass) {
   constexpr int64_t kAhead = 8;  // rows ahead into L1 (300-byte rows: ~2.4 KB)
   const int64_t G = p.G;
   const __m512i zero = _mm512_setzero_si512();
   const __m512i qmax = _mm512_set1_epi32(static_cast<int>(p.qs - 1));
+  int64_t n = 0;
   for (int64_t i = k0; i < k1; ++i) {
     const uint8_t* row = p.signs + i * p.ss;
     if (i + kAhead < k1) {
@@ -612,7 +613,6 @@ NDB_AVX512 void sign_scores(const SignProblem& p, int64_t k0, int64_t k1, int32_
         acc0 = _mm512_add_epi64(acc0, _mm512_sad_epu8(_mm512_maskz_mov_epi8(m0, _mm512_loadu_si512(qu + 64 * g)), zero));
       }
       const int64_t pos = _mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1)) - 128 * ones;
-      dot[(i - k0) * p.T + t] = static_cast<int32_t>(2 * pos - p.qsum[t]);
       const float* q = p.q + t * p.qs;
       __m512 acc = _mm512_setzero_ps();
       for (int o = 0; o < kSignOutliers; o += kLanes) {
@@ -622,15 +622,20 @@ NDB_AVX512 void sign_scores(const SignProblem& p, int64_t k0, int64_t k1, int32_
         const __m512 qv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, j, q, 4);
         acc = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, oval + o)), acc);
       }
-      s1[(i - k0) * p.T + t] = _mm512_reduce_add_ps(acc);
+      if (sign_bound_passes(p, row, t, static_cast<int32_t>(2 * pos - p.qsum[t]), _mm512_reduce_add_ps(acc))) {
+        pass[2 * n] = i;
+        pass[2 * n + 1] = t;
+        ++n;
+      }
     }
   }
+  return n;
 }
 
 }  // namespace
 
-void sign_scores_avx512(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1) {
-  sign_scores(p, k0, k1, dot, s1);
+int64_t sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass) {
+  return sign_pass(p, k0, k1, pass);
 }
 
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s) { sketch_scores(p, k0, k1, s); }

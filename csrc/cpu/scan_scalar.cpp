@@ -122,7 +122,8 @@ void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float*
   }
 }
 
-void sign_scores_scalar(const SignProblem& p, int64_t k0, int64_t k1, int32_t* dot, float* s1) {
+int64_t sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass) {
+  int64_t n = 0;
   for (int64_t i = k0; i < k1; ++i) {
     const uint8_t* row = p.signs + i * p.ss;
     const uint8_t* bits = row + kSignHeader + 4 * kSignOutliers;
@@ -132,7 +133,6 @@ void sign_scores_scalar(const SignProblem& p, int64_t k0, int64_t k1, int32_t* d
       int64_t pos = 0;
       for (int64_t j = 0; j < p.G * 64; ++j)
         if ((bits[j >> 3] >> (j & 7)) & 1) pos += static_cast<int32_t>(qu[j]) - 128;
-      dot[(i - k0) * p.T + t] = static_cast<int32_t>(2 * pos - p.qsum[t]);
       const float* q = p.q + t * p.qs;
       float acc = 0.f;
       for (int o = 0; o < kSignOutliers; ++o) {
@@ -142,9 +142,14 @@ void sign_scores_scalar(const SignProblem& p, int64_t k0, int64_t k1, int32_t* d
         // Clamped so a malformed row cannot read outside the query row.
         acc += q[j < p.qs ? j : p.qs - 1] * load_f16(h);
       }
-      s1[(i - k0) * p.T + t] = acc;
+      if (sign_bound_passes(p, row, t, static_cast<int32_t>(2 * pos - p.qsum[t]), acc)) {
+        pass[2 * n] = i;
+        pass[2 * n + 1] = t;
+        ++n;
+      }
     }
   }
+  return n;
 }
 
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
