@@ -18,6 +18,10 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
   the kernel's own threading (256 KB chunks taken in turn by torch.get_num_threads() threads); ``keys.sum()``
   is timed too, for reference. "% read" is read time / kernel time, from the same interleaved run.
 
+``--cold-mb N`` reads an N MB buffer before every timed call (the read probe's loop), so each call starts with the
+caches as a model's forward leaves them (its weights streamed past), rather than holding the keys from the previous
+call: 600 MB is about a SmolLM2-135M fp32 decode step.
+
 Keys are fp16 unit rows, values fp16 (m, 256), queries fp32; gamma 0.5 (``--gamma``). Configurations whose tensors would not fit
 in the available memory are skipped. Results go to stdout (a table) and to benchmarks/results/op_table-*.json
 with the CPU model, thread count, torch version, load average before/after, and every raw timing.
@@ -78,7 +82,7 @@ def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budg
     return v
 
 
-def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float = 0.5) -> dict:
+def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float = 0.5, cold_mb: int = 0) -> dict:
     keys = make_keys(m, d1)
     g = torch.Generator().manual_seed(1)
     values = torch.randn(m, D2, generator=g).half()
@@ -112,11 +116,13 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float =
     for n in ("fp16_mm", "fp32_mm", "read", "sum"):
         if n in fns:
             fns[n]()  # warm-up
+    flush = _cache_flusher(cold_mb)
     for r in range(reps):
         order = list(fns) if r % 2 == 0 else list(reversed(fns))  # interleaved, alternating order
         for n in order:
             if n == "torch" and r == reps - 1:
                 continue  # it already has one rep from the correctness check
+            flush()
             t0, c0 = time.perf_counter(), time.process_time()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
@@ -127,7 +133,7 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float =
     eager = {n: med[n] for n in ("torch", "fp16_mm", "fp32_mm") if n in med}
     best_eager = min(eager, key=eager.get)
     row = {
-        "T": t, "m": m, "d1": d1, "d2": D2, "gamma": gamma, "key_bytes": key_bytes, "reps": reps,
+        "T": t, "m": m, "d1": d1, "d2": D2, "gamma": gamma, "key_bytes": key_bytes, "reps": reps, "cold_mb": cold_mb,
         "median_s": med, "times_s": times,
         "median_cpu_s": {n: statistics.median(ts) for n, ts in cpu_times.items() if ts}, "cpu_times_s": cpu_times,
         "read_GBps": key_bytes / read / 1e9, "sum_GBps": key_bytes / med["sum"] / 1e9,
@@ -151,6 +157,15 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float =
         }
     del keys, values, sketch, signs
     return row
+
+
+def _cache_flusher(mb: int):
+    """A callable that streams ``mb`` MB through the caches (a no-op for 0)."""
+    if mb <= 0:
+        return lambda: None
+    junk = torch.ones(mb << 20, dtype=torch.uint8)
+    ext = extension.load()
+    return (lambda: ext.read_probe(junk)) if ext is not None else (lambda: junk.sum())
 
 
 def fmt_ms(s: float | None) -> str:
@@ -191,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, nargs="*", default=None)
     ap.add_argument("--d1", type=int, nargs="*", default=None)
     ap.add_argument("--gamma", type=float, default=0.5, help="the gate (the pre-filters' pass rates depend on it)")
+    ap.add_argument("--cold-mb", type=int, default=0,
+                    help="stream this many MB through the caches before every timed call (0: warm, the default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/op_table-<time>.json)")
     args = ap.parse_args(argv)
     ms = args.m or ([100_000] if args.quick else [10_000, 100_000, 1_000_000])
@@ -212,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "read_probe": "neuraldb_kernels._C.read_probe(keys): C++ XOR of every 64-byte line (AVX-512 loads, "
                       "prefetch 1 KB ahead), the kernels' threading",
         "quick": args.quick,
+        "cold_mb": args.cold_mb,
     }
     print(f"# {meta['cpu_model']} | {meta['threads']} threads | torch {meta['torch']} | kernels {meta['cpu_kernels']}"
-          f" | load {meta['loadavg_before'][0]:.1f}")
+          f" | load {meta['loadavg_before'][0]:.1f}" + (f" | cold: {args.cold_mb} MB read before each call" if args.cold_mb else ""))
     rows = []
     avail = mem_available_bytes() or 8 << 30
     for d1 in d1s:
@@ -225,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for t in args.T:
                 budget = int(0.6 * avail) - need
-                rows.append(bench_config(t, m, d1, args.reps, budget, args.gamma))
+                rows.append(bench_config(t, m, d1, args.reps, budget - (args.cold_mb << 20), args.gamma, args.cold_mb))
                 print_table(rows[-1:], header=len(rows) == 1)
     meta["loadavg_after"] = os.getloadavg()
     print()

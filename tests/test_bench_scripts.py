@@ -83,3 +83,15 @@ def test_bench_overhead_times_the_patch_hook_inside_the_forward(monkeypatch):
     # One (wall, CPU) pair per forward, spanning the retrieval (the sleep) but not counting it as CPU time.
     assert len(sink) == 1 and sink[0][0] >= 0.02 and sink[0][1] < 0.02
     assert len(model[0]._forward_hooks) == 1, "only the patch's own hook is left"
+
+
+def test_op_table_cold_mode_flushes_before_every_timed_call(tmp_path, monkeypatch):
+    op_table = load("op_table")
+    calls = []
+    monkeypatch.setattr(op_table, "_cache_flusher", lambda mb: (lambda: calls.append(mb)))
+    out = tmp_path / "op.json"
+    assert op_table.main(["--T", "1", "--m", "300", "--d1", "64", "--reps", "2", "--cold-mb", "3", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["cold_mb"] == 3
+    # One flush per timed call: every variant twice, but the reference once (its second rep is the warm-up check).
+    assert len(calls) == sum(len(ts) for ts in row["times_s"].values()) - 1 and set(calls) == {3}
