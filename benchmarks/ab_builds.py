@@ -1,0 +1,133 @@
+"""Two builds of the CPU kernel in one patched SmolLM2 decode loop: what a kernel change is worth inside the model.
+
+    cp neuraldb_kernels/_C*.so /tmp/C_before.so       # before the change; then rebuild, then:
+    python benchmarks/ab_builds.py --baseline /tmp/C_before.so --m 10000 --pairs 150
+
+Runs on this VM differ by more than a small kernel change (the unpatched SmolLM2 step has read 56 to 83 ms on this VM
+within a day), so two ``bench_overhead.py`` runs cannot compare builds. Here both builds are loaded into one process and a
+decode step (batch 1, the cascade's path) alternates between them: per pair, one step with each build (order
+alternating) and then one more with each under the hook timer of ``bench_overhead.time_patch_hook``. Reported: the
+median of the paired differences (this build minus the baseline) of the whole step and of the patch's hook, with
+bootstrap 95% intervals of those medians. The hook's difference resolves what the step's cannot; the step's says
+whether anything outside the hook moved. Results: ``benchmarks/results/ab_builds[_<tag>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_overhead as bo  # noqa: E402
+import torch  # noqa: E402
+from _common import RESULTS, machine_description, write_json  # noqa: E402
+
+from neuraldb import NeuralKVDatabase, architectures as arch, patch_model  # noqa: E402
+from neuraldb_kernels import extension  # noqa: E402
+
+_OP = "gated_retrieval_prefiltered_cpu"  # the entry a CPU decode step reaches (op.py looks it up per call)
+
+
+def load_baseline(path: Path):
+    """The extension module at ``path`` (a ``_C*.so`` copied from another build), beside the installed one."""
+    spec = importlib.util.spec_from_file_location("neuraldb_baseline._C", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load an extension module from {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def median_interval(xs: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval of the median of ``xs``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(rounds))
+    return meds[int(0.025 * rounds)], meds[int(0.975 * rounds)]
+
+
+def summary(diffs_s: list[float]) -> dict:
+    lo, hi = median_interval(diffs_s)
+    return {"median_ms": statistics.median(diffs_s) * 1e3, "ci95_ms": [lo * 1e3, hi * 1e3]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, required=True, help="a _C*.so of the build to compare against")
+    ap.add_argument("--m", type=int, default=10_000, help="facts in the database (random unit keys)")
+    ap.add_argument("--pairs", type=int, default=150)
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("--context", type=int, default=128, help="KV-cache length")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    ext = extension.load()
+    if ext is None:
+        raise SystemExit("the installed neuraldb_kernels._C could not be loaded")
+    fns = {"this": getattr(ext, _OP), "baseline": getattr(load_baseline(args.baseline), _OP)}
+    model = bo.load_smollm2("cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    _, module = arch.down_proj_module(model, args.layer)
+    db = NeuralKVDatabase(key_dim=module.in_features, value_dim=module.out_features)
+    bo.grow(db, args.m, gen)
+    scenario = bo.Scenario("decode_b1", model, "cpu", args.context, gen)
+    patch_model(model, db, layer=args.layer)
+    step = {v: [] for v in fns}
+    hook = {v: [] for v in fns}
+    try:
+        for v in fns:  # warm-up: builds the key sketches, touches both builds' code
+            setattr(ext, _OP, fns[v])
+            for _ in range(3):
+                scenario.step()
+        for r in range(args.pairs):
+            order = list(fns) if r % 2 == 0 else list(reversed(fns))
+            for v in order:
+                setattr(ext, _OP, fns[v])
+                t0 = time.perf_counter()
+                scenario.step()
+                step[v].append(time.perf_counter() - t0)
+            for v in order:
+                setattr(ext, _OP, fns[v])
+                sink: list[tuple[float, float]] = []
+                handles = bo.time_patch_hook(module, sink)
+                scenario.step()
+                for h in handles:
+                    h.remove()
+                hook[v].append(sink[-1][0])
+    finally:
+        setattr(ext, _OP, fns["this"])
+
+    result = {
+        "benchmark": "ab_builds",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "baseline": str(args.baseline),
+        "m": args.m,
+        "pairs": args.pairs,
+        "machine": machine_description("cpu"),
+        "step_ms": {v: statistics.median(ts) * 1e3 for v, ts in step.items()},
+        "hook_ms": {v: statistics.median(ts) * 1e3 for v, ts in hook.items()},
+        "step_diff": summary([a - b for a, b in zip(step["this"], step["baseline"])]),
+        "hook_diff": summary([a - b for a, b in zip(hook["this"], hook["baseline"])]),
+        "raw_s": {"step": step, "hook": hook},
+    }
+    s, h = result["step_diff"], result["hook_diff"]
+    print(f"m = {args.m}, {args.pairs} pairs | step: this {result['step_ms']['this']:.2f} ms, baseline "
+          f"{result['step_ms']['baseline']:.2f} ms, paired {s['median_ms']:+.3f} ms "
+          f"({s['ci95_ms'][0]:+.3f} to {s['ci95_ms'][1]:+.3f}) | hook: this {result['hook_ms']['this']:.3f} ms, "
+          f"baseline {result['hook_ms']['baseline']:.3f} ms, paired {h['median_ms']:+.3f} ms "
+          f"({h['ci95_ms'][0]:+.3f} to {h['ci95_ms'][1]:+.3f})")
+    path = write_json(args.out or RESULTS / f"ab_builds{'_' + args.tag if args.tag else ''}.json", result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
