@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace neuraldb {
 namespace cpu {
@@ -102,16 +103,16 @@ inline bool sign_bound_passes(const SignProblem& p, const uint8_t* row, int64_t 
   return !(ub + 1e-9 * (std::fabs(s) + terms) < p.gamma);
 }
 
-// For keys [k0, k1) and every query t: writes each (key i, query t) that passes sign_bound_passes to pass, as i then
-// t (room for (k1 - k0) T pairs), in increasing i, and returns how many pairs.
-using SignFn = int64_t (*)(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass);
-int64_t sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass);
+// For keys [k0, k1) and every query t: appends each (key i, query t) that passes sign_bound_passes to pass, as i then
+// t, in increasing i. Appended rather than written to a (k1 - k0) T buffer: few pairs pass, and T may be large.
+using SignFn = void (*)(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
+void sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEURALDB_PORTABLE_ONLY)
 #define NEURALDB_X86 1
 void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
-int64_t sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass);
+void sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);

@@ -823,7 +823,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
       team_, m,
       [&](int tid) {
         sbuf[tid].resize(static_cast<size_t>(cascade ? T : team_.chunk * T));
-        if (cascade) pbuf[tid].resize(static_cast<size_t>(2 * team_.chunk * T));
       },
       [&](int tid, int64_t k0, int64_t k1) {
         float* s = sbuf[tid].data();
@@ -834,13 +833,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
               if (int4_keeps(i, t, s[(i - k0) * T + t])) cand[tid].emplace_back(i, t);
           return;
         }
-        int64_t* pass = pbuf[tid].data();
-        const int64_t n = sign_pass(gp, k0, k1, pass);
-        passed_signs[tid] += n;
+        std::vector<int64_t>& pass = pbuf[tid];
+        pass.clear();
+        sign_pass(gp, k0, k1, pass);
+        passed_signs[tid] += static_cast<int64_t>(pass.size() / 2);
         // The int4 scores of a key serve all its queries: pairs come grouped by key.
         int64_t scored = -1;
-        for (int64_t e = 0; e < n; ++e) {
-          const int64_t i = pass[2 * e], t = pass[2 * e + 1];
+        for (size_t e = 0; e < pass.size(); e += 2) {
+          const int64_t i = pass[e], t = pass[e + 1];
           if (i != scored) {
             scores(sp, i, i + 1, s);
             scored = i;

@@ -577,12 +577,11 @@ NDB_AVX512 void sketch_scores(const SketchProblem& p, int64_t k0, int64_t k1, fl
 // ------------------------------------------------------------------------------------------------
 // Per group of 64: the sign bits are the byte mask that keeps the query codes (stored + 128, so unsigned) of the
 // set bits, and vpsadbw sums them into 8 int64 lanes; the +128 of each kept byte comes off through a popcount.
-NDB_AVX512 int64_t sign_pass(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass) {
+NDB_AVX512 void sign_pass(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
   constexpr int64_t kAhead = 8;  // rows ahead into L1 (300-byte rows: ~2.4 KB)
   const int64_t G = p.G;
   const __m512i zero = _mm512_setzero_si512();
   const __m512i qmax = _mm512_set1_epi32(static_cast<int>(p.qs - 1));
-  int64_t n = 0;
   for (int64_t i = k0; i < k1; ++i) {
     const uint8_t* row = p.signs + i * p.ss;
     if (i + kAhead < k1) {
@@ -623,19 +622,17 @@ NDB_AVX512 int64_t sign_pass(const SignProblem& p, int64_t k0, int64_t k1, int64
         acc = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, oval + o)), acc);
       }
       if (sign_bound_passes(p, row, t, static_cast<int32_t>(2 * pos - p.qsum[t]), _mm512_reduce_add_ps(acc))) {
-        pass[2 * n] = i;
-        pass[2 * n + 1] = t;
-        ++n;
+        pass.push_back(i);
+        pass.push_back(t);
       }
     }
   }
-  return n;
 }
 
 }  // namespace
 
-int64_t sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass) {
-  return sign_pass(p, k0, k1, pass);
+void sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
+  sign_pass(p, k0, k1, pass);
 }
 
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s) { sketch_scores(p, k0, k1, s); }

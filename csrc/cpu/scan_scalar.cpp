@@ -122,8 +122,7 @@ void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float*
   }
 }
 
-int64_t sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, int64_t* pass) {
-  int64_t n = 0;
+void sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
   for (int64_t i = k0; i < k1; ++i) {
     const uint8_t* row = p.signs + i * p.ss;
     const uint8_t* bits = row + kSignHeader + 4 * kSignOutliers;
@@ -143,13 +142,11 @@ int64_t sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, int64_t* 
         acc += q[j < p.qs ? j : p.qs - 1] * load_f16(h);
       }
       if (sign_bound_passes(p, row, t, static_cast<int32_t>(2 * pos - p.qsum[t]), acc)) {
-        pass[2 * n] = i;
-        pass[2 * n + 1] = t;
-        ++n;
+        pass.push_back(i);
+        pass.push_back(t);
       }
     }
   }
-  return n;
 }
 
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
