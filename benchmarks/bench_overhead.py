@@ -4,6 +4,8 @@
     python benchmarks/bench_overhead.py --m 0,10000,100000 --scenarios decode_b1 --reps 60
     python benchmarks/bench_overhead.py --threads 1 --m 0,10000,100000 --scenarios decode_b1 --prefilter all
     python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda          # GPU session: 8B shapes, fp16
+    python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --scenarios decode_b1,decode_b8 \
+        --backend triton,cuda,auto                                                     # the backends, paired
     python benchmarks/bench_overhead.py --model llama3-8b-shape --layers 1 --vocab 512 --device cpu \\
         --dtype float32 --m 0,2000 --reps 2 --tag smoke                                # CPU smoke of the 8B path
     python benchmarks/bench_overhead.py --plot-only benchmarks/results/overhead_smollm2_cpu.json
@@ -30,6 +32,8 @@ timed region), so load from other processes hits both alike. Reported per (scena
 steps of one query row on CPU, see ``NeuralKVDatabase.retrieve_residuals``) in the same repetitions, next to the
 unpatched one; ``--prefilter all`` adds the int4 sketch alone (without the 1-bit first stage). The op alone is then
 ``retrieve_residuals`` with that setting. (Results before the 1-bit stage call the int4 variant "prefilter".)
+Likewise ``--backend a,b`` times one patched variant per backend in the same repetitions (label "<sketch> <backend>";
+off the CPU the sketch is always "plain").
 
 Random keys never open the gate (max cosine ~0.1 << gamma), so the residual gather is skipped; that is the common
 case at inference time, where most tokens match no fact. Results: ``benchmarks/results/overhead_<model>_<device>[_<tag>]
@@ -194,23 +198,33 @@ def _use_sketch(db, variant: str) -> None:
     db.PREFILTER_SIGNS = variant == "1bit+int4"
 
 
+def variant_label(sketch: str, backend: str | None, several_backends: bool) -> str:
+    """A patched variant's name: its sketch setting, and its backend where a run compares several."""
+    return f"{sketch} {backend or 'auto'}" if several_backends else sketch
+
+
 def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, device: str, gamma: float,
-            backend: str | None, variants: tuple[str, ...] = ("1bit+int4",)) -> list[dict]:
+            variants: dict[str, tuple[str, str | None]]) -> list[dict]:
     """Interleaved repetitions of one scenario at the database's current size: unpatched and one patched forward per
-    variant ("1bit+int4": the database's default, the key sketches where they apply, built by the warm-up; "int4":
-    the int4 sketch alone; "plain": the plain scan), in rotating order. One row per variant, each against the unpatched forwards of the same repetitions."""
+    variant, in rotating order. ``variants`` maps a label to (sketch setting, backend): "1bit+int4" is the database's
+    default, the key sketches where they apply, built by the warm-up; "int4" the int4 sketch alone; "plain" the plain
+    scan. One row per variant, each against the unpatched forwards of the same repetitions."""
     states = ("unpatched", *variants)
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in states}
     hooks: dict[str, list[tuple[float, float]]] = {s: [] for s in variants}
     path, module = arch.down_proj_module(model, layer)
+
+    def patch(label: str) -> None:
+        sketch, backend = variants[label]
+        _use_sketch(db, sketch)
+        patch_model(model, db, module=path, gamma=gamma, backend=backend)
 
     def run(state: str) -> tuple[float, float]:
         if state == "unpatched":
             if neuraldb.patch_info(model) is not None:
                 unpatch_model(model)
         else:
-            _use_sketch(db, state)
-            patch_model(model, db, module=path, gamma=gamma, backend=backend)
+            patch(state)
         return timed_both(scenario.step, device)
 
     for _ in range(warmup):
@@ -223,8 +237,7 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
             times[s].append(run(s))
     # The hook is timed in forwards of its own, so the timers' cost stays out of the paired differences.
     for v in variants:
-        _use_sketch(db, v)
-        patch_model(model, db, module=path, gamma=gamma, backend=backend)
+        patch(v)
         handles = time_patch_hook(module, hooks[v])
         for _ in range(reps):
             scenario.step()
@@ -234,7 +247,8 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         unpatch_model(model)
     _use_sketch(db, "1bit+int4")
     qdtype = next(model.parameters()).dtype
-    rows = [_row(scenario, db, reps, device, qdtype, gamma, backend, times["unpatched"], times[v], v) for v in variants]
+    rows = [_row(scenario, db, reps, device, qdtype, gamma, *variants[v], times["unpatched"], times[v], v)
+            for v in variants]
     for row, v in zip(rows, variants):
         cpu = row["cpu_added_ms"] is not None
         row["hook_ms"] = median([w for w, _ in hooks[v]]) * 1e3
@@ -260,8 +274,8 @@ def time_patch_hook(module: torch.nn.Module, sink: list[tuple[float, float]]) ->
     return [module.register_forward_hook(before, prepend=True), module.register_forward_hook(after)]
 
 
-def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, gamma: float, backend: str | None,
-         base: list, pat: list, variant: str) -> dict:
+def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, gamma: float, sketch: str,
+         backend: str | None, base: list, pat: list, variant: str) -> dict:
     unpatched, patched = [w for w, _ in base], [w for w, _ in pat]
     diffs = [p - u for u, p in zip(unpatched, patched)]
     cpu_u = [c for _, c in base]
@@ -270,7 +284,7 @@ def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, ga
     # database method the patch calls, with this variant's setting.
     q = torch.randn(scenario.queries, db.key_dim, device=device, dtype=qdtype)
     op_reps = max(3, min(reps, 20))
-    _use_sketch(db, variant)
+    _use_sketch(db, sketch)
     db.retrieve_residuals(q, gamma, backend=backend)
     op = [timed_both(lambda: db.retrieve_residuals(q, gamma, backend=backend), device) for _ in range(op_reps)]
     _use_sketch(db, "1bit+int4")
@@ -280,6 +294,7 @@ def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, ga
     return {
         "scenario": scenario.name,
         "variant": variant,
+        "backend": backend,
         "sketch_bytes": 0 if db.sketch is None else db.sketch.numel(),
         "sign_bytes": 0 if db.signs is None else db.signs.numel(),
         "queries": scenario.queries,
@@ -430,7 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--context", type=int, default=128, help="KV-cache length for the decode scenarios")
     ap.add_argument("--gamma", type=float, default=None)
-    ap.add_argument("--backend", default=None)
+    ap.add_argument("--backend", default=None,
+                    help="the op's backend (default: auto); comma-separated names are timed as variants of one run, "
+                    "in the same interleaved repetitions (e.g. triton,cuda)")
     ap.add_argument("--prefilter", default="on", choices=list(_VARIANTS),
                     help="the database's key sketches for decode steps (on: its default, 1-bit + int4; both: patched "
                     "with and without them in the same interleaved repetitions; all: also the int4 sketch alone)")
@@ -455,6 +472,12 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
+
+    backend_names = [b or None for b in (args.backend or "").split(",")]
+    # The key sketches serve CPU databases only (``to`` a GPU drops them): elsewhere every variant is the plain scan.
+    sketches = _VARIANTS[args.prefilter] if torch.device(args.device).type == "cpu" else ("plain",)
+    several = len(backend_names) > 1
+    variants = {variant_label(v, b, several): (v, b) for b in backend_names for v in sketches}
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -498,8 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         for s in scenarios:
             reps = args.reps if s.startswith("decode") else max(3, args.reps // 3)
-            for row in measure(model, db, built[s], layer, reps, args.warmup, args.device, gamma, args.backend,
-                               _VARIANTS[args.prefilter]):
+            for row in measure(model, db, built[s], layer, reps, args.warmup, args.device, gamma, variants):
                 add_row(result, row, s, m, key_bytes, bw)
         result["machine"]["load_average_after"] = load_average()
         write_json(out, result)  # after every m, so a killed run keeps what it measured

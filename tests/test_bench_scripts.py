@@ -95,3 +95,27 @@ def test_op_table_cold_mode_flushes_before_every_timed_call(tmp_path, monkeypatc
     assert row["cold_mb"] == 3
     # One flush per timed call: every variant twice, but the reference once (its second rep is the warm-up check).
     assert len(calls) == sum(len(ts) for ts in row["times_s"].values()) - 1 and set(calls) == {3}
+
+
+def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
+    import types
+
+    import neuraldb
+
+    bench = load("bench_overhead")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False))
+    db = neuraldb.NeuralKVDatabase(16, 4)
+    db.add(torch.randn(3, 16), torch.randn(3, 4))
+    monkeypatch.setattr(bench.arch, "down_proj_module", lambda m, layer: ("0", m[0]))
+    used = []
+    monkeypatch.setattr(bench, "patch_model", lambda *a, backend, **k: used.append(backend) or neuraldb.patch_model(
+        *a, backend=backend, **k))
+    x = torch.randn(1, 16)
+    scenario = types.SimpleNamespace(name="decode_b1", queries=1, step=lambda: model(x))
+    variants = {bench.variant_label("plain", b, True): ("plain", b) for b in ("torch", None)}
+    assert list(variants) == ["plain torch", "plain auto"]
+    rows = bench.measure(model, db, scenario, 0, reps=4, warmup=1, device="cpu", gamma=0.5, variants=variants)
+    assert [(r["variant"], r["backend"], r["reps"]) for r in rows] == [("plain torch", "torch", 4), ("plain auto", None, 4)]
+    # Each timed patched forward (warm-up, the interleaved repetitions, the hook timing) ran under its own backend.
+    assert used.count("torch") == used.count(None) == 1 + 4 + 1
+    assert neuraldb.patch_info(model) is None
