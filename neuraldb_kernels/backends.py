@@ -105,6 +105,11 @@ BACKENDS: dict[str, Backend] = {
 
 # Preference order of "auto" per device type; the reference is always last and always available.
 _AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+# ... and for calls with a single query row (decode at batch 1). On an H200 at 100k x 14336 fp16 keys the CUDA kernel
+# reads the keys at 98% of the read probe against Triton's 103%, but its one C++ launch costs ~0.3 ms less host time
+# than Triton's Python launcher and autotuner (hook 0.17 against 0.47 ms in an 8B-shaped decode step), and an eager
+# decode step is launch-bound: the host time is what the patch adds. docs/gpu.md has the measurements.
+_AUTO_ORDER_ONE_ROW = {"cuda": ("cuda", "triton", "torch")}
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -121,15 +126,23 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in (*order, *extra) if BACKENDS[n].unavailable_reason(device_type) is None]
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` (None/"auto" honours ``$NEURALDB_BACKEND``) on ``device``.
+def resolve(backend: str | None, device: torch.device, rows: int | None = None) -> str:
+    """The concrete backend name for ``backend`` (None/"auto" honours ``$NEURALDB_BACKEND``) on ``device``, for a
+    call with ``rows`` query rows (None: any number). "auto" on CUDA picks Triton, except for a single row, which
+    goes to the CUDA kernel where it is built (as fast on the device, far cheaper to launch).
 
     Raises ValueError for an unknown name and RuntimeError, saying why, for one that cannot run there.
+
+    Example::
+
+        >>> resolve(None, torch.device("cpu"), rows=1)
+        'cpu'
     """
     name = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or "auto"
     device_type = device.type
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        order = _AUTO_ORDER_ONE_ROW.get(device_type) if rows == 1 else None
+        for candidate in order or _AUTO_ORDER.get(device_type, ("torch",)):
             if BACKENDS[candidate].unavailable_reason(device_type) is None:
                 return candidate
         return "torch"

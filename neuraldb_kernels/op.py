@@ -78,7 +78,8 @@ def gated_retrieval(
             renormalise them: :class:`neuraldb.NeuralKVDatabase` stores them normalised.
         values: ``(m, d2)`` fp16/bf16/fp32 residual rows.
         gamma: gate threshold in [-1, 1]; a row retrieves only where ``score > gamma`` (strictly).
-        backend: None or "auto" (best for the device, overridden by ``$NEURALDB_BACKEND``), "torch"
+        backend: None or "auto" (best for the device and the number of query rows, see
+            :func:`neuraldb_kernels.backends.resolve`; overridden by ``$NEURALDB_BACKEND``), "torch"
             (the reference), "cpu" (C++), "triton" or "cuda".
 
     Returns:
@@ -96,9 +97,9 @@ def gated_retrieval(
         [0, 1, 2]
     """
     g = check_inputs(queries, keys, values, gamma)
-    name = backends.resolve(backend, queries.device)
     lead = queries.shape[:-1]
     q2 = queries.reshape(-1, queries.shape[-1])
+    name = backends.resolve(backend, queries.device, q2.shape[0])
     return _unflatten(lead, *gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name))
 
 
@@ -213,8 +214,8 @@ def gated_retrieval_prefiltered(
     check_sketch(sketch, keys)
     if signs is not None:
         check_signs(signs, keys)
-    name = backends.resolve(backend, queries.device)
     lead = queries.shape[:-1]
     q2 = queries.reshape(-1, queries.shape[-1])
+    name = backends.resolve(backend, queries.device, q2.shape[0])
     signs = None if signs is None else _rows(signs)
     return _unflatten(lead, *gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name, _rows(sketch), signs))

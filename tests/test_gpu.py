@@ -142,6 +142,8 @@ def test_auto_picks_triton_then_cuda(monkeypatch):
     assert "torch" in avail
     expected = next(b for b in ("triton", "cuda", "torch") if b in avail)
     assert backends.resolve(None, dev) == expected
+    assert backends.resolve(None, dev, 8) == expected
+    assert backends.resolve(None, dev, 1) == next(b for b in ("cuda", "triton", "torch") if b in avail)
     monkeypatch.setenv("NEURALDB_BACKEND", "cuda")
     if "cuda" in avail:
         assert backends.resolve(None, dev) == "cuda"

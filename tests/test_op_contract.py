@@ -3,6 +3,7 @@ fallback to the reference when the compiled extension is missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import warnings
@@ -91,6 +92,25 @@ def test_auto_prefers_the_compiled_kernel():
     assert names[-1] == "torch" or names[-2:] == ["torch", "triton"]
     assert backends.resolve(None, torch.device("cpu")) == names[0]
     assert backends.resolve("auto", torch.device("cpu")) == names[0]
+
+
+def _available(monkeypatch, name: str, reason: str | None = None) -> None:
+    entry = backends.BACKENDS[name]
+    monkeypatch.setitem(backends.BACKENDS, name, dataclasses.replace(entry, unavailable_reason=lambda d: reason))
+
+
+def test_auto_on_cuda_sends_single_rows_to_the_cuda_kernel(monkeypatch):
+    _available(monkeypatch, "triton")
+    _available(monkeypatch, "cuda")
+    cuda = torch.device("cuda", 0)
+    assert backends.resolve(None, cuda, 1) == "cuda"
+    assert [backends.resolve(None, cuda, t) for t in (None, 0, 2, 8, 2048)] == ["triton"] * 5
+    assert backends.resolve("triton", cuda, 1) == "triton"  # a named backend is never swapped
+    monkeypatch.setenv("NEURALDB_BACKEND", "triton")
+    assert backends.resolve(None, cuda, 1) == "triton"
+    monkeypatch.delenv("NEURALDB_BACKEND")
+    _available(monkeypatch, "cuda", "not built")
+    assert backends.resolve(None, cuda, 1) == "triton"
 
 
 def test_env_override(monkeypatch):

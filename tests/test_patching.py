@@ -56,6 +56,27 @@ def test_database_changes_are_seen_without_repatching():
     assert_bitwise(model(ids).logits, base)
 
 
+def test_auto_backend_is_chosen_per_call_kind(monkeypatch):
+    # "auto" may pick another backend for a single query row (decode at batch 1): a spy backend stands in for it.
+    from neuraldb_kernels import backends
+    from neuraldb_kernels.reference import gated_retrieval_reference
+
+    spy = backends.Backend("spy", lambda d: None, lambda: gated_retrieval_reference)
+    monkeypatch.setitem(backends.BACKENDS, "spy", spy)
+    monkeypatch.setitem(backends._AUTO_ORDER_ONE_ROW, "cpu", ("spy",))
+    used = []
+    real = backends.kernel
+    monkeypatch.setattr(backends, "kernel", lambda name: used.append(name) or real(name))
+    model, ids, module, base, keys, out, db = _setup()
+    db.add(keys[:3], torch.stack([_residual(out, s) for s in range(3)]))
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=0.65)
+    multi = backends.resolve(None, torch.device("cpu"))
+    for length, want in ((12, multi), (1, "spy"), (1, "spy"), (5, multi)):
+        used.clear()
+        model(ids[:, :length])
+        assert used == [want], (length, used)
+
+
 @pytest.mark.parametrize(
     "arch,dtype",
     [("llama", torch.bfloat16), ("llama", torch.float16), ("gpt2", torch.float16), ("opt", torch.bfloat16)],

@@ -312,7 +312,8 @@ class NeuralKVDatabase:
         that off.
         """
         check_queries(queries, self.key_dim, self.device)
-        return self._residuals(queries, check_gamma(gamma), resolve(backend, queries.device))
+        rows = queries.numel() // self.key_dim if self.key_dim else 0
+        return self._residuals(queries, check_gamma(gamma), resolve(backend, queries.device, rows))
 
     def _residuals(self, queries: torch.Tensor, gamma: float, backend: str) -> torch.Tensor:
         """:meth:`retrieve_residuals` on checked arguments: queries ``(..., key_dim)`` of a query dtype on this

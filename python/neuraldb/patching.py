@@ -77,7 +77,8 @@ class Patch:
         self.gamma = gamma
         self.backend = backend
         self.enabled = True
-        self._resolved: tuple[torch.device, str] | None = None  # (device, backend name) of the last retrieval
+        # ((device, single query row), backend name) of the last retrieval
+        self._resolved: tuple[tuple[torch.device, bool], str] | None = None
         self._register()
 
     def _register(self) -> None:
@@ -105,16 +106,18 @@ class Patch:
             # are skipped: the patch validated gamma, the module's input has the key width, and on a decode step the
             # checks' host time (caches cold from the model's weights) would be a third of what the patch adds.
             if isinstance(db, NeuralKVDatabase) and q.shape[-1] == db.key_dim:
-                out = db._residuals(q, self.gamma, self._backend_on(device))
+                one_row = q.numel() == q.shape[-1]
+                out = db._residuals(q, self.gamma, self._backend_on(device, one_row))
             else:
                 out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
         return out if out.dtype == queries.dtype else out.to(queries.dtype)
 
-    def _backend_on(self, device: torch.device) -> str:
-        # Resolved again only when the device changes; $NEURALDB_BACKEND is read when the patch first runs there.
+    def _backend_on(self, device: torch.device, one_row: bool) -> str:
+        # Resolved again only when the device or the kind of call changes ("auto" may pick another backend for a
+        # single query row); $NEURALDB_BACKEND is read when the patch first runs so.
         resolved = self._resolved
-        if resolved is None or resolved[0] != device:
-            resolved = self._resolved = (device, resolve(self.backend, device))
+        if resolved is None or resolved[0] != (device, one_row):
+            resolved = self._resolved = ((device, one_row), resolve(self.backend, device, 1 if one_row else None))
         return resolved[1]
 
     def __repr__(self) -> str:
