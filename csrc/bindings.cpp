@@ -11,6 +11,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused gated retrieval on CPU behind the exact int4 sketch pre-filter", pybind11::arg("queries"),
         pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"), pybind11::arg("sketch"),
         pybind11::arg("signs") = pybind11::none());
+  m.def("gated_residuals_cpu", &neuraldb::gated_residuals_cpu,
+        "The gated residuals of queries (..., d1) (pre-filtered when a sketch is given and there are at most "
+        "sketch_max_rows rows), or None when no row's gate opens",
+        pybind11::arg("queries"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("gamma"),
+        pybind11::arg("sketch") = pybind11::none(), pybind11::arg("signs") = pybind11::none(),
+        pybind11::arg("sketch_max_rows") = 0);
   m.def("cpu_isas", &neuraldb::cpu_isas, "CPU kernels this machine can run, best first (NEURALDB_CPU_ISA picks one)");
   m.def("read_probe", &neuraldb::read_probe, "Reads a CPU tensor once (benchmark bandwidth probe); returns a checksum",
         pybind11::arg("tensor"));

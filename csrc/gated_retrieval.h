@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -22,6 +23,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
                                                                                const at::Tensor& values, double gamma,
                                                                                const at::Tensor& sketch,
                                                                                const c10::optional<at::Tensor>& signs);
+// What a patched eager forward adds, for queries (..., d1) of any leading shape: out (..., d2) of
+// gated_retrieval_prefiltered_cpu (when a sketch is given and the queries have at most sketch_max_rows rows) or of
+// gated_retrieval_cpu, or nullopt when no row's gate opens, so that the caller can skip adding zeros.
+std::optional<at::Tensor> gated_residuals_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                              const at::Tensor& values, double gamma,
+                                              const std::optional<at::Tensor>& sketch,
+                                              const std::optional<at::Tensor>& signs, int64_t sketch_max_rows);
 // Bytes per key of that sketch (as neuraldb_kernels.prefilter.sketch_row_bytes).
 int64_t sketch_row_bytes(int64_t d1);
 // Bytes per key of the optional 1-bit first stage, signs = neuraldb_kernels.prefilter.build_signs(keys)

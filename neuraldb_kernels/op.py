@@ -6,6 +6,8 @@ public entry point that validates, flattens leading dims and picks the backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from neuraldb_kernels import backends, extension
@@ -30,17 +32,25 @@ def _(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: fl
     )
 
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     """Whether a call with these tensors runs outside every tracer and transform (torch.compile, export, make_fx,
     torch.func, fake or meta tensors).
 
     Only tracers need the custom ops: an eager call that skips their dispatch saves 10-20 us a call on a CPU, more
-    than a decode-size kernel itself, and on a GPU that host time is what a launch-bound decode step adds.
+    than a decode-size kernel itself, and on a GPU that host time is what a launch-bound decode step adds. A plain
+    loop and module-level names: inside a model's forward this runs with cold caches, where a generator expression
+    and attribute lookups cost tens of microseconds.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or _dispatch_modes():
         return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return all(t is None or (type(t) is torch.Tensor and not t.is_meta and not wrapped(t)) for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or t.is_meta or _functorch_wrapped(t)):
+            return False
+    return True
 
 
 def _direct(*tensors: torch.Tensor | None) -> bool:
@@ -132,6 +142,37 @@ def gated_retrieval_unchecked(
     if _direct(q, keys, values):
         return _prefiltered_kernel(q, keys, values, gamma, sketch, signs, backend)
     return torch.ops.neuraldb.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs, backend)
+
+
+def bind_cpu_residuals(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    sketch: torch.Tensor | None = None,
+    signs: torch.Tensor | None = None,
+    sketch_max_rows: int = 0,
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """The C++ CPU kernel with all but the queries bound, for a patched eager forward.
+
+    ``fn(queries)`` takes queries ``(..., d1)`` (fp32/fp16/bf16 on the CPU, not requiring grad, outside every tracer:
+    check :func:`runs_eagerly`) and returns the gated residuals ``(..., d2)`` in their dtype, or None when no row's
+    gate opens, so that the caller adds nothing. With a ``sketch`` (and ``signs``, as for
+    :func:`gated_retrieval_prefiltered`), calls of at most ``sketch_max_rows`` rows take the pre-filtered kernel.
+    The flattening, the choice and the gate test run in C++: on a decode step every tensor method called from Python
+    costs host time, with its caches cold from the model's weights.
+
+    Example::
+
+        >>> keys = torch.nn.functional.normalize(torch.randn(100, 16), dim=1).half()
+        >>> fn = bind_cpu_residuals(keys, torch.randn(100, 4), 0.65)
+        >>> fn(torch.randn(1, 1, 16)) is None, fn(keys[3:4].float().view(1, 1, 16)).shape
+        (True, torch.Size([1, 1, 4]))
+    """
+    ext = extension.load()
+    if ext is None:
+        raise RuntimeError(f"bind_cpu_residuals needs the compiled extension: {extension.missing_reason()}")
+    f = ext.gated_residuals_cpu
+    return lambda queries: f(queries, keys, values, gamma, sketch, signs, sketch_max_rows)
 
 
 def _prefiltered_kernel(

@@ -883,4 +883,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
   return {r.out, r.idx, r.score};
 }
 
+std::optional<at::Tensor> gated_residuals_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                              const at::Tensor& values, double gamma,
+                                              const std::optional<at::Tensor>& sketch,
+                                              const std::optional<at::Tensor>& signs, int64_t sketch_max_rows) {
+  TORCH_CHECK(queries.dim() >= 1 && keys.dim() == 2 && values.dim() == 2, "gated_residuals_cpu: queries must be "
+              "(..., d1), keys (m, d1) and values (m, d2); got ", queries.sizes(), ", ", keys.sizes(), ", ",
+              values.sizes());
+  // Flattened here rather than in Python: on a decode step a tensor method called from Python costs more host time
+  // than the reshape itself (its caches are cold from the model's weights).
+  at::Tensor q = queries.reshape({-1, queries.size(-1)});
+  if (q.size(1) > 1 && q.stride(1) != 1) q = q.contiguous();
+  const bool use_sketch = sketch.has_value() && q.size(0) <= sketch_max_rows;
+  auto [out, idx, score] = use_sketch ? gated_retrieval_prefiltered_cpu(q, keys, values, gamma, *sketch, signs)
+                                      : gated_retrieval_cpu(q, keys, values, gamma);
+  // The gate's own test (gate() above): a row is open where its fp32 score exceeds gamma cast to fp32.
+  const float g = static_cast<float>(gamma);
+  const float* s = score.data_ptr<float>();
+  for (int64_t t = 0; t < score.numel(); ++t) {
+    if (s[t] > g) {
+      std::vector<int64_t> shape(queries.sizes().begin(), queries.sizes().end());
+      shape.back() = values.size(1);
+      return out.view(shape);
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace neuraldb
