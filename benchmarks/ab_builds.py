@@ -20,6 +20,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,10 +29,14 @@ import bench_overhead as bo  # noqa: E402
 import torch  # noqa: E402
 from _common import RESULTS, machine_description, write_json  # noqa: E402
 
+import neuraldb  # noqa: E402
 from neuraldb import NeuralKVDatabase, architectures as arch, patch_model  # noqa: E402
 from neuraldb_kernels import extension  # noqa: E402
 
-_OP = "gated_retrieval_prefiltered_cpu"  # the entry a CPU decode step reaches (op.py looks it up per call)
+# The entry a patched CPU decode step reaches. The patch binds it once per database state
+# (neuraldb_kernels.op.bind_cpu_residuals), so switching builds also swaps the patch's bound plan. Builds from before
+# this entry existed cannot be compared.
+_OP = "gated_residuals_cpu"
 
 
 def load_baseline(path: Path):
@@ -54,6 +59,35 @@ def median_interval(xs: list[float], rounds: int = 2000, seed: int = 0) -> tuple
 def summary(diffs_s: list[float]) -> dict:
     lo, hi = median_interval(diffs_s)
     return {"median_ms": statistics.median(diffs_s) * 1e3, "ci95_ms": [lo * 1e3, hi * 1e3]}
+
+
+def paired_steps(scenario, module: torch.nn.Module, variants: dict[str, Callable[[], None]], pairs: int,
+                 warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Decode steps of ``scenario`` alternating between two ``variants`` (each a function that switches the model to
+    it): per pair, one step with each (order alternating), then one more with each under the hook timer on
+    ``module``. Returns the step and hook wall times (seconds) per variant, index-aligned by pair."""
+    step: dict[str, list[float]] = {v: [] for v in variants}
+    hook: dict[str, list[float]] = {v: [] for v in variants}
+    for activate in variants.values():  # warm-up: builds the key sketches, touches both variants' code
+        activate()
+        for _ in range(warmup):
+            scenario.step()
+    for r in range(pairs):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for v in order:
+            variants[v]()
+            t0 = time.perf_counter()
+            scenario.step()
+            step[v].append(time.perf_counter() - t0)
+        for v in order:
+            variants[v]()
+            sink: list[tuple[float, float]] = []
+            handles = bo.time_patch_hook(module, sink)
+            scenario.step()
+            for h in handles:
+                h.remove()
+            hook[v].append(sink[-1][0])
+    return step, hook
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,28 +114,23 @@ def main(argv: list[str] | None = None) -> dict:
     bo.grow(db, args.m, gen)
     scenario = bo.Scenario("decode_b1", model, "cpu", args.context, gen)
     patch_model(model, db, layer=args.layer)
-    step = {v: [] for v in fns}
-    hook = {v: [] for v in fns}
-    try:
-        for v in fns:  # warm-up: builds the key sketches, touches both builds' code
+    patch = neuraldb.patch_info(model)
+    scenario.step()  # builds the key sketches
+    plans = {}
+    for v in fns:
+        setattr(ext, _OP, fns[v])
+        with db.lock:
+            plans[v] = db._cpu_residuals_plan(patch.gamma, 1)
+
+    def use(v: str):
+        def activate() -> None:
             setattr(ext, _OP, fns[v])
-            for _ in range(3):
-                scenario.step()
-        for r in range(args.pairs):
-            order = list(fns) if r % 2 == 0 else list(reversed(fns))
-            for v in order:
-                setattr(ext, _OP, fns[v])
-                t0 = time.perf_counter()
-                scenario.step()
-                step[v].append(time.perf_counter() - t0)
-            for v in order:
-                setattr(ext, _OP, fns[v])
-                sink: list[tuple[float, float]] = []
-                handles = bo.time_patch_hook(module, sink)
-                scenario.step()
-                for h in handles:
-                    h.remove()
-                hook[v].append(sink[-1][0])
+            patch._fast = plans[v]
+
+        return activate
+
+    try:
+        step, hook = paired_steps(scenario, module, {v: use(v) for v in fns}, args.pairs)
     finally:
         setattr(ext, _OP, fns["this"])
 

@@ -67,13 +67,13 @@ def test_bench_overhead_times_the_patch_hook_inside_the_forward(monkeypatch):
     neuraldb.patch_model(model, db, module=model[0], gamma=0.5)
     x = torch.randn(2, 16)
     want = model(x)
-    real = Patch.retrieve
+    real = Patch._retrieve
 
-    def slow(self, queries):
+    def slow(self, queries, eager):
         time.sleep(0.02)
-        return real(self, queries)
+        return real(self, queries, eager)
 
-    monkeypatch.setattr(Patch, "retrieve", slow)
+    monkeypatch.setattr(Patch, "_retrieve", slow)
     sink: list[tuple[float, float]] = []
     handles = bench.time_patch_hook(model[0], sink)
     got = model(x)
@@ -115,7 +115,23 @@ def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
     variants = {bench.variant_label("plain", b, True): ("plain", b) for b in ("torch", None)}
     assert list(variants) == ["plain torch", "plain auto"]
     rows = bench.measure(model, db, scenario, 0, reps=4, warmup=1, device="cpu", gamma=0.5, variants=variants)
-    assert [(r["variant"], r["backend"], r["reps"]) for r in rows] == [("plain torch", "torch", 4), ("plain auto", None, 4)]
+    got = [(r["variant"], r["backend"], r["reps"]) for r in rows]
+    assert got == [("plain torch", "torch", 4), ("plain auto", None, 4)]
     # Each timed patched forward (warm-up, the interleaved repetitions, the hook timing) ran under its own backend.
     assert used.count("torch") == used.count(None) == 1 + 4 + 1
     assert neuraldb.patch_info(model) is None
+
+
+def test_paired_steps_alternate_the_variants_and_time_each_pair(monkeypatch):
+    import types
+
+    ab = load("ab_builds")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    active, ran = [], []
+    scenario = types.SimpleNamespace(step=lambda: ran.append(active[-1]) or model(torch.randn(1, 4)))
+    variants = {"a": lambda: active.append("a"), "b": lambda: active.append("b")}
+    step, hook = ab.paired_steps(scenario, model[0], variants, pairs=3, warmup=1)
+    assert {v: len(x) for v, x in step.items()} == {v: len(x) for v, x in hook.items()} == {"a": 3, "b": 3}
+    # warm-up a, b; then per pair two timed steps and two hook-timed steps, the order reversed every other pair
+    assert ran == ["a", "b"] + ["a", "b"] * 2 + ["b", "a"] * 2 + ["a", "b"] * 2
+    assert len(model[0]._forward_hooks) == 0, "the hook timers are removed"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ from neuraldb.database_inputs import (
     normalize_keys,
 )
 from neuraldb_kernels.backends import resolve
-from neuraldb_kernels.op import gated_retrieval_unchecked
+from neuraldb_kernels.op import bind_cpu_residuals, gated_retrieval_unchecked
 from neuraldb_kernels.prefilter import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
 from neuraldb_kernels.validation import check_gamma, check_queries
 
@@ -196,7 +196,7 @@ class NeuralKVDatabase:
             self._prefilter = bool(value)
             if not self._prefilter:
                 self._sketch = self._signs = None
-                self._views = ()
+            self._views = ()  # either way: a patch's eager plan holds the old choice
 
     @property
     def lock(self) -> threading.RLock:
@@ -338,11 +338,33 @@ class NeuralKVDatabase:
                 out = gated_retrieval_unchecked(q2, keys, values, gamma, backend)[0]
         return out if queries.dim() == 2 else out.view(*queries.shape[:-1], self.value_dim)
 
+    def _cpu_residuals_plan(self, gamma: float, rows: int) -> tuple[tuple, Callable] | None:
+        """``(token, fn)`` for a patched eager forward on the C++ CPU kernel (call with the lock held): ``fn(queries)``
+        is :meth:`_residuals` with this state's tensors and pre-filter choice bound, returning None where no gate
+        opens (:func:`neuraldb_kernels.op.bind_cpu_residuals`). It stays valid while ``self._views is token``: every
+        write that changes the rows or the buffers replaces ``_views``. The ``PREFILTER_*`` settings are read here,
+        so a change to them reaches a patched model at its next write (the output is the same either way). None
+        while this state wants a sketch that is not built and a call of ``rows`` rows would not build it."""
+        keys, values, sketch, signs = self._live_views()
+        use = self._prefilter and self._n >= self.PREFILTER_MIN_KEYS
+        if use and sketch is None:
+            if rows > self.PREFILTER_MAX_ROWS:
+                return None
+            self._ensure_sketch()
+            keys, values, sketch, signs = self._live_views()
+        use_signs = use and self.PREFILTER_SIGNS and gamma >= self.PREFILTER_SIGNS_MIN_GAMMA
+        fn = bind_cpu_residuals(
+            keys, values, gamma, sketch if use else None, signs if use_signs else None, self.PREFILTER_MAX_ROWS
+        )
+        return self._views, fn
+
     def _live_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(keys, values, sketch, signs)``, the live rows, made once per state of the storage (call with the lock
         held). Keyed on the buffers' identities and the row count, so a writer that forgets to drop it costs memory,
         never correctness (the cached views keep their buffers alive, so an identity cannot be reused while it is
-        cached); the writers that replace a buffer drop it, so that it does not keep the old one alive."""
+        cached); the writers that replace a buffer drop it, so that it does not keep the old one alive. Writers that
+        change the row count drop it too: the patch's eager plan (:meth:`_cpu_residuals_plan`) is valid only while
+        the cached tuple is the same object."""
         state = (self._n, id(self._keys), id(self._values), id(self._sketch), id(self._signs))
         if not self._views or self._views[0] != state:
             self._views = (state, self.keys, self.values, self.sketch, self.signs)
@@ -391,6 +413,7 @@ class NeuralKVDatabase:
             self._row_ids.extend(new_ids)
             self._next_id += m
             self._n = n + m
+            self._views = ()
         return new_ids
 
     def update(
@@ -465,6 +488,7 @@ class NeuralKVDatabase:
                     self._sketch.index_copy_(0, d, self._sketch.index_select(0, s))
                     self._signs.index_copy_(0, d, self._signs.index_select(0, s))
             self._n = len(row_ids)
+            self._views = ()
 
     def to(self, device: torch.device | str) -> NeuralKVDatabase:
         """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``; the key sketch, which
@@ -516,6 +540,7 @@ class NeuralKVDatabase:
             sketch[start:stop] = build_sketch(self._keys[start:stop])
             signs[start:stop] = build_signs(self._keys[start:stop])
         self._sketch, self._signs = sketch, signs
+        self._views = ()
 
     def _restore(
         self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], facts: list[FactLike], next_id: int
@@ -530,6 +555,7 @@ class NeuralKVDatabase:
         self._facts = dict(zip(ids, facts))
         self._next_id = next_id
         self._n = n
+        self._views = ()
 
     # -- files ------------------------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -77,8 +77,10 @@ class Patch:
         self.gamma = gamma
         self.backend = backend
         self.enabled = True
-        # ((device, single query row), backend name) of the last retrieval
-        self._resolved: tuple[tuple[torch.device, bool], str] | None = None
+        # backend name per (device, single query row)
+        self._resolved: dict[tuple[torch.device, bool], str] = {}
+        # (database state token, fn) of the eager CPU path; see _retrieve
+        self._fast: tuple[tuple, Callable[[torch.Tensor], torch.Tensor | None]] | None = None
         self._register()
 
     def _register(self) -> None:
@@ -87,7 +89,7 @@ class Patch:
 
     # A deep copy or an unpickled copy of a patched model gets its own route, so it reads its own database copy.
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "route"}
+        return {k: v for k, v in self.__dict__.items() if k != "route"} | {"_fast": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -96,9 +98,26 @@ class Patch:
     def retrieve(self, queries: torch.Tensor) -> torch.Tensor:
         """The gated residuals for the patched module's inputs ``queries``, in their dtype (zeros where no gate
         opens); moves the database to the queries' device first if it lives elsewhere."""
+        out = self._retrieve(queries, eager=False)
+        assert out is not None
+        return out
+
+    def _retrieve(self, queries: torch.Tensor, eager: bool) -> torch.Tensor | None:
+        # eager=True: the hook's eager forward (runs_eagerly checked, queries detached). On the C++ CPU kernel it runs
+        # a plan cached per database state (NeuralKVDatabase._cpu_residuals_plan): one call into C++, which returns
+        # None where no gate opens. Every Python step skipped here is host time a decode step no longer pays.
         db = self.db
-        device = queries.device
         with db.lock:
+            fast = self._fast
+            if (
+                eager
+                and fast is not None
+                and fast[0] is db._views
+                and queries.is_cpu
+                and queries.dtype in _QUERY_DTYPES
+            ):
+                return fast[1](queries)
+            device = queries.device
             if db.device != device:
                 db.to(device)
             q = queries if queries.dtype in _QUERY_DTYPES else queries.float()
@@ -106,19 +125,28 @@ class Patch:
             # are skipped: the patch validated gamma, the module's input has the key width, and on a decode step the
             # checks' host time (caches cold from the model's weights) would be a third of what the patch adds.
             if isinstance(db, NeuralKVDatabase) and q.shape[-1] == db.key_dim:
-                one_row = q.numel() == q.shape[-1]
-                out = db._residuals(q, self.gamma, self._backend_on(device, one_row))
+                rows = q.numel() // db.key_dim if db.key_dim else 0
+                backend = self._backend_on(device, rows == 1)
+                # The plan serves every row count, so only where both kinds of call resolve to the C++ kernel.
+                cpu = backend == "cpu" and self._backend_on(device, rows != 1) == "cpu"
+                plan = db._cpu_residuals_plan(self.gamma, rows) if eager and cpu else None
+                if plan is not None:
+                    self._fast = plan
+                    out = plan[1](q)
+                else:
+                    out = db._residuals(q, self.gamma, backend)
             else:
                 out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
-        return out if out.dtype == queries.dtype else out.to(queries.dtype)
+        return out if out is None or out.dtype == queries.dtype else out.to(queries.dtype)
 
     def _backend_on(self, device: torch.device, one_row: bool) -> str:
-        # Resolved again only when the device or the kind of call changes ("auto" may pick another backend for a
-        # single query row); $NEURALDB_BACKEND is read when the patch first runs so.
-        resolved = self._resolved
-        if resolved is None or resolved[0] != (device, one_row):
-            resolved = self._resolved = ((device, one_row), resolve(self.backend, device, 1 if one_row else None))
-        return resolved[1]
+        # Resolved once per device and kind of call ("auto" may pick another backend for a single query row);
+        # $NEURALDB_BACKEND is read when the patch first runs so.
+        key = (device, one_row)
+        name = self._resolved.get(key)
+        if name is None:
+            name = self._resolved[key] = resolve(self.backend, device, 1 if one_row else None)
+        return name
 
     def __repr__(self) -> str:
         return (
@@ -160,7 +188,9 @@ class _RetrievalHook:
         query = args[0] if args else next(iter(kwargs.values()))
         if runs_eagerly(query):
             # The residual is a constant of the query (the op's derivative is zero), so autograd need not see it.
-            residual = patch.retrieve(query.detach() if query.requires_grad else query)
+            residual = patch._retrieve(query.detach() if query.requires_grad else query, eager=True)
+            if residual is None:  # no gate opened: the module's own output, not a copy plus zeros
+                return output
         else:
             residual = torch.ops.neuraldb.database_retrieval(query, patch.route)
         return output + (residual if residual.dtype == output.dtype else residual.to(output.dtype))
