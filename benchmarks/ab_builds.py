@@ -90,9 +90,9 @@ def paired_steps(scenario, module: torch.nn.Module, variants: dict[str, Callable
     return step, hook
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", type=Path, required=True, help="a _C*.so of the build to compare against")
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a paired decode-loop comparison (this script's and ``ab_paths.py``'s)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=10_000, help="facts in the database (random unit keys)")
     ap.add_argument("--pairs", type=int, default=150)
     ap.add_argument("--layer", type=int, default=6)
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return ap
 
-    ext = extension.load()
-    if ext is None:
-        raise SystemExit("the installed neuraldb_kernels._C could not be loaded")
-    fns = {"this": getattr(ext, _OP), "baseline": getattr(load_baseline(args.baseline), _OP)}
+
+def patched_decode(args: argparse.Namespace):
+    """``(scenario, module, db, patch)``: SmolLM2 patched at ``args.layer`` with ``args.m`` random facts, decoding
+    one token at a time on a KV cache of ``args.context`` tokens."""
+    torch.set_num_threads(args.threads)
     model = bo.load_smollm2("cpu", torch.float32)
     gen = torch.Generator().manual_seed(0)
     _, module = arch.down_proj_module(model, args.layer)
@@ -114,7 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
     bo.grow(db, args.m, gen)
     scenario = bo.Scenario("decode_b1", model, "cpu", args.context, gen)
     patch_model(model, db, layer=args.layer)
-    patch = neuraldb.patch_info(model)
+    return scenario, module, db, neuraldb.patch_info(model)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__)
+    ap.add_argument("--baseline", type=Path, required=True, help="a _C*.so of the build to compare against")
+    args = ap.parse_args(argv)
+    ext = extension.load()
+    if ext is None:
+        raise SystemExit("the installed neuraldb_kernels._C could not be loaded")
+    fns = {"this": getattr(ext, _OP), "baseline": getattr(load_baseline(args.baseline), _OP)}
+    scenario, module, db, patch = patched_decode(args)
     scenario.step()  # builds the key sketches
     plans = {}
     for v in fns:
@@ -134,26 +145,34 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         setattr(ext, _OP, fns["this"])
 
+    return report("ab_builds", argv, args, step, hook, {"baseline": str(args.baseline)})
+
+
+def report(name: str, argv: list[str] | None, args: argparse.Namespace, step: dict[str, list[float]],
+           hook: dict[str, list[float]], extra: dict) -> dict:
+    """Print and save (``benchmarks/results/<name>[_<tag>].json``, or ``args.out``) the paired comparison of
+    :func:`paired_steps`' two variants: the first named minus the second."""
+    a, b = list(step)
     result = {
-        "benchmark": "ab_builds",
+        "benchmark": name,
         "argv": sys.argv[1:] if argv is None else argv,
-        "baseline": str(args.baseline),
+        **extra,
         "m": args.m,
         "pairs": args.pairs,
         "machine": machine_description("cpu"),
         "step_ms": {v: statistics.median(ts) * 1e3 for v, ts in step.items()},
         "hook_ms": {v: statistics.median(ts) * 1e3 for v, ts in hook.items()},
-        "step_diff": summary([a - b for a, b in zip(step["this"], step["baseline"])]),
-        "hook_diff": summary([a - b for a, b in zip(hook["this"], hook["baseline"])]),
+        "step_diff": summary([x - y for x, y in zip(step[a], step[b])]),
+        "hook_diff": summary([x - y for x, y in zip(hook[a], hook[b])]),
         "raw_s": {"step": step, "hook": hook},
     }
     s, h = result["step_diff"], result["hook_diff"]
-    print(f"m = {args.m}, {args.pairs} pairs | step: this {result['step_ms']['this']:.2f} ms, baseline "
-          f"{result['step_ms']['baseline']:.2f} ms, paired {s['median_ms']:+.3f} ms "
-          f"({s['ci95_ms'][0]:+.3f} to {s['ci95_ms'][1]:+.3f}) | hook: this {result['hook_ms']['this']:.3f} ms, "
-          f"baseline {result['hook_ms']['baseline']:.3f} ms, paired {h['median_ms']:+.3f} ms "
+    print(f"m = {args.m}, {args.pairs} pairs | step: {a} {result['step_ms'][a]:.2f} ms, {b} "
+          f"{result['step_ms'][b]:.2f} ms, paired {s['median_ms']:+.3f} ms "
+          f"({s['ci95_ms'][0]:+.3f} to {s['ci95_ms'][1]:+.3f}) | hook: {a} {result['hook_ms'][a]:.3f} ms, "
+          f"{b} {result['hook_ms'][b]:.3f} ms, paired {h['median_ms']:+.3f} ms "
           f"({h['ci95_ms'][0]:+.3f} to {h['ci95_ms'][1]:+.3f})")
-    path = write_json(args.out or RESULTS / f"ab_builds{'_' + args.tag if args.tag else ''}.json", result)
+    path = write_json(args.out or RESULTS / f"{name}{'_' + args.tag if args.tag else ''}.json", result)
     print(f"wrote {path}")
     return result
 
