@@ -77,6 +77,29 @@ def test_auto_backend_is_chosen_per_call_kind(monkeypatch):
         assert used == [want], (length, used)
 
 
+def test_a_forward_after_every_write_sees_it():
+    # Eager CPU forwards run a plan bound to the database's state; each write must invalidate it, including a
+    # write that keeps the buffers (an add within capacity, a delete). The sketch's plan: test_patching_prefilter.py.
+    model, ids, module, base, keys, out, db = _setup()
+    p, gamma = separated_position(keys)
+    neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
+    assert_bitwise(model(ids).logits, base)  # the plan exists from here on
+    capacity = db.capacity
+    [i] = db.add(keys[p], _residual(out))
+    assert db.capacity == capacity
+    opened = model(ids).logits
+    assert not torch.equal(opened, base)
+    db.delete([i])
+    assert_bitwise(model(ids).logits, base)
+    g = torch.Generator().manual_seed(3)
+    db.add(torch.randn(3 * capacity, keys.shape[1], generator=g), torch.randn(3 * capacity, out.shape[-1], generator=g))
+    assert_bitwise(model(ids).logits, base)
+    [j] = db.add(keys[p], _residual(out))  # after the buffers grew
+    assert_bitwise(model(ids).logits, opened)
+    db.update([j], residuals=_residual(out, seed=6))
+    assert not torch.equal(model(ids).logits, opened)
+
+
 @pytest.mark.parametrize(
     "arch,dtype",
     [("llama", torch.bfloat16), ("llama", torch.float16), ("gpt2", torch.float16), ("opt", torch.bfloat16)],
