@@ -4,15 +4,19 @@
     python benchmarks/bench_overhead.py --m 0,10000,100000 --scenarios decode_b1 --reps 60
     python benchmarks/bench_overhead.py --threads 1 --m 0,10000,100000 --scenarios decode_b1 --prefilter all
     python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda          # GPU session: 8B shapes, fp16
-    python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --scenarios decode_b1,decode_b8 \
+    python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --scenarios decode_b1,decode_b8 \\
         --backend triton,cuda,auto                                                     # the backends, paired
+    python benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --scenarios graph_b1,graph_b8 \\
+        --m 0,2000,10000,20000,100000,1000000                                         # decode in CUDA graphs
     python benchmarks/bench_overhead.py --model llama3-8b-shape --layers 1 --vocab 512 --device cpu \\
         --dtype float32 --m 0,2000 --reps 2 --tag smoke                                # CPU smoke of the 8B path
     python benchmarks/bench_overhead.py --plot-only benchmarks/results/overhead_smollm2_cpu.json
 
 Scenarios: ``prefill_128`` / ``prefill_512`` (one sequence, the cache built, only the last position's logits, as in
 ``generate``), ``decode_b1`` / ``decode_b8`` (one new token per sequence on a KV cache of ``--context`` tokens; the
-cache is cropped back after every step). For each database size m (random unit keys of the patched layer's key
+cache is cropped back after every step), and on CUDA ``graph_b1`` / ``graph_b8`` (the decode step captured in a
+CUDA graph on a static cache and replayed, one graph per patched variant: no host time, only the kernels'; named
+explicitly, not in the default list). For each database size m (random unit keys of the patched layer's key
 dimension, random residuals, added through ``NeuralKVDatabase.add``), every repetition times the unpatched and the
 patched forward back to back, in alternating order (``patch_model`` / ``unpatch_model`` between them, outside the
 timed region), so load from other processes hits both alike. Reported per (scenario, m):
@@ -47,6 +51,7 @@ import inspect
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +72,9 @@ import neuraldb  # noqa: E402
 from neuraldb import NeuralKVDatabase, architectures as arch, patch_model, unpatch_model  # noqa: E402
 
 SCENARIOS = ("prefill_128", "prefill_512", "decode_b1", "decode_b8")
+# CUDA only, named explicitly: the decode step captured in a CUDA graph on a static KV cache, as a serving engine
+# replays it. No Python runs in a replay, so what the patch adds there is its kernels' device time alone.
+GRAPH_SCENARIOS = ("graph_b1", "graph_b8")
 # --prefilter: the patched variants timed against the unpatched forward in the same repetitions.
 _VARIANTS = {
     "on": ("1bit+int4",),
@@ -160,6 +168,7 @@ class Scenario:
         vocab = model.config.vocab_size
         kind, n = name.split("_")
         self.model = model
+        self.captured = kind == "graph"
         if kind == "prefill":
             tokens = int(n)
             self.ids = torch.randint(vocab, (1, tokens), generator=gen).to(device)
@@ -168,25 +177,54 @@ class Scenario:
         else:
             batch = int(n[1:])
             ctx = torch.randint(vocab, (batch, context), generator=gen).to(device)
-            with torch.inference_mode():
-                out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
             # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated); 4.x only knows the latter.
-            self.cache = getattr(out, "cache", None) or out.past_key_values
             self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            with torch.inference_mode():
+                if kind == "graph":
+                    from transformers import StaticCache
+
+                    # One slot past the context, where every step writes its token: a replay is the same step.
+                    self.cache = StaticCache(config=model.config, max_cache_len=context + 1)
+                    model(input_ids=ctx, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+                else:
+                    out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
+                    self.cache = getattr(out, "cache", None) or out.past_key_values
             self.context = context
             self.ids = torch.randint(vocab, (batch, 1), generator=gen).to(device)
             self.queries = batch
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor:
+        """One forward; returns the last position's logits."""
         with torch.inference_mode():
             if self.cache is None:
-                self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
-            else:
-                self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
-                # A negative crop removes that many tokens (the one meaning shared by transformers 4.x and 5.x).
-                extra = self.cache.get_seq_length() - self.context
-                if extra > 0:
-                    self.cache.crop(-extra)
+                return self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1).logits
+            logits = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1,
+                                **{self.cache_kw: self.cache}).logits
+            if self.captured:
+                # The static cache's length is a device tensor, moved back in place (inside the graph, no sync).
+                self.cache.crop(-1)
+                return logits
+            # A negative crop removes that many tokens (the one meaning shared by transformers 4.x and 5.x).
+            extra = self.cache.get_seq_length() - self.context
+            if extra > 0:
+                self.cache.crop(-extra)
+            return logits
+
+
+def capture_graph(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph. Three eager runs on a side stream come first (as torch's documentation
+    advises): lazy initialisation, Triton's autotuning and the allocator's first allocations then happen outside the
+    capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 def _use_sketch(db, variant: str) -> None:
@@ -219,13 +257,24 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         _use_sketch(db, sketch)
         patch_model(model, db, module=path, gamma=gamma, backend=backend)
 
-    def run(state: str) -> tuple[float, float]:
+    def set_state(state: str) -> None:
         if state == "unpatched":
             if neuraldb.patch_info(model) is not None:
                 unpatch_model(model)
         else:
             patch(state)
-        return timed_both(scenario.step, device)
+
+    # A captured scenario replays one graph per state, captured under that state's patch and this database; nothing
+    # in a replay reads the patch state again, which run() still sets so that both kinds of scenario do the same.
+    graphs = {}
+    if scenario.captured:
+        for s in states:
+            set_state(s)
+            graphs[s] = capture_graph(scenario.step)
+
+    def run(state: str) -> tuple[float, float]:
+        set_state(state)
+        return timed_both(graphs[state].replay if graphs else scenario.step, device)
 
     for _ in range(warmup):
         for s in states:
@@ -235,8 +284,10 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         order = order if r % 2 == 0 else order[::-1]
         for s in order:
             times[s].append(run(s))
-    # The hook is timed in forwards of its own, so the timers' cost stays out of the paired differences.
-    for v in variants:
+    graphs.clear()  # their memory pools, before the database grows
+    # The hook is timed in forwards of its own, so the timers' cost stays out of the paired differences. A replayed
+    # graph runs no hook.
+    for v in variants if not scenario.captured else ():
         patch(v)
         handles = time_patch_hook(module, hooks[v])
         for _ in range(reps):
@@ -250,6 +301,9 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
     rows = [_row(scenario, db, reps, device, qdtype, gamma, *variants[v], times["unpatched"], times[v], v)
             for v in variants]
     for row, v in zip(rows, variants):
+        if scenario.captured:
+            row.update(hook_ms=None, hook_pct=None, cpu_hook_ms=None, cpu_hook_pct=None, hook_ms_all=[])
+            continue
         cpu = row["cpu_added_ms"] is not None
         row["hook_ms"] = median([w for w, _ in hooks[v]]) * 1e3
         row["hook_pct"] = 100 * row["hook_ms"] / row["unpatched_ms"]
@@ -332,7 +386,7 @@ def _label(r: dict, rows: list[dict]) -> str:
 
 def tables(result: dict) -> str:
     rows = result["rows"]
-    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS for r in rows if r["scenario"] == s))
+    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS + GRAPH_SCENARIOS for r in rows if r["scenario"] == s))
     ms = sorted({r["m"] for r in rows})
     by = {(_label(r, rows), r["m"]): r for r in rows}
     has_cpu = any(r.get("cpu_added_pct") is not None for r in rows)
@@ -348,13 +402,14 @@ def tables(result: dict) -> str:
     for m in ms:
         cells = [pct(by[(s, m)]) if (s, m) in by else "" for s in scen]
         out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
-    if any("hook_pct" in r for r in rows):
+    if any(r.get("hook_pct") is not None for r in rows):
         out += ["", f"The patch's hook timed inside the patched forwards, % of the unpatched forward (median; {head}):",
                 ""]
         out.append("| m | " + " | ".join(scen) + " |")
         out.append("|---:|" + "---:|" * len(scen))
         for m in ms:
-            cells = [pct(by[(s, m)], "hook_pct") if "hook_pct" in by.get((s, m), {}) else "" for s in scen]
+            cells = [pct(by[(s, m)], "hook_pct") if by.get((s, m), {}).get("hook_pct") is not None else ""
+                     for s in scen]
             out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
     out += ["", "Per scenario, ms; floor = key bytes / read bandwidth measured in the same run over the keys"
             + (" (CPU-time columns: the same with process CPU time)" if has_cpu else "") + ":", ""]
@@ -391,7 +446,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS for r in rows if r["scenario"] == s))
+    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS + GRAPH_SCENARIOS for r in rows if r["scenario"] == s))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     floor: list = []
     for s in scen:
@@ -469,9 +524,12 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     ms = sorted(int(x) for x in args.m.split(",") if x)
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = set(scenarios) - set(SCENARIOS)
+    unknown = set(scenarios) - set(SCENARIOS + GRAPH_SCENARIOS)
     if unknown:
-        ap.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
+        ap.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS + GRAPH_SCENARIOS}")
+    graphed = [s for s in scenarios if s in GRAPH_SCENARIOS]
+    if graphed and torch.device(args.device).type != "cuda":
+        ap.error(f"scenarios {graphed} capture CUDA graphs: they need --device cuda")
 
     backend_names = [b or None for b in (args.backend or "").split(",")]
     # The key sketches serve CPU databases only (``to`` a GPU drops them): elsewhere every variant is the plain scan.
@@ -533,6 +591,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _ms(x: float | None) -> str:
+    return f"{x:8.3f} ms" if x is not None else "       - ms"
+
+
 def add_row(result: dict, row: dict, s: str, m: int, key_bytes: int, bw: dict | None) -> None:
     """Complete a measured row with the floor (same-run read bandwidth over the keys), store and print it."""
     row["m"] = m
@@ -549,12 +611,12 @@ def add_row(result: dict, row: dict, s: str, m: int, key_bytes: int, bw: dict | 
     result["rows"].append(row)
     label = f"{s} {row['variant']}"
     print(f"  {label:22s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
-          f"({row['added_pct']:+6.2f}%)  hook {row['hook_ms']:8.3f} ms  op {row['op_ms']:8.3f} ms"
+          f"({row['added_pct']:+6.2f}%)  hook {_ms(row['hook_ms'])}  op {row['op_ms']:8.3f} ms"
           + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""), flush=True)
     if row["cpu_added_ms"] is not None:
         print(f"  {'':22s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
               f"added {row['cpu_added_ms']:+8.3f} ms "
-              f"({row['cpu_added_pct']:+6.2f}%)  hook {row['cpu_hook_ms']:8.3f} ms  op {row['cpu_op_ms']:8.3f} ms"
+              f"({row['cpu_added_pct']:+6.2f}%)  hook {_ms(row['cpu_hook_ms'])}  op {row['cpu_op_ms']:8.3f} ms"
               + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
               flush=True)
 

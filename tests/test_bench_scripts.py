@@ -111,7 +111,7 @@ def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
     monkeypatch.setattr(bench, "patch_model", lambda *a, backend, **k: used.append(backend) or neuraldb.patch_model(
         *a, backend=backend, **k))
     x = torch.randn(1, 16)
-    scenario = types.SimpleNamespace(name="decode_b1", queries=1, step=lambda: model(x))
+    scenario = types.SimpleNamespace(name="decode_b1", queries=1, captured=False, step=lambda: model(x))
     variants = {bench.variant_label("plain", b, True): ("plain", b) for b in ("torch", None)}
     assert list(variants) == ["plain torch", "plain auto"]
     rows = bench.measure(model, db, scenario, 0, reps=4, warmup=1, device="cpu", gamma=0.5, variants=variants)
@@ -135,3 +135,68 @@ def test_paired_steps_alternate_the_variants_and_time_each_pair(monkeypatch):
     # warm-up a, b; then per pair two timed steps and two hook-timed steps, the order reversed every other pair
     assert ran == ["a", "b"] + ["a", "b"] * 2 + ["b", "a"] * 2 + ["a", "b"] * 2
     assert len(model[0]._forward_hooks) == 0, "the hook timers are removed"
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def test_bench_overhead_graph_scenario_steps_as_the_decode_scenario():
+    """The static-cache step a graph captures is the same decode step as the dynamic-cache one, every time."""
+    bench = load("bench_overhead")
+    model = _tiny_llama()
+    static = bench.Scenario("graph_b8", model, "cpu", 12, torch.Generator().manual_seed(3))
+    dynamic = bench.Scenario("decode_b8", model, "cpu", 12, torch.Generator().manual_seed(3))
+    assert static.captured and not dynamic.captured and static.queries == 8
+    want = dynamic.step()
+    assert want.shape == (8, 1, 64)
+    for _ in range(2):  # the second step rewrites the same cache slot: a replay repeats the step
+        torch.testing.assert_close(static.step(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dynamic.step(), want, rtol=0, atol=0)
+
+
+def test_bench_overhead_replays_one_graph_per_state_captured_under_it(monkeypatch):
+    import types
+
+    import neuraldb
+
+    bench = load("bench_overhead")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False))
+    db = neuraldb.NeuralKVDatabase(16, 4)
+    db.add(torch.randn(3, 16), torch.randn(3, 4))
+    monkeypatch.setattr(bench.arch, "down_proj_module", lambda m, layer: ("0", m[0]))
+    replays: list[str] = []
+
+    def fake_capture(step):
+        patch = neuraldb.patch_info(model)
+        state = "unpatched" if patch is None else f"patched {patch.backend}"
+        step()
+        return types.SimpleNamespace(replay=lambda: replays.append(state))
+
+    monkeypatch.setattr(bench, "capture_graph", fake_capture)
+    eager = []
+    x = torch.randn(1, 16)
+    scenario = types.SimpleNamespace(name="graph_b1", queries=1, captured=True,
+                                     step=lambda: eager.append(1) or model(x))
+    variants = {bench.variant_label("plain", b, True): ("plain", b) for b in ("torch", "cpu")}
+    rows = bench.measure(model, db, scenario, 0, reps=4, warmup=1, device="cpu", gamma=0.5, variants=variants)
+    # Captured once per state (the one eager step each), then only replayed: warm-up and repetitions.
+    assert len(eager) == 3
+    assert sorted(set(replays)) == ["patched cpu", "patched torch", "unpatched"]
+    assert all(replays.count(s) == 1 + 4 for s in set(replays))
+    # Replays run no hook, so no hook time is reported; the added time is still one per variant.
+    assert [(r["variant"], r["hook_ms"], len(r["patched_ms_all"])) for r in rows] == [
+        ("plain torch", None, 4), ("plain cpu", None, 4)]
+    assert neuraldb.patch_info(model) is None
+    assert bench.tables({"rows": [dict(r, m=0, key_bytes=0) for r in rows]})  # the tables skip the missing hook
+
+
+def test_bench_overhead_graph_scenarios_need_cuda():
+    bench = load("bench_overhead")
+    with pytest.raises(SystemExit):
+        bench.main(["--scenarios", "graph_b1", "--device", "cpu", "--m", "0"])
