@@ -77,6 +77,31 @@ def test_auto_backend_is_chosen_per_call_kind(monkeypatch):
         assert used == [want], (length, used)
 
 
+def test_patching_checks_the_backend_on_one_row_not_every_key(monkeypatch):
+    # patch_model runs the backend once before installing anything. On the CPU a scan of every key there costs a
+    # 1M-fact database seconds, and it evicts the caches of the forward that follows (a benchmark's patched step).
+    from neuraldb_kernels import backends
+
+    rows = []
+    real = backends.kernel
+
+    def spy(name):
+        fn = real(name)
+        return lambda q, k, *rest, **kw: rows.append(k.shape[0]) or fn(q, k, *rest, **kw)
+
+    monkeypatch.setattr(backends, "kernel", spy)
+    db = neuraldb.NeuralKVDatabase(16, 4)
+    db.add(torch.randn(50, 16), torch.randn(50, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False))
+    for backend in ("torch", "cpu"):
+        rows.clear()
+        neuraldb.patch_model(model, db, module=model[0], gamma=0.5, backend=backend)
+        assert rows == [1], backend
+    with pytest.raises(RuntimeError, match="cuda"):
+        neuraldb.patch_model(model, db, module=model[0], gamma=0.5, backend="cuda")  # still checked on the CPU
+    assert neuraldb.patch_info(model).backend == "cpu", "a failed patch leaves the previous one"
+
+
 def test_a_forward_after_every_write_sees_it():
     # Eager CPU forwards run a plan bound to the database's state; each write must invalidate it, including a
     # write that keeps the buffers (an add within capacity, a delete). The sketch's plan: test_patching_prefilter.py.

@@ -46,6 +46,7 @@ import torch
 
 from neuraldb import architectures as arch
 from neuraldb.database import NeuralKVDatabase, check_gamma
+from neuraldb_kernels import gated_retrieval
 from neuraldb_kernels.backends import resolve
 from neuraldb_kernels.op import runs_eagerly
 
@@ -289,11 +290,17 @@ def patch_model(
     if device is not None and device.type != "meta":
         with db.lock:
             db.to(device)
-            # A dry run on one zero query validates the backend for this device before anything is installed.
+            # A dry run on one zero query validates the backend for this device before anything is installed. On
+            # the CPU it reads one row of a NeuralKVDatabase, not all of them: a scan of every key would cost a
+            # 1M-fact database seconds, and evict the caches of the forward that follows. On a GPU it scans them
+            # all (milliseconds), because Triton autotunes its scan on the first call of each shape of query.
             weight_dtype = next(target.parameters()).dtype
             dtype = weight_dtype if weight_dtype in _QUERY_DTYPES else torch.float32
             probe = torch.zeros(1, key_dim, dtype=dtype, device=device)
-            db.retrieve(probe, gamma, backend=backend)
+            if isinstance(db, NeuralKVDatabase) and device.type == "cpu":
+                gated_retrieval(probe, db.keys[:1], db.values[:1], gamma, backend=backend)
+            else:
+                db.retrieve(probe, gamma, backend=backend)
 
     if patch_info(model) is not None:
         unpatch_model(model)
