@@ -107,18 +107,34 @@ def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
     db = neuraldb.NeuralKVDatabase(16, 4)
     db.add(torch.randn(3, 16), torch.randn(3, 4))
     monkeypatch.setattr(bench.arch, "down_proj_module", lambda m, layer: ("0", m[0]))
-    used = []
-    monkeypatch.setattr(bench, "patch_model", lambda *a, backend, **k: used.append(backend) or neuraldb.patch_model(
+    built = []
+    monkeypatch.setattr(bench, "patch_model", lambda *a, backend, **k: built.append(backend) or neuraldb.patch_model(
         *a, backend=backend, **k))
+    kernels = []
+    real = neuraldb.patching.Patch._retrieve
+    monkeypatch.setattr(neuraldb.patching.Patch, "_retrieve",
+                        lambda self, q, eager: kernels.append(self._backend_on(q.device, True)) or real(self, q, eager))
     x = torch.randn(1, 16)
-    scenario = types.SimpleNamespace(name="decode_b1", queries=1, captured=False, step=lambda: model(x))
+    ran = []
+
+    def step():
+        patch = neuraldb.patch_info(model)
+        ran.append("unpatched" if patch is None else (patch.backend, id(patch)))
+        return model(x)
+
+    scenario = types.SimpleNamespace(name="decode_b1", queries=1, captured=False, step=step)
     variants = {bench.variant_label("plain", b, True): ("plain", b) for b in ("torch", None)}
     assert list(variants) == ["plain torch", "plain auto"]
     rows = bench.measure(model, db, scenario, 0, reps=4, warmup=1, device="cpu", gamma=0.5, variants=variants)
     got = [(r["variant"], r["backend"], r["reps"]) for r in rows]
     assert got == [("plain torch", "torch", 4), ("plain auto", None, 4)]
-    # Each timed patched forward (warm-up, the interleaved repetitions, the hook timing) ran under its own backend.
-    assert used.count("torch") == used.count(None) == 1 + 4 + 1
+    # Each variant's patch is built once and serves all its forwards (warm-up, repetitions, hook timing), so no
+    # timed forward pays a new patch's one-off work; each forward ran its own variant's backend.
+    assert built == ["torch", None]
+    patched = [r for r in ran if r != "unpatched"]
+    assert len(patched) == 2 * (1 + 4 + 4) and ran.count("unpatched") == 1 + 4
+    assert len({i for b, i in patched if b == "torch"}) == len({i for b, i in patched if b is None}) == 1
+    assert kernels.count("torch") == 1 + 4 + 4 and kernels.count("cpu") == 1 + 4 + 4
     assert neuraldb.patch_info(model) is None
 
 
