@@ -97,9 +97,8 @@ def test_op_table_cold_mode_flushes_before_every_timed_call(tmp_path, monkeypatc
     assert len(calls) == sum(len(ts) for ts in row["times_s"].values()) - 1 and set(calls) == {3}
 
 
-def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
-    import types
-
+def _one_layer_setup(monkeypatch):
+    """bench_overhead, a one-Linear model whose layer it patches, and a 3-fact database for it."""
     import neuraldb
 
     bench = load("bench_overhead")
@@ -107,6 +106,15 @@ def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
     db = neuraldb.NeuralKVDatabase(16, 4)
     db.add(torch.randn(3, 16), torch.randn(3, 4))
     monkeypatch.setattr(bench.arch, "down_proj_module", lambda m, layer: ("0", m[0]))
+    return bench, model, db
+
+
+def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
+    import types
+
+    import neuraldb
+
+    bench, model, db = _one_layer_setup(monkeypatch)
     built = []
     monkeypatch.setattr(bench, "patch_model", lambda *a, backend, **k: built.append(backend) or neuraldb.patch_model(
         *a, backend=backend, **k))
@@ -181,11 +189,7 @@ def test_bench_overhead_replays_one_graph_per_state_captured_under_it(monkeypatc
 
     import neuraldb
 
-    bench = load("bench_overhead")
-    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False))
-    db = neuraldb.NeuralKVDatabase(16, 4)
-    db.add(torch.randn(3, 16), torch.randn(3, 4))
-    monkeypatch.setattr(bench.arch, "down_proj_module", lambda m, layer: ("0", m[0]))
+    bench, model, db = _one_layer_setup(monkeypatch)
     replays: list[str] = []
 
     def fake_capture(step):
