@@ -116,8 +116,8 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
     path, module = arch.down_proj_module(model, layer)
 
     # One patch per variant, built once and put back for each of its forwards: a patch built anew every repetition
-    # would pay its first forward's one-off work (resolving the backend, binding the eager plan; ~0.2 ms on this
-    # CPU) in every timed step, which a served model pays once.
+    # would pay its first forward's one-off work (resolving the backend, binding the eager plan; ~0.1 ms at 10k on
+    # this CPU) in every timed step, which a served model pays once.
     patches: dict[str, Patch] = {}
 
     def patch(label: str) -> None:
