@@ -126,7 +126,7 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         if neuraldb.patch_info(model) is not None:
             unpatch_model(model)
         if label in patches:
-            reinstall(model, module, patches[label])
+            patching._install(model, module, patches[label])
         else:
             patch_model(model, db, module=path, gamma=gamma, backend=backend)
             patches[label] = neuraldb.patch_info(model)
@@ -185,14 +185,6 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         row["cpu_hook_pct"] = 100 * row["cpu_hook_ms"] / row["cpu_unpatched_ms"] if cpu else None
         row["hook_ms_all"] = [round(w * 1e3, 4) for w, _ in hooks[v]]
     return rows
-
-
-def reinstall(model: torch.nn.Module, module: torch.nn.Module, patch: Patch) -> None:
-    """Put back on ``module`` a patch that ``unpatch_model`` removed, as ``patch_model`` installs one, keeping the
-    caches the patch built in its first forward."""
-    module.register_forward_hook(patching._RetrievalHook(patch), with_kwargs=True)
-    setattr(model, patching._ATTR, patch)
-    patch._register()
 
 
 def time_patch_hook(module: torch.nn.Module, sink: list[tuple[float, float]]) -> list:

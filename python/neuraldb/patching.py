@@ -304,10 +304,16 @@ def patch_model(
 
     if patch_info(model) is not None:
         unpatch_model(model)
-    patch = Patch(db, path, layer, gamma, backend)
+    _install(model, target, Patch(db, path, layer, gamma, backend))
+    return model
+
+
+def _install(model: torch.nn.Module, target: torch.nn.Module, patch: Patch) -> None:
+    # Also puts back a patch that unpatch_model removed, with the caches its first forward built (benchmarks time
+    # patched and unpatched forwards alternately without paying those again).
     target.register_forward_hook(_RetrievalHook(patch), with_kwargs=True)
     setattr(model, _ATTR, patch)
-    return model
+    _routes[patch.route] = patch
 
 
 def _warn_if_inconsistent(db: NeuralKVDatabase, path: str, layer: int | None) -> None:
