@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from neuraldb import host_memory
 from neuraldb.database_inputs import (
     STORAGE_DTYPES,
     FactLike,
@@ -54,6 +55,13 @@ _MIN_CAPACITY = 16
 # Rows per build_sketch call when the sketch is first built: it is written into its buffer chunk by chunk instead of
 # existing twice.
 _SKETCH_BUILD_ROWS = 4096
+
+
+def _moved(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``buf.to(device)``, into :func:`neuraldb.host_memory.empty` storage when ``device`` is the CPU."""
+    if device.type != "cpu":
+        return buf.to(device)
+    return host_memory.empty(tuple(buf.shape), buf.dtype, device).copy_(buf)
 
 
 class NeuralKVDatabase:
@@ -119,8 +127,8 @@ class NeuralKVDatabase:
             raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
         self.dtype = dtype
         self._lock = threading.RLock()
-        self._keys = torch.empty((_MIN_CAPACITY, key_dim), dtype=dtype, device=device)
-        self._values = torch.empty((_MIN_CAPACITY, value_dim), dtype=dtype, device=device)
+        self._keys = host_memory.empty((_MIN_CAPACITY, key_dim), dtype, device)
+        self._values = host_memory.empty((_MIN_CAPACITY, value_dim), dtype, device)
         self._sketch: torch.Tensor | None = None
         self._signs: torch.Tensor | None = None  # built and dropped with _sketch
         self._n = 0
@@ -501,8 +509,8 @@ class NeuralKVDatabase:
             if self.device.type == "meta" and device.type != "meta":
                 raise ValueError(f"device: this database is on the meta device and holds no data to move to {device}")
             if device != self.device:
-                self._keys = self._keys.to(device)
-                self._values = self._values.to(device)
+                self._keys = _moved(self._keys, device)
+                self._values = _moved(self._values, device)
                 if device.type != "cpu":
                     self._sketch = self._signs = None
                 self._views = ()
@@ -514,8 +522,8 @@ class NeuralKVDatabase:
             return
         while cap < rows:
             cap *= 2
-        keys = torch.empty((cap, self.key_dim), dtype=self.dtype, device=self.device)
-        values = torch.empty((cap, self.value_dim), dtype=self.dtype, device=self.device)
+        keys = host_memory.empty((cap, self.key_dim), self.dtype, self.device)
+        values = host_memory.empty((cap, self.value_dim), self.dtype, self.device)
         keys[: self._n].copy_(self.keys)
         values[: self._n].copy_(self.values)
         if self._sketch is not None:
@@ -525,7 +533,7 @@ class NeuralKVDatabase:
         self._views = ()
 
     def _grown(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
-        out = torch.empty((cap, buf.shape[1]), dtype=buf.dtype, device=self.device)
+        out = host_memory.empty((cap, buf.shape[1]), buf.dtype, self.device)
         out[: self._n].copy_(buf[: self._n])
         return out
 
@@ -533,8 +541,8 @@ class NeuralKVDatabase:
         """Build both sketches of every live row if they do not exist yet (call with the lock held)."""
         if self._sketch is not None:
             return
-        sketch = torch.empty((self.capacity, sketch_row_bytes(self.key_dim)), dtype=torch.uint8, device=self.device)
-        signs = torch.empty((self.capacity, sign_row_bytes(self.key_dim)), dtype=torch.uint8, device=self.device)
+        sketch = host_memory.empty((self.capacity, sketch_row_bytes(self.key_dim)), torch.uint8, self.device)
+        signs = host_memory.empty((self.capacity, sign_row_bytes(self.key_dim)), torch.uint8, self.device)
         for start in range(0, self._n, _SKETCH_BUILD_ROWS):
             stop = min(self._n, start + _SKETCH_BUILD_ROWS)
             sketch[start:stop] = build_sketch(self._keys[start:stop])
