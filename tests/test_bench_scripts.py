@@ -220,3 +220,43 @@ def test_bench_overhead_graph_scenarios_need_cuda():
     bench = load("bench_overhead")
     with pytest.raises(SystemExit):
         bench.main(["--scenarios", "graph_b1", "--device", "cpu", "--m", "0"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the database's 2 MB pages are Linux's")
+def test_ab_pages_runs_each_variant_on_its_own_buffers_and_restores_the_huge_ones(monkeypatch, tmp_path):
+    import neuraldb
+    from neuraldb.host_memory import HUGE_PAGE
+
+    ab = load("ab_pages")
+    model = _tiny_llama()
+    db = neuraldb.NeuralKVDatabase(64, 32)
+    g = torch.Generator().manual_seed(0)
+    db.add(torch.randn(20_000, 64, generator=g), torch.randn(20_000, 32, generator=g))  # 2.4 MB of keys
+    neuraldb.patch_model(model, db, layer=0, gamma=0.65)
+    x = torch.randint(64, (1, 1), generator=g)
+    scenario = type("S", (), {"step": staticmethod(lambda: model(x))})
+    module = model.model.layers[0].mlp.down_proj
+    monkeypatch.setattr(ab, "patched_decode", lambda args: (scenario, module, db, neuraldb.patch_info(model)))
+    from neuraldb_kernels import extension
+
+    ext = extension.load()
+    real, signs_read = ext.gated_residuals_cpu, []
+    monkeypatch.setattr(ext, "gated_residuals_cpu", lambda *a: signs_read.append(a[5].data_ptr()) or real(*a))
+    read: dict[str, set[int]] = {}
+
+    def paired_steps(scenario, module, variants, pairs):
+        for v, activate in variants.items():
+            activate()
+            signs_read.clear()
+            scenario.step()
+            read[v] = set(signs_read)
+        return {v: [1e-3] * pairs for v in variants}, {v: [1e-4] * pairs for v in variants}
+
+    monkeypatch.setattr(ab, "paired_steps", paired_steps)
+    out = ab.main(["--pairs", "2", "--out", str(tmp_path / "ab.json")])  # its first step builds the sketches
+    huge = db._signs.data_ptr()
+    assert read["2MB"] == {huge} and len(read["4KB"]) == 1 and read["4KB"] != {huge}
+    buffers = [getattr(db, n) for n in ("_keys", "_values", "_sketch", "_signs")]
+    assert all(b.data_ptr() % HUGE_PAGE == 0 for b in buffers if b.numel() * b.element_size() >= HUGE_PAGE)
+    assert db._views[0] == (len(db), id(db._keys), id(db._values), id(db._sketch), id(db._signs))
+    assert out["step_diff"]["median_ms"] == 0 and json.loads((tmp_path / "ab.json").read_text())["pairs"] == 2
