@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from ab_builds import paired_steps, patched_decode, parser, report  # noqa: E402
-
-from neuraldb.host_memory import HUGE_PAGE  # noqa: E402
+import torch
+from ab_builds import paired_steps, parser, patched_decode, report
+from neuraldb.host_memory import HUGE_PAGE
 
 _BUFFERS = ("_keys", "_values", "_sketch", "_signs")
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from neuraldb import NeuralKVDatabase
 from neuraldb.host_memory import HUGE_PAGE, empty
 
