@@ -17,10 +17,11 @@ Scenarios: ``prefill_128`` / ``prefill_512`` (one sequence, the cache built, onl
 cache is cropped back after every step), and on CUDA ``graph_b1`` / ``graph_b8`` (the decode step captured in a
 CUDA graph on a static cache and replayed, one graph per patched variant: no host time, only the kernels'; named
 explicitly, not in the default list). For each database size m (random unit keys of the patched layer's key
-dimension, random residuals, added through ``NeuralKVDatabase.add``), every repetition times the unpatched and the
-patched forward back to back, in alternating order (the patch removed and put back between them, outside the
-timed region; each variant's patch is built once, so its one-off first-forward work is not timed), so load from
-other processes hits both alike. Reported per (scenario, m):
+dimension, random residuals, added through ``NeuralKVDatabase.add``), every repetition runs the unpatched and the
+patched forward twice each, back to back, in alternating order, and times the second of each two (the patch removed
+and put back between states, outside the timed region; each variant's patch is built once, so its one-off
+first-forward work is not timed): load from other processes hits both alike, and each timed forward finds the
+caches as a model served in its state leaves them. Reported per (scenario, m):
 
 - ``added_pct``: median of the per-repetition differences (patched - unpatched) over the unpatched median;
 - ``op_ms``: the op alone on the same number of queries (what the kernel costs, without the model around it);
@@ -153,10 +154,16 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
     for _ in range(warmup):
         for s in states:
             run(s)
+    # Each timed forward comes right after an untimed one in the same state, so it finds the caches as a model served
+    # in that state leaves them. Timed right after the other state, every patched forward would follow an unpatched one
+    # and vice versa: the cost a patched forward leaves to the next (the weights its scan evicted; at 1M facts the
+    # unpatched step read 2.5x its time) would land on the unpatched side and be subtracted instead of added.
+    n = len(states)
     for r in range(reps):
-        order = states[r % len(states) :] + states[: r % len(states)]
-        order = order if r % 2 == 0 else order[::-1]
+        order = states[r % n :] + states[: r % n]
+        order = order if (r // n) % 2 == 0 else order[::-1]  # rotated, and reversed every other round
         for s in order:
+            run(s)
             times[s].append(run(s))
     graphs.clear()  # their memory pools, before the database grows
     # The hook is timed in forwards of its own, so the timers' cost stays out of the paired differences. A replayed

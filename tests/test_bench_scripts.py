@@ -140,10 +140,41 @@ def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
     # timed forward pays a new patch's one-off work; each forward ran its own variant's backend.
     assert built == ["torch", None]
     patched = [r for r in ran if r != "unpatched"]
-    assert len(patched) == 2 * (1 + 4 + 4) and ran.count("unpatched") == 1 + 4
+    # per state: one warm-up, two forwards per repetition (one untimed, one timed); per variant, the hook-timed ones
+    assert len(patched) == 2 * (1 + 2 * 4 + 4) and ran.count("unpatched") == 1 + 2 * 4
     assert len({i for b, i in patched if b == "torch"}) == len({i for b, i in patched if b is None}) == 1
-    assert kernels.count("torch") == 1 + 4 + 4 and kernels.count("cpu") == 1 + 4 + 4
-    assert neuraldb.patch_info(model) is None
+    assert kernels.count("torch") == 1 + 2 * 4 + 4 and kernels.count("cpu") == 1 + 2 * 4 + 4
+
+
+def test_bench_overhead_times_each_forward_right_after_one_in_its_own_state(monkeypatch):
+    """A timed forward must find the caches as its own state leaves them, not as the other state does; and which
+    state goes first alternates."""
+    import types
+
+    import neuraldb
+
+    bench, model, db = _one_layer_setup(monkeypatch)
+    x = torch.randn(1, 16)
+    ran = []
+
+    def step():
+        ran.append("unpatched" if neuraldb.patch_info(model) is None else "patched")
+        return model(x)
+
+    def fake_timer(fn, device):  # "times" a forward as its index in ran
+        fn()
+        return float(len(ran) - 1), 1.0
+
+    monkeypatch.setattr(bench, "timed_both", fake_timer)
+    scenario = types.SimpleNamespace(name="decode_b1", queries=1, captured=False, step=step)
+    [row] = bench.measure(model, db, scenario, 0, reps=4, warmup=0, device="cpu", gamma=0.5,
+                          variants={"plain": ("plain", None)})
+    unpatched = [round(v / 1e3) for v in row["unpatched_ms_all"]]
+    patched = [round(v / 1e3) for v in row["patched_ms_all"]]
+    assert len(unpatched) == len(patched) == 4
+    assert all(ran[i] == "unpatched" and i > 0 and ran[i - 1] == "unpatched" for i in unpatched), ran
+    assert all(ran[i] == "patched" and i > 0 and ran[i - 1] == "patched" for i in patched), ran
+    assert [u < p for u, p in zip(unpatched, patched)] == [True, False, False, True]
 
 
 def test_paired_steps_alternate_the_variants_and_time_each_pair(monkeypatch):
@@ -208,7 +239,7 @@ def test_bench_overhead_replays_one_graph_per_state_captured_under_it(monkeypatc
     # Captured once per state (the one eager step each), then only replayed: warm-up and repetitions.
     assert len(eager) == 3
     assert sorted(set(replays)) == ["patched cpu", "patched torch", "unpatched"]
-    assert all(replays.count(s) == 1 + 4 for s in set(replays))
+    assert all(replays.count(s) == 1 + 2 * 4 for s in set(replays))
     # Replays run no hook, so no hook time is reported; the added time is still one per variant.
     assert [(r["variant"], r["hook_ms"], len(r["patched_ms_all"])) for r in rows] == [
         ("plain torch", None, 4), ("plain cpu", None, 4)]
