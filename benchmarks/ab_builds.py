@@ -4,12 +4,13 @@
     python benchmarks/ab_builds.py --baseline /tmp/C_before.so --m 10000 --pairs 150
 
 Runs on this VM differ by more than a small kernel change (the unpatched SmolLM2 step has read 56 to 83 ms on this VM
-within a day), so two ``bench_overhead.py`` runs cannot compare builds. Here both builds are loaded into one process and a
-decode step (batch 1, the cascade's path) alternates between them: per pair, one step with each build (order
-alternating) and then one more with each under the hook timer of ``bench_overhead.time_patch_hook``. Reported: the
-median of the paired differences (this build minus the baseline) of the whole step and of the patch's hook, with
-bootstrap 95% intervals of those medians. The hook's difference resolves what the step's cannot; the step's says
-whether anything outside the hook moved. Results: ``benchmarks/results/ab_builds[_<tag>].json``.
+within a day), so two ``bench_overhead.py`` runs cannot compare builds. Here both builds are loaded into one process
+and a decode step (batch 1, the cascade's path) alternates between them: per pair and build (order alternating), three
+steps in a row, one untimed, one timed and one under the hook timer of ``bench_overhead.time_patch_hook``, so that
+each timed step follows one of its own build. Reported: the median of the paired differences (this build minus the
+baseline) of the whole step and of the patch's hook, with bootstrap 95% intervals of those medians. The hook's
+difference resolves what the step's cannot; the step's says whether anything outside the hook moved. Results:
+``benchmarks/results/ab_builds[_<tag>].json``.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def summary(diffs_s: list[float]) -> dict:
 def paired_steps(scenario, module: torch.nn.Module, variants: dict[str, Callable[[], None]], pairs: int,
                  warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Decode steps of ``scenario`` alternating between two ``variants`` (each a function that switches the model to
-    it): per pair, one step with each (order alternating), then one more with each under the hook timer on
-    ``module``. Returns the step and hook wall times (seconds) per variant, index-aligned by pair."""
+    it): per pair and variant (order alternating), three steps in a row: one untimed, one timed, one under the hook
+    timer on ``module``. The timed ones thus follow a step of their own variant, as in a model served with it: what a
+    step leaves in the caches is charged to its own variant, not to the other. Returns the step and hook wall times
+    (seconds) per variant, index-aligned by pair."""
     step: dict[str, list[float]] = {v: [] for v in variants}
     hook: dict[str, list[float]] = {v: [] for v in variants}
     for activate in variants.values():  # warm-up: builds the key sketches, touches both variants' code
@@ -76,11 +79,10 @@ def paired_steps(scenario, module: torch.nn.Module, variants: dict[str, Callable
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for v in order:
             variants[v]()
+            scenario.step()
             t0 = time.perf_counter()
             scenario.step()
             step[v].append(time.perf_counter() - t0)
-        for v in order:
-            variants[v]()
             sink: list[tuple[float, float]] = []
             handles = bo.time_patch_hook(module, sink)
             scenario.step()

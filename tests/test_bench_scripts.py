@@ -187,8 +187,9 @@ def test_paired_steps_alternate_the_variants_and_time_each_pair(monkeypatch):
     variants = {"a": lambda: active.append("a"), "b": lambda: active.append("b")}
     step, hook = ab.paired_steps(scenario, model[0], variants, pairs=3, warmup=1)
     assert {v: len(x) for v, x in step.items()} == {v: len(x) for v, x in hook.items()} == {"a": 3, "b": 3}
-    # warm-up a, b; then per pair two timed steps and two hook-timed steps, the order reversed every other pair
-    assert ran == ["a", "b"] + ["a", "b"] * 2 + ["b", "a"] * 2 + ["a", "b"] * 2
+    # warm-up a, b; then per pair and variant an untimed, a timed and a hook-timed step in a row (a timed step
+    # follows one of its own variant), the order reversed every other pair
+    assert ran == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3
     assert len(model[0]._forward_hooks) == 0, "the hook timers are removed"
 
 
