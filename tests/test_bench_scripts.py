@@ -144,6 +144,7 @@ def test_bench_overhead_times_each_backend_as_a_variant_of_one_run(monkeypatch):
     assert len(patched) == 2 * (1 + 2 * 4 + 4) and ran.count("unpatched") == 1 + 2 * 4
     assert len({i for b, i in patched if b == "torch"}) == len({i for b, i in patched if b is None}) == 1
     assert kernels.count("torch") == 1 + 2 * 4 + 4 and kernels.count("cpu") == 1 + 2 * 4 + 4
+    assert neuraldb.patch_info(model) is None
 
 
 def test_bench_overhead_times_each_forward_right_after_one_in_its_own_state(monkeypatch):
