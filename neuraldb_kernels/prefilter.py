@@ -258,7 +258,10 @@ def _check_rows(name: str, rows: object, keys: torch.Tensor, row_bytes: int, bui
 
 
 def check_signs(signs: object, keys: torch.Tensor) -> None:
-    """TypeError/ValueError naming ``signs`` unless it is a uint8 ``(m, sign_row_bytes(d1))`` tensor beside ``keys``."""
+    """TypeError/ValueError naming ``signs`` unless it is a uint8 ``(m, sign_row_bytes(d1))`` tensor beside ``keys``
+    (d1 at most 65535, as ``build_signs`` allows)."""
+    if keys.dim() == 2 and keys.shape[1] > _MAX_SIGN_D1:
+        raise ValueError(f"signs need keys of at most {_MAX_SIGN_D1} columns, got {keys.shape[1]}")
     _check_rows("signs", signs, keys, sign_row_bytes(keys.shape[1]), "build_signs")
 
 

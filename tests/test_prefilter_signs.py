@@ -5,6 +5,8 @@ shared adversarial cases runs in test_prefilter.py (its ``check`` runs both vari
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from retrieval_checks import near_queries, unit_keys
@@ -136,6 +138,18 @@ def test_layout_and_errors():
                                                      keys)
     with pytest.raises(ValueError, match="columns"):
         prefilter.build_signs(torch.zeros(1, 65536))
+    # Rows of the right size for a wider key cannot come from build_signs: refused before any scan, in Python and
+    # in the C++ op (its integer dots are exact in fp32 only up to 65535 columns).
+    wide = torch.nn.functional.normalize(torch.randn(2, 65536), dim=1).half()
+    forged = torch.zeros(2, prefilter.sign_row_bytes(65536), dtype=torch.uint8)
+    args = (torch.randn(1, 65536), wide, torch.randn(2, 4), 0.5, prefilter.build_sketch(wide), forged)
+    with pytest.raises(ValueError, match="signs need keys of at most 65535 columns"):
+        neuraldb_kernels.gated_retrieval_prefiltered(*args)
+    if "cpu" in BACKENDS:
+        from neuraldb_kernels import extension
+
+        with pytest.raises(RuntimeError, match="signs need keys of at most 65535 columns"):
+            extension.load().gated_retrieval_prefiltered_cpu(*args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,13 +172,52 @@ def test_non_finite_keys_and_queries(backend):
     assert torch.equal(idx[opened], plain[1][opened])
 
 
+# "auto" takes AVX512-VNNI for the sign scan where the CPU has it; a forced "avx512" leaves VNNI out.
+CASCADE_ISAS = ["auto", "avx512", "avx2", "scalar"] if "cpu" in BACKENDS else []
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ CPU kernel")
-@pytest.mark.parametrize("isa", [i for i in ("avx512", "avx2", "scalar") if "cpu" in BACKENDS])
+@pytest.mark.parametrize("isa", CASCADE_ISAS)
+def test_cpu_first_stage_passes_exactly_the_reference_bounds_keys(monkeypatch, capfd, isa):
+    # The C++ first stage against prefilter.sign_bounds, key for key in number: a scan that dropped keys would
+    # show here even where the answer survives, and one that let extra keys through (only slower) as well. m and
+    # the widths leave partial blocks of keys and of 64-bit groups; T = 3 queries share each key's row.
+    from neuraldb_kernels import extension
+
+    if isa != "auto" and isa not in extension.load().cpu_isas():
+        pytest.skip(f"{isa} not supported here")
+    monkeypatch.setenv("NEURALDB_CPU_ISA", isa)
+    monkeypatch.setenv("NEURALDB_CPU_DEBUG", "1")
+    g = torch.Generator().manual_seed(11)
+    for m, d1 in ((61, 200), (5, 131), (203, 1536)):
+        k = torch.randn(m, d1, generator=g)
+        k[:, ::13] *= 30
+        keys = torch.nn.functional.normalize(k, dim=1).half()
+        q = near_queries(keys, 3, 2.0, torch.float32, generator=g)
+        sketch, signs = prefilter.build_sketch(keys), prefilter.build_signs(keys)
+        ub = prefilter.sign_bounds(q, signs, d1)
+        if m == 61:  # rows strided by a byte count that is not a multiple of 4 (a slice of a wider buffer)
+            wide = torch.zeros(m, signs.shape[1] + 3, dtype=torch.uint8)
+            wide[:, : signs.shape[1]] = signs
+            signs = wide[:, : signs.shape[1]]
+        # Halfway between the middle two bounds: half the (query, key) pairs pass.
+        mid = ub.flatten().sort().values[ub.numel() // 2 - 1: ub.numel() // 2 + 1]
+        gamma = float(mid.mean())
+        assert not ((ub - gamma).abs() < 1e-6).any(), "no bound this close to gamma: rounding cannot decide"
+        capfd.readouterr()
+        neuraldb_kernels.gated_retrieval_prefiltered(q, keys, torch.randn(m, 4), gamma, sketch, signs, backend="cpu")
+        passed = float(re.search(r"passed signs/query=([0-9.]+)", capfd.readouterr().err).group(1))
+        expected = int((ub >= gamma).sum())
+        assert 0 < expected < 3 * m and passed * 3 == pytest.approx(expected, abs=0.02), (m, d1)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ CPU kernel")
+@pytest.mark.parametrize("isa", CASCADE_ISAS)
 def test_cpu_cascade_equals_reference_candidates(monkeypatch, isa):
     # On heavy-tailed keys (where the first stage passes many) every ISA's cascade returns the plain op's answer.
     from neuraldb_kernels import extension
 
-    if isa not in extension.load().cpu_isas():
+    if isa != "auto" and isa not in extension.load().cpu_isas():
         pytest.skip(f"{isa} not supported here")
     monkeypatch.setenv("NEURALDB_CPU_ISA", isa)
     g = torch.Generator().manual_seed(7)

@@ -70,6 +70,7 @@ void sketch_scores_scalar(const SketchProblem& p, int64_t k0, int64_t k1, float*
 // ---- 1-bit sign sketch, the first stage in front of the int4 one (layout: neuraldb_kernels/prefilter.py) ----
 constexpr int kSignOutliers = 24;  // largest |k_j| per key, stored apart as (uint16 index, fp16 k_j - a s_j)
 constexpr int kSignHeader = 12;    // a, r, n (fp32)
+constexpr int64_t kMaxSignD1 = 65535;  // widest key with signs, as _MAX_SIGN_D1 in neuraldb_kernels/prefilter.py
 
 struct SignProblem {
   const uint8_t* signs;  // (m, ss) bytes: a, r, n, kSignOutliers indices, kSignOutliers fp16 values, 8 G sign bytes
@@ -77,6 +78,7 @@ struct SignProblem {
   int64_t G = 0;         // groups of 64 sign bits per key
   int64_t T = 0;
   const uint8_t* qu;     // (T, 64 G) query codes q8 + 128 (q8 in [-127, 127]; padding 128, i.e. q8 = 0)
+  const int8_t* q8;      // (T, 64 G) the same codes, signed (padding 0)
   const int32_t* qsum;   // (T,) sum of q8 over the row
   const float* q;        // (T, qs) the normalised fp32 queries (the outliers' query values are gathered from them)
   int64_t qs = 0;
@@ -113,6 +115,8 @@ void sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, std::vector<
 void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
+// The same with the integer dots in AVX512-VNNI (vpdpbusd); only for CPUs that have it.
+void sign_pass_avx512_vnni(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);

@@ -6,7 +6,8 @@
 // the lowest index among equal scores, and the gate copies values[idx] where score > gamma.
 //
 // Tuning knobs (environment, read on every call; meant for tests and benchmarks):
-//   NEURALDB_CPU_ISA=auto|scalar|avx2|avx512|amx   force a kernel ("amx" forces the pre-filter for any T)
+//   NEURALDB_CPU_ISA=auto|scalar|avx2|avx512|amx   force a kernel ("amx" forces the pre-filter for any T;
+//                                                  "avx512" leaves out VNNI, which "auto" uses where present)
 //   NEURALDB_CPU_CHUNK=N                           keys per work chunk (threads take chunks in turn)
 //   NEURALDB_CPU_PARALLEL_MIN_US=X                 estimated single-thread time below which no thread team
 //                                                  is started (default 300; 0 always uses the team)
@@ -53,7 +54,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 enum class Isa { kScalar, kAvx2, kAvx512, kAmx };
 
 struct Support {
-  bool avx2 = false, avx512 = false, amx = false;
+  bool avx2 = false, avx512 = false, vnni = false, amx = false;
 };
 
 const Support& support() {
@@ -64,6 +65,7 @@ const Support& support() {
     r.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     r.avx512 = r.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    r.vnni = r.avx512 && __builtin_cpu_supports("avx512vnni");
 #if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12) || (defined(__clang__) && __clang_major__ >= 16)
     r.amx = r.avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-tile") &&
             __builtin_cpu_supports("amx-bf16") && cpu::amx_enable();
@@ -106,6 +108,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 struct Plan {
   Isa isa;          // exact scan kernel (never kAmx)
   bool prefilter;   // AMX bf16 pre-filter before the exact rescoring
+  bool vnni;        // the AVX-512 sign scan's integer dots in AVX512-VNNI
 };
 
 Plan plan(int64_t T) {
@@ -116,12 +119,13 @@ Plan plan(int64_t T) {
   const std::string want = env == nullptr || *env == '\0' ? "auto" : env;
   if (want == "auto") {
     const Isa exact = support().avx512 ? Isa::kAvx512 : support().avx2 ? Isa::kAvx2 : Isa::kScalar;
-    return {exact, support().amx && T >= amx_min_t};
+    return {exact, support().amx && T >= amx_min_t, support().vnni};
   }
   for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
     if (want != isa_name(i)) continue;
     TORCH_CHECK(supported(i), "NEURALDB_CPU_ISA=", want, " is not supported by this CPU (or OS)");
-    return i == Isa::kAmx ? Plan{Isa::kAvx512, true} : Plan{i, false};
+    // Forcing avx512 keeps to its baseline (F, BW, VL, DQ); amx takes every extension this CPU has.
+    return i == Isa::kAmx ? Plan{Isa::kAvx512, true, support().vnni} : Plan{i, false, false};
   }
   TORCH_CHECK(false, "NEURALDB_CPU_ISA must be auto, scalar, avx2, avx512 or amx; got '", want, "'");
 }
@@ -644,9 +648,9 @@ SketchQueries quantize_queries(const Problem& p, int64_t G) {
   return r;
 }
 
-cpu::SignFn sign_fn(Isa i) {
+cpu::SignFn sign_fn(const Plan& pl) {
 #ifdef NEURALDB_X86
-  if (i == Isa::kAvx512 || i == Isa::kAmx) return cpu::sign_pass_avx512;
+  if (pl.isa == Isa::kAvx512) return pl.vnni ? cpu::sign_pass_avx512_vnni : cpu::sign_pass_avx512;
 #endif
   return cpu::sign_pass_scalar;
 }
@@ -654,6 +658,7 @@ cpu::SignFn sign_fn(Isa i) {
 // The queries quantised for the sign scan, and per query the constants of its bound (see below).
 struct SignQueries {
   std::vector<uint8_t> qu;
+  std::vector<int8_t> q8;
   std::vector<int32_t> qsum;
   std::vector<double> c, l1, a, b;
 };
@@ -672,6 +677,7 @@ SignQueries quantize_sign_queries(const Problem& p, int64_t G) {
   SignQueries r;
   const int64_t w = G * cpu::kSketchGroup;
   r.qu.assign(static_cast<size_t>(p.T * w), 128);
+  r.q8.assign(static_cast<size_t>(p.T * w), 0);
   r.qsum.assign(static_cast<size_t>(p.T), 0);
   r.c.resize(static_cast<size_t>(p.T));
   r.l1.resize(static_cast<size_t>(p.T));
@@ -690,6 +696,7 @@ SignQueries quantize_sign_queries(const Problem& p, int64_t G) {
       const float v = scale > 0.f && std::isfinite(scale) ? cpu::round_half_even(q[j] / scale) : 0.f;
       const int c = static_cast<int>(std::isfinite(v) ? std::clamp(v, -127.f, 127.f) : 0.f);
       r.qu[t * w + j] = static_cast<uint8_t>(c + 128);
+      r.q8[t * w + j] = static_cast<int8_t>(c);
       sum += c;
       nn += static_cast<double>(q[j]) * q[j];
       l1 += std::fabs(q[j] - static_cast<double>(scale) * c);
@@ -765,6 +772,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
     TORCH_CHECK(signs->size(0) == keys.size(0) && signs->size(1) == sign_row_bytes(queries.size(1)), op,
                 ": signs must be (", keys.size(0), ", ", sign_row_bytes(queries.size(1)), "), got ", signs->sizes());
     TORCH_CHECK(signs->stride(1) == 1, op, ": rows of signs must be unit-stride");
+    // Outlier indices are uint16, and the sign scans' integer dots are exact in fp32 up to this width.
+    TORCH_CHECK(queries.size(1) <= cpu::kMaxSignD1, op, ": signs need keys of at most ", cpu::kMaxSignD1,
+                " columns, got ", queries.size(1));
   }
   if (p.T == 0 || p.m == 0) return {r.out, r.idx, r.score};
   const int64_t T = p.T, m = p.m, G = p.qs / cpu::kSketchGroup;
@@ -778,8 +788,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
   sp.q8 = sq.q8.data();
   sp.qscale = sq.qscale.data();
   sp.off = sq.off.data();
-  const Isa isa = plan(T).isa;
-  const cpu::SketchFn scores = sketch_fn(isa, G);
+  const Plan pl = plan(T);
+  const cpu::SketchFn scores = sketch_fn(pl.isa, G);
   const float g = static_cast<float>(gamma);
 
   SignQueries gq;
@@ -791,6 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
     gp.G = G;
     gp.T = T;
     gp.qu = gq.qu.data();
+    gp.q8 = gq.q8.data();
     gp.qsum = gq.qsum.data();
     gp.q = p.q;
     gp.qs = p.qs;
@@ -800,7 +811,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
     gp.b = gq.b.data();
     gp.gamma = static_cast<float>(gamma);
   }
-  const cpu::SignFn sign_pass = sign_fn(isa);
+  const cpu::SignFn sign_pass = sign_fn(pl);
 
   // ~10 GB/s per core from memory; ~1.2 ns per group and query of integer dot products (int4), ~0.4 (signs).
   const int64_t scan_bytes = cascade ? gp.ss : sp.ss;
@@ -851,7 +862,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
       [](int) {});
 
   // Rescoring with the dot the exact scan of this ISA computes, so scores are bitwise the plain op's.
-  const cpu::DotFn dot = dot_fn(isa);
+  const cpu::DotFn dot = dot_fn(pl.isa);
   float* best = r.score.data_ptr<float>();
   int64_t* idx = r.idx.data_ptr<int64_t>();
   std::vector<float> b(static_cast<size_t>(T), kNegInf);
@@ -875,7 +886,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
     std::fprintf(stderr,
                  "neuraldb pre-filter: T=%ld m=%ld d1=%ld isa=%s threads=%d signs=%d passed signs/query=%.2f "
                  "rescored/query=%.2f\n",
-                 (long)T, (long)m, (long)p.d1, isa_name(isa), team_.threads, int(cascade),
+                 (long)T, (long)m, (long)p.d1, isa_name(pl.isa), team_.threads, int(cascade),
                  cascade ? double(std::accumulate(passed_signs.begin(), passed_signs.end(), int64_t{0})) / T
                          : double(m),
                  double(n) / T);

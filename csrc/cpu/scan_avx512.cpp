@@ -575,64 +575,149 @@ NDB_AVX512 void sketch_scores(const SketchProblem& p, int64_t k0, int64_t k1, fl
 // ------------------------------------------------------------------------------------------------
 // 1-bit sign sketch (the first stage of the cascade in gated_retrieval_prefiltered_cpu)
 // ------------------------------------------------------------------------------------------------
-// Per group of 64: the sign bits are the byte mask that keeps the query codes (stored + 128, so unsigned) of the
-// set bits, and vpsadbw sums them into 8 int64 lanes; the +128 of each kept byte comes off through a popcount.
-NDB_AVX512 void sign_pass(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
-  constexpr int64_t kAhead = 8;  // rows ahead into L1 (300-byte rows: ~2.4 KB)
+// Keys go in blocks of 8: each key's integer dot and outlier sum stay as 8-lane fp32 partial sums, one transposing
+// reduction per block turns them into one lane per key, and the bound (sign_bound_passes' arithmetic) is evaluated
+// for the 8 keys at once in float64. The partial sums are integers below 2^24 (d1 <= 65535 bytes of at most 255 each),
+// so their fp32 sums are exact in any order.
+constexpr int64_t kSignBlock = 8;
+// Rows prefetched ahead into L1: two blocks (~4.8 KB at d1 = 1536), the best of 1 to 4 blocks with the rows coming
+// from memory (all within 3%).
+constexpr int64_t kSignAhead = 2 * kSignBlock;
+static_assert(255 * (kMaxSignD1 + 1) < (1LL << 24), "sign dots must stay exact in fp32");
+
+// Unaligned: sign rows are 300 bytes at d1 = 1536. The compiler turns this into one kmovq from memory.
+NDB_AVX512 inline __mmask64 mask_at(const uint8_t* p) {
+  __mmask64 m;
+  std::memcpy(&m, p, sizeof m);
+  return m;
+}
+
+// Lane k of the result is the sum of the lanes of v[k].
+NDB_AVX512 inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+NDB_AVX512 inline __m256 fold(__m512 x) { return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)); }
+
+// sum_j q8_j over the set bits of one key, as 8 partial sums. With VNNI the bits expand to 0/1 bytes that vpdpbusd
+// multiplies into the signed codes. It is written as inline asm so that this file keeps to the baseline AVX-512
+// target and no VNNI instruction can reach the path for CPUs without it. Without VNNI the bits pick the codes
+// stored + 128 (unsigned) and 128 elsewhere, and vpsadbw sums the bytes: sum_set q8 + 128 * 64 G whatever the bits.
+NDB_AVX512 inline __m512i add_set_bits_vnni(__m512i acc, const uint8_t* bits, const int8_t* q8) {
+  const __m512i b = _mm512_maskz_mov_epi8(mask_at(bits), _mm512_set1_epi8(1));
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(b), "m"(*reinterpret_cast<const __m512i*>(q8)));
+  return acc;
+}
+
+NDB_AVX512 inline __m512i add_set_bits_sad(__m512i acc, const uint8_t* bits, const uint8_t* qu) {
+  const __m512i x = _mm512_mask_mov_epi8(_mm512_set1_epi8(static_cast<char>(0x80)), mask_at(bits), _mm512_loadu_si512(qu));
+  return _mm512_add_epi64(acc, _mm512_sad_epu8(x, _mm512_setzero_si512()));
+}
+
+template <bool kVnni>
+NDB_AVX512 inline __m256 set_bit_sums(const SignProblem& p, const uint8_t* bits, int64_t t) {
   const int64_t G = p.G;
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i qmax = _mm512_set1_epi32(static_cast<int>(p.qs - 1));
-  for (int64_t i = k0; i < k1; ++i) {
-    const uint8_t* row = p.signs + i * p.ss;
-    if (i + kAhead < k1) {
-      const char* next = reinterpret_cast<const char*>(row + kAhead * p.ss);
-      for (int64_t b = 0; b < p.ss; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+  const int8_t* q8 = p.q8 + t * G * 64;
+  const uint8_t* qu = p.qu + t * G * 64;
+  __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) {
+    if constexpr (kVnni) {
+      acc0 = add_set_bits_vnni(acc0, bits + 8 * g, q8 + 64 * g);
+      acc1 = add_set_bits_vnni(acc1, bits + 8 * g + 8, q8 + 64 * g + 64);
+    } else {
+      acc0 = add_set_bits_sad(acc0, bits + 8 * g, qu + 64 * g);
+      acc1 = add_set_bits_sad(acc1, bits + 8 * g + 8, qu + 64 * g + 64);
     }
-    const uint16_t* oidx = reinterpret_cast<const uint16_t*>(row + kSignHeader);
-    const uint16_t* oval = oidx + kSignOutliers;
-    const uint8_t* bits = row + kSignHeader + 4 * kSignOutliers;
+  }
+  if (g < G) acc0 = kVnni ? add_set_bits_vnni(acc0, bits + 8 * g, q8 + 64 * g) : add_set_bits_sad(acc0, bits + 8 * g, qu + 64 * g);
+  if constexpr (kVnni) return fold(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)));
+  return _mm512_cvtepi64_ps(_mm512_add_epi64(acc0, acc1));
+}
+
+// The fp32 products q_j v_j over the key's outliers, as 8 partial sums (one 16-lane and one 8-lane gather).
+static_assert(kSignOutliers == 24, "outlier_sums gathers 16 + 8 outliers");
+NDB_AVX512 inline __m256 outlier_sums(const SignProblem& p, const uint8_t* row, const float* q) {
+  const uint16_t* oidx = reinterpret_cast<const uint16_t*>(row + kSignHeader);
+  const uint16_t* oval = oidx + kSignOutliers;
+  // Clamped so a malformed row cannot read outside the query row.
+  const int qmax = static_cast<int>(p.qs - 1);
+  const __m512i j0 = _mm512_min_epu32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(oidx))),
+                                      _mm512_set1_epi32(qmax));
+  const __m256i j1 = _mm256_min_epu32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(oidx + 16))),
+                                      _mm256_set1_epi32(qmax));
+  const __m512 v0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(oval)));
+  const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(oval + 16)));
+  return _mm256_add_ps(fold(_mm512_mul_ps(_mm512_i32gather_ps(j0, q, 4), v0)),
+                       _mm256_mul_ps(_mm256_i32gather_ps(q, j1, 4), v1));
+}
+
+template <bool kVnni>
+NDB_AVX512 void sign_pass(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
+  // Without VNNI the byte sums carry 128 per element (see set_bit_sums).
+  const double offset = kVnni ? 0.0 : 128.0 * 64 * p.G;
+  // Row k of a block starts k * ss bytes after row 0: where its a, r and n are gathered from (byte offsets: the
+  // stride of a row-strided view need not be a multiple of 4).
+  const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(static_cast<int>(p.ss)));
+  std::vector<__mmask8> keep(static_cast<size_t>(p.T));
+  for (int64_t i0 = k0; i0 < k1; i0 += kSignBlock) {
+    const int64_t n = std::min(kSignBlock, k1 - i0);
+    const __mmask8 live = static_cast<__mmask8>((1u << n) - 1u);
+    const uint8_t* block = p.signs + i0 * p.ss;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m512d a = _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(zero, live, rows, block, 1));
+    const __m512d r = _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(zero, live, rows, block + 4, 1));
+    const __m512d nk = _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(zero, live, rows, block + 8, 1));
     for (int64_t t = 0; t < p.T; ++t) {
-      const uint8_t* qu = p.qu + t * G * 64;
-      __m512i acc0 = zero, acc1 = zero;
-      int64_t ones = 0;
-      int64_t g = 0;
-      for (; g + 2 <= G; g += 2) {
-        uint64_t m0, m1;
-        std::memcpy(&m0, bits + 8 * g, 8);
-        std::memcpy(&m1, bits + 8 * g + 8, 8);
-        ones += __builtin_popcountll(m0) + __builtin_popcountll(m1);
-        acc0 = _mm512_add_epi64(acc0, _mm512_sad_epu8(_mm512_maskz_mov_epi8(m0, _mm512_loadu_si512(qu + 64 * g)), zero));
-        acc1 = _mm512_add_epi64(acc1,
-                                _mm512_sad_epu8(_mm512_maskz_mov_epi8(m1, _mm512_loadu_si512(qu + 64 * g + 64)), zero));
-      }
-      if (g < G) {
-        uint64_t m0;
-        std::memcpy(&m0, bits + 8 * g, 8);
-        ones += __builtin_popcountll(m0);
-        acc0 = _mm512_add_epi64(acc0, _mm512_sad_epu8(_mm512_maskz_mov_epi8(m0, _mm512_loadu_si512(qu + 64 * g)), zero));
-      }
-      const int64_t pos = _mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1)) - 128 * ones;
       const float* q = p.q + t * p.qs;
-      __m512 acc = _mm512_setzero_ps();
-      for (int o = 0; o < kSignOutliers; o += kLanes) {
-        const __mmask16 m = tail_mask(kSignOutliers - o);
-        // Clamped so a malformed row cannot read outside the query row.
-        const __m512i j = _mm512_min_epu32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, oidx + o)), qmax);
-        const __m512 qv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, j, q, 4);
-        acc = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, oval + o)), acc);
+      __m256 pos[kSignBlock], s1[kSignBlock];
+      for (int64_t k = 0; k < kSignBlock; ++k) {
+        if (k >= n) {
+          pos[k] = s1[k] = zero;
+          continue;
+        }
+        const uint8_t* row = block + k * p.ss;
+        if (t == 0 && i0 + k + kSignAhead < k1) {
+          // Row by row, spread over the block: a whole block's lines requested at once stalled the scan.
+          const char* ahead = reinterpret_cast<const char*>(row + kSignAhead * p.ss);
+          for (int64_t b = 0; b < p.ss; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+          _mm_prefetch(ahead + p.ss - 1, _MM_HINT_T0);
+        }
+        pos[k] = set_bit_sums<kVnni>(p, row + kSignHeader + 4 * kSignOutliers, t);
+        s1[k] = outlier_sums(p, row, q);
       }
-      if (sign_bound_passes(p, row, t, static_cast<int32_t>(2 * pos - p.qsum[t]), _mm512_reduce_add_ps(acc))) {
-        pass.push_back(i);
-        pass.push_back(t);
-      }
+      // sign_bound_passes for 8 keys, term by term.
+      const __m512d sum = _mm512_sub_pd(_mm512_cvtps_pd(sum_lanes8(pos)), _mm512_set1_pd(offset));
+      const __m512d dot = _mm512_sub_pd(_mm512_add_pd(sum, sum), _mm512_set1_pd(p.qsum[t]));
+      const __m512d s = _mm512_cvtps_pd(sum_lanes8(s1));
+      const __m512d cd = _mm512_mul_pd(_mm512_set1_pd(p.c[t]), dot), l1 = _mm512_set1_pd(p.l1[t]);
+      const __m512d rest = _mm512_add_pd(_mm512_mul_pd(_mm512_set1_pd(p.a[t]), r), _mm512_mul_pd(_mm512_set1_pd(p.b[t]), nk));
+      const __m512d terms = _mm512_add_pd(_mm512_mul_pd(a, _mm512_add_pd(_mm512_abs_pd(cd), l1)), rest);
+      const __m512d ub = _mm512_add_pd(_mm512_add_pd(s, _mm512_mul_pd(a, _mm512_add_pd(cd, l1))), rest);
+      const __m512d lhs = _mm512_add_pd(ub, _mm512_mul_pd(_mm512_set1_pd(1e-9), _mm512_add_pd(_mm512_abs_pd(s), terms)));
+      // Not below gamma, NaN included (unordered): the key stays.
+      keep[t] = _mm512_mask_cmp_pd_mask(live, lhs, _mm512_set1_pd(p.gamma), _CMP_NLT_UQ);
     }
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t t = 0; t < p.T; ++t)
+        if ((keep[t] >> k) & 1) {
+          pass.push_back(i0 + k);
+          pass.push_back(t);
+        }
   }
 }
 
 }  // namespace
 
 void sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
-  sign_pass(p, k0, k1, pass);
+  sign_pass<false>(p, k0, k1, pass);
+}
+
+void sign_pass_avx512_vnni(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
+  sign_pass<true>(p, k0, k1, pass);
 }
 
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s) { sketch_scores(p, k0, k1, s); }
