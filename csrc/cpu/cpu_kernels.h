@@ -93,7 +93,8 @@ struct SignProblem {
 // Whether key `row` can score above gamma for query t, from dot = sum_j q8_j s_j (s_j = +1 for a set bit, -1
 // otherwise; exact) and s1 = the fp32 sum of q_j v_j over the key's outliers (any order: within
 // g(kSignOutliers) sum |q_j v_j| of the real value). The bound is derived in gated_retrieval_cpu.cpp; it lives here
-// so that each ISA's scan applies it to the key it has just read, instead of a second pass over stored scores.
+// so that each ISA's scan applies it to the key it has just read, instead of a second pass over stored scores (the
+// AVX-512 scan evaluates the same float64 expression for 8 keys at once).
 inline bool sign_bound_passes(const SignProblem& p, const uint8_t* row, int64_t t, int32_t dot, float s1) {
   float arn[3];
   std::memcpy(arn, row, sizeof arn);
