@@ -114,6 +114,7 @@ void sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, std::vector<
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEURALDB_PORTABLE_ONLY)
 #define NEURALDB_X86 1
 void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
+void sign_pass_avx2(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
 void sketch_scores_avx512(const SketchProblem& p, int64_t k0, int64_t k1, float* s);
 void sign_pass_avx512(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass);
 // The same with the integer dots in AVX512-VNNI (vpdpbusd); only for CPUs that have it.

@@ -651,6 +651,7 @@ SketchQueries quantize_queries(const Problem& p, int64_t G) {
 cpu::SignFn sign_fn(const Plan& pl) {
 #ifdef NEURALDB_X86
   if (pl.isa == Isa::kAvx512) return pl.vnni ? cpu::sign_pass_avx512_vnni : cpu::sign_pass_avx512;
+  if (pl.isa == Isa::kAvx2) return cpu::sign_pass_avx2;
 #endif
   return cpu::sign_pass_scalar;
 }

@@ -193,9 +193,65 @@ NDB_AVX2 void sketch_scores(const SketchProblem& p, int64_t k0, int64_t k1, floa
   }
 }
 
+// 1-bit sign sketch (the first stage of the cascade). Per 32 bits: the bits are spread to one per byte (vpshufb
+// copies each byte of them over 8 lanes, vpcmpeqb against the lane's own bit), pick the query codes stored + 128 and
+// 128 elsewhere, and vpsadbw sums them: sum_set q8 + 128 * 32 whatever the bits.
+static_assert(kSignOutliers % 8 == 0, "the outliers go in gathers of 8");
+NDB_AVX2 void sign_pass(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
+  constexpr int64_t kAhead = 8;  // rows prefetched ahead
+  const int64_t G = p.G;
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                                          3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i mid = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i qmax = _mm256_set1_epi32(static_cast<int>(p.qs - 1));
+  for (int64_t i = k0; i < k1; ++i) {
+    const uint8_t* row = p.signs + i * p.ss;
+    if (i + kAhead < k1) {
+      const char* next = reinterpret_cast<const char*>(row + kAhead * p.ss);
+      for (int64_t b = 0; b < p.ss; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+      _mm_prefetch(next + p.ss - 1, _MM_HINT_T0);
+    }
+    const uint16_t* oidx = reinterpret_cast<const uint16_t*>(row + kSignHeader);
+    const uint16_t* oval = oidx + kSignOutliers;
+    const uint8_t* bits = row + kSignHeader + 4 * kSignOutliers;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const uint8_t* qu = p.qu + t * G * 64;
+      __m256i acc = zero;
+      for (int64_t h = 0; h < 2 * G; ++h) {
+        int32_t b;
+        std::memcpy(&b, bits + 4 * h, sizeof b);
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(b), spread), bit), bit);
+        const __m256i x = _mm256_blendv_epi8(mid, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qu + 32 * h)), set);
+        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(x, zero));
+      }
+      const __m128i a2 = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+      const int64_t pos = _mm_cvtsi128_si64(a2) + _mm_extract_epi64(a2, 1) - 128 * 64 * G;
+      const float* q = p.q + t * p.qs;
+      __m256 s1 = _mm256_setzero_ps();
+      for (int o = 0; o < kSignOutliers; o += 8) {
+        // Clamped so a malformed row cannot read outside the query row.
+        const __m256i j = _mm256_min_epu32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(oidx + o))), qmax);
+        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(oval + o)));
+        s1 = _mm256_fmadd_ps(_mm256_i32gather_ps(q, j, 4), v, s1);
+      }
+      if (sign_bound_passes(p, row, t, static_cast<int32_t>(2 * pos - p.qsum[t]), hsum(s1))) {
+        pass.push_back(i);
+        pass.push_back(t);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void sketch_scores_avx2(const SketchProblem& p, int64_t k0, int64_t k1, float* s) { sketch_scores(p, k0, k1, s); }
+
+void sign_pass_avx2(const SignProblem& p, int64_t k0, int64_t k1, std::vector<int64_t>& pass) {
+  sign_pass(p, k0, k1, pass);
+}
 
 void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
   switch (p.key_type) {
