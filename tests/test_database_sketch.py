@@ -131,8 +131,10 @@ def test_retrieve_residuals_is_the_plain_retrieval(monkeypatch):
     assert db.sketch is None, "several query rows or prefilter = False build no sketch"
     assert db.retrieve_residuals(one, 0.65).abs().sum() > 0
     assert_in_step(db)
-    # One query row: the sketch scan; three rows, or prefilter off: the plain op.
-    assert len(calls) == 3 * 3 * 2 + 1
+    # One query row: the sketch scan; three rows: the cascade where gamma allows its 1-bit stage (once per gamma
+    # 0.65), else the plain op; prefilter off: the plain op.
+    assert len(calls) == 3 * 3 * 2 + 1 + 1
+    assert [(shape[0], signs) for shape, signs in calls if shape[0] > 1] == [(3, True)]
 
 
 @pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
@@ -161,6 +163,24 @@ def test_key_moved_by_a_delete_is_still_found():
     q = last_key.float()[None] * 2
     out = db.retrieve_residuals(q, 0.9)
     assert torch.equal(out[0], last_residual.float()) and torch.equal(out, db.retrieve(q, 0.9)[0])
+
+
+@pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
+def test_batched_decode_takes_the_cascade_up_to_its_row_limit(monkeypatch):
+    # Up to PREFILTER_SIGNS_MAX_ROWS rows at a gamma where the 1-bit stage applies, the cascade; one row more, or a
+    # gamma below it, the plain op (the int4 stage alone serves a single row only). Same output every way.
+    calls = _prefiltered_calls(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    db = NeuralKVDatabase(256, 8)
+    db.add(torch.randn(1500, 256, generator=g), torch.randn(1500, 8, generator=g))
+    n = db.PREFILTER_SIGNS_MAX_ROWS
+    assert n > db.PREFILTER_MAX_ROWS
+    q = torch.cat([db.keys[:n + 1].float() * 2, torch.randn(1, 256, generator=g)])  # gates open, and one closed
+    for rows, gamma in ((n, 0.65), (n + 1, 0.65), (n, db.PREFILTER_SIGNS_MIN_GAMMA - 0.01), (2, 0.9)):
+        x = q[-rows:]
+        assert torch.equal(db.retrieve_residuals(x, gamma), db.retrieve(x, gamma)[0])
+    assert [(shape[0], signs) for shape, signs in calls] == [(n, True), (2, True)]
+    assert_in_step(db)
 
 
 @pytest.mark.skipif("cpu" not in neuraldb_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")

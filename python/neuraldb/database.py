@@ -77,7 +77,8 @@ class NeuralKVDatabase:
     instead of the keys (:meth:`retrieve_residuals`, same result, ~10% of the bytes read at d1 = 1536). The two
     sketches cost +36.6% of the fp16 key bytes (26.8% int4, 9.8% signs), so they are built only when first
     needed: the first :meth:`retrieve_residuals` call that would use it (C++ CPU kernel, at least
-    ``PREFILTER_MIN_KEYS`` keys, at most ``PREFILTER_MAX_ROWS`` query rows) builds it for all rows, and from then on
+    ``PREFILTER_MIN_KEYS`` keys, at most ``PREFILTER_MAX_ROWS`` query rows, or ``PREFILTER_SIGNS_MAX_ROWS`` where the
+    1-bit stage applies) builds it for all rows, and from then on
     every change keeps it in step. A database on a GPU, or never used for CPU decoding, holds none. It is never
     saved (nor built by :meth:`load`), is dropped by :meth:`to` a non-CPU device, and ``db.prefilter = False`` frees it
     and keeps it off.
@@ -101,12 +102,16 @@ class NeuralKVDatabase:
     PREFILTER_MIN_KEYS = 1000
     PREFILTER_MAX_ROWS = 1
     # The 1-bit first stage in front of the int4 sketch (docs/overhead.md: one query row at d1 = 1536, 10k / 100k
-    # keys: 0.72 / 4.5 ms of CPU against 0.91 / 11.7 for the int4 sketch alone).
+    # keys: 0.62 / 3.6 ms of CPU against 1.03 / 8.2 for the int4 sketch alone).
     PREFILTER_SIGNS = True
     # Its bound cannot go below ~||k - a s - v_J|| (~0.55 of a unit key at d1 = 1536, random or real SmolLM2 keys),
     # so at a lower gamma it passes most keys and costs more than the int4 stage alone (gamma 0.5, 10k random keys:
     # 99% pass, 1.13 ms against 0.66).
     PREFILTER_SIGNS_MIN_GAMMA = 0.6
+    # Query rows up to which the cascade (1-bit stage in front) still beats the exact scan: its scan shares each
+    # key's sign row across the rows (gamma 0.65, d1 = 1536, 1 thread, random queries; 10k / 100k keys: 8 rows
+    # 3.7 / 26.6 ms against 4.7 / 37.3 for the exact scan; 2 rows 1.0 / 5.9 against 2.3 / 20.8).
+    PREFILTER_SIGNS_MAX_ROWS = 8
 
     def __init__(
         self,
@@ -311,7 +316,8 @@ class NeuralKVDatabase:
         """``retrieve(queries, gamma)[0]``, the gated residuals alone: what a patched forward adds.
 
         When the C++ CPU kernel serves the call, the database holds at least ``PREFILTER_MIN_KEYS`` keys and the
-        queries have at most ``PREFILTER_MAX_ROWS`` rows (decode), it scans the keys' int4 sketch and rescores only
+        queries have at most ``PREFILTER_MAX_ROWS`` rows (decode; ``PREFILTER_SIGNS_MAX_ROWS`` where the 1-bit stage
+        below applies), it scans the keys' int4 sketch and rescores only
         the keys that can pass the gate (:func:`neuraldb_kernels.gated_retrieval_prefiltered`): the result is
         bitwise the same. With ``PREFILTER_SIGNS`` (default) and ``gamma >= PREFILTER_SIGNS_MIN_GAMMA`` a 1-bit
         stage runs first and only its survivors' int4 rows are read (~10% of the key bytes per step); otherwise the
@@ -334,12 +340,11 @@ class NeuralKVDatabase:
                 self._prefilter
                 and backend == "cpu"
                 and self._n >= self.PREFILTER_MIN_KEYS
-                and q2.shape[0] <= self.PREFILTER_MAX_ROWS
+                and q2.shape[0] <= self._prefilter_max_rows(gamma)
             ):
                 self._ensure_sketch()
                 keys, values, sketch, signs = self._live_views()
-                use_signs = self.PREFILTER_SIGNS and gamma >= self.PREFILTER_SIGNS_MIN_GAMMA
-                signs = signs if use_signs else None
+                signs = signs if self._use_signs(gamma) else None
                 out = gated_retrieval_unchecked(q2, keys, values, gamma, backend, sketch, signs)[0]
             else:
                 keys, values, _, _ = self._live_views()
@@ -355,16 +360,22 @@ class NeuralKVDatabase:
         while this state wants a sketch that is not built and a call of ``rows`` rows would not build it."""
         keys, values, sketch, signs = self._live_views()
         use = self._prefilter and self._n >= self.PREFILTER_MIN_KEYS
+        max_rows = self._prefilter_max_rows(gamma)
         if use and sketch is None:
-            if rows > self.PREFILTER_MAX_ROWS:
+            if rows > max_rows:
                 return None
             self._ensure_sketch()
             keys, values, sketch, signs = self._live_views()
-        use_signs = use and self.PREFILTER_SIGNS and gamma >= self.PREFILTER_SIGNS_MIN_GAMMA
-        fn = bind_cpu_residuals(
-            keys, values, gamma, sketch if use else None, signs if use_signs else None, self.PREFILTER_MAX_ROWS
-        )
+        use_signs = use and self._use_signs(gamma)
+        fn = bind_cpu_residuals(keys, values, gamma, sketch if use else None, signs if use_signs else None, max_rows)
         return self._views, fn
+
+    def _use_signs(self, gamma: float) -> bool:
+        return self.PREFILTER_SIGNS and gamma >= self.PREFILTER_SIGNS_MIN_GAMMA
+
+    def _prefilter_max_rows(self, gamma: float) -> int:
+        """Query rows up to which a call at ``gamma`` takes the pre-filter: more with the 1-bit stage in front."""
+        return max(self.PREFILTER_MAX_ROWS, self.PREFILTER_SIGNS_MAX_ROWS if self._use_signs(gamma) else 0)
 
     def _live_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(keys, values, sketch, signs)``, the live rows, made once per state of the storage (call with the lock
