@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 
-import neuraldb.database
+import neuraldb.database_retrieval
 import pytest
 import torch
 from neuraldb import NeuralKVDatabase
@@ -96,14 +96,14 @@ def test_shard_appends_and_ordered_deletes_keep_the_sketch():
 def _prefiltered_calls(monkeypatch) -> list[tuple[torch.Size, bool]]:
     """Records (query shape, signs given) of every pre-filtered kernel call the database makes."""
     calls = []
-    real = neuraldb.database.gated_retrieval_unchecked
+    real = neuraldb.database_retrieval.gated_retrieval_unchecked
 
     def spy(queries, keys, values, gamma, backend, sketch=None, signs=None):
         if sketch is not None:
             calls.append((queries.shape, signs is not None))
         return real(queries, keys, values, gamma, backend, sketch, signs)
 
-    monkeypatch.setattr(neuraldb.database, "gated_retrieval_unchecked", spy)
+    monkeypatch.setattr(neuraldb.database_retrieval, "gated_retrieval_unchecked", spy)
     return calls
 
 
