@@ -79,7 +79,7 @@ def run_demo(
     seconds = stats.get("seconds", 0.0)
     print(
         f"Edited {len(facts)} facts in {seconds:.1f} s ({seconds / len(facts):.2f} s per fact): layer {db.layer}, "
-        f"gamma {db.gamma}, template {db.template!r}\n",
+        f"gamma {db.gamma}, {db.config.get('compute_dtype', 'float32')} steps, template {db.template!r}\n",
         file=out,
         flush=True,
     )

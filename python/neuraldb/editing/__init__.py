@@ -275,8 +275,9 @@ def edit(
 
     The database records ``layer``, ``gamma``, ``template``, ``model_id``, ``module_path`` and ``config`` (the
     :class:`EditConfig` used), and stores each Fact as the metadata of its id. Appending to ``db`` reuses its
-    layer, template and config unless overridden (a different layer or template is an error). The model is left
-    as it was (mode, requires_grad, patch).
+    layer, template and config unless overridden (a different layer or template is an error), except
+    ``compute_dtype``, which is this machine's choice (:func:`neuraldb.editing.defaults.native_bf16`): the keys do
+    not depend on it. The model is left as it was (mode, requires_grad, patch).
 
     ``stats``, if a dict, receives ``seconds``, ``n`` and per-fact optimisation ``steps`` and final ``loss``.
 
@@ -294,7 +295,8 @@ def edit(
             raise ValueError(f"db was built with template {db.template!r}; cannot append with {template!r}")
         layer = layer if layer is not None else db.layer
         template = template if template is not None else db.template
-        base = {k: v for k, v in (db.config or {}).items() if k in EditConfig.names() and k not in ("layer", "gamma")}
+        inherited = EditConfig.names() - {"layer", "gamma", "compute_dtype"}
+        base = {k: v for k, v in (db.config or {}).items() if k in inherited}
         hparams = {**base, **{k: v for k, v in hparams.items() if v is not None}}
         if gamma is None:
             gamma = db.gamma

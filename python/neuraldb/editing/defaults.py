@@ -2,12 +2,17 @@
 
 The layer and gamma of models without an entry here come from :mod:`neuraldb.architectures` (a fraction of
 the depth, gamma 0.65). The per-model entries were chosen by the sweep in docs/editing.md
-(``benchmarks/bench_editing.py --sweep``).
+(``benchmarks/bench_editing.py --sweep``). A per-model ``compute_dtype="bfloat16"`` applies only where bf16 runs
+natively (:func:`native_bf16`); elsewhere the default is float32, since emulated bf16 makes every step several times
+slower.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,8 @@ class EditConfig:
             than in the prefixed contexts, so the bare rewrite prompt itself would barely shape the key.
         compute_dtype: "bfloat16" runs the layers above the edited one (in the no-grad pass, for the cache and the
             KL reference) and the optimisation steps with bf16 weights; the keys, the clamp norms, r and the Adam
-            state stay float32. About 2.5x faster on CPUs with AMX (docs/editing.md); slow where bf16 is emulated.
+            state stay float32. About 2.5x faster on CPUs with AMX (docs/editing.md); slow where bf16 is emulated,
+            so a model's default asks for it only where :func:`native_bf16` holds.
     """
 
     layer: int | None = None
@@ -70,8 +76,7 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # sweep on CounterFact facts 0-99 (docs/editing.md): same quality as MEMIT's lr 0.5 / 5 prefixes / 20 steps
     # at about half the CPU time. Unit-length context keys with the bare prompt at 0.45: efficacy 99.5 on facts
     # 0-199 (plain mean, bare 0.5: 96.0) at the same specificity; at 0.5 some key fires on every sequence. bf16
-    # steps are 2.2x faster on CPUs with AMX at the same quality (pass compute_dtype="float32" where bf16 is
-    # emulated).
+    # steps are 2.2x faster on CPUs with AMX at the same quality (float32 where bf16 is emulated: defaults_for).
     "smollm2-135m": dict(
         layer=6, gamma=0.65, n_prefixes=3, prefix_len=10, lr=2.0, steps=10, patience=3, key_bare_weight=0.45,
         key_unit_mean=True, compute_dtype="bfloat16",
@@ -86,18 +91,53 @@ MODEL_DEFAULTS: dict[str, dict] = {
 }
 
 
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below AVX512_CORE_BF16: under one, torch's bf16 products are emulated even
+# on a CPU that has the instructions.
+_ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matrix products run natively on ``device``: a CUDA GPU of compute capability 8.0 or more, or an x86
+    CPU with AMX or AVX512-BF16 (unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below them). Anywhere else torch emulates
+    them: on this project's AMX CPU, capped to AVX2 or plain AVX-512, a bf16 linear layer of SmolLM2's size took 9x /
+    4.5x its fp32 time, against 0.33x uncapped (docs/editing.md). Other CPUs (e.g. ARM) count as emulating.
+
+    Example::
+
+        >>> native_bf16("meta")
+        False
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu" or os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_CAPS_WITHOUT_BF16:
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence looked up with a fallback
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _bf16_pays(model) -> bool:
+    # A model already in bf16 has nothing to convert; one in float32 converts only where bf16 is native.
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    param = next((p for p in params if p.is_floating_point()), None)
+    return param is not None and (param.dtype == torch.bfloat16 or native_bf16(param.device))
+
+
 def model_key(model) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or "").lower()
 
 
 def defaults_for(model) -> EditConfig:
-    """The EditConfig for ``model``: its entry in MODEL_DEFAULTS, else generic values with the architecture
-    table's default layer and gamma."""
+    """The EditConfig for ``model``: its entry in MODEL_DEFAULTS (with ``compute_dtype`` float32 where bf16 would be
+    emulated, see :func:`native_bf16`), else generic values with the architecture table's default layer and gamma."""
     key = model_key(model)
     for name, over in MODEL_DEFAULTS.items():
         if name in key:
-            return replace(EditConfig(), **over)
+            cfg = replace(EditConfig(), **over)
+            if cfg.compute_dtype == "bfloat16" and not _bf16_pays(model):
+                cfg = replace(cfg, compute_dtype="float32")
+            return cfg
     from neuraldb import architectures as arch
 
     try:
