@@ -293,3 +293,17 @@ def test_ab_pages_runs_each_variant_on_its_own_buffers_and_restores_the_huge_one
     assert all(b.data_ptr() % HUGE_PAGE == 0 for b in buffers if b.numel() * b.element_size() >= HUGE_PAGE)
     assert db._views[0] == (len(db), id(db._keys), id(db._values), id(db._sketch), id(db._signs))
     assert out["step_diff"]["median_ms"] == 0 and json.loads((tmp_path / "ab.json").read_text())["pairs"] == 2
+
+
+def test_row_threshold_sim_gates_each_row_at_the_higher_of_gamma_and_its_threshold():
+    sim = load("row_threshold_sim")
+    keys = torch.eye(3)
+    # state i is nearest key i at cosine 0.8, 0.7 and 0.9
+    states = torch.tensor([[0.8, 0.6, 0.0], [0.6, 0.7, 0.387], [0.436, 0.0, 0.9]])
+    opens, row = sim.gate(keys, states, 0.65, None)
+    assert row.tolist() == [0, 1, 2] and opens.tolist() == [True, True, True]
+    # row 0 raised above its state's 0.8; row 1's threshold below gamma must not lower the bar; row 2 unchanged
+    opens, _ = sim.gate(keys, states, 0.65, torch.tensor([0.85, 0.5, -1.0]))
+    assert opens.tolist() == [False, True, True]
+    opens, _ = sim.gate(keys, states, 0.75, torch.tensor([0.85, 0.5, -1.0]))
+    assert opens.tolist() == [False, False, True]

@@ -1,0 +1,155 @@
+"""What a per-row gate threshold would do to general-text gate openings, simulated on real keys (no such column yet).
+
+    python benchmarks/row_threshold_sim.py --n 1000 \\
+        --text ../shared/data/general_eval/wikitext2_raw_test.txt.gz --tokens 4096 [--start 4096 --tag heldout]
+
+Some keys open the gate on ordinary text: the key is read at the subject's last token, and where that token is a
+common word the state there is mostly the word's ("Chrysler 200" fires on " in 200"; results/README.md). This
+computes, for the first ``--n`` CounterFact facts under the model's editing defaults:
+
+- the keys, as ``neuraldb.edit`` builds them;
+- each fact's own states: its rewrite prompt (bare) and the paraphrases that contain the subject, at the subject's
+  last token;
+- negatives: the subject's last word alone (as written and lower-cased) after each of a few function words
+  ("in 200", "the 200", ...), no prefix;
+- the states of the first ``--tokens`` tokens of a general text, in the database's template.
+
+A row's threshold, for a subject of several words: ``t = min(max negative cosine + delta, bare-prompt cosine -
+margin)``, and the row's gate opens only where the score exceeds ``max(gamma, t)``. Because that is never below
+gamma, an exact scan at gamma followed by the row's own test is the same gate. Reported per (delta, margin):
+
+- the general-text positions and rows that open;
+- the share of own states that retrieve their own row through the gate (rewrite and paraphrase).
+
+Results: ``benchmarks/results/row_threshold_sim[_<tag>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
+
+import neuraldb  # noqa: E402
+from _common import machine_description, write_json  # noqa: E402
+from neuraldb import templates  # noqa: E402
+from neuraldb.editing import compute_keys, engine  # noqa: E402
+from neuraldb.editing.defaults import resolve  # noqa: E402
+from neuraldb.evaluation.gate import _down_proj_inputs  # noqa: E402
+from neuraldb.facts import Fact  # noqa: E402
+
+FUNCTION_WORDS = ("in", "the", "of", "and", "his", "a")
+GRID = [(None, None)] + [(d, m) for d in (0.0, 0.02) for m in (0.05, 0.1, 0.15)]
+
+
+def own_prompts(facts: list[Fact]) -> tuple[list[Fact], list[int], list[bool]]:
+    """One Fact per own prompt (the rewrite, then the paraphrases naming the subject once), its fact's index, and
+    whether it is the rewrite."""
+    out, owner, rewrite = [], [], []
+    for i, f in enumerate(facts):
+        texts = [f.text] + [p for p in f.paraphrases if p.count(f.subject) == 1 and "{" not in p and "}" not in p]
+        for j, text in enumerate(texts):
+            out.append(Fact(f.subject, text.replace(f.subject, "{}", 1), f.target_new))
+            owner.append(i)
+            rewrite.append(j == 0)
+    return out, owner, rewrite
+
+
+def negatives(facts: list[Fact]) -> tuple[list[Fact], list[int]]:
+    out, owner = [], []
+    for i, f in enumerate(facts):
+        word = f.subject.split()[-1]
+        for variant in dict.fromkeys([word, word.lower()]):
+            for fw in FUNCTION_WORDS:
+                out.append(Fact(variant, f"{fw} {{}}", "x"))
+                owner.append(i)
+    return out, owner
+
+
+def gate(keys: torch.Tensor, states: torch.Tensor, gamma: float, thresholds: torch.Tensor | None):
+    """``(opens, row)`` per state: the best key (unit rows) and whether its gate opens at max(gamma, its threshold)."""
+    best, row = (states @ keys.T).max(-1)
+    bar = torch.full_like(best, gamma) if thresholds is None else thresholds[row].clamp(min=gamma)
+    return best > bar, row
+
+
+def simulate(keys, text_states, own_states, own_rows, rewrite, neg_states, neg_rows, several_words, gamma) -> list:
+    """One result per (delta, margin) of GRID; all states and keys unit rows."""
+    m = len(keys)
+    neg = torch.full((m,), -1.0).scatter_reduce(0, neg_rows, (neg_states * keys[neg_rows]).sum(-1), "amax")
+    bare = torch.full((m,), -1.0).scatter_reduce(
+        0, own_rows[rewrite], (own_states[rewrite] * keys[own_rows[rewrite]]).sum(-1), "amax")
+    out = []
+    for delta, margin in GRID:
+        thr = None
+        if delta is not None:
+            thr = torch.where(several_words, torch.minimum(neg + delta, bare - margin), torch.full((m,), -1.0))
+        opens, row = gate(keys, text_states, gamma, thr)
+        own_open, own_row = gate(keys, own_states, gamma, thr)
+        hit = own_open & (own_row == own_rows)
+        out.append({
+            "delta": delta, "margin": margin,
+            "rows_raised": 0 if thr is None else int((thr > gamma).sum()),
+            "text_open_positions": int(opens.sum()), "text_open_rows": len(set(row[opens].tolist())),
+            "rewrite_pct": round(100 * float(hit[rewrite].float().mean()), 2),
+            "paraphrase_pct": round(100 * float(hit[~rewrite].float().mean()), 2),
+        })
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--facts", default=str(ROOT.parent / "shared/data/knowledge_editing/"
+                                           "counterfact_rome_format_1031.json.gz"))
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--text", required=True, help="a text file (.gz allowed), e.g. WikiText-2's raw test split")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--start", type=int, default=0, help="skip this many tokens of the text first (a held-out stretch)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tok = neuraldb.load_model(args.model)
+    facts = neuraldb.facts.load(args.facts, limit=args.n)
+    cfg = resolve(model)
+    template = templates.default_template(tok)
+    unit = torch.nn.functional.normalize
+    with torch.inference_mode():
+        keys = unit(compute_keys(model, tok, facts), dim=-1)
+        own, own_rows, rewrite = own_prompts(facts)
+        own_states = unit(compute_keys(model, tok, own, n_prefixes=0), dim=-1)
+        neg, neg_rows = negatives(facts)
+        neg_states = unit(compute_keys(model, tok, neg, n_prefixes=0), dim=-1)
+        opener = gzip.open if args.text.endswith(".gz") else open
+        with opener(args.text, "rt", encoding="utf-8") as f:
+            text = "\n".join(f.read().splitlines())
+        ids = tok(templates.apply(template, text), add_special_tokens=False)["input_ids"]
+        ids = ids[args.start : args.start + args.tokens]
+        h = engine.handles(model, cfg.layer)
+        text_states = unit(torch.cat([_down_proj_inputs(h, [ids[s : s + 512]], tok.pad_token_id or 0)[0][0]
+                                      for s in range(0, len(ids), 512)]), dim=-1)
+    several = torch.tensor([len(f.subject.split()) > 1 for f in facts])
+    rows = simulate(keys, text_states, own_states, torch.tensor(own_rows), torch.tensor(rewrite), neg_states,
+                    torch.tensor(neg_rows), several, cfg.gamma)
+    print(f"{len(facts)} facts ({int(several.sum())} of several words), gamma {cfg.gamma}, layer {cfg.layer}; "
+          f"{len(ids)} text positions, {len(own)} own prompts")
+    print("| delta | margin | rows raised | text positions open | rows | rewrite % | paraphrase % |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['delta']} | {r['margin']} | {r['rows_raised']} | {r['text_open_positions']} | "
+              f"{r['text_open_rows']} | {r['rewrite_pct']} | {r['paraphrase_pct']} |")
+    out = ROOT / "benchmarks" / "results" / ("row_threshold_sim" + (f"_{args.tag}" if args.tag else "") + ".json")
+    write_json(out, {"model": args.model, "facts": args.facts, "n": len(facts), "gamma": cfg.gamma,
+                     "layer": cfg.layer, "text": args.text, "start": args.start, "tokens": len(ids),
+                     "function_words": FUNCTION_WORDS, "rows": rows, "machine": machine_description()})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
