@@ -1,11 +1,16 @@
-"""What a per-row gate threshold would do to general-text gate openings, simulated on real keys (no such column yet).
+"""General-text gate openings as real facts accumulate, and what a per-row gate threshold would do to them,
+simulated on real keys (the database has no such column yet).
 
     python benchmarks/row_threshold_sim.py --n 1000 \\
         --text ../shared/data/general_eval/wikitext2_raw_test.txt.gz --tokens 4096 [--start 4096 --tag heldout]
+    python benchmarks/row_threshold_sim.py --n 0 --sizes 1000,2000,5000,10000,24140 --text ... --tag growth \\
+        --facts ../shared/data/knowledge_editing/{counterfact_rome_format_1031,counterfact_mend_edit,\\
+counterfact_mend_train,counterfact_mend_val,zsre_mend_train_1k,zsre_mend_eval_portability_1037,\\
+zsre_knowedit_test_all_1301}.json.gz          # every distinct fact of these, the openings per size
 
 Some keys open the gate on ordinary text: the key is read at the subject's last token, and where that token is a
 common word the state there is mostly the word's ("Chrysler 200" fires on " in 200"; results/README.md). This
-computes, for the first ``--n`` CounterFact facts under the model's editing defaults:
+computes, for the first ``--n`` distinct facts of the ``--facts`` files (0: all), under the model's editing defaults:
 
 - the keys, as ``neuraldb.edit`` builds them;
 - each fact's own states: its rewrite prompt (bare) and the paraphrases that contain the subject, at the subject's
@@ -21,7 +26,8 @@ gamma, an exact scan at gamma followed by the row's own test is the same gate. R
 - the general-text positions and rows that open;
 - the share of own states that retrieve their own row through the gate (rewrite and paraphrase).
 
-Results: ``benchmarks/results/row_threshold_sim[_<tag>].json``.
+and, with ``--sizes``, the share of text positions whose best key passes gamma (0.65, 0.7, 0.75) for the first n
+facts at each size. Results: ``benchmarks/results/row_threshold_sim[_<tag>].json``.
 """
 
 from __future__ import annotations
@@ -72,6 +78,23 @@ def negatives(facts: list[Fact]) -> tuple[list[Fact], list[int]]:
     return out, owner
 
 
+def distinct_facts(paths: list[str], n: int) -> list[Fact]:
+    """The facts of ``paths`` in order, each (subject, prompt) once; the first ``n`` (0: all)."""
+    out, seen = [], set()
+    for path in paths:
+        for f in neuraldb.facts.load(path):
+            if (f.subject, f.prompt) not in seen:
+                seen.add((f.subject, f.prompt))
+                out.append(f)
+    return out[:n] if n else out
+
+
+def openings_by_size(keys: torch.Tensor, text_states: torch.Tensor, n: int) -> dict:
+    best = (text_states @ keys[:n].T).max(-1).values
+    return {"facts": min(n, len(keys)),
+            "open_pct": {g: round(100 * float((best > g).float().mean()), 2) for g in (0.65, 0.7, 0.75)}}
+
+
 def gate(keys: torch.Tensor, states: torch.Tensor, gamma: float, thresholds: torch.Tensor | None):
     """``(opens, row)`` per state: the best key (unit rows) and whether its gate opens at max(gamma, its threshold)."""
     best, row = (states @ keys.T).max(-1)
@@ -106,9 +129,10 @@ def simulate(keys, text_states, own_states, own_rows, rewrite, neg_states, neg_r
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--facts", default=str(ROOT.parent / "shared/data/knowledge_editing/"
-                                           "counterfact_rome_format_1031.json.gz"))
+    ap.add_argument("--facts", nargs="+", default=[str(ROOT.parent / "shared/data/knowledge_editing/"
+                                                       "counterfact_rome_format_1031.json.gz")])
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--sizes", default="", help="comma-separated fact counts to report text openings at")
     ap.add_argument("--text", required=True, help="a text file (.gz allowed), e.g. WikiText-2's raw test split")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--start", type=int, default=0, help="skip this many tokens of the text first (a held-out stretch)")
@@ -116,7 +140,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model, tok = neuraldb.load_model(args.model)
-    facts = neuraldb.facts.load(args.facts, limit=args.n)
+    facts = distinct_facts(args.facts, args.n)
     cfg = resolve(model)
     template = templates.default_template(tok)
     unit = torch.nn.functional.normalize
@@ -144,10 +168,15 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['delta']} | {r['margin']} | {r['rows_raised']} | {r['text_open_positions']} | "
               f"{r['text_open_rows']} | {r['rewrite_pct']} | {r['paraphrase_pct']} |")
+    growth = [openings_by_size(keys, text_states, int(n)) for n in args.sizes.split(",") if n]
+    for g in growth:
+        print(f"first {g['facts']} facts: text positions open " +
+              ", ".join(f"{pct}% at gamma {gm}" for gm, pct in g["open_pct"].items()))
     out = ROOT / "benchmarks" / "results" / ("row_threshold_sim" + (f"_{args.tag}" if args.tag else "") + ".json")
     write_json(out, {"model": args.model, "facts": args.facts, "n": len(facts), "gamma": cfg.gamma,
                      "layer": cfg.layer, "text": args.text, "start": args.start, "tokens": len(ids),
-                     "function_words": FUNCTION_WORDS, "rows": rows, "machine": machine_description()})
+                     "function_words": FUNCTION_WORDS, "rows": rows, "growth": growth,
+                     "machine": machine_description()})
     print(f"wrote {out}")
 
 
