@@ -31,23 +31,38 @@ from neuraldb.evaluation.gate import _down_proj_inputs  # noqa: E402
 from neuraldb_kernels.reference import normalize_queries  # noqa: E402
 
 
+def read_text(path: str) -> str:
+    """A text file (gzip when it ends in .gz), its lines joined with newlines."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return "\n".join(f.read().splitlines())
+
+
+def text_states(model, tok, template: str | None, layer: int, text: str, *, tokens: int, start: int = 0,
+                window: int = 512) -> tuple[list[int], torch.Tensor]:
+    """``(ids, states)``: ``tokens`` token ids of ``text`` in ``template`` from ``start``, and the down-projection
+    inputs of ``layer`` at each (unit rows), one forward per ``window`` tokens as ``neuraldb eval`` scores them."""
+    ids = tok(templates.apply(template, text), add_special_tokens=False)["input_ids"][start : start + tokens]
+    h = engine.handles(model, layer)
+    pad = tok.pad_token_id or 0
+    states = [_down_proj_inputs(h, [ids[s : s + window]], pad)[0][0] for s in range(0, len(ids), window)]
+    return ids, normalize_queries(torch.cat(states))
+
+
 def gate_on_text(model, tok, db, text: str, *, tokens: int, window: int = 512, examples: int = 5) -> dict:
-    ids = tok(templates.apply(db.template, text), add_special_tokens=False)["input_ids"][:tokens]
+    ids, states = text_states(model, tok, db.template, db.layer, text, tokens=tokens, window=window)
     keys = normalize_queries(db.keys.float())
-    h = engine.handles(model, db.layer)
     counts: Counter = Counter()
     shown: dict[int, list[str]] = {}
     best_all = []
-    for s in range(0, len(ids), window):
-        seq = ids[s : s + window]
-        q, _ = _down_proj_inputs(h, [seq], tok.pad_token_id or 0)
-        best, row = (normalize_queries(q[0]) @ keys.T).max(-1)
+    for s in range(0, len(ids), window):  # a window at a time: states x keys would be (tokens, m)
+        best, row = (states[s : s + window] @ keys.T).max(-1)
         best_all.append(best)
         for p in (best > db.gamma).nonzero().flatten().tolist():
             r = int(row[p])
             counts[r] += 1
             if len(shown.setdefault(r, [])) < examples:
-                shown[r].append(tok.decode(seq[max(0, p - 4) : p + 1]))
+                shown[r].append(tok.decode(ids[s + max(0, p - 4) : s + p + 1]))
     best = torch.cat(best_all)
     ids_ = db.ids()
     return {
@@ -72,11 +87,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     model, tok = neuraldb.load_model(args.model, dtype=args.dtype)
     db = neuraldb.NeuralKVDatabase.load(args.db)
-    opener = gzip.open if args.text.endswith(".gz") else open
-    with opener(args.text, "rt", encoding="utf-8") as f:
-        text = "\n".join(f.read().splitlines())
     with torch.inference_mode():
-        res = gate_on_text(model, tok, db, text, tokens=args.tokens)
+        res = gate_on_text(model, tok, db, read_text(args.text), tokens=args.tokens)
     res.update(model=args.model, db=args.db, n_rows=len(db), gamma=db.gamma, layer=db.layer, text=args.text,
                machine=machine_description())
     out = ROOT / "benchmarks" / "results" / ("general_text_gate" + (f"_{args.tag}" if args.tag else "") + ".json")

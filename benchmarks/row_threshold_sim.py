@@ -33,7 +33,6 @@ facts at each size. Results: ``benchmarks/results/row_threshold_sim[_<tag>].json
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
 from pathlib import Path
 
@@ -44,10 +43,10 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 
 import neuraldb  # noqa: E402
 from _common import machine_description, write_json  # noqa: E402
+from general_text_gate import read_text, text_states  # noqa: E402
 from neuraldb import templates  # noqa: E402
-from neuraldb.editing import compute_keys, engine  # noqa: E402
+from neuraldb.editing import compute_keys  # noqa: E402
 from neuraldb.editing.defaults import resolve  # noqa: E402
-from neuraldb.evaluation.gate import _down_proj_inputs  # noqa: E402
 from neuraldb.facts import Fact  # noqa: E402
 
 FUNCTION_WORDS = ("in", "the", "of", "and", "his", "a")
@@ -89,8 +88,8 @@ def distinct_facts(paths: list[str], n: int) -> list[Fact]:
     return out[:n] if n else out
 
 
-def openings_by_size(keys: torch.Tensor, text_states: torch.Tensor, n: int) -> dict:
-    best = (text_states @ keys[:n].T).max(-1).values
+def openings_by_size(keys: torch.Tensor, text: torch.Tensor, n: int) -> dict:
+    best = (text @ keys[:n].T).max(-1).values
     return {"facts": min(n, len(keys)),
             "open_pct": {g: round(100 * float((best > g).float().mean()), 2) for g in (0.65, 0.7, 0.75)}}
 
@@ -102,7 +101,7 @@ def gate(keys: torch.Tensor, states: torch.Tensor, gamma: float, thresholds: tor
     return best > bar, row
 
 
-def simulate(keys, text_states, own_states, own_rows, rewrite, neg_states, neg_rows, several_words, gamma) -> list:
+def simulate(keys, text, own_states, own_rows, rewrite, neg_states, neg_rows, several_words, gamma) -> list:
     """One result per (delta, margin) of GRID; all states and keys unit rows."""
     m = len(keys)
     neg = torch.full((m,), -1.0).scatter_reduce(0, neg_rows, (neg_states * keys[neg_rows]).sum(-1), "amax")
@@ -113,7 +112,7 @@ def simulate(keys, text_states, own_states, own_rows, rewrite, neg_states, neg_r
         thr = None
         if delta is not None:
             thr = torch.where(several_words, torch.minimum(neg + delta, bare - margin), torch.full((m,), -1.0))
-        opens, row = gate(keys, text_states, gamma, thr)
+        opens, row = gate(keys, text, gamma, thr)
         own_open, own_row = gate(keys, own_states, gamma, thr)
         hit = own_open & (own_row == own_rows)
         out.append({
@@ -150,16 +149,10 @@ def main(argv=None) -> None:
         own_states = unit(compute_keys(model, tok, own, n_prefixes=0), dim=-1)
         neg, neg_rows = negatives(facts)
         neg_states = unit(compute_keys(model, tok, neg, n_prefixes=0), dim=-1)
-        opener = gzip.open if args.text.endswith(".gz") else open
-        with opener(args.text, "rt", encoding="utf-8") as f:
-            text = "\n".join(f.read().splitlines())
-        ids = tok(templates.apply(template, text), add_special_tokens=False)["input_ids"]
-        ids = ids[args.start : args.start + args.tokens]
-        h = engine.handles(model, cfg.layer)
-        text_states = unit(torch.cat([_down_proj_inputs(h, [ids[s : s + 512]], tok.pad_token_id or 0)[0][0]
-                                      for s in range(0, len(ids), 512)]), dim=-1)
+        ids, states = text_states(model, tok, template, cfg.layer, read_text(args.text), tokens=args.tokens,
+                                  start=args.start)
     several = torch.tensor([len(f.subject.split()) > 1 for f in facts])
-    rows = simulate(keys, text_states, own_states, torch.tensor(own_rows), torch.tensor(rewrite), neg_states,
+    rows = simulate(keys, states, own_states, torch.tensor(own_rows), torch.tensor(rewrite), neg_states,
                     torch.tensor(neg_rows), several, cfg.gamma)
     print(f"{len(facts)} facts ({int(several.sum())} of several words), gamma {cfg.gamma}, layer {cfg.layer}; "
           f"{len(ids)} text positions, {len(own)} own prompts")
@@ -168,7 +161,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['delta']} | {r['margin']} | {r['rows_raised']} | {r['text_open_positions']} | "
               f"{r['text_open_rows']} | {r['rewrite_pct']} | {r['paraphrase_pct']} |")
-    growth = [openings_by_size(keys, text_states, int(n)) for n in args.sizes.split(",") if n]
+    growth = [openings_by_size(keys, states, int(n)) for n in args.sizes.split(",") if n]
     for g in growth:
         print(f"first {g['facts']} facts: text positions open " +
               ", ".join(f"{pct}% at gamma {gm}" for gm, pct in g["open_pct"].items()))
