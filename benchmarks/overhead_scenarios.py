@@ -136,8 +136,10 @@ class Scenario:
             logits = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1,
                                 **{self.cache_kw: self.cache}).logits
             if self.captured:
-                # The static cache's length is a device tensor, moved back in place (inside the graph, no sync).
-                self.cache.crop(-1)
+                # Each layer's length is a device tensor, moved back in place (inside the graph, no sync). Not crop():
+                # StaticLayer has none before transformers 5.2x, and the GPU machines' image has 5.17.
+                for layer in self.cache.layers:
+                    layer.cumulative_length.sub_(1)
                 return logits
             # A negative crop removes that many tokens (the one meaning shared by transformers 4.x and 5.x).
             extra = self.cache.get_seq_length() - self.context
