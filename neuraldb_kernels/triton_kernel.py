@@ -46,10 +46,13 @@ import triton.language as tl
 
 NORM_EPS = 1e-12
 
-# How many programs the scan aims for, in multiples of the SM count, and the fewest keys one split scans.
-# These shape decode (T <= 16) performance on 100k-1M keys; retune on the GPU with benchmarks/gpu_op_table.py.
+# How many programs the scan aims for, in multiples of the SM count, and the fewest key bytes one split scans.
+# These shape decode (T <= 16) performance; retune on the GPU with benchmarks/split_sweep.py. The minimum is in bytes,
+# not keys: at Llama-3-8B's d1 = 14336 a 64-key minimum (1.8 MB a split) left 10k keys 157 programs on an H200's 132
+# SMs, and the scan took 1.7x the read floor.
 _WAVES = 4
-_MIN_KEYS_PER_SPLIT = 64
+_MIN_SPLIT_BYTES = 128 * 1024
+_MIN_SPLIT_KEYS_CAP = 64  # narrow rows (< 2 KiB) stop here: more splits of them cost the finishing kernel more
 _MAX_SPLITS = 2048
 _SPLIT_ROUND = 16
 
@@ -402,21 +405,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan_splits(t: int, m: int, sms: int) -> tuple[int, int]:
-    """``(num_splits, keys_per_split)`` for T query rows over m > 0 keys on a device with ``sms`` SMs.
+def plan_splits(t: int, m: int, sms: int, key_bytes: int) -> tuple[int, int]:
+    """``(num_splits, keys_per_split)`` for T query rows over m > 0 keys of ``key_bytes`` bytes each (d1 times the
+    element size) on a device with ``sms`` SMs.
 
-    Aims for ``_WAVES * sms`` programs in all, counting 128-row blocks for prefill, but no split shorter than
-    ``_MIN_KEYS_PER_SPLIT`` keys and at most ``_MAX_SPLITS`` splits (the finishing kernel reads them all).
+    Aims for ``_WAVES * sms`` programs in all, counting 128-row blocks for prefill, but no split of fewer than
+    ``_MIN_SPLIT_BYTES`` of keys nor ``_SPLIT_ROUND`` keys (but ``_MIN_SPLIT_KEYS_CAP`` keys are always enough), and
+    at most ``_MAX_SPLITS`` splits (the finishing kernel reads them all).
 
-    Example (one decode row over 100k keys on an H100's 132 SMs)::
+    Example (one decode row over 100k fp16 keys of d1 = 14336 on an H100's 132 SMs)::
 
-        >>> plan_splits(1, 100_000, 132)
+        >>> plan_splits(1, 100_000, 132, 14336 * 2)
         (521, 192)
     """
     rows_per_block = 1 if t == 1 else 16 if t <= 16 else 128
     row_blocks = -(-t // rows_per_block)
     want = -(-(_WAVES * sms) // row_blocks)
-    splits = max(1, min(want, -(-m // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
+    min_keys = min(_MIN_SPLIT_KEYS_CAP, max(_SPLIT_ROUND, -(-_MIN_SPLIT_BYTES // max(1, key_bytes))))
+    splits = max(1, min(want, -(-m // min_keys), _MAX_SPLITS))
     per = -(-m // splits)
     per = -(-per // _SPLIT_ROUND) * _SPLIT_ROUND
     return -(-m // per), per
@@ -462,7 +468,7 @@ def gated_retrieval_triton(
     if m == 0:
         return out.zero_(), idx.fill_(-1), score.fill_(float("-inf"))
 
-    splits, per = plan_splits(t, m, _sm_count(device))
+    splits, per = plan_splits(t, m, _sm_count(device), d1 * keys.element_size())
     if num_splits is not None:
         per = -(-m // max(1, min(num_splits, m)))
         splits = -(-m // per)

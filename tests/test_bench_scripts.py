@@ -307,3 +307,15 @@ def test_row_threshold_sim_gates_each_row_at_the_higher_of_gamma_and_its_thresho
     assert opens.tolist() == [False, True, True]
     opens, _ = sim.gate(keys, states, 0.75, torch.tensor([0.85, 0.5, -1.0]))
     assert opens.tolist() == [False, False, True]
+
+
+def test_split_sweep_candidates_and_needs_a_gpu(capsys):
+    sweep = load("split_sweep")
+    # At Llama-3-8B's width the plan splits 10k keys finer than the old 64-key minimum did (157 programs, 132 SMs).
+    got = sweep.candidates(1, 10_000, 132, 14336 * 2, [500])
+    assert got["old plan"] == 157 and got["plan"] == 313
+    assert got["132 splits"] == 132 and got["792 splits"] == 792 and got["500 splits"] == 500
+    assert max(sweep.candidates(1, 2000, 132, 14336 * 2, []).values()) <= 250  # no split under 8 keys
+    if not torch.cuda.is_available():
+        assert sweep.main(["--T", "1"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

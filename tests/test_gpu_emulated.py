@@ -109,3 +109,17 @@ def test_vector_and_scalar_loads(runner, key_pad, key_offset, vec):
     assert "splits=1 " not in info
     assert_matches_reference(res, q, keys, values, 0.5)
     assert res[1][0].item() == 20
+
+
+def test_wide_rows_split_finer(runner):
+    # 128 KiB of keys is enough for a split: 8 KiB rows (d1 = 4096, fp16) go in one-step splits of 32 keys, where 64
+    # keys was the minimum for every width (on a 132-SM GPU, 2k keys of d1 = 14336 got 32 blocks).
+    g = torch.Generator().manual_seed(11)
+    keys = torch.nn.functional.normalize(torch.randn(300, 4096, generator=g), dim=1).half()
+    keys[290] = keys[5]  # a tie across splits
+    q = keys[[5]].float() + 0.01 * torch.randn(1, 4096, generator=g)
+    values = torch.randn(300, 4, generator=g).half()
+    res, info = run_emulated(runner, q, keys, values, 0.5, sms=132)
+    assert "splits=10 per=32 " in info + " "
+    assert_matches_reference(res, q, keys, values, 0.5)
+    assert res[1][0].item() == 5

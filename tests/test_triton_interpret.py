@@ -52,14 +52,20 @@ if not INTERPRETING:
 
         for t, m, sms in [(1, 100_000, 132), (16, 100_000, 132), (2048, 100_000, 132), (1, 10, 132), (3, 1, 4),
                           (1, 1_000_000, 132), (128, 10_000, 132), (5, 1037, 4)]:
-            splits, per = plan_splits(t, m, sms)
-            assert splits >= 1 and per >= 1
-            assert (splits - 1) * per < m <= splits * per, (t, m, sms, splits, per)  # no empty split
-            assert per % 16 == 0 or splits == 1 or per >= m
-        splits, _ = plan_splits(1, 100_000, 132)
-        assert splits >= 132 * 2  # decode: several programs per SM from the keys alone
-        splits, _ = plan_splits(2048, 100_000, 132)
-        assert 16 * splits >= 132  # prefill: row blocks x splits still cover every SM
+            for key_bytes in (2, 128, 8192, 28672):
+                splits, per = plan_splits(t, m, sms, key_bytes)
+                assert splits >= 1 and per >= 1
+                assert (splits - 1) * per < m <= splits * per, (t, m, sms, splits, per)  # no empty split
+                assert per % 16 == 0 or splits == 1 or per >= m
+        wide = 14336 * 2  # Llama-3-8B's d1 in fp16
+        assert plan_splits(1, 100_000, 132, wide)[0] >= 132 * 2  # decode: several programs per SM from the keys alone
+        assert 16 * plan_splits(2048, 100_000, 132, wide)[0] >= 132  # prefill: row blocks x splits cover every SM
+        # Wide rows split finer: 10k such keys in 64-key splits were 157 programs for 132 SMs (1.7x the read floor on
+        # an H200); 2k were 32. Narrow rows keep 64-key splits, so the interpreter's tests still cross splits.
+        assert plan_splits(1, 10_000, 132, wide) == (313, 32)
+        assert plan_splits(1, 2_000, 132, wide) == (125, 16)
+        assert plan_splits(1, 10_000, 132, 128) == (157, 64)
+        assert plan_splits(1, 10_000, 132, 3072) == (209, 48)  # d1 = 1536: 128 KiB
 
     def test_t_bucket():
         from neuraldb_kernels.triton_kernel import t_bucket

@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cuda(const at::Te
   TORCH_CHECK(t_rows <= std::numeric_limits<int32_t>::max(), "queries must have fewer than 2**31 rows, got ", t_rows);
 
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const Plan plan = make_plan(t_rows, m, d1, sms);
+  const Plan plan = make_plan(t_rows, m, d1, d1 * static_cast<int64_t>(keys.element_size()), sms);
   const auto f32 = queries.options().dtype(at::kFloat);
   at::Tensor qn = at::empty({plan.row_blocks * plan.tq, plan.ldq}, f32);
   at::Tensor ps = at::empty({plan.splits, t_rows}, f32);

@@ -40,12 +40,16 @@ constexpr int kNormThreads = 256;
 constexpr int kFinishThreads = 256;
 constexpr float kNormEps = 1e-12f;
 constexpr int32_t kNoIndex = std::numeric_limits<int32_t>::max();
-// Splits: aim for kWaves blocks per SM in all, no split shorter than kMinKeysPerSplit keys.
+// Splits: aim for kWaves blocks per SM in all, none shorter than kMinSplitBytes of keys nor one step of keys, but
+// two steps are always enough (narrow rows). In bytes: at d1 = 14336 a 64-key minimum left 2k-10k keys 32-157 blocks
+// on an H200's 132 SMs.
 constexpr int64_t kWaves = 4;
-constexpr int64_t kMinKeysPerSplit = 2 * kKeysPerStep;
+constexpr int64_t kMinSplitBytes = 128 * 1024;
+constexpr int64_t kMinSplitKeysCap = 2 * kKeysPerStep;
 constexpr int64_t kMaxSplits = 4096;
 
-// The launch geometry for T query rows over m > 0 keys of width d1 on a device with `sms` multiprocessors.
+// The launch geometry for T query rows over m > 0 keys of width d1 (key_bytes bytes a row) on a device with `sms`
+// multiprocessors.
 struct Plan {
   int tq;              // query rows per scan block: 1, 2, 4, 8 or 16
   int64_t row_blocks;  // ceil(T / tq)
@@ -54,13 +58,16 @@ struct Plan {
   int64_t per;         // keys per range, a multiple of kKeysPerStep
 };
 
-inline Plan make_plan(int64_t t_rows, int64_t m, int64_t d1, int64_t sms) {
+inline Plan make_plan(int64_t t_rows, int64_t m, int64_t d1, int64_t key_bytes, int64_t sms) {
   Plan p{};
   p.tq = t_rows <= 1 ? 1 : t_rows == 2 ? 2 : t_rows <= 4 ? 4 : t_rows <= 8 ? 8 : 16;
   p.row_blocks = (t_rows + p.tq - 1) / p.tq;
   p.ldq = (d1 + 7) / 8 * 8;
   int64_t splits = (kWaves * sms + p.row_blocks - 1) / p.row_blocks;
-  splits = std::max<int64_t>(1, std::min({splits, (m + kMinKeysPerSplit - 1) / kMinKeysPerSplit, kMaxSplits}));
+  const int64_t row_bytes = std::max<int64_t>(1, key_bytes);
+  const int64_t min_keys =
+      std::min(kMinSplitKeysCap, std::max<int64_t>(kKeysPerStep, (kMinSplitBytes + row_bytes - 1) / row_bytes));
+  splits = std::max<int64_t>(1, std::min({splits, (m + min_keys - 1) / min_keys, kMaxSplits}));
   p.per = (m + splits - 1) / splits;
   p.per = (p.per + kKeysPerStep - 1) / kKeysPerStep * kKeysPerStep;
   p.splits = (m + p.per - 1) / p.per;

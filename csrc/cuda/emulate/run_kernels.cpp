@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  const Plan p = make_plan(t_rows, m, d1, sms);
+  const Plan p = make_plan(t_rows, m, d1, d1 * dsize(kdt), sms);
   float* qn = alloc<float>(p.row_blocks * p.tq * p.ldq);
   float* ps = alloc<float>(p.splits * t_rows);
   int32_t* pi = alloc<int32_t>(p.splits * t_rows);
