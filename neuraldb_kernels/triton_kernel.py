@@ -25,8 +25,9 @@ Contract: :mod:`neuraldb_kernels.reference`. Three launches, all on the caller's
    fp32 exactly as the reference does (``q / max(||q||, 1e-12)`` times the key row), applies the strict gate
    ``score > gamma`` and writes ``values[idx]`` cast to the queries' dtype, or zeros.
 
-On CUDA the scan is autotuned per (T bucket, d1, dtypes); the first call for each key benchmarks the configs and
-synchronises, so warm up before capturing a CUDA graph. ``NEURALDB_TRITON_AUTOTUNE=0`` turns that off (a fixed
+On CUDA the scan is autotuned per (T bucket, d1, split-length bucket, dtypes); the first call for each key benchmarks
+the configs and synchronises, so warm up before capturing a CUDA graph (and again after the database grows into a new
+split-length bucket). ``NEURALDB_TRITON_AUTOTUNE=0`` turns that off (a fixed
 config per path, see ``_DEFAULT_CONFIGS``). Under ``TRITON_INTERPRET=1`` (CPU tensors) a fixed config
 is used and the interpreter's broken bf16 ``tl.dot`` is avoided by upcasting the (exactly representable) operands
 to fp32. ``TRITON_INTERPRET`` must be set before this module is imported: ``triton.jit`` reads it at decoration.
@@ -117,6 +118,7 @@ def _scan_kernel(
     stride_q,
     stride_k,
     keys_per_split,
+    SPLIT_BUCKET,  # only an autotuning key (not constexpr: no recompilation per bucket)
     T_BUCKET: tl.constexpr,  # only an autotuning key
     SPLIT_Q: tl.constexpr,
     LO_SCALE: tl.constexpr,
@@ -359,7 +361,10 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"])]
 
 
-_AUTOTUNE_KEY = ["T_BUCKET", "D1"]  # triton adds the dtypes of the tensor arguments
+# Triton adds the dtypes of the tensor arguments. The split bucket is there because the best tile depends on how many
+# keys a program scans: tuned once on 16-key splits (2k keys of d1 = 14336), the T = 1 scan then took 1.25x the read
+# floor at 100k-1M keys on an H200, where a config tuned on 64-key splits took 0.95-0.99x.
+_AUTOTUNE_KEY = ["T_BUCKET", "D1", "SPLIT_BUCKET"]
 _tuned: dict[str, object] = {}
 
 
@@ -376,6 +381,17 @@ _DEFAULT_CONFIGS = {
         _cfg(64, 64, 32, 8, 3),
     ],
 }
+
+
+def split_bucket(keys_per_split: int) -> int:
+    """The autotuning bucket of a split's length: the power of two at or above it, from 16 to 2048.
+
+    Example::
+
+        >>> split_bucket(16), split_bucket(192), split_bucket(1904), split_bucket(5000)
+        (16, 256, 2048, 2048)
+    """
+    return min(2048, max(16, 1 << (max(1, keys_per_split) - 1).bit_length()))
 
 
 def _autotuning() -> bool:
@@ -482,7 +498,7 @@ def gated_retrieval_triton(
         if split_q:
             nrm = torch.empty((t,), dtype=torch.float32, device=device)
             _norm_kernel[(t,)](queries, nrm, d1, queries.stride(0), EPS=NORM_EPS, BLOCK_D=1024)
-        args = (queries, nrm, keys, ps, pi, t, m, d1, queries.stride(0), keys.stride(0), per)
+        args = (queries, nrm, keys, ps, pi, t, m, d1, queries.stride(0), keys.stride(0), per, split_bucket(per))
         consts = dict(
             T_BUCKET=t_bucket(t),
             SPLIT_Q=split_q,
@@ -531,4 +547,4 @@ def gated_retrieval_triton(
     return out, idx, score
 
 
-__all__ = ["gated_retrieval_triton", "plan_splits", "t_bucket"]
+__all__ = ["gated_retrieval_triton", "plan_splits", "split_bucket", "t_bucket"]

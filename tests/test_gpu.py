@@ -133,6 +133,27 @@ def test_every_triton_config():
                 assert_matches_reference(res, q, k, values, 0.5)
 
 
+def test_triton_tunes_each_split_length_on_its_own():
+    # One config for all split lengths was tuned on whichever came first: after 16-key splits, 100k-1M keys ran at
+    # 1.25x the read floor (H200, d1 = 14336) instead of 0.95-0.99x.
+    reason = backends.BACKENDS["triton"].unavailable_reason("cuda")
+    if reason:
+        pytest.skip(reason)
+    from neuraldb_kernels import triton_kernel as tk
+
+    tuned = tk._tuned_scan("row")
+    buckets = set()
+    for m in (2_000, 100_000):  # 8 KiB rows: splits of 16 and 192 keys
+        keys, values = random_db(m, 4096, 16, seed=m)
+        _, per = tk.plan_splits(1, m, torch.cuda.get_device_properties(0).multi_processor_count, 4096 * 2)
+        q = near(keys, [m // 3])
+        assert_matches_reference(run("triton", q, keys, values, 0.5), q, keys, values, 0.5)
+        buckets.add(tk.split_bucket(per))
+    assert len(buckets) == 2
+    tuned_buckets = {k[tuned.keys.index("SPLIT_BUCKET")] for k in tuned.cache if k[tuned.keys.index("D1")] == 4096}
+    assert buckets <= tuned_buckets
+
+
 # ---- the op's plumbing on the GPU -------------------------------------------------------------------------------------
 
 

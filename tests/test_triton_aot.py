@@ -57,7 +57,8 @@ def _modes(qdt, kdt):
 def compile_scan(arch, qdt, kdt, config, *, bucket):
     split, ieee = _modes(qdt, kdt)
     sig = {"q_ptr": f"*{qdt}", "nrm_ptr": "*fp32", "k_ptr": f"*{kdt}", "ps_ptr": "*fp32", "pi_ptr": "*i32",
-           "T": "i32", "M": "i32", "D1": "i32", "stride_q": "i32", "stride_k": "i32", "keys_per_split": "i32"}
+           "T": "i32", "M": "i32", "D1": "i32", "stride_q": "i32", "stride_k": "i32", "keys_per_split": "i32",
+           "SPLIT_BUCKET": "i32"}
     consts = dict(T_BUCKET=bucket, SPLIT_Q=split, LO_SCALE=2048.0, UPCAST=False, IEEE=ieee, **config.kwargs)
     sig.update({k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in _DIV16_SCAN}
