@@ -45,7 +45,7 @@ wait "$build_pid"
 cp "$WORK"/lib/neuraldb_kernels/_C*.so neuraldb_kernels/ 2>>"$OUTDIR/build.log"
 
 # The graphs need the built kernel for the CUDA variant; captures warm up first, so Triton autotunes outside them.
-# 100 pairs: at 2k facts the floor is ~0.04 ms and a replayed step varies by a few hundredths of that (~60 s of replays).
+# 100 pairs: at 2k facts the floor is ~0.04 ms, and a replayed step varies by a few hundredths of a ms (~60 s of replays).
 timeout 200 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --scenarios graph_b1,graph_b8 \
     --m 0,2000,10000,20000,100000,1000000 --backend triton,cuda --reps 100 --no-plot --out "$OUTDIR/overhead_graph.json" \
     >"$OUTDIR/bench.log" 2>&1
