@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from neuraldb import NeuralKVDatabase
+from neuraldb.architectures import cache_kwarg
 
 SCENARIOS = ("prefill_128", "prefill_512", "decode_b1", "decode_b8")
 # CUDA only, named explicitly: the decode step captured in a CUDA graph on a static KV cache, as a serving engine
@@ -112,8 +112,7 @@ class Scenario:
         else:
             batch = int(n[1:])
             ctx = torch.randint(vocab, (batch, context), generator=gen).to(device)
-            # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated); 4.x only knows the latter.
-            self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            self.cache_kw = cache_kwarg(model)
             with torch.inference_mode():
                 if kind == "graph":
                     from transformers import StaticCache

@@ -18,7 +18,7 @@ from _tiny_models import (
 )
 
 import neuraldb
-from neuraldb.architectures import ARCHITECTURES
+from neuraldb.architectures import ARCHITECTURES, cache_kwarg
 
 ARCHS = sorted(CONFIGS)
 
@@ -35,6 +35,25 @@ def _big_residual(reference: torch.Tensor, seed: int = 2) -> torch.Tensor:
 def _db_for(module: torch.nn.Module, **kw) -> neuraldb.NeuralKVDatabase:
     d1, d2 = neuraldb.down_proj_dims(module)
     return neuraldb.NeuralKVDatabase(d1, d2, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_kwarg_is_one_the_model_takes(arch):
+    model = tiny_model(arch)
+    name = cache_kwarg(model)
+    ids = prompt()
+    out = model(ids[:, :-1], use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    step = model(ids[:, -1:], use_cache=True, **{name: cache})  # a name forward did not take would raise here
+    torch.testing.assert_close(step.logits[:, -1], model(ids).logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+class _Renamed(torch.nn.Module):
+    def forward(self, input_ids, cache=None, past_key_values=None): ...
+
+
+def test_cache_kwarg_prefers_the_new_name():
+    assert cache_kwarg(_Renamed()) == "cache"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

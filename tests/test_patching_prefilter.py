@@ -3,12 +3,11 @@ with the plain retrieval: gate open and closed, after deletes and updates, eager
 
 from __future__ import annotations
 
-import inspect
-
 import neuraldb
 import pytest
 import torch
 from _tiny_models import PATCH_LAYER, assert_bitwise, capture, per_token, prompt, separated_position, tiny_model
+from neuraldb.architectures import cache_kwarg
 
 import neuraldb_kernels
 
@@ -21,9 +20,8 @@ def _decode_logits(model, ids, db, prefilter):
     """Logits of each next-token step of ``ids`` with a KV cache (one query row per patched forward)."""
     db.prefilter = prefilter
     out = model(ids[:, :-1], use_cache=True)
-    # transformers 5 renamed the cache argument "cache" ("past_key_values" goes in 5.40); 4.x knows only the latter
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    step = model(ids[:, -1:], use_cache=True, **{name: getattr(out, "cache", None) or out.past_key_values})
+    step = model(ids[:, -1:], use_cache=True,
+                 **{cache_kwarg(model): getattr(out, "cache", None) or out.past_key_values})
     return step.logits
 
 

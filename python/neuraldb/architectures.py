@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -180,3 +181,21 @@ def down_proj_dims(module: torch.nn.Module) -> tuple[int, int]:
         f"module {type(module).__name__} is not a linear projection (nn.Linear, Conv1D or a module with "
         "in_features/out_features); neuraldb patches the MLP's down-projection"
     )
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes a KV cache: ``"cache"`` where it has one (transformers 5.2x
+    renamed it, and ``past_key_values`` goes in 5.40), else ``"past_key_values"`` (transformers 4.x and early 5.x).
+
+    Example::
+
+        >>> class Old(torch.nn.Module):
+        ...     def forward(self, input_ids, past_key_values=None, use_cache=False): ...
+        >>> cache_kwarg(Old())
+        'past_key_values'
+    """
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

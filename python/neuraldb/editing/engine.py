@@ -18,7 +18,6 @@ of every row sits at column ``P`` (suffix index 0). Pads carry attention mask 0;
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,13 +71,11 @@ def _backbone(model: torch.nn.Module, layers: torch.nn.ModuleList) -> torch.nn.M
 
 
 def handles(model: torch.nn.Module, layer: int) -> Handles:
-    from neuraldb.architectures import down_proj_module
+    from neuraldb.architectures import cache_kwarg, down_proj_module
 
     path, down = down_proj_module(model, layer)
     layers = _layers_of(model, path, layer)
     base = _backbone(model, layers)
-    params = inspect.signature(base.forward).parameters
-    cache_kwarg = "cache" if "cache" in params else "past_key_values"
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return Handles(
         model=model,
@@ -88,7 +85,7 @@ def handles(model: torch.nn.Module, layer: int) -> Handles:
         layer=layer,
         down_proj=down,
         down_proj_path=path,
-        cache_kwarg=cache_kwarg,
+        cache_kwarg=cache_kwarg(base),
         softcap=getattr(cfg, "final_logit_softcapping", None),
     )
 

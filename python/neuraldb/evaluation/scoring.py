@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from neuraldb.architectures import cache_kwarg
+
 __all__ = ["ContinuationScore", "encode_pair", "score_continuations", "score_grouped", "score_token_ids", "progress"]
 
 
@@ -277,7 +279,7 @@ def score_grouped_token_ids(
                     m2[r, :n] = 1
                 pos[r] = len(ctxs[b]) + torch.arange(T - 1)
             full_mask = torch.cat([mask.to(device)[sel], m2.to(device)], dim=1)
-            cache_kw = "cache" if _supports(model, "cache") else "past_key_values"
+            cache_kw = cache_kwarg(model)
             out2 = model(input_ids=inp.to(device), attention_mask=full_mask, position_ids=pos.to(device),
                          use_cache=True, **{cache_kw: cache})
             logits2 = out2.logits.float()
