@@ -136,7 +136,7 @@ class Scenario:
                                 **{self.cache_kw: self.cache}).logits
             if self.captured:
                 # Each layer's length is a device tensor, moved back in place (inside the graph, no sync). Not crop():
-                # StaticLayer has none before transformers 5.2x, and the GPU machines' image has 5.17.
+                # StaticLayer has it in transformers 5.24, not in 5.17 (the GPU machines' image).
                 for layer in self.cache.layers:
                     layer.cumulative_length.sub_(1)
                 return logits
