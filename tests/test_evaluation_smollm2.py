@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from _data import data_file
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +19,6 @@ def smollm2():
         pytest.skip(str(e))
 
 
-def _data(rel: str) -> Path:
-    p = DATA / rel
-    if not p.exists():
-        pytest.skip(f"{p} not found")
-    return p
-
-
 def test_real_tokenizer_splits_targets_at_the_leading_space(smollm2):
     from neuraldb.evaluation.scoring import encode_pair
 
@@ -36,7 +27,7 @@ def test_real_tokenizer_splits_targets_at_the_leading_space(smollm2):
     assert tok.decode(ctx) == "The capital of France is" and tok.decode(cont) == " Paris"
 
 
-def test_counterfact_zsre_general_on_real_data(smollm2):
+def test_counterfact_zsre_general_on_realdata_file(smollm2):
     from neuraldb import facts as F
     from neuraldb import templates
     from neuraldb.evaluation import evaluate_counterfact, evaluate_general, evaluate_zsre
@@ -46,7 +37,7 @@ def test_counterfact_zsre_general_on_real_data(smollm2):
     model, tok = smollm2
     tpl = templates.default_template(tok)
     pf = lambda s: templates.apply(tpl, s)  # noqa: E731
-    cf = F.load(_data("knowledge_editing/counterfact_rome_format_1031.json.gz"), limit=2)
+    cf = F.load(data_file("knowledge_editing/counterfact_rome_format_1031.json.gz"), limit=2)
     r = evaluate_counterfact(model, tok, cf, prompt_fn=pf, fluency=True, fluency_max_facts=1, show_progress=False)
     s = r["summary"]
     for k in ("efficacy", "generalization", "specificity"):
@@ -61,12 +52,12 @@ def test_counterfact_zsre_general_on_real_data(smollm2):
     for a, b in zip(g, flat):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-3)
 
-    zs = select_facts(F.load(_data("knowledge_editing/zsre_mend_eval_portability_1037.json.gz"), limit=3), "zsre",
+    zs = select_facts(F.load(data_file("knowledge_editing/zsre_mend_eval_portability_1037.json.gz"), limit=3), "zsre",
                       n_facts=3)
     z = evaluate_zsre(model, tok, zs, prompt_fn=pf, show_progress=False)["summary"]
     assert z["n_neighborhood_facts"] == 3 and 0 <= z["specificity"] <= 100
 
-    gen = evaluate_general(model, tok, _data("general_eval"), limit=3, wikitext_max_tokens=600, prompt_fn=pf,
+    gen = evaluate_general(model, tok, data_file("general_eval"), limit=3, wikitext_max_tokens=600, prompt_fn=pf,
                            show_progress=False)
     assert set(gen["tasks"]) == {"lambada_openai", "wikitext2", "arc_easy", "arc_challenge", "wsc273",
                                  "commonsense_qa", "piqa", "mmlu"}

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import warnings
 from pathlib import Path
 
 import pytest
-
+from _data import data_file
 from neuraldb import facts
 from neuraldb.facts import Fact, FactFormatError
-
-DATA = Path(os.environ.get("NEURALDB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-KE = DATA / "knowledge_editing"
 
 ROME = {
     "case_id": 4482,
@@ -267,10 +263,7 @@ def test_demo_facts_ship_with_the_package():
 
 
 def real(name: str) -> Path:
-    path = KE / name
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    return path
+    return data_file(f"knowledge_editing/{name}")
 
 
 def test_real_counterfact_rome():
