@@ -223,6 +223,55 @@ def test_broken_files(tmp_path):
         facts.load(tmp_path / "absent.jsonl")
 
 
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_non_utf8_file_names_the_line(tmp_path, gz):
+    raw = (json.dumps(NATIVE) + "\n").encode() + '{"subject": "Caf\xe9"}\n'.encode("latin-1")
+    path = tmp_path / ("latin1.jsonl.gz" if gz else "latin1.jsonl")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.raises(FactFormatError, match=r"latin1\.jsonl(\.gz)?: line 2: not UTF-8 text \(byte 0xe9"):
+        facts.load(path)
+
+
+def test_corrupt_gzip_is_a_format_error(tmp_path):
+    whole = gzip.compress((json.dumps(NATIVE) + "\n").encode() * 100)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FactFormatError, match=r"cut\.jsonl\.gz: not a readable gzip file"):
+        facts.load(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"junk" * 10)
+    with pytest.raises(FactFormatError, match=r"junk\.jsonl\.gz: not a readable gzip file"):
+        facts.load(tmp_path / "junk.jsonl.gz")
+
+
+def test_deeply_nested_json_is_a_format_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(FactFormatError, match=r"deep\.json: JSON nested too deeply"):
+        facts.load(tmp_path / "deep.json")
+    (tmp_path / "deep.jsonl").write_text(json.dumps(NATIVE) + "\n" + '{"a": ' + deep + "}\n")
+    with pytest.raises(FactFormatError, match=r"deep\.jsonl: line 2: JSON nested too deeply"):
+        facts.load(tmp_path / "deep.jsonl")
+    (tmp_path / "big.jsonl").write_text('{"a": ' + "1" * 5000 + "}\n")  # past int()'s digit limit: a ValueError
+    with pytest.raises(FactFormatError, match=r"big\.jsonl: line 1: Exceeds the limit"):
+        facts.load(tmp_path / "big.jsonl")
+
+
+def test_a_directory_is_not_a_facts_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory, not a facts file"):
+        facts.load(tmp_path)
+
+
+def test_knowedit_locality_of_the_wrong_type_is_a_format_error():
+    with pytest.raises(FactFormatError, match="record 0: not a valid zsre-knowedit record"):
+        facts.parse([dict(KNOWEDIT, locality=["not", "a", "dict"])], format="zsre-knowedit")
+
+
+def test_json_lines_split_at_newlines_only_and_a_bom_is_dropped(tmp_path):
+    odd = dict(NATIVE, prompt="{} is the\u2028capital of")  # U+2028 may stand unescaped in a JSON string
+    text = json.dumps(odd, ensure_ascii=False) + "\r\n\n" + json.dumps(NATIVE) + "\n"
+    (tmp_path / "x.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert [f.prompt for f in facts.load(tmp_path / "x.jsonl")] == [odd["prompt"], NATIVE["prompt"]]
+
+
 def test_missing_field_names_record_and_field(tmp_path):
     rec = {k: v for k, v in ROME.items()}
     rec["requested_rewrite"] = {k: v for k, v in ROME["requested_rewrite"].items() if k != "target_new"}

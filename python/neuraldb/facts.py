@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,44 +84,67 @@ class _Unusable(ValueError):
     """A record in a known schema that cannot be an edit (subject not in its prompt, an empty target, ...)."""
 
 
-def _open_text(path: Path):
+def _read_text(path: Path) -> str:
+    """The file's text: gunzipped when it starts with gzip's magic bytes, decoded as UTF-8 (a leading BOM is dropped).
+
+    Read whole rather than streamed, so that a decoding error can be placed at a line of the file (a text stream
+    only knows the offset inside its current buffer); the data sets this reads are a few MB.
+    """
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        raw = f.read()
+    gzipped = raw[:2] == b"\x1f\x8b"
+    if gzipped:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise FactFormatError(f"{path}: not a readable gzip file ({e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FactFormatError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}"
+            f"{' of the gunzipped text' if gzipped else ''}); "
+            "facts files must be UTF-8 (JSON's encoding)"
+        ) from None
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        raise FactFormatError(f"{where}: JSON nested too deeply to be a fact record") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # an integer beyond Python's int-from-string digit limit
+        raise FactFormatError(f"{where}: {e}") from None
 
 
 def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """Yields (where, record) from a JSON array, a single JSON object or JSON lines (gzip transparently)."""
-    with _open_text(path) as f:
-        head = ""
-        while True:
-            ch = f.read(1)
-            if not ch or not ch.isspace():
-                head = ch
-                break
-        if not head:
-            return
-        if head == "[":
-            try:
-                records = json.loads(head + f.read())
-            except json.JSONDecodeError as e:
-                raise FactFormatError(f"{path}: not valid JSON ({e})") from None
-            for i, rec in enumerate(records):
-                yield f"{path}: record {i}", rec
-            return
-        # JSON lines (a file holding one pretty-printed object is also accepted)
-        rest = head + f.read()
+    text = _read_text(path)
+    body = text.lstrip()
+    if not body:
+        return
+    if body[0] == "[":
+        try:
+            records = _json(body, str(path))
+        except json.JSONDecodeError as e:
+            raise FactFormatError(f"{path}: not valid JSON ({e})") from None
+        for i, rec in enumerate(records):
+            yield f"{path}: record {i}", rec
+        return
+    # JSON lines (a file holding one pretty-printed object is also accepted); line numbers count from the file's top.
+    # Split at "\n" only: str.splitlines also splits at U+2028 and others, which JSON strings may hold unescaped.
     parsed = []
-    for n, line in enumerate(rest.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            parsed.append((n, json.loads(line)))
+            parsed.append((n, _json(line, f"{path}: line {n}")))
         except json.JSONDecodeError as e:
             try:
-                parsed = [(0, json.loads(rest))]
+                parsed = [(0, _json(body, str(path)))]
                 break
             except json.JSONDecodeError:
                 raise FactFormatError(
@@ -387,7 +411,7 @@ def parse(
                 raise FactFormatError(f"{where}: cannot be an edit: {e}") from None
             skipped.append(f"{where}: {e}")
             continue
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:  # AttributeError: a list where a parser wants a dict
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise FactFormatError(f"{where}: not a valid {format} record: {what}") from None
         if "format" not in fact.extras:
@@ -429,7 +453,9 @@ def load(
     case-insensitive one. Records that follow the schema but cannot be edits (the subject does not occur in the
     prompt, an empty target: two such records are in zsRE's train split) are skipped with one summary warning
     (``on_invalid="warn"``), skipped silently (``"skip"``) or raise ``FactFormatError`` (``"error"``). Records
-    that break the schema (a missing field, a wrong type) always raise ``FactFormatError``.
+    that break the schema (a missing field, a wrong type) always raise ``FactFormatError``, as does a file that is
+    not UTF-8, not valid JSON (or nested too deeply) or a corrupt gzip file; the message names the file and, where
+    it can, the line. A missing path raises ``FileNotFoundError``, a directory ``IsADirectoryError``.
     ``limit`` caps the number of facts returned. The "Loaders" comment in this module's source lists the keys put
     in ``Fact.extras`` (``"neighborhood_answers"`` holds the expected answer for each neighborhood prompt).
 
@@ -438,6 +464,8 @@ def load(
         >>> facts = neuraldb.facts.load("counterfact_rome_format_1031.json.gz", limit=100)  # doctest: +SKIP
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a facts file")
     if not path.is_file():
         raise FileNotFoundError(f"facts file not found: {path}")
     return parse(_iter_records(path), limit=limit, format=format, on_invalid=on_invalid)
