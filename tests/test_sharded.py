@@ -16,7 +16,11 @@ from neuraldb.sharded import pack_score_id, unpack_score_id
 WORLD = 3
 
 
-def _spawn(tmp_path: Path, names: list[str], world: int = WORLD) -> None:
+def _spawn(tmp_path: Path, names: list[str], world: int = WORLD, worker=checks.worker, deadline: float = 900) -> Path:
+    """Run ``worker`` on ``world`` spawned gloo ranks; returns the folder of their reports. Fails the test if a rank
+    fails, or when ``deadline`` seconds pass (then the ranks are terminated)."""
+    import time
+
     import torch.multiprocessing as mp
 
     results = tmp_path / "results"
@@ -31,30 +35,53 @@ def _spawn(tmp_path: Path, names: list[str], world: int = WORLD) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         ctx = mp.start_processes(
-            checks.worker,
+            worker,
             args=(world, str(tmp_path / "store"), str(data), names, str(results)),
             nprocs=world,
             join=False,
             start_method="spawn",
         )
-        while not ctx.join(timeout=300):
-            pass
+        end = time.monotonic() + deadline
+        while not ctx.join(timeout=5):
+            if time.monotonic() > end:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail(f"the ranks did not finish within {deadline} s", pytrace=False)
     except Exception:
-        reports = "\n".join(p.read_text() for p in sorted(results.glob("rank*.txt")) if p.read_text() != "ok")
+        reports = "\n".join(p.read_text() for p in sorted(results.glob("*.txt")) if p.read_text() != "ok")
         pytest.fail(f"a rank failed:\n{reports}", pytrace=False)
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
-    assert sorted(p.name for p in results.iterdir()) == [f"rank{r}.txt" for r in range(world)]
-    assert all(p.read_text() == "ok" for p in results.iterdir())
+    return results
 
 
 def test_sharded_database_in_a_three_rank_gloo_group(tmp_path):
     """Random keys == the single database; ties across and within ranks; empty shards; add/update/delete routed to
     the owner; save/load and resharding 3 -> 2 ranks; query-parallel gathering; a patched model's logits."""
-    _spawn(tmp_path, [c.__name__ for c in checks.CHECKS])
+    results = _spawn(tmp_path, [c.__name__ for c in checks.CHECKS])
+    assert sorted(p.name for p in results.iterdir()) == [f"rank{r}.txt" for r in range(WORLD)]
+    assert all(p.read_text() == "ok" for p in results.iterdir())
+
+
+@pytest.fixture(scope="module")
+def agreement_reports(tmp_path_factory) -> Path:
+    """Every check of AGREEMENT_CHECKS, run once in one spawned two-rank gloo group (starting it is the slow part)."""
+    names = [c.__name__ for c in checks.AGREEMENT_CHECKS]
+    return _spawn(tmp_path_factory.mktemp("agreement"), names, world=2, worker=checks.agreement_worker)
+
+
+@pytest.mark.parametrize("name", [c.__name__ for c in checks.AGREEMENT_CHECKS])
+def test_ranks_that_disagree_fail_together(agreement_reports, name):
+    """Ranks that call a collective method with other arguments, or where it fails on one rank, or that leave a
+    rank waiting: every rank raises (within db.timeout), naming the method, the field and the ranks, and no rank's
+    database changes. The cases are in _sharded_checks.py (agree_*)."""
+    reports = [agreement_reports / f"{name}.rank{r}.txt" for r in range(2)]
+    failed = [p.read_text() if p.exists() else f"{p.name}: no report" for p in reports]
+    failed = [text for text in failed if text != "ok"]
+    assert not failed, "\n".join(failed)
 
 
 def test_pack_orders_by_score_then_lowest_id():

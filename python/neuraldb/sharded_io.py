@@ -22,6 +22,7 @@ Both functions are collective, like the methods that call them (``ShardedNeuralK
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import uuid
@@ -32,7 +33,17 @@ import torch
 import torch.distributed as dist
 
 from neuraldb.atomic import atomic_path
-from neuraldb.sharded import _METADATA, ShardedNeuralKVDatabase, _agree
+from neuraldb.sharded import (
+    _METADATA,
+    MAX_IDS,
+    ShardedNeuralKVDatabase,
+    _agree,
+    _agree_call,
+    _as_timeout,
+    _digest,
+    _header_device,
+    _json_field,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "neuraldb.ShardedNeuralKVDatabase"
@@ -42,23 +53,25 @@ ROUTING = "id % world_size"
 
 def save_sharded(db: ShardedNeuralKVDatabase, path: str | os.PathLike) -> None:
     """Collective: write ``db`` to the directory ``path`` (see :meth:`ShardedNeuralKVDatabase.save`)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    directory = Path(path)
     group = db.process_group
+    device = db._header_device()
     box: list[Any] = [None]
     error: BaseException | None = None
-    if db.rank == 0:
-        try:
+    try:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        directory = Path(path)
+        if db.rank == 0:
             if directory.exists() and not directory.is_dir():
                 raise ValueError(f"path {str(directory)!r} exists and is not a directory")
             if not directory.parent.is_dir():
                 raise FileNotFoundError(f"path {str(directory)!r}: directory {str(directory.parent)!r} does not exist")
             directory.mkdir(exist_ok=True)
             box[0] = uuid.uuid4().hex[:12]
-        except Exception as exc:  # every rank must reach _agree, whatever failed
-            error = exc
-    _agree(error, group)
+    except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
+        error = exc
+    shown = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    db._check_call("save", [_json_field("path", str(shown))], error)
     src = dist.get_global_rank(group, 0) if group is not None else 0
     dist.broadcast_object_list(box, src=src, group=group)
     token = box[0]
@@ -72,7 +85,7 @@ def save_sharded(db: ShardedNeuralKVDatabase, path: str | os.PathLike) -> None:
         except Exception as exc:  # every rank must reach _agree, whatever failed
             error, counts = exc, -1
         try:
-            _agree(error, group)
+            _agree(error, group, "save", device)
         except BaseException:
             mine.unlink(missing_ok=True)
             raise
@@ -83,7 +96,7 @@ def save_sharded(db: ShardedNeuralKVDatabase, path: str | os.PathLike) -> None:
             try:
                 old = None
                 try:
-                    old = _read_manifest(directory)
+                    old, _ = _read_manifest(directory)
                 except (OSError, ValueError):
                     pass
                 manifest = {
@@ -108,7 +121,7 @@ def save_sharded(db: ShardedNeuralKVDatabase, path: str | os.PathLike) -> None:
             except Exception as exc:  # every rank must reach _agree, whatever failed
                 error = exc
         try:
-            _agree(error, group)
+            _agree(error, group, "save", device)
         except BaseException:
             mine.unlink(missing_ok=True)
             raise
@@ -120,75 +133,127 @@ def load_sharded(
     process_group: Any = None,
     device: torch.device | str = "cpu",
     cls: type[ShardedNeuralKVDatabase] = ShardedNeuralKVDatabase,
+    timeout: float | datetime.timedelta | None = None,
     **kwargs: Any,
 ) -> ShardedNeuralKVDatabase:
     """Collective: read a directory written by :func:`save_sharded` into a new ``cls`` (see
-    :meth:`ShardedNeuralKVDatabase.load`); ``kwargs`` go to its constructor."""
+    :meth:`ShardedNeuralKVDatabase.load`); ``timeout`` and ``kwargs`` go to its constructor.
+
+    Nothing is allocated from what the manifest claims before it is checked against the shard files: its
+    ``next_id`` must be every shard's own ``next_id`` and above every id, each shard's ``count`` that shard's row
+    count, and ``count`` their sum (a ValueError names the field otherwise)."""
     from safetensors import safe_open
 
     from neuraldb.database_io import load_database
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    directory = Path(path)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ShardedNeuralKVDatabase.load needs torch.distributed initialised on every rank")
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
-    result: tuple | None = None
+    wait = _as_timeout(timeout)
+    out: ShardedNeuralKVDatabase | None = None
     error: BaseException | None = None
+    manifest = ("manifest.json", 0, None)
     try:
-        meta = _read_manifest(directory)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        directory = Path(path)
+        meta, raw = _read_manifest(directory)
+        value = _digest(raw)
+        manifest = ("manifest.json", value, f"#{value:016x} ({len(raw)} bytes)")
         files = [directory / s["file"] for s in meta["shards"]]
         same = meta["world_size"] == world
+        next_id = meta["next_id"]
         all_ids: list[int] = []
-        if same:  # the others' ids only, for the live bitmap
-            for r, f in enumerate(files):
-                if r != rank:
-                    with safe_open(str(f), framework="pt") as h:
-                        all_ids += h.get_tensor("ids").tolist()
         parts = []
-        for r in [rank] if same else range(len(files)):
-            f = files[r]
-            db = load_database(f)
-            if (db.key_dim, db.value_dim, db.dtype) != (meta["key_dim"], meta["value_dim"], _dtype(meta)):
-                raise ValueError(f"cannot load {str(f)!r}: its dims/dtype differ from the manifest")
-            if db.next_id != meta["next_id"]:
-                raise ValueError(f"cannot load {str(f)!r}: its next_id differs from the manifest")
-            wrong = [i for i in db.ids() if i % meta["world_size"] != r]
-            if wrong:
-                raise ValueError(f"cannot load {str(f)!r}: ids {wrong[:5]} do not belong to shard {r}")
-            all_ids += db.ids()
-            parts.append(db)
-        if len(all_ids) != meta["count"] or len(set(all_ids)) != len(all_ids):
+        for r, f in enumerate(files):
+            if same and r != rank:  # the others' ids and header only, for the live ids
+                with safe_open(str(f), framework="pt") as h:
+                    ids = _ids_of(f, h.get_tensor("ids"))
+                    shard_next_id = _shard_next_id(f, h.metadata())
+            else:
+                db = load_database(f)
+                if (db.key_dim, db.value_dim, db.dtype) != (meta["key_dim"], meta["value_dim"], _dtype(meta)):
+                    raise ValueError(f"cannot load {str(f)!r}: its dims/dtype differ from the manifest")
+                ids, shard_next_id = db.ids(), db.next_id
+                parts.append(db)
+            _check_shard(f, r, ids, shard_next_id, meta)
+            all_ids += ids
+        if len(all_ids) != meta["count"]:
             raise ValueError(
-                f"cannot load {str(directory)!r}: the shards hold {len(all_ids)} ids, expected "
-                f"{meta['count']} distinct ones"
+                f"cannot load {str(directory)!r}: the manifest's count is {meta['count']}, but the shards hold "
+                f"{len(all_ids)} rows"
             )
-        result = (meta, parts, all_ids)
-    except Exception as exc:  # every rank must reach _agree, whatever failed
+        if len(set(all_ids)) != len(all_ids):
+            raise ValueError(f"cannot load {str(directory)!r}: an id is held by two shards")
+        dims = (meta["key_dim"], meta["value_dim"])
+        out = cls(*dims, process_group=process_group, dtype=_dtype(meta), device=device, timeout=wait, **kwargs)
+        ids = [i for p in parts for i in p.ids()]
+        keys = torch.cat([p.keys for p in parts]) if parts else torch.empty(0, out.key_dim, dtype=out.dtype)
+        values = torch.cat([p.values for p in parts]) if parts else torch.empty(0, out.value_dim, dtype=out.dtype)
+        facts = [p.fact(i) for p in parts for i in p.ids()]
+        # The rows read here are this rank's; the manifest's other shards hold the rest of the live ids.
+        out._fill(ids, keys, values, facts, list(range(len(ids))), next_id, live=all_ids)
+        for name in _METADATA:
+            setattr(out, name, meta.get(name, {} if name == "config" else None))
+    except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
         error = exc
-    _agree(error, process_group)
-    assert result is not None
-    meta, parts, all_ids = result
-    out = cls(meta["key_dim"], meta["value_dim"], process_group=process_group, dtype=_dtype(meta), device=device,
-              **kwargs)
-    ids = [i for p in parts for i in p.ids()]
-    keys = torch.cat([p.keys for p in parts]) if parts else torch.empty(0, out.key_dim, dtype=out.dtype)
-    values = torch.cat([p.values for p in parts]) if parts else torch.empty(0, out.value_dim, dtype=out.dtype)
-    facts = [p.fact(i) for p in parts for i in p.ids()]
-    # The rows read here are this rank's; the manifest's other shards hold the rest of the live ids.
-    out._fill(ids, keys, values, facts, list(range(len(ids))), meta["next_id"], live=all_ids)
-    for name in _METADATA:
-        setattr(out, name, meta.get(name, {} if name == "config" else None))
+    try:
+        where = torch.device(device)
+    except (TypeError, RuntimeError):
+        where = torch.device("cpu")
+    options = _json_field("options", {k: str(v) for k, v in sorted(kwargs.items())})
+    _agree_call(process_group, _header_device(process_group, where), "load", (manifest, options), error, wait)
+    assert out is not None
     return out
 
 
-def _read_manifest(directory: Path) -> dict:
-    """The validated ``manifest.json`` of ``directory`` (FileNotFoundError/ValueError saying what is wrong)."""
+def _ids_of(f: Path, t: torch.Tensor) -> list[int]:
+    if t.dtype != torch.int64 or t.dim() != 1:
+        raise ValueError(f"cannot load {str(f)!r}: tensor 'ids' must be 1-D int64, got {t.dtype} {tuple(t.shape)}")
+    return t.tolist()
+
+
+def _shard_next_id(f: Path, header: dict | None) -> object:
+    """A shard file's own ``next_id`` (from its header, without reading its rows)."""
+    from neuraldb.database_io import META_KEY
+
+    try:
+        return json.loads((header or {})[META_KEY])["next_id"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"cannot load {str(f)!r}: not a NeuralKVDatabase file (no next_id in its header)") from None
+
+
+def _check_shard(f: Path, r: int, ids: list[int], shard_next_id: object, meta: dict) -> None:
+    """Shard ``r``'s file against the manifest: the same next_id, the manifest's count of rows, its own ids."""
+    next_id = meta["next_id"]
+    if shard_next_id != next_id:
+        raise ValueError(
+            f"cannot load {str(f)!r}: the manifest's next_id ({next_id}) is not the shard's own next_id "
+            f"({shard_next_id!r:.40})"
+        )
+    count = meta["shards"][r]["count"]
+    if len(ids) != count:
+        raise ValueError(
+            f"cannot load {str(f)!r}: the manifest's shards[{r}].count is {count}, the file holds {len(ids)}"
+        )
+    outside = [i for i in ids if not 0 <= i < next_id]
+    if outside:
+        raise ValueError(f"cannot load {str(f)!r}: ids {outside[:5]} are not below the manifest's next_id ({next_id})")
+    wrong = [i for i in ids if i % meta["world_size"] != r]
+    if wrong:
+        raise ValueError(f"cannot load {str(f)!r}: ids {wrong[:5]} do not belong to shard {r}")
+
+
+def _read_manifest(directory: Path) -> tuple[dict, bytes]:
+    """The validated ``manifest.json`` of ``directory`` and its bytes (FileNotFoundError/ValueError saying what is
+    wrong)."""
     path = directory / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"path {str(directory)!r}: no {MANIFEST} (not a sharded database written by save)")
+    raw = path.read_bytes()
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot load {str(path)!r}: not JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -197,13 +262,23 @@ def _read_manifest(directory: Path) -> dict:
         raise ValueError(f"cannot load {str(path)!r}: format_version {meta.get('format_version')!r} is not supported")
     if meta.get("routing") != ROUTING:
         raise ValueError(f"cannot load {str(path)!r}: unknown routing {meta.get('routing')!r}")
+    for name, low in (("world_size", 1), ("key_dim", 1), ("value_dim", 1), ("count", 0)):
+        _check_int(path, name, meta.get(name), low, None)
+    _check_int(path, "next_id", meta.get("next_id"), 0, MAX_IDS)
     shards = meta.get("shards")
-    if not isinstance(shards, list) or len(shards) != meta.get("world_size") or not shards:
+    if not isinstance(shards, list) or len(shards) != meta["world_size"]:
         raise ValueError(f"cannot load {str(path)!r}: 'shards' must list world_size entries")
-    for s in shards:
+    for r, s in enumerate(shards):
         if not isinstance(s, dict) or not isinstance(s.get("file"), str) or "/" in s["file"] or "\\" in s["file"]:
             raise ValueError(f"cannot load {str(path)!r}: bad shard entry {s!r:.200}")
-    return meta
+        _check_int(path, f"shards[{r}].count", s.get("count"), 0, None)
+    return meta, raw
+
+
+def _check_int(path: Path, name: str, value: object, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"cannot load {str(path)!r}: {name} must be {bound}, got {value!r:.40}")
 
 
 def _dtype(meta: dict) -> torch.dtype:
