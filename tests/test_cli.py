@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-
-from neuraldb import NeuralKVDatabase
-from neuraldb.cli import build_parser, main, parse_ids
+from neuraldb import NeuralKVDatabase, cli
+from neuraldb.cli import build_parser, main, parse_id_ranges, parse_ids
 from neuraldb.facts import Fact
+
+FACT = {"subject": "paris", "prompt": "{} is in", "target_new": "france"}
+
+
+def one_error_line(err: str) -> str:
+    """stderr's one line, once progress lines (model load, editing) are set aside; fails on a traceback or more."""
+    assert "Traceback" not in err, err
+    noise = ("Loading model ", "Loaded in ", "Loading weights", "Editing ")
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(noise)]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("neuraldb"), lines
+    return lines[0]
 
 
 @pytest.fixture
@@ -43,7 +56,8 @@ def db_path(tmp_path):
 def test_parse_ids():
     assert parse_ids(["3", "5-7", "9,10"]) == [3, 5, 6, 7, 9, 10]
     assert parse_ids(["0"]) == [0]
-    for bad in (["x"], ["7-5"], ["-1"], [","]):
+    assert parse_id_ranges(["0-1000000000000000000"]) == [range(10**18 + 1)]  # never expanded
+    for bad in (["x"], ["7-5"], ["-1"], [","], ["9" * 5000]):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_ids(bad)
 
@@ -71,13 +85,25 @@ def test_parser_defaults_and_options():
         (["generate", "--model", "smollm2"], "--prompt"),
         (["delete", "x"], "--ids"),
         ([], "COMMAND"),
+        (["bogus"], "invalid choice"),
+        (["edit", "--facts", "f", "--out", "o", "--layer", "-1"], "--layer: expected a non-negative integer"),
+        (["edit", "--facts", "f", "--out", "o", "--limit", "-5"], "--limit: expected a non-negative integer"),
+        (["info", "x", "--limit", "-5"], "--limit: expected a non-negative integer"),
+        (["generate", "--dtype", "float99", "-p", "x"], "--dtype: invalid choice: 'float99'"),
+        (["generate", "--device", "nonsense", "-p", "x"], "--device: not a torch device"),
+        (["generate", "-p", "caf\udce9"], "--prompt/-p: not valid UTF-8 text"),  # a Latin-1 byte in argv
+        (["eval", "--dataset", "zsre", "--facts", "f", "--out", "o", "--n", "-5"], "--n: expected a positive"),
+        (["eval", "--dataset", "zsre", "--facts", "f", "--out", "o", "--threads", "0"], "--threads: expected a"),
+        (["eval", "--dataset", "zsre", "--facts", "f", "--out", "o", "--edit-args", "{bad"], "--edit-args: not JSON"),
+        (["eval", "--dataset", "zsre", "--facts", "f", "--out", "o", "--edit-args", "[6]"], "a JSON object"),
+        (["demo", "--max-new-tokens", "0"], "expected a positive integer"),
     ],
 )
 def test_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 # --- info / delete ------------------------------------------------------------------------------------------------
@@ -127,13 +153,42 @@ def test_delete_unknown_id_changes_nothing(db_path, capsys):
     assert db_path.read_bytes() == before
 
 
-def test_missing_and_broken_database(tmp_path, capsys):
+def test_missing_and_broken_database(db_path, tmp_path, capsys):
     assert main(["info", str(tmp_path / "absent.safetensors")]) == 1
-    assert "database not found" in capsys.readouterr().err
+    assert "database not found" in one_error_line(capsys.readouterr().err)
     (tmp_path / "junk.safetensors").write_bytes(b"not a database")
-    assert main(["info", str(tmp_path / "junk.safetensors")]) == 1
-    err = capsys.readouterr().err
-    assert "cannot read database" in err and "Traceback" not in err
+    (tmp_path / "facts.jsonl").write_text(json.dumps(FACT) + "\n")
+    (tmp_path / "cut.safetensors").write_bytes(db_path.read_bytes()[: db_path.stat().st_size // 2])
+    for bad in ("junk.safetensors", "facts.jsonl", "cut.safetensors", "."):
+        assert main(["info", str(tmp_path / bad)]) == 1
+        assert "cannot read database" in one_error_line(capsys.readouterr().err)
+    # generate reads the database before it loads a model: the error is the database's, not the model's
+    assert main(["generate", "--model", "no-such-model", "--db", str(tmp_path / "cut.safetensors"), "-p", "x"]) == 1
+    assert "cannot read database" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("out", ["dir", "/proc/x.safetensors", "missing/x.safetensors"])
+def test_delete_refuses_an_output_it_cannot_write(db_path, tmp_path, out, capsys):
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "dir").mkdir()
+    out = out if out.startswith("/") else str(tmp_path / out)
+    before = db_path.read_bytes()
+    assert main(["delete", str(db_path), "--ids", "0", "--out", out]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "is a directory" in line or "cannot write" in line, line
+    assert db_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("ids", ["0-1000000000", "2-1000000000000000000"])
+def test_delete_a_huge_range_is_not_expanded(db_path, ids, capsys):
+    before = db_path.read_bytes()
+    assert main(["delete", str(db_path), "--ids", ids]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "id 4, 5, 6, 7, 8, 9, 10, 11, 12, 13 ..." in line and "nothing deleted" in line
+    assert db_path.read_bytes() == before
+    assert main(["delete", str(db_path), "--ids", "1-3", "0-3"]) == 0  # overlapping ranges: each id once
+    assert len(NeuralKVDatabase.load(db_path)) == 0
 
 
 # --- edit / generate errors that come before any model is loaded ------------------------------------------------------------
@@ -156,6 +211,149 @@ def test_edit_bad_facts_files(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert main(["edit", "--facts", str(tmp_path / "empty.jsonl"), "--out", out]) == 1
     assert "no facts to edit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "out, flags, message",
+    [
+        ("/proc/edits.safetensors", [], "cannot write /proc/edits.safetensors"),
+        ("dir", [], "is a directory"),
+        ("dir", ["--overwrite"], "is a directory"),
+        ("dir", ["--append"], "is a directory"),
+        ("/dev/null", ["--overwrite"], "is not a regular file"),
+        ("file/edits.safetensors", [], "cannot"),  # a file where the directory should be
+    ],
+)
+def test_edit_checks_its_output_before_any_work(tmp_path, out, flags, message, capsys):
+    if out.startswith("/") and not Path(out).parent.is_dir():
+        pytest.skip(f"no {Path(out).parent} here")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    out = out if out.startswith("/") else str(tmp_path / out)
+    # The facts file is missing and the model unknown: an error about either would mean the output came later.
+    argv = ["edit", "--model", "no-such-model", "--facts", str(tmp_path / "absent.jsonl"), "--out", out, *flags]
+    assert main(argv) == 1
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kind", ["latin-1", "latin-1 gzip", "cut gzip", "deep"])
+def test_edit_unreadable_facts_files_are_one_line(tmp_path, kind, capsys):
+    line = (json.dumps(FACT) + "\n").encode()
+    data = {
+        "latin-1": line + '{"subject": "caf\xe9"}\n'.encode("latin-1"),
+        "latin-1 gzip": gzip.compress(line + '{"subject": "caf\xe9"}\n'.encode("latin-1")),
+        "cut gzip": gzip.compress(line * 100)[:-12],
+        "deep": line + b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+    }[kind]
+    (tmp_path / "facts.jsonl").write_bytes(data)
+    argv = ["edit", "--model", "no-such-model", "--facts", str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    expected = "not a readable gzip file" if kind == "cut gzip" else "line 2: "
+    assert f"facts.jsonl: {expected}" in one_error_line(capsys.readouterr().err)
+
+
+def test_eval_checks_its_inputs_before_the_model_loads(tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACT) + "\n")
+    base = ["eval", "--model", "no-such-model", "--dataset", "counterfact"]
+    for argv, message in [
+        ([*base, "--facts", str(tmp_path), "--out", str(tmp_path / "o")], "is a directory"),
+        ([*base, "--facts", str(facts), "--db", str(tmp_path / "absent"), "--out", str(tmp_path / "o")], "no such"),
+        ([*base, "--facts", str(facts), "--out", str(facts)], "cannot create the directory"),
+        (["eval", "--combine", str(tmp_path / "absent.json"), "--out", str(tmp_path / "o")], "cannot read"),
+        (["eval", "--combine", str(facts), str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "o")], None),
+    ]:
+        if message is None:  # not an evaluation run: skipped with a note, no traceback
+            assert main(argv) == 0
+            assert "Traceback" not in capsys.readouterr().err
+            continue
+        assert main(argv) == 1
+        assert message in one_error_line(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from test_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")  # down_proj maps 32 -> 16 at 2 layers
+
+
+def _db(path: Path, key_dim: int = 32, value_dim: int = 16, layer: int = 1, module: str | None = None) -> Path:
+    db = NeuralKVDatabase(key_dim, value_dim, dtype=torch.float32)
+    db.add(torch.nn.functional.normalize(torch.randn(2, key_dim), dim=1), torch.randn(2, value_dim))
+    db.layer, db.module_path = layer, module
+    db.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ({"key_dim": 8, "value_dim": 4}, "db has key_dim=8, value_dim=4"),
+        ({"layer": 99}, "layer must be in [0, 2)"),
+        ({"module": "model.layers.7.nope"}, "module 'model.layers.7.nope' does not exist"),
+    ],
+)
+def test_generate_checks_the_database_against_the_model_before_answering(tiny_dir, tmp_path, shape, message, capsys):
+    db = _db(tmp_path / "db.safetensors", **shape)
+    assert main(["generate", "--model", str(tiny_dir), "--db", str(db), "-p", "paris is", "--max-new-tokens", "1"]) == 1
+    captured = capsys.readouterr()
+    assert message in one_error_line(captured.err)
+    assert "unedited" not in captured.out  # nothing was generated
+
+
+def test_edit_append_checks_the_database_against_the_model_before_editing(tiny_dir, tmp_path, capsys):
+    db = _db(tmp_path / "db.safetensors", key_dim=8, value_dim=4)
+    before = db.read_bytes()
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACT) + "\n")
+    argv = ["edit", "--model", str(tiny_dir), "--facts", str(facts), "--out", str(db), "--append", "--no-progress"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "db has key_dim=8, value_dim=4" in one_error_line(captured.err) and "Editing" not in captured.err
+    assert db.read_bytes() == before
+
+
+def test_edit_layer_out_of_range_is_one_line(tiny_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACT) + "\n")
+    argv = ["edit", "--model", str(tiny_dir), "--facts", str(facts), "--out", str(tmp_path / "o"), "--layer", "99"]
+    assert main(argv) == 1
+    assert "layer must be in [0, 2)" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupt_and_unexpected_errors_are_one_line(db_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def broken(args):
+        raise RuntimeError("an internal\nbug")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", interrupted)
+    assert main(["info", str(db_path)]) == 130
+    assert one_error_line(capsys.readouterr().err) == "neuraldb info: interrupted"
+    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    assert main(["info", str(db_path)]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        "neuraldb info: error: unexpected RuntimeError: an internal bug (--debug shows the traceback)"
+    )
+    # --debug (before or after the command) and $NEURALDB_DEBUG let the exception through, traceback and all
+    for argv in (["--debug", "info", str(db_path)], ["info", str(db_path), "--debug"]):
+        with pytest.raises(RuntimeError, match="an internal"):
+            main(argv)
+    monkeypatch.setenv("NEURALDB_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="an internal"):
+        main(["info", str(db_path)])
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACT) + "\n" + json.dumps(dict(FACT, target_new=" ")) + "\n")
+    assert main(["edit", "--model", "no-such-model", "--facts", str(facts), "--out", str(tmp_path / "o")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("neuraldb edit: warning: skipped 1 record(s)"), lines
+    assert lines[1].startswith("neuraldb edit: error: no model 'no-such-model'"), lines
 
 
 def test_generate_refuses_a_database_built_for_another_model(db_path, tmp_path, capsys):
@@ -188,12 +386,11 @@ def test_console_script_entry_point():
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     import io
 
+    from neuraldb.cli_demo import demo_facts, run_demo
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from neuraldb.cli_demo import demo_facts, run_demo
 
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path / "cache"))
     facts = demo_facts()

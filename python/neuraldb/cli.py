@@ -12,14 +12,23 @@
 Models are loaded with :func:`neuraldb.load_model` (``smollm2``, ``gemma3-270m``, a Hugging Face directory or a
 ``.gguf`` file; nothing is downloaded). Prompts are wrapped in the database's text template (see
 :mod:`neuraldb.templates`) so that inference sees the same text the keys were built from.
+
+Errors are one line on stderr (``neuraldb COMMAND: error: ...``) and a non-zero exit: 1 for an error, 2 for a usage
+error, 130 for Ctrl-C. Inputs are checked before the work they would spoil (an output path before editing, a
+database against the model before generating). ``--debug`` (or ``NEURALDB_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
+import stat
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -31,11 +40,24 @@ if TYPE_CHECKING:
     from neuraldb.database import NeuralKVDatabase
     from neuraldb.database_inputs import FactLike
 
-__all__ = ["main", "build_parser", "parse_ids"]
+__all__ = ["build_parser", "main", "parse_id_ranges", "parse_ids"]
+
+DEBUG_ENV = "NEURALDB_DEBUG"
+_EPILOG = (
+    "Errors are one line on stderr and a non-zero exit status (1 error, 2 usage, 130 interrupted); "
+    f"--debug or {DEBUG_ENV}=1 shows the traceback instead."
+)
 
 
 class CLIError(Exception):
     """An error to report on one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like the commands' own errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -43,30 +65,39 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_ids(values: Sequence[str]) -> list[int]:
-    """Fact ids from command-line words: ``["3", "5-7", "9,10"]`` -> ``[3, 5, 6, 7, 9, 10]``."""
-    out: list[int] = []
+def parse_id_ranges(values: Sequence[str]) -> list[range]:
+    """Fact ids from command-line words as ranges, never expanded (``0-1000000000`` costs nothing).
+
+    Example::
+
+        >>> parse_id_ranges(["3", "5-7", "9,10"])
+        [range(3, 4), range(5, 8), range(9, 10), range(10, 11)]
+    """
+    out: list[range] = []
     for word in values:
         for part in word.split(","):
             part = part.strip()
             if not part:
                 continue
-            lo, sep, hi = part.partition("-")
+            lo, sep, hi = part.partition("-")  # "-" is the separator, so no id can be negative
             try:
-                if sep:
-                    a, b = int(lo), int(hi)
-                    if b < a:
-                        raise ValueError
-                    out.extend(range(a, b + 1))
-                else:
-                    out.append(int(part))
+                a = int(lo)
+                b = int(hi) if sep else a
+                if b < a:
+                    raise ValueError
             except ValueError:
-                raise argparse.ArgumentTypeError(f"invalid id {part!r}: use integers or ranges like 5-7") from None
+                raise argparse.ArgumentTypeError(
+                    f"invalid id {part!r}: use non-negative integers or ranges like 5-7"
+                ) from None
+            out.append(range(a, b + 1))
     if not out:
         raise argparse.ArgumentTypeError("no ids given")
-    if any(i < 0 for i in out):
-        raise argparse.ArgumentTypeError("ids are non-negative integers")
     return out
+
+
+def parse_ids(values: Sequence[str]) -> list[int]:
+    """Fact ids from command-line words: ``["3", "5-7", "9,10"]`` -> ``[3, 5, 6, 7, 9, 10]``."""
+    return [i for r in parse_id_ranges(values) for i in r]
 
 
 def _positive_int(text: str) -> int:
@@ -99,14 +130,43 @@ def _gamma(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    return text
+
+
+def _utf8_text(text: str) -> str:
+    # Arguments that are not UTF-8 arrive with lone surrogates (Python's surrogateescape), which tokenizers reject
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"not valid UTF-8 text: {text.encode('utf-8', 'backslashreplace').decode('ascii', 'replace')}"
+        ) from None
+    return text
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="smollm2",
         help="'smollm2' (default), 'gemma3-270m', a Hugging Face model directory or a .gguf file",
     )
-    p.add_argument("--dtype", default=None, help="parameter dtype: float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="parameter dtype (default: float32)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     _add_threads_arg(p)
 
 
@@ -124,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["info", "edits.safetensors", "--all"]).command
         'info'
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="neuraldb",
         description="Edit facts into a Hugging Face language model with a gated neural key-value database.",
+        epilog=_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -155,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     p.add_argument("--db", type=Path, help="database to patch in (without it, only the unedited model answers)")
-    p.add_argument("--prompt", "-p", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument(
+        "--prompt", "-p", action="append", required=True, type=_utf8_text, help="prompt text (repeat for several)"
+    )
     p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="tokens to generate (default: 20)")
     p.add_argument("--gamma", type=_gamma, help="gate threshold (default: the database's)")
     p.add_argument(
@@ -191,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval`, defined there
 
     add_eval_parser(sub)
+    for p in sub.choices.values():
+        # SUPPRESS: a subcommand without --debug must not reset `neuraldb --debug COMMAND`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.epilog = p.epilog or _EPILOG
     return parser
 
 
@@ -259,12 +327,42 @@ def load_db(path: Path) -> NeuralKVDatabase:
     """``NeuralKVDatabase.load(path)``, failing with a one-line CLIError when the file is missing or invalid."""
     from neuraldb.database import NeuralKVDatabase
 
-    if not path.is_file():
+    if not path.exists():
         raise CLIError(f"database not found: {path}")
     try:
         return NeuralKVDatabase.load(path)
     except (OSError, ValueError, TypeError) as e:
         raise CLIError(f"cannot read database {path}: {e}") from None
+
+
+def check_output(path: Path, *, replace: bool, exists_hint: str = "") -> None:
+    """Fail with a CLIError, before any work, when a command could not write its result to ``path``.
+
+    Refused: a directory or other non-regular file at ``path``, an existing file unless ``replace``, a missing
+    directory, and a directory where no file can be created. The last is probed by creating (and removing) a file
+    beside ``path``: permission bits do not tell for root, a read-only mount or a pseudo file system like /proc.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:  # NotADirectoryError (a file where a directory should be), EACCES, ELOOP ...
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise CLIError(f"{path} is a directory; give a file name such as edits.safetensors")
+        if not stat.S_ISREG(st.st_mode):
+            raise CLIError(f"{path} exists and is not a regular file")
+        if not replace:
+            raise CLIError(f"{path} exists{exists_hint}")
+    directory = Path(os.path.realpath(path)).parent
+    if not directory.is_dir():
+        raise CLIError(f"cannot write {path}: directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def describe_fact(fact: FactLike) -> str:
@@ -297,19 +395,28 @@ def cmd_edit(args: argparse.Namespace) -> int:
     """``neuraldb edit``: edit the facts of a file into a new database, or append them to an existing one."""
     from neuraldb import facts as facts_mod
     from neuraldb.editing import edit
+    from neuraldb.patching import patch_model, unpatch_model
 
-    if args.out.exists() and not (args.append or args.overwrite):
-        raise CLIError(f"{args.out} exists: pass --append to add to it or --overwrite to replace it")
-    try:
-        facts = facts_mod.load(args.facts, limit=args.limit)
-    except FileNotFoundError as e:
-        raise CLIError(str(e)) from None
+    # The output is checked first: editing takes minutes, and nothing should be lost to a path that cannot be saved.
+    if not args.out.is_dir():
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CLIError(f"cannot create the directory of {args.out}: {e.strerror or e}") from None
+    check_output(
+        args.out,
+        replace=args.append or args.overwrite,
+        exists_hint=": pass --append to add to it or --overwrite to replace it",
+    )
+    facts = facts_mod.load(args.facts, limit=args.limit)
     if not facts:
         raise CLIError(f"no facts to edit in {args.facts}")
     db = load_db(args.out) if args.append and args.out.exists() else None
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     if db is not None:
         _check_model(db, model, force=False)
+        # patch_model's checks (module, layer, dimensions) refuse a database that the edits could not be added to
+        unpatch_model(patch_model(model, db))
     print(f"Editing {len(facts)} facts from {args.facts} ...", file=sys.stderr, flush=True)
     stats: dict = {}
     db = edit(
@@ -323,7 +430,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         stats=stats,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     db.save(args.out)
     seconds = stats.get("seconds")
     timing = f" in {seconds:.1f} s ({seconds / len(facts):.2f} s per fact)" if seconds else ""
@@ -349,18 +455,24 @@ def _check_model(db: NeuralKVDatabase, model: PreTrainedModel, *, force: bool) -
 def cmd_generate(args: argparse.Namespace) -> int:
     """``neuraldb generate``: greedy answers of the unedited model and, with ``--db``, the edited one."""
     from neuraldb import templates
-    from neuraldb.patching import patch_model
+    from neuraldb.patching import disabled, patch_model
 
     db = load_db(args.db) if args.db is not None else None
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     template = db.template if db is not None and db.template is not None else templates.default_template(tok)
     if db is not None:
         _check_model(db, model, force=args.force)
-    before = [generate_text(model, tok, p, template=template, max_new_tokens=args.max_new_tokens) for p in args.prompt]
-    after = None
-    if db is not None:
+        # Patched before the first answer, so that a database the model cannot take fails before any generation
         patch_model(model, db, gamma=args.gamma)
-        after = [generate_text(model, tok, p, template=template, max_new_tokens=args.max_new_tokens) for p in args.prompt]
+
+    prompts = args.prompt
+
+    def answers() -> list[str]:
+        return [generate_text(model, tok, p, template=template, max_new_tokens=args.max_new_tokens) for p in prompts]
+
+    with disabled(model) if db is not None else contextlib.nullcontext():
+        before = answers()
+    after = answers() if db is not None else None
     for i, prompt in enumerate(args.prompt):
         print(f"prompt:    {one_line(prompt)}")
         print(f"unedited:  {one_line(before[i])}")
@@ -407,17 +519,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     """``neuraldb delete``: remove facts by id (all or nothing) and save the database."""
     try:
-        ids = parse_ids(args.ids)
+        spans = parse_id_ranges(args.ids)
     except argparse.ArgumentTypeError as e:
         raise CLIError(str(e)) from None
-    ids = list(dict.fromkeys(ids))  # a repeated id is deleted once
+    out = args.out or args.db
+    check_output(out, replace=True)
     db = load_db(args.db)
-    missing = [i for i in ids if i not in db]
+    # Lazily, range by range: a range holds at most len(db) ids that are present, so finding the first missing
+    # ones, and then listing the ids to delete, is bounded by the database's size rather than the range's.
+    missing = list(itertools.islice((i for r in spans for i in r if i not in db), 11))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise CLIError(f"not in {args.db}: id {shown} (`neuraldb info {args.db}` lists the ids); nothing deleted")
+    ids = list(dict.fromkeys(i for r in spans for i in r))  # a repeated id is deleted once
     db.delete(ids)
-    out = args.out or args.db
     db.save(out)
     print(f"Deleted {len(ids)} fact(s); {out}: {len(db)} facts remain")
     return 0
@@ -443,30 +558,82 @@ COMMANDS = {
 }
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for an exception that ends a command.
+
+    The exceptions neuraldb documents for bad input (ValueError, TypeError, OSError and their subclasses such as
+    FactFormatError and ModelNotFoundError, a missing optional package) are shown by their message. Anything else is
+    a bug or a failure of the machine (a torch RuntimeError, ...): shown with its type and a pointer to ``--debug``.
+
+    Example::
+
+        >>> describe_error(FileNotFoundError(2, "No such file or directory", "x.jsonl"))
+        'x.jsonl: No such file or directory'
+    """
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{os.fsdecode(e.filename)}: {e.strerror}"
+    elif isinstance(e, MemoryError):
+        text = f"out of memory {e}".strip()
+    elif isinstance(e, (CLIError, ValueError, TypeError, OSError, ImportError)):
+        text = str(e) or type(e).__name__
+    else:
+        text = f"unexpected {type(e).__name__}: {e} (--debug shows the traceback)"
+    return one_line(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``neuraldb`` console script; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Entry point of the ``neuraldb`` console script; returns the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C).
+
+    Every error ends in one line on stderr; ``--debug`` or ``NEURALDB_DEBUG=1`` lets the exception propagate.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local files; never reach for a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from neuraldb.facts import FactFormatError
-    from neuraldb.models import ModelNotFoundError
-
-    import torch
-
-    threads = torch.get_num_threads()
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
-        return COMMANDS[args.command](args)
-    except (CLIError, ModelNotFoundError, FactFormatError, ModuleNotFoundError) as e:
-        print(f"neuraldb {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # parsing imports torch (--device)
+        print("neuraldb: interrupted", file=sys.stderr)
         return 130
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    prog = f"neuraldb {args.command}"
+    with warnings.catch_warnings():
+        if not debug:
+            # Python's format takes two lines, the second a line of neuraldb's source that means nothing to a user
+            def show(message, category, filename, lineno, file=None, line=None):
+                print(f"{prog}: warning: {one_line(str(message))}", file=file or sys.stderr)
+
+            warnings.showwarning = show
+        return _run(args, prog, debug)
+
+
+def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
+    torch = threads = None
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`neuraldb info db --all | head`): stop quietly, as Unix tools do, and keep
+        # Python from failing again when it flushes stdout at exit.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {describe_error(e)}", file=sys.stderr)
+        return 1
     finally:
-        torch.set_num_threads(threads)  # for callers of main() inside a longer-lived process
+        if threads is not None:
+            torch.set_num_threads(threads)  # for callers of main() inside a longer-lived process
 
 
 if __name__ == "__main__":  # pragma: no cover

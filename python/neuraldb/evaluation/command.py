@@ -21,7 +21,19 @@ import shlex
 import sys
 from pathlib import Path
 
+from neuraldb.cli import CLIError, _non_negative_int, _positive_int, check_output
+
 __all__ = ["add_parser", "run"]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"layer\": 6}}', got {text!r}")
+    return value
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -36,29 +48,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the model's parameter dtype (default float32; bfloat16 is Gemma-3's native dtype)")
     p.add_argument("--dataset", choices=("counterfact", "zsre"), help="which metrics (required unless --combine)")
     p.add_argument("--facts", type=Path, help="facts file (CounterFact ROME/MEND format, ZsRE MEND format)")
-    p.add_argument("--n", type=int, default=100, help="number of facts to edit and evaluate (default 100)")
-    p.add_argument("--offset", type=int, default=0, help="skip this many facts first")
+    p.add_argument("--n", type=_positive_int, default=100, help="number of facts to edit and evaluate (default 100)")
+    p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many facts first")
     p.add_argument("--db", type=Path, help="evaluate this saved database instead of editing")
     p.add_argument("--save-db", type=Path, help="save the database built by editing here")
-    p.add_argument("--edit-args", default="{}", help='JSON of extra keyword arguments for neuraldb.edit, e.g. '
-                   '\'{"layer": 6, "gamma": 0.65}\'')
+    p.add_argument("--edit-args", type=_json_object, default="{}",
+                   help='JSON of extra keyword arguments for neuraldb.edit, e.g. \'{"layer": 6, "gamma": 0.65}\'')
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                    help="CounterFact target probability: per-token mean NLL (ROME/MEMIT, default) or summed")
     p.add_argument("--zsre-target", choices=("answers", "alt"), default="answers",
                    help="ZsRE edit target: answers[0] (ROME/MEMIT, default) or alt (EasyEdit)")
     p.add_argument("--no-fluency", action="store_true", help="skip generation (fluency/consistency)")
-    p.add_argument("--fluency-facts", type=int, help="generate for only the first K facts (speed)")
+    p.add_argument("--fluency-facts", type=_non_negative_int, help="generate for only the first K facts (speed)")
     p.add_argument("--reference-texts", type=Path,
                    help="JSON {case_id or target_new: [texts]} for consistency; without it consistency is skipped")
     p.add_argument("--general-data", type=Path, help="directory with the general-ability files (general_eval)")
     p.add_argument("--general-tasks", nargs="+", help="subset of tasks (default: all)")
-    p.add_argument("--general-limit", type=int, help="examples per task (seeded subsample)")
-    p.add_argument("--wikitext-tokens", type=int, default=None, help="score only the first T WikiText-2 tokens")
+    p.add_argument("--general-limit", type=_positive_int, help="examples per task (seeded subsample)")
+    p.add_argument("--wikitext-tokens", type=_positive_int, help="score only the first T WikiText-2 tokens")
     p.add_argument("--deletion", action="store_true", help="run the delete-even-facts experiment (App. J.5)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
                    help="only combine existing results.json files into one report under --out")
@@ -66,12 +78,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--distractors", nargs="+", type=Path, metavar="FACTS",
                    help="with --db: add the keys of these facts (synthetic residuals) around the database's facts and "
                    "report CounterFact metrics vs table size (neuraldb.evaluation.distractors)")
-    p.add_argument("--sizes", nargs="+", type=int, help="table sizes (keys) for --distractors (default n, 2n, 5n, "
-                   "10n, all)")
-    p.add_argument("--eval-facts", type=int, help="evaluate a seeded random subset of this many of the edited facts (all are edited)")
+    p.add_argument("--sizes", nargs="+", type=_positive_int,
+                   help="table sizes (keys) for --distractors (default n, 2n, 5n, 10n, all)")
+    p.add_argument("--eval-facts", type=_positive_int,
+                   help="evaluate a seeded random subset of this many of the edited facts (all are edited)")
     p.add_argument("--keys-cache", type=Path, help="--distractors: directory that caches the distractor keys")
-    p.add_argument("--distractor-exclude", type=int, help="--distractors: drop duplicates of the first N facts of "
-                   "--facts (default: the database's; a larger N shares the distractor pool with a larger database)")
+    p.add_argument("--distractor-exclude", type=_non_negative_int,
+                   help="--distractors: drop duplicates of the first N facts of --facts (default: the database's; a larger N shares the distractor pool with a larger database)")
     return p
 
 
@@ -81,7 +94,10 @@ def run(args) -> int:
     if args.combine:
         runs = []
         for path in args.combine:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+                raise CLIError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
             # a --distractors result has its own report and no pre/post run to put in these tables
             if "dataset" not in data and "runs" not in data:
                 print(f"neuraldb eval: skipping {path}: not a pre/post evaluation run", file=sys.stderr)
@@ -98,7 +114,21 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     command = "neuraldb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Inputs and outputs are checked before the model loads: an evaluation runs for minutes to hours.
+    inputs = [("--facts", args.facts), ("--db", args.db), ("--reference-texts", args.reference_texts)]
+    inputs += [("--distractors", path) for path in args.distractors or ()]
+    for option, path in inputs:
+        if path is not None and not path.is_file():
+            raise CLIError(f"{option} {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    if args.general_data is not None and not args.general_data.is_dir():
+        raise CLIError(f"--general-data {args.general_data}: not a directory")
+    if args.save_db is not None:
+        check_output(args.save_db, replace=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {args.out}: cannot create the directory: {e.strerror or e}") from None
+    check_output(args.out / "results.json", replace=True)
     if args.distractors:
         if args.dataset != "counterfact" or args.db is None:
             print("neuraldb eval: error: --distractors needs --dataset counterfact and --db", file=sys.stderr)
@@ -118,7 +148,7 @@ def run(args) -> int:
     run_ = run_eval(
         model_name=args.model, model_dtype=args.dtype, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
         eval_facts=args.eval_facts,
-        db_path=args.db, save_db=args.save_db, edit_kwargs=json.loads(args.edit_args),
+        db_path=args.db, save_db=args.save_db, edit_kwargs=args.edit_args,
         general_dir=args.general_data, general_tasks=args.general_tasks, general_limit=args.general_limit,
         wikitext_max_tokens=args.wikitext_tokens, fluency=not args.no_fluency, fluency_max_facts=args.fluency_facts,
         reference_texts=args.reference_texts, deletion=args.deletion, reduction=args.reduction,
