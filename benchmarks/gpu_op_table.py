@@ -8,7 +8,7 @@
 Peers, per (T, m, d1), fp16 keys (unit rows), fp16 values (m, d2), fp16 queries:
   triton, cuda       the backends, called through ``neuraldb_kernels.gated_retrieval`` (the op's full path);
                      ``first_call_s`` records Triton's autotuning on the first call of each shape key
-  eager              ``gated_retrieval_reference`` (chunked fp32 matmuls, argmax, gather)
+  eager              ``gated_retrieval_torch`` (chunked fp32 matmuls, argmax, gather)
   compiled           ``torch.compile`` of the reference: the whole function where its key loop has at most
                      ``--max-unrolled-chunks`` chunks, else of one chunk step with the loop in Python (dynamo would
                      unroll hundreds of chunks); the row says which
@@ -199,7 +199,7 @@ def compiled_reference(t: int, m: int, d1: int, max_unrolled: int):
 
     step = ref._chunk_rows(t, d1)
     if math.ceil(m / step) <= max_unrolled:
-        return torch.compile(ref.gated_retrieval_reference, fullgraph=True, dynamic=False), "whole"
+        return torch.compile(ref.gated_retrieval_torch, fullgraph=True, dynamic=False), "whole"
 
     @torch.compile(fullgraph=True, dynamic=False)
     def chunk_step(qn, keys_chunk, start, best, best_idx):
@@ -240,7 +240,7 @@ def gemm_probe(q16: torch.Tensor, keys: torch.Tensor, chunk: int = 65_536):
 def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, list[Row]]:
     import neuraldb_kernels
     from neuraldb_kernels import backends
-    from neuraldb_kernels.reference import gated_retrieval_reference
+    from neuraldb_kernels.reference import gated_retrieval_torch
 
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
@@ -297,7 +297,7 @@ def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, li
                     torch.cuda.synchronize()
                     row.first_call_s[peer] = time.perf_counter() - t0
                 elif peer == "eager":
-                    fn = lambda: gated_retrieval_reference(q, keys, values, gamma)  # noqa: E731
+                    fn = lambda: gated_retrieval_torch(q, keys, values, gamma)  # noqa: E731
                     results[peer] = fn()
                 elif peer == "compiled":
                     torch._dynamo.reset()  # a fresh cache per shape: no silent fallback past the recompile limit

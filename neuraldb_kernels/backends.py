@@ -1,7 +1,8 @@
 """The backends of ``gated_retrieval``, when each can run, and which one "auto" picks.
 
 Every backend takes 2-D queries (T, d1) with unit-stride rows, keys (m, d1), values (m, d2) on the queries'
-device and a validated gamma, and returns ``(out, idx, score)`` exactly as :mod:`neuraldb_kernels.reference`.
+device and a validated gamma, and returns ``(out, idx, score)`` by the rules of :mod:`neuraldb_kernels.reference`,
+each score within :func:`~neuraldb_kernels.reference.score_error_bound` of the specification's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from neuraldb_kernels import extension
-from neuraldb_kernels.reference import gated_retrieval_reference
+from neuraldb_kernels.reference import gated_retrieval_torch
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -96,7 +97,7 @@ def _cuda_kernel() -> Kernel:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("torch", _reference_reason, lambda: gated_retrieval_reference),
+        Backend("torch", _reference_reason, lambda: gated_retrieval_torch),
         Backend("cpu", _cpu_reason, _cpu_kernel),
         Backend("triton", _triton_reason, _triton_kernel),
         Backend("cuda", _cuda_reason, _cuda_kernel),

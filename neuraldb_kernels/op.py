@@ -90,12 +90,24 @@ def gated_retrieval(
         gamma: gate threshold in [-1, 1]; a row retrieves only where ``score > gamma`` (strictly).
         backend: None or "auto" (best for the device and the number of query rows, see
             :func:`neuraldb_kernels.backends.resolve`; overridden by ``$NEURALDB_BACKEND``), "torch"
-            (the reference), "cpu" (C++), "triton" or "cuda".
+            (plain PyTorch in fp32), "cpu" (C++), "triton" or "cuda".
 
     Returns:
         ``out (..., d2)`` in the queries' dtype (``values[idx]`` where the gate opens, else zeros),
-        ``idx (...)`` int64 (the smallest index reaching the best score, -1 when ``m == 0``) and
-        ``score (...)`` float32 (the best cosine, ``-inf`` when ``m == 0``), all on the queries' device.
+        ``idx (...)`` int64 (the smallest index reaching the best score; -1 when ``m == 0`` or the query row is not
+        finite) and ``score (...)`` float32 (the best cosine; ``-inf`` where ``idx`` is -1), all on the queries'
+        device.
+
+    Which differences between backends are possible, and why: the specification
+    (:func:`neuraldb_kernels.reference.gated_retrieval_reference`) rounds the exact cosine once to fp32; the backends
+    sum in fp32 in their own orders (SIMD width, tiles, splits), so a score may differ from the specification's by
+    up to :func:`~neuraldb_kernels.reference.score_error_bound` (``2 (d1 + 8) 2^-24 + 2^-16``: 8.5e-5 at d1 = 576,
+    1.7e-3 at d1 = 14336). Hence ``idx`` may differ only where the two best exact scores are within that bound of
+    each other, and the gate only where the best exact score is within it of gamma; everywhere else ``idx`` and
+    ``out`` are the same on every backend and every machine. Identical key rows get identical scores in every
+    backend, so an exact tie always goes to the lowest index. Non-finite input is never retrieved: a key row with
+    an inf or NaN element never wins, and a query row with one gets ``(zeros, -1, -inf)``. Queries whose squared
+    norm overflows fp32 (``||q|| > 1.8e19``) are outside the contract.
 
     Example::
 

@@ -89,8 +89,10 @@ def _mma(k, q, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """acc += k @ q with fp32 accumulation (k: (BLOCK_N, BLOCK_D), q: (BLOCK_D, BLOCK_T))."""
     if UPCAST:
         # The interpreter stores bf16 as raw uint16 and multiplies the bit patterns; the operands here are exactly
-        # representable in fp32, so upcasting changes nothing but the accumulation order.
-        return tl.dot(k.to(tl.float32), q.to(tl.float32), acc)
+        # representable in fp32, so upcasting changes nothing but the accumulation order. Not tl.dot: the interpreter
+        # runs it as a BLAS sgemm, which sums the rows in a block's tail in another order than the others, so two
+        # identical key rows could score an ulp apart (the contract's exact ties need them equal, as on the GPU's MMA).
+        return acc + tl.sum(k.to(tl.float32)[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)
     elif IEEE:
         return tl.dot(k, q, acc, input_precision="ieee")
     else:
@@ -169,7 +171,8 @@ def _scan_kernel(
                 acc = _mma(k, qt.to(k.dtype), acc, UPCAST, IEEE)
         if SPLIT_Q:
             acc = acc + acc_lo * (1.0 / LO_SCALE)
-        acc = tl.where(n_ok[:, None], acc, float("-inf"))
+        # Non-finite scores never win (the op's contract): "acc < inf" is false for +inf and NaN.
+        acc = tl.where(n_ok[:, None] & (acc < float("inf")), acc, float("-inf"))
         tile_best = tl.max(acc, axis=0)
         tile_i = tl.min(tl.where(acc == tile_best[None, :], n[:, None], 2147483647), axis=0)
         # Tiles come in increasing key order: a strict ">" keeps the first index on ties.
@@ -213,7 +216,8 @@ def _finish_kernel(
     pi = tl.load(pi_ptr + s * T + t, mask=s_ok, other=2147483647)
     best = tl.max(ps, axis=0)
     i = tl.min(tl.where(ps == best, pi, 2147483647), axis=0).to(tl.int64)
-    # An index outside [0, M) only arises from NaN scores: read row 0 and keep the gate shut.
+    # No index: every score was non-finite (a non-finite query row). Read row 0, keep the gate shut, and write the
+    # contract's (-1, -inf).
     valid = i < M
     i = tl.where(valid, i, 0)
 
@@ -234,8 +238,8 @@ def _finish_kernel(
         q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
         k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
         dot += tl.div_rn(q, nrm) * k
-    score = tl.where(valid, tl.sum(dot, axis=0), float("nan"))
-    tl.store(idx_ptr + t, i)
+    score = tl.where(valid, tl.sum(dot, axis=0), float("-inf"))
+    tl.store(idx_ptr + t, tl.where(valid, i, -1))
     tl.store(score_ptr + t, score)
 
     offs_v = tl.arange(0, BLOCK_V)

@@ -86,7 +86,7 @@ def test_retrieval_hits_match_the_op_and_prefix_sizes(tiny, edited):
             with torch.no_grad():
                 model(input_ids=torch.tensor([s]))
             hd.remove()
-            score, idx = best_keys(captured[0], keys[:n])
+            score, idx = best_keys(captured[0], keys[:n], dtype=torch.float32)  # retrieval_hits scores in fp32
             assert got == list(dict.fromkeys(idx[score > gamma].tolist()))
             assert got_at == ([int(idx[p])] if score[p] > gamma else [])
     assert per_size[0] != per_size[1]  # the larger table retrieves rows the smaller one lacks

@@ -13,6 +13,11 @@
 namespace neuraldb {
 namespace cpu {
 
+// Whether score s takes the running best: strictly greater (the lowest index keeps a tie) and below +inf. NaN fails
+// every comparison; +-inf and NaN scores come only from non-finite keys or queries, which the op's contract says
+// are never retrieved, whatever the order in which a backend happens to sum them.
+inline bool beats(float s, float best) { return s > best && s < HUGE_VALF; }
+
 enum class KeyType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
 // x rounded to the nearest integer, ties to even, as std::nearbyint in the default rounding mode, for |x| < 2^22

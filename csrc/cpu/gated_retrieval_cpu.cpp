@@ -339,6 +339,7 @@ void prefilter_scan(const Problem& p, const std::vector<uint8_t>& zero_row, floa
           const int64_t i = w.cand_idx[q * cap + c];
           const float s = cpu::dot_avx512(p, q, i);
           ++rescored[q];
+          if (!cpu::beats(s, -HUGE_VALF)) continue;  // never retrieved; and -inf must not seed the best
           if (bi < 0 || s > b || (s == b && i < bi)) {
             b = s;
             bi = i;
@@ -873,7 +874,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_prefiltered_cpu(c
     for (const auto& [i, t] : c) {
       const float s = dot(p, t, i);
       ++n;
-      if (s > b[t] || (s == b[t] && bi[t] >= 0 && i < bi[t])) {
+      if (cpu::beats(s, b[t]) || (s == b[t] && bi[t] >= 0 && i < bi[t])) {
         b[t] = s;
         bi[t] = i;
       }

@@ -133,7 +133,7 @@ NDB_AVX512 void scan_qb(const Problem& p, int64_t k0, int64_t k1, int64_t t0, bo
     for (int b = 0; b < QB; ++b)
 #pragma GCC unroll 8
       for (int i = 0; i < KB; ++i)
-        if (sc[i * QB + b] > best[t0 + b]) {
+        if (beats(sc[i * QB + b], best[t0 + b])) {
           best[t0 + b] = sc[i * QB + b];
           best_idx[t0 + b] = i0 + i;
         }
@@ -141,7 +141,7 @@ NDB_AVX512 void scan_qb(const Problem& p, int64_t k0, int64_t k1, int64_t t0, bo
   for (; i0 < k1; ++i0) {
     tile<K, 1, QB>(keys + i0 * p.ks, p.ks, q, p.qs, p.d1, nullptr, sc);
     for (int b = 0; b < QB; ++b)
-      if (sc[b] > best[t0 + b]) {
+      if (beats(sc[b], best[t0 + b])) {
         best[t0 + b] = sc[b];
         best_idx[t0 + b] = i0;
       }

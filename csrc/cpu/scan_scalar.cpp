@@ -82,7 +82,7 @@ void scan(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_i
       for (int b = 0; b < qb; ++b)
         for (int i = 0; i < kb; ++i) {
           const float s = sc[i * qb + b];
-          if (s > best[t0 + b]) {
+          if (beats(s, best[t0 + b])) {
             best[t0 + b] = s;
             best_idx[t0 + b] = i0 + i;
           }

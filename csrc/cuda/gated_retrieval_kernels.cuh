@@ -249,7 +249,8 @@ __global__ void __launch_bounds__(kScanThreads)
 #pragma unroll
       for (int t = 0; t < TQ; ++t) {
         const float s = warp_sum(acc[j][t]);
-        if (ok && s > best[t]) {
+        // Non-finite scores never win (the op's contract; NaN already fails ">").
+        if (ok && s > best[t] && s < INFINITY) {
           best[t] = s;
           best_i[t] = static_cast<int32_t>(base + j);
         }
@@ -306,12 +307,12 @@ __global__ void __launch_bounds__(kFinishThreads)
 #pragma unroll
   for (int w = 1; w < kFinishThreads / kWarp; ++w) take_better(b, i, s_best[w], s_idx[w]);
 
-  // An index outside [0, m) only arises from NaN scores; never read out of bounds for it.
+  // No index: every score was non-finite (a non-finite query row). The contract's answer is (-1, -inf, zeros).
   const bool valid = i >= 0 && i < m;
   const bool gate = valid && b > gamma;
   if (threadIdx.x == 0) {
-    idx_out[t] = valid ? i : 0;
-    score_out[t] = b;
+    idx_out[t] = valid ? i : -1;
+    score_out[t] = valid ? b : -INFINITY;
   }
   const VT* src = values + (valid ? static_cast<int64_t>(i) : 0) * ldv;
   OT* dst = out + t * ldo;
