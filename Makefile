@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.neuraldb-built
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test bench ctest
+.PHONY: install demo test test-isa bench ctest
 install: $(STAMP)
 
 $(PY):
@@ -21,8 +21,22 @@ $(STAMP): $(PY) $(SOURCES)
 demo: install
 	$(VENV)/bin/neuraldb demo
 
+# The op, database and patching tests again on the code paths of other CPUs: without AVX-512 (torch's kernels, MKL
+# and oneDNN capped to AVX2; ours forced to AVX2), then our scalar kernels. A test that passes only on AVX-512 or AMX
+# fails here, on the developer's machine, before CI meets a CPU without them.
+ISA_TESTS := tests/test_op_backends.py tests/test_op_contract.py tests/test_prefilter.py tests/test_prefilter_signs.py \
+	tests/test_cpu_residuals.py tests/test_database.py tests/test_database_io.py tests/test_database_sketch.py \
+	tests/test_patching.py tests/test_patching_prefilter.py tests/test_sharded.py tests/test_triton_interpret.py \
+	tests/test_editing_defaults.py
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 NEURALDB_CPU_ISA=avx2
+
 test: install
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-isa
+
+test-isa: install
+	$(AVX2_ONLY) $(PY) -m pytest -q $(ISA_TESTS)
+	NEURALDB_CPU_ISA=scalar $(PY) -m pytest -q $(ISA_TESTS)
 
 bench: install
 	$(PY) benchmarks/op_table.py
