@@ -10,7 +10,6 @@
         --m 0,2000,10000,20000,100000,1000000                                         # decode in CUDA graphs
     python benchmarks/bench_overhead.py --model llama3-8b-shape --layers 1 --vocab 512 --device cpu \\
         --dtype float32 --m 0,2000 --reps 2 --tag smoke                                # CPU smoke of the 8B path
-    python benchmarks/bench_overhead.py --plot-only benchmarks/results/overhead_smollm2_cpu.json
 
 Scenarios: ``prefill_128`` / ``prefill_512`` (one sequence, the cache built, only the last position's logits, as in
 ``generate``), ``decode_b1`` / ``decode_b8`` (one new token per sequence on a KV cache of ``--context`` tokens; the
@@ -43,13 +42,12 @@ off the CPU the sketch is always "plain").
 
 Random keys never open the gate (max cosine ~0.1 << gamma), so the residual gather is skipped; that is the common
 case at inference time, where most tokens match no fact. Results: ``benchmarks/results/overhead_<model>_<device>[_<tag>]
-.json`` (with the machine description and the load average before/after) and a ``.png`` beside it.
+.json`` (with the machine description and the load average before/after); ``benchmarks/plot.py`` draws one.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -251,7 +249,7 @@ def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, ga
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tables and plot
+# Tables
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -320,51 +318,6 @@ def tables(result: dict) -> str:
     return "\n".join(out)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    scen = list(dict.fromkeys(_label(r, rows) for s in SCENARIOS + GRAPH_SCENARIOS for r in rows if r["scenario"] == s))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    floor: list = []
-    for s in scen:
-        rs = sorted((r for r in rows if _label(r, rows) == s), key=lambda r: r["m"])
-        cpu = all(r.get("cpu_added_pct") is not None for r in rs)
-        key, ms_key, floor_key = ("cpu_added_pct", "cpu_added_ms", "cpu_floor_ms") if cpu else (
-            "added_pct", "added_ms", "floor_ms")
-        a.plot([r["m"] for r in rs], [r[key] for r in rs], marker="o", label=s)
-        rs = [r for r in rs if r["m"] > 0]
-        b.plot([r["m"] for r in rs], [max(r[ms_key], 1e-3) for r in rs], marker="o", label=f"{s} added")
-        floor = sorted({(r["m"], r[floor_key]) for r in rs if r.get(floor_key)})
-    if floor:
-        b.plot([x for x, _ in floor], [y for _, y in floor], ls="--", color="black", lw=1, label="key-read floor")
-    a.set_xscale("symlog", linthresh=1000)
-    ticks = sorted({r["m"] for r in rows})
-    a.set_xticks(ticks, [_fmt_m(m) for m in ticks], fontsize=8)
-    a.set_yscale("symlog", linthresh=1)
-    a.axhline(1.0, color="grey", lw=0.8, ls=":")
-    a.set_xlabel("facts in the database (m)")
-    cpu_time = all(r.get("cpu_added_pct") is not None for r in rows)
-    a.set_ylabel("added latency (%)" + (", process CPU time" if cpu_time else ""))
-    a.set_title("patched vs unpatched forward")
-    a.legend(fontsize=8)
-    b.set_xscale("log")
-    b.set_yscale("log")
-    b.set_xlabel("facts in the database (m)")
-    b.set_ylabel("added time per forward (ms)")
-    b.set_title("added time vs key-read floor (dashed)")
-    b.legend(fontsize=7)
-    mach = result["machine"]
-    where = mach.get("gpu") or f"{mach['cpu']}, {mach['torch_threads']} threads"
-    fig.suptitle(f"{result['model']} ({result['dtype']}), {where}; load {mach['load_average_1_5_15']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -392,15 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "waiting for a time slice, which otherwise dominate every timing")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--plot-only", type=Path, default=None, help="re-draw the table and plot of a saved JSON")
     args = ap.parse_args(argv)
-
-    if args.plot_only:
-        result = json.loads(args.plot_only.read_text())
-        print(tables(result))
-        plot(result, args.plot_only.with_suffix(".png"))
-        return result
 
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     ms = sorted(int(x) for x in args.m.split(",") if x)
@@ -466,9 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(out, result)  # after every m, so a killed run keeps what it measured
     print()
     print(tables(result))
-    if not args.no_plot:
-        plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"))
+    print(f"\nwrote {out} (python benchmarks/plot.py {out} draws it)")
     return result
 
 

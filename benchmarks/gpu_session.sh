@@ -47,7 +47,7 @@ cp "$WORK"/lib/neuraldb_kernels/_C*.so neuraldb_kernels/ 2>>"$OUTDIR/build.log"
 # The graphs need the built kernel for the CUDA variant; captures warm up first, so Triton autotunes outside them.
 # 100 pairs: at 2k facts the floor is ~0.04 ms, and a replayed step varies by a few hundredths of a ms (~60 s of replays).
 timeout 200 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --scenarios graph_b1,graph_b8 \
-    --m 0,2000,10000,20000,100000,1000000 --backend triton,cuda --reps 100 --no-plot --out "$OUTDIR/overhead_graph.json" \
+    --m 0,2000,10000,20000,100000,1000000 --backend triton,cuda --reps 100 --out "$OUTDIR/overhead_graph.json" \
     >"$OUTDIR/bench.log" 2>&1
 echo "overhead graph rc=$?" >>"$OUTDIR/bench.log"
 
@@ -56,7 +56,7 @@ timeout 100 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 90 tests/test_
 echo "pytest cuda rc=$?" >>"$OUTDIR/tests.log"
 
 timeout 200 "$PY" benchmarks/bench_overhead.py --model llama3-8b-shape --device cuda --m 0,2000,10000,20000,100000,1000000 \
-    --scenarios decode_b1,decode_b8 --backend triton,cuda,auto --reps 30 --no-plot --out "$OUTDIR/overhead_backends.json" \
+    --scenarios decode_b1,decode_b8 --backend triton,cuda,auto --reps 30 --out "$OUTDIR/overhead_backends.json" \
     >>"$OUTDIR/bench.log" 2>&1
 echo "overhead backends rc=$?" >>"$OUTDIR/bench.log"
 
@@ -65,7 +65,7 @@ timeout 170 "$PY" benchmarks/gpu_op_table.py --T 1 8 16 2048 --m 100000 --d1 143
 echo "op table rc=$?" >>"$OUTDIR/bench.log"
 
 # 90 s: the first Triton call autotunes.
-timeout 90 "$PY" benchmarks/host_overhead.py --device cuda --calls 300 --out "$OUTDIR/host_overhead.json" \
+timeout 90 "$PY" benchmarks/experiments/host_overhead.py --device cuda --calls 300 --out "$OUTDIR/host_overhead.json" \
     >>"$OUTDIR/bench.log" 2>&1
 echo "host overhead rc=$?" >>"$OUTDIR/bench.log"
 rm -rf "$WORK"

@@ -1,6 +1,6 @@
 """How many keys each stage of the exact pre-filter passes, on random unit keys and on real keys with real queries.
 
-    python benchmarks/prefilter_pass.py --threads 1      # real: the CounterFact distractor keys of SmolLM2's layer
+    python benchmarks/experiments/prefilter_pass.py --threads 1      # real: the CounterFact distractor keys of SmolLM2's layer
 
 For each (keys, queries) pair it reports, over all (query, key) pairs at gamma (default SmolLM2's): the fraction
 whose exact score exceeds gamma, the fraction the 1-bit stage passes (``prefilter.sign_bounds``, the C++ kernel's
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 from _common import RESULTS, load_average, machine_description, write_json  # noqa: E402
 

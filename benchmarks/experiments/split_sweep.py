@@ -4,8 +4,8 @@ own choice, the plan before key-byte minimums (64-key splits at any width), the 
 keys in the same kind of graph. Used to choose ``_MIN_SPLIT_BYTES`` / ``kMinSplitBytes``; writes JSON under
 benchmarks/results/.
 
-    python benchmarks/split_sweep.py                                     # Llama-3-8B's d1, T = 1 and 8, 2k-100k keys
-    python benchmarks/split_sweep.py --T 1 --m 10000 --d1 4096 --splits 132 264 528
+    python benchmarks/experiments/split_sweep.py                                     # Llama-3-8B's d1, T = 1 and 8, 2k-100k keys
+    python benchmarks/experiments/split_sweep.py --T 1 --m 10000 --d1 4096 --splits 132 264 528
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 import torch
 from _common import RESULTS, machine_description, median, read_bandwidth, write_json

@@ -1,6 +1,6 @@
 """Where the gate opens on general text: per database row, the positions of a WikiText-2 stretch it is retrieved at.
 
-    python benchmarks/general_text_gate.py --db smollm2-cf1000.safetensors \\
+    python benchmarks/experiments/general_text_gate.py --db smollm2-cf1000.safetensors \\
         --text ../shared/data/general_eval/wikitext2_raw_test.txt.gz --tokens 4096
 
 The claim behind the method is that ordinary text does not open the gate, so the edited model is the unedited one
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 
 import neuraldb  # noqa: E402

@@ -1,9 +1,9 @@
 """General-text gate openings as real facts accumulate, and what a per-row gate threshold would do to them,
 simulated on real keys (the database has no such column yet).
 
-    python benchmarks/row_threshold_sim.py --n 1000 \\
+    python benchmarks/experiments/row_threshold_sim.py --n 1000 \\
         --text ../shared/data/general_eval/wikitext2_raw_test.txt.gz --tokens 4096 [--start 4096 --tag heldout]
-    python benchmarks/row_threshold_sim.py --n 0 --sizes 1000,2000,5000,10000,24140 --text ... --tag growth \\
+    python benchmarks/experiments/row_threshold_sim.py --n 0 --sizes 1000,2000,5000,10000,24140 --text ... --tag growth \\
         --facts ../shared/data/knowledge_editing/{counterfact_rome_format_1031,counterfact_mend_edit,\\
 counterfact_mend_train,counterfact_mend_val,zsre_mend_train_1k,zsre_mend_eval_portability_1037,\\
 zsre_knowedit_test_all_1301}.json.gz          # every distinct fact of these, the openings per size
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 
 import neuraldb  # noqa: E402

@@ -1,7 +1,7 @@
 """The database's buffers in 2 MB pages (``neuraldb.host_memory``, the default) against the same rows in 4 KB pages,
 alternated in one patched SmolLM2 decode loop.
 
-    python benchmarks/ab_pages.py --m 10000 --pairs 400
+    python benchmarks/experiments/ab_pages.py --m 10000 --pairs 400
 
 A decode step streams the model's weights in 4 KB pages, so when the patched layer scans the database none of its
 pages are in the TLB: each 4 KB page read costs a page walk. Here one database is patched in, and before each step its
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 import torch
 from ab_builds import paired_steps, parser, patched_decode, report

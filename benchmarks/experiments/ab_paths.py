@@ -1,6 +1,6 @@
 """The patch's eager CPU plan against its general path, alternated in one patched SmolLM2 decode loop.
 
-    python benchmarks/ab_paths.py --m 10000 --pairs 150
+    python benchmarks/experiments/ab_paths.py --m 10000 --pairs 150
 
 An eager CPU forward of a patched model runs a plan bound once per database state: one call into C++, which returns
 None where no gate opens, so the hook returns the module's output untouched (``Patch._retrieve``). The general path
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 from ab_builds import paired_steps, patched_decode, parser, report  # noqa: E402
 

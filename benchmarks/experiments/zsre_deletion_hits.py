@@ -1,6 +1,6 @@
 """Which database rows ZsRE prompts retrieve before and after the App. J.5 deletion (even-indexed facts removed).
 
-    python benchmarks/zsre_deletion_hits.py --db smollm2-zsre100.safetensors \\
+    python benchmarks/experiments/zsre_deletion_hits.py --db smollm2-zsre100.safetensors \\
         --facts ../shared/data/knowledge_editing/zsre_mend_eval_portability_1037.json.gz [--gamma 0.75]
 
 The database must hold the first N facts of the file in order (as ``neuraldb eval --dataset zsre --save-db`` writes
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "python")]
 
 import neuraldb

@@ -10,8 +10,8 @@ op table (pipelined CUDA-event timing) hides. This script takes the path apart, 
   retrieve_residuals  ``NeuralKVDatabase.retrieve_residuals`` (lock, pre-filter choice)
   patched - plain     a patched ``nn.Linear`` minus the plain one: the forward hook, the outer custom op, the add
 
-    python benchmarks/host_overhead.py                   # CPU
-    python benchmarks/host_overhead.py --device cuda     # GPU: Triton and CUDA backends
+    python benchmarks/experiments/host_overhead.py                   # CPU
+    python benchmarks/experiments/host_overhead.py --device cuda     # GPU: Triton and CUDA backends
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 import torch
 from _common import RESULTS, machine_description, sync, write_json

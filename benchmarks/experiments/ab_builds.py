@@ -1,7 +1,7 @@
 """Two builds of the CPU kernel in one patched SmolLM2 decode loop: what a kernel change is worth inside the model.
 
     cp neuraldb_kernels/_C*.so /tmp/C_before.so       # before the change; then rebuild, then:
-    python benchmarks/ab_builds.py --baseline /tmp/C_before.so --m 10000 --pairs 150
+    python benchmarks/experiments/ab_builds.py --baseline /tmp/C_before.so --m 10000 --pairs 150
 
 Runs on this VM differ by more than a small kernel change (the unpatched SmolLM2 step has read 56 to 83 ms on this VM
 within a day), so two ``bench_overhead.py`` runs cannot compare builds. Here both builds are loaded into one process
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 import bench_overhead as bo  # noqa: E402
 import torch  # noqa: E402

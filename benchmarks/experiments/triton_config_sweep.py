@@ -2,8 +2,8 @@
 which one the autotuner chose and checks each config's argmax against the reference. Used to choose the config
 lists in ``neuraldb_kernels.triton_kernel``; writes JSON under benchmarks/results/.
 
-    python benchmarks/triton_config_sweep.py --T 2048 512 --m 100000 --d1 14336
-    python benchmarks/triton_config_sweep.py --T 2048 --extra 128,256,64,8,3 128,128,128,8,3
+    python benchmarks/experiments/triton_config_sweep.py --T 2048 512 --m 100000 --d1 14336
+    python benchmarks/experiments/triton_config_sweep.py --T 2048 --extra 128,256,64,8,3 128,128,128,8,3
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
 import torch
 from _common import RESULTS, write_json
