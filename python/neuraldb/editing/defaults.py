@@ -1,18 +1,24 @@
-"""Editing hyperparameters and the per-model defaults (the one place they live).
+"""Editing hyperparameters, and how a model's defaults are put together.
 
-The layer and gamma of models without an entry here come from :mod:`neuraldb.architectures` (a fraction of
-the depth, gamma 0.65). The per-model entries were chosen by the sweep in docs/editing.md
-(``benchmarks/bench_editing.py --sweep``). A per-model ``compute_dtype="bfloat16"`` applies only where bf16 runs
-natively (:func:`native_bf16`); elsewhere the default is float32, since emulated bf16 makes every step several times
-slower.
+The numbers live in the family table, :data:`neuraldb.architectures.ARCHITECTURES`: every known family gives a layer
+(a fraction of the depth) and a gamma; the sizes swept in docs/editing.md (``benchmarks/bench_editing.py --sweep``)
+add their tuned values (:class:`neuraldb.architectures.Tuned`), matched by architecture and size, never by name. A
+tuned ``compute_dtype="bfloat16"`` applies only where bf16 runs natively (:func:`native_bf16`); elsewhere the default
+is float32, since emulated bf16 makes every step several times slower. Explicit arguments win over all of it
+(:func:`resolve`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from types import MappingProxyType
+from typing import Any
 
 import torch
+
+from neuraldb import architectures as arch
 
 
 @dataclass(frozen=True)
@@ -71,24 +77,11 @@ class EditConfig:
         return {f.name for f in fields(cls)}
 
 
-# Substring of ``neuraldb.models.model_id(model)`` (lower case) -> overrides of EditConfig.
-MODEL_DEFAULTS: dict[str, dict] = {
-    # sweep on CounterFact facts 0-99 (docs/editing.md): same quality as MEMIT's lr 0.5 / 5 prefixes / 20 steps
-    # at about half the CPU time. Unit-length context keys with the bare prompt at 0.45: efficacy 99.5 on facts
-    # 0-199 (plain mean, bare 0.5: 96.0) at the same specificity; at 0.5 some key fires on every sequence. bf16
-    # steps are 2.2x faster on CPUs with AMX at the same quality (float32 where bf16 is emulated: defaults_for).
-    "smollm2-135m": dict(
-        layer=6, gamma=0.65, n_prefixes=3, prefix_len=10, lr=2.0, steps=10, patience=3, key_bare_weight=0.45,
-        key_unit_mean=True, compute_dtype="bfloat16",
-    ),
-    # sweep on CounterFact facts 0-49, model in bf16 (docs/editing.md): SmolLM2's lr 2.0 overshoots here (efficacy
-    # 84); its keys sit closer together, so gamma 0.65 let 60% of the neighborhood prompts retrieve some row
-    # (specificity 80 -> 73.6); 0.75 keeps efficacy 100 / generalization 90 at specificity 78.2.
-    "gemma-3-270m": dict(
-        layer=5, gamma=0.75, n_prefixes=3, prefix_len=10, lr=0.5, steps=10, patience=3, key_bare_weight=0.45,
-        key_unit_mean=True, compute_dtype="bfloat16",
-    ),
-}
+# What docs/editing.md calls the per-model table: a read-only view of the tuned entries of the family table, by the
+# name of the model each was swept on. Matching goes by architecture and size (defaults_for), not by these names.
+MODEL_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {t.name: t.edit for spec in arch.ARCHITECTURES.values() for t in spec.tuned}
+)
 
 
 # oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below AVX512_CORE_BF16: under one, torch's bf16 products are emulated even
@@ -123,27 +116,28 @@ def _bf16_pays(model) -> bool:
     return param is not None and (param.dtype == torch.bfloat16 or native_bf16(param.device))
 
 
-def model_key(model) -> str:
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or "").lower()
+def defaults_for(model: torch.nn.Module) -> EditConfig:
+    """The EditConfig for ``model``, decided by what it is (its ``model_type`` and config sizes), not by its name or
+    folder: the family's layer and gamma, then the tuned values of its size where it was swept (with
+    ``compute_dtype`` float32 where bf16 would be emulated, see :func:`native_bf16`); the generic values, and no
+    layer, for a family not in the table.
 
+    Example::
 
-def defaults_for(model) -> EditConfig:
-    """The EditConfig for ``model``: its entry in MODEL_DEFAULTS (with ``compute_dtype`` float32 where bf16 would be
-    emulated, see :func:`native_bf16`), else generic values with the architecture table's default layer and gamma."""
-    key = model_key(model)
-    for name, over in MODEL_DEFAULTS.items():
-        if name in key:
-            cfg = replace(EditConfig(), **over)
-            if cfg.compute_dtype == "bfloat16" and not _bf16_pays(model):
-                cfg = replace(cfg, compute_dtype="float32")
-            return cfg
-    from neuraldb import architectures as arch
-
+        >>> model, tok = neuraldb.load_model("smollm2")   # doctest: +SKIP
+        >>> cfg = defaults_for(model)                     # doctest: +SKIP
+        >>> cfg.layer, cfg.lr, cfg.steps                  # doctest: +SKIP
+        (6, 2.0, 10)
+    """
     try:
-        return replace(EditConfig(), layer=arch.default_layer(model), gamma=arch.default_gamma(model))
+        family = {"layer": arch.default_layer(model), "gamma": arch.default_gamma(model)}
     except (ValueError, TypeError):
         return EditConfig()
+    tuned = arch.tuned_for(model)
+    cfg = replace(EditConfig(), **{**family, **(tuned.edit if tuned is not None else {})})
+    if cfg.compute_dtype == "bfloat16" and not _bf16_pays(model):
+        cfg = replace(cfg, compute_dtype="float32")
+    return cfg
 
 
 def resolve(model, **overrides) -> EditConfig:
