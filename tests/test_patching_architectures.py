@@ -4,10 +4,12 @@ bitwise, (d) generate() retrieves on generated tokens, (e) save/load/patch gives
 
 from __future__ import annotations
 
+import neuraldb
 import pytest
 import torch
 from _tiny_models import (
     CONFIGS,
+    LAYERS,
     PATCH_LAYER,
     assert_bitwise,
     capture,
@@ -16,15 +18,22 @@ from _tiny_models import (
     separated_position,
     tiny_model,
 )
-
-import neuraldb
-from neuraldb.architectures import ARCHITECTURES, cache_kwarg
+from neuraldb.architectures import ARCHITECTURES, Size, cache_kwarg, model_size, tuned_for
 
 ARCHS = sorted(CONFIGS)
 
 
 def test_every_table_entry_has_a_tiny_model():
     assert set(ARCHS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gemma3", "gpt2"])
+def test_size_comes_from_the_text_config_and_matches_no_swept_size(arch):
+    model = tiny_model(arch)
+    size = model_size(model)
+    # gemma3 keeps its language model's sizes in a nested text config; gpt2's config has no intermediate_size
+    assert size == (None if arch == "gpt2" else Size(hidden_size=32, num_hidden_layers=LAYERS, intermediate_size=48))
+    assert tuned_for(model) is None
 
 
 def _big_residual(reference: torch.Tensor, seed: int = 2) -> torch.Tensor:

