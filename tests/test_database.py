@@ -209,7 +209,29 @@ BAD_ADDS = [
     (dict(keys=_K, residuals=_V, facts=Fact("A", "{} is", "x")), TypeError, "facts"),
     (dict(keys=_K, residuals=_V, facts=[None, "text"]), TypeError, r"facts\[1\]"),
     (dict(keys=_K, residuals=_V, facts=[None, {"x": object()}]), TypeError, r"facts\[1\]"),
+    # what JSON would not give back as it went in, named by its path
+    (dict(keys=_K, residuals=_V, facts=[{1: "a"}, None]), TypeError, r"facts\[0\] has the int key 1"),
+    (dict(keys=_K, residuals=_V, facts=[None, {"t": (1, 2)}]), TypeError, r"facts\[1\]\['t'\] is a tuple"),
+    (dict(keys=_K, residuals=_V, facts=[None, {"s": [{1}]}]), TypeError, r"facts\[1\]\['s'\]\[0\] is a set"),
+    (dict(keys=_K, residuals=_V, facts=[None, {"x": float("nan")}]), ValueError, r"facts\[1\]\['x'\] is nan"),
+    (dict(keys=_K, residuals=_V, facts=[None, {"x": [float("-inf")]}]), ValueError, r"\['x'\]\[0\] is -inf"),
+    (dict(keys=_K, residuals=_V, facts=[None, {"x": torch.tensor(1)}]), TypeError, "is a Tensor"),
+    (dict(keys=_K, residuals=_V, facts=[Fact("A", "{} is", "x", extras={2: 1}), None]), TypeError, r"\.extras has"),
+    (
+        dict(keys=_K, residuals=_V, facts=[Fact("A", "{} is", "x", paraphrases=({1},)), None]),
+        TypeError,
+        r"facts\[0\]\.paraphrases\[0\] is a set",
+    ),
 ]
+
+
+def _self_referencing() -> dict:
+    d: dict = {}
+    d["me"] = d
+    return d
+
+
+BAD_ADDS.append((dict(keys=_K, residuals=_V, facts=[_self_referencing(), None]), ValueError, "contains itself"))
 
 
 @pytest.mark.parametrize("kwargs,exc,match", BAD_ADDS)
@@ -274,11 +296,60 @@ def test_bad_lookups():
         db.get("0")
 
 
+def test_ids_are_ints_or_0d_integer_tensors_everywhere():
+    db = _db(3)
+    db.update([1], facts=[{"n": 1}])
+    one = torch.tensor(1)
+    assert one in db and db.get(one)[2] == {"n": 1} and db.fact(one) == {"n": 1} and db.row(one) == db.row(1)
+    assert torch.tensor(1, dtype=torch.int32) in db and torch.tensor(7) not in db
+    for bad in (1.0, True, torch.tensor(1.0), torch.tensor(True), torch.tensor([1]), "1", None):
+        for lookup in (lambda i: i in db, db.get, db.fact, db.row):
+            with pytest.raises(TypeError, match="id must be an int"):
+                lookup(bad)
+    with pytest.raises(TypeError, match="ids must be an int"):
+        db.delete([1.0])
+    db.delete(one)
+    assert 1 not in db
+
+
+def test_ids_stop_at_int64():
+    db = _db(2)
+    db._next_id = 2**63 - 2  # as a file's next_id could set it
+    before = state(db)
+    with pytest.raises(ValueError, match="2\\*\\*63 - 1"):
+        db.add(torch.randn(3, D1), torch.randn(3, D2))
+    assert_same_state(state(db), before)
+    assert db.add(torch.randn(2, D1), torch.randn(2, D2)) == [2**63 - 2, 2**63 - 1]
+
+
+def test_float64_keys_keep_their_direction_at_any_scale():
+    direction = torch.randn(1, D1, dtype=torch.float64)
+    db = NeuralKVDatabase(D1, D2, dtype=torch.float32)
+    db.add(torch.cat([direction * 1e300, direction * 1e-300, direction]), torch.randn(3, D2))
+    assert torch.equal(db.keys[0], db.keys[2]) and torch.equal(db.keys[1], db.keys[2])
+
+
+def test_facts_with_tuples_round_trip_as_before(tmp_path):
+    # A benchmark loader's Fact keeps tuples in extras: they come back as lists, and the Fact compares equal.
+    fact = Fact("A", "{} is", "x", paraphrases=("p", "q"), extras={"neighborhood_answers": ("a", "b"), "n": {"k": 1}})
+    db = _db()
+    db.add(torch.randn(1, D1), torch.randn(1, D2), facts=[fact])
+    db.save(tmp_path / "db.safetensors")
+    back = NeuralKVDatabase.load(tmp_path / "db.safetensors").fact(0)
+    assert back == fact and back.paraphrases == ("p", "q")
+    assert back.extras == {"neighborhood_answers": ["a", "b"], "n": {"k": 1}}
+
+
 @pytest.mark.parametrize(
     "args,kwargs,exc,match",
     [
         ((0, 4), {}, ValueError, "key_dim"),
+        ((4, 0), {}, ValueError, "value_dim must be a positive int"),
         ((4, -1), {}, ValueError, "value_dim"),
+        ((2**31, 4), {}, ValueError, "key_dim must be a positive int of at most 2\\*\\*31 - 1"),
+        ((4, 4), dict(device="meta"), ValueError, "meta"),
+        ((4, 4), dict(capacity=-1), ValueError, "capacity"),
+        ((4, 4), dict(capacity=2.0), TypeError, "capacity"),
         ((4.0, 4), {}, TypeError, "key_dim"),
         ((True, 4), {}, TypeError, "key_dim"),
         ((4, 4), dict(dtype=torch.float64), TypeError, "dtype"),
@@ -294,9 +365,10 @@ def test_bad_constructor_arguments(args, kwargs, exc, match):
 def test_to_moves_in_place():
     db = _db(2)
     assert db.to("cpu") is db
-    meta = _db(2).to("meta")
-    assert meta.device.type == "meta" and meta.keys.shape == (2, D1)
-    with pytest.raises(ValueError, match="meta"):
-        meta.to("cpu")
+    before = state(db)
+    with pytest.raises(ValueError, match="meta device keeps shapes only"):
+        db.to("meta")  # it would keep the shapes and lose every row
     with pytest.raises(TypeError, match="device"):
         db.to("nowhere")
+    assert db.device.type == "cpu"
+    assert_same_state(state(db), before)

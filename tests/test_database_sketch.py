@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import neuraldb.database
 import neuraldb.database_retrieval
 import pytest
 import torch
@@ -34,13 +35,21 @@ def _tensor_bytes(db):
     return sum(t.untyped_storage().nbytes() for t in vars(db).values() if isinstance(t, torch.Tensor))
 
 
+@pytest.fixture
+def fake_accelerator(monkeypatch):
+    """A device other than the CPU on a machine without one: "cuda" for the database's bookkeeping, while its buffers
+    go to the meta device (shapes only)."""
+    monkeypatch.setattr(neuraldb.database, "_moved", lambda buf, device: buf.to("meta"))
+    return torch.device("cuda")
+
+
 def assert_in_step(db):
     assert db.sketch is not None and db.sketch.shape[0] == len(db)
     assert torch.equal(db.sketch, build_sketch(db.keys)), "the sketch is not the sketch of the keys, row for row"
     assert torch.equal(db.signs, build_signs(db.keys)), "the 1-bit rows are not those of the keys, row for row"
 
 
-def test_sketch_follows_every_change(tmp_path):
+def test_sketch_follows_every_change(tmp_path, fake_accelerator):
     db = NeuralKVDatabase(D1, D2)
     ids = db.add(_keys(40, 0), torch.randn(40, D2))  # grows 16 -> 64 rows
     assert db.sketch is None
@@ -60,7 +69,7 @@ def test_sketch_follows_every_change(tmp_path):
     assert torch.equal(_built(loaded).sketch, db.sketch)
     for other in (copy.deepcopy(db), pickle.loads(pickle.dumps(db)), db.to("cpu")):
         assert torch.equal(other.sketch, db.sketch)
-    off_cpu = copy.deepcopy(db).to("meta")
+    off_cpu = copy.deepcopy(db).to(fake_accelerator)
     assert off_cpu.sketch is None and off_cpu.signs is None
     db.prefilter = False
     assert db.sketch is None and db.signs is None
@@ -229,8 +238,8 @@ def test_a_database_never_decoded_on_cpu_allocates_no_sketch(tmp_path):
         assert _tensor_bytes(d) == d.capacity * (d1 + d2) * 2, "only the fp16 keys and residuals are allocated"
 
 
-@pytest.mark.parametrize("change", ["grow", "prefilter_off", "to_meta"])
-def test_cached_views_do_not_keep_replaced_buffers_alive(change):
+@pytest.mark.parametrize("change", ["grow", "prefilter_off", "to_accelerator"])
+def test_cached_views_do_not_keep_replaced_buffers_alive(change, fake_accelerator):
     # retrieve_residuals caches views of the live rows; a buffer the database replaces must not stay pinned by them.
     db = NeuralKVDatabase(256, 8)
     g = torch.Generator().manual_seed(3)
@@ -243,7 +252,7 @@ def test_cached_views_do_not_keep_replaced_buffers_alive(change):
     elif change == "prefilter_off":
         db.prefilter = False
     else:
-        db.to("meta")
+        db.to(fake_accelerator)
     cached = {t.untyped_storage().data_ptr() for t in db._views[1:] if t is not None and not t.is_meta}
     assert not cached & old
 

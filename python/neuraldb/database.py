@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import operator
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,7 +34,6 @@ from typing import Any
 import torch
 
 from neuraldb import host_memory
-from neuraldb.database_retrieval import PrefilteredRetrieval
 from neuraldb.database_inputs import (
     STORAGE_DTYPES,
     FactLike,
@@ -44,13 +42,20 @@ from neuraldb.database_inputs import (
     _check_ids,
     _dtype_name,
     _rows,
+    as_id,
     cast_residuals,
+    check_device,
     normalize_keys,
 )
+from neuraldb.database_retrieval import PrefilteredRetrieval
 from neuraldb_kernels.prefilter import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
 from neuraldb_kernels.validation import check_gamma
 
 _MIN_CAPACITY = 16
+# Ids are stored as int64.
+_MAX_ID = 2**63 - 1
+# Rows per chunk of _check_values_fit's scan.
+_SCAN_ROWS = 4096
 # Rows per build_sketch call when the sketch is first built: it is written into its buffer chunk by chunk instead of
 # existing twice.
 _SKETCH_BUILD_ROWS = 4096
@@ -70,7 +75,9 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         key_dim: input features of the patched down-projection (the key length).
         value_dim: its output features (the residual length).
         dtype: storage dtype of keys and values (float16, bfloat16 or float32).
-        device: where the tensors live; :func:`neuraldb.patch_model` moves the database to the model's device.
+        device: where the tensors live (not "meta", which holds no rows); :func:`neuraldb.patch_model` moves the
+            database to the model's device.
+        capacity: rows to allocate up front (default 16); the storage doubles whenever it is full.
 
     Decode steps on CPU can scan a 1-bit sketch of the keys, then an int4 sketch of the keys it cannot rule out,
     instead of the keys (:meth:`retrieve_residuals`, same result, ~10% of the bytes read at d1 = 1536). The two
@@ -102,20 +109,22 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         *,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
+        capacity: int = _MIN_CAPACITY,
     ) -> None:
         self.key_dim = _check_dim("key_dim", key_dim)
         self.value_dim = _check_dim("value_dim", value_dim)
         if dtype not in STORAGE_DTYPES:
             allowed = "/".join(map(_dtype_name, STORAGE_DTYPES))
             raise TypeError(f"dtype must be one of {allowed}, got {dtype!r}")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
+        device = check_device(device)
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be a non-negative int, got {type(capacity).__name__}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be a non-negative int, got {capacity}")
         self.dtype = dtype
         self._lock = threading.RLock()
-        self._keys = host_memory.empty((_MIN_CAPACITY, key_dim), dtype, device)
-        self._values = host_memory.empty((_MIN_CAPACITY, value_dim), dtype, device)
+        self._keys = host_memory.empty((capacity, key_dim), dtype, device)
+        self._values = host_memory.empty((capacity, value_dim), dtype, device)
         self._sketch: torch.Tensor | None = None
         self._signs: torch.Tensor | None = None  # built and dropped with _sketch
         self._n = 0
@@ -243,7 +252,8 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         return self._n
 
     def __contains__(self, id: object) -> bool:
-        return id in self._rows
+        """Whether ``id`` (an int or a 0-d integer tensor; TypeError for anything else, floats included) is live."""
+        return as_id(id) in self._rows
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.ids())
@@ -260,8 +270,9 @@ class NeuralKVDatabase(PrefilteredRetrieval):
     def get(self, id: int) -> tuple[torch.Tensor, torch.Tensor, FactLike]:
         """``(key, residual, fact)`` of ``id``: copies of its stored rows and its fact metadata."""
         with self._lock:
-            r = self._rows[self._known(id)]
-            return self._keys[r].clone(), self._values[r].clone(), self._facts[id]
+            i = self._known(id)
+            r = self._rows[i]
+            return self._keys[r].clone(), self._values[r].clone(), self._facts[i]
 
     def fact(self, id: int) -> FactLike:
         """The fact metadata stored with ``id`` (a Fact, a dict or None)."""
@@ -269,9 +280,8 @@ class NeuralKVDatabase(PrefilteredRetrieval):
             return self._facts[self._known(id)]
 
     def _known(self, id: object) -> int:
-        if isinstance(id, bool) or not hasattr(id, "__index__"):
-            raise TypeError(f"id must be an int, got {type(id).__name__}")
-        i = operator.index(id)  # type: ignore[arg-type]
+        """``id`` as an int (:func:`~neuraldb.database_inputs.as_id`); KeyError unless it is live."""
+        i = as_id(id)
         if i not in self._rows:
             raise KeyError(f"id {i} is not in the database")
         return i
@@ -318,6 +328,10 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         v = cast_residuals(v, self.dtype)
         if m == 0:
             return []
+        if self._next_id + m - 1 > _MAX_ID:
+            raise ValueError(
+                f"cannot add {m} facts: their ids would pass 2**63 - 1 (ids are int64; next_id is {self._next_id})"
+            )
         # Sketched outside the lock when a sketch exists; one built by a retrieval meanwhile gets its rows below.
         sk = (build_sketch(k), build_signs(k)) if self._sketch is not None else None
         with self._lock:
@@ -415,14 +429,10 @@ class NeuralKVDatabase(PrefilteredRetrieval):
 
     def to(self, device: torch.device | str) -> NeuralKVDatabase:
         """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``; the key sketch, which
-        only the CPU kernel reads, is dropped when ``device`` is not the CPU."""
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
+        only the CPU kernel reads, is dropped when ``device`` is not the CPU. ValueError for "meta", where the rows
+        would be lost."""
+        device = check_device(device)
         with self._lock:
-            if self.device.type == "meta" and device.type != "meta":
-                raise ValueError(f"device: this database is on the meta device and holds no data to move to {device}")
             if device != self.device:
                 self._keys = _moved(self._keys, device)
                 self._values = _moved(self._values, device)
@@ -435,6 +445,7 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         cap = self.capacity
         if rows <= cap:
             return
+        cap = max(cap, _MIN_CAPACITY)
         while cap < rows:
             cap *= 2
         keys = host_memory.empty((cap, self.key_dim), self.dtype, self.device)
@@ -451,6 +462,29 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         out = host_memory.empty((cap, buf.shape[1]), buf.dtype, self.device)
         out[: self._n].copy_(buf[: self._n])
         return out
+
+    def _check_values_fit(self, dtype: torch.dtype) -> None:
+        """ValueError unless every residual is finite in ``dtype`` (a patched model's dtype): a residual beyond its
+        range would turn the patched layer's output, then the logits, into inf. Free when the storage dtype's range
+        fits in ``dtype``'s (fp16 storage, or any storage into a bf16/fp32 model); otherwise one scan of the values."""
+        if not dtype.is_floating_point or torch.finfo(self.dtype).max <= torch.finfo(dtype).max:
+            return
+        with self._lock:
+            rows: list[int] = []
+            top = 0.0
+            for start in range(0, self._n, _SCAN_ROWS):
+                v = self._values[start : min(self._n, start + _SCAN_ROWS)]
+                over = ~torch.isfinite(v.to(dtype)).all(dim=1)
+                if over.any():
+                    rows += (over.nonzero().flatten()[:5] + start).tolist()
+                    top = max(top, float(v.abs().amax()))
+            if rows:
+                ids = [self._row_ids[r] for r in rows[:5]]
+                raise ValueError(
+                    f"db holds residuals up to {top:g} in magnitude (ids {ids}), beyond {_dtype_name(dtype)}'s "
+                    f"largest value {torch.finfo(dtype).max:g}: the patched {_dtype_name(dtype)} model would compute "
+                    "inf. Scale those residuals down, or run the model in bfloat16 or float32"
+                )
 
     def _ensure_sketch(self) -> None:
         """Build both sketches of every live row if they do not exist yet (call with the lock held)."""

@@ -4,6 +4,8 @@ state changes: key/residual rows (shape, dtype, finiteness), unit-normalised key
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -21,12 +23,30 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# Widths of any real layer are far below this; above it, sizes in bytes and kernels' index arithmetic could overflow.
+MAX_DIM = 2**31 - 1
+
+
 def _check_dim(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+    if not 0 < value <= MAX_DIM:
+        raise ValueError(f"{name} must be a positive int of at most 2**31 - 1, got {value}")
     return value
+
+
+def check_device(device: object, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``; TypeError for anything that is not a device, ValueError for "meta", which
+    holds no data (a database moved there would silently lose every row)."""
+    try:
+        out = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise TypeError(f"{name} must be a torch.device or a device string, got {device!r:.100}") from None
+    if out.type == "meta":
+        raise ValueError(
+            f"{name} must hold data; the meta device keeps shapes only, so a database there loses its rows"
+        )
+    return out
 
 
 def _rows(name: str, t: object, dim: int, dim_name: str) -> torch.Tensor:
@@ -51,18 +71,20 @@ def _first_bad_rows(mask: torch.Tensor, limit: int = 5) -> list[int]:
 
 
 def normalize_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of ``keys`` scaled to unit length (computed in fp32, then cast to ``dtype``); ValueError naming
-    ``keys`` and the rows that are zero or non-finite."""
-    k = keys.float()
+    """Rows of ``keys`` scaled to unit length (computed in fp32, float64 input first scaled in float64, then cast to
+    ``dtype``); ValueError naming ``keys`` and the rows that are zero or non-finite. Only a row's direction is kept,
+    so any finite row that is not zero can be stored, however large or small its entries."""
+    k = keys if keys.dtype == torch.float64 else keys.float()
     bad = ~torch.isfinite(k).all(dim=1)
     if bad.any():
         raise ValueError(f"keys must be finite; rows {_first_bad_rows(bad)} contain inf or nan")
-    # Dividing by the largest entry first keeps the norm from overflowing or underflowing in fp32.
+    # Dividing by the largest entry first keeps the norm from overflowing or underflowing, and brings float64 rows
+    # (1e300 is finite there) into fp32's range.
     scale = k.abs().amax(dim=1, keepdim=True)
     zero = scale.squeeze(1) == 0
     if zero.any():
         raise ValueError(f"keys must have non-zero rows; rows {_first_bad_rows(zero)} are zero")
-    k = k / scale
+    k = (k / scale).float()
     return (k / k.norm(dim=1, keepdim=True)).to(dtype)
 
 
@@ -81,23 +103,66 @@ def cast_residuals(residuals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def fact_to_json(fact: FactLike, name: str = "facts") -> dict | None:
-    """The JSON form of one fact entry: null, ``{"fact": {...}}`` or ``{"dict": {...}}``."""
-    import dataclasses
-    import json
+# Deeper nesting than this would not survive the C json module's recursion limit on load.
+_MAX_JSON_DEPTH = 200
 
+
+def _json_problem(value: object, where: str, tuples: bool) -> tuple[type[Exception], str] | None:
+    """``(exception type, message)`` for the first part of ``value`` that JSON would not give back as it is (None if
+    none), naming it by its subscript path from ``where`` (e.g. ``facts[1]["n"][2]``). ``tuples``: accept tuples,
+    which come back as lists."""
+    stack: list[tuple[object, str, int]] = [(value, where, 0)]
+    while stack:
+        v, at, depth = stack.pop()
+        if v is None or isinstance(v, (str, bool, int)):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return ValueError, f"{at} is {v!r}, which JSON cannot hold"
+            continue
+        if depth >= _MAX_JSON_DEPTH:
+            return ValueError, f"{at} is nested deeper than {_MAX_JSON_DEPTH} levels (or contains itself)"
+        if isinstance(v, list) or (tuples and isinstance(v, tuple)):
+            stack.extend((x, f"{at}[{i}]", depth + 1) for i, x in reversed(list(enumerate(v))))
+        elif isinstance(v, dict):
+            for key, x in reversed(list(v.items())):
+                if not isinstance(key, str):
+                    return (
+                        TypeError,
+                        f"{at} has the {type(key).__name__} key {key!r:.50}, which would come back as a str",
+                    )
+                stack.append((x, f"{at}[{key!r:.50}]", depth + 1))
+        elif isinstance(v, tuple):
+            return TypeError, f"{at} is a tuple, which would come back as a list"
+        else:
+            return TypeError, f"{at} is a {type(v).__name__}, which JSON cannot hold"
+    return None
+
+
+def fact_to_json(fact: FactLike, name: str = "facts") -> dict | None:
+    """The JSON form of one fact entry: null, ``{"fact": {...}}`` or ``{"dict": {...}}``.
+
+    A dict must hold only what JSON gives back exactly: str keys and str/int/float/bool/None values, lists and
+    dicts of them (no NaN or infinity, no tuples, sets or other objects); TypeError (ValueError for NaN, infinity,
+    or nesting deeper than 200 levels) naming ``name`` and the offending path otherwise. A Fact's fields may hold
+    the same, and its tuples come back as tuples; tuples inside its ``extras`` come back as lists (extras take no
+    part in comparing facts, and the editing benchmarks' loaders put tuples there).
+    """
     if fact is None:
         return None
     if isinstance(fact, Fact):
-        entry = {"fact": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(fact).items()}}
+        body = {f.name: getattr(fact, f.name) for f in dataclasses.fields(fact)}
+        problems = (_json_problem(v, f"{name}.{k}", tuples=True) for k, v in body.items())
+        problem = next((p for p in problems if p is not None), None)
+        entry = {"fact": {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}}
     elif isinstance(fact, dict):
+        problem = _json_problem(fact, name, tuples=False)
         entry = {"dict": fact}
     else:
         raise TypeError(f"{name} must be a neuraldb.Fact, a dict or None, got {type(fact).__name__}")
-    try:
-        json.dumps(entry, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be JSON-serialisable so the database can be saved: {exc}") from None
+    if problem is not None:
+        exc, message = problem
+        raise exc(f"{message}; facts must come back from a save and load as they went in")
     return entry
 
 
@@ -128,6 +193,21 @@ def _check_facts(facts: object, m: int) -> list[FactLike]:
     return list(facts)
 
 
+def as_id(value: object, name: str = "id") -> int:
+    """``value`` as a fact id: a Python int (not a bool) or a 0-d integer tensor; TypeError naming ``name`` for
+    anything else, floats included (``1.0`` is not an id, so it is neither found nor missing)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be an int or a 0-d integer tensor, got a tensor of {value.dtype} "
+                f"with shape {tuple(value.shape)}"
+            )
+        return int(value.item())
+    if isinstance(value, (bool, float)) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r:.50})")
+    return operator.index(value)  # type: ignore[arg-type]
+
+
 def _check_ids(ids: object) -> list[int]:
     """``ids`` (an int or an iterable of ints) as a list; TypeError/ValueError naming ``ids``."""
     if isinstance(ids, torch.Tensor):
@@ -137,14 +217,7 @@ def _check_ids(ids: object) -> list[int]:
     if isinstance(ids, (str, bytes)) or not (isinstance(ids, Iterable) or hasattr(ids, "__index__")):
         raise TypeError(f"ids must be an int or an iterable of ints, got {type(ids).__name__}")
     items = list(ids) if isinstance(ids, Iterable) else [ids]
-    out = []
-    for i in items:
-        if isinstance(i, bool):
-            raise TypeError(f"ids must hold ints, got a bool ({i!r})")
-        try:
-            out.append(operator.index(i))
-        except TypeError:
-            raise TypeError(f"ids must hold ints, got {type(i).__name__} ({i!r})") from None
+    out = [as_id(i, "ids") for i in items]
     seen: set[int] = set()
     dups = sorted({i for i in out if i in seen or seen.add(i)})
     if dups:
