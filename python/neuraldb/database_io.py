@@ -11,40 +11,88 @@ Header metadata (safetensors' string map): ``"neuraldb"`` holds a JSON object::
 
     {"format": "neuraldb.NeuralKVDatabase", "format_version": 1, "key_dim": ..., "value_dim": ..., "dtype": ...,
      "count": n, "next_id": ..., "layer": ..., "gamma": ..., "template": ..., "model_id": ..., "module_path": ...,
-     "config": {...}}
+     "config": {...}, "crc32": {"ids": "1c291ca3", "keys": ..., "values": ..., "facts_json": ...}}
 
 Facts are a tensor rather than header metadata because safetensors caps the header at 100 MB, which 100k facts
 with their evaluation prompts can exceed. Reading without neuraldb::
 
-    >>> import json
+    >>> import json, zlib
     >>> from safetensors import safe_open
     >>> with safe_open("edits.safetensors", "pt") as f:       # doctest: +SKIP
     ...     meta = json.loads(f.metadata()["neuraldb"])
     ...     keys, values = f.get_tensor("keys"), f.get_tensor("values")
     ...     facts = json.loads(bytes(f.get_tensor("facts_json").numpy()))
+    ...     assert f"{zlib.crc32(keys.numpy().tobytes()):08x}" == meta["crc32"]["keys"]   # fp16/fp32 keys
 
-A save writes a temporary file beside the target, fsyncs it and renames it over the target, so an interrupted
-save leaves the previous file as it was.
+Every tensor's CRC-32 (``zlib.crc32`` of its bytes as stored, 8 hex digits) is in the metadata under ``"crc32"``
+and is checked on load, so a flipped byte is reported instead of loaded (files written before neuraldb stored
+checksums load with a warning). It detects corruption, not tampering: whoever crafts a file can write matching sums.
+
+A save writes a temporary file beside the target, fsyncs it and renames it over the target (:mod:`neuraldb.atomic`:
+symlinks are written through, the file keeps its permission bits, only regular files are replaced, and temporary
+files of killed saves are removed by the next save), so an interrupted save leaves the previous file as it was.
+neuraldb writes the safetensors layout itself rather than through ``safetensors.torch.save_file``, which makes a
+full copy of every tensor in memory and a temporary file of its own that no later save could recognise.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import torch
 
-from neuraldb.atomic import atomic_path
+from neuraldb.atomic import atomic_path, file_kind, resolve_target
 from neuraldb.database import NeuralKVDatabase, check_gamma
-from neuraldb.database_inputs import STORAGE_DTYPES, fact_from_json, fact_to_json
+from neuraldb.database_inputs import (
+    STORAGE_DTYPES,
+    _check_dim,
+    _dtype_name,
+    check_device,
+    fact_from_json,
+    fact_to_json,
+)
 
 FORMAT = "neuraldb.NeuralKVDatabase"
 FORMAT_VERSION = 1
 META_KEY = "neuraldb"
-TENSORS = ("keys", "values", "ids", "facts_json")
+CHECKSUM_KEY = "crc32"
+# In file order: the 8-byte ids first, so every tensor starts aligned to its element size.
+TENSORS = ("ids", "keys", "values", "facts_json")
 # fp16 keys are unit rows only up to rounding: sqrt(d) entries each off by at most 2^-11 relative.
 _UNIT_TOLERANCE = 1e-2
+_INT64_MAX = 2**63 - 1
+# safetensors refuses to read a longer header.
+_MAX_HEADER_BYTES = 100_000_000
+# Bytes per write and per checksum step: large enough that the Python loop costs nothing, small enough to stay in
+# the last-level cache between a read and its checksum.
+_IO_BYTES = 16 << 20
+_LOAD_CHUNK_ROWS = 4096
+_DTYPE_NAMES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _meta(db: NeuralKVDatabase) -> dict:
@@ -63,7 +111,7 @@ def _meta(db: NeuralKVDatabase) -> dict:
         "format_version": FORMAT_VERSION,
         "key_dim": db.key_dim,
         "value_dim": db.value_dim,
-        "dtype": str(db.dtype).removeprefix("torch."),
+        "dtype": _dtype_name(db.dtype),
         "count": len(db),
         "next_id": db.next_id,
         "layer": db.layer,
@@ -75,30 +123,73 @@ def _meta(db: NeuralKVDatabase) -> dict:
     }
 
 
-def save_database(db: NeuralKVDatabase, path: str | os.PathLike) -> None:
-    """Write ``db`` to ``path`` atomically; see the module docstring for the format."""
-    from safetensors.torch import save_file
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as stored in the file (little-endian), without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
+
+def crc32(t: torch.Tensor, value: int = 0) -> int:
+    """``zlib.crc32`` of a contiguous CPU tensor's bytes, continuing from ``value`` (the sum over row chunks read one
+    after another is the sum of the whole tensor)."""
+    data = _bytes(t)
+    for start in range(0, len(data), _IO_BYTES):
+        value = zlib.crc32(data[start : start + _IO_BYTES], value)
+    return value
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (contiguous, on the CPU) in the safetensors layout: an 8-byte little-endian header length,
+    the JSON header (padded with spaces to 8 bytes), then each tensor's bytes in order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > _MAX_HEADER_BYTES:
+        raise ValueError(f"the file header would be {len(raw)} bytes, over safetensors' limit; db.config is too large")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            data = _bytes(t)
+            f.writelines(data[start : start + _IO_BYTES] for start in range(0, len(data), _IO_BYTES))
+
+
+def save_database(db: NeuralKVDatabase, path: str | os.PathLike) -> None:
+    """Write ``db`` to ``path`` atomically; see the module docstring for the format.
+
+    Raises TypeError for a bad ``path`` or metadata that cannot be saved, ValueError when ``path`` exists and is not
+    a regular file (a directory, a device, a FIFO), FileNotFoundError when its directory does not exist (all before
+    anything is written), and OSError naming ``path`` (its subclass by errno) when writing fails; the previous file
+    is left as it was.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"path {str(target)!r} is a directory; give a file name such as edits.safetensors")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"path {str(target)!r}: directory {str(target.parent)!r} does not exist")
+    target = resolve_target(path)
     with db.lock:
         meta = _meta(db)
         ids = db.ids()
         facts = json.dumps([fact_to_json(db.fact(i), name=f"fact of id {i}") for i in ids], allow_nan=False)
+        # On the CPU these alias the live buffers; no clone is needed because the lock is held while writing.
         tensors = {
+            "ids": torch.tensor(ids, dtype=torch.int64).reshape(len(ids)),
             "keys": db.keys.contiguous().cpu(),
             "values": db.values.contiguous().cpu(),
-            "ids": torch.tensor(ids, dtype=torch.int64).reshape(len(ids)),
             "facts_json": torch.frombuffer(bytearray(facts.encode("utf-8")), dtype=torch.uint8),
         }
-        # The slices alias the live buffers on CPU; a clone is not needed because the lock is held while writing.
-        with atomic_path(target) as tmp:
-            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, allow_nan=False)})
+        meta[CHECKSUM_KEY] = {name: f"{crc32(t):08x}" for name, t in tensors.items()}
+        header = {META_KEY: json.dumps(meta, allow_nan=False)}
+        try:
+            with atomic_path(target) as tmp:
+                _write_safetensors(tmp, tensors, header)
+        except OSError as exc:
+            what = f"cannot save the database to {str(path)!r}"
+            if exc.errno is None:
+                raise OSError(f"{what}: {exc}") from exc
+            raise OSError(exc.errno, f"{what}: {exc.strerror}") from exc
 
 
 class _Invalid(ValueError):
@@ -107,7 +198,7 @@ class _Invalid(ValueError):
 
 def _field(meta: dict, name: str, types: tuple[type, ...], *, optional: bool = False):
     if name not in meta:
-        raise _Invalid(f"its metadata has no {name!r}")
+        raise _Invalid(f"the metadata has no {name!r}")
     value = meta[name]
     if value is None and optional:
         return None
@@ -117,147 +208,240 @@ def _field(meta: dict, name: str, types: tuple[type, ...], *, optional: bool = F
     return value
 
 
+def _open_regular(source: Path) -> int:
+    """A read-only descriptor of ``source``, refused unless it is a regular file. O_NONBLOCK: opening a FIFO would
+    otherwise wait for a writer, forever, and no signal interrupts it."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(source, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path {str(source)!r}: no such file") from None
+    except IsADirectoryError:  # platforms that cannot open a directory
+        raise ValueError(f"cannot load {str(source)!r}: it is a directory, not a database file") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ValueError(
+            f"cannot load {str(source)!r}: it is a {file_kind(mode)}, not a database file written by "
+            "NeuralKVDatabase.save"
+        )
+    return fd
+
+
+def _path_of(fd: int, source: Path) -> str:
+    # safe_open takes a path; this one names the file already opened, so nothing swapped in since is read.
+    for base in ("/proc/self/fd", "/dev/fd"):
+        if os.path.exists(f"{base}/{fd}"):
+            return f"{base}/{fd}"
+    return str(source)
+
+
 def load_database(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> NeuralKVDatabase:
     """Read a database written by :func:`save_database`.
 
-    Raises FileNotFoundError for a missing file and ValueError, naming the file and the problem, for a file
-    that is not a safetensors file, not a neuraldb database, of an unknown format version, or inconsistent
-    (shapes, dtypes, ids, facts, non-finite or non-unit rows).
+    Raises TypeError for a bad ``path`` or ``device``, FileNotFoundError for a missing file and ValueError, naming
+    the file and the problem, for anything that is not a regular file, not a safetensors file, not a neuraldb
+    database, of an unknown format version, corrupted (a checksum that does not match) or inconsistent (shapes,
+    dtypes, ids, facts, non-finite or non-unit rows). Nothing is allocated beyond what the file holds. A file
+    without checksums (written before neuraldb stored them) loads with a UserWarning.
     """
     from safetensors import SafetensorError, safe_open
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    device = check_device(device)
     source = Path(path)
-    if not source.exists():
-        raise FileNotFoundError(f"path {str(source)!r}: no such file")
-    if source.is_dir():
-        raise ValueError(f"path {str(source)!r} is a directory, not a database file written by NeuralKVDatabase.save")
+    fd = _open_regular(source)
     try:
-        with safe_open(str(source), framework="pt") as f:
+        with safe_open(_path_of(fd, source), framework="pt") as f:
             header = f.metadata() or {}
             names = set(f.keys())
             if META_KEY not in header:
                 raise _Invalid(
-                    "it is a safetensors file but not a neuraldb database (no 'neuraldb' metadata; "
+                    "it is a safetensors file but not a neuraldb database (its header has no 'neuraldb' metadata; "
                     f"tensors: {sorted(names)[:5]})"
                 )
             meta = _parse_meta(header[META_KEY])
             missing = [t for t in TENSORS if t not in names]
             if missing:
                 raise _Invalid(f"tensors {missing} are missing")
-            # keys and values are read in row chunks straight into the database's storage (see _build), so a load
-            # needs about the database's own memory rather than the file's size on top of it.
-            tensors = {t: _Rows(f.get_slice(t)) if t in ("keys", "values") else f.get_tensor(t) for t in TENSORS}
-            return _build(meta, tensors, device)
+            # Only the header is read here; keys and values are read in row chunks straight into the database's
+            # storage (see _build), so a load needs about the database's own memory rather than the file's size on
+            # top of it.
+            db = _build(meta, {t: f.get_slice(t) for t in TENSORS}, str(source))
     except ValueError as exc:  # _Invalid and the fact/metadata checks shared with NeuralKVDatabase
         raise ValueError(f"cannot load {str(source)!r}: {exc}") from None
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"cannot load {str(source)!r}: it is not a readable safetensors file ({exc})") from None
+    finally:
+        os.close(fd)
+    return db.to(device)
 
 
 def _parse_meta(text: str) -> dict:
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise _Invalid(f"its 'neuraldb' metadata is not JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _Invalid(f"its 'neuraldb' metadata does not declare format {FORMAT!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        hint = "upgrade neuraldb to read it" if isinstance(version, int) and version > FORMAT_VERSION else ""
-        raise _Invalid(f"format_version {version!r} is not supported (this neuraldb reads {FORMAT_VERSION}) {hint}")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        hint = "; upgrade neuraldb to read it" if isinstance(version, int) and version > FORMAT_VERSION else ""
+        raise _Invalid(f"format_version {version!r:.50} is not supported (this neuraldb reads {FORMAT_VERSION}){hint}")
     return meta
 
 
-def _build(meta: dict, tensors: dict[str, torch.Tensor], device: torch.device | str) -> NeuralKVDatabase:
+_HEX8 = re.compile(r"[0-9a-f]{8}")
+
+
+def _checksums(meta: dict) -> dict[str, int] | None:
+    sums = meta.get(CHECKSUM_KEY)
+    if sums is None:
+        return None
+    if (
+        not isinstance(sums, dict)
+        or set(sums) != set(TENSORS)
+        or not all(isinstance(v, str) and _HEX8.fullmatch(v) for v in sums.values())
+    ):
+        raise _Invalid(f"metadata {CHECKSUM_KEY!r} must map {', '.join(TENSORS)} to 8 hex digits, got {sums!r:.200}")
+    return {name: int(v, 16) for name, v in sums.items()}
+
+
+def _check_sum(name: str, got: int, sums: dict[str, int] | None) -> None:
+    if sums is not None and got != sums[name]:
+        raise _Invalid(
+            f"tensor {name!r} does not match its checksum (crc32 {got:08x}, the metadata says {sums[name]:08x}): "
+            "the file is corrupted"
+        )
+
+
+def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
     key_dim = _field(meta, "key_dim", (int,))
     value_dim = _field(meta, "value_dim", (int,))
     count = _field(meta, "count", (int,))
     next_id = _field(meta, "next_id", (int,))
     dtype_name = _field(meta, "dtype", (str,))
-    dtype = {str(d).removeprefix("torch."): d for d in STORAGE_DTYPES}.get(dtype_name)
+    dtype = {_dtype_name(d): d for d in STORAGE_DTYPES}.get(dtype_name)
     if dtype is None:
-        raise _Invalid(f"metadata dtype {dtype_name!r} is not one of float16/bfloat16/float32")
-    if key_dim <= 0 or value_dim <= 0 or count < 0:
-        raise _Invalid(f"metadata key_dim={key_dim}, value_dim={value_dim}, count={count} are not valid sizes")
+        raise _Invalid(f"metadata 'dtype' must be float16/bfloat16/float32, got {dtype_name!r:.50}")
+    for name, value in (("key_dim", key_dim), ("value_dim", value_dim)):
+        try:
+            _check_dim(name, value)
+        except ValueError as exc:
+            raise _Invalid(f"metadata {exc}") from None
+    if count < 0:
+        raise _Invalid(f"metadata 'count' must be >= 0, got {count}")
+    if not 0 <= next_id <= _INT64_MAX:
+        raise _Invalid(f"metadata 'next_id' must lie in [0, 2**63 - 1] (ids are int64), got {next_id}")
+    layer = _field(meta, "layer", (int,), optional=True)
+    if layer is not None and layer < 0:
+        raise _Invalid(f"metadata 'layer' must be a non-negative int or null, got {layer}")
+    gamma = _field(meta, "gamma", (int, float), optional=True)
+    if gamma is not None:
+        try:
+            gamma = check_gamma(gamma)
+        except (TypeError, ValueError) as exc:
+            raise _Invalid(f"metadata {exc}") from None
+        except OverflowError:  # an int beyond float's range
+            raise _Invalid(f"metadata gamma must be a finite float in [-1, 1], got {gamma!r:.50}") from None
+    text = {name: _field(meta, name, (str,), optional=True) for name in ("template", "model_id", "module_path")}
+    config = _field(meta, "config", (dict,))
+    sums = _checksums(meta)
 
-    keys, values, ids, facts_raw = (tensors[t] for t in TENSORS)
-    for name, t, shape in (("keys", keys, (count, key_dim)), ("values", values, (count, value_dim))):
-        if tuple(t.shape) != shape:
-            raise _Invalid(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from the metadata")
-        if t.dtype != dtype:
-            raise _Invalid(f"tensor {name!r} has dtype {t.dtype}, expected {dtype_name} from the metadata")
-    if ids.dtype != torch.int64 or tuple(ids.shape) != (count,):
-        raise _Invalid(f"tensor 'ids' must be int64 of shape ({count},), got {ids.dtype} {tuple(ids.shape)}")
+    # The header's shapes and dtypes, checked before a byte of data is read or allocated: a tensor's shape is
+    # bounded by the file's size (safetensors checks that), and the metadata must agree with it.
+    header = {}
+    for name, sl in slices.items():
+        raw = sl.get_dtype()
+        header[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(raw, raw))
+    for name, want_shape, want_dtype in (
+        ("ids", (count,), torch.int64),
+        ("keys", (count, key_dim), dtype),
+        ("values", (count, value_dim), dtype),
+    ):
+        shape, got = header[name]
+        if shape != want_shape:
+            raise _Invalid(f"tensor {name!r} has shape {shape}, expected {want_shape} from the metadata")
+        if got != want_dtype:
+            raise _Invalid(
+                f"tensor {name!r} has dtype {_name(got)}, expected {_dtype_name(want_dtype)} from the metadata"
+            )
+    shape, got = header["facts_json"]
+    if got != torch.uint8 or len(shape) != 1:
+        raise _Invalid(f"tensor 'facts_json' must be a 1-D uint8 tensor of UTF-8 JSON, got {_name(got)} {shape}")
+
+    ids = slices["ids"][:]
+    _check_sum("ids", crc32(ids), sums)
     id_list = ids.tolist()
     if len(set(id_list)) != count:
         raise _Invalid("tensor 'ids' repeats ids")
     if count and (min(id_list) < 0 or max(id_list) >= next_id):
         raise _Invalid(f"tensor 'ids' must lie in [0, next_id={next_id}), got [{min(id_list)}, {max(id_list)}]")
-    if facts_raw.dtype != torch.uint8 or facts_raw.dim() != 1:
-        raise _Invalid("tensor 'facts_json' must be a 1-D uint8 tensor of UTF-8 JSON")
+    facts_raw = slices["facts_json"][:]
+    _check_sum("facts_json", crc32(facts_raw), sums)
     try:
         facts = json.loads(bytes(facts_raw.numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _Invalid(f"tensor 'facts_json' is not UTF-8 JSON ({exc})") from None
     if not isinstance(facts, list) or len(facts) != count:
-        got = len(facts) if isinstance(facts, list) else type(facts).__name__
-        raise _Invalid(f"tensor 'facts_json' must be a JSON list of {count} entries, got {got}")
+        got_len = len(facts) if isinstance(facts, list) else type(facts).__name__
+        raise _Invalid(f"tensor 'facts_json' must be a JSON list of {count} entries, got {got_len}")
     fact_objs = [fact_from_json(e, name=f"facts_json[{i}]") for i, e in enumerate(facts)]
+    if sums is None:
+        warnings.warn(
+            f"{source!r} has no checksums (it was written before neuraldb stored them), so corruption in it cannot "
+            "be detected; save it again to add them",
+            UserWarning,
+            stacklevel=4,
+        )
 
-    db = NeuralKVDatabase(key_dim, value_dim, dtype=dtype, device="cpu")
-    try:
-        db.layer = _field(meta, "layer", (int,), optional=True)
-        gamma = _field(meta, "gamma", (int, float), optional=True)
-        db.gamma = None if gamma is None else check_gamma(gamma)
-    except (TypeError, ValueError) as exc:
-        raise _Invalid(f"metadata {exc}") from None
-    db.template = _field(meta, "template", (str,), optional=True)
-    db.model_id = _field(meta, "model_id", (str,), optional=True)
-    db.module_path = _field(meta, "module_path", (str,), optional=True)
-    db.config = _field(meta, "config", (dict,))
+    # Exactly the file's rows: a database with no rows allocates nothing, whatever key_dim the metadata claims.
+    db = NeuralKVDatabase(key_dim, value_dim, dtype=dtype, device="cpu", capacity=count)
+    db.layer, db.gamma, db.config = layer, gamma, config
+    db.template, db.model_id, db.module_path = text["template"], text["model_id"], text["module_path"]
     # Rows are checked and copied chunk by chunk into the reserved storage: peak memory is the database plus one
     # chunk (an fp32 copy of all keys for the norm check would be twice the keys' size).
-    db._reserve(count)
+    running = {"keys": 0, "values": 0}
     for start in range(0, count, _LOAD_CHUNK_ROWS):
         stop = min(count, start + _LOAD_CHUNK_ROWS)
-        k, v = _chunk(keys, start, stop), _chunk(values, start, stop)
-        for name, t in (("keys", k), ("values", v)):
-            bad = ~torch.isfinite(t).all(dim=1)
-            if bad.any():
-                raise _Invalid(f"tensor {name!r} has non-finite rows {(bad.nonzero().flatten()[:5] + start).tolist()}")
-        off = ((k.float().norm(dim=1) - 1).abs() > _UNIT_TOLERANCE).nonzero().flatten()
-        if off.numel():
-            raise _Invalid(f"tensor 'keys' rows {(off[:5] + start).tolist()} are not unit-norm")
+        k, v = slices["keys"][start:stop], slices["values"][start:stop]
+        running["keys"], running["values"] = crc32(k, running["keys"]), crc32(v, running["values"])
+        try:
+            _check_rows(k, v, start)
+        except _Invalid:
+            # A corrupted file is reported as such, not by whichever row check the damage happened to trip.
+            for name in ("keys", "values"):
+                _check_sum(name, _crc_rows(slices[name], count), sums)
+            raise
         db._keys[start:stop].copy_(k)
         db._values[start:stop].copy_(v)
+    for name in ("keys", "values"):
+        _check_sum(name, running[name], sums)
     # The rows are in place already: _restore's copy of a view onto itself is a no-op.
     db._restore(db._keys[:count], db._values[:count], id_list, fact_objs, next_id)
-    return db.to(device)
+    return db
 
 
-_LOAD_CHUNK_ROWS = 4096
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+def _name(dtype: torch.dtype | str) -> str:
+    return _dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
 
 
-class _Rows:
-    """A 2-D tensor of the file, read lazily: ``shape`` and ``dtype`` from the header, rows on demand."""
-
-    def __init__(self, sl) -> None:
-        self._slice = sl
-        self.shape = tuple(sl.get_shape())
-        raw = sl.get_dtype()
-        self.dtype = _SAFETENSORS_DTYPES.get(raw, raw)
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._slice[start:stop]
+def _check_rows(k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    for name, t in (("keys", k), ("values", v)):
+        bad = ~torch.isfinite(t).all(dim=1)
+        if bad.any():
+            raise _Invalid(f"tensor {name!r} has non-finite rows {(bad.nonzero().flatten()[:5] + start).tolist()}")
+    off = ((k.float().norm(dim=1) - 1).abs() > _UNIT_TOLERANCE).nonzero().flatten()
+    if off.numel():
+        raise _Invalid(f"tensor 'keys' rows {(off[:5] + start).tolist()} are not unit-norm")
 
 
-def _chunk(t, start: int, stop: int) -> torch.Tensor:
-    return t.rows(start, stop) if isinstance(t, _Rows) else t[start:stop]
+def _crc_rows(sl, count: int) -> int:
+    value = 0
+    for start in range(0, count, _LOAD_CHUNK_ROWS):
+        value = crc32(sl[start : min(count, start + _LOAD_CHUNK_ROWS)], value)
+    return value
 
 
-__all__ = ["save_database", "load_database", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["CHECKSUM_KEY", "FORMAT", "FORMAT_VERSION", "crc32", "load_database", "save_database"]
