@@ -160,6 +160,33 @@ def test_model_to_dtype_after_patching():
     assert diff[p] > 0 and torch.count_nonzero(diff) == 1
 
 
+def test_residuals_beyond_the_model_dtype_are_refused_at_patch_time():
+    model, _, module, _, keys, _, db = _setup(dtype=torch.float16)
+    wide = neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim, dtype=torch.float32)
+    wide.add(keys[:3], torch.ones(3, db.value_dim) * torch.tensor([[1.0], [-1e5], [7e4]]))
+    with pytest.raises(ValueError, match=r"up to 100000 in magnitude \(ids \[1, 2\]\).*float16's largest value 65504"):
+        neuraldb.patch_model(model, wide, layer=PATCH_LAYER)
+    assert neuraldb.patch_info(model) is None and not module._forward_hooks
+    wide.update([1, 2], residuals=torch.full((2, db.value_dim), 6e4))
+    neuraldb.patch_model(model, wide, layer=PATCH_LAYER)  # 6e4 is a float16
+
+
+def test_a_model_moved_to_a_narrower_dtype_checks_the_residuals_again():
+    model, ids, _, _, keys, _, db = _setup()
+    wide = neuraldb.NeuralKVDatabase(db.key_dim, db.value_dim, dtype=torch.float32)
+    wide.add(keys[:1], torch.full((1, db.value_dim), 1e5))
+    neuraldb.patch_model(model, wide, layer=PATCH_LAYER)
+    model(ids)
+    model.to(torch.bfloat16)
+    model(ids)  # bfloat16 holds 1e5
+    model.to(torch.float16)
+    for _ in range(2):  # refused on every forward until fixed, on the eager plan's path as on the first
+        with pytest.raises(ValueError, match=r"up to 100000 .*float16"):
+            model(ids)
+    wide.update(wide.ids(), residuals=torch.ones(1, db.value_dim))
+    assert torch.isfinite(model(ids).logits).all()
+
+
 def test_model_on_meta_runs_shape_only():
     model, ids, module, base, keys, out, db = _setup()
     db.add(keys[3], _residual(out))

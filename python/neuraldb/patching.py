@@ -70,7 +70,13 @@ class Patch:
     """
 
     def __init__(
-        self, db: NeuralKVDatabase, module_path: str, layer: int | None, gamma: float, backend: str | None
+        self,
+        db: NeuralKVDatabase,
+        module_path: str,
+        layer: int | None,
+        gamma: float,
+        backend: str | None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.db = db
         self.module_path = module_path
@@ -82,6 +88,8 @@ class Patch:
         self._resolved: dict[tuple[torch.device, bool], str] = {}
         # (database state token, fn) of the eager CPU path; see _retrieve
         self._fast: tuple[tuple, Callable[[torch.Tensor], torch.Tensor | None]] | None = None
+        # The activation dtype the database's residuals were checked against, one of _QUERY_DTYPES (see _retrieve).
+        self._dtype = dtype if dtype in _QUERY_DTYPES else None
         self._register()
 
     def _register(self) -> None:
@@ -110,14 +118,15 @@ class Patch:
         db = self.db
         with db.lock:
             fast = self._fast
-            if (
-                eager
-                and fast is not None
-                and fast[0] is db._views
-                and queries.is_cpu
-                and queries.dtype in _QUERY_DTYPES
-            ):
+            # The dtype test stands for `in _QUERY_DTYPES` (self._dtype is one of them once the slow path below has
+            # seen it), so a model moved to another dtype takes the slow path once, with no cost on this one.
+            if eager and fast is not None and fast[0] is db._views and queries.is_cpu and queries.dtype is self._dtype:
                 return fast[1](queries)
+            if queries.dtype is not self._dtype:
+                if isinstance(db, NeuralKVDatabase):
+                    db._check_values_fit(queries.dtype)  # the model changed dtype since patch_model checked
+                if queries.dtype in _QUERY_DTYPES:
+                    self._dtype = queries.dtype
             device = queries.device
             if db.device != device:
                 db.to(device)
@@ -254,8 +263,11 @@ def patch_model(
 
     Raises:
         TypeError / ValueError naming the argument: wrong types, unknown architecture without ``module``,
-        layer out of range, database dims that do not match the module, bad gamma or backend. On error the
-        model (and any previous patch) is left unchanged.
+        layer out of range, database dims that do not match the module, bad gamma or backend, residuals beyond
+        the range of the module's dtype (an fp32 or bf16 database in an fp16 model; they would make the logits
+        inf). On error the model (and any previous patch) is left unchanged. A forward after the model moved to a
+        narrower dtype raises the same ValueError; facts added after patching are checked against the storage
+        dtype only.
 
     Example::
 
@@ -285,6 +297,9 @@ def patch_model(
         gamma = db.gamma if db.gamma is not None else arch.default_gamma(model)
     gamma = check_gamma(gamma)
     _warn_if_inconsistent(db, path, layer)
+    weight = next((p for p in target.parameters() if p.is_floating_point()), None)
+    if weight is not None and isinstance(db, NeuralKVDatabase):
+        db._check_values_fit(weight.dtype)
 
     device = _device_of(target)
     if device is not None and device.type != "meta":
@@ -304,7 +319,7 @@ def patch_model(
 
     if patch_info(model) is not None:
         unpatch_model(model)
-    _install(model, target, Patch(db, path, layer, gamma, backend))
+    _install(model, target, Patch(db, path, layer, gamma, backend, None if weight is None else weight.dtype))
     return model
 
 
