@@ -93,12 +93,13 @@ def test_failed_update_leaves_the_sketch_alone():
 def test_shard_appends_and_ordered_deletes_keep_the_sketch():
     shard = _Shard(D1, D2)
     k = torch.nn.functional.normalize(_keys(30, 6), dim=1).half()
-    shard._append(list(range(0, 30, 2)), k[:15], torch.randn(15, D2).half(), [None] * 15)
-    shard._delete_ordered([0, 10])
+    shard._append(list(range(0, 30, 2)), shard._prepare_append(k[:15], torch.randn(15, D2).half()), [None] * 15)
+    shard._apply_delete(shard._plan_delete([0, 10]))
     assert shard.sketch is None
     _built(shard)
-    shard._append(list(range(30, 60, 2)), k[15:], torch.randn(15, D2).half(), [None] * 15)  # grows 16 -> 32 rows
-    shard._delete_ordered([2, 36, 58])
+    rows = shard._prepare_append(k[15:], torch.randn(15, D2).half())  # grows 16 -> 32 rows, sketch included
+    shard._append(list(range(30, 60, 2)), rows, [None] * 15)
+    shard._apply_delete(shard._plan_delete([2, 36, 58]))
     assert_in_step(shard)
 
 
