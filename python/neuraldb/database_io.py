@@ -51,8 +51,8 @@ import torch
 from neuraldb.atomic import atomic_path, file_kind, resolve_target
 from neuraldb.database import NeuralKVDatabase, check_gamma
 from neuraldb.database_inputs import (
+    MAX_DIM,
     STORAGE_DTYPES,
-    _check_dim,
     _dtype_name,
     check_device,
     fact_from_json,
@@ -286,9 +286,13 @@ def _parse_meta(text: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _Invalid(f"its 'neuraldb' metadata does not declare format {FORMAT!r}")
     version = meta.get("format_version")
-    if isinstance(version, bool) or version != FORMAT_VERSION:
-        hint = "; upgrade neuraldb to read it" if isinstance(version, int) and version > FORMAT_VERSION else ""
-        raise _Invalid(f"format_version {version!r:.50} is not supported (this neuraldb reads {FORMAT_VERSION}){hint}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _Invalid(f"metadata 'format_version' must be an int, got {version!r:.50}")
+    if version != FORMAT_VERSION:
+        hint = "; upgrade neuraldb to read it" if version > FORMAT_VERSION else ""
+        raise _Invalid(
+            f"format_version {version} is not supported (this neuraldb reads version {FORMAT_VERSION}){hint}"
+        )
     return meta
 
 
@@ -326,10 +330,8 @@ def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
     if dtype is None:
         raise _Invalid(f"metadata 'dtype' must be float16/bfloat16/float32, got {dtype_name!r:.50}")
     for name, value in (("key_dim", key_dim), ("value_dim", value_dim)):
-        try:
-            _check_dim(name, value)
-        except ValueError as exc:
-            raise _Invalid(f"metadata {exc}") from None
+        if not 0 < value <= MAX_DIM:
+            raise _Invalid(f"metadata {name!r} must lie in [1, 2**31 - 1], got {value}")
     if count < 0:
         raise _Invalid(f"metadata 'count' must be >= 0, got {count}")
     if not 0 <= next_id <= _INT64_MAX:
@@ -341,10 +343,8 @@ def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
     if gamma is not None:
         try:
             gamma = check_gamma(gamma)
-        except (TypeError, ValueError) as exc:
-            raise _Invalid(f"metadata {exc}") from None
-        except OverflowError:  # an int beyond float's range
-            raise _Invalid(f"metadata gamma must be a finite float in [-1, 1], got {gamma!r:.50}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range
+            raise _Invalid(f"metadata 'gamma' must be a finite number in [-1, 1] or null, got {gamma!r:.50}") from None
     text = {name: _field(meta, name, (str,), optional=True) for name in ("template", "model_id", "module_path")}
     config = _field(meta, "config", (dict,))
     sums = _checksums(meta)
@@ -369,21 +369,25 @@ def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
             )
     shape, got = header["facts_json"]
     if got != torch.uint8 or len(shape) != 1:
-        raise _Invalid(f"tensor 'facts_json' must be a 1-D uint8 tensor of UTF-8 JSON, got {_name(got)} {shape}")
+        raise _Invalid(f"tensor 'facts_json' must be 1-D uint8 (UTF-8 JSON), got {_name(got)} of shape {shape}")
 
     ids = slices["ids"][:]
     _check_sum("ids", crc32(ids), sums)
     id_list = ids.tolist()
     if len(set(id_list)) != count:
-        raise _Invalid("tensor 'ids' repeats ids")
+        seen: set[int] = set()
+        twice = next(i for i in id_list if i in seen or seen.add(i))
+        raise _Invalid(f"tensor 'ids' holds id {twice} twice")
     if count and (min(id_list) < 0 or max(id_list) >= next_id):
         raise _Invalid(f"tensor 'ids' must lie in [0, next_id={next_id}), got [{min(id_list)}, {max(id_list)}]")
     facts_raw = slices["facts_json"][:]
     _check_sum("facts_json", crc32(facts_raw), sums)
     try:
         facts = json.loads(bytes(facts_raw.numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _Invalid(f"tensor 'facts_json' is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise _Invalid("tensor 'facts_json' nests lists or objects too deeply to parse") from None
     if not isinstance(facts, list) or len(facts) != count:
         got_len = len(facts) if isinstance(facts, list) else type(facts).__name__
         raise _Invalid(f"tensor 'facts_json' must be a JSON list of {count} entries, got {got_len}")
