@@ -6,7 +6,6 @@ import errno
 import itertools
 import json
 import os
-import zlib
 import select
 import signal
 import stat
@@ -14,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
