@@ -268,7 +268,10 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         return self._rows[self._known(id)]
 
     def get(self, id: int) -> tuple[torch.Tensor, torch.Tensor, FactLike]:
-        """``(key, residual, fact)`` of ``id``: copies of its stored rows and its fact metadata."""
+        """``(key, residual, fact)`` of ``id``: copies of its stored rows and its fact metadata.
+
+        Ids here and in :meth:`row`, :meth:`fact` and ``in`` are ints or 0-d integer tensors; anything else (a float,
+        a bool) is a TypeError, an unknown id a KeyError."""
         with self._lock:
             i = self._known(id)
             r = self._rows[i]
@@ -314,7 +317,9 @@ class NeuralKVDatabase(PrefilteredRetrieval):
             keys: ``(m, key_dim)`` or ``(key_dim,)``, any floating dtype, on any (non-meta) device; each row is
                 normalised to unit length in fp32 before it is stored.
             residuals: ``(m, value_dim)`` or ``(value_dim,)``, finite and representable in the storage dtype.
-            facts: None or one ``Fact``/``dict``/``None`` per row (dicts must be JSON-serialisable).
+            facts: None or one ``Fact``/``dict``/``None`` per row; dicts hold only what a save and load give back
+                unchanged (str keys; str, int, float, bool, None, lists and dicts of them; no NaN), see
+                :func:`neuraldb.database_inputs.fact_to_json`.
 
         Nothing changes when any argument is invalid.
         """
