@@ -1,7 +1,9 @@
-"""Builds neuraldb_kernels._C: the C++ CPU kernel always, the CUDA kernel when torch has CUDA and nvcc is found.
+"""Builds neuraldb_kernels._C: the C++ CPU kernel always, the CUDA kernel when torch has CUDA and nvcc is found; and
+neuraldb_kernels._probe, the benchmarks' read-bandwidth probe (csrc/bench/), kept out of the production extension.
 
 Switches (environment):
   NEURALDB_SKIP_CUDA_BUILD=1   build the CPU kernel only
+  NEURALDB_SKIP_PROBE_BUILD=1  leave out the benchmark probe (neuraldb_kernels.probe then reports it missing)
   NEURALDB_CUDA_ARCHS="90;100" compute capabilities for the CUDA kernel (default: 80;90)
   MAX_JOBS=N                   parallel compile jobs (read by torch.utils.cpp_extension)
 """
@@ -52,9 +54,12 @@ def _gencode(archs: str) -> list[str]:
     return flags
 
 
+# torch >= 2.10 headers need C++20.
+_CXX = ["-O3", "-fopenmp", "-std=c++20"]
+
+
 def _extension():
-    # torch >= 2.10 headers need C++20.
-    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    cxx = _CXX
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     include_dirs = [str(ROOT / "csrc")]
     if _want_cuda():
@@ -78,4 +83,18 @@ def _extension():
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
+def _probe_extension():
+    return CppExtension(
+        "neuraldb_kernels._probe",
+        _rel("csrc/bench/*.cpp"),
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": _CXX},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+_EXTENSIONS = [_extension()]
+if os.environ.get("NEURALDB_SKIP_PROBE_BUILD", "0") != "1":
+    _EXTENSIONS.append(_probe_extension())
+
+setup(ext_modules=_EXTENSIONS, cmdclass={"build_ext": BuildExtension})

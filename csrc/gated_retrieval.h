@@ -36,11 +36,26 @@ int64_t sketch_row_bytes(int64_t d1);
 // (as neuraldb_kernels.prefilter.sign_row_bytes).
 int64_t sign_row_bytes(int64_t d1);
 // Names of the CPU kernels this machine can run, best first (e.g. {"amx", "avx512", "avx2", "scalar"}); the
-// environment variable NEURALDB_CPU_ISA picks one of them (see csrc/cpu/gated_retrieval_cpu.cpp).
+// option CpuOptions::isa picks one of them.
 std::vector<std::string> cpu_isas();
-// Reads every byte of a contiguous CPU tensor with the kernels' threading: the read-bandwidth probe of the op
-// benchmarks. Returns the XOR of its 64-bit words, XOR its trailing (nbytes % 8) bytes, masked to 63 bits.
-int64_t read_probe(const at::Tensor& t);
+
+// The CPU kernels' knobs. Python sets them from neuraldb_kernels.config (which reads the NEURALDB_CPU_* environment
+// once); C++ users call set_cpu_options. The kernels read them on every call without touching the environment.
+struct CpuOptions {
+  // auto|scalar|avx2|avx512|amx: "amx" forces the bf16 pre-filter for any T; "avx512" leaves out VNNI, which "auto"
+  // takes where the CPU has it. An unknown or unsupported name is reported by the next kernel call.
+  std::string isa = "auto";
+  int64_t chunk = 0;              // keys per work chunk (threads take chunks in turn); <= 0: sized from the rows
+  double parallel_min_us = 300;   // estimated single-thread time below which no thread team starts (0: always)
+  int64_t amx_min_t = 12;         // smallest T for which "auto" takes the AMX pre-filter
+  int64_t amx_cap = 512;          // candidates per query and thread before that query's exact rescan
+  int64_t amx_tight = -1;         // measure each key's bf16 rounding error: 1 yes, 0 no, -1 where d1 > 2048
+  int64_t amx_blocks = 1;         // blocks of 32 keys sharing a segment of the packed queries (1..4)
+  bool debug = false;             // print the pre-filters' statistics to stderr
+};
+// Replaces the options of every later call (calls already running keep the ones they started with).
+void set_cpu_options(const CpuOptions& options);
+CpuOptions cpu_options();
 
 #ifdef NEURALDB_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieval_cuda(const at::Tensor& queries, const at::Tensor& keys,

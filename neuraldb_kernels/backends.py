@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from neuraldb_kernels import extension
+from neuraldb_kernels import config, extension
 from neuraldb_kernels.reference import gated_retrieval_torch
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-ENV_VAR = "NEURALDB_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,8 @@ def _triton_interpreting() -> bool:
 
 # Looked up once: resolve() runs inside torch.compile'd code, and dynamo cannot trace importlib.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Likewise the extension is loaded now, not by the first availability check, which may be inside a compiled function.
+extension.load()
 
 
 def _triton_reason(device_type: str) -> str | None:
@@ -128,7 +129,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve(backend: str | None, device: torch.device, rows: int | None = None) -> str:
-    """The concrete backend name for ``backend`` (None/"auto" honours ``$NEURALDB_BACKEND``) on ``device``, for a
+    """The concrete backend name for ``backend`` (None/"auto": the configured one, :attr:`KernelConfig.backend
+    <neuraldb_kernels.config.KernelConfig.backend>`, from ``$NEURALDB_BACKEND``) on ``device``, for a
     call with ``rows`` query rows (None: any number). "auto" on CUDA picks Triton, except for a single row, which
     goes to the CUDA kernel where it is built (as fast on the device, far cheaper to launch).
 
@@ -139,7 +141,7 @@ def resolve(backend: str | None, device: torch.device, rows: int | None = None) 
         >>> resolve(None, torch.device("cpu"), rows=1)
         'cpu'
     """
-    name = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or "auto"
+    name = backend if backend not in (None, "auto") else config.current().backend
     device_type = device.type
     if name == "auto":
         order = _AUTO_ORDER_ONE_ROW.get(device_type) if rows == 1 else None
@@ -148,8 +150,7 @@ def resolve(backend: str | None, device: torch.device, rows: int | None = None) 
                 return candidate
         return "torch"
     if name not in BACKENDS:
-        source = f"${ENV_VAR}" if backend in (None, "auto") else "backend"
-        raise ValueError(f"{source} must be one of None, 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+        raise ValueError(f"backend must be one of None, 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
     reason = BACKENDS[name].unavailable_reason(device_type)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is unavailable: {reason}")

@@ -34,7 +34,16 @@ def load() -> ModuleType | None:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        if _module is not None:
+            _configure(_module)
     return _module
+
+
+def _configure(module: ModuleType) -> None:
+    # The C++ kernels read their options from the extension, set here once per configuration (never per call).
+    from neuraldb_kernels import config
+
+    config.on_change(lambda cfg: module.set_cpu_options(**cfg.cpu_options()))
 
 
 def missing_reason() -> str | None:

@@ -1,7 +1,15 @@
-"""``torch.ops.neuraldb.gated_retrieval``: declared once, with a fake implementation for tracing.
+"""``torch.ops.neuraldb.gated_retrieval`` and ``torch.ops.neuraldb.gated_retrieval_prefiltered``: declared once.
 
-The op itself takes 2-D queries and the name of an already resolved backend; :func:`gated_retrieval` is the
-public entry point that validates, flattens leading dims and picks the backend.
+As bitsandbytes declares its ops: each schema once with :mod:`torch.library`, a fake kernel that makes it traceable,
+and kernels registered per device. The schemas carry no backend: on "cpu" the C++ kernel serves (the reference where
+the extension is missing), on "cuda" Triton or the CUDA kernel, and on every other device the op's default, the
+PyTorch backend. A backend forced for tests or benchmarks comes from :mod:`neuraldb_kernels.config`
+(``override(backend=...)``), which the registered kernels read when they run.
+
+Eager calls (outside every tracer, no input requiring grad) skip the dispatcher and run the kernel itself: the
+dispatch costs 10-20 us a call on a CPU, more than a decode-size kernel. :func:`gated_retrieval` and
+:func:`gated_retrieval_prefiltered` are the public entry points that validate, flatten leading dims and pick the
+backend; :mod:`neuraldb_kernels.plan` binds a database's tensors for its patched forward.
 """
 
 from __future__ import annotations
@@ -12,18 +20,15 @@ import torch
 
 from neuraldb_kernels import backends, extension
 from neuraldb_kernels.prefilter import check_signs, check_sketch, gated_retrieval_prefiltered_reference
+from neuraldb_kernels.reference import gated_retrieval_torch
 from neuraldb_kernels.validation import check_inputs
 
-
-@torch.library.custom_op("neuraldb::gated_retrieval", mutates_args=())
-def _gated_retrieval_op(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.kernel(backend)(queries, keys, values, gamma)
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Device types with kernels of their own; the ops' defaults serve the rest.
+DEVICE_TYPES = ("cpu", "cuda")
 
 
-@_gated_retrieval_op.register_fake
-def _(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float, backend: str):
+def _empty_outputs(queries: torch.Tensor, values: torch.Tensor) -> Outputs:
     t = queries.shape[0]
     return (
         queries.new_empty((t, values.shape[1])),
@@ -32,6 +37,67 @@ def _(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: fl
     )
 
 
+# ---- neuraldb::gated_retrieval ----------------------------------------------------------------------------------
+@torch.library.custom_op("neuraldb::gated_retrieval", mutates_args=())
+def _gated_retrieval_op(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float) -> Outputs:
+    # The default kernel, for devices without one of their own (the fp32 PyTorch backend there).
+    return gated_retrieval_torch(queries, keys, values, gamma)
+
+
+def _device_kernel(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float) -> Outputs:
+    # Picked when the op runs, not when it was traced: by the device, the row count ("auto" sends single rows on
+    # CUDA to the CUDA kernel) and the configured backend.
+    name = backends.resolve(None, queries.device, queries.shape[0])
+    return backends.kernel(name)(queries, keys, values, gamma)
+
+
+_gated_retrieval_op.register_fake(lambda queries, keys, values, gamma: _empty_outputs(queries, values))
+for _device in DEVICE_TYPES:
+    _gated_retrieval_op.register_kernel(_device)(_device_kernel)
+
+
+# ---- neuraldb::gated_retrieval_prefiltered ------------------------------------------------------------------------
+def _prefiltered_kernel(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    sketch: torch.Tensor,
+    signs: torch.Tensor | None,
+    backend: str,
+) -> Outputs:
+    # "cpu" runs the C++ kernel; every other backend the PyTorch reference of the pre-filter on the queries' device.
+    if backend == "cpu":
+        ext = extension.load()
+        assert ext is not None
+        return ext.gated_retrieval_prefiltered_cpu(queries, keys, values, gamma, sketch, signs)
+    return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch, signs)
+
+
+@torch.library.custom_op("neuraldb::gated_retrieval_prefiltered", mutates_args=())
+def _gated_retrieval_prefiltered_op(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    sketch: torch.Tensor,
+    signs: torch.Tensor | None,
+) -> Outputs:
+    return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch, signs)
+
+
+@_gated_retrieval_prefiltered_op.register_kernel("cpu")
+def _(queries, keys, values, gamma, sketch, signs):
+    name = backends.resolve(None, queries.device, queries.shape[0])
+    return _prefiltered_kernel(queries, keys, values, gamma, sketch, signs, name)
+
+
+_gated_retrieval_prefiltered_op.register_fake(
+    lambda queries, keys, values, gamma, sketch, signs: _empty_outputs(queries, values)
+)
+
+
+# ---- the eager bypass -------------------------------------------------------------------------------------------
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -44,6 +110,11 @@ def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     than a decode-size kernel itself, and on a GPU that host time is what a launch-bound decode step adds. A plain
     loop and module-level names: inside a model's forward this runs with cold caches, where a generator expression
     and attribute lookups cost tens of microseconds.
+
+    Example::
+
+        >>> runs_eagerly(torch.zeros(2)), runs_eagerly(torch.zeros(2, device="meta"))
+        (True, False)
     """
     if torch.compiler.is_compiling() or _dispatch_modes():
         return False
@@ -60,7 +131,7 @@ def _direct(*tensors: torch.Tensor | None) -> bool:
     return runs_eagerly(*tensors)
 
 
-def _unflatten(lead: torch.Size, out: torch.Tensor, idx: torch.Tensor, score: torch.Tensor):
+def _unflatten(lead: torch.Size, out: torch.Tensor, idx: torch.Tensor, score: torch.Tensor) -> Outputs:
     # Skipped for 2-D queries: a reshape costs a few microseconds, ~the kernel's host time at decode sizes.
     if len(lead) == 1:
         return out, idx, score
@@ -72,6 +143,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
 
 
+def _check_traced_backend(backend: str, queries: torch.Tensor) -> None:
+    # A traced op chooses its kernel when it runs, from the device and the configuration: a per-call name cannot
+    # travel with it, so a name the op would not choose is refused rather than silently replaced.
+    if backend != backends.resolve(None, queries.device, queries.shape[0]):
+        raise ValueError(
+            f"backend={backend!r} cannot be picked per call under torch.compile, make_fx, torch.func or fake "
+            "tensors: the traced op picks its kernel by device when it runs. Wrap the calls in "
+            f"neuraldb_kernels.config.override(backend={backend!r}) instead"
+        )
+
+
+# ---- public entry points ----------------------------------------------------------------------------------------
 def gated_retrieval(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -79,7 +162,7 @@ def gated_retrieval(
     gamma: float,
     *,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Outputs:
     """Gated nearest-key lookup: the residual of the best-matching key where its cosine exceeds ``gamma``.
 
     Args:
@@ -89,8 +172,9 @@ def gated_retrieval(
         values: ``(m, d2)`` fp16/bf16/fp32 residual rows.
         gamma: gate threshold in [-1, 1]; a row retrieves only where ``score > gamma`` (strictly).
         backend: None or "auto" (best for the device and the number of query rows, see
-            :func:`neuraldb_kernels.backends.resolve`; overridden by ``$NEURALDB_BACKEND``), "torch"
-            (plain PyTorch in fp32), "cpu" (C++), "triton" or "cuda".
+            :func:`neuraldb_kernels.backends.resolve`; the configured backend, ``$NEURALDB_BACKEND``, when set),
+            "torch" (the PyTorch backend), "cpu" (C++), "triton" or "cuda". Under a tracer only the backend the
+            device would pick is accepted; force another with :func:`neuraldb_kernels.config.override`.
 
     Returns:
         ``out (..., d2)`` in the queries' dtype (``values[idx]`` where the gate opens, else zeros),
@@ -133,7 +217,7 @@ def gated_retrieval_unchecked(
     backend: str,
     sketch: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Outputs:
     """:func:`gated_retrieval` (:func:`gated_retrieval_prefiltered` when ``sketch`` is given) without the argument
     checks, for callers that own consistent tensors (:class:`neuraldb.NeuralKVDatabase`): 2-D ``queries``,
     ``keys``/``values`` (and the sketches) with unit-stride rows, a float ``gamma`` in [-1, 1] and a backend name from
@@ -147,13 +231,14 @@ def gated_retrieval_unchecked(
         [0, 1]
     """
     q = _rows(queries)
-    if sketch is None:
-        if _direct(q, keys, values):
-            return backends.kernel(backend)(q, keys, values, gamma)
-        return torch.ops.neuraldb.gated_retrieval(q, keys, values, gamma, backend)
     if _direct(q, keys, values):
+        if sketch is None:
+            return backends.kernel(backend)(q, keys, values, gamma)
         return _prefiltered_kernel(q, keys, values, gamma, sketch, signs, backend)
-    return torch.ops.neuraldb.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs, backend)
+    _check_traced_backend(backend, q)
+    if sketch is None:
+        return torch.ops.neuraldb.gated_retrieval(q, keys, values, gamma)
+    return torch.ops.neuraldb.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs)
 
 
 def bind_cpu_residuals(
@@ -164,7 +249,8 @@ def bind_cpu_residuals(
     signs: torch.Tensor | None = None,
     sketch_max_rows: int = 0,
 ) -> Callable[[torch.Tensor], torch.Tensor | None]:
-    """The C++ CPU kernel with all but the queries bound, for a patched eager forward.
+    """The C++ CPU kernel with all but the queries bound, for a patched eager forward (the function inside a
+    :class:`neuraldb_kernels.plan.RetrievalPlan`; :func:`neuraldb_kernels.plan.plan_retrieval` decides its arguments).
 
     ``fn(queries)`` takes queries ``(..., d1)`` (fp32/fp16/bf16 on the CPU, not requiring grad, outside every tracer:
     check :func:`runs_eagerly`) and returns the gated residuals ``(..., d2)`` in their dtype, or None when no row's
@@ -187,46 +273,6 @@ def bind_cpu_residuals(
     return lambda queries: f(queries, keys, values, gamma, sketch, signs, sketch_max_rows)
 
 
-def _prefiltered_kernel(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    gamma: float,
-    sketch: torch.Tensor,
-    signs: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        ext = extension.load()
-        assert ext is not None
-        return ext.gated_retrieval_prefiltered_cpu(queries, keys, values, gamma, sketch, signs)
-    return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch, signs)
-
-
-# Registered from the plain function, which eager calls run without the op's dispatch.
-_gated_retrieval_prefiltered_op = torch.library.custom_op(
-    "neuraldb::gated_retrieval_prefiltered", _prefiltered_kernel, mutates_args=()
-)
-
-
-@_gated_retrieval_prefiltered_op.register_fake
-def _(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    gamma: float,
-    sketch: torch.Tensor,
-    signs: torch.Tensor | None,
-    backend: str,
-):
-    t = queries.shape[0]
-    return (
-        queries.new_empty((t, values.shape[1])),
-        queries.new_empty((t,), dtype=torch.int64),
-        queries.new_empty((t,), dtype=torch.float32),
-    )
-
-
 def gated_retrieval_prefiltered(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -236,7 +282,7 @@ def gated_retrieval_prefiltered(
     signs: torch.Tensor | None = None,
     *,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Outputs:
     """:func:`gated_retrieval` that scans the int4 ``sketch`` of the keys and rescores only the keys that can
     pass the gate (see :mod:`neuraldb_kernels.prefilter`): ``out`` is exactly the plain op's.
 

@@ -27,7 +27,7 @@ Contract: :mod:`neuraldb_kernels.reference`. Three launches, all on the caller's
 
 On CUDA the scan is autotuned per (T bucket, d1, split-length bucket, dtypes); the first call for each key benchmarks
 the configs and synchronises, so warm up before capturing a CUDA graph (and again after the database grows into a new
-split-length bucket). ``NEURALDB_TRITON_AUTOTUNE=0`` turns that off (a fixed
+split-length bucket). ``NEURALDB_TRITON_AUTOTUNE=0`` (``config.override(triton_autotune=False)``) turns that off (a fixed
 config per path, see ``_DEFAULT_CONFIGS``). Under ``TRITON_INTERPRET=1`` (CPU tensors) a fixed config
 is used and the interpreter's broken bf16 ``tl.dot`` is avoided by upcasting the (exactly representable) operands
 to fp32. ``TRITON_INTERPRET`` must be set before this module is imported: ``triton.jit`` reads it at decoration.
@@ -44,6 +44,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from neuraldb_kernels import config
 
 NORM_EPS = 1e-12
 
@@ -399,7 +401,7 @@ def split_bucket(keys_per_split: int) -> int:
 
 
 def _autotuning() -> bool:
-    return os.environ.get("NEURALDB_TRITON_AUTOTUNE", "1") != "0"
+    return config.current().triton_autotune
 
 
 def _tuned_scan(kind: str):

@@ -1,5 +1,5 @@
-// Internal interface between the CPU op (gated_retrieval_cpu.cpp: validation, threading, gating) and the
-// per-ISA key scans (scan_scalar.cpp, scan_avx2.cpp, scan_avx512.cpp; sketch_scores.cpp for the int4 sketch).
+// Internal interface between the CPU op (op_parts.h lists its files: validation, plan, threading, gating) and the
+// per-ISA key scans (scan_scalar.cpp, scan_avx2.cpp, scan_avx512.cpp, scan_amx.cpp).
 // Plain C++ only: the ISA files are compiled with __attribute__((target(...))) on their own functions, and must
 // not pull in torch headers.
 #pragma once
@@ -19,6 +19,18 @@ namespace cpu {
 inline bool beats(float s, float best) { return s > best && s < HUGE_VALF; }
 
 enum class KeyType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+// f(F16{}), f(BF16{}) or f(F32{}) as key_type says: the one switch behind every ISA's entry points, each ISA with its
+// own key loader types.
+template <class F16, class BF16, class F32, class Fn>
+inline auto with_key_loader(KeyType key_type, Fn&& f) -> decltype(f(F32{})) {
+  switch (key_type) {
+    case KeyType::kF16: return f(F16{});
+    case KeyType::kBF16: return f(BF16{});
+    case KeyType::kF32: break;
+  }
+  return f(F32{});
+}
 
 // x rounded to the nearest integer, ties to even, as std::nearbyint in the default rounding mode, for |x| < 2^22
 // (NaN stays NaN): adding 1.5 * 2^23 leaves no fraction bits. Inline, where nearbyint is a libm call per element on
@@ -51,7 +63,7 @@ using DotFn = float (*)(const Problem& p, int64_t t, int64_t i);
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_scalar(const Problem& p, int64_t t, int64_t i);
 
-// ---- int4 sketch pre-filter (sketch layout: neuraldb_kernels/prefilter.py; bound: gated_retrieval_cpu.cpp) ----
+// ---- int4 sketch pre-filter (sketch layout: neuraldb_kernels/prefilter.py; bound: query_quantisers.cpp) ----
 constexpr int kSketchGroup = 64;  // key elements per 4-bit group (one fp16 scale each)
 constexpr int kSketchHeader = 8;  // e and n (fp32) at the start of every sketch row
 constexpr int64_t kSketchMaxSimdGroups = 1024;  // longer keys (d1 > 65536) take the portable sketch scan
@@ -97,7 +109,7 @@ struct SignProblem {
 
 // Whether key `row` can score above gamma for query t, from dot = sum_j q8_j s_j (s_j = +1 for a set bit, -1
 // otherwise; exact) and s1 = the fp32 sum of q_j v_j over the key's outliers (any order: within
-// g(kSignOutliers) sum |q_j v_j| of the real value). The bound is derived in gated_retrieval_cpu.cpp; it lives here
+// g(kSignOutliers) sum |q_j v_j| of the real value). The bound is derived in query_quantisers.cpp; it lives here
 // so that each ISA's scan applies it to the key it has just read, instead of a second pass over stored scores (the
 // AVX-512 scan evaluates the same float64 expression for 8 keys at once).
 inline bool sign_bound_passes(const SignProblem& p, const uint8_t* row, int64_t t, int32_t dot, float s1) {
@@ -128,8 +140,6 @@ void scan_avx2(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* b
 float dot_avx2(const Problem& p, int64_t t, int64_t i);
 void scan_avx512(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx);
 float dot_avx512(const Problem& p, int64_t t, int64_t i);
-// XOR of all bytes, read with 512-bit loads and software prefetch (the benchmarks' read-bandwidth probe).
-uint64_t read_avx512(const void* data, int64_t bytes, int64_t prefetch_bytes);
 
 // ---- AMX bf16 pre-filter (exactness restored by fp32 rescoring of the candidates, see scan_avx512.cpp) ----
 constexpr int kAmxKeyBlock = 32;    // keys per AMX step (two 16-row A tiles)
@@ -143,7 +153,7 @@ struct AmxProblem {
   int64_t d1p = 0;        // d1 rounded up to a multiple of 32
   int64_t seg = 0;        // d1 is processed in segments of this many elements (a multiple of 32)
   int64_t nb = 1;         // key blocks (of 32) per super-block, at most kMaxSuperBlocks
-  // |bf16 score - fp32 score| of query q and key k <= qn ||bf16(k) - k|| + kfac ||k|| (gated_retrieval_cpu.cpp)
+  // |bf16 score - fp32 score| of query q and key k <= qn ||bf16(k) - k|| + kfac ||k|| (amx_prefilter.cpp)
   float qn = 0.f;
   float kfac = 0.f;
   bool tight = true;      // measure ||bf16(k) - k|| per key (else bound it by 2^-8 ||k||, a cheaper conversion)

@@ -163,20 +163,11 @@ void sign_pass_scalar(const SignProblem& p, int64_t k0, int64_t k1, std::vector<
 }
 
 void scan_scalar(const Problem& p, int64_t k0, int64_t k1, float* best, int64_t* best_idx) {
-  switch (p.key_type) {
-    case KeyType::kF16: return scan<F16>(p, k0, k1, best, best_idx);
-    case KeyType::kBF16: return scan<BF16>(p, k0, k1, best, best_idx);
-    case KeyType::kF32: return scan<F32>(p, k0, k1, best, best_idx);
-  }
+  with_key_loader<F16, BF16, F32>(p.key_type, [&](auto k) { scan<decltype(k)>(p, k0, k1, best, best_idx); });
 }
 
 float dot_scalar(const Problem& p, int64_t t, int64_t i) {
-  switch (p.key_type) {
-    case KeyType::kF16: return dot<F16>(p, t, i);
-    case KeyType::kBF16: return dot<BF16>(p, t, i);
-    case KeyType::kF32: return dot<F32>(p, t, i);
-  }
-  return 0.f;
+  return with_key_loader<F16, BF16, F32>(p.key_type, [&](auto k) { return dot<decltype(k)>(p, t, i); });
 }
 
 }  // namespace cpu

@@ -126,8 +126,10 @@ void run_all(const std::string& isa) {
   const char* name = "ties";
   for (int threaded = 0; threaded < 2; ++threaded) {
     if (threaded) {
-      setenv("NEURALDB_CPU_PARALLEL_MIN_US", "0", 1);
-      setenv("NEURALDB_CPU_CHUNK", "7", 1);
+      neuraldb::CpuOptions o = neuraldb::cpu_options();
+      o.parallel_min_us = 0;
+      o.chunk = 7;
+      neuraldb::set_cpu_options(o);
       name = "ties threaded";
     }
     const auto [out, idx, score] = neuraldb::gated_retrieval_cpu(queries, keys, values, 0.0);
@@ -135,8 +137,11 @@ void run_all(const std::string& isa) {
            (long)idx[9].item<int64_t>());
     check(isa + " " + name, queries, keys, values, 0.0);
   }
-  unsetenv("NEURALDB_CPU_PARALLEL_MIN_US");
-  unsetenv("NEURALDB_CPU_CHUNK");
+  {
+    neuraldb::CpuOptions o;
+    o.isa = isa;
+    neuraldb::set_cpu_options(o);
+  }
 
   // A score exactly at gamma closes the gate: q = (1, 1, 1, 1) / 2, k = e0, score 0.5.
   auto q = at::ones({1, 4});
@@ -174,10 +179,12 @@ int main() {
   const auto isas = neuraldb::cpu_isas();
   for (const auto& isa : isas) {
     std::printf("kernel %s\n", isa.c_str());
-    setenv("NEURALDB_CPU_ISA", isa.c_str(), 1);
+    neuraldb::CpuOptions o;
+    o.isa = isa;
+    neuraldb::set_cpu_options(o);
     run_all(isa);
   }
-  unsetenv("NEURALDB_CPU_ISA");
+  neuraldb::set_cpu_options(neuraldb::CpuOptions{});
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
