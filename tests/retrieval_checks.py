@@ -14,9 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import pytest
 import torch
 
+from neuraldb_kernels import config
 from neuraldb_kernels.reference import gated_retrieval_reference, normalize_queries, score_error_bound
+
+
+def use_config(request: pytest.FixtureRequest, **changes: object) -> None:
+    """Runs the rest of the test (or of the fixture that asks) under ``neuraldb_kernels.config.override(**changes)``:
+    the kernels read their switches from that configuration, not from the environment."""
+    cm = config.override(**changes)
+    cm.__enter__()
+    request.addfinalizer(lambda: cm.__exit__(None, None, None))
+
 
 # The default tolerance: the documented bound at the keys' width.
 BOUND: Literal["bound"] = "bound"

@@ -12,8 +12,7 @@ import functools
 
 import pytest
 import torch
-
-from retrieval_checks import adversarial_cases, assert_matches_reference
+from retrieval_checks import adversarial_cases, assert_matches_reference, use_config
 
 import neuraldb_kernels
 from neuraldb_kernels import backends
@@ -32,12 +31,14 @@ def backend(request):
     reason = backends.BACKENDS[request.param].unavailable_reason("cuda")
     if reason is not None:
         pytest.skip(reason)
+    # Traced and captured calls (compile, opcheck) pick their kernel from the configuration when they run.
+    use_config(request, backend=request.param)
     return request.param
 
 
 @pytest.fixture
-def no_autotune(monkeypatch):
-    monkeypatch.setenv("NEURALDB_TRITON_AUTOTUNE", "0")
+def no_autotune(request):
+    use_config(request, triton_autotune=False)
 
 
 def run(backend, q, keys, values, gamma):
@@ -157,7 +158,7 @@ def test_triton_tunes_each_split_length_on_its_own():
 # ---- the op's plumbing on the GPU -------------------------------------------------------------------------------------
 
 
-def test_auto_picks_triton_then_cuda(monkeypatch):
+def test_auto_picks_triton_then_cuda():
     dev = torch.device(DEV)
     avail = backends.available_backends(dev)
     assert "torch" in avail
@@ -165,9 +166,9 @@ def test_auto_picks_triton_then_cuda(monkeypatch):
     assert backends.resolve(None, dev) == expected
     assert backends.resolve(None, dev, 8) == expected
     assert backends.resolve(None, dev, 1) == next(b for b in ("cuda", "triton", "torch") if b in avail)
-    monkeypatch.setenv("NEURALDB_BACKEND", "cuda")
     if "cuda" in avail:
-        assert backends.resolve(None, dev) == "cuda"
+        with neuraldb_kernels.config.override(backend="cuda"):
+            assert backends.resolve(None, dev) == "cuda"
 
 
 def test_three_d_and_noncontiguous(backend, no_autotune):
@@ -189,7 +190,7 @@ def test_side_stream_and_opcheck(backend, no_autotune):
         got = run(backend, q, keys, values, 0.5)
     torch.cuda.current_stream().wait_stream(s)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    torch.library.opcheck(torch.ops.neuraldb.gated_retrieval.default, (q, keys, values, 0.5, backend))
+    torch.library.opcheck(torch.ops.neuraldb.gated_retrieval.default, (q, keys, values, 0.5))
 
 
 @pytest.mark.parametrize("t", [1, 8, 128])

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from retrieval_checks import adversarial_cases, assert_matches_reference, near_queries, unit_keys
+from retrieval_checks import adversarial_cases, assert_matches_reference, near_queries, unit_keys, use_config
 
 import neuraldb_kernels
-from neuraldb_kernels import extension
+from neuraldb_kernels import config, extension
 
 
 def _cpu_kernels() -> list[str]:
@@ -29,17 +29,23 @@ VARIANTS = ["torch"] + [f"cpu-{isa}" for isa in _cpu_kernels()]
 VARIANTS += [b for b in neuraldb_kernels.available_backends("cpu") if b not in ("torch", "cpu", "triton")]
 
 
-def _use(variant: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Backend name for ``variant``, with the environment set to pick its kernel."""
+def _split(variant: str) -> tuple[str, dict[str, str]]:
+    """Backend name for ``variant``, and the kernel configuration that picks its kernel."""
     if variant.startswith("cpu-"):
-        monkeypatch.setenv("NEURALDB_CPU_ISA", variant.removeprefix("cpu-"))
-        return "cpu"
-    return variant
+        return "cpu", {"cpu_isa": variant.removeprefix("cpu-")}
+    return variant, {}
+
+
+def _use(variant: str, request: pytest.FixtureRequest) -> str:
+    """Backend name for ``variant``, with the kernel configuration set for the rest of the test."""
+    backend, changes = _split(variant)
+    use_config(request, **changes)
+    return backend
 
 
 @pytest.fixture(params=VARIANTS)
-def backend(request, monkeypatch):
-    return _use(request.param, monkeypatch)
+def backend(request):
+    return _use(request.param, request)
 
 
 @pytest.fixture
@@ -143,9 +149,8 @@ def test_million_keys_small_d1(backend, two_threads):
 # ---- threads: chunks handed out in turn, ties across chunk and thread boundaries ---------------------------------
 @pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
 @pytest.mark.parametrize("t", [1, 8, 20])
-def test_ties_across_threads_and_chunks(backend, monkeypatch, two_threads, chunk, t):
-    monkeypatch.setenv("NEURALDB_CPU_PARALLEL_MIN_US", "0")  # always start the thread team
-    monkeypatch.setenv("NEURALDB_CPU_CHUNK", str(chunk))
+def test_ties_across_threads_and_chunks(backend, request, two_threads, chunk, t):
+    use_config(request, cpu_parallel_min_us=0, cpu_chunk=chunk)  # always start the thread team
     g = torch.Generator().manual_seed(chunk + t)
     m = 3001
     keys = unit_keys(m, 48, generator=g)
@@ -161,15 +166,13 @@ def test_ties_across_threads_and_chunks(backend, monkeypatch, two_threads, chunk
 
 
 # ---- the AMX pre-filter: many keys inside its margin, candidate lists that overflow -----------------------------
-@pytest.mark.parametrize("tight,blocks", [("0", "1"), ("1", "1"), ("1", "3")])
+@pytest.mark.parametrize("tight,blocks", [(0, 1), (1, 1), (1, 3)])
 @pytest.mark.parametrize("cap", [1, 2, 128])
-def test_prefilter_crowded_margin(monkeypatch, cap, tight, blocks):
+def test_prefilter_crowded_margin(request, cap, tight, blocks):
     if "amx" not in _cpu_kernels():
         pytest.skip("no AMX on this CPU")
-    backend = _use("cpu-amx", monkeypatch)
-    monkeypatch.setenv("NEURALDB_CPU_AMX_CAP", str(cap))
-    monkeypatch.setenv("NEURALDB_CPU_AMX_TIGHT", tight)
-    monkeypatch.setenv("NEURALDB_CPU_AMX_BLOCKS", blocks)
+    backend = _use("cpu-amx", request)
+    use_config(request, cpu_amx_cap=cap, cpu_amx_tight=tight, cpu_amx_blocks=blocks)
     g = torch.Generator().manual_seed(cap)
     base = torch.randn(1, 256, generator=g)
     # 2000 keys within ~1e-3 of each other in cosine: bf16 rounding alone cannot order them.
@@ -179,7 +182,7 @@ def test_prefilter_crowded_margin(monkeypatch, cap, tight, blocks):
     run(backend, q, keys.float(), torch.randn(2000, 8, generator=g), 0.5)
 
 
-def test_prefilter_is_exact_where_bf16_would_not_be(monkeypatch):
+def test_prefilter_is_exact_where_bf16_would_not_be(request):
     """Keys 0 and 1 are 2.7e-3 apart in fp32 but equal in bf16: the pre-filter's fp32 rescoring must pick key 1.
 
     The query is 2^-4 (1.0019) on the first 128 coordinates and 2^-4 (0.9981) on the last 128 (unit norm): both
@@ -187,7 +190,7 @@ def test_prefilter_is_exact_where_bf16_would_not_be(monkeypatch):
     """
     if "amx" not in _cpu_kernels():
         pytest.skip("no AMX on this CPU")
-    backend = _use("cpu-amx", monkeypatch)
+    backend = _use("cpu-amx", request)
     g = torch.Generator().manual_seed(9)
     h = 128
     q = torch.cat([torch.full((h,), 1.0019), torch.full((h,), 0.9981)]) / 16
@@ -230,8 +233,8 @@ def test_fuzz(data):
     values = torch.randn(m, d2, generator=g).to(vd)
     lead = data.draw(st.sampled_from([(t,), (1, t), (t, 1)]), label="leading dims")
     q = q.reshape(*lead, d1)
-    with pytest.MonkeyPatch.context() as mp:
-        for variant in VARIANTS:
-            backend = _use(variant, mp)
+    for variant in VARIANTS:
+        backend, changes = _split(variant)
+        with config.override(**changes):
             res = neuraldb_kernels.gated_retrieval(q, keys, values, gamma, backend=backend)
-            assert_matches_reference(res, q, keys, values, gamma)
+        assert_matches_reference(res, q, keys, values, gamma)

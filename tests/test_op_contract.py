@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from retrieval_checks import assert_matches_reference
+from retrieval_checks import assert_matches_reference, use_config
 
 import neuraldb_kernels
-from neuraldb_kernels import backends, extension
+from neuraldb_kernels import backends, config, extension
 from neuraldb_kernels.reference import gated_retrieval_reference
 
 CPU_BACKENDS = [b for b in neuraldb_kernels.available_backends("cpu") if b != "triton"]
@@ -70,10 +70,23 @@ def test_bad_gamma(gamma, exc):
         neuraldb_kernels.gated_retrieval(*inputs(), gamma)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("gamma", [-1, -1.0, 0, 1, 1.0, 0.25])
-def test_gamma_bounds_are_accepted(gamma):
+def test_gamma_bounds_are_accepted(gamma, backend):
+    # Accepted, and applied: -1 opens every row's gate (no unit cosine is below it), 1 none (no cosine exceeds it).
     q, k, v = inputs()
-    neuraldb_kernels.gated_retrieval(q, k, v, gamma)
+    q = torch.cat([q, -q[:1], torch.randn(2, 16, generator=torch.Generator().manual_seed(1))])
+    res = neuraldb_kernels.gated_retrieval(q, k, v, gamma, backend=backend)
+    assert_matches_reference(res, q, k, v, float(gamma))
+    out, idx, score = res
+    opened = score > gamma
+    if gamma == -1:
+        assert opened.all()
+    elif gamma == 1:
+        assert not opened.any()
+    else:
+        assert opened[:3].all()
+    assert torch.equal(out[opened], v[idx[opened]].float()) and not out[~opened].any()
 
 
 # ---- backends: names, availability, the environment override ------------------------------------------------------
@@ -87,11 +100,26 @@ def test_unavailable_backend_says_why():
         neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cuda")
 
 
-def test_auto_prefers_the_compiled_kernel():
-    names = neuraldb_kernels.available_backends("cpu")
-    assert names[-1] == "torch" or names[-2:] == ["torch", "triton"]
-    assert backends.resolve(None, torch.device("cpu")) == names[0]
-    assert backends.resolve("auto", torch.device("cpu")) == names[0]
+def test_auto_prefers_the_compiled_kernel(monkeypatch):
+    # Whether or not the extension is built here: with "cpu" available, "auto" must pick it over the reference, and
+    # the op must run it. A recording stand-in serves as the compiled kernel.
+    calls = []
+    real = backends.BACKENDS["cpu"]
+    monkeypatch.setitem(backends.BACKENDS, "cpu", backends.Backend(
+        "cpu", lambda d: None if d == "cpu" else "CPU only",
+        lambda: lambda *a: calls.append(1) or gated_retrieval_reference(*a)))
+    monkeypatch.setattr(backends, "_kernels", {})
+    cpu = torch.device("cpu")
+    assert neuraldb_kernels.available_backends("cpu")[0] == "cpu"
+    assert backends.resolve(None, cpu) == backends.resolve("auto", cpu) == backends.resolve(None, cpu, 1) == "cpu"
+    neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
+    assert calls == [1]
+    with config.override(backend="torch"):
+        assert backends.resolve(None, cpu) == "torch"
+    monkeypatch.setitem(backends.BACKENDS, "cpu", real)
+    # And where the extension is built, the real kernel is the one preferred.
+    if extension.load() is not None:
+        assert neuraldb_kernels.available_backends("cpu")[0] == "cpu"
 
 
 def _available(monkeypatch, name: str, reason: str | None = None) -> None:
@@ -106,49 +134,86 @@ def test_auto_on_cuda_sends_single_rows_to_the_cuda_kernel(monkeypatch):
     assert backends.resolve(None, cuda, 1) == "cuda"
     assert [backends.resolve(None, cuda, t) for t in (None, 0, 2, 8, 2048)] == ["triton"] * 5
     assert backends.resolve("triton", cuda, 1) == "triton"  # a named backend is never swapped
-    monkeypatch.setenv("NEURALDB_BACKEND", "triton")
-    assert backends.resolve(None, cuda, 1) == "triton"
-    monkeypatch.delenv("NEURALDB_BACKEND")
+    with config.override(backend="triton"):
+        assert backends.resolve(None, cuda, 1) == "triton"
     _available(monkeypatch, "cuda", "not built")
     assert backends.resolve(None, cuda, 1) == "triton"
 
 
-def test_env_override(monkeypatch):
+def test_configured_backend(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setenv("NEURALDB_BACKEND", "torch")
-    assert backends.resolve(None, cpu) == "torch"
-    assert backends.resolve("auto", cpu) == "torch"
-    if "cpu" in CPU_BACKENDS:
-        assert backends.resolve("cpu", cpu) == "cpu", "an explicit backend wins over the environment"
-    # The override reaches the op: a kernel that records its calls.
-    calls = []
-    real = backends.BACKENDS["torch"]
-    monkeypatch.setitem(
-        backends.BACKENDS, "torch",
-        backends.Backend("torch", real.unavailable_reason, lambda: lambda *a: calls.append(1) or real.kernel()(*a)),
-    )
-    neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
-    assert calls == [1]
-    monkeypatch.setenv("NEURALDB_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+    with config.override(backend="torch"):
+        assert backends.resolve(None, cpu) == "torch"
+        assert backends.resolve("auto", cpu) == "torch"
+        if "cpu" in CPU_BACKENDS:
+            assert backends.resolve("cpu", cpu) == "cpu", "an explicit backend wins over the configuration"
+        # The configured backend reaches the op: a kernel that records its calls.
+        calls = []
+        real = backends.BACKENDS["torch"]
+        monkeypatch.setitem(
+            backends.BACKENDS, "torch",
+            backends.Backend("torch", real.unavailable_reason, lambda: lambda *a: calls.append(1) or real.kernel()(*a)),
+        )
+        monkeypatch.setattr(backends, "_kernels", {})
         neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
-    monkeypatch.setenv("NEURALDB_BACKEND", "bogus")
+        assert calls == [1]
+    with config.override(backend="cuda"), pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
+    with pytest.raises(ValueError, match="backend must be one of"), config.override(backend="bogus"):
+        pass
+
+
+def test_the_environment_is_read_once(monkeypatch):
+    # Every NEURALDB_* switch of the kernels is a field of the configuration, parsed with the variable named on error.
+    env = {var: "1" for var, _ in config.ENVIRONMENT.values()} | {
+        "NEURALDB_BACKEND": "torch", "NEURALDB_CPU_ISA": "avx2", "NEURALDB_CPU_PARALLEL_MIN_US": "2.5",
+    }
+    cfg = config.from_environ(env)
+    assert (cfg.backend, cfg.cpu_isa, cfg.cpu_parallel_min_us, cfg.cpu_chunk, cfg.cpu_debug) == (
+        "torch", "avx2", 2.5, 1, True)
+    assert config.from_environ({}) == config.KernelConfig()
+    with pytest.raises(ValueError, match=r"\$NEURALDB_CPU_CHUNK must be an integer, got 'x'"):
+        config.from_environ({"NEURALDB_CPU_CHUNK": "x"})
     with pytest.raises(ValueError, match=r"\$NEURALDB_BACKEND must be one of"):
-        neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
+        config.from_environ({"NEURALDB_BACKEND": "bogus"})
+    # After the first read, the environment no longer matters: no call pays for reading it.
+    before = config.current()
+    monkeypatch.setenv("NEURALDB_BACKEND", "bogus")
+    monkeypatch.setenv("NEURALDB_CPU_ISA", "sse9")
+    assert config.current() is before
+    neuraldb_kernels.gated_retrieval(*inputs(), 0.5)
 
 
-def test_cpu_kernel_choice_is_checked(monkeypatch):
+def test_the_cpu_options_reach_the_extension_once_per_change():
+    ext = extension.load()
+    if ext is None:
+        pytest.skip("extension not built")
+    default = ext.cpu_options()
+    assert default == config.current().cpu_options()
+    with config.override(cpu_isa="scalar", cpu_chunk=7, cpu_parallel_min_us=0, cpu_amx_tight=0, cpu_debug=True):
+        assert ext.cpu_options() == {"isa": "scalar", "chunk": 7, "parallel_min_us": 0.0, "amx_min_t": 12,
+                                     "amx_cap": 512, "amx_tight": 0, "amx_blocks": 1, "debug": True}
+    assert ext.cpu_options() == default
+
+
+def test_cpu_kernel_choice_is_checked():
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("extension not built")
-    monkeypatch.setenv("NEURALDB_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="NEURALDB_CPU_ISA must be auto, scalar, avx2, avx512 or amx"):
-        neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cpu")
-    isas = extension.load().cpu_isas()
+    with pytest.raises(ValueError, match="NEURALDB_CPU_ISA must be auto, scalar, avx2, avx512 or amx"):
+        config.from_environ({"NEURALDB_CPU_ISA": "sse9"})
+    ext = extension.load()
+    # The C++ side checks the name too, for C++ callers: the next call reports it.
+    ext.set_cpu_options(**(config.current().cpu_options() | {"isa": "sse9"}))
+    try:
+        with pytest.raises(RuntimeError, match="NEURALDB_CPU_ISA must be auto, scalar, avx2, avx512 or amx"):
+            neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cpu")
+    finally:
+        ext.set_cpu_options(**config.current().cpu_options())
+    isas = ext.cpu_isas()
     assert isas[-1] == "scalar"
     missing = [i for i in ("amx", "avx512", "avx2") if i not in isas]
     if missing:
-        monkeypatch.setenv("NEURALDB_CPU_ISA", missing[0])
-        with pytest.raises(RuntimeError, match="not supported"):
+        with config.override(cpu_isa=missing[0]), pytest.raises(RuntimeError, match="not supported"):
             neuraldb_kernels.gated_retrieval(*inputs(), 0.5, backend="cpu")
 
 
@@ -179,9 +244,34 @@ def test_empty_database_and_no_queries(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     q, k, v = inputs(t=4, m=33, d1=24, d2=3)
-    for args in ((q, k, v, 0.5, backend), (q.half(), k.float(), v.bfloat16(), -0.25, backend),
-                 (q, k[:0], v[:0], 0.5, backend)):
-        torch.library.opcheck(torch.ops.neuraldb.gated_retrieval.default, args)
+    with config.override(backend=backend):  # the op's CPU kernel serves the configured backend
+        for args in ((q, k, v, 0.5), (q.half(), k.float(), v.bfloat16(), -0.25), (q, k[:0], v[:0], 0.5)):
+            torch.library.opcheck(torch.ops.neuraldb.gated_retrieval.default, args)
+        sketch, signs = neuraldb_kernels.build_sketch(k), neuraldb_kernels.build_signs(k)
+        for s in (None, signs):
+            torch.library.opcheck(torch.ops.neuraldb.gated_retrieval_prefiltered.default, (q, k, v, 0.5, sketch, s))
+
+
+def test_the_ops_schemas_carry_no_backend():
+    # The device picks the kernel (per-device registrations); a backend string would have to travel with every call.
+    for name in ("gated_retrieval", "gated_retrieval_prefiltered"):
+        schema = getattr(torch.ops.neuraldb, name).default._schema
+        assert [a.name for a in schema.arguments][:4] == ["queries", "keys", "values", "gamma"]
+        assert not any(str(a.type) == "str" for a in schema.arguments), schema
+
+
+def test_a_per_call_backend_is_refused_under_a_tracer():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if CPU_BACKENDS[0] == "torch":
+        pytest.skip("only the reference runs here")
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match=r"config.override\(backend='torch'\)"):
+        make_fx(lambda x: neuraldb_kernels.gated_retrieval(x, k, v, 0.5, backend="torch"))(q)
+    with config.override(backend="torch"):
+        gm = make_fx(lambda x: neuraldb_kernels.gated_retrieval(x, k, v, 0.5, backend="torch"))(q)
+        for a, b in zip(gm(q), gated_retrieval_reference(q, k, v, 0.5)):
+            assert torch.equal(a, b)
 
 
 def test_fake_tensor_shapes():
@@ -189,7 +279,7 @@ def test_fake_tensor_shapes():
 
     with FakeTensorMode():
         q, k, v = torch.empty(2, 7, 16), torch.empty(100, 16, dtype=torch.float16), torch.empty(100, 9)
-        out, idx, score = neuraldb_kernels.gated_retrieval(q, k, v, 0.5, backend="torch")
+        out, idx, score = neuraldb_kernels.gated_retrieval(q, k, v, 0.5)
     assert out.shape == (2, 7, 9) and idx.shape == (2, 7) and score.shape == (2, 7)
     assert (out.dtype, idx.dtype, score.dtype) == (torch.float32, torch.int64, torch.float32)
 
@@ -306,17 +396,17 @@ def test_missing_extension_falls_back_to_the_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ["auto", "scalar"])
-def test_read_probe_reads_every_byte(monkeypatch, isa):
+def test_read_probe_reads_every_byte(request, isa):
     # The benchmarks' bandwidth probe: its checksum shows it read every byte (odd sizes, tails, both threads).
-    ext = extension.load()
-    if ext is None:
-        pytest.skip("extension not built")
+    from neuraldb_kernels import probe
+
+    try:
+        probe._module()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
     import numpy as np
 
-    monkeypatch.setenv("NEURALDB_CPU_ISA", isa)
-    monkeypatch.setenv("NEURALDB_CPU_PARALLEL_MIN_US", "0")
-    monkeypatch.setenv("NEURALDB_CPU_CHUNK", "5")
-
+    use_config(request, cpu_isa=isa, cpu_parallel_min_us=0, cpu_chunk=5)
     g = torch.Generator().manual_seed(0)
     for n in (0, 1, 7, 63, 64, 1000, 300_001, 3 << 20):
         raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
@@ -325,4 +415,11 @@ def test_read_probe_reads_every_byte(monkeypatch, isa):
         expect = int(np.bitwise_xor.reduce(np.frombuffer(b[:full], dtype=np.uint64))) if full else 0
         for byte in b[full:]:
             expect ^= byte
-        assert ext.read_probe(raw) == expect & (2**63 - 1), n
+        assert probe.read_probe(raw) == expect & (2**63 - 1), n
+
+
+def test_the_production_extension_has_no_benchmark_probe():
+    ext = extension.load()
+    if ext is None:
+        pytest.skip("extension not built")
+    assert not hasattr(ext, "read_probe")

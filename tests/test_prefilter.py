@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from retrieval_checks import adversarial_cases, near_queries, unit_keys
+from retrieval_checks import adversarial_cases, near_queries, unit_keys, use_config
 
 import neuraldb_kernels
 from neuraldb_kernels import extension, prefilter
@@ -217,7 +217,9 @@ def test_sketch_layout_and_reference_equivalence():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leading_dims_and_compile(backend):
+def test_leading_dims_and_compile(backend, request):
+    # A compiled op picks its kernel when it runs, from the configuration: a per-call backend must agree with it.
+    use_config(request, backend=backend)
     g = torch.Generator().manual_seed(4)
     keys = unit_keys(200, 64, generator=g)
     values = torch.randn(200, 8, generator=g)
@@ -238,11 +240,9 @@ CPU_ISAS = ["auto"] + [i for i in extension.load().cpu_isas() if i != "amx"] if 
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
-def test_cpu_kernel_every_isa_threads_and_chunks(monkeypatch, isa):
+def test_cpu_kernel_every_isa_threads_and_chunks(request, isa):
     # Each ISA's sketch scan with its own exact dot, and ties split across threads and tiny chunks.
-    monkeypatch.setenv("NEURALDB_CPU_ISA", isa)
-    monkeypatch.setenv("NEURALDB_CPU_CHUNK", "7")
-    monkeypatch.setenv("NEURALDB_CPU_PARALLEL_MIN_US", "0")
+    use_config(request, cpu_isa=isa, cpu_chunk=7, cpu_parallel_min_us=0)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

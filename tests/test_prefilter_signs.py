@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from retrieval_checks import near_queries, unit_keys
+from retrieval_checks import near_queries, unit_keys, use_config
 
 import neuraldb_kernels
 from neuraldb_kernels import prefilter
@@ -178,7 +178,7 @@ CASCADE_ISAS = ["auto", "avx512", "avx2", "scalar"] if "cpu" in BACKENDS else []
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ CPU kernel")
 @pytest.mark.parametrize("isa", CASCADE_ISAS)
-def test_cpu_first_stage_passes_exactly_the_reference_bounds_keys(monkeypatch, capfd, isa):
+def test_cpu_first_stage_passes_exactly_the_reference_bounds_keys(request, capfd, isa):
     # The C++ first stage against prefilter.sign_bounds, key for key in number: a scan that dropped keys would
     # show here even where the answer survives, and one that let extra keys through (only slower) as well. m and
     # the widths leave partial blocks of keys and of 64-bit groups; T = 3 queries share each key's row.
@@ -186,8 +186,7 @@ def test_cpu_first_stage_passes_exactly_the_reference_bounds_keys(monkeypatch, c
 
     if isa != "auto" and isa not in extension.load().cpu_isas():
         pytest.skip(f"{isa} not supported here")
-    monkeypatch.setenv("NEURALDB_CPU_ISA", isa)
-    monkeypatch.setenv("NEURALDB_CPU_DEBUG", "1")
+    use_config(request, cpu_isa=isa, cpu_debug=True)
     g = torch.Generator().manual_seed(11)
     for m, d1 in ((61, 200), (5, 131), (203, 1536)):
         k = torch.randn(m, d1, generator=g)
@@ -213,13 +212,13 @@ def test_cpu_first_stage_passes_exactly_the_reference_bounds_keys(monkeypatch, c
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ CPU kernel")
 @pytest.mark.parametrize("isa", CASCADE_ISAS)
-def test_cpu_cascade_equals_reference_candidates(monkeypatch, isa):
+def test_cpu_cascade_equals_reference_candidates(request, isa):
     # On heavy-tailed keys (where the first stage passes many) every ISA's cascade returns the plain op's answer.
     from neuraldb_kernels import extension
 
     if isa != "auto" and isa not in extension.load().cpu_isas():
         pytest.skip(f"{isa} not supported here")
-    monkeypatch.setenv("NEURALDB_CPU_ISA", isa)
+    use_config(request, cpu_isa=isa)
     g = torch.Generator().manual_seed(7)
     k = torch.randn(1500, 200, generator=g)
     k[:, ::23] *= 40

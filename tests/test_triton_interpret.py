@@ -87,18 +87,18 @@ if not INTERPRETING:
                         for c in kept:
                             assert c.kwargs["BLOCK_T"] <= max(64, bucket)
 
-    def test_auto_on_cuda_resolves_without_a_gpu(monkeypatch):
-        from neuraldb_kernels import backends, extension
+    def test_auto_on_cuda_resolves_without_a_gpu():
+        from neuraldb_kernels import backends, config, extension
 
         cuda = torch.device("cuda", 0)
         assert backends.resolve(None, cuda) == "triton"  # triton is installed (importorskip above)
-        monkeypatch.setenv("NEURALDB_BACKEND", "cuda")
         ext = extension.load()
-        if ext is not None and hasattr(ext, "gated_retrieval_cuda"):
-            assert backends.resolve(None, cuda) == "cuda"
-        else:
-            with pytest.raises(RuntimeError, match="cuda"):
-                backends.resolve(None, cuda)
+        with config.override(backend="cuda"):
+            if ext is not None and hasattr(ext, "gated_retrieval_cuda"):
+                assert backends.resolve(None, cuda) == "cuda"
+            else:
+                with pytest.raises(RuntimeError, match="cuda"):
+                    backends.resolve(None, cuda)
 
     def test_cuda_graph_traces_with_fake_tensors():
         # What torch.compile sees on a GPU, traced here without one: fake CUDA inputs, the op resolved to the
@@ -119,7 +119,8 @@ if not INTERPRETING:
 
         gm = make_fx(f, tracing_mode="fake")(q, k, v)
         calls = [n for n in gm.graph.nodes if n.target is torch.ops.neuraldb.gated_retrieval.default]
-        assert len(calls) == 1 and calls[0].args[-1] == "triton"
+        # One opaque node and no backend in its arguments: the device picks the kernel when the graph runs.
+        assert len(calls) == 1 and len(calls[0].args) == 4
         out, idx, score = (n.meta["val"] for n in gm.graph.find_nodes(op="output")[0].args[0])
         assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
         assert idx.shape == (2, 5) and idx.dtype == torch.int64 and score.dtype == torch.float32
@@ -236,22 +237,31 @@ else:
     def test_opcheck_and_compile_tracing():
         # On CPU only the tracing paths can be checked: the fake implementation, and that dynamo/AOT autograd
         # keep the custom op opaque inside a fullgraph compile (backend="aot_eager": no inductor codegen here).
+        from neuraldb_kernels import config
+
         case = next(c for c in CASES if c.name == "random-qtorch.float32-ktorch.float16")
-        torch.library.opcheck(
-            torch.ops.neuraldb.gated_retrieval.default,
-            (case.queries, case.keys, case.values, case.gamma, "triton"),
-            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-        )
 
         def f(q, k, v):
             out, idx, score = neuraldb_kernels.gated_retrieval(q * 2, k, v, case.gamma, backend="triton")
             return out + 1, idx, score
 
-        torch._dynamo.reset()
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-        got = compiled(case.queries, case.keys, case.values)
-        want = f(case.queries, case.keys, case.values)
+        # The op's CPU kernel serves Triton (under the interpreter) only where the configuration forces it.
+        with config.override(backend="triton"):
+            torch.library.opcheck(
+                torch.ops.neuraldb.gated_retrieval.default,
+                (case.queries, case.keys, case.values, case.gamma),
+                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+            )
+            torch._dynamo.reset()
+            compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+            got = compiled(case.queries, case.keys, case.values)
+            want = f(case.queries, case.keys, case.values)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+        # A per-call backend the device would not pick cannot travel with the traced op (under fullgraph, dynamo
+        # reports the ValueError as unsupported).
+        with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=r"config.override\(backend='triton'\)"):
+            torch._dynamo.reset()
+            torch.compile(f, fullgraph=True, backend="aot_eager")(case.queries, case.keys, case.values)
 
     def test_cpu_tensors_need_the_interpreter_flag_at_call_time(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
