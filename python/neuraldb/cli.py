@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -338,28 +337,23 @@ def load_db(path: Path) -> NeuralKVDatabase:
 def check_output(path: Path, *, replace: bool, exists_hint: str = "") -> None:
     """Fail with a CLIError, before any work, when a command could not write its result to ``path``.
 
-    Refused: a directory or other non-regular file at ``path``, an existing file unless ``replace``, a missing
-    directory, and a directory where no file can be created. The last is probed by creating (and removing) a file
-    beside ``path``: permission bits do not tell for root, a read-only mount or a pseudo file system like /proc.
+    Refused: what :func:`neuraldb.atomic.resolve_target` refuses (a directory or other non-regular file, a missing
+    directory), an existing file unless ``replace``, and a directory where no file can be created. The last is probed
+    by creating (and removing) a file beside the target: permission bits do not tell for root, a read-only mount or a
+    pseudo file system like /proc.
     """
+    from neuraldb.atomic import resolve_target
+
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:  # NotADirectoryError (a file where a directory should be), EACCES, ELOOP ...
+        real = resolve_target(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    except OSError as e:  # EACCES, ELOOP ...
         raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            raise CLIError(f"{path} is a directory; give a file name such as edits.safetensors")
-        if not stat.S_ISREG(st.st_mode):
-            raise CLIError(f"{path} exists and is not a regular file")
-        if not replace:
-            raise CLIError(f"{path} exists{exists_hint}")
-    directory = Path(os.path.realpath(path)).parent
-    if not directory.is_dir():
-        raise CLIError(f"cannot write {path}: directory {directory} does not exist")
+    if real.exists() and not replace:
+        raise CLIError(f"{path} exists{exists_hint}")
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.probe-"):
+        with tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{real.name}.probe-"):
             pass
     except OSError as e:
         raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
