@@ -119,6 +119,13 @@ def check_routing_and_errors(tmp: Path) -> None:
     db.delete([1, 4, 8])
     assert db.local_ids() == [i for i in ids if i % w == r and i not in (1, 4, 8)]
     assert len(db) == 7 and 4 not in db and 5 in db and db.ids() == [0, 2, 3, 5, 6, 7, 9]
+    assert torch.tensor(5) in db
+    for bad in (5.0, True, "5"):
+        try:
+            bad in db  # noqa: B015
+        except TypeError:
+            continue
+        raise AssertionError(f"{bad!r} in db must be a TypeError, as for a NeuralKVDatabase")
     assert db.add(k[:2], v[:2]) == [10, 11]  # ids are never reused
     # Errors are raised on every rank (each validates everything), so no rank is left in a collective.
     with pytest.raises(KeyError):

@@ -65,6 +65,7 @@ from neuraldb.database_inputs import (
     _check_facts,
     _check_ids,
     _rows,
+    as_id,
     cast_residuals,
     fact_to_json,
     normalize_keys,
@@ -551,9 +552,9 @@ class ShardedNeuralKVDatabase:
         return self._count
 
     def __contains__(self, id: object) -> bool:
-        if isinstance(id, bool) or not hasattr(id, "__index__"):
-            return False
-        i = int(id)  # type: ignore[call-overload]
+        """Whether ``id`` (an int or a 0-d integer tensor; TypeError for anything else, as the single database) is
+        live."""
+        i = as_id(id)
         return 0 <= i < self.next_id and not self._missing([i])
 
     def __iter__(self):
