@@ -173,8 +173,7 @@ def _scan_kernel(
                 acc = _mma(k, qt.to(k.dtype), acc, UPCAST, IEEE)
         if SPLIT_Q:
             acc = acc + acc_lo * (1.0 / LO_SCALE)
-        # Non-finite scores never win (the op's contract): "acc < inf" is false for +inf and NaN.
-        acc = tl.where(n_ok[:, None] & (acc < float("inf")), acc, float("-inf"))
+        acc = tl.where(n_ok[:, None], acc, float("-inf"))
         tile_best = tl.max(acc, axis=0)
         tile_i = tl.min(tl.where(acc == tile_best[None, :], n[:, None], 2147483647), axis=0)
         # Tiles come in increasing key order: a strict ">" keeps the first index on ties.
@@ -183,6 +182,30 @@ def _scan_kernel(
         best_i = tl.where(better, tile_i, best_i)
     tl.store(ps_ptr + pid_s * T + rows, best, mask=row_ok)
     tl.store(pi_ptr + pid_s * T + rows, best_i, mask=row_ok)
+
+
+@triton.jit
+def _first_best_finite(q_row, k_ptr, stride_k, nrm, M, D1, BLOCK_D: tl.constexpr):
+    """The lowest index of the best finite cosine of the query row against every key (M when none is finite), one
+    key at a time: the slow path of :func:`_finish_kernel` for keys with non-finite elements."""
+    offs_d = tl.arange(0, BLOCK_D)
+    best = float("-inf")
+    best_i = tl.zeros((), tl.int64) + M
+    for n in range(0, M):
+        n64 = tl.zeros((), tl.int64) + n  # k_ptr offsets pass 2^31 at 1M x 14336 keys
+        k_row = k_ptr + n64 * stride_k
+        dot = tl.zeros((BLOCK_D,), tl.float32)
+        for d0 in range(0, D1, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D1
+            q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
+            k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+            dot += tl.div_rn(q, nrm) * k
+        s = tl.sum(dot, axis=0)
+        better = (s > best) & (s < float("inf"))
+        best = tl.where(better, s, best)
+        best_i = tl.where(better, n64, best_i)
+    return best_i
 
 
 @triton.jit
@@ -241,6 +264,22 @@ def _finish_kernel(
         k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
         dot += tl.div_rn(q, nrm) * k
     score = tl.where(valid, tl.sum(dot, axis=0), float("-inf"))
+    # A key row with an inf element scores +inf (or NaN) and can win its split, hiding that split's best finite key;
+    # the contract says it never wins. Then rescan every key for this row, skipping non-finite scores: masking them in
+    # the scan itself spills registers in the 64x64 prefill configs, and only keys the database refuses get here.
+    if valid & ~(score < float("inf")):
+        i = _first_best_finite(q_row, k_ptr, stride_k, nrm, M, D1, BLOCK_D)
+        valid = i < M
+        i = tl.where(valid, i, 0)
+        k_row = k_ptr + i * stride_k
+        dot = tl.zeros((BLOCK_D,), tl.float32)
+        for d0 in range(0, D1, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D1
+            q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
+            k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+            dot += tl.div_rn(q, nrm) * k
+        score = tl.where(valid, tl.sum(dot, axis=0), float("-inf"))
     tl.store(idx_ptr + t, tl.where(valid, i, -1))
     tl.store(score_ptr + t, score)
 
