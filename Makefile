@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.neuraldb-built
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/* csrc/bench/*)
 
 .PHONY: install demo test test-isa bench ctest
 install: $(STAMP)

@@ -194,7 +194,7 @@ def median(xs: list[float]) -> float:
 def read_bandwidth(buf: torch.Tensor, reps: int = 5) -> dict:
     """Measured read bandwidth (bytes/s) over ``buf``'s bytes, on its device, with torch's threads.
 
-    Several reads are tried (``neuraldb_kernels._C.read_probe`` where built, int64 sum, int32 max) and the fastest
+    Several reads are tried (``neuraldb_kernels.probe.read_probe`` where built, int64 sum, int32 max) and the fastest
     median wins: the floor computed from it is the most demanding one. ``buf`` should be the very tensor the
     kernel reads (the database's keys), so cache residency is the same as the kernel's.
     """
@@ -208,12 +208,11 @@ def read_bandwidth(buf: torch.Tensor, reps: int = 5) -> dict:
         "int32_max": lambda: raw.view(torch.int32).max(),
     }
     if buf.device.type == "cpu":
-        from neuraldb_kernels import extension
+        from neuraldb_kernels.probe import probe_built, read_probe
 
-        ext = extension.load()
-        if ext is not None and hasattr(ext, "read_probe"):
+        if probe_built():
             # The C++ loop XOR-ing every 64-bit word with the kernel's own threading: the fastest read we have.
-            probes["read_probe"] = lambda: ext.read_probe(raw)
+            probes["read_probe"] = lambda: read_probe(raw)
     best_name, best_t, best_cpu = None, float("inf"), float("inf")
     per: dict[str, float] = {}
     for name, fn in probes.items():

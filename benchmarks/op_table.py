@@ -13,7 +13,7 @@ Per (T, m, d1) it times, interleaved round-robin (``--reps`` rounds, medians rep
 * eager peers: ``fp16_mm`` = ``queries.half() @ keys.T`` (scores only: no normalisation, argmax or gather) and
   ``fp32_mm`` = ``queries.float() @ keys.float().T`` (the fp32 upcast of the keys included; skipped where the
   fp32 copy would not fit in memory);
-* ``read``: the read-bandwidth probe, ``neuraldb_kernels._C.read_probe(keys)``, a C++ loop that XORs every
+* ``read``: the read-bandwidth probe, ``neuraldb_kernels.probe.read_probe(keys)``, a C++ loop that XORs every
   64-byte line of the key tensor (512-bit loads and a software prefetch 1 KB ahead where AVX-512 exists) with
   the kernel's own threading (256 KB chunks taken in turn by torch.get_num_threads() threads); ``keys.sum()``
   is timed too, for reference. "% read" is read time / kernel time, from the same interleaved run.
@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import neuraldb_kernels  # noqa: E402
 from neuraldb_kernels import extension  # noqa: E402
+from neuraldb_kernels.probe import probe_built, read_probe  # noqa: E402
 
 D2 = 256
 
@@ -60,7 +61,6 @@ def make_keys(m: int, d1: int, seed: int = 0) -> torch.Tensor:
 
 
 def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budget: int, gamma: float) -> dict:
-    ext = extension.load()
     v = {}
     for name in neuraldb_kernels.available_backends("cpu"):
         if name == "triton":
@@ -76,8 +76,8 @@ def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budg
     v["fp16_mm"] = lambda: queries.half() @ keys.T
     if m * d1 * 4 + t * m * 4 < budget:
         v["fp32_mm"] = lambda: queries.float() @ keys.float().T
-    if ext is not None:
-        v["read"] = lambda: ext.read_probe(keys)
+    if probe_built():
+        v["read"] = lambda: read_probe(keys)
     v["sum"] = lambda: keys.sum()
     return v
 
@@ -164,8 +164,7 @@ def _cache_flusher(mb: int):
     if mb <= 0:
         return lambda: None
     junk = torch.ones(mb << 20, dtype=torch.uint8)
-    ext = extension.load()
-    return (lambda: ext.read_probe(junk)) if ext is not None else (lambda: junk.sum())
+    return (lambda: read_probe(junk)) if probe_built() else (lambda: junk.sum())
 
 
 def fmt_ms(s: float | None) -> str:
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_kernels": list(ext.cpu_isas()) if ext is not None else [],
         "env": {k: v for k, v in os.environ.items() if k.startswith("NEURALDB_")},
         "loadavg_before": os.getloadavg(),
-        "read_probe": "neuraldb_kernels._C.read_probe(keys): C++ XOR of every 64-byte line (AVX-512 loads, "
+        "read_probe": "neuraldb_kernels.probe.read_probe(keys): C++ XOR of every 64-byte line (AVX-512 loads, "
                       "prefetch 1 KB ahead), the kernels' threading",
         "quick": args.quick,
         "cold_mb": args.cold_mb,

@@ -26,6 +26,15 @@ def _module() -> ModuleType:
     return _probe
 
 
+def probe_built() -> bool:
+    """Whether the probe's extension was built (a benchmark falls back to a PyTorch read without it)."""
+    try:
+        _module()
+    except RuntimeError:
+        return False
+    return True
+
+
 def read_probe(tensor: torch.Tensor) -> int:
     """Reads every byte of a contiguous CPU ``tensor`` once; returns the XOR of its 64-bit words, XOR its trailing
     ``nbytes % 8`` bytes, masked to 63 bits (a checksum that shows every byte was read).

@@ -31,7 +31,7 @@ from _common import RESULTS, load_average, machine_description, write_json  # no
 import torch  # noqa: E402
 
 import neuraldb_kernels  # noqa: E402
-from neuraldb_kernels import prefilter  # noqa: E402
+from neuraldb_kernels import config, prefilter  # noqa: E402
 from neuraldb_kernels.reference import normalize_queries  # noqa: E402
 
 _ROWS = 256  # query rows per block of the reference bounds (a few (rows, m) float64 matrices at once)
@@ -66,16 +66,14 @@ def find_keys(keys_dir: Path, d1: int) -> Path:
 def kernel_counts(queries: torch.Tensor, keys: torch.Tensor, sketch, signs, gamma: float) -> dict:
     """The C++ cascade's own per-row counts, read from its NEURALDB_CPU_DEBUG line on stderr."""
     values = torch.zeros(keys.shape[0], 1, dtype=keys.dtype)
-    os.environ["NEURALDB_CPU_DEBUG"] = "1"
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as f:
+    with tempfile.TemporaryFile(mode="w+") as f, config.override(cpu_debug=True):
         os.dup2(f.fileno(), 2)
         try:
             neuraldb_kernels.gated_retrieval_prefiltered(queries, keys, values, gamma, sketch, signs, backend="cpu")
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            del os.environ["NEURALDB_CPU_DEBUG"]
         f.seek(0)
         line = f.read()
     passed = float(re.search(r"passed signs/query=([\d.]+)", line).group(1))
