@@ -50,7 +50,7 @@ from neuraldb_kernels import config
 NORM_EPS = 1e-12
 
 # How many programs the scan aims for, in multiples of the SM count, and the fewest key bytes one split scans.
-# These shape decode (T <= 16) performance; retune on the GPU with benchmarks/split_sweep.py. The minimum is in bytes,
+# These shape decode (T <= 16) performance; retune on the GPU with benchmarks/experiments/split_sweep.py. The minimum is in bytes,
 # not keys: at Llama-3-8B's d1 = 14336 a 64-key minimum (1.8 MB a split) left 10k keys 157 programs on an H200's 132
 # SMs, and the scan took 1.7x the read floor.
 _WAVES = 4
@@ -362,7 +362,7 @@ _CONFIGS_PREFILL = [
     )
     for s in (3, 4)
 ] + [
-    _cfg(128, 256, 32, 8, 4),  # the fastest on an H200 (benchmarks/triton_config_sweep.py) that does not spill
+    _cfg(128, 256, 32, 8, 4),  # the fastest on an H200 (benchmarks/experiments/triton_config_sweep.py) that does not spill
     _cfg(64, 64, 32, 8, 3),  # for fp32 keys (the ieee dot runs on FMA units; see _prune)
 ]
 # What the autotuner chooses from, per scan path.
