@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.neuraldb-built
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/* csrc/bench/*)
 
-.PHONY: install demo test test-isa bench ctest
+.PHONY: install demo test test-isa lint bench ctest
 install: $(STAMP)
 
 $(PY):
@@ -37,6 +37,11 @@ test: install
 test-isa: install
 	$(AVX2_ONLY) $(PY) -m pytest -q $(ISA_TESTS)
 	NEURALDB_CPU_ISA=scalar $(PY) -m pytest -q $(ISA_TESTS)
+
+# ruff's lint and format checks with the configuration in pyproject.toml; `ruff format .` fixes the formatting.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) benchmarks/op_table.py

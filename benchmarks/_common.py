@@ -24,7 +24,8 @@ for _p in (str(ROOT / "python"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import torch  # noqa: E402
+import torch
+from typing_extensions import Self
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What ran where
@@ -62,16 +63,21 @@ def _lscpu_field(name: str) -> str | None:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    m = re.search(rf"^{re.escape(name)}:\s*(.+)$", out, re.M)
+    m = re.search(rf"^{re.escape(name)}:\s*(.+)$", out, re.MULTILINE)
     return m.group(1).strip() if m else None
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -126,7 +132,7 @@ def machine_description(device: str | torch.device = "cpu") -> dict:
         ext = extension.load()
         if ext is not None and hasattr(ext, "cpu_isas"):
             desc["cpu_isas"] = list(ext.cpu_isas())
-    except Exception:  # noqa: BLE001 - description only
+    except Exception:
         pass
     for var in ("NEURALDB_BACKEND", "NEURALDB_CPU_ISA", "OMP_NUM_THREADS"):
         if os.environ.get(var):
@@ -223,8 +229,13 @@ def read_bandwidth(buf: torch.Tensor, reps: int = 5) -> dict:
         if t < best_t:
             best_name, best_t = name, t
         best_cpu = min(best_cpu, median([c for _, c in both]))
-    return {"bytes": raw.numel(), "bytes_per_s": raw.numel() / best_t, "probe": best_name, "per_probe_bytes_per_s": per,
-            "bytes_per_cpu_s": raw.numel() / best_cpu if best_cpu > 0 else float("nan")}
+    return {
+        "bytes": raw.numel(),
+        "bytes_per_s": raw.numel() / best_t,
+        "probe": best_name,
+        "per_probe_bytes_per_s": per,
+        "bytes_per_cpu_s": raw.numel() / best_cpu if best_cpu > 0 else float("nan"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,10 +245,10 @@ def read_bandwidth(buf: torch.Tensor, reps: int = 5) -> dict:
 
 def _proc_kib(path: str, field: str) -> int | None:
     try:
-        text = open(path, encoding="utf-8").read()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError:
         return None
-    m = re.search(rf"^{field}:\s+(\d+)\s*kB", text, re.M)
+    m = re.search(rf"^{field}:\s+(\d+)\s*kB", text, re.MULTILINE)
     return int(m.group(1)) * 1024 if m else None
 
 
@@ -294,7 +305,7 @@ class PeakSampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self) -> Self:
         self._sample()
         self._thread.start()
         return self

@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+import torch
+from _common import (
     RESULTS,
     PeakSampler,
     anon_bytes,
@@ -43,10 +44,7 @@ from _common import (  # noqa: E402
     rss_bytes,
     write_json,
 )
-
-import torch  # noqa: E402
-
-from neuraldb import NeuralKVDatabase  # noqa: E402
+from neuraldb import NeuralKVDatabase
 
 
 def _phase(name: str, base: tuple[int, int], fn) -> tuple[dict, object]:
@@ -64,8 +62,11 @@ def _phase(name: str, base: tuple[int, int], fn) -> tuple[dict, object]:
         "anon_gib": gib(anon_bytes() - base[1]),
         "peak_anon_gib": gib(sampler.peak_anon_bytes - base[1]),
     }
-    print(f"  {name:7s} {secs:8.2f} s   resident {row['rss_gib']:7.3f} GiB   peak {row['peak_rss_gib']:7.3f} GiB   "
-          f"anonymous peak {row['peak_anon_gib']:7.3f} GiB", flush=True)
+    print(
+        f"  {name:7s} {secs:8.2f} s   resident {row['rss_gib']:7.3f} GiB   peak {row['peak_rss_gib']:7.3f} GiB   "
+        f"anonymous peak {row['peak_anon_gib']:7.3f} GiB",
+        flush=True,
+    )
     return row, value
 
 
@@ -81,8 +82,15 @@ def run_one(m: int, d1: int, d2: int, batch: int, delete_frac: float, directory:
     gc.collect()
     base = (rss_bytes(), anon_bytes())
     ideal = (d1 + d2) * m * 2
-    out: dict = {"m": m, "key_dim": d1, "value_dim": d2, "batch": batch, "ideal_gib": gib(ideal), "ideal_bytes": ideal,
-                 "phases": []}
+    out: dict = {
+        "m": m,
+        "key_dim": d1,
+        "value_dim": d2,
+        "batch": batch,
+        "ideal_gib": gib(ideal),
+        "ideal_bytes": ideal,
+        "phases": [],
+    }
     db = NeuralKVDatabase(d1, d2)
 
     add_secs = [0.0]
@@ -116,7 +124,7 @@ def run_one(m: int, d1: int, d2: int, batch: int, delete_frac: float, directory:
     row["file_gib"] = gib(path.stat().st_size)
     out["phases"].append(row)
 
-    del db
+    db = None  # frees the database before the next size; the closures above have run
     gc.collect()
     out["rss_after_free_gib"] = gib(rss_bytes() - base[0])
     row, loaded = _phase("load", base, lambda: NeuralKVDatabase.load(path))
@@ -156,19 +164,37 @@ def main(argv: list[str] | None = None) -> dict | None:
         return res
 
     out = args.out or RESULTS / ("db_scale" + (f"_{args.tag}" if args.tag else "") + ".json")
-    result = {"benchmark": "bench_db_scale", "argv": sys.argv[1:] if argv is None else argv,
-              "machine": machine_description("cpu"), "runs": []}
+    result = {
+        "benchmark": "bench_db_scale",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "machine": machine_description("cpu"),
+        "runs": [],
+    }
     for m in (int(x) for x in args.m.split(",") if x):
         need = (args.key_dim + args.value_dim) * m * 2 * 3
         avail = mem_available_bytes()
-        print(f"m={m}: ideal {gib((args.key_dim + args.value_dim) * m * 2):.3f} GiB, available {gib(avail):.1f} GiB",
-              flush=True)
+        print(
+            f"m={m}: ideal {gib((args.key_dim + args.value_dim) * m * 2):.3f} GiB, available {gib(avail):.1f} GiB",
+            flush=True,
+        )
         if avail is not None and avail < need:
             print(f"  skipped: needs about {gib(need):.1f} GiB free", flush=True)
             result["runs"].append({"m": m, "skipped": f"MemAvailable {gib(avail)} GiB < {gib(need)} GiB"})
             continue
-        cmd = [sys.executable, __file__, "--one", str(m), "--key-dim", str(args.key_dim), "--value-dim",
-               str(args.value_dim), "--batch", str(args.batch), "--delete-frac", str(args.delete_frac)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(m),
+            "--key-dim",
+            str(args.key_dim),
+            "--value-dim",
+            str(args.value_dim),
+            "--batch",
+            str(args.batch),
+            "--delete-frac",
+            str(args.delete_frac),
+        ]
         if args.dir:
             cmd += ["--dir", str(args.dir)]
         if args.threads:
@@ -180,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if proc.returncode != 0:
             result["runs"].append({"m": m, "error": f"exit status {proc.returncode}"})
             continue
-        res = json.loads(next(x for x in lines if x.startswith("RESULT "))[len("RESULT "):])
+        res = json.loads(next(x for x in lines if x.startswith("RESULT "))[len("RESULT ") :])
         res["load_average_before_after"] = [load_before, load_average()]
         result["runs"].append(res)
         write_json(out, result)
@@ -192,9 +218,10 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def table(result: dict) -> str:
-    lines = ["| m | phase | seconds | resident GiB | peak GiB (VmHWM) | anonymous peak GiB | anon. peak / ideal "
-             "| notes |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| m | phase | seconds | resident GiB | peak GiB (VmHWM) | anonymous peak GiB | anon. peak / ideal | notes |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
     for run in result["runs"]:
         if "phases" not in run:
             lines.append(f"| {run['m']:,} | - | | | | | | {run.get('skipped') or run.get('error')} |")
@@ -203,15 +230,19 @@ def table(result: dict) -> str:
         for p in run["phases"]:
             note = ""
             if p["phase"] == "add":
-                note = (f"ideal {ideal:.3f} GiB, capacity {p['capacity']:,} rows ({p['capacity_gib']:.3f} GiB), "
-                        f"{p['facts_per_s']:,} facts/s (add only)")
+                note = (
+                    f"ideal {ideal:.3f} GiB, capacity {p['capacity']:,} rows ({p['capacity_gib']:.3f} GiB), "
+                    f"{p['facts_per_s']:,} facts/s (add only)"
+                )
             elif p["phase"] == "delete":
                 note = f"{p['deleted']:,} ids"
             elif p["phase"] == "save":
                 note = f"file {p['file_gib']:.3f} GiB"
-            lines.append(f"| {run['m']:,} | {p['phase']} | {p['seconds']:.2f} | {p['rss_gib']:.3f} | "
-                         f"{p['peak_rss_gib']:.3f} | {p['peak_anon_gib']:.3f} | {p['peak_anon_gib'] / ideal:.2f}x | "
-                         f"{note} |")
+            lines.append(
+                f"| {run['m']:,} | {p['phase']} | {p['seconds']:.2f} | {p['rss_gib']:.3f} | "
+                f"{p['peak_rss_gib']:.3f} | {p['peak_anon_gib']:.3f} | {p['peak_anon_gib'] / ideal:.2f}x | "
+                f"{note} |"
+            )
     return "\n".join(lines)
 
 

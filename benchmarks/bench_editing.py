@@ -29,26 +29,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
-from neuraldb.models import load_model  # noqa: E402
-from neuraldb import templates  # noqa: E402
-from neuraldb.editing import EditConfig, edit, engine  # noqa: E402
-from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes  # noqa: E402
-from neuraldb.editing.defaults import resolve  # noqa: E402
-from neuraldb.evaluation.gate import gate_fires, merge_rescored  # noqa: E402
-from neuraldb.facts import Fact  # noqa: E402
+from neuraldb import templates
+from neuraldb.editing import EditConfig, edit, engine
+from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
+from neuraldb.editing.defaults import resolve
+from neuraldb.evaluation.gate import gate_fires, merge_rescored
+from neuraldb.facts import Fact
+from neuraldb.models import load_model
 
-DATA = Path(os.environ.get("NEURALDB_SHARED", ROOT.parent / "shared")) / "data/knowledge_editing"
+DATA = Path(os.environ.get("NEURALDB_DATA_DIR", ROOT.parent / "shared" / "data")) / "knowledge_editing"
 RESULTS = ROOT / "benchmarks" / "results" / "editing.jsonl"
 
 
 def load_counterfact(n: int, offset: int = 0) -> list[Fact]:
-    recs = json.load(gzip.open(DATA / "counterfact_rome_format_1031.json.gz", "rt", encoding="utf-8"))
+    with gzip.open(DATA / "counterfact_rome_format_1031.json.gz", "rt", encoding="utf-8") as f:
+        recs = json.load(f)
     out = []
     for r in recs[offset : offset + n]:
         rw = r["requested_rewrite"]
         out.append(
-            Fact(rw["subject"], rw["prompt"], rw["target_new"]["str"], rw["target_true"]["str"],
-                 tuple(r["paraphrase_prompts"]), tuple(r["neighborhood_prompts"]))
+            Fact(
+                rw["subject"],
+                rw["prompt"],
+                rw["target_new"]["str"],
+                rw["target_true"]["str"],
+                tuple(r["paraphrase_prompts"]),
+                tuple(r["neighborhood_prompts"]),
+            )
         )
     return out
 
@@ -264,8 +271,16 @@ def main(argv=None):
         t, c = time.perf_counter(), time.process_time()
         _, _, st = naive_edit(model, tok, nf, cfg, template)
         el, cpu = time.perf_counter() - t, time.process_time() - c
-        rec = {"mode": "naive", "model": args.model, "n": len(nf), "s_per_fact": el / len(nf), "cpu_s_per_fact": cpu / len(nf),
-               "mean_steps": sum(st) / len(st), "threads": torch.get_num_threads(), "config": cfg.to_dict()}
+        rec = {
+            "mode": "naive",
+            "model": args.model,
+            "n": len(nf),
+            "s_per_fact": el / len(nf),
+            "cpu_s_per_fact": cpu / len(nf),
+            "mean_steps": sum(st) / len(st),
+            "threads": torch.get_num_threads(),
+            "config": cfg.to_dict(),
+        }
         print(json.dumps(rec), flush=True)
         _append(rec)
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
@@ -274,10 +289,20 @@ def main(argv=None):
         t, c = time.perf_counter(), time.process_time()
         db = edit(model, tok, facts, progress=False, stats=stats, **over)
         el, cpu = time.perf_counter() - t, time.process_time() - c
-        rec = {"mode": "neuraldb", "model": args.model, "dtype": args.dtype, "n": len(facts), "s_per_fact": el / len(facts),
-               "cpu_s_per_fact": cpu / len(facts),
-               "mean_steps": sum(stats["steps"]) / len(stats["steps"]), "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
-               "overrides": over, "config": {**db.config, "layer": db.layer, "gamma": db.gamma}, "tag": args.tag}
+        rec = {
+            "mode": "neuraldb",
+            "model": args.model,
+            "dtype": args.dtype,
+            "n": len(facts),
+            "s_per_fact": el / len(facts),
+            "cpu_s_per_fact": cpu / len(facts),
+            "mean_steps": sum(stats["steps"]) / len(stats["steps"]),
+            "load": os.getloadavg()[0],
+            "threads": torch.get_num_threads(),
+            "overrides": over,
+            "config": {**db.config, "layer": db.layer, "gamma": db.gamma},
+            "tag": args.tag,
+        }
         if pre is not None:
             rec["quality"] = quality(model, tok, db, facts, pre)
         print(json.dumps(rec), flush=True)

@@ -54,7 +54,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+import neuraldb
+import torch
+from _common import (
     RESULTS,
     load_average,
     machine_description,
@@ -63,13 +65,10 @@ from _common import (  # noqa: E402
     timed_both,
     write_json,
 )
-
-import torch  # noqa: E402
-
-import neuraldb  # noqa: E402
-from neuraldb import NeuralKVDatabase, architectures as arch, patch_model, patching, unpatch_model  # noqa: E402
-from neuraldb.patching import Patch  # noqa: E402
-from overhead_scenarios import (  # noqa: E402
+from neuraldb import NeuralKVDatabase, patch_model, patching, unpatch_model
+from neuraldb import architectures as arch
+from neuraldb.patching import Patch
+from overhead_scenarios import (
     GRAPH_SCENARIOS,
     SCENARIOS,
     Scenario,
@@ -89,6 +88,7 @@ _VARIANTS = {
 DEFAULT_M = (0, 2_000, 10_000, 20_000, 100_000, 1_000_000)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+
 def _use_sketch(db, variant: str) -> None:
     """Route the database's decode steps to the cascade ("1bit+int4", the default), the int4 sketch alone ("int4")
     or the plain scan ("plain"). ``db.prefilter = False`` would free the sketches, so each pre-filtered repetition
@@ -103,8 +103,17 @@ def variant_label(sketch: str, backend: str | None, several_backends: bool) -> s
     return f"{sketch} {backend or 'auto'}" if several_backends else sketch
 
 
-def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, device: str, gamma: float,
-            variants: dict[str, tuple[str, str | None]]) -> list[dict]:
+def measure(
+    model,
+    db,
+    scenario: Scenario,
+    layer: int,
+    reps: int,
+    warmup: int,
+    device: str,
+    gamma: float,
+    variants: dict[str, tuple[str, str | None]],
+) -> list[dict]:
     """Interleaved repetitions of one scenario at the database's current size: unpatched and one patched forward per
     variant, in rotating order. ``variants`` maps a label to (sketch setting, backend): "1bit+int4" is the database's
     default, the key sketches where they apply, built by the warm-up; "int4" the int4 sketch alone; "plain" the plain
@@ -177,8 +186,9 @@ def measure(model, db, scenario: Scenario, layer: int, reps: int, warmup: int, d
         unpatch_model(model)
     _use_sketch(db, "1bit+int4")
     qdtype = next(model.parameters()).dtype
-    rows = [_row(scenario, db, reps, device, qdtype, gamma, *variants[v], times["unpatched"], times[v], v)
-            for v in variants]
+    rows = [
+        _row(scenario, db, reps, device, qdtype, gamma, *variants[v], times["unpatched"], times[v], v) for v in variants
+    ]
     for row, v in zip(rows, variants):
         if scenario.captured:
             row.update(hook_ms=None, hook_pct=None, cpu_hook_ms=None, cpu_hook_pct=None, hook_ms_all=[])
@@ -207,8 +217,19 @@ def time_patch_hook(module: torch.nn.Module, sink: list[tuple[float, float]]) ->
     return [module.register_forward_hook(before, prepend=True), module.register_forward_hook(after)]
 
 
-def _row(scenario: Scenario, db, reps: int, device: str, qdtype: torch.dtype, gamma: float, sketch: str,
-         backend: str | None, base: list, pat: list, variant: str) -> dict:
+def _row(
+    scenario: Scenario,
+    db,
+    reps: int,
+    device: str,
+    qdtype: torch.dtype,
+    gamma: float,
+    sketch: str,
+    backend: str | None,
+    base: list,
+    pat: list,
+    variant: str,
+) -> dict:
     unpatched, patched = [w for w, _ in base], [w for w, _ in pat]
     diffs = [p - u for u, p in zip(unpatched, patched)]
     cpu_u = [c for _, c in base]
@@ -282,16 +303,25 @@ def tables(result: dict) -> str:
         cells = [pct(by[(s, m)]) if (s, m) in by else "" for s in scen]
         out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
     if any(r.get("hook_pct") is not None for r in rows):
-        out += ["", f"The patch's hook timed inside the patched forwards, % of the unpatched forward (median; {head}):",
-                ""]
+        out += [
+            "",
+            f"The patch's hook timed inside the patched forwards, % of the unpatched forward (median; {head}):",
+            "",
+        ]
         out.append("| m | " + " | ".join(scen) + " |")
         out.append("|---:|" + "---:|" * len(scen))
         for m in ms:
-            cells = [pct(by[(s, m)], "hook_pct") if by.get((s, m), {}).get("hook_pct") is not None else ""
-                     for s in scen]
+            cells = [
+                pct(by[(s, m)], "hook_pct") if by.get((s, m), {}).get("hook_pct") is not None else "" for s in scen
+            ]
             out.append(f"| {_fmt_m(m)} | " + " | ".join(cells) + " |")
-    out += ["", "Per scenario, ms; floor = key bytes / read bandwidth measured in the same run over the keys"
-            + (" (CPU-time columns: the same with process CPU time)" if has_cpu else "") + ":", ""]
+    out += [
+        "",
+        "Per scenario, ms; floor = key bytes / read bandwidth measured in the same run over the keys"
+        + (" (CPU-time columns: the same with process CPU time)" if has_cpu else "")
+        + ":",
+        "",
+    ]
     cols = "| scenario | m | unpatched | added | hook | op alone | floor | added/floor | read GB/s |"
     if has_cpu:
         cols += " CPU: unpatched | added | hook | op alone | floor | added/floor |"
@@ -306,14 +336,18 @@ def tables(result: dict) -> str:
             r = by.get((s, m))
             if r is None:
                 continue
-            line = (f"| {s} | {_fmt_m(m)} | {r['unpatched_ms']:.2f} | {r['added_ms']:+.3f} | {f(r.get('hook_ms'))} | "
-                    f"{r['op_ms']:.3f} | "
-                    f"{f(r.get('floor_ms'))} | {f(r.get('added_over_floor'), '.2f', 'x')} | "
-                    f"{f(r.get('read_gb_s'), '.1f')} |")
+            line = (
+                f"| {s} | {_fmt_m(m)} | {r['unpatched_ms']:.2f} | {r['added_ms']:+.3f} | {f(r.get('hook_ms'))} | "
+                f"{r['op_ms']:.3f} | "
+                f"{f(r.get('floor_ms'))} | {f(r.get('added_over_floor'), '.2f', 'x')} | "
+                f"{f(r.get('read_gb_s'), '.1f')} |"
+            )
             if has_cpu:
-                line += (f" {f(r.get('cpu_unpatched_ms'), '.2f')} | {f(r.get('cpu_added_ms'), '+.3f')} | "
-                         f"{f(r.get('cpu_hook_ms'))} | {f(r.get('cpu_op_ms'))} | {f(r.get('cpu_floor_ms'))} | "
-                         f"{f(r.get('cpu_added_over_floor'), '.2f', 'x')} |")
+                line += (
+                    f" {f(r.get('cpu_unpatched_ms'), '.2f')} | {f(r.get('cpu_added_ms'), '+.3f')} | "
+                    f"{f(r.get('cpu_hook_ms'))} | {f(r.get('cpu_op_ms'))} | {f(r.get('cpu_floor_ms'))} | "
+                    f"{f(r.get('cpu_added_over_floor'), '.2f', 'x')} |"
+                )
             out.append(line)
     return "\n".join(out)
 
@@ -334,15 +368,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--context", type=int, default=128, help="KV-cache length for the decode scenarios")
     ap.add_argument("--gamma", type=float, default=None)
-    ap.add_argument("--backend", default=None,
-                    help="the op's backend (default: auto); comma-separated names are timed as variants of one run, "
-                    "in the same interleaved repetitions (e.g. triton,cuda)")
-    ap.add_argument("--prefilter", default="on", choices=list(_VARIANTS),
-                    help="the database's key sketches for decode steps (on: its default, 1-bit + int4; both: patched "
-                    "with and without them in the same interleaved repetitions; all: also the int4 sketch alone)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP barriers "
-                    "waiting for a time slice, which otherwise dominate every timing")
+    ap.add_argument(
+        "--backend",
+        default=None,
+        help="the op's backend (default: auto); comma-separated names are timed as variants of one run, "
+        "in the same interleaved repetitions (e.g. triton,cuda)",
+    )
+    ap.add_argument(
+        "--prefilter",
+        default="on",
+        choices=list(_VARIANTS),
+        help="the database's key sketches for decode steps (on: its default, 1-bit + int4; both: patched "
+        "with and without them in the same interleaved repetitions; all: also the int4 sketch alone)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP barriers "
+        "waiting for a time slice, which otherwise dominate every timing",
+    )
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -394,15 +439,19 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_description(args.device),
         "rows": [],
     }
-    print(f"{args.model} {result['dtype']} on {args.device}: patching {path} ({key_dim} -> {value_dim}), gamma {gamma}",
-          flush=True)
+    print(
+        f"{args.model} {result['dtype']} on {args.device}: patching {path} ({key_dim} -> {value_dim}), gamma {gamma}",
+        flush=True,
+    )
     built = {s: Scenario(s, model, args.device, args.context, gen) for s in scenarios}
     for m in ms:
         secs = grow(db, m, dgen)
         bw = read_bandwidth(db.keys) if m else None
         key_bytes = db.keys.numel() * db.keys.element_size()
-        print(f"m={m}: database built in {secs:.1f}s" + (f", read {bw['bytes_per_s'] / 1e9:.1f} GB/s" if bw else ""),
-              flush=True)
+        print(
+            f"m={m}: database built in {secs:.1f}s" + (f", read {bw['bytes_per_s'] / 1e9:.1f} GB/s" if bw else ""),
+            flush=True,
+        )
         for s in scenarios:
             reps = args.reps if s.startswith("decode") else max(3, args.reps // 3)
             for row in measure(model, db, built[s], layer, reps, args.warmup, args.device, gamma, variants):
@@ -434,15 +483,20 @@ def add_row(result: dict, row: dict, s: str, m: int, key_bytes: int, bw: dict | 
             row["cpu_added_over_floor"] = row["cpu_added_ms"] / row["cpu_floor_ms"]
     result["rows"].append(row)
     label = f"{s} {row['variant']}"
-    print(f"  {label:22s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
-          f"({row['added_pct']:+6.2f}%)  hook {_ms(row['hook_ms'])}  op {row['op_ms']:8.3f} ms"
-          + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""), flush=True)
+    print(
+        f"  {label:22s} unpatched {row['unpatched_ms']:9.2f} ms  added {row['added_ms']:+8.3f} ms "
+        f"({row['added_pct']:+6.2f}%)  hook {_ms(row['hook_ms'])}  op {row['op_ms']:8.3f} ms"
+        + (f"  floor {row['floor_ms']:7.3f} ms ({row['added_over_floor']:.2f}x)" if bw else ""),
+        flush=True,
+    )
     if row["cpu_added_ms"] is not None:
-        print(f"  {'':22s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
-              f"added {row['cpu_added_ms']:+8.3f} ms "
-              f"({row['cpu_added_pct']:+6.2f}%)  hook {_ms(row['cpu_hook_ms'])}  op {row['cpu_op_ms']:8.3f} ms"
-              + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
-              flush=True)
+        print(
+            f"  {'':22s} CPU time: unpatched {row['cpu_unpatched_ms']:9.2f} ms  "
+            f"added {row['cpu_added_ms']:+8.3f} ms "
+            f"({row['cpu_added_pct']:+6.2f}%)  hook {_ms(row['cpu_hook_ms'])}  op {row['cpu_op_ms']:8.3f} ms"
+            + (f"  floor {row['cpu_floor_ms']:7.3f} ms ({row['cpu_added_over_floor']:.2f}x)" if bw else ""),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -33,13 +33,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, write_json  # noqa: E402  (also puts the repo root and python/ on sys.path)
+import torch
+from _common import RESULTS, write_json
 
-import torch  # noqa: E402
 
-
-def project(facts: float, gpus: int, d1: int, d2: int, bytes_per: int = 2, hbm_tb_s: float = 3.35,
-            efficiency: float = 0.85, collective_us: float = 25.0, tensor_parallel: bool = False) -> dict:
+def project(
+    facts: float,
+    gpus: int,
+    d1: int,
+    d2: int,
+    bytes_per: int = 2,
+    hbm_tb_s: float = 3.35,
+    efficiency: float = 0.85,
+    collective_us: float = 25.0,
+    tensor_parallel: bool = False,
+) -> dict:
     """A sizing model: the key scan streams this rank's keys once per decode step (memory-bound below a few
     hundred query rows), then two small collectives (three with tensor-parallel query gathering)."""
     rows = facts / gpus
@@ -52,11 +60,19 @@ def project(facts: float, gpus: int, d1: int, d2: int, bytes_per: int = 2, hbm_t
         **({"all_gather_query_slices": d1 * bytes_per} if tensor_parallel else {}),
     }
     return {
-        "facts": facts, "gpus": gpus, "d1": d1, "d2": d2, "dtype_bytes": bytes_per,
+        "facts": facts,
+        "gpus": gpus,
+        "d1": d1,
+        "d2": d2,
+        "dtype_bytes": bytes_per,
         "rows_per_gpu": rows,
-        "key_GB_per_gpu": key_bytes / 1e9, "value_GB_per_gpu": value_bytes / 1e9,
-        "hbm_TB_s": hbm_tb_s, "hbm_efficiency": efficiency,
-        "scan_ms": scan_ms, "collectives": collectives, "collective_us_each": collective_us,
+        "key_GB_per_gpu": key_bytes / 1e9,
+        "value_GB_per_gpu": value_bytes / 1e9,
+        "hbm_TB_s": hbm_tb_s,
+        "hbm_efficiency": efficiency,
+        "scan_ms": scan_ms,
+        "collectives": collectives,
+        "collective_us_each": collective_us,
         "per_token_ms": scan_ms + collectives * collective_us / 1e3,
         "bytes_per_token": per_token_bytes,
         # Query rows per step above which the scan turns compute-bound: FLOP/s x key bytes / (2 x HBM bytes/s)
@@ -67,13 +83,14 @@ def project(facts: float, gpus: int, d1: int, d2: int, bytes_per: int = 2, hbm_t
 
 def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
     torch.set_num_threads(1)
+    import neuraldb
     import torch.distributed as dist
 
-    import neuraldb
     from neuraldb_kernels import gated_retrieval
 
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
+    )
     d1, d2, n = args["d1"], args["d2"], args["facts"]
     g = torch.Generator().manual_seed(0)
     db = neuraldb.ShardedNeuralKVDatabase(d1, d2)
@@ -120,15 +137,21 @@ def measure(world: int, args: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         os.environ["OMP_NUM_THREADS"] = "1"
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), args, out), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, os.path.join(tmp, "store"), args, out), nprocs=world, start_method="spawn"
+        )
         return {"ranks": world, "rows_per_rank": -(-args["facts"] // world), **json.loads(Path(out).read_text())}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--facts", type=int, nargs="+", default=[4000, 40000],
-                   help="total facts (one sweep over --ranks each); 4000 x 1536 fp16 stays in this VM's cache")
+    p.add_argument(
+        "--facts",
+        type=int,
+        nargs="+",
+        default=[4000, 40000],
+        help="total facts (one sweep over --ranks each); 4000 x 1536 fp16 stays in this VM's cache",
+    )
     p.add_argument("--d1", type=int, default=1536, help="key width (default: SmolLM2-135M's MLP)")
     p.add_argument("--d2", type=int, default=576)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
@@ -138,17 +161,23 @@ def main() -> None:
     a = p.parse_args()
     args = {"facts": a.facts, "d1": a.d1, "d2": a.d2, "reps": a.reps, "ranks": a.ranks}
     report: dict = {
-        "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(), "config": args, "measured": [],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "config": args,
+        "measured": [],
     }
     if not a.project_only:
         for facts, w in [(f, w) for f in a.facts for w in a.ranks]:
             r = {"facts": facts, **measure(w, {**args, "facts": facts})}
             report["measured"].append(r)
-            print(f"facts={facts:>7}  W={w}  rows/rank={r['rows_per_rank']:>7}  local scan {r['local_ms']:7.3f} ms  collectives "
-                  f"{r['collective_ms']:6.3f} ms  retrieve: gate shut {r['shut_ms']:7.3f} ms, "
-                  f"open {r['open_ms']:7.3f} ms",
-                  flush=True)
+            print(
+                f"facts={facts:>7}  W={w}  rows/rank={r['rows_per_rank']:>7}  local scan {r['local_ms']:7.3f} ms  collectives "
+                f"{r['collective_ms']:6.3f} ms  retrieve: gate shut {r['shut_ms']:7.3f} ms, "
+                f"open {r['open_ms']:7.3f} ms",
+                flush=True,
+            )
         report["load_average_at_end"] = os.getloadavg()
     report["projected"] = [
         project(10e6, 8, 14336, 4096),
@@ -157,11 +186,13 @@ def main() -> None:
         project(10e6, 4, 14336, 4096, hbm_tb_s=4.8),  # H200: 141 GB, 4.8 TB/s
     ]
     for r in report["projected"]:
-        print(f"projected: {r['facts']:.0e} facts on {r['gpus']} GPU(s) at {r['hbm_TB_s']} TB/s, d1={r['d1']}, "
-              f"{r['dtype_bytes']}-byte keys: "
-              f"{r['key_GB_per_gpu']:.1f} GB keys + {r['value_GB_per_gpu']:.1f} GB values per GPU, scan "
-              f"{r['scan_ms']:.2f} ms + {r['collectives']} x {r['collective_us_each']:.0f} us -> "
-              f"{r['per_token_ms']:.2f} ms per decode step")
+        print(
+            f"projected: {r['facts']:.0e} facts on {r['gpus']} GPU(s) at {r['hbm_TB_s']} TB/s, d1={r['d1']}, "
+            f"{r['dtype_bytes']}-byte keys: "
+            f"{r['key_GB_per_gpu']:.1f} GB keys + {r['value_GB_per_gpu']:.1f} GB values per GPU, scan "
+            f"{r['scan_ms']:.2f} ms + {r['collectives']} x {r['collective_us_each']:.0f} us -> "
+            f"{r['per_token_ms']:.2f} ms per decode step"
+        )
     write_json(Path(a.out), report)
     print(f"wrote {a.out}")
 

@@ -34,18 +34,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS  # noqa: E402
-from _common import write_json as _write_json  # noqa: E402
-
-import torch  # noqa: E402
+import torch
+from _common import RESULTS
+from _common import write_json as _write_json
 
 DEFAULT_T = (1, 8, 16, 128, 2048)
 DEFAULT_M = (10_000, 100_000, 1_000_000)
 DEFAULT_D1 = (4096, 14336)
 PEERS = ("triton", "cuda", "eager", "compiled", "read_probe", "gemm_probe")
 # Dense fp16/bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
-NOMINAL_FP16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
-                       "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.1, "B200": 2250.0}
+NOMINAL_FP16_TFLOPS = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "B200": 2250.0,
+}
 # The reference's chunk bound (neuraldb_kernels.reference._SCORE_CHUNK_BYTES) for the memory estimate.
 REF_CHUNK_BYTES = 64 * 2**20
 
@@ -131,8 +138,11 @@ def nominal_peak(device_name: str) -> float | None:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'T':>5} {'m':>9} {'d1':>6} | " + " ".join(f"{p:>10}" for p in PEERS) + \
-        " | triton%rd  cuda%rd  tri/eag  tri/cmp  tri%gemm"
+    head = (
+        f"{'T':>5} {'m':>9} {'d1':>6} | "
+        + " ".join(f"{p:>10}" for p in PEERS)
+        + " | triton%rd  cuda%rd  tri/eag  tri/cmp  tri%gemm"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = " ".join(f"{r.times_ms[p]:10.3f}" if p in r.times_ms else f"{'-':>10}" for p in PEERS)
@@ -141,9 +151,11 @@ def format_table(rows: list[Row]) -> str:
         def f(key, fmt="{:8.1f}"):
             return fmt.format(d[key]) if key in d else f"{'-':>8}"
 
-        lines.append(f"{r.t:>5} {r.m:>9} {r.d1:>6} | {cells} | {f('triton_pct_read_probe')} "
-                     f"{f('cuda_pct_read_probe')} {f('triton_speedup_vs_eager', '{:8.2f}')} "
-                     f"{f('triton_speedup_vs_compiled', '{:8.2f}')} {f('triton_pct_gemm_probe')}")
+        lines.append(
+            f"{r.t:>5} {r.m:>9} {r.d1:>6} | {cells} | {f('triton_pct_read_probe')} "
+            f"{f('cuda_pct_read_probe')} {f('triton_speedup_vs_eager', '{:8.2f}')} "
+            f"{f('triton_speedup_vs_compiled', '{:8.2f}')} {f('triton_pct_gemm_probe')}"
+        )
     lines.append("times in ms per call (median); %rd = % of the same-run key read; tri/eag, tri/cmp = speedups")
     return "\n".join(lines)
 
@@ -280,36 +292,36 @@ def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, li
         row = Row(shp.t, shp.m, shp.d1, d2)
         g = torch.Generator(device="cuda").manual_seed(shp.t)
         pick = torch.randint(0, shp.m, (shp.t,), device="cuda", generator=g)
-        q = (keys[pick].float() + 0.5 * torch.randn(shp.t, shp.d1, device="cuda", generator=g) / shp.d1**0.5)
+        q = keys[pick].float() + 0.5 * torch.randn(shp.t, shp.d1, device="cuda", generator=g) / shp.d1**0.5
         q = (3 * q).half()
         results = {}
         for peer in peers:
-            if peer in avail and avail[peer]:
+            if avail.get(peer):
                 row.notes[peer] = f"unavailable: {avail[peer]}"
                 continue
             if peer == "gemm_probe" and shp.t < 16:
                 continue
             try:
                 if peer in ("triton", "cuda"):
-                    fn = lambda p=peer: neuraldb_kernels.gated_retrieval(q, keys, values, gamma, backend=p)  # noqa: E731
+                    fn = lambda p=peer: neuraldb_kernels.gated_retrieval(q, keys, values, gamma, backend=p)
                     t0 = time.perf_counter()
                     results[peer] = fn()
                     torch.cuda.synchronize()
                     row.first_call_s[peer] = time.perf_counter() - t0
                 elif peer == "eager":
-                    fn = lambda: gated_retrieval_torch(q, keys, values, gamma)  # noqa: E731
+                    fn = lambda: gated_retrieval_torch(q, keys, values, gamma)
                     results[peer] = fn()
                 elif peer == "compiled":
                     torch._dynamo.reset()  # a fresh cache per shape: no silent fallback past the recompile limit
                     cfn, how = compiled_reference(shp.t, shp.m, shp.d1, max_unrolled)
                     row.notes[peer] = how
-                    fn = lambda cfn=cfn: cfn(q, keys, values, gamma)  # noqa: E731
+                    fn = lambda cfn=cfn: cfn(q, keys, values, gamma)
                     t0 = time.perf_counter()
                     results[peer] = fn()
                     torch.cuda.synchronize()
                     row.first_call_s[peer] = time.perf_counter() - t0
                 elif peer == "read_probe":
-                    fn = lambda: keys.sum(dtype=torch.float32)  # noqa: E731
+                    fn = lambda: keys.sum(dtype=torch.float32)
                 else:
                     fn = gemm_probe(q, keys)
                 row.times_ms[peer] = time_cuda(fn)

@@ -39,13 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, cpu_flags, cpu_model, mem_available_bytes, write_json  # noqa: E402
+import torch
+from _common import RESULTS, cpu_flags, cpu_model, mem_available_bytes, write_json
 
-import torch  # noqa: E402
-
-import neuraldb_kernels  # noqa: E402
-from neuraldb_kernels import extension  # noqa: E402
-from neuraldb_kernels.probe import probe_built, read_probe  # noqa: E402
+import neuraldb_kernels
+from neuraldb_kernels import extension
+from neuraldb_kernels.probe import probe_built, read_probe
 
 D2 = 256
 
@@ -65,7 +64,7 @@ def variants(t: int, m: int, d1: int, queries, keys, values, sketch, signs, budg
     for name in neuraldb_kernels.available_backends("cpu"):
         if name == "triton":
             continue
-        v[name] = (lambda n: lambda: neuraldb_kernels.gated_retrieval(queries, keys, values, gamma, backend=n))(name)
+        v[name] = lambda n=name: neuraldb_kernels.gated_retrieval(queries, keys, values, gamma, backend=n)
     if "cpu" in v:
         v["prefiltered"] = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
             queries, keys, values, gamma, sketch, backend="cpu"
@@ -106,7 +105,7 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float =
     for name in fns:
         if name in ("torch", "fp16_mm", "fp32_mm", "read", "sum"):
             continue
-        out, idx, score = fns[name]()  # also the warm-up (thread pool, allocator, first touch)
+        out, idx, _score = fns[name]()  # also the warm-up (thread pool, allocator, first touch)
         if name in ("prefiltered", "cascade"):
             assert torch.equal(out, fns["cpu"]()[0]), f"the {name} kernel's out differs from the plain kernel's"
             continue
@@ -133,10 +132,20 @@ def bench_config(t: int, m: int, d1: int, reps: int, budget: int, gamma: float =
     eager = {n: med[n] for n in ("torch", "fp16_mm", "fp32_mm") if n in med}
     best_eager = min(eager, key=eager.get)
     row = {
-        "T": t, "m": m, "d1": d1, "d2": D2, "gamma": gamma, "key_bytes": key_bytes, "reps": reps, "cold_mb": cold_mb,
-        "median_s": med, "times_s": times,
-        "median_cpu_s": {n: statistics.median(ts) for n, ts in cpu_times.items() if ts}, "cpu_times_s": cpu_times,
-        "read_GBps": key_bytes / read / 1e9, "sum_GBps": key_bytes / med["sum"] / 1e9,
+        "T": t,
+        "m": m,
+        "d1": d1,
+        "d2": D2,
+        "gamma": gamma,
+        "key_bytes": key_bytes,
+        "reps": reps,
+        "cold_mb": cold_mb,
+        "median_s": med,
+        "times_s": times,
+        "median_cpu_s": {n: statistics.median(ts) for n, ts in cpu_times.items() if ts},
+        "cpu_times_s": cpu_times,
+        "read_GBps": key_bytes / read / 1e9,
+        "sum_GBps": key_bytes / med["sum"] / 1e9,
         "best_eager": best_eager,
         "sketch_bytes": sketch.numel(),
         "sketch_build_s": sketch_build_s,
@@ -172,10 +181,12 @@ def fmt_ms(s: float | None) -> str:
 
 
 def print_table(rows: list[dict], header: bool = True) -> None:
-    head = (f"{'T':>4} {'m':>8} {'d1':>6} | {'cpu ms':>9} {'torch ms':>9} {'fp16mm ms':>9} {'fp32mm ms':>9} "
-            f"{'read ms':>9} {'sum ms':>9} | {'read GB/s':>9} {'cpu GB/s':>8} {'%read':>6} {'x ref':>6} "
-            f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} {'1bit ms':>9} {'x cpu':>6} | CPU time: "
-            f"{'cpu ms':>7} {'pre ms':>7} {'x cpu':>6} {'1bit ms':>7} {'x cpu':>6} | best eager")
+    head = (
+        f"{'T':>4} {'m':>8} {'d1':>6} | {'cpu ms':>9} {'torch ms':>9} {'fp16mm ms':>9} {'fp32mm ms':>9} "
+        f"{'read ms':>9} {'sum ms':>9} | {'read GB/s':>9} {'cpu GB/s':>8} {'%read':>6} {'x ref':>6} "
+        f"{'x fp16mm':>8} {'x best':>7} {'pre ms':>9} {'x cpu':>6} {'1bit ms':>9} {'x cpu':>6} | CPU time: "
+        f"{'cpu ms':>7} {'pre ms':>7} {'x cpu':>6} {'1bit ms':>7} {'x cpu':>6} | best eager"
+    )
     if header:
         print(head)
         print("-" * len(head))
@@ -186,13 +197,19 @@ def print_table(rows: list[dict], header: bool = True) -> None:
             f"{r['T']:>4} {r['m']:>8} {r['d1']:>6} | {fmt_ms(med.get('cpu'))} {fmt_ms(med.get('torch'))} "
             f"{fmt_ms(med.get('fp16_mm'))} {fmt_ms(med.get('fp32_mm'))} {fmt_ms(med.get('read'))} "
             f"{fmt_ms(med.get('sum'))} | {r['read_GBps']:9.2f} "
-            + (f"{c['GBps']:8.2f} {100 * c['frac_of_read_bw']:5.0f}% {c['speedup_vs_eager_ref']:6.1f} "
-               f"{c['speedup_vs_fp16_mm']:8.2f} {c['speedup_vs_best_eager']:7.2f}" if c else " (no cpu backend)")
-            + "".join(f" {fmt_ms(med[n])} {r[n]['speedup_vs_cpu']:6.2f}" for n in ("prefiltered", "cascade")
-                      if n in med)
+            + (
+                f"{c['GBps']:8.2f} {100 * c['frac_of_read_bw']:5.0f}% {c['speedup_vs_eager_ref']:6.1f} "
+                f"{c['speedup_vs_fp16_mm']:8.2f} {c['speedup_vs_best_eager']:7.2f}"
+                if c
+                else " (no cpu backend)"
+            )
+            + "".join(
+                f" {fmt_ms(med[n])} {r[n]['speedup_vs_cpu']:6.2f}" for n in ("prefiltered", "cascade") if n in med
+            )
             + (f" | {'':9} {cpu['cpu'] * 1e3:7.2f}" if "cpu" in (cpu := r.get("median_cpu_s", {})) else "")
-            + "".join(f" {cpu[n] * 1e3:7.2f} {cpu['cpu'] / cpu[n]:6.2f}" for n in ("prefiltered", "cascade")
-                      if n in cpu)
+            + "".join(
+                f" {cpu[n] * 1e3:7.2f} {cpu['cpu'] / cpu[n]:6.2f}" for n in ("prefiltered", "cascade") if n in cpu
+            )
             + f" | {r['best_eager']}"
         )
 
@@ -205,9 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, nargs="*", default=None)
     ap.add_argument("--d1", type=int, nargs="*", default=None)
     ap.add_argument("--gamma", type=float, default=0.5, help="the gate (the pre-filters' pass rates depend on it)")
-    ap.add_argument("--cold-mb", type=int, default=0,
-                    help="stream this many MB through the caches before every timed call (0: warm, the default)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/op_table-<time>.json)")
+    ap.add_argument(
+        "--cold-mb",
+        type=int,
+        default=0,
+        help="stream this many MB through the caches before every timed call (0: warm, the default)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/op_table-<time>.json)"
+    )
     args = ap.parse_args(argv)
     ms = args.m or ([100_000] if args.quick else [10_000, 100_000, 1_000_000])
     d1s = args.d1 or ([1536] if args.quick else [1536, 4096, 14336])
@@ -226,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         "env": {k: v for k, v in os.environ.items() if k.startswith("NEURALDB_")},
         "loadavg_before": os.getloadavg(),
         "read_probe": "neuraldb_kernels.probe.read_probe(keys): C++ XOR of every 64-byte line (AVX-512 loads, "
-                      "prefetch 1 KB ahead), the kernels' threading",
+        "prefetch 1 KB ahead), the kernels' threading",
         "quick": args.quick,
         "cold_mb": args.cold_mb,
     }
-    print(f"# {meta['cpu_model']} | {meta['threads']} threads | torch {meta['torch']} | kernels {meta['cpu_kernels']}"
-          f" | load {meta['loadavg_before'][0]:.1f}" + (f" | cold: {args.cold_mb} MB read before each call" if args.cold_mb else ""))
+    print(
+        f"# {meta['cpu_model']} | {meta['threads']} threads | torch {meta['torch']} | kernels {meta['cpu_kernels']}"
+        f" | load {meta['loadavg_before'][0]:.1f}"
+        + (f" | cold: {args.cold_mb} MB read before each call" if args.cold_mb else "")
+    )
     rows = []
     avail = mem_available_bytes() or 8 << 30
     for d1 in d1s:

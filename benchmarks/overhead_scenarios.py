@@ -132,8 +132,9 @@ class Scenario:
         with torch.inference_mode():
             if self.cache is None:
                 return self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1).logits
-            logits = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1,
-                                **{self.cache_kw: self.cache}).logits
+            logits = self.model(
+                input_ids=self.ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache}
+            ).logits
             if self.captured:
                 # Each layer's length is a device tensor, moved back in place (inside the graph, no sync). Not crop():
                 # StaticLayer has it in transformers 5.24, not in 5.17 (the GPU machines' image).

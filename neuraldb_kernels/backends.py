@@ -20,7 +20,6 @@ from neuraldb_kernels.reference import gated_retrieval_torch
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-
 @dataclass(frozen=True)
 class Backend:
     """One entry of ``BACKENDS``: whether it can run on a device type, and its kernel (imported on first use)."""

@@ -191,7 +191,7 @@ def _first_best_finite(q_row, k_ptr, stride_k, nrm, M, D1, BLOCK_D: tl.constexpr
     offs_d = tl.arange(0, BLOCK_D)
     best = float("-inf")
     best_i = tl.zeros((), tl.int64) + M
-    for n in range(0, M):
+    for n in range(M):
         n64 = tl.zeros((), tl.int64) + n  # k_ptr offsets pass 2^31 at 1M x 14336 keys
         k_row = k_ptr + n64 * stride_k
         dot = tl.zeros((BLOCK_D,), tl.float32)
@@ -362,7 +362,9 @@ _CONFIGS_PREFILL = [
     )
     for s in (3, 4)
 ] + [
-    _cfg(128, 256, 32, 8, 4),  # the fastest on an H200 (benchmarks/experiments/triton_config_sweep.py) that does not spill
+    _cfg(
+        128, 256, 32, 8, 4
+    ),  # the fastest on an H200 (benchmarks/experiments/triton_config_sweep.py) that does not spill
     _cfg(64, 64, 32, 8, 3),  # for fp32 keys (the ieee dot runs on FMA units; see _prune)
 ]
 # What the autotuner chooses from, per scan path.
@@ -544,13 +546,13 @@ def gated_retrieval_triton(
             nrm = torch.empty((t,), dtype=torch.float32, device=device)
             _norm_kernel[(t,)](queries, nrm, d1, queries.stride(0), EPS=NORM_EPS, BLOCK_D=1024)
         args = (queries, nrm, keys, ps, pi, t, m, d1, queries.stride(0), keys.stride(0), per, split_bucket(per))
-        consts = dict(
-            T_BUCKET=t_bucket(t),
-            SPLIT_Q=split_q,
-            LO_SCALE=_LO_SCALE[keys.dtype],
-            UPCAST=interpret,
-            IEEE=keys.dtype == torch.float32,
-        )
+        consts = {
+            "T_BUCKET": t_bucket(t),
+            "SPLIT_Q": split_q,
+            "LO_SCALE": _LO_SCALE[keys.dtype],
+            "UPCAST": interpret,
+            "IEEE": keys.dtype == torch.float32,
+        }
         if interpret or config is not None or not _autotuning():
             if interpret:
                 cfg = dict(_INTERPRET_CONFIG[kind])
@@ -561,7 +563,7 @@ def gated_retrieval_triton(
             grid = (triton.cdiv(t, cfg["BLOCK_T"]), splits)
             _scan_kernel[grid](*args, **consts, **cfg)
         else:
-            grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), splits)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), splits)
             _tuned_scan(kind)[grid](*args, **consts)
         _finish_kernel[(t,)](
             queries,

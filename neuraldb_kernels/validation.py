@@ -67,9 +67,7 @@ def check_inputs(queries: object, keys: object, values: object, gamma: object) -
         raise ValueError(f"values must be 2-D (m, d2), got shape {tuple(values.shape)}")
     d1 = queries.shape[-1]
     if keys.shape[1] != d1:
-        raise ValueError(
-            f"keys must have shape (m, {d1}) to match queries (..., {d1}), got {tuple(keys.shape)}"
-        )
+        raise ValueError(f"keys must have shape (m, {d1}) to match queries (..., {d1}), got {tuple(keys.shape)}")
     if values.shape[0] != keys.shape[0]:
         raise ValueError(
             f"values must have one row per key: expected shape ({keys.shape[0]}, d2), got {tuple(values.shape)}"

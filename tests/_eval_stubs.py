@@ -30,7 +30,7 @@ class StubTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True):
         ids = [self.id(p) for p in re.findall(r" ?\S+| +$", text)]
         if add_special_tokens and self.bos:
-            ids = [1] + ids
+            ids = [1, *ids]
         return {"input_ids": ids}
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -4,7 +4,6 @@ evaluation code paths in well under a second per test."""
 from __future__ import annotations
 
 import torch
-
 from neuraldb.facts import Fact
 
 FACTS = [
@@ -17,9 +16,14 @@ FACTS = [
 
 # FACTS with paraphrases and neighborhood prompts made from the tiny tokenizer's words
 EVAL_FACTS = [
-    Fact(f.subject, f.prompt, f.target_new, target_true=f.target_true,
-         paraphrases=(f"Because {f.text}", f"I . {f.text}"),
-         neighborhood=tuple(g.text for g in FACTS if g is not f)[:3])
+    Fact(
+        f.subject,
+        f.prompt,
+        f.target_new,
+        target_true=f.target_true,
+        paraphrases=(f"Because {f.text}", f"I . {f.text}"),
+        neighborhood=tuple(g.text for g in FACTS if g is not f)[:3],
+    )
     for f in FACTS
 ]
 
@@ -39,8 +43,16 @@ def word_llama():
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     cfg = transformers.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()

@@ -18,7 +18,7 @@ VOCAB = 128
 LAYERS = 3
 PATCH_LAYER = 1  # a layer with one above it, so retrieval reaches the logits through more than the last layer
 
-_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _LLAMA = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -35,9 +35,14 @@ _LLAMA = dict(
 def _gemma3_multimodal() -> T.PretrainedConfig:
     return T.Gemma3Config(
         text_config=dict(_LLAMA),
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-        ),
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
     )
 
 
@@ -62,12 +67,23 @@ CONFIGS = {
         vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, rotary_dim=4, **_TOKENS
     ),
     "gpt_neox": lambda: T.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, **_TOKENS,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **_TOKENS,
     ),
     "opt": lambda: T.OPTConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, ffn_dim=64,
-        max_position_embeddings=128, word_embed_proj_dim=32, **_TOKENS,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        **_TOKENS,
     ),
     "falcon": lambda: T.FalconConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, **_TOKENS

@@ -81,8 +81,10 @@ def assert_matches_reference(
     g32 = torch.tensor(gamma, dtype=torch.float32)
 
     for r in range(q2.shape[0]):
-        where = f"row {r} (ref idx {ref_idx[r].item()}, score {ref_score[r].item():.7f}; got idx {idx2[r].item()}, " \
-                f"score {score2[r].item():.7f}; gamma {gamma})"
+        where = (
+            f"row {r} (ref idx {ref_idx[r].item()}, score {ref_score[r].item():.7f}; got idx {idx2[r].item()}, "
+            f"score {score2[r].item():.7f}; gamma {gamma})"
+        )
         i = int(idx2[r])
         if int(ref_idx[r]) < 0:  # no key has a finite score: a non-finite query row
             assert i == -1 and score2[r] == float("-inf"), f"{where}: expected idx -1, score -inf"
@@ -132,8 +134,9 @@ class Case:
     tol: Tol = BOUND
 
     def to(self, device: str | torch.device) -> Case:
-        return Case(self.name, self.queries.to(device), self.keys.to(device), self.values.to(device), self.gamma,
-                    self.tol)
+        return Case(
+            self.name, self.queries.to(device), self.keys.to(device), self.values.to(device), self.gamma, self.tol
+        )
 
 
 def unit_keys(m: int, d1: int, dtype: torch.dtype = torch.float16, *, generator: torch.Generator) -> torch.Tensor:
@@ -161,7 +164,7 @@ def adversarial_cases(
     """The op issue's adversarial cases at the given sizes (CPU tensors; move them with :meth:`Case.to`)."""
     g = torch.Generator().manual_seed(seed)
     cases: list[Case] = []
-    vals = lambda rows, dt=torch.float16: torch.randn(rows, d2, generator=g).to(dt)  # noqa: E731
+    vals = lambda rows, dt=torch.float16: torch.randn(rows, d2, generator=g).to(dt)
 
     for kd in key_dtypes:
         for qd in query_dtypes:
@@ -169,10 +172,18 @@ def adversarial_cases(
             cases.append(Case(f"random-q{qd}-k{kd}", near_queries(keys, t, 1.0, qd, generator=g), keys, vals(m), 0.5))
     keys = unit_keys(m, d1, generator=g)
     cases.append(Case("T=1", near_queries(keys, 1, 1.0, torch.float16, generator=g), keys, vals(m), 0.5))
-    cases.append(Case("values-bf16", near_queries(keys, t, 1.0, torch.float32, generator=g), keys,
-                      vals(m, torch.bfloat16), 0.5))
-    cases.append(Case("values-fp32-queries-bf16", near_queries(keys, t, 1.0, torch.bfloat16, generator=g), keys,
-                      vals(m, torch.float32), 0.5))
+    cases.append(
+        Case("values-bf16", near_queries(keys, t, 1.0, torch.float32, generator=g), keys, vals(m, torch.bfloat16), 0.5)
+    )
+    cases.append(
+        Case(
+            "values-fp32-queries-bf16",
+            near_queries(keys, t, 1.0, torch.bfloat16, generator=g),
+            keys,
+            vals(m, torch.float32),
+            0.5,
+        )
+    )
     keys1 = unit_keys(1, d1, generator=g)
     cases.append(Case("m=1", near_queries(keys1, t, 1.0, torch.float16, generator=g), keys1, vals(1), 0.5))
     cases.append(Case("m=0", torch.randn(t, d1, generator=g).half(), keys[:0], vals(0), 0.5, tol=None))
@@ -190,8 +201,9 @@ def adversarial_cases(
     cases.append(Case("exact-ties-fp16-q", q.half(), dup, vals(m), 0.5, tol=None))
     # Every key identical: one long exact tie across all splits and tiles.
     same = keys[5:6].repeat(m, 1)
-    cases.append(Case("all-keys-equal", near_queries(keys, t, 1.0, torch.float32, generator=g), same, vals(m), -0.9,
-                      tol=None))
+    cases.append(
+        Case("all-keys-equal", near_queries(keys, t, 1.0, torch.float32, generator=g), same, vals(m), -0.9, tol=None)
+    )
 
     # A score exactly at gamma (gate closed) and just above it (open): query e0, key 7 has 0.5 in coordinate 0,
     # every other key less; all products are exact, so every backend computes exactly 0.5.
@@ -215,8 +227,11 @@ def adversarial_cases(
     # Non-finite input is never retrieved. Key rows: NaN in one element; +inf where the query aiming at it is
     # positive (a +inf score in fp32); +inf and -inf (NaN). Query rows: NaN, +inf, -inf, then ordinary rows.
     bad = keys.clone()
-    bad[10, 3], bad[20, 0], bad[30, 5], bad[30, 6] = float("nan"), float("inf"), float("inf"), float("-inf")
-    aim = bad[[10, 20, 30, 40, 50]].float().nan_to_num(nan=0.5, posinf=0.5, neginf=-0.5).abs()[:t]
+    nan_row, inf_row, both_row = 1, m // 2, m - 1  # in different splits and tiles, whatever m (at least 3)
+    bad[nan_row, 3 % d1], bad[inf_row, 0] = float("nan"), float("inf")
+    bad[both_row, 5 % d1], bad[both_row, 6 % d1] = float("inf"), float("-inf")
+    aim = bad[[nan_row, inf_row, both_row, 0, m // 3]].float()
+    aim = aim.nan_to_num(nan=0.5, posinf=0.5, neginf=-0.5).abs()[:t]
     cases.append(Case("non-finite-key-rows", aim.to(torch.float16), bad, vals(m), -0.9))
     nq = near_queries(keys, t, 1.0, torch.float32, generator=g)
     nq[0, 7], nq[1, 0] = float("nan"), float("inf")

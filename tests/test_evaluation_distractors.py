@@ -49,8 +49,7 @@ def test_gate_skip_scoring_equals_full_rescoring(tiny, edited):
     patch_model(model, edited)
     try:
         full = evaluate_counterfact(model, tok, facts, prompt_fn=pf, show_progress=False)
-        gated = evaluate_counterfact(model, tok, facts, prompt_fn=pf, show_progress=False, baseline=pre,
-                                     rescore=fires)
+        gated = evaluate_counterfact(model, tok, facts, prompt_fn=pf, show_progress=False, baseline=pre, rescore=fires)
     finally:
         unpatch_model(model)
     changed = 0
@@ -76,8 +75,9 @@ def test_retrieval_hits_match_the_op_and_prefix_sizes(tiny, edited):
     gamma = 0.5
     keys = torch.cat([edited.keys, torch.nn.functional.normalize(torch.randn(4, edited.key_dim), dim=1).half()])
     focus = [len(s) - 2 for s in seqs]
-    per_size, at_focus = retrieval_hits(model, edited.layer, seqs, keys, gamma, sizes=[1, 3, 7], margin=0.0,
-                                        focus=focus, batch_size=2)
+    per_size, at_focus = retrieval_hits(
+        model, edited.layer, seqs, keys, gamma, sizes=[1, 3, 7], margin=0.0, focus=focus, batch_size=2
+    )
     h = engine.handles(model, edited.layer)
     for n, hits, hits_at in zip([1, 3, 7], per_size, at_focus):
         for s, got, got_at, p in zip(seqs, hits, hits_at, focus):
@@ -115,13 +115,15 @@ def test_synthetic_residual_norms_follow_the_given_norms():
 
 
 def test_duplicates_of_edited_facts_are_dropped():
-    edited = [Fact("Danielle Darrieux", "The mother tongue of {} is", "English"),
-              Fact("Spike Hughes", "{} originates from", "Philadelphia")]
+    edited = [
+        Fact("Danielle Darrieux", "The mother tongue of {} is", "English"),
+        Fact("Spike Hughes", "{} originates from", "Philadelphia"),
+    ]
     candidates = [
-        Fact("Danielle Darrieux", "The mother tongue of {} is", "French"),      # same record, other target
-        Fact("Danielle Darrieux", "{} was born in", "Paris"),                  # same subject, other prompt
-        Fact("Max Mosley", "{} originates from", "London"),                    # same prompt, other subject
-        Fact("Spike  Hughes", "{}  originates from", "London"),                # whitespace variant of an edit
+        Fact("Danielle Darrieux", "The mother tongue of {} is", "French"),  # same record, other target
+        Fact("Danielle Darrieux", "{} was born in", "Paris"),  # same subject, other prompt
+        Fact("Max Mosley", "{} originates from", "London"),  # same prompt, other subject
+        Fact("Spike  Hughes", "{}  originates from", "London"),  # whitespace variant of an edit
         Fact("Apple A5", "{} was created by", "Google"),
     ]
     keep, dropped = drop_duplicates(edited, candidates)
@@ -144,7 +146,9 @@ def test_run_distractor_scaling(tiny, edited):
 
     model, tok = tiny
     # keys no prompt comes near (fact 0's negated, random ones in 64 dimensions): adding them changes nothing
-    dkeys = torch.cat([-edited.keys.float()[:1], torch.randn(3, edited.key_dim, generator=torch.Generator().manual_seed(0))])
+    dkeys = torch.cat(
+        [-edited.keys.float()[:1], torch.randn(3, edited.key_dim, generator=torch.Generator().manual_seed(0))]
+    )
     before = edited.keys.clone()
     r = run_distractor_scaling(model, tok, edited, EVAL_FACTS[:3], dkeys, sizes=[3, 4, 7], eval_facts=2)
     assert len(edited) == 3 and torch.equal(edited.keys, before) and patch_info(model) is None
@@ -191,7 +195,10 @@ def test_limited_distractor_keys_are_resumed(tiny, edited, tmp_path, monkeypatch
     assert first.shape == (2, edited.key_dim)
     asked = []
     real = neuraldb.editing.compute_keys
-    monkeypatch.setattr(neuraldb.editing, "compute_keys", lambda m, t, facts, *a, **kw: asked.append(len(facts))
-                        or real(m, t, facts, *a, **kw))
+    monkeypatch.setattr(
+        neuraldb.editing,
+        "compute_keys",
+        lambda m, t, facts, *a, **kw: asked.append(len(facts)) or real(m, t, facts, *a, **kw),
+    )
     full = distractor_keys(model, tok, edited, EVAL_FACTS, cache_dir=tmp_path, chunk=2)
     assert asked == [2, 1] and len(full) == len(EVAL_FACTS) and torch.equal(full[:2], first)

@@ -3,16 +3,18 @@
 import math
 
 import pytest
-
+from _eval_stubs import BigramLM, StubTokenizer
 from neuraldb.evaluation.counterfact import evaluate_counterfact, harmonic_mean
 from neuraldb.evaluation.fluency import (
-    TfidfVectorizer, fluency_score, ngram_entropy, tfidf_similarity, word_tokenize,
+    TfidfVectorizer,
+    fluency_score,
+    ngram_entropy,
+    tfidf_similarity,
+    word_tokenize,
 )
 from neuraldb.evaluation.general import lambada, multiple_choice, wikitext_perplexity
 from neuraldb.evaluation.zsre import evaluate_zsre, locality_unchanged
 from neuraldb.facts import Fact
-
-from _eval_stubs import BigramLM, StubTokenizer
 
 
 def _cf_world():
@@ -23,12 +25,18 @@ def _cf_world():
     # new wins by per-token mean (ROME) but loses by the summed whole-target log-probability.
     m.set_next(t[" is"], {t[" New"]: 0.5, t[" Boston"]: 0.5 - 1e-9})
     m.set_next(t[" New"], {t[" York"]: 0.9})
-    m.set_next(t[" city:"], {t[" New"]: 0.8, t[" Boston"]: 0.1})    # paraphrase 1: new wins either way
-    m.set_next(t[" town:"], {t[" New"]: 0.01, t[" Boston"]: 0.6})   # paraphrase 2: true wins either way
-    m.set_next(t[" in"], {t[" New"]: 0.01, t[" Boston"]: 0.7})      # neighborhood 1: true wins (success)
-    m.set_next(t[" at"], {t[" New"]: 0.9, t[" Boston"]: 0.05})      # neighborhood 2: new wins (failure)
-    fact = Fact("Bob", "{} is", "New York", target_true="Boston",
-                paraphrases=("Bob's city:", "Bob's town:"), neighborhood=("Ann lives in", "Ann works at"))
+    m.set_next(t[" city:"], {t[" New"]: 0.8, t[" Boston"]: 0.1})  # paraphrase 1: new wins either way
+    m.set_next(t[" town:"], {t[" New"]: 0.01, t[" Boston"]: 0.6})  # paraphrase 2: true wins either way
+    m.set_next(t[" in"], {t[" New"]: 0.01, t[" Boston"]: 0.7})  # neighborhood 1: true wins (success)
+    m.set_next(t[" at"], {t[" New"]: 0.9, t[" Boston"]: 0.05})  # neighborhood 2: new wins (failure)
+    fact = Fact(
+        "Bob",
+        "{} is",
+        "New York",
+        target_true="Boston",
+        paraphrases=("Bob's city:", "Bob's town:"),
+        neighborhood=("Ann lives in", "Ann works at"),
+    )
     return m, tok, fact
 
 
@@ -77,11 +85,17 @@ def test_zsre_token_accuracy_and_rome_specificity():
     tok, m = StubTokenizer(), BigramLM()
     t = {p: tok.id(p) for p in (" ?", " New", " York", " Jersey", " The", " String", " Band", " foo?")}
     m.set_next(t[" ?"], {t[" New"]: 0.6})
-    m.set_next(t[" New"], {t[" Jersey"]: 0.6, t[" York"]: 0.3})       # 2nd target token is not top-1
+    m.set_next(t[" New"], {t[" Jersey"]: 0.6, t[" York"]: 0.3})  # 2nd target token is not top-1
     m.set_next(t[" foo?"], {t[" The"]: 0.6})
     m.set_next(t[" The"], {t[" String"]: 0.6})
-    fact = Fact("X", "Where is {} ?", "New York", paraphrases=("Where is X really ?",),
-                neighborhood=("nq question: foo",), extras={"loc_ans": "The Band"})
+    fact = Fact(
+        "X",
+        "Where is {} ?",
+        "New York",
+        paraphrases=("Where is X really ?",),
+        neighborhood=("nq question: foo",),
+        extras={"loc_ans": "The Band"},
+    )
     r = evaluate_zsre(m, tok, [fact], show_progress=False)
     s = r["summary"]
     assert s["efficacy"] == 50.0 and s["generalization"] == 50.0

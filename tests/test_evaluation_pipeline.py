@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from _tiny_editing import EVAL_FACTS, word_llama
 from neuraldb import patch_model, templates, unpatch_model
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.evaluation.counterfact import evaluate_counterfact
 from neuraldb.evaluation.deletion import half_summary
 from neuraldb.evaluation.pipeline import run_eval
-from _tiny_editing import EVAL_FACTS, word_llama
 
 
 def _facts_file(tmp_path, facts):
@@ -29,15 +29,24 @@ def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
     path = _facts_file(tmp_path, facts)
-    run = run_eval(model_name="tiny", dataset="counterfact", facts_path=path, n_facts=None, save_db=tmp_path / "db",
-                   edit_kwargs=dict(layer=2, gamma=0.9, n_prefixes=1, prefix_len=3, steps=5), fluency=False,
-                   deletion=True, show_progress=False, model_and_tok=(model, tok))
+    run = run_eval(
+        model_name="tiny",
+        dataset="counterfact",
+        facts_path=path,
+        n_facts=None,
+        save_db=tmp_path / "db",
+        edit_kwargs={"layer": 2, "gamma": 0.9, "n_prefixes": 1, "prefix_len": 3, "steps": 5},
+        fluency=False,
+        deletion=True,
+        show_progress=False,
+        model_and_tok=(model, tok),
+    )
     unpatch_model(model)
     done, total = run["rescored_prompts"]["post"]
     assert 0 < done < total  # both the copied and the re-scored paths ran
 
     db = NeuralKVDatabase.load(tmp_path / "db")
-    pf = (lambda s: templates.apply(db.template, s))
+    pf = lambda s: templates.apply(db.template, s)
     patch_model(model, db)
     try:
         full = evaluate_counterfact(model, tok, facts, prompt_fn=pf, show_progress=False)
@@ -60,9 +69,20 @@ def test_run_eval_on_a_seeded_subset_edits_all_and_scores_the_subset(tmp_path, m
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
     path = _facts_file(tmp_path, facts)
-    run = run_eval(model_name="tiny", dataset="counterfact", facts_path=path, n_facts=None, eval_facts=2, seed=3,
-                   save_db=tmp_path / "db", edit_kwargs=dict(layer=2, gamma=0.9, n_prefixes=1, prefix_len=3, steps=5),
-                   fluency=False, deletion=True, show_progress=False, model_and_tok=(model, tok))
+    run = run_eval(
+        model_name="tiny",
+        dataset="counterfact",
+        facts_path=path,
+        n_facts=None,
+        eval_facts=2,
+        seed=3,
+        save_db=tmp_path / "db",
+        edit_kwargs={"layer": 2, "gamma": 0.9, "n_prefixes": 1, "prefix_len": 3, "steps": 5},
+        fluency=False,
+        deletion=True,
+        show_progress=False,
+        model_and_tok=(model, tok),
+    )
     unpatch_model(model)
     idx = run["evaluated_indices"]
     assert len(idx) == 2 and idx == sorted(set(idx)) and run["n_evaluated"] == 2 and run["n_facts"] == 4
@@ -70,7 +90,7 @@ def test_run_eval_on_a_seeded_subset_edits_all_and_scores_the_subset(tmp_path, m
 
     db = NeuralKVDatabase.load(tmp_path / "db")
     assert len(db) == 4
-    pf = (lambda s: templates.apply(db.template, s))
+    pf = lambda s: templates.apply(db.template, s)
     patch_model(model, db)
     try:
         full = evaluate_counterfact(model, tok, [facts[i] for i in idx], prompt_fn=pf, show_progress=False)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from neuraldb.evaluation.counterfact import CONSISTENCY_SKIPPED
 from neuraldb.evaluation.deletion import deletion_experiment, deletion_table, half_summary
 from neuraldb.evaluation.report import markdown_report, write_reports
@@ -31,8 +30,16 @@ def test_deletion_reverts_even_half_only():
 
     def evaluate(fs):  # an edited fact succeeds iff its row is still in the database
         live = set(db.ids())
-        return {"per_fact": [{"rewrite_success": float(100 + i in live), "paraphrase_success": 0.5 * (100 + i in live),
-                              "neighborhood_success": 1.0} for i in range(len(fs))]}
+        return {
+            "per_fact": [
+                {
+                    "rewrite_success": float(100 + i in live),
+                    "paraphrase_success": 0.5 * (100 + i in live),
+                    "neighborhood_success": 1.0,
+                }
+                for i in range(len(fs))
+            ]
+        }
 
     pre = {"per_fact": [{"rewrite_success": 0.0, "paraphrase_success": 0.0, "neighborhood_success": 1.0}] * 6}
     r = deletion_experiment(None, None, facts, db, evaluate=evaluate, kind="counterfact", pre=pre)
@@ -54,12 +61,15 @@ def test_deletion_on_an_evaluated_subset_keeps_each_facts_parity():
         seen.append([f.subject for f in fs])
         live = set(db.ids())
         idx = [int(f.subject[1:]) for f in fs]
-        return {"per_fact": [{"rewrite_success": float(100 + i in live), "paraphrase_success": float(i),
-                              "neighborhood_success": 1.0} for i in idx]}
+        return {
+            "per_fact": [
+                {"rewrite_success": float(100 + i in live), "paraphrase_success": float(i), "neighborhood_success": 1.0}
+                for i in idx
+            ]
+        }
 
     pre = {"per_fact": [{"rewrite_success": 0.0, "paraphrase_success": 0.0, "neighborhood_success": 1.0}] * 3}
-    r = deletion_experiment(None, None, facts, db, evaluate=evaluate, kind="counterfact", evaluated=[1, 2, 5],
-                            pre=pre)
+    r = deletion_experiment(None, None, facts, db, evaluate=evaluate, kind="counterfact", evaluated=[1, 2, 5], pre=pre)
     assert db.ids() == [101, 103, 105]  # the even rows of all six facts, not of the three evaluated
     assert seen == [["S1", "S2", "S5"]] * 2
     odd, even = r["halves"]["odd"], r["halves"]["even"]
@@ -68,29 +78,53 @@ def test_deletion_on_an_evaluated_subset_keeps_each_facts_parity():
     assert even["deleted_even"]["efficacy"] == 0 and odd["deleted_even"]["efficacy"] == 100
     assert r["n_deleted"] == 3 and r["n_evaluated"] == 3
     with pytest.raises(ValueError, match="evaluated"):
-        deletion_experiment(None, None, facts, FakeDB(6), evaluate=evaluate, kind="counterfact", evaluated=[6],
-                            pre=pre)
+        deletion_experiment(None, None, facts, FakeDB(6), evaluate=evaluate, kind="counterfact", evaluated=[6], pre=pre)
 
 
 def test_half_summary_zsre_keys():
-    res = {"per_fact": [{"rewrite_acc": 1.0, "paraphrase_acc": 0.5, "neighborhood_acc": None},
-                        {"rewrite_acc": 0.0, "paraphrase_acc": 0.5, "neighborhood_acc": 0.25}]}
+    res = {
+        "per_fact": [
+            {"rewrite_acc": 1.0, "paraphrase_acc": 0.5, "neighborhood_acc": None},
+            {"rewrite_acc": 0.0, "paraphrase_acc": 0.5, "neighborhood_acc": 0.25},
+        ]
+    }
     s = half_summary(res, [0, 1], "zsre")
     assert s == {"efficacy": 50.0, "generalization": 50.0, "specificity": 25.0, "n_facts": 2}
 
 
 def _run(n, e):
-    s = {"efficacy": e, "generalization": e - 5, "specificity": 80.0, "fluency": 620.0, "consistency": None,
-         "efficacy_magnitude": 10.0, "generalization_magnitude": 5.0, "specificity_magnitude": 1.0, "score": 70.0}
+    s = {
+        "efficacy": e,
+        "generalization": e - 5,
+        "specificity": 80.0,
+        "fluency": 620.0,
+        "consistency": None,
+        "efficacy_magnitude": 10.0,
+        "generalization_magnitude": 5.0,
+        "specificity_magnitude": 1.0,
+        "score": 70.0,
+    }
     pre = dict(s, efficacy=10.0, generalization=12.0)
-    g = {"tasks": {"arc_easy": {"acc": 40.0, "acc_norm": 42.0, "value": 42.0, "primary": "acc_norm", "n": 10,
-                                "chance": 25.0},
-                   "wikitext2": {"token_ppl": 20.5, "value": 20.5, "primary": "token_ppl", "n_tokens": 100}},
-         "average": 42.0, "notes": [], "definitions": {"acc_norm": "length-normalised"}}
-    return {"model": "stub", "dataset": "counterfact", "n_facts": n, "facts_path": "f",
-            "pre": {"summary": pre, "notes": [CONSISTENCY_SKIPPED], "definitions": {"efficacy": "def"}},
-            "post": {"summary": s, "notes": [CONSISTENCY_SKIPPED], "per_fact": [1, 2]},
-            "general": {"pre": g, "post": g}, "command": f"neuraldb eval --n {n}", "timing": {"edit": 1.0}}
+    g = {
+        "tasks": {
+            "arc_easy": {"acc": 40.0, "acc_norm": 42.0, "value": 42.0, "primary": "acc_norm", "n": 10, "chance": 25.0},
+            "wikitext2": {"token_ppl": 20.5, "value": 20.5, "primary": "token_ppl", "n_tokens": 100},
+        },
+        "average": 42.0,
+        "notes": [],
+        "definitions": {"acc_norm": "length-normalised"},
+    }
+    return {
+        "model": "stub",
+        "dataset": "counterfact",
+        "n_facts": n,
+        "facts_path": "f",
+        "pre": {"summary": pre, "notes": [CONSISTENCY_SKIPPED], "definitions": {"efficacy": "def"}},
+        "post": {"summary": s, "notes": [CONSISTENCY_SKIPPED], "per_fact": [1, 2]},
+        "general": {"pre": g, "post": g},
+        "command": f"neuraldb eval --n {n}",
+        "timing": {"edit": 1.0},
+    }
 
 
 def test_markdown_report_has_table2_columns_and_states_skipped_consistency():
@@ -135,8 +169,17 @@ def test_eval_command_combines_results(tmp_path):
     (tmp_path / "distractors.json").write_text(json.dumps({"n_dropped": 0, "run": {"by_size": []}}))
     parser = argparse.ArgumentParser()
     command.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--combine", str(tmp_path / "r100.json"), str(tmp_path / "r1000.json"),
-                              str(tmp_path / "distractors.json"), "--out", str(tmp_path / "out")])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--combine",
+            str(tmp_path / "r100.json"),
+            str(tmp_path / "r1000.json"),
+            str(tmp_path / "distractors.json"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert command.run(args) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| stub | NeuralDB | 1000 |" in md and "| stub | NeuralDB | 100 |" in md

@@ -2,10 +2,8 @@ import math
 
 import pytest
 import torch
-
-from neuraldb.evaluation.scoring import encode_pair, score_continuations
-
 from _eval_stubs import BigramLM, StubTokenizer
+from neuraldb.evaluation.scoring import encode_pair, score_continuations
 
 
 @pytest.fixture
@@ -39,8 +37,9 @@ def test_padding_and_batching_do_not_change_scores(lm):
     ctxs = ["Bob is", "A much longer prompt where Bob is", "x"]
     conts = [" New York", " Boston", " New York"]
     batched = score_continuations(model, tok, ctxs, conts, batch_size=8, show_progress=False)
-    single = [score_continuations(model, tok, [c], [t], batch_size=1, show_progress=False)[0]
-              for c, t in zip(ctxs, conts)]
+    single = [
+        score_continuations(model, tok, [c], [t], batch_size=1, show_progress=False)[0] for c, t in zip(ctxs, conts)
+    ]
     for a, b in zip(batched, single):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-6)
         assert a.argmax_ids == b.argmax_ids
@@ -60,8 +59,15 @@ def test_greedy_flag_is_false_when_any_token_is_not_top1(lm):
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -8,7 +8,6 @@ from _data import data_file
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def smollm2():
     from neuraldb.models import ModelNotFoundError, load_model
@@ -36,7 +35,7 @@ def test_counterfact_zsre_general_on_realdata_file(smollm2):
 
     model, tok = smollm2
     tpl = templates.default_template(tok)
-    pf = lambda s: templates.apply(tpl, s)  # noqa: E731
+    pf = lambda s: templates.apply(tpl, s)
     cf = F.load(data_file("knowledge_editing/counterfact_rome_format_1031.json.gz"), limit=2)
     r = evaluate_counterfact(model, tok, cf, prompt_fn=pf, fluency=True, fluency_max_facts=1, show_progress=False)
     s = r["summary"]
@@ -47,18 +46,29 @@ def test_counterfact_zsre_general_on_realdata_file(smollm2):
     # the shared-context path gives the numbers of the plain path on real weights
     f = cf[0]
     (g,) = score_grouped(model, tok, [pf(f.text)], [[" " + f.target_new, " " + f.target_true]], show_progress=False)
-    flat = score_continuations(model, tok, [pf(f.text)] * 2, [" " + f.target_new, " " + f.target_true],
-                               show_progress=False)
+    flat = score_continuations(
+        model, tok, [pf(f.text)] * 2, [" " + f.target_new, " " + f.target_true], show_progress=False
+    )
     for a, b in zip(g, flat):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-3)
 
-    zs = select_facts(F.load(data_file("knowledge_editing/zsre_mend_eval_portability_1037.json.gz"), limit=3), "zsre",
-                      n_facts=3)
+    zs = select_facts(
+        F.load(data_file("knowledge_editing/zsre_mend_eval_portability_1037.json.gz"), limit=3), "zsre", n_facts=3
+    )
     z = evaluate_zsre(model, tok, zs, prompt_fn=pf, show_progress=False)["summary"]
     assert z["n_neighborhood_facts"] == 3 and 0 <= z["specificity"] <= 100
 
-    gen = evaluate_general(model, tok, data_file("general_eval"), limit=3, wikitext_max_tokens=600, prompt_fn=pf,
-                           show_progress=False)
-    assert set(gen["tasks"]) == {"lambada_openai", "wikitext2", "arc_easy", "arc_challenge", "wsc273",
-                                 "commonsense_qa", "piqa", "mmlu"}
+    gen = evaluate_general(
+        model, tok, data_file("general_eval"), limit=3, wikitext_max_tokens=600, prompt_fn=pf, show_progress=False
+    )
+    assert set(gen["tasks"]) == {
+        "lambada_openai",
+        "wikitext2",
+        "arc_easy",
+        "arc_challenge",
+        "wsc273",
+        "commonsense_qa",
+        "piqa",
+        "mmlu",
+    }
     assert 5 < gen["tasks"]["wikitext2"]["token_ppl"] < 200

@@ -117,8 +117,15 @@ def test_zsre_knowedit(tmp_path):
 
 def test_native_format_and_save_roundtrip(tmp_path):
     fs = [
-        Fact("Paris", "{} is the capital of", "Italy", "France", ["Paris, the capital of"], ["Rome is the capital of"],
-             extras={"neighborhood_answers": ["Italy"]}),  # fmt: skip
+        Fact(
+            "Paris",
+            "{} is the capital of",
+            "Italy",
+            "France",
+            ["Paris, the capital of"],
+            ["Rome is the capital of"],
+            extras={"neighborhood_answers": ["Italy"]},
+        ),
         Fact("Danielle Darrieux", "The mother tongue of {} is", "English"),
     ]
     for name in ("f.jsonl", "f.jsonl.gz"):
@@ -131,7 +138,9 @@ def test_native_format_and_save_roundtrip(tmp_path):
 
 
 def test_native_prompt_without_placeholder_gets_one(tmp_path):
-    [f] = facts.load(write(tmp_path / "n.jsonl", [{"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}]))
+    [f] = facts.load(
+        write(tmp_path / "n.jsonl", [{"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}])
+    )
     assert f.prompt == "{} is in"
 
 
@@ -275,7 +284,9 @@ def test_json_lines_split_at_newlines_only_and_a_bom_is_dropped(tmp_path):
 def test_missing_field_names_record_and_field(tmp_path):
     rec = {k: v for k, v in ROME.items()}
     rec["requested_rewrite"] = {k: v for k, v in ROME["requested_rewrite"].items() if k != "target_new"}
-    with pytest.raises(FactFormatError, match=r"line 2: not a valid counterfact-rome record: missing field 'target_new'"):
+    with pytest.raises(
+        FactFormatError, match=r"line 2: not a valid counterfact-rome record: missing field 'target_new'"
+    ):
         facts.load(write(tmp_path / "r.jsonl", [ROME, rec]))
 
 

@@ -59,13 +59,16 @@ def random_db(m, d1, d2, kdtype=torch.float16, vdtype=torch.float16, seed=0, chu
 def near(keys, rows, noise=0.5, dtype=torch.float16, seed=1):
     g = torch.Generator(device=DEV).manual_seed(seed)
     rows = torch.as_tensor(rows, device=DEV)
-    q = keys[rows].float() + noise * torch.randn(len(rows), keys.shape[1], device=DEV, generator=g) / keys.shape[1] ** 0.5
+    q = (
+        keys[rows].float()
+        + noise * torch.randn(len(rows), keys.shape[1], device=DEV, generator=g) / keys.shape[1] ** 0.5
+    )
     return (3 * q).to(dtype)
 
 
 # ---- the matrix -----------------------------------------------------------------------------------------------------
 
-_CASE_ARGS = dict(t=7, key_dtypes=(torch.float16, torch.bfloat16, torch.float32))
+_CASE_ARGS = {"t": 7, "key_dtypes": (torch.float16, torch.bfloat16, torch.float32)}
 # The names from a tiny instance (collection stays cheap on CPU-only machines); the real cases are built once.
 CASE_NAMES = [c.name for c in adversarial_cases(m=8, d1=8, d1_odd=7, d2=2, **_CASE_ARGS)]
 
@@ -78,14 +81,21 @@ def _cases():
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_adversarial_cases(backend, name, no_autotune):
     c = _cases()[name].to(DEV)
-    assert_matches_reference(run(backend, c.queries, c.keys, c.values, c.gamma), c.queries, c.keys, c.values,
-                             c.gamma, tol=c.tol)
+    assert_matches_reference(
+        run(backend, c.queries, c.keys, c.values, c.gamma), c.queries, c.keys, c.values, c.gamma, tol=c.tol
+    )
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 9, 16, 17, 64, 65, 128, 300, 2048])
 @pytest.mark.parametrize(
-    "qdtype,kdtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
-                      (torch.bfloat16, torch.float16)], ids=str
+    "qdtype,kdtype",
+    [
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float16),
+    ],
+    ids=str,
 )
 def test_query_counts_and_dtypes(backend, t, qdtype, kdtype, no_autotune):
     keys, values = random_db(20_011, 4096, 128, kdtype)
@@ -122,8 +132,11 @@ def test_every_triton_config():
     from neuraldb_kernels import triton_kernel as tk
 
     keys, values = random_db(5_003, 512, 16)
-    for kind, configs, t, bucket in (("row", tk._CONFIGS_ROW, 1, 1), ("decode", tk._CONFIGS_DECODE, 11, 16),
-                                     ("prefill", tk._CONFIGS_PREFILL, 200, 256)):
+    for kind, configs, t, bucket in (
+        ("row", tk._CONFIGS_ROW, 1, 1),
+        ("decode", tk._CONFIGS_DECODE, 11, 16),
+        ("prefill", tk._CONFIGS_PREFILL, 200, 256),
+    ):
         for qd, kd in ((torch.float16, torch.float16), (torch.float32, torch.float16), (torch.float32, torch.float32)):
             k = keys.to(kd)
             q = near(keys, torch.arange(t) * 17 % 5_003, dtype=qd)

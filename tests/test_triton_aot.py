@@ -21,10 +21,10 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles for real GPUs; meaningless under the interpreter", allow_module_level=True)
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from neuraldb_kernels import triton_kernel as tk  # noqa: E402
+from neuraldb_kernels import triton_kernel as tk
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 pytestmark = pytest.mark.skipif(not (NVIDIA_BIN / "ptxas").exists(), reason="triton without its bundled ptxas")
@@ -37,8 +37,9 @@ def _resources(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [str(NVIDIA_BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True
+        ).stdout
     finally:
         os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
@@ -56,15 +57,29 @@ def _modes(qdt, kdt):
 
 def compile_scan(arch, qdt, kdt, config, *, bucket):
     split, ieee = _modes(qdt, kdt)
-    sig = {"q_ptr": f"*{qdt}", "nrm_ptr": "*fp32", "k_ptr": f"*{kdt}", "ps_ptr": "*fp32", "pi_ptr": "*i32",
-           "T": "i32", "M": "i32", "D1": "i32", "stride_q": "i32", "stride_k": "i32", "keys_per_split": "i32",
-           "SPLIT_BUCKET": "i32"}
+    sig = {
+        "q_ptr": f"*{qdt}",
+        "nrm_ptr": "*fp32",
+        "k_ptr": f"*{kdt}",
+        "ps_ptr": "*fp32",
+        "pi_ptr": "*i32",
+        "T": "i32",
+        "M": "i32",
+        "D1": "i32",
+        "stride_q": "i32",
+        "stride_k": "i32",
+        "keys_per_split": "i32",
+        "SPLIT_BUCKET": "i32",
+    }
     consts = dict(T_BUCKET=bucket, SPLIT_Q=split, LO_SCALE=2048.0, UPCAST=False, IEEE=ieee, **config.kwargs)
     sig.update({k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in _DIV16_SCAN}
     src = ASTSource(tk._scan_kernel, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
 
 
 def default_config(kind, qdt, kdt, bucket):
@@ -113,16 +128,44 @@ def test_ampere_lowering():
 
 def test_finish_and_norm_kernels_compile():
     for qdt, vdt in (("bf16", "fp16"), ("fp32", "bf16"), ("fp16", "fp32")):
-        sig = {"q_ptr": f"*{qdt}", "k_ptr": "*fp16", "v_ptr": f"*{vdt}", "ps_ptr": "*fp32", "pi_ptr": "*i32",
-               "out_ptr": f"*{qdt}", "idx_ptr": "*i64", "score_ptr": "*fp32", "gamma": "fp32", "T": "i32",
-               "M": "i32", "D1": "i32", "D2": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32",
-               "stride_o": "i32", "num_splits": "i32"}
-        consts = dict(EPS=1e-12, RNE_BF16=False, BLOCK_S=2048, BLOCK_D=1024, BLOCK_V=1024)
+        sig = {
+            "q_ptr": f"*{qdt}",
+            "k_ptr": "*fp16",
+            "v_ptr": f"*{vdt}",
+            "ps_ptr": "*fp32",
+            "pi_ptr": "*i32",
+            "out_ptr": f"*{qdt}",
+            "idx_ptr": "*i64",
+            "score_ptr": "*fp32",
+            "gamma": "fp32",
+            "T": "i32",
+            "M": "i32",
+            "D1": "i32",
+            "D2": "i32",
+            "stride_q": "i32",
+            "stride_k": "i32",
+            "stride_v": "i32",
+            "stride_o": "i32",
+            "num_splits": "i32",
+        }
+        consts = {"EPS": 1e-12, "RNE_BF16": False, "BLOCK_S": 2048, "BLOCK_D": 1024, "BLOCK_V": 1024}
         sig.update({k: "constexpr" for k in consts})
-        k = triton.compile(ASTSource(tk._finish_kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4})
+        k = triton.compile(
+            ASTSource(tk._finish_kernel, sig, constexprs=consts),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 4},
+        )
         assert _resources(k.asm["cubin"])["stack"] == 0
-    sig = {"q_ptr": "*bf16", "nrm_ptr": "*fp32", "D1": "i32", "stride_q": "i32", "EPS": "constexpr",
-           "BLOCK_D": "constexpr"}
-    triton.compile(ASTSource(tk._norm_kernel, sig, constexprs=dict(EPS=1e-12, BLOCK_D=1024)),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    sig = {
+        "q_ptr": "*bf16",
+        "nrm_ptr": "*fp32",
+        "D1": "i32",
+        "stride_q": "i32",
+        "EPS": "constexpr",
+        "BLOCK_D": "constexpr",
+    }
+    triton.compile(
+        ASTSource(tk._norm_kernel, sig, constexprs={"EPS": 1e-12, "BLOCK_D": 1024}),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 4},
+    )

@@ -19,9 +19,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrieval_checks import adversarial_cases, assert_matches_reference  # noqa: E402
+from retrieval_checks import adversarial_cases, assert_matches_reference
 
-from neuraldb_kernels.reference import gated_retrieval_reference  # noqa: E402
+from neuraldb_kernels.reference import gated_retrieval_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,16 @@ if not INTERPRETING:
     def test_plan_splits_fills_the_gpu_and_covers_the_keys():
         from neuraldb_kernels.triton_kernel import plan_splits
 
-        for t, m, sms in [(1, 100_000, 132), (16, 100_000, 132), (2048, 100_000, 132), (1, 10, 132), (3, 1, 4),
-                          (1, 1_000_000, 132), (128, 10_000, 132), (5, 1037, 4)]:
+        for t, m, sms in [
+            (1, 100_000, 132),
+            (16, 100_000, 132),
+            (2048, 100_000, 132),
+            (1, 10, 132),
+            (3, 1, 4),
+            (1, 1_000_000, 132),
+            (128, 10_000, 132),
+            (5, 1037, 4),
+        ]:
             for key_bytes in (2, 128, 8192, 28672):
                 splits, per = plan_splits(t, m, sms, key_bytes)
                 assert splits >= 1 and per >= 1
@@ -71,14 +79,28 @@ if not INTERPRETING:
         from neuraldb_kernels.triton_kernel import t_bucket
 
         assert [t_bucket(t) for t in (1, 2, 16, 17, 64, 65, 256, 1000, 1024, 1025, 4096, 10**6)] == [
-            1, 16, 16, 64, 64, 256, 256, 1024, 1024, 4096, 4096, 4096
+            1,
+            16,
+            16,
+            64,
+            64,
+            256,
+            256,
+            1024,
+            1024,
+            4096,
+            4096,
+            4096,
         ]
 
     def test_config_pruning_keeps_a_config_for_every_path():
         from neuraldb_kernels import triton_kernel as tk
 
-        for configs, buckets in ((tk._CONFIGS_ROW, (1,)), (tk._CONFIGS_DECODE, (16,)),
-                                 (tk._CONFIGS_PREFILL, (64, 256, 1024, 4096))):
+        for configs, buckets in (
+            (tk._CONFIGS_ROW, (1,)),
+            (tk._CONFIGS_DECODE, (16,)),
+            (tk._CONFIGS_PREFILL, (64, 256, 1024, 4096)),
+        ):
             for bucket in buckets:
                 for split in (False, True):
                     for ieee in (False, True):
@@ -170,11 +192,23 @@ else:
 
     @pytest.mark.parametrize("path", [p for p in PATHS if p != "plan"])
     @pytest.mark.parametrize(
-        "case", [c for c in CASES if c.name in {
-            "random-qtorch.float32-ktorch.float16", "random-qtorch.bfloat16-ktorch.bfloat16",
-            "random-qtorch.float16-ktorch.bfloat16", "odd-d1", "exact-ties", "score-at-gamma-qtorch.bfloat16",
-            "zero-rows-gamma-neg", "T=1",
-        }], ids=lambda c: c.name,
+        "case",
+        [
+            c
+            for c in CASES
+            if c.name
+            in {
+                "random-qtorch.float32-ktorch.float16",
+                "random-qtorch.bfloat16-ktorch.bfloat16",
+                "random-qtorch.float16-ktorch.bfloat16",
+                "odd-d1",
+                "exact-ties",
+                "score-at-gamma-qtorch.bfloat16",
+                "zero-rows-gamma-neg",
+                "T=1",
+            }
+        ],
+        ids=lambda c: c.name,
     )
     def test_every_scan_path(case, path):
         res = gated_retrieval_triton(case.queries, case.keys, case.values, case.gamma, **PATHS[path])
@@ -207,8 +241,13 @@ else:
             keys[j] = keys[700]
         q = keys[700].float().repeat(3, 1) * torch.tensor([[1.0], [0.1], [7.0]])
         values = torch.randn(1037, 8, generator=g).half()
-        for kw in ({"num_splits": 1}, {"num_splits": 2}, {"num_splits": 9}, {"num_splits": 60},
-                   {"config": {"BLOCK_T": 1, "BLOCK_N": 16, "BLOCK_D": 64}, "num_splits": 5}):
+        for kw in (
+            {"num_splits": 1},
+            {"num_splits": 2},
+            {"num_splits": 9},
+            {"num_splits": 60},
+            {"config": {"BLOCK_T": 1, "BLOCK_N": 16, "BLOCK_D": 64}, "num_splits": 5},
+        ):
             out, idx, score = gated_retrieval_triton(q, keys, values, 0.5, **kw)
             assert idx.tolist() == [3, 3, 3], kw
             assert_matches_reference((out, idx, score), q, keys, values, 0.5, tol=None)
@@ -230,8 +269,9 @@ else:
         q3 = case.queries.reshape(1, 5, -1).expand(2, 5, -1)  # 3-D, non-contiguous
         res = neuraldb_kernels.gated_retrieval(q3, case.keys, case.values, case.gamma, backend="triton")
         assert_matches_reference(res, q3, case.keys, case.values, case.gamma)
-        res_t = neuraldb_kernels.gated_retrieval(case.queries.t().contiguous().t(), case.keys, case.values,
-                                                 case.gamma, backend="triton")
+        res_t = neuraldb_kernels.gated_retrieval(
+            case.queries.t().contiguous().t(), case.keys, case.values, case.gamma, backend="triton"
+        )
         assert_matches_reference(res_t, case.queries, case.keys, case.values, case.gamma)
 
     def test_opcheck_and_compile_tracing():

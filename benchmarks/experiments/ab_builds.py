@@ -26,13 +26,14 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
-import bench_overhead as bo  # noqa: E402
-import torch  # noqa: E402
-from _common import RESULTS, machine_description, write_json  # noqa: E402
+import bench_overhead as bo
+import neuraldb
+import torch
+from _common import RESULTS, machine_description, write_json
+from neuraldb import NeuralKVDatabase, patch_model
+from neuraldb import architectures as arch
 
-import neuraldb  # noqa: E402
-from neuraldb import NeuralKVDatabase, architectures as arch, patch_model  # noqa: E402
-from neuraldb_kernels import extension  # noqa: E402
+from neuraldb_kernels import extension
 
 # The entry a patched CPU decode step reaches. The patch binds it once per database state
 # (neuraldb_kernels.op.bind_cpu_residuals), so switching builds also swaps the patch's bound plan. Builds from before
@@ -62,8 +63,9 @@ def summary(diffs_s: list[float]) -> dict:
     return {"median_ms": statistics.median(diffs_s) * 1e3, "ci95_ms": [lo * 1e3, hi * 1e3]}
 
 
-def paired_steps(scenario, module: torch.nn.Module, variants: dict[str, Callable[[], None]], pairs: int,
-                 warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def paired_steps(
+    scenario, module: torch.nn.Module, variants: dict[str, Callable[[], None]], pairs: int, warmup: int = 3
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Decode steps of ``scenario`` alternating between two ``variants`` (each a function that switches the model to
     it): per pair and variant (order alternating), three steps in a row: one untimed, one timed, one under the hook
     timer on ``module``. The timed ones thus follow a step of their own variant, as in a model served with it: what a
@@ -130,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     scenario, module, db, patch = patched_decode(args)
     scenario.step()  # builds the key sketches
     plans = {}
-    for v in fns:
-        setattr(ext, _OP, fns[v])
+    for v, fn in fns.items():
+        setattr(ext, _OP, fn)
         with db.lock:
             plans[v] = db._cpu_residuals_plan(patch.gamma, 1)
 
@@ -150,8 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
     return report("ab_builds", argv, args, step, hook, {"baseline": str(args.baseline)})
 
 
-def report(name: str, argv: list[str] | None, args: argparse.Namespace, step: dict[str, list[float]],
-           hook: dict[str, list[float]], extra: dict) -> dict:
+def report(
+    name: str,
+    argv: list[str] | None,
+    args: argparse.Namespace,
+    step: dict[str, list[float]],
+    hook: dict[str, list[float]],
+    extra: dict,
+) -> dict:
     """Print and save (``benchmarks/results/<name>[_<tag>].json``, or ``args.out``) the paired comparison of
     :func:`paired_steps`' two variants: the first named minus the second."""
     a, b = list(step)
@@ -169,11 +177,13 @@ def report(name: str, argv: list[str] | None, args: argparse.Namespace, step: di
         "raw_s": {"step": step, "hook": hook},
     }
     s, h = result["step_diff"], result["hook_diff"]
-    print(f"m = {args.m}, {args.pairs} pairs | step: {a} {result['step_ms'][a]:.2f} ms, {b} "
-          f"{result['step_ms'][b]:.2f} ms, paired {s['median_ms']:+.3f} ms "
-          f"({s['ci95_ms'][0]:+.3f} to {s['ci95_ms'][1]:+.3f}) | hook: {a} {result['hook_ms'][a]:.3f} ms, "
-          f"{b} {result['hook_ms'][b]:.3f} ms, paired {h['median_ms']:+.3f} ms "
-          f"({h['ci95_ms'][0]:+.3f} to {h['ci95_ms'][1]:+.3f})")
+    print(
+        f"m = {args.m}, {args.pairs} pairs | step: {a} {result['step_ms'][a]:.2f} ms, {b} "
+        f"{result['step_ms'][b]:.2f} ms, paired {s['median_ms']:+.3f} ms "
+        f"({s['ci95_ms'][0]:+.3f} to {s['ci95_ms'][1]:+.3f}) | hook: {a} {result['hook_ms'][a]:.3f} ms, "
+        f"{b} {result['hook_ms'][b]:.3f} ms, paired {h['median_ms']:+.3f} ms "
+        f"({h['ci95_ms'][0]:+.3f} to {h['ci95_ms'][1]:+.3f})"
+    )
     path = write_json(args.out or RESULTS / f"{name}{'_' + args.tag if args.tag else ''}.json", result)
     print(f"wrote {path}")
     return result

@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
-from ab_builds import paired_steps, patched_decode, parser, report  # noqa: E402
-
-from neuraldb.patching import Patch  # noqa: E402
+from ab_builds import paired_steps, parser, patched_decode, report
+from neuraldb.patching import Patch
 
 
 def main(argv: list[str] | None = None) -> dict:

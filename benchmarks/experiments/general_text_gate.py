@@ -23,12 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 
-import neuraldb  # noqa: E402
-from _common import machine_description, write_json  # noqa: E402
-from neuraldb import templates  # noqa: E402
-from neuraldb.editing import engine  # noqa: E402
-from neuraldb.evaluation.gate import _down_proj_inputs  # noqa: E402
-from neuraldb_kernels.reference import normalize_queries  # noqa: E402
+import neuraldb
+from _common import machine_description, write_json
+from neuraldb import templates
+from neuraldb.editing import engine
+from neuraldb.evaluation.gate import _down_proj_inputs
+
+from neuraldb_kernels.reference import normalize_queries
 
 
 def read_text(path: str) -> str:
@@ -38,8 +39,9 @@ def read_text(path: str) -> str:
         return "\n".join(f.read().splitlines())
 
 
-def text_states(model, tok, template: str | None, layer: int, text: str, *, tokens: int, start: int = 0,
-                window: int = 512) -> tuple[list[int], torch.Tensor]:
+def text_states(
+    model, tok, template: str | None, layer: int, text: str, *, tokens: int, start: int = 0, window: int = 512
+) -> tuple[list[int], torch.Tensor]:
     """``(ids, states)``: ``tokens`` token ids of ``text`` in ``template`` from ``start``, and the down-projection
     inputs of ``layer`` at each (unit rows), one forward per ``window`` tokens as ``neuraldb eval`` scores them."""
     ids = tok(templates.apply(template, text), add_special_tokens=False)["input_ids"][start : start + tokens]
@@ -66,12 +68,24 @@ def gate_on_text(model, tok, db, text: str, *, tokens: int, window: int = 512, e
     best = torch.cat(best_all)
     ids_ = db.ids()
     return {
-        "positions": len(ids), "open_positions": sum(counts.values()), "rows_retrieved": len(counts),
-        "best_cosine_quantiles": {str(qq): round(float(v), 4) for qq, v in
-                                  zip((0.5, 0.9, 0.99, 0.999, 1.0),
-                                      torch.quantile(best, torch.tensor([0.5, 0.9, 0.99, 0.999, 1.0])))},
-        "rows": [{"row": r, "positions": c, "subject": db.fact(ids_[r]).subject if db.fact(ids_[r]) else None,
-                  "contexts": shown[r]} for r, c in counts.most_common()],
+        "positions": len(ids),
+        "open_positions": sum(counts.values()),
+        "rows_retrieved": len(counts),
+        "best_cosine_quantiles": {
+            str(qq): round(float(v), 4)
+            for qq, v in zip(
+                (0.5, 0.9, 0.99, 0.999, 1.0), torch.quantile(best, torch.tensor([0.5, 0.9, 0.99, 0.999, 1.0]))
+            )
+        },
+        "rows": [
+            {
+                "row": r,
+                "positions": c,
+                "subject": db.fact(ids_[r]).subject if db.fact(ids_[r]) else None,
+                "contexts": shown[r],
+            }
+            for r, c in counts.most_common()
+        ],
     }
 
 
@@ -89,12 +103,21 @@ def main(argv=None) -> None:
     db = neuraldb.NeuralKVDatabase.load(args.db)
     with torch.inference_mode():
         res = gate_on_text(model, tok, db, read_text(args.text), tokens=args.tokens)
-    res.update(model=args.model, db=args.db, n_rows=len(db), gamma=db.gamma, layer=db.layer, text=args.text,
-               machine=machine_description())
+    res.update(
+        model=args.model,
+        db=args.db,
+        n_rows=len(db),
+        gamma=db.gamma,
+        layer=db.layer,
+        text=args.text,
+        machine=machine_description(),
+    )
     out = ROOT / "benchmarks" / "results" / ("general_text_gate" + (f"_{args.tag}" if args.tag else "") + ".json")
     write_json(out, res)
-    print(f"{res['open_positions']} of {res['positions']} positions open the gate "
-          f"({100 * res['open_positions'] / res['positions']:.2f}%), {res['rows_retrieved']} rows of {len(db)}")
+    print(
+        f"{res['open_positions']} of {res['positions']} positions open the gate "
+        f"({100 * res['open_positions'] / res['positions']:.2f}%), {res['rows_retrieved']} rows of {len(db)}"
+    )
     for r in res["rows"][:10]:
         print(f"  row {r['row']:>6} x{r['positions']:<4} {r['subject']!r}: {r['contexts']}")
     print(f"wrote {out}")

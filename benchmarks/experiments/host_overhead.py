@@ -100,8 +100,15 @@ def main(argv=None) -> int:
     print(f"{'backend':10}" + "".join(f"{c:>20}" for c in cols))
     for b, r in rows.items():
         print(f"{b:10}" + "".join(f"{r[c]:20.1f}" for c in cols))
-    result = {"benchmark": "host_overhead", "argv": sys.argv[1:], "machine": machine_description(args.device),
-              "m": args.m, "d1": args.d1, "d2": args.d2, "us_per_call": rows}
+    result = {
+        "benchmark": "host_overhead",
+        "argv": sys.argv[1:],
+        "machine": machine_description(args.device),
+        "m": args.m,
+        "d1": args.d1,
+        "d2": args.d2,
+        "us_per_call": rows,
+    }
     path = write_json(args.out or RESULTS / f"host_overhead_{args.device}.json", result)
     print(f"wrote {path}")
     return 0

@@ -26,13 +26,12 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # siblings, benchmarks/
 
-from _common import RESULTS, load_average, machine_description, write_json  # noqa: E402
+import torch
+from _common import RESULTS, load_average, machine_description, write_json
 
-import torch  # noqa: E402
-
-import neuraldb_kernels  # noqa: E402
-from neuraldb_kernels import config, prefilter  # noqa: E402
-from neuraldb_kernels.reference import normalize_queries  # noqa: E402
+import neuraldb_kernels
+from neuraldb_kernels import config, prefilter
+from neuraldb_kernels.reference import normalize_queries
 
 _ROWS = 256  # query rows per block of the reference bounds (a few (rows, m) float64 matrices at once)
 
@@ -107,9 +106,12 @@ def stage_fractions(name: str, keys: torch.Tensor, queries: torch.Tensor, gamma:
         # What one decode step reads per key: the 1-bit row, plus the int4 row and the fp16 key of the survivors.
         "cascade_read": sb + row["kernel"]["signs_pass_frac"] * kb + row["kernel"]["rescored_frac"] * 2 * d1,
     }
-    print(f"{name:34s} exact>{gamma} {row['exact_frac']:.2e}  1-bit {row['signs_frac']:.4f}  int4 {row['int4_frac']:.5f}"
-          f"  cascade {row['cascade_frac']:.5f}  kernel: 1-bit {row['kernel']['signs_pass_frac']:.4f}, rescored "
-          f"{row['kernel']['rescored_frac']:.5f}  read {row['bytes_per_key']['cascade_read']:.0f} B/key", flush=True)
+    print(
+        f"{name:34s} exact>{gamma} {row['exact_frac']:.2e}  1-bit {row['signs_frac']:.4f}  int4 {row['int4_frac']:.5f}"
+        f"  cascade {row['cascade_frac']:.5f}  kernel: 1-bit {row['kernel']['signs_pass_frac']:.4f}, rescored "
+        f"{row['kernel']['rescored_frac']:.5f}  read {row['bytes_per_key']['cascade_read']:.0f} B/key",
+        flush=True,
+    )
     return row
 
 

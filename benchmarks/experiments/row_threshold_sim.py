@@ -41,13 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 
-import neuraldb  # noqa: E402
-from _common import machine_description, write_json  # noqa: E402
-from general_text_gate import read_text, text_states  # noqa: E402
-from neuraldb import templates  # noqa: E402
-from neuraldb.editing import compute_keys  # noqa: E402
-from neuraldb.editing.defaults import resolve  # noqa: E402
-from neuraldb.facts import Fact  # noqa: E402
+import neuraldb
+from _common import machine_description, write_json
+from general_text_gate import read_text, text_states
+from neuraldb import templates
+from neuraldb.editing import compute_keys
+from neuraldb.editing.defaults import resolve
+from neuraldb.facts import Fact
 
 FUNCTION_WORDS = ("in", "the", "of", "and", "his", "a")
 GRID = [(None, None)] + [(d, m) for d in (0.0, 0.02) for m in (0.05, 0.1, 0.15)]
@@ -90,8 +90,10 @@ def distinct_facts(paths: list[str], n: int) -> list[Fact]:
 
 def openings_by_size(keys: torch.Tensor, text: torch.Tensor, n: int) -> dict:
     best = (text @ keys[:n].T).max(-1).values
-    return {"facts": min(n, len(keys)),
-            "open_pct": {g: round(100 * float((best > g).float().mean()), 2) for g in (0.65, 0.7, 0.75)}}
+    return {
+        "facts": min(n, len(keys)),
+        "open_pct": {g: round(100 * float((best > g).float().mean()), 2) for g in (0.65, 0.7, 0.75)},
+    }
 
 
 def gate(keys: torch.Tensor, states: torch.Tensor, gamma: float, thresholds: torch.Tensor | None):
@@ -106,7 +108,8 @@ def simulate(keys, text, own_states, own_rows, rewrite, neg_states, neg_rows, se
     m = len(keys)
     neg = torch.full((m,), -1.0).scatter_reduce(0, neg_rows, (neg_states * keys[neg_rows]).sum(-1), "amax")
     bare = torch.full((m,), -1.0).scatter_reduce(
-        0, own_rows[rewrite], (own_states[rewrite] * keys[own_rows[rewrite]]).sum(-1), "amax")
+        0, own_rows[rewrite], (own_states[rewrite] * keys[own_rows[rewrite]]).sum(-1), "amax"
+    )
     out = []
     for delta, margin in GRID:
         thr = None
@@ -115,21 +118,28 @@ def simulate(keys, text, own_states, own_rows, rewrite, neg_states, neg_rows, se
         opens, row = gate(keys, text, gamma, thr)
         own_open, own_row = gate(keys, own_states, gamma, thr)
         hit = own_open & (own_row == own_rows)
-        out.append({
-            "delta": delta, "margin": margin,
-            "rows_raised": 0 if thr is None else int((thr > gamma).sum()),
-            "text_open_positions": int(opens.sum()), "text_open_rows": len(set(row[opens].tolist())),
-            "rewrite_pct": round(100 * float(hit[rewrite].float().mean()), 2),
-            "paraphrase_pct": round(100 * float(hit[~rewrite].float().mean()), 2),
-        })
+        out.append(
+            {
+                "delta": delta,
+                "margin": margin,
+                "rows_raised": 0 if thr is None else int((thr > gamma).sum()),
+                "text_open_positions": int(opens.sum()),
+                "text_open_rows": len(set(row[opens].tolist())),
+                "rewrite_pct": round(100 * float(hit[rewrite].float().mean()), 2),
+                "paraphrase_pct": round(100 * float(hit[~rewrite].float().mean()), 2),
+            }
+        )
     return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--facts", nargs="+", default=[str(ROOT.parent / "shared/data/knowledge_editing/"
-                                                       "counterfact_rome_format_1031.json.gz")])
+    ap.add_argument(
+        "--facts",
+        nargs="+",
+        default=[str(ROOT.parent / "shared/data/knowledge_editing/counterfact_rome_format_1031.json.gz")],
+    )
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--sizes", default="", help="comma-separated fact counts to report text openings at")
     ap.add_argument("--text", required=True, help="a text file (.gz allowed), e.g. WikiText-2's raw test split")
@@ -149,27 +159,56 @@ def main(argv=None) -> None:
         own_states = unit(compute_keys(model, tok, own, n_prefixes=0), dim=-1)
         neg, neg_rows = negatives(facts)
         neg_states = unit(compute_keys(model, tok, neg, n_prefixes=0), dim=-1)
-        ids, states = text_states(model, tok, template, cfg.layer, read_text(args.text), tokens=args.tokens,
-                                  start=args.start)
+        ids, states = text_states(
+            model, tok, template, cfg.layer, read_text(args.text), tokens=args.tokens, start=args.start
+        )
     several = torch.tensor([len(f.subject.split()) > 1 for f in facts])
-    rows = simulate(keys, states, own_states, torch.tensor(own_rows), torch.tensor(rewrite), neg_states,
-                    torch.tensor(neg_rows), several, cfg.gamma)
-    print(f"{len(facts)} facts ({int(several.sum())} of several words), gamma {cfg.gamma}, layer {cfg.layer}; "
-          f"{len(ids)} text positions, {len(own)} own prompts")
+    rows = simulate(
+        keys,
+        states,
+        own_states,
+        torch.tensor(own_rows),
+        torch.tensor(rewrite),
+        neg_states,
+        torch.tensor(neg_rows),
+        several,
+        cfg.gamma,
+    )
+    print(
+        f"{len(facts)} facts ({int(several.sum())} of several words), gamma {cfg.gamma}, layer {cfg.layer}; "
+        f"{len(ids)} text positions, {len(own)} own prompts"
+    )
     print("| delta | margin | rows raised | text positions open | rows | rewrite % | paraphrase % |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['delta']} | {r['margin']} | {r['rows_raised']} | {r['text_open_positions']} | "
-              f"{r['text_open_rows']} | {r['rewrite_pct']} | {r['paraphrase_pct']} |")
+        print(
+            f"| {r['delta']} | {r['margin']} | {r['rows_raised']} | {r['text_open_positions']} | "
+            f"{r['text_open_rows']} | {r['rewrite_pct']} | {r['paraphrase_pct']} |"
+        )
     growth = [openings_by_size(keys, states, int(n)) for n in args.sizes.split(",") if n]
     for g in growth:
-        print(f"first {g['facts']} facts: text positions open " +
-              ", ".join(f"{pct}% at gamma {gm}" for gm, pct in g["open_pct"].items()))
+        print(
+            f"first {g['facts']} facts: text positions open "
+            + ", ".join(f"{pct}% at gamma {gm}" for gm, pct in g["open_pct"].items())
+        )
     out = ROOT / "benchmarks" / "results" / ("row_threshold_sim" + (f"_{args.tag}" if args.tag else "") + ".json")
-    write_json(out, {"model": args.model, "facts": args.facts, "n": len(facts), "gamma": cfg.gamma,
-                     "layer": cfg.layer, "text": args.text, "start": args.start, "tokens": len(ids),
-                     "function_words": FUNCTION_WORDS, "rows": rows, "growth": growth,
-                     "machine": machine_description()})
+    write_json(
+        out,
+        {
+            "model": args.model,
+            "facts": args.facts,
+            "n": len(facts),
+            "gamma": cfg.gamma,
+            "layer": cfg.layer,
+            "text": args.text,
+            "start": args.start,
+            "tokens": len(ids),
+            "function_words": FUNCTION_WORDS,
+            "rows": rows,
+            "growth": growth,
+            "machine": machine_description(),
+        },
+    )
     print(f"wrote {out}")
 
 

@@ -32,7 +32,8 @@ def old_plan_splits(t: int, m: int, sms: int) -> int:
     rows_per_block = 1 if t == 1 else 16 if t <= 16 else 128
     want = -(-(tk._WAVES * sms) // -(-t // rows_per_block))
     splits = max(1, min(want, -(-m // _OLD_MIN_KEYS), tk._MAX_SPLITS))
-    per = -(-(-(-m // splits)) // tk._SPLIT_ROUND) * tk._SPLIT_ROUND
+    per_split = -(-m // splits)  # ceil(m / splits), rounded up to a multiple of _SPLIT_ROUND below
+    per = -(-per_split // tk._SPLIT_ROUND) * tk._SPLIT_ROUND
     return -(-m // per)
 
 
@@ -81,19 +82,35 @@ def sweep(t: int, m: int, d1: int, d2: int, extra: list[int], gamma: float, cuda
     eager_floor_ms = 1e3 * keys.numel() * keys.element_size() / read_bandwidth(keys)["bytes_per_s"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    runs = {label: (n, lambda n=n: gated_retrieval_triton(q, keys, values, gamma, num_splits=n))
-            for label, n in candidates(t, m, sms, d1 * keys.element_size(), extra).items()}
+    runs = {
+        label: (n, lambda n=n: gated_retrieval_triton(q, keys, values, gamma, num_splits=n))
+        for label, n in candidates(t, m, sms, d1 * keys.element_size(), extra).items()
+    }
     if cuda_kernel:
         runs["cuda kernel"] = (None, lambda: gated_retrieval(q, keys, values, gamma, backend="cuda"))
     for label, (n, fn) in runs.items():
         ms = graph_ms(fn)
-        rows.append({"t": t, "m": m, "d1": d1, "variant": label, "splits": n, "ms": ms, "graph_probe_ms": probe_ms,
-                     "over_graph_probe": ms / probe_ms, "eager_floor_ms": eager_floor_ms,
-                     "over_eager_floor": ms / eager_floor_ms})
-        print(f"T={t:<2} m={m:<7} {label:12} splits={n if n is not None else '-':>5} {ms:8.4f} ms  "
-              f"{ms / probe_ms:5.2f}x graph probe ({probe_ms:.4f} ms)  {ms / eager_floor_ms:5.2f}x eager floor "
-              f"({eager_floor_ms:.4f} ms)", flush=True)
-    del keys, values
+        rows.append(
+            {
+                "t": t,
+                "m": m,
+                "d1": d1,
+                "variant": label,
+                "splits": n,
+                "ms": ms,
+                "graph_probe_ms": probe_ms,
+                "over_graph_probe": ms / probe_ms,
+                "eager_floor_ms": eager_floor_ms,
+                "over_eager_floor": ms / eager_floor_ms,
+            }
+        )
+        print(
+            f"T={t:<2} m={m:<7} {label:12} splits={n if n is not None else '-':>5} {ms:8.4f} ms  "
+            f"{ms / probe_ms:5.2f}x graph probe ({probe_ms:.4f} ms)  {ms / eager_floor_ms:5.2f}x eager floor "
+            f"({eager_floor_ms:.4f} ms)",
+            flush=True,
+        )
+    keys = values = None  # frees the keys before the next shape; the closures above have run
     torch.cuda.empty_cache()
     return rows
 
@@ -115,8 +132,9 @@ def main(argv=None) -> int:
 
     ext = extension.load()
     cuda_kernel = ext is not None and hasattr(ext, "gated_retrieval_cuda")
-    rows = [r for t in args.T for m in args.m for r in sweep(t, m, args.d1, args.d2, args.splits, args.gamma,
-                                                             cuda_kernel)]
+    rows = [
+        r for t in args.T for m in args.m for r in sweep(t, m, args.d1, args.d2, args.splits, args.gamma, cuda_kernel)
+    ]
     best = {}
     for r in rows:
         if r["splits"] is not None and r["ms"] < best.get((r["t"], r["m"]), {"ms": math.inf})["ms"]:
@@ -124,8 +142,9 @@ def main(argv=None) -> int:
     for (t, m), r in best.items():
         print(f"T={t} m={m}: fastest Triton split {r['splits']} ({r['ms']:.4f} ms)")
     name = torch.cuda.get_device_name().replace(" ", "_")
-    path = write_json(args.out or RESULTS / f"split_sweep_{name}.json",
-                      {"machine": machine_description("cuda"), "rows": rows})
+    path = write_json(
+        args.out or RESULTS / f"split_sweep_{name}.json", {"machine": machine_description("cuda"), "rows": rows}
+    )
     print(f"wrote {path}")
     return 0
 

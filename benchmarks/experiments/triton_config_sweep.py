@@ -39,8 +39,9 @@ def sweep(t: int, keys: torch.Tensor, values: torch.Tensor, extra: list[tuple[in
     kind = tk._kind(t)
     consts = {"T_BUCKET": tk.t_bucket(t), "SPLIT_Q": tk._split_q(q.dtype, keys.dtype), "IEEE": False}
     configs = tk._prune(tk._CONFIGS[kind], {}, **consts)
-    candidates = [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
-                  for c in configs]
+    candidates = [
+        (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in configs
+    ]
     candidates += [c for c in extra if c not in candidates]
 
     auto_ms = time_cuda(lambda: neuraldb_kernels.gated_retrieval(q, keys, values, gamma, backend="triton"))
@@ -53,12 +54,19 @@ def sweep(t: int, keys: torch.Tensor, values: torch.Tensor, extra: list[tuple[in
             agree = (tk.gated_retrieval_triton(q, keys, values, gamma, config=cfg)[1] == want).float().mean().item()
             ms = time_cuda(lambda cfg=cfg: tk.gated_retrieval_triton(q, keys, values, gamma, config=cfg))
             row.update(ms=ms, tflops=2 * t * m * d1 / ms / 1e9, idx_agree=agree)
-        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or run is a result, not a crash
+        except Exception as exc:
             row["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
         print(t, row, flush=True)
-    return {"t": t, "m": m, "d1": d1, "auto_ms": auto_ms, "auto_tflops": 2 * t * m * d1 / auto_ms / 1e9,
-            "autotuned": str(best), "configs": rows}
+    return {
+        "t": t,
+        "m": m,
+        "d1": d1,
+        "auto_ms": auto_ms,
+        "auto_tflops": 2 * t * m * d1 / auto_ms / 1e9,
+        "autotuned": str(best),
+        "configs": rows,
+    }
 
 
 def main(argv=None) -> int:
@@ -75,14 +83,21 @@ def main(argv=None) -> int:
         return 2
     keys, values = build_db(args.m, args.d1, 64)
     name = torch.cuda.get_device_name()
-    result = {"device": name, "torch": torch.__version__, "nominal_fp16_tflops": nominal_peak(name),
-              "shapes": [sweep(t, keys, values, args.extra, args.gamma) for t in args.T]}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "nominal_fp16_tflops": nominal_peak(name),
+        "shapes": [sweep(t, keys, values, args.extra, args.gamma) for t in args.T],
+    }
     for shape in result["shapes"]:
-        print(f"\nT={shape['t']} m={shape['m']} d1={shape['d1']}: autotuned {shape['autotuned']} "
-              f"{shape['auto_ms']:.3f} ms ({shape['auto_tflops']:.0f} TFLOP/s)")
+        print(
+            f"\nT={shape['t']} m={shape['m']} d1={shape['d1']}: autotuned {shape['autotuned']} "
+            f"{shape['auto_ms']:.3f} ms ({shape['auto_tflops']:.0f} TFLOP/s)"
+        )
         for r in sorted(shape["configs"], key=lambda r: r.get("ms", float("inf"))):
-            tail = f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s agree {r['idx_agree']:.3f}" if "ms" in r \
-                else r["failed"]
+            tail = (
+                f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s agree {r['idx_agree']:.3f}" if "ms" in r else r["failed"]
+            )
             print(f"  {r['config']!s:24} {'listed' if r['listed'] else 'extra ':6} {tail}")
     stamp = name.replace(" ", "_")
     path = write_json(args.out or RESULTS / f"triton_config_sweep_{stamp}.json", result)

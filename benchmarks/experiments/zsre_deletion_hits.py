@@ -50,15 +50,35 @@ def main(argv=None) -> None:
                 conts.append([" " + f.target_new.strip()])
     # odd rows first: the first len(odd) rows are the database after the deletion
     order = list(range(1, len(db), 2)) + list(range(0, len(db), 2))
-    after, before = prompt_hits(model, tok, ctxs, conts, db.layer, db.keys[torch.tensor(order)],
-                                db.gamma if args.gamma is None else args.gamma,
-                                sizes=[len(db) // 2, len(db)], margin=0.0)
+    after, before = prompt_hits(
+        model,
+        tok,
+        ctxs,
+        conts,
+        db.layer,
+        db.keys[torch.tensor(order)],
+        db.gamma if args.gamma is None else args.gamma,
+        sizes=[len(db) // 2, len(db)],
+        margin=0.0,
+    )
     out: dict = {}
     for (i, kind), hb, ha in zip(index, before, after):
         hb, ha = [order[r] for r in hb], [order[r] for r in ha]
-        c = out.setdefault(f"{'even (deleted)' if i % 2 == 0 else 'odd (kept)'} {kind}",
-                           dict.fromkeys(("prompts", "before_own", "before_other", "after_own", "after_any",
-                                          "after_same_subject", "after_other_subject"), 0))
+        c = out.setdefault(
+            f"{'even (deleted)' if i % 2 == 0 else 'odd (kept)'} {kind}",
+            dict.fromkeys(
+                (
+                    "prompts",
+                    "before_own",
+                    "before_other",
+                    "after_own",
+                    "after_any",
+                    "after_same_subject",
+                    "after_other_subject",
+                ),
+                0,
+            ),
+        )
         c["prompts"] += 1
         c["before_own"] += i in hb
         c["before_other"] += any(r != i for r in hb)

