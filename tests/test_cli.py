@@ -452,3 +452,93 @@ def test_edit_generate_info_delete_on_smollm2(tmp_path, capsys):
     assert main(["generate", "--db", str(db), "--prompt", prompt, "--max-new-tokens", "3", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == lines[1].replace("unedited:", "edited:  "), lines  # deleted: the edit is gone
+
+
+# --- checkpointed jobs: --checkpoint-every/--resume/--slice and merge (the library side: test_edit_resume.py) -----------
+
+JOB_FACTS = [
+    {"subject": s, "prompt": p, "target_new": t}
+    for s, p in (("paris", "{} is in"), ("the capital", "{} of france is"), ("france", "the capital of {} is"))
+    for t in ("paris", "in")
+]
+
+
+def _facts_file(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_edit_resume_and_merge_on_the_command_line(tiny_dir, tmp_path, capsys):
+    facts = _facts_file(tmp_path / "facts.jsonl", JOB_FACTS)
+    common = ["--model", str(tiny_dir), "--facts", str(facts), "--checkpoint-every", "2", "--threads", "1"]
+    full, a, b = (tmp_path / f"{n}.safetensors" for n in ("full", "a", "b"))
+    assert main(["edit", *common, "--out", str(full), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"{full}: facts 0..1 saved" in err and f"{full}: facts 0..5 saved" in err  # one line per checkpoint
+    assert main(["edit", *common, "--out", str(b), "--slice", "2:", "--no-progress"]) == 0
+    assert main(["edit", *common, "--out", str(a), "--slice", ":2", "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{b}: facts 2..5 (4) of 6" in out and f"{a}: facts 0..1 (2) of 6" in out
+    assert main(["edit", *common, "--out", str(a), "--slice", ":2", "--resume", "--no-progress"]) == 0
+    assert "Edited 0 facts; resumed at fact 2" in capsys.readouterr().out  # a finished job: nothing redone
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(b), str(a), "--out", str(merged)]) == 0
+    assert f"{merged}: 6 facts" in capsys.readouterr().out
+    m, f = NeuralKVDatabase.load(merged), NeuralKVDatabase.load(full)
+    assert m.ids() == f.ids() == list(range(6))
+    assert torch.equal(m.keys, f.keys) and torch.equal(m.values, f.values)
+
+
+def test_edit_resume_refusals_are_one_line_before_the_model_loads(tiny_dir, tmp_path, capsys):
+    facts = _facts_file(tmp_path / "facts.jsonl", JOB_FACTS)
+    other = _facts_file(tmp_path / "other.jsonl", JOB_FACTS[::-1])
+    db = tmp_path / "job.safetensors"
+    base = ["edit", "--model", str(tiny_dir), "--out", str(db), "--checkpoint-every", "2", "--no-progress"]
+    assert main([*base, "--facts", str(facts), "--slice", "0:4", "--threads", "1"]) == 0
+    capsys.readouterr()
+    before = db.read_bytes()
+    refused = [
+        (["--facts", str(other), "--slice", "0:4", "--resume"], "was edited from other facts (6 facts, sha256"),
+        (["--facts", str(facts), "--slice", "0:4", "--resume", "--limit", "5"], "was edited from other facts"),
+        (["--facts", str(facts), "--slice", "0:4", "--resume", "--layer", "0"], "was edited with layer=1 (asked: 0)"),
+        (["--facts", str(facts), "--slice", "0:6", "--resume"], "holds the job for slice 0:4, not 0:6"),
+        (["--facts", str(facts), "--slice", "0:4"], "exists: pass --append to add to it, --overwrite"),
+        (["--facts", str(facts), "--slice", "4:9", "--resume"], "--slice 4:9 is outside the 6 facts of"),
+        (["--facts", str(facts), "--slice", "0:4", "--append"], "--append cannot be combined with --checkpoint-every"),
+    ]
+    for extra, message in refused:
+        assert main([*base, *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert message in one_error_line(err) and "Loading model" not in err, (extra, err)
+    assert db.read_bytes() == before
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--facts", str(facts), "--slice", "3:2"])
+    assert e.value.code == 2 and "invalid slice '3:2'" in one_error_line(capsys.readouterr().err)
+
+
+def test_merge_refusals_are_one_line(tiny_dir, tmp_path, capsys):
+    facts = _facts_file(tmp_path / "facts.jsonl", JOB_FACTS)
+    paths = {}
+    for part in ("0:2", "1:3", "4:"):
+        paths[part] = tmp_path / f"{part.replace(':', '_')}.safetensors"
+        argv = ["edit", "--model", str(tiny_dir), "--facts", str(facts), "--out", str(paths[part]), "--slice", part]
+        assert main([*argv, "--checkpoint-every", "2", "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    plain = _db(tmp_path / "plain.safetensors")
+    out = tmp_path / "m.safetensors"
+    refused = [
+        ([paths["0:2"], paths["1:3"]], "(facts 0:2) and", "overlap"),
+        ([paths["0:2"], paths["4:"]], "facts 2:4 are in none of the databases", "--allow-gaps"),
+        ([paths["0:2"], plain], "plain.safetensors was not written by a checkpointed edit", ""),
+        ([paths["0:2"], tmp_path / "missing.safetensors"], "database not found", ""),
+    ]
+    for dbs, message, also in refused:
+        assert main(["merge", *map(str, dbs), "--out", str(out)]) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert message in line and also in line, line
+    assert not out.exists()
+    assert main(["merge", str(paths["4:"]), str(paths["0:2"]), "--out", str(out), "--allow-gaps"]) == 0
+    assert NeuralKVDatabase.load(out).ids() == [0, 1, 4, 5]
+    assert main(["merge", str(paths["0:2"]), "--out", str(out)]) == 1
+    assert "exists: pass --overwrite" in one_error_line(capsys.readouterr().err)

@@ -3,6 +3,8 @@
 ::
 
     neuraldb edit --model smollm2 --facts facts.jsonl --out edits.safetensors [--limit N --layer L --gamma G]
+    neuraldb edit --facts cf.json.gz --out part0.safetensors --checkpoint-every 256 --slice 0:10240 [--resume]
+    neuraldb merge part0.safetensors part1.safetensors --out all.safetensors
     neuraldb generate --model smollm2 --db edits.safetensors --prompt "The Eiffel Tower is located in the city of"
     neuraldb info edits.safetensors
     neuraldb delete edits.safetensors --ids 0 3 5-7
@@ -119,6 +121,21 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _slice(text: str) -> tuple[int, int | None]:
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a, b = int(start or 0), (int(stop) if stop else None)
+        if a < 0 or (b is not None and b <= a):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid slice {text!r}: use START:STOP with 0 <= START < STOP (STOP may be left out: START:)"
+        ) from None
+    return a, b
+
+
 def _gamma(text: str) -> float:
     try:
         value = float(text)
@@ -207,7 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the facts to the database in --out if it exists")
     mode.add_argument("--overwrite", action="store_true", help="replace the database in --out if it exists")
+    mode.add_argument(
+        "--resume", action="store_true",
+        help="continue the checkpointed job in --out where it stopped (starts it if --out does not exist)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=_positive_int, metavar="N",
+        help="save --out every N facts, so that a killed job loses at most N (default with --resume/--slice: 256, "
+        "or the job's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slice", type=_slice, metavar="START:STOP",
+        help="edit only facts START..STOP-1 of the file, with those indices as ids (for `neuraldb merge`)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "merge",
+        help="join databases edited from disjoint slices of the same facts (edit --slice)",
+        description="Join the databases of checkpointed edits of disjoint slices of one facts file, made with the same "
+        "model and hyperparameters, into one whose ids are the facts' indices in the file.",
+    )
+    p.add_argument("dbs", nargs="+", type=Path, metavar="DB", help="databases written by `neuraldb edit --slice`")
+    p.add_argument("--out", required=True, type=Path, help="database file to write")
+    p.add_argument("--allow-gaps", action="store_true", help="merge even if some facts are in none of the databases")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser(
         "generate",
@@ -386,11 +427,15 @@ def describe_fact(fact: FactLike) -> str:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    """``neuraldb edit``: edit the facts of a file into a new database, or append them to an existing one."""
+    """``neuraldb edit``: edit the facts of a file into a new database, or append them to an existing one; with
+    ``--checkpoint-every``/``--resume``/``--slice``, as a checkpointed job (:mod:`neuraldb.editing.jobs`)."""
     from neuraldb import facts as facts_mod
     from neuraldb.editing import edit
     from neuraldb.patching import patch_model, unpatch_model
 
+    checkpointed = args.resume or args.checkpoint_every is not None or args.slice is not None
+    if checkpointed and args.append:
+        raise CLIError("--append cannot be combined with --checkpoint-every or --slice (use --resume)")
     # The output is checked first: editing takes minutes, and nothing should be lost to a path that cannot be saved.
     if not args.out.is_dir():
         try:
@@ -399,12 +444,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot create the directory of {args.out}: {e.strerror or e}") from None
     check_output(
         args.out,
-        replace=args.append or args.overwrite,
-        exists_hint=": pass --append to add to it or --overwrite to replace it",
+        replace=args.append or args.overwrite or args.resume,
+        exists_hint=": pass --append to add to it, --overwrite to replace it, or --resume to continue its job",
     )
     facts = facts_mod.load(args.facts, limit=args.limit)
     if not facts:
         raise CLIError(f"no facts to edit in {args.facts}")
+    if checkpointed:
+        return _edit_job(args, facts)
     db = load_db(args.out) if args.append and args.out.exists() else None
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     if db is not None:
@@ -432,6 +479,59 @@ def cmd_edit(args: argparse.Namespace) -> int:
         f"Edited {len(facts)} facts{timing}; ids {new_ids[0]}..{new_ids[-1]}. "
         f"{args.out}: {len(db)} facts, layer {db.layer}, gamma {db.gamma}"
     )
+    return 0
+
+
+def _edit_job(args: argparse.Namespace, facts: list) -> int:
+    """The checkpointed ``edit``: everything the job could refuse is checked before the model loads."""
+    from neuraldb.editing import check_resume, edit_checkpointed
+
+    start, stop = args.slice or (0, None)
+    if start >= len(facts) or (stop is not None and stop > len(facts)):
+        shown = f"{start}:{'' if stop is None else stop}"
+        raise CLIError(f"--slice {shown} is outside the {len(facts)} facts of {args.facts}")
+    hparams = {"layer": args.layer, "gamma": args.gamma, "batch_size": args.batch_size}
+    resuming = args.resume and args.out.exists()
+    if resuming:
+        check_resume(
+            load_db(args.out), facts, path=args.out, start=start, stop=stop, checkpoint_every=args.checkpoint_every,
+            **hparams,
+        )  # fmt: skip
+    model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
+    if resuming:
+        _check_model(load_db(args.out), model, force=False)
+    elif args.out.exists():  # --overwrite: the job starts afresh
+        args.out.unlink()
+    source = {"path": str(args.facts.resolve()), "size": args.facts.stat().st_size, "limit": args.limit}
+    stats: dict = {}
+
+    def flushed(db, done: int) -> None:
+        if args.no_progress:
+            print(f"{args.out}: facts {start}..{done - 1} saved", file=sys.stderr, flush=True)
+
+    db = edit_checkpointed(
+        model, tok, facts, args.out, checkpoint_every=args.checkpoint_every, resume=args.resume, start=start,
+        stop=stop, source=source, progress=not args.no_progress, on_flush=flushed, stats=stats, **hparams,
+    )  # fmt: skip
+    n, seconds = stats["n"], stats["seconds"]
+    timing = f" in {seconds:.1f} s ({seconds / n:.2f} s per fact)" if n else ""
+    was = f"resumed at fact {stats['resumed_at']}; " if resuming else ""
+    print(
+        f"Edited {n} facts{timing}; {was}{args.out}: facts {db.ids()[0]}..{db.ids()[-1]} ({len(db)}) of "
+        f"{len(facts)}, layer {db.layer}, gamma {db.gamma}"
+    )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``neuraldb merge``: join the databases of checkpointed edits of disjoint slices (ids = the facts' indices)."""
+    from neuraldb.editing import merge_databases
+
+    check_output(args.out, replace=args.overwrite, exists_hint=": pass --overwrite to replace it")
+    dbs = [load_db(p) for p in args.dbs]
+    db = merge_databases(dbs, names=[str(p) for p in args.dbs], allow_gaps=args.allow_gaps)
+    db.save(args.out)
+    print(f"Merged {len(dbs)} databases; {args.out}: {len(db)} facts, layer {db.layer}, gamma {db.gamma}")
     return 0
 
 
@@ -548,8 +648,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "edit": cmd_edit, "generate": cmd_generate, "info": cmd_info, "delete": cmd_delete, "demo": cmd_demo,
-    "eval": cmd_eval,
-}
+    "eval": cmd_eval, "merge": cmd_merge,
+}  # fmt: skip
 
 
 def describe_error(e: BaseException) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -25,7 +25,20 @@ from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixe
 from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
 from neuraldb.facts import Fact
 
-__all__ = ["compute_keys", "compute_residuals", "compute_keys_and_residuals", "edit", "EditConfig", "defaults_for"]
+__all__ = [
+    "EditConfig",
+    "JobMismatchError",
+    "check_resume",
+    "compute_keys",
+    "compute_keys_and_residuals",
+    "compute_residuals",
+    "defaults_for",
+    "edit",
+    "edit_checkpointed",
+    "facts_fingerprint",
+    "job_record",
+    "merge_databases",
+]
 
 
 def _as_facts(facts) -> list[Fact]:
@@ -76,8 +89,8 @@ def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
+def _progress(total: int, enabled, desc: str):
+    if not enabled or callable(enabled):
         return None
     try:
         from tqdm.auto import tqdm
@@ -86,7 +99,7 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="fact")
 
 
-def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress: bool, stats: dict | None):
+def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress, stats: dict | None):
     facts = _as_facts(facts)
     if cfg.layer is None:
         raise ValueError("layer is unknown for this model: pass layer=")
@@ -167,6 +180,8 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
             keys[idx] = (k / cnt[:, None]).cpu()
             if bar is not None:
                 bar.update(len(chunk))
+            if callable(progress):
+                progress(len(chunk))
     finally:
         if bar is not None:
             bar.close()
@@ -213,8 +228,15 @@ def compute_keys(
 
 
 def compute_keys_and_residuals(
-    model, tok, facts: Sequence[Fact], layer: int | None = None, *, template: str | None = None,
-    progress: bool = False, stats: dict | None = None, **hparams
+    model,
+    tok,
+    facts: Sequence[Fact],
+    layer: int | None = None,
+    *,
+    template: str | None = None,
+    progress: bool | Callable[[int], None] = False,
+    stats: dict | None = None,
+    **hparams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (n, d1) and residuals (n, d2), float32, from one pass (the residual rows contain the key rows).
 
@@ -266,7 +288,7 @@ def edit(
     gamma: float | None = None,
     db=None,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int], None] = True,
     template: str | None = None,
     stats: dict | None = None,
     **hparams,
@@ -280,6 +302,8 @@ def edit(
     not depend on it. The model is left as it was (mode, requires_grad, patch).
 
     ``stats``, if a dict, receives ``seconds``, ``n`` and per-fact optimisation ``steps`` and final ``loss``.
+    ``progress``: True shows a bar that moves per batch; a callable is called instead with the number of facts each
+    finished batch held (for a caller's own bar over several calls, as :func:`edit_checkpointed` keeps).
 
     Returns the database; ``db.ids()[-len(facts):]`` are the new facts' ids, in order.
     """
@@ -331,3 +355,14 @@ def edit(
     db.add(keys, resid, facts=facts)
     stats.update(seconds=elapsed, n=len(facts))
     return db
+
+
+# at the end: jobs builds on edit() above
+from neuraldb.editing.jobs import (
+    JobMismatchError,
+    check_resume,
+    edit_checkpointed,
+    facts_fingerprint,
+    job_record,
+    merge_databases,
+)
