@@ -82,6 +82,8 @@ def test_smollm2_135m_is_recognised_by_its_size_wherever_it_was_loaded_from(name
     tuned = replace(EditConfig(), **arch.SMOLLM2_135M.edit)
     assert cfg == replace(tuned, compute_dtype="float32")  # bf16 is never native on the meta device
     assert (cfg.layer, cfg.n_prefixes, cfg.steps, cfg.lr) == (6, 3, 10, 2.0)
+    # patching a database that names no layer lands where editing does (it took round(0.25 * 30) = 8)
+    assert arch.default_layer(on_meta(SMOLLM2_135M, name)) == 6
 
 
 def test_another_size_of_the_family_gets_the_family_defaults():

@@ -172,7 +172,15 @@ def num_layers(model: torch.nn.Module) -> int:
 
 
 def default_layer(model: torch.nn.Module) -> int:
-    """The table's default layer for ``model``: ``round(layer_fraction * num_layers)``, within range."""
+    """The layer neuraldb edits and patches in ``model`` unless told otherwise: the swept layer where the model's
+    family and size were swept (:func:`tuned_for`), else ``round(layer_fraction * num_layers)``, within range.
+
+    Editing (:func:`neuraldb.editing.defaults_for`), ``NeuralKVDatabase.for_model`` and ``patch_model`` all ask here,
+    so a database built by hand and one built by ``edit`` land on the same layer.
+    """
+    tuned = tuned_for(model)
+    if tuned is not None and "layer" in tuned.edit:
+        return tuned.edit["layer"]
     spec = arch_spec(model)
     n = num_layers(model)
     return min(n - 1, int(spec.layer_fraction * n + 0.5))
