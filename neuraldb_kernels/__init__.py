@@ -10,8 +10,8 @@ Example::
 """
 
 from neuraldb_kernels import config
-from neuraldb_kernels.backends import available_backends
-from neuraldb_kernels.op import gated_retrieval, gated_retrieval_prefiltered
+from neuraldb_kernels.backends import available_backends, resolve
+from neuraldb_kernels.op import gated_retrieval, gated_retrieval_prefiltered, runs_eagerly
 from neuraldb_kernels.plan import (
     DEFAULT_POLICY,
     PrefilterPolicy,
@@ -19,8 +19,9 @@ from neuraldb_kernels.plan import (
     plan_retrieval,
     retrieve_residuals,
 )
-from neuraldb_kernels.prefilter import build_signs, build_sketch
-from neuraldb_kernels.reference import gated_retrieval_reference
+from neuraldb_kernels.prefilter import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
+from neuraldb_kernels.reference import gated_retrieval_reference, normalize_queries
+from neuraldb_kernels.validation import check_gamma, check_queries
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -29,11 +30,18 @@ __all__ = [
     "available_backends",
     "build_signs",
     "build_sketch",
+    "check_gamma",
+    "check_queries",
     "config",
     "gated_retrieval",
     "gated_retrieval_prefiltered",
     "gated_retrieval_reference",
+    "normalize_queries",
     "plan_retrieval",
+    "resolve",
     "retrieve_residuals",
+    "runs_eagerly",
+    "sign_row_bytes",
+    "sketch_row_bytes",
 ]
 __version__ = "0.1.0"

@@ -350,11 +350,11 @@ def agree_add_failing_on_one_rank(tmp: Path, group) -> None:
 
     k, v = _data(4, seed=35)
     if rank() == 1:
-        db.shard._prepare_append = _raising("out of memory (simulated)")
+        db.shard.stage_add = _raising("out of memory (simulated)")
     expected = RuntimeError if rank() == 1 else _call_error()
     with pytest.raises(expected, match=r"out of memory \(simulated\)" if rank() == 1 else r"add: it failed on rank 1"):
         db.add(k, v)
-    db.shard.__dict__.pop("_prepare_append", None)
+    db.shard.__dict__.pop("stage_add", None)
     _unchanged(db, *before)
 
 
@@ -374,10 +374,10 @@ def agree_delete_and_update_with_other_arguments(tmp: Path, group) -> None:
         db.update([2 + rank()], facts=[None])
     _unchanged(db, *before)
     if rank() == 0:
-        db.shard._plan_delete = _raising("out of memory (simulated)")
+        db.shard.stage_delete = _raising("out of memory (simulated)")
     with pytest.raises(RuntimeError, match=r"out of memory|delete: it failed on rank 0"):
         db.delete([0, 1])
-    db.shard.__dict__.pop("_plan_delete", None)
+    db.shard.__dict__.pop("stage_delete", None)
     _unchanged(db, *before)
 
 
@@ -530,7 +530,7 @@ def agree_load_checks_the_manifest_against_the_shards(tmp: Path, group) -> None:
     # Every file agrees on a next_id of 2**28 (ids are never reused, so it may lie far above the live ones): the
     # live ids cost what the shards hold, not next_id bytes.
     empty = neuraldb.ShardedNeuralKVDatabase(D1, D2, process_group=group)
-    empty.shard._next_id = 2**28
+    empty.shard.stage_add(torch.empty(0, D1), torch.empty(0, D2), ids=[], next_id=2**28).commit()
     empty.save(tmp / "empty")
     back = neuraldb.ShardedNeuralKVDatabase.load(tmp / "empty", process_group=group)
     assert back.next_id == 2**28 and len(back) == 0 and back.ids() == [] and 5 not in back

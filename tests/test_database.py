@@ -61,7 +61,7 @@ def test_add_returns_increasing_ids_and_normalises_keys():
 def test_keys_and_values_are_live_views_the_op_uses():
     db = _db(5)
     keys, values = db.keys, db.values
-    assert keys.data_ptr() == db._keys.data_ptr() and values.data_ptr() == db._values.data_ptr()
+    assert keys.data_ptr() == db._storage.keys_buf.data_ptr() and values.data_ptr() == db._storage.values_buf.data_ptr()
     out, idx, score = gated_retrieval(db.keys[2:3].float() * 7, db.keys, db.values, 0.9)
     assert idx.tolist() == [2] and torch.equal(out[0], db.values[2].float())
 
@@ -314,7 +314,7 @@ def test_ids_are_ints_or_0d_integer_tensors_everywhere():
 
 def test_ids_stop_at_int64():
     db = _db(2)
-    db._next_id = 2**63 - 2  # as a file's next_id could set it
+    db = NeuralKVDatabase.from_state(db.state().replace(next_id=2**63 - 2))  # as a file's next_id could set it
     before = state(db)
     with pytest.raises(ValueError, match="2\\*\\*63 - 1"):
         db.add(torch.randn(3, D1), torch.randn(3, D2))

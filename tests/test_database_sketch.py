@@ -8,11 +8,10 @@ import copy
 import pickle
 
 import neuraldb.database
-import neuraldb.database_retrieval
+import neuraldb.database_storage
 import pytest
 import torch
 from neuraldb import NeuralKVDatabase
-from neuraldb.sharded import _Shard
 
 import neuraldb_kernels
 from neuraldb_kernels import build_signs, build_sketch
@@ -27,19 +26,19 @@ def _keys(n, seed):
 def _built(db):
     """``db`` with its sketch built, as the first qualifying retrieve_residuals call does (without needing the kernel)."""
     with db.lock:
-        db._ensure_sketch()
+        db._storage.ensure_sketch()
     return db
 
 
 def _tensor_bytes(db):
-    return sum(t.untyped_storage().nbytes() for t in vars(db).values() if isinstance(t, torch.Tensor))
+    return sum(t.untyped_storage().nbytes() for t in vars(db._storage).values() if isinstance(t, torch.Tensor))
 
 
 @pytest.fixture
 def fake_accelerator(monkeypatch):
     """A device other than the CPU on a machine without one: "cuda" for the database's bookkeeping, while its buffers
     go to the meta device (shapes only)."""
-    monkeypatch.setattr(neuraldb.database, "_moved", lambda buf, device: buf.to("meta"))
+    monkeypatch.setattr(neuraldb.database_storage, "moved", lambda buf, device: buf.to("meta"))
     return torch.device("cuda")
 
 
@@ -91,29 +90,30 @@ def test_failed_update_leaves_the_sketch_alone():
 
 
 def test_shard_appends_and_ordered_deletes_keep_the_sketch():
-    shard = _Shard(D1, D2)
-    k = torch.nn.functional.normalize(_keys(30, 6), dim=1).half()
-    shard._append(list(range(0, 30, 2)), shard._prepare_append(k[:15], torch.randn(15, D2).half()), [None] * 15)
-    shard._apply_delete(shard._plan_delete([0, 10]))
+    shard = NeuralKVDatabase(D1, D2, ordered=True)
+    k = _keys(30, 6)
+    shard.stage_add(k[:15], torch.randn(15, D2), ids=range(0, 30, 2)).commit()
+    shard.stage_delete([0, 10]).commit()
     assert shard.sketch is None
     _built(shard)
-    rows = shard._prepare_append(k[15:], torch.randn(15, D2).half())  # grows 16 -> 32 rows, sketch included
-    shard._append(list(range(30, 60, 2)), rows, [None] * 15)
-    shard._apply_delete(shard._plan_delete([2, 36, 58]))
+    rows = shard.stage_add(k[15:], torch.randn(15, D2), ids=range(30, 60, 2))  # grows 16 -> 32 rows, sketch included
+    rows.commit()
+    shard.stage_delete([2, 36, 58]).commit()
+    assert shard.ids() == sorted(shard.ids())
     assert_in_step(shard)
 
 
 def _prefiltered_calls(monkeypatch) -> list[tuple[torch.Size, bool]]:
     """Records (query shape, signs given) of every pre-filtered kernel call the database makes."""
     calls = []
-    real = neuraldb.database_retrieval.gated_retrieval_unchecked
+    real = neuraldb_kernels.plan.gated_retrieval_unchecked
 
     def spy(queries, keys, values, gamma, backend, sketch=None, signs=None):
         if sketch is not None:
             calls.append((queries.shape, signs is not None))
         return real(queries, keys, values, gamma, backend, sketch, signs)
 
-    monkeypatch.setattr(neuraldb.database_retrieval, "gated_retrieval_unchecked", spy)
+    monkeypatch.setattr(neuraldb_kernels.plan, "gated_retrieval_unchecked", spy)
     return calls
 
 
@@ -247,14 +247,15 @@ def test_cached_views_do_not_keep_replaced_buffers_alive(change, fake_accelerato
     db.add(torch.randn(1100, 256, generator=g), torch.randn(1100, 8, generator=g))
     db.retrieve_residuals(torch.randn(1, 256, generator=g), 0.7)
     assert db.sketch is not None
-    old = {t.untyped_storage().data_ptr() for t in (db._keys, db._values, db._sketch, db._signs)}
+    s = db._storage
+    old = {t.untyped_storage().data_ptr() for t in (s.keys_buf, s.values_buf, s.sketch_buf, s.signs_buf)}
     if change == "grow":
         db.add(torch.randn(db.capacity, 256, generator=g), torch.randn(db.capacity, 8, generator=g))
     elif change == "prefilter_off":
         db.prefilter = False
     else:
         db.to(fake_accelerator)
-    cached = {t.untyped_storage().data_ptr() for t in db._views[1:] if t is not None and not t.is_meta}
+    cached = {t.untyped_storage().data_ptr() for t in db._storage.cached_views[1:] if t is not None and not t.is_meta}
     assert not cached & old
 
 

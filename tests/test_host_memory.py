@@ -79,7 +79,7 @@ def test_database_buffers_grow_and_sketch_in_huge_pages():
     g = torch.Generator().manual_seed(0)
     db.add(torch.randn(5000, 1536, generator=g), torch.randn(5000, 576, generator=g))
     db.retrieve_residuals(torch.randn(1, 1536, generator=g), 0.65)  # builds the sketches
-    buffers = {name: getattr(db, name) for name in ("_keys", "_values", "_sketch", "_signs")}
+    buffers = {name: getattr(db._storage, name) for name in ("keys_buf", "values_buf", "sketch_buf", "signs_buf")}
     assert all(b.numel() * b.element_size() >= HUGE_PAGE for b in buffers.values())
     for name, b in buffers.items():
         assert b.data_ptr() % HUGE_PAGE == 0, name
@@ -93,4 +93,4 @@ def test_a_database_moved_back_to_the_cpu_is_in_huge_pages():
     db.add(torch.randn(1000, 1536), torch.randn(1000, 576))
     keys = db.keys.cpu()
     db.to("cpu")
-    assert db._keys.data_ptr() % HUGE_PAGE == 0 and torch.equal(db.keys, keys)
+    assert db._storage.keys_buf.data_ptr() % HUGE_PAGE == 0 and torch.equal(db.keys, keys)

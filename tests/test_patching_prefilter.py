@@ -28,13 +28,14 @@ def _decode_logits(model, ids, db, prefilter):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_decode_with_the_sketch_is_bitwise_the_plain_path(monkeypatch, arch):
     calls = []
-    real = neuraldb.database_retrieval.bind_cpu_residuals
+    real = neuraldb.database.plan_retrieval
 
-    def spy(*args):  # the patch's eager plan, bound once per database state
-        calls.extend([1] if len(args) > 3 and args[3] is not None else [])
-        return real(*args)
+    def spy(*args, **kwargs):  # the patch's eager plan, bound once per database state
+        plan = real(*args, **kwargs)
+        calls.extend([1] if plan.sketch is not None else [])
+        return plan
 
-    monkeypatch.setattr(neuraldb.database_retrieval, "bind_cpu_residuals", spy)
+    monkeypatch.setattr(neuraldb.database, "plan_retrieval", spy)
     model = tiny_model(arch)
     ids = prompt(12)
     _, module = neuraldb.down_proj_module(model, PATCH_LAYER)

@@ -1,15 +1,18 @@
 """``NeuralKVDatabase``: the edit memory, unit-norm keys and residual values with stable ids and fact metadata.
 
-Storage is two preallocated buffers that double when full, so appending 100k facts in batches is amortised
-O(1) per fact; ``keys``/``values`` are views of their first ``len(db)`` rows, which the op reads without a
-copy. Deleting swaps the last row into the hole (O(1) per fact); ids never change and are never reused.
+The object and its public surface: ids, facts and metadata here; the tensors in a :class:`~neuraldb.database_storage.
+RowStorage`; everything it holds as one :class:`~neuraldb.database_state.DatabaseState` (``db.state()`` and
+``NeuralKVDatabase.from_state``), through which the file format (:mod:`neuraldb.database_io`) and the sharded database
+work. Deleting swaps the last row into the hole (O(1) per fact; ``ordered=True`` shifts the rows after it instead,
+keeping rows in id order); ids never change and are never reused.
+
+Over 400 lines because the database is one object: its writes and its read path share the lock, the row bookkeeping
+and the storage, and splitting them again would bring back a base class reading its subclass's private fields.
 
 Thread safety: one re-entrant lock (``db.lock``). Every mutation holds it, and the patched forward holds it
 around its retrieval (see :mod:`neuraldb.patching`), so a forward sees the database before or after a
 change, never a mix. A swap-remove rewrites a live row, which is why readers lock rather than rely on
 snapshots. Code that reads ``keys``/``values`` directly from another thread should hold ``db.lock`` too.
-
-The file format is described in :mod:`neuraldb.database_io`.
 
 Example::
 
@@ -26,49 +29,76 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from neuraldb import host_memory
+from neuraldb import database_io
 from neuraldb.database_inputs import (
     STORAGE_DTYPES,
     FactLike,
-    _check_dim,
-    _check_facts,
-    _check_ids,
-    _dtype_name,
-    _rows,
     as_id,
-    cast_residuals,
     check_device,
-    normalize_keys,
+    check_dim,
+    check_ids,
+    check_new_rows,
+    check_replacement,
+    dtype_name,
 )
-from neuraldb.database_retrieval import PrefilteredRetrieval
-from neuraldb_kernels.prefilter import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
-from neuraldb_kernels.validation import check_gamma
-
-_MIN_CAPACITY = 16
-# Ids are stored as int64.
-_MAX_ID = 2**63 - 1
-# Rows per chunk of _check_values_fit's scan.
-_SCAN_ROWS = 4096
-# Rows per build_sketch call when the sketch is first built: it is written into its buffer chunk by chunk instead of
-# existing twice.
-_SKETCH_BUILD_ROWS = 4096
-
-
-def _moved(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``buf.to(device)``, into :func:`neuraldb.host_memory.empty` storage when ``device`` is the CPU."""
-    if device.type != "cpu":
-        return buf.to(device)
-    return host_memory.empty(tuple(buf.shape), buf.dtype, device).copy_(buf)
+from neuraldb.database_state import MAX_ID, METADATA, DatabaseState, check_state
+from neuraldb.database_storage import MIN_CAPACITY, RowStorage
+from neuraldb_kernels import (
+    DEFAULT_POLICY,
+    PrefilterPolicy,
+    RetrievalPlan,
+    check_gamma,
+    check_queries,
+    gated_retrieval,
+    plan_retrieval,
+    resolve,
+    retrieve_residuals,
+)
 
 
-class NeuralKVDatabase(PrefilteredRetrieval):
+class PendingChange:
+    """A write that :meth:`NeuralKVDatabase.stage_add` or :meth:`~NeuralKVDatabase.stage_delete` validated and
+    allocated for; :meth:`commit` applies it, copying only into memory that exists. Two-phase writes let a caller
+    (the sharded database) learn that a change will succeed everywhere before anything changes anywhere."""
+
+    def __init__(self, db: NeuralKVDatabase, apply: Callable[[], Any], *, strict: bool = True) -> None:
+        # strict=False: the change still applies after other writes (an append of the next ids does).
+        self._db, self._apply, self._version, self._strict = db, apply, db._version, strict
+
+    def commit(self) -> Any:
+        """Apply the change (RuntimeError if the database changed since it was staged, or it was committed)."""
+        with self._db._lock:
+            if self._version != self._db._version and (self._strict or self._version < 0):
+                raise RuntimeError("the database changed since this change was staged; stage it again")
+            self._db._version += 1
+            self._version = -1
+            return self._apply()
+
+
+class _PolicyField:
+    """``db.PREFILTER_MIN_KEYS`` and friends, the former per-database settings, as views of ``db.prefilter_policy``
+    (reading one on the class gives the default)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, db: NeuralKVDatabase | None, owner: type) -> Any:
+        return getattr(DEFAULT_POLICY if db is None else db.prefilter_policy, self.name)
+
+    def __set__(self, db: NeuralKVDatabase, value: Any) -> None:
+        db.prefilter_policy = dataclasses.replace(db.prefilter_policy, **{self.name: value})
+
+
+class NeuralKVDatabase:
     """Unit-norm keys ``(n, key_dim)`` and residuals ``(n, value_dim)`` with stable ids and fact metadata.
 
     Args:
@@ -78,16 +108,18 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         device: where the tensors live (not "meta", which holds no rows); :func:`neuraldb.patch_model` moves the
             database to the model's device.
         capacity: rows to allocate up front (default 16); the storage doubles whenever it is full.
+        ordered: keep rows in id order: ``delete`` shifts the rows after the first hole up (O(n)) instead of moving
+            the last row into it, so the op's lowest tied row is the lowest tied id (a shard of
+            :class:`neuraldb.ShardedNeuralKVDatabase` is one).
 
     Decode steps on CPU can scan a 1-bit sketch of the keys, then an int4 sketch of the keys it cannot rule out,
     instead of the keys (:meth:`retrieve_residuals`, same result, ~10% of the bytes read at d1 = 1536). The two
     sketches cost +36.6% of the fp16 key bytes (26.8% int4, 9.8% signs), so they are built only when first
-    needed: the first :meth:`retrieve_residuals` call that would use it (C++ CPU kernel, at least
-    ``PREFILTER_MIN_KEYS`` keys, at most ``PREFILTER_MAX_ROWS`` query rows, or ``PREFILTER_SIGNS_MAX_ROWS`` where the
-    1-bit stage applies) builds it for all rows, and from then on
-    every change keeps it in step. A database on a GPU, or never used for CPU decoding, holds none. It is never
-    saved (nor built by :meth:`load`), is dropped by :meth:`to` a non-CPU device, and ``db.prefilter = False`` frees it
-    and keeps it off.
+    needed: the first :meth:`retrieve_residuals` call that ``prefilter_policy``
+    (:class:`neuraldb_kernels.PrefilterPolicy`) sends to them builds them for all rows, and from then on every change
+    keeps them in step. A database on a GPU, or never used for CPU decoding, holds none. They are never saved (nor
+    built by :meth:`load`), are dropped by :meth:`to` a non-CPU device, and ``db.prefilter = False`` frees them and
+    keeps them off.
 
     Metadata the editing code sets and :meth:`save` keeps: ``layer``, ``gamma`` (used by ``patch_model``
     when it is not given), ``template`` (the text template keys were built with), ``model_id``,
@@ -102,6 +134,12 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         (1.0, [0.0, 1.0, 2.0, 3.0], {'note': 'demo'})
     """
 
+    PREFILTER_MIN_KEYS = _PolicyField("min_keys")
+    PREFILTER_MAX_ROWS = _PolicyField("max_rows")
+    PREFILTER_SIGNS = _PolicyField("signs")
+    PREFILTER_SIGNS_MIN_GAMMA = _PolicyField("signs_min_gamma")
+    PREFILTER_SIGNS_MAX_ROWS = _PolicyField("signs_max_rows")
+
     def __init__(
         self,
         key_dim: int,
@@ -109,30 +147,27 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         *,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
-        capacity: int = _MIN_CAPACITY,
+        capacity: int = MIN_CAPACITY,
+        ordered: bool = False,
     ) -> None:
-        self.key_dim = _check_dim("key_dim", key_dim)
-        self.value_dim = _check_dim("value_dim", value_dim)
+        self.key_dim = check_dim("key_dim", key_dim)
+        self.value_dim = check_dim("value_dim", value_dim)
         if dtype not in STORAGE_DTYPES:
-            allowed = "/".join(map(_dtype_name, STORAGE_DTYPES))
-            raise TypeError(f"dtype must be one of {allowed}, got {dtype!r}")
+            raise TypeError(f"dtype must be one of {'/'.join(map(dtype_name, STORAGE_DTYPES))}, got {dtype!r}")
         device = check_device(device)
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be a non-negative int, got {type(capacity).__name__}")
         if capacity < 0:
             raise ValueError(f"capacity must be a non-negative int, got {capacity}")
         self.dtype = dtype
+        self.ordered = bool(ordered)
         self._lock = threading.RLock()
-        self._keys = host_memory.empty((capacity, key_dim), dtype, device)
-        self._values = host_memory.empty((capacity, value_dim), dtype, device)
-        self._sketch: torch.Tensor | None = None
-        self._signs: torch.Tensor | None = None  # built and dropped with _sketch
-        self._n = 0
-        self._views: tuple = ()  # see _live_views
+        self._storage = RowStorage(key_dim, value_dim, dtype, device, capacity)
         self._row_ids: list[int] = []
         self._rows: dict[int, int] = {}
         self._facts: dict[int, FactLike] = {}
         self._next_id = 0
+        self._version = 0  # bumped by every write: what a PendingChange checks
         self._layer: int | None = None
         self._gamma: float | None = None
         self.template: str | None = None
@@ -140,6 +175,7 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         self.module_path: str | None = None
         self.config: dict[str, Any] = {}
         self._prefilter = True
+        self._policy = DEFAULT_POLICY
 
     @classmethod
     def for_model(
@@ -167,6 +203,59 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         db.model_id = str(name) if name else None
         return db
 
+    # -- the state as one record -----------------------------------------------------------------------------
+
+    def state(self) -> DatabaseState:
+        """Everything this database holds, as a :class:`~neuraldb.database_state.DatabaseState`. Its ``keys`` and
+        ``values`` are views of the live rows (no copy): hold :attr:`lock` while using them, or clone them.
+
+        Example::
+
+            >>> db = NeuralKVDatabase(4, 2)
+            >>> _ = db.add(torch.ones(4), torch.ones(2))
+            >>> s = db.state(); (s.ids, s.next_id, tuple(s.keys.shape))
+            ([0], 1, (1, 4))
+        """
+        with self._lock:
+            return DatabaseState(
+                self.key_dim, self.value_dim, self.dtype, self.keys, self.values, list(self._row_ids),
+                [self._facts[i] for i in self._row_ids], self._next_id,
+                **{name: getattr(self, name) for name in METADATA},
+            )
+
+    @classmethod
+    def from_state(
+        cls, state: DatabaseState, *, adopt: bool = False, ordered: bool = False
+    ) -> NeuralKVDatabase:
+        """A database holding ``state`` (validated by :func:`~neuraldb.database_state.check_state`; TypeError or
+        ValueError otherwise), on the device of its tensors, rows copied into storage of exactly ``state.count``
+        rows. ``adopt=True`` takes ``state.keys``/``state.values`` as the storage itself, without a copy, and its rows
+        and facts as already checked: for a loader that allocated them and checked them while reading
+        (:mod:`neuraldb.database_io`); they must be contiguous.
+
+        Example::
+
+            >>> db = NeuralKVDatabase(4, 2); _ = db.add(torch.ones(4), torch.ones(2))
+            >>> NeuralKVDatabase.from_state(db.state()).ids()
+            [0]
+        """
+        check_state(state, rows=not adopt)
+        db = cls(state.key_dim, state.value_dim, dtype=state.dtype, device=state.keys.device, capacity=0,
+                 ordered=ordered)
+        if adopt:
+            db._storage = RowStorage.adopt(state.keys, state.values)
+        else:
+            db._storage.reserve(state.count)
+            db._storage.write(0, state.keys, state.values, None)
+            db._storage.set_count(state.count)
+        db._row_ids = list(state.ids)
+        db._rows = {i: r for r, i in enumerate(state.ids)}
+        db._facts = dict(zip(state.ids, state.facts))
+        db._next_id = state.next_id
+        for name in METADATA:
+            setattr(db, name, getattr(state, name))
+        return db
+
     # -- metadata ---------------------------------------------------------------------------------------------
 
     @property
@@ -191,7 +280,7 @@ class NeuralKVDatabase(PrefilteredRetrieval):
 
     @property
     def prefilter(self) -> bool:
-        """Whether decode steps on CPU may use the int4 key sketch (default True); setting False frees the sketch."""
+        """Whether decode steps on CPU may use the key sketches (default True); setting False frees them."""
         return self._prefilter
 
     @prefilter.setter
@@ -199,8 +288,22 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         with self._lock:
             self._prefilter = bool(value)
             if not self._prefilter:
-                self._sketch = self._signs = None
-            self._views = ()  # either way: a patch's eager plan holds the old choice
+                self._storage.drop_sketch()
+            self._storage.changed()  # either way: a patch's eager plan holds the old choice
+
+    @property
+    def prefilter_policy(self) -> PrefilterPolicy:
+        """Which CPU calls read the key sketches (:data:`neuraldb_kernels.DEFAULT_POLICY`; same output either way).
+        A patched model sees a new policy at its next forward."""
+        return self._policy
+
+    @prefilter_policy.setter
+    def prefilter_policy(self, policy: PrefilterPolicy) -> None:
+        if not isinstance(policy, PrefilterPolicy):
+            raise TypeError(f"prefilter_policy must be a neuraldb_kernels.PrefilterPolicy, got {type(policy).__name__}")
+        with self._lock:
+            self._policy = policy
+            self._storage.changed()
 
     @property
     def lock(self) -> threading.RLock:
@@ -211,12 +314,12 @@ class NeuralKVDatabase(PrefilteredRetrieval):
     @property
     def device(self) -> torch.device:
         """Where the keys and values live (change it with :meth:`to`)."""
-        return self._keys.device
+        return self._storage.device
 
     @property
     def capacity(self) -> int:
         """Rows allocated; grows by doubling."""
-        return self._keys.shape[0]
+        return self._storage.capacity
 
     @property
     def next_id(self) -> int:
@@ -228,28 +331,28 @@ class NeuralKVDatabase(PrefilteredRetrieval):
     @property
     def keys(self) -> torch.Tensor:
         """Live ``(n, key_dim)`` view of the unit-norm keys; row ``i`` belongs to ``ids()[i]``."""
-        return self._keys[: self._n]
+        return self._storage.keys
 
     @property
     def values(self) -> torch.Tensor:
         """Live ``(n, value_dim)`` view of the residuals; row ``i`` belongs to ``ids()[i]``."""
-        return self._values[: self._n]
+        return self._storage.values
 
     @property
     def sketch(self) -> torch.Tensor | None:
         """Live ``(n, sketch_row_bytes(key_dim))`` uint8 view of the keys' int4 sketch
         (:func:`neuraldb_kernels.build_sketch`), kept in step with ``keys`` by every change; None until a CPU decode
         step has built it (reading it does not build it, so inspecting a database never allocates the sketch)."""
-        return None if self._sketch is None else self._sketch[: self._n]
+        return self._storage.sketch
 
     @property
     def signs(self) -> torch.Tensor | None:
         """Live ``(n, sign_row_bytes(key_dim))`` uint8 view of the keys' 1-bit sketch
         (:func:`neuraldb_kernels.build_signs`); exists exactly when :attr:`sketch` does."""
-        return None if self._signs is None else self._signs[: self._n]
+        return self._storage.signs
 
     def __len__(self) -> int:
-        return self._n
+        return self._storage.n
 
     def __contains__(self, id: object) -> bool:
         """Whether ``id`` (an int or a 0-d integer tensor; TypeError for anything else, floats included) is live."""
@@ -275,7 +378,7 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         with self._lock:
             i = self._known(id)
             r = self._rows[i]
-            return self._keys[r].clone(), self._values[r].clone(), self._facts[i]
+            return self.keys[r].clone(), self.values[r].clone(), self._facts[i]
 
     def fact(self, id: int) -> FactLike:
         """The fact metadata stored with ``id`` (a Fact, a dict or None)."""
@@ -283,7 +386,6 @@ class NeuralKVDatabase(PrefilteredRetrieval):
             return self._facts[self._known(id)]
 
     def _known(self, id: object) -> int:
-        """``id`` as an int (:func:`~neuraldb.database_inputs.as_id`); KeyError unless it is live."""
         i = as_id(id)
         if i not in self._rows:
             raise KeyError(f"id {i} is not in the database")
@@ -293,18 +395,6 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         missing = [i for i in ids if i not in self._rows]
         if missing:
             raise KeyError(f"ids not in the database: {missing[:5]}")
-
-    def _live_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(keys, values, sketch, signs)``, the live rows, made once per state of the storage (call with the lock
-        held). Keyed on the buffers' identities and the row count, so a writer that forgets to drop it costs memory,
-        never correctness (the cached views keep their buffers alive, so an identity cannot be reused while it is
-        cached); the writers that replace a buffer drop it, so that it does not keep the old one alive. Writers that
-        change the row count drop it too: the patch's eager plan (:meth:`_cpu_residuals_plan`) is valid only while
-        the cached tuple is the same object."""
-        state = (self._n, id(self._keys), id(self._values), id(self._sketch), id(self._signs))
-        if not self._views or self._views[0] != state:
-            self._views = (state, self.keys, self.values, self.sketch, self.signs)
-        return self._views[1:]
 
     # -- write ------------------------------------------------------------------------------------------------
 
@@ -323,40 +413,67 @@ class NeuralKVDatabase(PrefilteredRetrieval):
 
         Nothing changes when any argument is invalid.
         """
-        k = _rows("keys", keys, self.key_dim, "key_dim")
-        v = _rows("residuals", residuals, self.value_dim, "value_dim")
-        if k.shape[0] != v.shape[0]:
-            raise ValueError(f"keys and residuals must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+        return self.stage_add(keys, residuals, facts).commit()
+
+    def stage_add(
+        self,
+        keys: torch.Tensor,
+        residuals: torch.Tensor,
+        facts: Sequence[FactLike] | None = None,
+        *,
+        ids: Sequence[int] | None = None,
+        next_id: int | None = None,
+    ) -> PendingChange:
+        """:meth:`add`, validated and allocated for; ``.commit()`` appends the rows and returns their ids.
+
+        ``ids``: the ids to give the rows (increasing, from :attr:`next_id` up) instead of the next ones, and
+        ``next_id`` what :attr:`next_id` becomes (default: one past the last id) -- a shard of a sharded database
+        holds some of the ids that every rank allocates.
+
+        Example::
+
+            >>> db = NeuralKVDatabase(4, 2)
+            >>> change = db.stage_add(torch.ones(4), torch.ones(2), ids=[3], next_id=6)
+            >>> change.commit(), db.next_id
+            ([3], 6)
+        """
+        k, v, fs = check_new_rows(
+            keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
+        )
         m = k.shape[0]
-        fs = _check_facts(facts, m)
-        k = normalize_keys(k, self.dtype)
-        v = cast_residuals(v, self.dtype)
-        if m == 0:
-            return []
-        if self._next_id + m - 1 > _MAX_ID:
-            raise ValueError(
-                f"cannot add {m} facts: their ids would pass 2**63 - 1 (ids are int64; next_id is {self._next_id})"
-            )
-        # Sketched outside the lock when a sketch exists; one built by a retrieval meanwhile gets its rows below.
-        sk = (build_sketch(k), build_signs(k)) if self._sketch is not None else None
+        given = None if ids is None else [as_id(i, "ids") for i in ids]
+        if given is not None and (len(given) != m or any(b <= a for a, b in itertools.pairwise(given))):
+            raise ValueError(f"ids must be {m} increasing ids, got {given[:5]}")
         with self._lock:
-            self._reserve(self._n + m)
-            n = self._n
-            self._keys[n : n + m].copy_(k)
-            self._values[n : n + m].copy_(v)
-            if self._sketch is not None:
-                sketch, signs = (build_sketch(k), build_signs(k)) if sk is None else sk
-                self._sketch[n : n + m].copy_(sketch)
-                self._signs[n : n + m].copy_(signs)
-            new_ids = list(range(self._next_id, self._next_id + m))
-            for offset, (i, f) in enumerate(zip(new_ids, fs)):
+            start = self._next_id if given is None else given[0] if given else self._next_id
+            end = start + m if given is None else given[-1] + 1 if given else self._next_id
+            last = end if next_id is None else next_id
+            if m and (start < self._next_id or end > last):
+                raise ValueError(f"ids must lie in [next_id={self._next_id}, {last}), got [{start}, {end})")
+            if end - 1 > MAX_ID or last > MAX_ID + 1:
+                raise ValueError(
+                    f"cannot add {m} facts: their ids would pass 2**63 - 1 (ids are int64; next_id is {self._next_id})"
+                )
+            k, v = k.to(self.device), v.to(self.device)
+            self._storage.reserve(len(self) + m)
+            sketch = self._storage.sketch_rows(k)
+
+        def apply() -> list[int]:
+            new = list(range(self._next_id, self._next_id + m)) if given is None else given
+            n = len(self)
+            if m:
+                self._storage.reserve(n + m)  # a no-op unless another add came between staging and commit
+                fresh = self._storage.sketch_buf is not None and sketch is not None and k.device == self.device
+                self._storage.write(n, k.to(self.device), v.to(self.device), sketch if fresh else None)
+            for offset, (i, f) in enumerate(zip(new, fs)):
                 self._rows[i] = n + offset
                 self._facts[i] = f
-            self._row_ids.extend(new_ids)
-            self._next_id += m
-            self._n = n + m
-            self._views = ()
-        return new_ids
+            self._row_ids.extend(new)
+            self._next_id = max(self._next_id, new[-1] + 1 if new else 0, 0 if next_id is None else next_id)
+            self._storage.set_count(n + m)
+            return list(new)
+
+        return PendingChange(self, apply, strict=given is not None)
 
     def update(
         self,
@@ -370,67 +487,93 @@ class NeuralKVDatabase(PrefilteredRetrieval):
 
         Raises KeyError for unknown ids, ValueError for duplicates or bad rows; nothing changes on error.
         """
-        id_list = _check_ids(ids)
-        m = len(id_list)
-        k = v = None
-        if keys is not None:
-            k = normalize_keys(_rows("keys", keys, self.key_dim, "key_dim"), self.dtype)
-            if k.shape[0] != m:
-                raise ValueError(f"keys must have one row per id: expected {m}, got {k.shape[0]}")
-        if residuals is not None:
-            v = cast_residuals(_rows("residuals", residuals, self.value_dim, "value_dim"), self.dtype)
-            if v.shape[0] != m:
-                raise ValueError(f"residuals must have one row per id: expected {m}, got {v.shape[0]}")
-        fs = _check_facts(facts, m) if facts is not None else None
-        with self._lock:
-            self._check_known(id_list)
-            if m == 0:
-                return
-            rows = torch.tensor([self._rows[i] for i in id_list], dtype=torch.long, device=self.device)
-            if k is not None:
-                self._keys.index_copy_(0, rows, k.to(self.device))
-                if self._sketch is not None:
-                    self._sketch.index_copy_(0, rows, build_sketch(k).to(self.device))
-                    self._signs.index_copy_(0, rows, build_signs(k).to(self.device))
-            if v is not None:
-                self._values.index_copy_(0, rows, v.to(self.device))
-            if fs is not None:
-                self._facts.update(zip(id_list, fs))
-
-    def delete(self, ids: int | Iterable[int]) -> None:
-        """Remove ``ids``: each hole is filled by the last row (O(1) per fact); other ids keep their facts.
-
-        Raises KeyError for unknown ids and ValueError for duplicates; nothing changes on error.
-        """
-        id_list = _check_ids(ids)
+        id_list, k, v, fs = check_replacement(
+            ids, keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
+        )
         with self._lock:
             self._check_known(id_list)
             if not id_list:
                 return
-            rows, row_ids = self._rows, self._row_ids
-            # Bookkeeping first (pure Python), then one gather for the tensors. A survivor moves only when it is
-            # the last row, so its original row lies in the removed tail [len - len(ids), len) and the gather
-            # never overwrites a row before reading it.
-            src: dict[int, int] = {}
-            for i in id_list:
-                r = rows.pop(i)
-                src.pop(i, None)
-                last = row_ids.pop()
-                if last != i:
-                    src.setdefault(last, rows[last])
-                    row_ids[r] = last
-                    rows[last] = r
-                del self._facts[i]
+            self._storage.write_at([self._rows[i] for i in id_list], k, v)
+            if fs is not None:
+                self._facts.update(zip(id_list, fs))
+            self._version += 1
+
+    def delete(self, ids: int | Iterable[int]) -> None:
+        """Remove ``ids``: each hole is filled by the last row (O(1) per fact; ``ordered``: the rows after the first
+        hole move up); other ids keep their facts.
+
+        Raises KeyError for unknown ids and ValueError for duplicates; nothing changes on error.
+        """
+        with self._lock:
+            self.stage_delete(ids).commit()
+
+    def stage_delete(self, ids: int | Iterable[int]) -> PendingChange:
+        """:meth:`delete`, validated, with the rows that move gathered already; ``.commit()`` applies it."""
+        id_list = check_ids(ids)
+        with self._lock:
+            self._check_known(id_list)
+            apply = self._plan_ordered_delete(id_list) if self.ordered else self._plan_swap_delete(id_list)
+        return PendingChange(self, apply)
+
+    def _plan_swap_delete(self, id_list: list[int]) -> Callable[[], None]:
+        # The swap-removes simulated on overlays of the bookkeeping (a delete of a few ids costs no copy of it).
+        # A survivor moves only when it is the last row, so its original row lies in the removed tail.
+        rows: dict[int, int | None] = {}
+        at: dict[int, int] = {}
+        n = len(self)
+        src: dict[int, int] = {}
+        for i in id_list:
+            r = rows.get(i, self._rows[i])
+            rows[i] = None
+            src.pop(i, None)
+            n -= 1
+            last = at.get(n, self._row_ids[n])
+            if last != i:
+                src.setdefault(last, rows.get(last, self._rows[last]))
+                at[r] = last
+                rows[last] = r
+        dst = [rows[i] for i in src]
+        moved = self._storage.gather(list(src.values())) if src else []
+
+        def apply() -> None:
             if src:
-                d = torch.tensor([rows[i] for i in src], dtype=torch.long, device=self.device)
-                s = torch.tensor(list(src.values()), dtype=torch.long, device=self.device)
-                self._keys.index_copy_(0, d, self._keys.index_select(0, s))
-                self._values.index_copy_(0, d, self._values.index_select(0, s))
-                if self._sketch is not None:
-                    self._sketch.index_copy_(0, d, self._sketch.index_select(0, s))
-                    self._signs.index_copy_(0, d, self._signs.index_select(0, s))
-            self._n = len(row_ids)
-            self._views = ()
+                self._storage.move(dst, moved)
+            for i, r in rows.items():
+                if r is None:
+                    del self._rows[i]
+                    del self._facts[i]
+                else:
+                    self._rows[i] = r
+            del self._row_ids[n:]
+            for r, i in at.items():
+                if r < n:
+                    self._row_ids[r] = i
+            self._storage.set_count(n)
+
+        return apply
+
+    def _plan_ordered_delete(self, id_list: list[int]) -> Callable[[], None]:
+        if not id_list:
+            return lambda: None
+        gone = set(id_list)
+        first = min(self._rows[i] for i in id_list)
+        tail = [i for i in self._row_ids[first:] if i not in gone]
+        moved = self._storage.gather([self._rows[i] for i in tail]) if tail else []
+
+        def apply() -> None:
+            if tail:
+                self._storage.move(first, moved)
+            for i in id_list:
+                del self._rows[i]
+                del self._facts[i]
+            del self._row_ids[first:]
+            self._row_ids.extend(tail)
+            for r, i in enumerate(tail, first):
+                self._rows[i] = r
+            self._storage.set_count(len(self._row_ids))
+
+        return apply
 
     def to(self, device: torch.device | str) -> NeuralKVDatabase:
         """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``; the key sketch, which
@@ -439,100 +582,103 @@ class NeuralKVDatabase(PrefilteredRetrieval):
         device = check_device(device)
         with self._lock:
             if device != self.device:
-                self._keys = _moved(self._keys, device)
-                self._values = _moved(self._values, device)
-                if device.type != "cpu":
-                    self._sketch = self._signs = None
-                self._views = ()
+                self._storage.to(device)
+                self._version += 1
         return self
 
-    def _reserve(self, rows: int) -> None:
-        cap = self.capacity
-        if rows <= cap:
-            return
-        cap = max(cap, _MIN_CAPACITY)
-        while cap < rows:
-            cap *= 2
-        keys = host_memory.empty((cap, self.key_dim), self.dtype, self.device)
-        values = host_memory.empty((cap, self.value_dim), self.dtype, self.device)
-        keys[: self._n].copy_(self.keys)
-        values[: self._n].copy_(self.values)
-        if self._sketch is not None:
-            self._sketch = self._grown(self._sketch, cap)
-            self._signs = self._grown(self._signs, cap)
-        self._keys, self._values = keys, values
-        self._views = ()
-
-    def _grown(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
-        out = host_memory.empty((cap, buf.shape[1]), buf.dtype, self.device)
-        out[: self._n].copy_(buf[: self._n])
-        return out
-
-    def _check_values_fit(self, dtype: torch.dtype) -> None:
+    def check_values_fit(self, dtype: torch.dtype) -> None:
         """ValueError unless every residual is finite in ``dtype`` (a patched model's dtype): a residual beyond its
         range would turn the patched layer's output, then the logits, into inf. Free when the storage dtype's range
         fits in ``dtype``'s (fp16 storage, or any storage into a bf16/fp32 model); otherwise one scan of the values."""
         if not dtype.is_floating_point or torch.finfo(self.dtype).max <= torch.finfo(dtype).max:
             return
         with self._lock:
-            rows: list[int] = []
-            top = 0.0
-            for start in range(0, self._n, _SCAN_ROWS):
-                v = self._values[start : min(self._n, start + _SCAN_ROWS)]
-                over = ~torch.isfinite(v.to(dtype)).all(dim=1)
-                if over.any():
-                    rows += (over.nonzero().flatten()[:5] + start).tolist()
-                    top = max(top, float(v.abs().amax()))
+            rows, top = self._storage.overflowing_rows(dtype)
             if rows:
                 ids = [self._row_ids[r] for r in rows[:5]]
                 raise ValueError(
-                    f"db holds residuals up to {top:g} in magnitude (ids {ids}), beyond {_dtype_name(dtype)}'s "
-                    f"largest value {torch.finfo(dtype).max:g}: the patched {_dtype_name(dtype)} model would compute "
+                    f"db holds residuals up to {top:g} in magnitude (ids {ids}), beyond {dtype_name(dtype)}'s "
+                    f"largest value {torch.finfo(dtype).max:g}: the patched {dtype_name(dtype)} model would compute "
                     "inf. Scale those residuals down, or run the model in bfloat16 or float32"
                 )
 
-    def _ensure_sketch(self) -> None:
-        """Build both sketches of every live row if they do not exist yet (call with the lock held)."""
-        if self._sketch is not None:
-            return
-        sketch = host_memory.empty((self.capacity, sketch_row_bytes(self.key_dim)), torch.uint8, self.device)
-        signs = host_memory.empty((self.capacity, sign_row_bytes(self.key_dim)), torch.uint8, self.device)
-        for start in range(0, self._n, _SKETCH_BUILD_ROWS):
-            stop = min(self._n, start + _SKETCH_BUILD_ROWS)
-            sketch[start:stop] = build_sketch(self._keys[start:stop])
-            signs[start:stop] = build_signs(self._keys[start:stop])
-        self._sketch, self._signs = sketch, signs
-        self._views = ()
+    # -- retrieval --------------------------------------------------------------------------------------------
 
-    def _restore(
-        self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], facts: list[FactLike], next_id: int
-    ) -> None:
-        """Fill an empty database with already validated rows (used by load)."""
-        n = len(ids)
-        self._reserve(n)
-        self._keys[:n].copy_(keys)
-        self._values[:n].copy_(values)
-        self._row_ids = list(ids)
-        self._rows = {i: r for r, i in enumerate(ids)}
-        self._facts = dict(zip(ids, facts))
-        self._next_id = next_id
-        self._n = n
-        self._views = ()
+    def retrieve(
+        self, queries: torch.Tensor, gamma: float, *, backend: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``gated_retrieval(queries, keys, values, gamma)`` on this database, under its lock: ``(out, idx, score)``.
+
+        This is the one method :func:`neuraldb.patch_model` needs of a database; any object with the same method
+        and attributes (e.g. :class:`neuraldb.ShardedNeuralKVDatabase`) can be patched in.
+        """
+        with self._lock:
+            return gated_retrieval(queries, self.keys, self.values, gamma, backend=backend)
+
+    def retrieve_residuals(self, queries: torch.Tensor, gamma: float, *, backend: str | None = None) -> torch.Tensor:
+        """``retrieve(queries, gamma)[0]``, the gated residuals alone: what a patched forward adds.
+
+        Where ``prefilter_policy`` sends the call to the key sketches (the C++ CPU kernel, enough keys, few query
+        rows: decode), it scans them and rescores only the keys that can pass the gate
+        (:func:`neuraldb_kernels.gated_retrieval_prefiltered`): the result is bitwise the same. The first such call
+        builds both sketches (one pass over the keys, under the lock). ``db.prefilter = False`` turns that off.
+        """
+        check_queries(queries, self.key_dim, self.device)
+        rows = queries.numel() // self.key_dim if self.key_dim else 0
+        return self.gated_residuals(queries, check_gamma(gamma), resolve(backend, queries.device, rows))
+
+    def gated_residuals(self, queries: torch.Tensor, gamma: float, backend: str) -> torch.Tensor:
+        """:meth:`retrieve_residuals` on checked arguments: queries ``(..., key_dim)`` of a query dtype on this
+        database's device, a float gamma and a backend resolved by :func:`neuraldb_kernels.resolve`. The patch calls
+        it on every forward that has no eager plan (:meth:`eager_plan`): on a decode step the checks' host time
+        (caches cold from the model's weights) would be much of what the patch adds."""
+        q2 = queries if queries.dim() == 2 else queries.reshape(-1, self.key_dim)
+        storage, policy = self._storage, self._policy
+        with self._lock:
+            if self._prefilter and policy.wants_sketch(backend, storage.n, q2.shape[0], gamma):
+                storage.ensure_sketch()
+            _, keys, values, sketch, signs = storage.views()
+            if not self._prefilter:
+                sketch = None
+            out = retrieve_residuals(q2, keys, values, gamma, backend, sketch=sketch, signs=signs, policy=policy)
+        return out if queries.dim() == 2 else out.view(*queries.shape[:-1], self.value_dim)
+
+    def eager_plan(self, gamma: float, rows: int) -> tuple[object, RetrievalPlan] | None:
+        """``(token, plan)``: the :class:`neuraldb_kernels.RetrievalPlan` of this state for a patched eager forward on
+        the C++ CPU kernel (call with the lock held). ``plan.residuals(queries)`` is :meth:`gated_residuals` with
+        this state's tensors and sketch choice bound, returning None where no gate opens; it stays valid while
+        ``self.state_token() is token`` (every write that changes the rows, the buffers or the policy replaces it).
+        None while the policy wants a sketch that is not built and a call of ``rows`` rows would not build it."""
+        storage, policy = self._storage, self._policy
+        use = self._prefilter and storage.n >= policy.min_keys
+        if use and storage.sketch_buf is None:
+            if rows > policy.max_rows_at(gamma):
+                return None
+            storage.ensure_sketch()
+        views = storage.views()
+        _, keys, values, sketch, signs = views
+        if not use:
+            sketch = signs = None
+        return views, plan_retrieval(keys, values, gamma, sketch=sketch, signs=signs, policy=policy)
+
+    def state_token(self) -> object:
+        """An object that stays the same (``is``) while the rows, buffers and policy do: what :meth:`eager_plan`'s
+        token is compared with (call with the lock held)."""
+        return self._storage.cached_views
 
     # -- files ------------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the database to one ``.safetensors`` file, atomically (see :mod:`neuraldb.database_io`)."""
-        from neuraldb.database_io import save_database
-
-        save_database(self, path)
+        # The state's tensors alias the live rows; the lock, held while writing, keeps them still.
+        with self._lock:
+            database_io.write_state(self.state(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> NeuralKVDatabase:
         """Read a database written by :meth:`save`, validating everything (see :mod:`neuraldb.database_io`)."""
-        from neuraldb.database_io import load_database
-
-        return load_database(path, device=device)
+        device = check_device(device)
+        return cls.from_state(database_io.read_state(path), adopt=True).to(device)
 
     # Pickling and deep copies get a fresh lock (locks cannot be copied).
     def __getstate__(self) -> dict:
@@ -545,6 +691,9 @@ class NeuralKVDatabase(PrefilteredRetrieval):
 
     def __repr__(self) -> str:
         return (
-            f"NeuralKVDatabase(n={self._n}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-            f"dtype={_dtype_name(self.dtype)}, device={self.device}, layer={self._layer}, gamma={self._gamma})"
+            f"NeuralKVDatabase(n={len(self)}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+            f"dtype={dtype_name(self.dtype)}, device={self.device}, layer={self._layer}, gamma={self._gamma})"
         )
+
+
+__all__ = ["NeuralKVDatabase", "PendingChange"]

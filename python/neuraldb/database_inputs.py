@@ -1,5 +1,14 @@
-"""What callers hand to :class:`neuraldb.NeuralKVDatabase` and its file format, checked and converted before any
-state changes: key/residual rows (shape, dtype, finiteness), unit-normalised keys, ids, fact metadata and its JSON.
+"""What callers hand to :class:`neuraldb.NeuralKVDatabase`, :class:`neuraldb.ShardedNeuralKVDatabase` and the file
+formats, checked and converted before any state changes: key/residual rows (shape, dtype, finiteness), unit-normalised
+keys, ids, fact metadata and its JSON. Both databases validate through :func:`check_new_rows` and
+:func:`check_replacement`, so they refuse the same arguments with the same messages.
+
+Example::
+
+    >>> import torch
+    >>> k, v, facts = check_new_rows(torch.ones(3), torch.zeros(2), None, key_dim=3, value_dim=2, dtype=torch.float16)
+    >>> k.shape, v.dtype, facts
+    (torch.Size([1, 3]), torch.float16, [None])
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -27,7 +36,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 MAX_DIM = 2**31 - 1
 
 
-def _check_dim(name: str, value: object) -> int:
+def check_dim(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
     if not 0 < value <= MAX_DIM:
@@ -49,12 +58,12 @@ def check_device(device: object, name: str = "device") -> torch.device:
     return out
 
 
-def _rows(name: str, t: object, dim: int, dim_name: str) -> torch.Tensor:
+def as_rows(name: str, t: object, dim: int, dim_name: str) -> torch.Tensor:
     """``t`` as a detached 2-D (m, dim) floating tensor; 1-D input is one row."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _INPUT_DTYPES:
-        allowed = "/".join(map(_dtype_name, _INPUT_DTYPES))
+        allowed = "/".join(map(dtype_name, _INPUT_DTYPES))
         raise TypeError(f"{name} must have a floating dtype ({allowed}), got {t.dtype}")
     if t.device.type == "meta":
         raise ValueError(f"{name} is on the meta device and holds no data")
@@ -97,7 +106,7 @@ def cast_residuals(residuals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bad = ~torch.isfinite(out).all(dim=1)
     if bad.any():
         raise ValueError(
-            f"residuals rows {_first_bad_rows(bad)} overflow {_dtype_name(dtype)} "
+            f"residuals rows {_first_bad_rows(bad)} overflow {dtype_name(dtype)} "
             f"(largest magnitude {torch.finfo(dtype).max:g}); store them in a wider dtype"
         )
     return out
@@ -181,7 +190,7 @@ def fact_from_json(entry: object, name: str = "facts") -> FactLike:
     raise ValueError(f'{name} must be null, {{"fact": {{...}}}} or {{"dict": {{...}}}}, got {entry!r:.200}')
 
 
-def _check_facts(facts: object, m: int) -> list[FactLike]:
+def check_facts(facts: object, m: int) -> list[FactLike]:
     if facts is None:
         return [None] * m
     if isinstance(facts, (Fact, dict, str)) or not isinstance(facts, Sequence):
@@ -208,7 +217,7 @@ def as_id(value: object, name: str = "id") -> int:
     return operator.index(value)  # type: ignore[arg-type]
 
 
-def _check_ids(ids: object) -> list[int]:
+def check_ids(ids: object) -> list[int]:
     """``ids`` (an int or an iterable of ints) as a list; TypeError/ValueError naming ``ids``."""
     if isinstance(ids, torch.Tensor):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -223,3 +232,43 @@ def _check_ids(ids: object) -> list[int]:
     if dups:
         raise ValueError(f"ids must not repeat; duplicated: {dups[:5]}")
     return out
+
+
+def check_new_rows(
+    keys: object, residuals: object, facts: object, *, key_dim: int, value_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, list[FactLike]]:
+    """The rows an ``add`` stores: ``(unit keys, residuals, facts)`` in ``dtype``, ``m`` rows each; TypeError or
+    ValueError naming the argument otherwise."""
+    k = as_rows("keys", keys, key_dim, "key_dim")
+    v = as_rows("residuals", residuals, value_dim, "value_dim")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"keys and residuals must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    fs = check_facts(facts, k.shape[0])
+    return normalize_keys(k, dtype), cast_residuals(v, dtype), fs
+
+
+def check_replacement(
+    ids: object,
+    keys: object,
+    residuals: object,
+    facts: object,
+    *,
+    key_dim: int,
+    value_dim: int,
+    dtype: torch.dtype,
+) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None, list[FactLike] | None]:
+    """What an ``update`` writes: ``(ids, unit keys or None, residuals or None, facts or None)``, one row per id;
+    TypeError or ValueError naming the argument otherwise (unknown ids are the database's to refuse)."""
+    id_list = check_ids(ids)
+    m = len(id_list)
+    k = v = None
+    if keys is not None:
+        k = normalize_keys(as_rows("keys", keys, key_dim, "key_dim"), dtype)
+        if k.shape[0] != m:
+            raise ValueError(f"keys must have one row per id: expected {m}, got {k.shape[0]}")
+    if residuals is not None:
+        v = cast_residuals(as_rows("residuals", residuals, value_dim, "value_dim"), dtype)
+        if v.shape[0] != m:
+            raise ValueError(f"residuals must have one row per id: expected {m}, got {v.shape[0]}")
+    fs = check_facts(facts, m) if facts is not None else None
+    return id_list, k, v, fs

@@ -1,4 +1,7 @@
-"""The on-disk format of a :class:`~neuraldb.NeuralKVDatabase`: one ``.safetensors`` file.
+"""The on-disk format of a :class:`~neuraldb.NeuralKVDatabase`: one ``.safetensors`` file, written from and read into
+a :class:`~neuraldb.database_state.DatabaseState` (:func:`write_state`, :func:`read_state`; ``db.save`` and
+``NeuralKVDatabase.load`` call them). Over 400 lines because the format is one unit: the writer, the reader and the
+validation of every header field and tensor that the reader does before it allocates.
 
 Tensors (row ``i`` of each belongs to the same fact)::
 
@@ -48,16 +51,11 @@ from pathlib import Path
 
 import torch
 
+from neuraldb import host_memory
 from neuraldb.atomic import atomic_path, file_kind, resolve_target
-from neuraldb.database import NeuralKVDatabase, check_gamma
-from neuraldb.database_inputs import (
-    MAX_DIM,
-    STORAGE_DTYPES,
-    _dtype_name,
-    check_device,
-    fact_from_json,
-    fact_to_json,
-)
+from neuraldb.database_inputs import MAX_DIM, STORAGE_DTYPES, dtype_name, fact_from_json, fact_to_json
+from neuraldb.database_state import METADATA, DatabaseState, check_ids_below, check_metadata, check_rows
+from neuraldb_kernels import check_gamma
 
 FORMAT = "neuraldb.NeuralKVDatabase"
 FORMAT_VERSION = 1
@@ -65,9 +63,6 @@ META_KEY = "neuraldb"
 CHECKSUM_KEY = "crc32"
 # In file order: the 8-byte ids first, so every tensor starts aligned to its element size.
 TENSORS = ("ids", "keys", "values", "facts_json")
-# fp16 keys are unit rows only up to rounding: sqrt(d) entries each off by at most 2^-11 relative.
-_UNIT_TOLERANCE = 1e-2
-_INT64_MAX = 2**63 - 1
 # safetensors refuses to read a longer header.
 _MAX_HEADER_BYTES = 100_000_000
 # Bytes per write and per checksum step: large enough that the Python loop costs nothing, small enough to stay in
@@ -95,31 +90,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _meta(db: NeuralKVDatabase) -> dict:
-    try:
-        json.dumps(db.config, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"db.config must be JSON-serialisable to save: {exc}") from None
-    for name in ("template", "model_id", "module_path"):
-        value = getattr(db, name)
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"db.{name} must be a str or None to save, got {type(value).__name__}")
-    if not isinstance(db.config, dict):
-        raise TypeError(f"db.config must be a dict, got {type(db.config).__name__}")
+def _meta(state: DatabaseState) -> dict:
+    check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "key_dim": db.key_dim,
-        "value_dim": db.value_dim,
-        "dtype": _dtype_name(db.dtype),
-        "count": len(db),
-        "next_id": db.next_id,
-        "layer": db.layer,
-        "gamma": db.gamma,
-        "template": db.template,
-        "model_id": db.model_id,
-        "module_path": db.module_path,
-        "config": db.config,
+        "key_dim": state.key_dim,
+        "value_dim": state.value_dim,
+        "dtype": dtype_name(state.dtype),
+        "count": state.count,
+        "next_id": state.next_id,
+        **state.metadata(),
     }
 
 
@@ -158,8 +139,9 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
             f.writelines(data[start : start + _IO_BYTES] for start in range(0, len(data), _IO_BYTES))
 
 
-def save_database(db: NeuralKVDatabase, path: str | os.PathLike) -> None:
-    """Write ``db`` to ``path`` atomically; see the module docstring for the format.
+def write_state(state: DatabaseState, path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically; see the module docstring for the format. ``state``'s tensors must not
+    change meanwhile (``db.save`` holds the database's lock).
 
     Raises TypeError for a bad ``path`` or metadata that cannot be saved, ValueError when ``path`` exists and is not
     a regular file (a directory, a device, a FIFO), FileNotFoundError when its directory does not exist (all before
@@ -169,27 +151,28 @@ def save_database(db: NeuralKVDatabase, path: str | os.PathLike) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     target = resolve_target(path)
-    with db.lock:
-        meta = _meta(db)
-        ids = db.ids()
-        facts = json.dumps([fact_to_json(db.fact(i), name=f"fact of id {i}") for i in ids], allow_nan=False)
-        # On the CPU these alias the live buffers; no clone is needed because the lock is held while writing.
-        tensors = {
-            "ids": torch.tensor(ids, dtype=torch.int64).reshape(len(ids)),
-            "keys": db.keys.contiguous().cpu(),
-            "values": db.values.contiguous().cpu(),
-            "facts_json": torch.frombuffer(bytearray(facts.encode("utf-8")), dtype=torch.uint8),
-        }
-        meta[CHECKSUM_KEY] = {name: f"{crc32(t):08x}" for name, t in tensors.items()}
-        header = {META_KEY: json.dumps(meta, allow_nan=False)}
-        try:
-            with atomic_path(target) as tmp:
-                _write_safetensors(tmp, tensors, header)
-        except OSError as exc:
-            what = f"cannot save the database to {str(path)!r}"
-            if exc.errno is None:
-                raise OSError(f"{what}: {exc}") from exc
-            raise OSError(exc.errno, f"{what}: {exc.strerror}") from exc
+    meta = _meta(state)
+    ids = state.ids
+    facts = json.dumps(
+        [fact_to_json(f, name=f"fact of id {i}") for i, f in zip(ids, state.facts)], allow_nan=False
+    )
+    # On the CPU these alias the live buffers: no clone, the caller keeps them still while writing.
+    tensors = {
+        "ids": torch.tensor(ids, dtype=torch.int64).reshape(len(ids)),
+        "keys": state.keys.contiguous().cpu(),
+        "values": state.values.contiguous().cpu(),
+        "facts_json": torch.frombuffer(bytearray(facts.encode("utf-8")), dtype=torch.uint8),
+    }
+    meta[CHECKSUM_KEY] = {name: f"{crc32(t):08x}" for name, t in tensors.items()}
+    header = {META_KEY: json.dumps(meta, allow_nan=False)}
+    try:
+        with atomic_path(target) as tmp:
+            _write_safetensors(tmp, tensors, header)
+    except OSError as exc:
+        what = f"cannot save the database to {str(path)!r}"
+        if exc.errno is None:
+            raise OSError(f"{what}: {exc}") from exc
+        raise OSError(exc.errno, f"{what}: {exc.strerror}") from exc
 
 
 class _Invalid(ValueError):
@@ -236,10 +219,12 @@ def _path_of(fd: int, source: Path) -> str:
     return str(source)
 
 
-def load_database(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> NeuralKVDatabase:
-    """Read a database written by :func:`save_database`.
+def read_state(path: str | os.PathLike) -> DatabaseState:
+    """Read a database written by :func:`write_state`, on the CPU: its keys and values in storage of exactly its
+    rows (2 MB pages, :mod:`neuraldb.host_memory`), already checked, ready for ``NeuralKVDatabase.from_state(state,
+    adopt=True)``.
 
-    Raises TypeError for a bad ``path`` or ``device``, FileNotFoundError for a missing file and ValueError, naming
+    Raises TypeError for a bad ``path``, FileNotFoundError for a missing file and ValueError, naming
     the file and the problem, for anything that is not a regular file, not a safetensors file, not a neuraldb
     database, of an unknown format version, corrupted (a checksum that does not match) or inconsistent (shapes,
     dtypes, ids, facts, non-finite or non-unit rows). Nothing is allocated beyond what the file holds. A file
@@ -249,7 +234,6 @@ def load_database(path: str | os.PathLike, *, device: torch.device | str = "cpu"
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    device = check_device(device)
     source = Path(path)
     fd = _open_regular(source)
     try:
@@ -268,14 +252,14 @@ def load_database(path: str | os.PathLike, *, device: torch.device | str = "cpu"
             # Only the header is read here; keys and values are read in row chunks straight into the database's
             # storage (see _build), so a load needs about the database's own memory rather than the file's size on
             # top of it.
-            db = _build(meta, {t: f.get_slice(t) for t in TENSORS}, str(source))
+            state = _build(meta, {t: f.get_slice(t) for t in TENSORS}, str(source))
     except ValueError as exc:  # _Invalid and the fact/metadata checks shared with NeuralKVDatabase
         raise ValueError(f"cannot load {str(source)!r}: {exc}") from None
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"cannot load {str(source)!r}: it is not a readable safetensors file ({exc})") from None
     finally:
         os.close(fd)
-    return db.to(device)
+    return state
 
 
 def _parse_meta(text: str) -> dict:
@@ -320,21 +304,21 @@ def _check_sum(name: str, got: int, sums: dict[str, int] | None) -> None:
         )
 
 
-def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
+def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
     key_dim = _field(meta, "key_dim", (int,))
     value_dim = _field(meta, "value_dim", (int,))
     count = _field(meta, "count", (int,))
     next_id = _field(meta, "next_id", (int,))
-    dtype_name = _field(meta, "dtype", (str,))
-    dtype = {_dtype_name(d): d for d in STORAGE_DTYPES}.get(dtype_name)
+    dtype_name_ = _field(meta, "dtype", (str,))
+    dtype = {dtype_name(d): d for d in STORAGE_DTYPES}.get(dtype_name_)
     if dtype is None:
-        raise _Invalid(f"metadata 'dtype' must be float16/bfloat16/float32, got {dtype_name!r:.50}")
+        raise _Invalid(f"metadata 'dtype' must be float16/bfloat16/float32, got {dtype_name_!r:.50}")
     for name, value in (("key_dim", key_dim), ("value_dim", value_dim)):
         if not 0 < value <= MAX_DIM:
             raise _Invalid(f"metadata {name!r} must lie in [1, 2**31 - 1], got {value}")
     if count < 0:
         raise _Invalid(f"metadata 'count' must be >= 0, got {count}")
-    if not 0 <= next_id <= _INT64_MAX:
+    if not 0 <= next_id <= 2**63 - 1:
         raise _Invalid(f"metadata 'next_id' must lie in [0, 2**63 - 1] (ids are int64), got {next_id}")
     layer = _field(meta, "layer", (int,), optional=True)
     if layer is not None and layer < 0:
@@ -365,7 +349,7 @@ def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
             raise _Invalid(f"tensor {name!r} has shape {shape}, expected {want_shape} from the metadata")
         if got != want_dtype:
             raise _Invalid(
-                f"tensor {name!r} has dtype {_name(got)}, expected {_dtype_name(want_dtype)} from the metadata"
+                f"tensor {name!r} has dtype {_name(got)}, expected {dtype_name(want_dtype)} from the metadata"
             )
     shape, got = header["facts_json"]
     if got != torch.uint8 or len(shape) != 1:
@@ -374,12 +358,10 @@ def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
     ids = slices["ids"][:]
     _check_sum("ids", crc32(ids), sums)
     id_list = ids.tolist()
-    if len(set(id_list)) != count:
-        seen: set[int] = set()
-        twice = next(i for i in id_list if i in seen or seen.add(i))
-        raise _Invalid(f"tensor 'ids' holds id {twice} twice")
-    if count and (min(id_list) < 0 or max(id_list) >= next_id):
-        raise _Invalid(f"tensor 'ids' must lie in [0, next_id={next_id}), got [{min(id_list)}, {max(id_list)}]")
+    try:
+        check_ids_below(id_list, next_id)
+    except ValueError as exc:
+        raise _Invalid(f"tensor {exc}") from None
     facts_raw = slices["facts_json"][:]
     _check_sum("facts_json", crc32(facts_raw), sums)
     try:
@@ -400,45 +382,35 @@ def _build(meta: dict, slices: dict, source: str) -> NeuralKVDatabase:
             stacklevel=4,
         )
 
-    # Exactly the file's rows: a database with no rows allocates nothing, whatever key_dim the metadata claims.
-    db = NeuralKVDatabase(key_dim, value_dim, dtype=dtype, device="cpu", capacity=count)
-    db.layer, db.gamma, db.config = layer, gamma, config
-    db.template, db.model_id, db.module_path = text["template"], text["model_id"], text["module_path"]
-    # Rows are checked and copied chunk by chunk into the reserved storage: peak memory is the database plus one
-    # chunk (an fp32 copy of all keys for the norm check would be twice the keys' size).
+    # Exactly the file's rows: a file with no rows allocates nothing, whatever key_dim the metadata claims. Rows are
+    # checked and copied chunk by chunk into that storage: peak memory is the database plus one chunk (an fp32 copy of
+    # all keys for the norm check would be twice the keys' size).
+    keys = host_memory.empty((count, key_dim), dtype, "cpu")
+    values = host_memory.empty((count, value_dim), dtype, "cpu")
     running = {"keys": 0, "values": 0}
     for start in range(0, count, _LOAD_CHUNK_ROWS):
         stop = min(count, start + _LOAD_CHUNK_ROWS)
         k, v = slices["keys"][start:stop], slices["values"][start:stop]
         running["keys"], running["values"] = crc32(k, running["keys"]), crc32(v, running["values"])
         try:
-            _check_rows(k, v, start)
-        except _Invalid:
+            check_rows(k, v, start)
+        except ValueError as exc:
             # A corrupted file is reported as such, not by whichever row check the damage happened to trip.
             for name in ("keys", "values"):
                 _check_sum(name, _crc_rows(slices[name], count), sums)
-            raise
-        db._keys[start:stop].copy_(k)
-        db._values[start:stop].copy_(v)
+            raise _Invalid(str(exc)) from None
+        keys[start:stop].copy_(k)
+        values[start:stop].copy_(v)
     for name in ("keys", "values"):
         _check_sum(name, running[name], sums)
-    # The rows are in place already: _restore's copy of a view onto itself is a no-op.
-    db._restore(db._keys[:count], db._values[:count], id_list, fact_objs, next_id)
-    return db
+    return DatabaseState(
+        key_dim, value_dim, dtype, keys, values, id_list, fact_objs, next_id,
+        layer=layer, gamma=gamma, config=config, **text,
+    )
 
 
 def _name(dtype: torch.dtype | str) -> str:
-    return _dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
-
-
-def _check_rows(k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-    for name, t in (("keys", k), ("values", v)):
-        bad = ~torch.isfinite(t).all(dim=1)
-        if bad.any():
-            raise _Invalid(f"tensor {name!r} has non-finite rows {(bad.nonzero().flatten()[:5] + start).tolist()}")
-    off = ((k.float().norm(dim=1) - 1).abs() > _UNIT_TOLERANCE).nonzero().flatten()
-    if off.numel():
-        raise _Invalid(f"tensor 'keys' rows {(off[:5] + start).tolist()} are not unit-norm")
+    return dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
 
 
 def _crc_rows(sl, count: int) -> int:
@@ -448,4 +420,4 @@ def _crc_rows(sl, count: int) -> int:
     return value
 
 
-__all__ = ["CHECKSUM_KEY", "FORMAT", "FORMAT_VERSION", "crc32", "load_database", "save_database"]
+__all__ = ["CHECKSUM_KEY", "FORMAT", "FORMAT_VERSION", "crc32", "read_state", "write_state"]

@@ -45,10 +45,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from neuraldb import architectures as arch
-from neuraldb.database import NeuralKVDatabase, check_gamma
-from neuraldb_kernels import gated_retrieval
-from neuraldb_kernels.backends import resolve
-from neuraldb_kernels.op import runs_eagerly
+from neuraldb.database import NeuralKVDatabase
+from neuraldb_kernels import check_gamma, gated_retrieval, resolve, runs_eagerly
 
 _ATTR = "_neuraldb_patch"
 # What patch_model uses of a database: NeuralKVDatabase has it, and so may other stores (ShardedNeuralKVDatabase).
@@ -113,18 +111,18 @@ class Patch:
 
     def _retrieve(self, queries: torch.Tensor, eager: bool) -> torch.Tensor | None:
         # eager=True: the hook's eager forward (runs_eagerly checked, queries detached). On the C++ CPU kernel it runs
-        # a plan cached per database state (NeuralKVDatabase._cpu_residuals_plan): one call into C++, which returns
+        # a plan cached per database state (NeuralKVDatabase.eager_plan): one call into C++, which returns
         # None where no gate opens. Every Python step skipped here is host time a decode step no longer pays.
         db = self.db
         with db.lock:
             fast = self._fast
             # The dtype test stands for `in _QUERY_DTYPES` (self._dtype is one of them once the slow path below has
             # seen it), so a model moved to another dtype takes the slow path once, with no cost on this one.
-            if eager and fast is not None and fast[0] is db._views and queries.is_cpu and queries.dtype is self._dtype:
+            if eager and fast is not None and fast[0] is db.state_token() and queries.is_cpu and queries.dtype is self._dtype:
                 return fast[1](queries)
             if queries.dtype is not self._dtype:
                 if isinstance(db, NeuralKVDatabase):
-                    db._check_values_fit(queries.dtype)  # the model changed dtype since patch_model checked
+                    db.check_values_fit(queries.dtype)  # the model changed dtype since patch_model checked
                 if queries.dtype in _QUERY_DTYPES:
                     self._dtype = queries.dtype
             device = queries.device
@@ -139,12 +137,12 @@ class Patch:
                 backend = self._backend_on(device, rows == 1)
                 # The plan serves every row count, so only where both kinds of call resolve to the C++ kernel.
                 cpu = backend == "cpu" and self._backend_on(device, rows != 1) == "cpu"
-                plan = db._cpu_residuals_plan(self.gamma, rows) if eager and cpu else None
+                plan = db.eager_plan(self.gamma, rows) if eager and cpu else None
                 if plan is not None:
-                    self._fast = plan
-                    out = plan[1](q)
+                    self._fast = (plan[0], plan[1].residuals)
+                    out = plan[1].residuals(q)
                 else:
-                    out = db._residuals(q, self.gamma, backend)
+                    out = db.gated_residuals(q, self.gamma, backend)
             else:
                 out, _, _ = db.retrieve(q, self.gamma, backend=self.backend)
         return out if out is None or out.dtype == queries.dtype else out.to(queries.dtype)
@@ -299,7 +297,7 @@ def patch_model(
     _warn_if_inconsistent(db, path, layer)
     weight = next((p for p in target.parameters() if p.is_floating_point()), None)
     if weight is not None and isinstance(db, NeuralKVDatabase):
-        db._check_values_fit(weight.dtype)
+        db.check_values_fit(weight.dtype)
 
     device = _device_of(target)
     if device is not None and device.type != "meta":

@@ -1,5 +1,9 @@
 """``ShardedNeuralKVDatabase``: one logical database whose rows are split across the ranks of a process group.
 
+Over 400 lines because it is one object whose every collective method follows the same validate, agree, apply
+protocol; the agreement itself is :mod:`neuraldb.sharded_agreement`, the files :mod:`neuraldb.sharded_io`, the rows
+of each rank an ordinary ordered :class:`~neuraldb.NeuralKVDatabase`.
+
 Why: at Llama-3-8B width a fact costs ~37 KB (fp16 key of 14336 + residual of 4096), so 10M facts (~370 GB) do
 not fit one GPU. The rows are spread over the ranks the model is already served on, and retrieval runs on every
 rank's shard in parallel, using torch.distributed (NCCL on GPUs, gloo on CPUs); see ``docs/sharding.md``.
@@ -49,8 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -59,24 +61,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from neuraldb.database import NeuralKVDatabase, check_gamma
+from neuraldb.database import NeuralKVDatabase
 from neuraldb.database_inputs import (
     FactLike,
-    _check_facts,
-    _check_ids,
-    _rows,
     as_id,
-    cast_residuals,
-    fact_to_json,
-    normalize_keys,
+    as_rows,
+    check_ids,
+    check_new_rows,
+    check_replacement,
 )
-from neuraldb.facts import Fact
-from neuraldb_kernels import build_signs, build_sketch, gated_retrieval
+from neuraldb.database_state import METADATA as _METADATA
+from neuraldb.database_state import DatabaseState
+from neuraldb.sharded_agreement import (
+    _LOW32,
+    MAX_IDS,
+    ShardedCallError,
+    _agree_call,
+    _as_timeout,
+    _dtype_code,
+    _header_device,
+    _json_field,
+    _number,
+    _tensor_field,
+)
+from neuraldb.sharded_io import load_sharded, save_sharded
+from neuraldb_kernels import check_gamma, gated_retrieval
 
-_LOW32 = (1 << 32) - 1
-# Ids are packed into the low 32 bits of the retrieval key (as id + 1, so -1 fits).
-MAX_IDS = _LOW32 - 1
-_METADATA = ("layer", "gamma", "template", "model_id", "module_path", "config")
 # Initial capacity of the sorted live ids (it doubles as facts are added). Sorted ids rather than a bitmap over
 # [0, next_id): their size is what the shards hold, where a bitmap's is whatever next_id a manifest claims.
 _MIN_LIVE = 64
@@ -102,320 +112,6 @@ def unpack_score_id(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bits = key >> 32
     bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int32)
     return bits.view(torch.float32), _LOW32 - (key & _LOW32) - 1
-
-
-# -- the local shard --------------------------------------------------------------------------------------------------
-
-
-class _Shard(NeuralKVDatabase):
-    """A ``NeuralKVDatabase`` holding global ids with its rows kept in id order (so the kernel's lowest tied row is
-    the lowest tied id). Its files are ordinary ``NeuralKVDatabase`` files."""
-
-    def _prepare_append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple:
-        """Everything of appending these validated rows (on this device) that allocates -- room for them, their
-        sketch rows -- without changing the rows held, so that a failure leaves the shard as it was."""
-        with self._lock:
-            self._reserve(self._n + len(keys))
-            if self._sketch is None:
-                return keys, values, None, None
-            return keys, values, build_sketch(keys), build_signs(keys)
-
-    def _append(self, ids: list[int], rows: tuple, facts: list[FactLike]) -> None:
-        """Append rows made by :meth:`_prepare_append`, with given, increasing ids above every id held."""
-        keys, values, sketch, signs = rows
-        m = len(ids)
-        with self._lock:
-            self._reserve(self._n + m)
-            n = self._n
-            self._keys[n : n + m].copy_(keys)
-            self._values[n : n + m].copy_(values)
-            if self._sketch is not None:
-                self._sketch[n : n + m].copy_(build_sketch(keys) if sketch is None else sketch)
-                self._signs[n : n + m].copy_(build_signs(keys) if signs is None else signs)
-            for offset, (i, f) in enumerate(zip(ids, facts)):
-                self._rows[i] = n + offset
-                self._facts[i] = f
-            self._row_ids.extend(ids)
-            self._n = n + m
-
-    def _plan_delete(self, ids: list[int]) -> tuple | None:
-        """The rows that move up when known ``ids`` leave, gathered now (the allocation that can fail), so that
-        :meth:`_apply_delete` only copies them into place; the other rows keep their order."""
-        if not ids:
-            return None
-        with self._lock:
-            gone = set(ids)
-            first = min(self._rows[i] for i in ids)
-            tail = [i for i in self._row_ids[first:] if i not in gone]
-            moved = []
-            if tail:
-                src = torch.tensor([self._rows[i] for i in tail], dtype=torch.long, device=self.device)
-                for name in ("_keys", "_values", "_sketch", "_signs"):
-                    buf = getattr(self, name)
-                    if buf is not None:
-                        moved.append((name, buf.index_select(0, src)))
-            return ids, first, tail, moved
-
-    def _apply_delete(self, plan: tuple | None) -> None:
-        if plan is None:
-            return
-        ids, first, tail, moved = plan
-        with self._lock:
-            for name, rows in moved:
-                getattr(self, name)[first : first + len(tail)].copy_(rows)
-            for i in ids:
-                del self._rows[i]
-                del self._facts[i]
-            del self._row_ids[first:]
-            self._row_ids.extend(tail)
-            for r, i in enumerate(tail, first):
-                self._rows[i] = r
-            self._n = len(self._row_ids)
-
-
-# -- agreement: every collective call starts by checking that all ranks made the same call ------------------------
-
-
-class ShardedCallError(RuntimeError):
-    """Raised on every rank when the ranks' calls of a collective method disagree (another method, other
-    arguments, another database state) or the call failed on another rank. No rank's database changed.
-
-    Attributes: ``method`` (the method this rank called), ``fields`` (the names of the fields that differ, e.g.
-    ``["keys"]``, or ``["method"]``), ``ranks`` (the ranks that differ from rank 0's call or failed).
-    """
-
-    def __init__(self, message: str, *, method: str, fields: Sequence[str] = (), ranks: Sequence[int] = ()) -> None:
-        super().__init__(message)
-        self.method = method
-        self.fields = list(fields)
-        self.ranks = list(ranks)
-
-
-_CHUNK = 1 << 20  # elements hashed at a time: bounds the int64 temporaries of a content digest to ~8 MB each
-# splitmix64's constants as signed int64 (torch has no uint64 arithmetic); products wrap modulo 2^64.
-_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def _digest(*parts: bytes) -> int:
-    h = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return int.from_bytes(h.digest(), "little")
-
-
-# Method tags: stable across processes (str hashes are salted per process, so hash() would not do).
-_TAGS: dict[str, int] = {}
-_DTYPE_CODES: dict[torch.dtype, int] = {}
-
-
-def _tag(method: str) -> int:
-    tag = _TAGS.get(method)
-    if tag is None:
-        tag = _TAGS[method] = _digest(method.encode())
-    return tag
-
-
-def _dtype_code(dtype: Any) -> int:
-    code = _DTYPE_CODES.get(dtype)
-    if code is None:
-        code = _digest(str(dtype).encode())
-        if isinstance(dtype, torch.dtype):
-            _DTYPE_CODES[dtype] = code
-    return code
-
-
-def _number(x: object) -> int:
-    """A field value for a number: equal numbers give equal values on every rank (hash() of a float or an int
-    is not salted), anything else its type."""
-    try:
-        f = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        return _digest(type(x).__name__.encode())
-    return 0 if math.isnan(f) else hash(f)  # NaN's hash is per object
-
-
-def _content(t: torch.Tensor) -> int:
-    """A position-dependent hash of a tensor's bits, computed where it lives (no copy to the host): splitmix64 of
-    each element's bits plus its index, summed modulo 2^64 -- the sum's order does not matter, so every rank and
-    device gets the same value for the same contents."""
-    flat = t.detach().contiguous().reshape(-1)
-    size = flat.element_size()
-    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(size, torch.int64))
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)
-    for start in range(0, bits.numel(), _CHUNK):
-        x = bits[start : start + _CHUNK].to(torch.int64)
-        z = x + torch.arange(start, start + x.numel(), dtype=torch.int64, device=x.device) * _GOLDEN
-        z = (z ^ (z >> 30)) * _MIX1
-        z = (z ^ (z >> 27)) * _MIX2
-        total += (z ^ (z >> 31)).sum()
-    return int(total)
-
-
-def _tensor_field(name: str, t: object) -> tuple[str, int, str]:
-    """``(name, digest, description)`` of a tensor argument: its shape, dtype and contents."""
-    if not isinstance(t, torch.Tensor):
-        return name, _digest(type(t).__name__.encode()), type(t).__name__
-    head = f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-    if t.device.type == "meta":
-        return name, _digest(head.encode()), head + " on meta"
-    value = _digest(head.encode(), _content(t).to_bytes(8, "little", signed=True))
-    return name, value, f"{head}, contents #{value:016x}"
-
-
-def _json_field(name: str, obj: object) -> tuple[str, int, str]:
-    """``(name, digest, description)`` of an argument that is JSON, like facts or ids."""
-    try:
-        text = json.dumps(obj, sort_keys=True, default=_fact_json)
-    except (TypeError, ValueError):
-        text = f"<{type(obj).__name__}>"
-    value = _digest(text.encode())
-    return name, value, f"#{value:016x} ({text[:60]}{'...' if len(text) > 60 else ''})"
-
-
-def _fact_json(obj: object) -> Any:
-    if isinstance(obj, Fact):
-        return fact_to_json(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
-
-
-def _header_device(group: Any, device: torch.device) -> torch.device:
-    """Where the agreement header is exchanged: on the host when the group has a CPU backend (gloo, or
-    ``"cpu:gloo,cuda:nccl"``), so checking it costs no device synchronisation; else on this rank's device."""
-    try:
-        config = dist.get_backend_config(group)
-    except (RuntimeError, ValueError, AttributeError):
-        config = ""
-    return torch.device("cpu") if "cpu:" in config or device.type == "cpu" else device
-
-
-def _as_timeout(timeout: float | datetime.timedelta | None) -> datetime.timedelta | None:
-    if timeout is None or isinstance(timeout, datetime.timedelta):
-        seconds = None if timeout is None else timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        seconds = float(timeout)
-    else:
-        raise TypeError(
-            f"timeout must be seconds (a float), a datetime.timedelta or None, got {type(timeout).__name__}"
-        )
-    if seconds is not None and not seconds > 0:
-        raise ValueError(f"timeout must be positive, got {seconds} s")
-    return None if seconds is None else datetime.timedelta(seconds=seconds)
-
-
-def _agree_call(
-    group: Any,
-    device: torch.device,
-    method: str,
-    fields: Sequence[tuple[str, int, object]],
-    error: BaseException | None,
-    timeout: datetime.timedelta | None = None,
-) -> None:
-    """Collective: check that every rank called ``method`` with the same ``fields`` and that none failed
-    (``error``); raise on every rank otherwise.
-
-    ``fields``: ``(name, value, description)``; the values are compared, the descriptions only shown. Each rank
-    sends one int64, ``h``, a 64-bit hash of the method, its fields and whether it failed, in an
-    ``all_reduce(SUM)``: every rank then checks ``sum == world_size * h`` (modulo 2^64), which holds on every rank
-    when all sent the same ``h`` and, when they did not, on none of them but with probability ~2^-63. One element
-    because a gloo all_reduce costs in proportion to its ring steps, and one int64 takes the fewest (two local
-    ranks on a 2-core VM: 0.16 ms for one int64, 0.5-0.8 ms for 3 to 44). Every method sends the same header, so
-    ranks that call different methods meet in the same collective and see it. ``timeout``: how long to wait for
-    the others (None: the process group's own timeout).
-    """
-    world = dist.get_world_size(group)
-    if world == 1:
-        if error is not None:
-            raise error
-        return
-    # hash() of a tuple of ints is not salted per process (str hashes are): every rank computes the same h.
-    h = hash((_tag(method), error is not None, *(f[1] for f in fields)))
-    header = torch.tensor([h], dtype=torch.int64, device=device)
-    work = dist.all_reduce(header, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    try:
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(timeout)
-    except Exception as exc:  # gloo: RuntimeError('Operation timed out!') or a closed connection; NCCL: DistError
-        waited = "the process group's timeout" if timeout is None else f"{timeout.total_seconds():g} s"
-        kind = TimeoutError if "timed out" in str(exc).lower() else ShardedCallError
-        message = (
-            f"ShardedNeuralKVDatabase.{method}: rank {dist.get_rank(group)} waited {waited} for the other ranks "
-            f"to call {method}{' (a patched forward calls it)' if method == 'retrieve' else ''} and they did not "
-            f"come: a rank probably did not call it (every rank must call the collective methods in the same "
-            f"order), or is still busy, or has exited. The process group is now out of step; destroy it and "
-            f"restart the ranks. ({type(exc).__name__}: {exc})"
-        )
-        if kind is TimeoutError:
-            raise TimeoutError(message) from exc
-        raise ShardedCallError(message, method=method) from exc
-    if int(header) == _wrap(world * h):
-        if error is not None:
-            raise error  # every rank failed alike (the flag is in h): each raises its own error
-        return
-    _raise_disagreement(group, method, fields, error)
-
-
-def _wrap(x: int) -> int:
-    """``x`` as an int64 sum wraps it."""
-    return (x + (1 << 63)) % (1 << 64) - (1 << 63)
-
-
-def _raise_disagreement(
-    group: Any, method: str, fields: Sequence[tuple[str, int, object]], error: BaseException | None
-) -> None:
-    """Collective, on the slow path only (every rank knows a call disagreed or failed): gather every rank's call
-    and error, and raise on every rank a message naming the method, the fields and the ranks."""
-    mine = (method, [(n, v, str(d)[:200]) for n, v, d in fields], None if error is None else _describe(error))
-    calls: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(calls, mine, group=group)
-    parts, names, ranks = [], [], set()
-    if len({c[0] for c in calls}) > 1:
-        names.append("method")
-        parts.append("the ranks called different methods: " + _groups([(r, c[0], c[0]) for r, c in enumerate(calls)]))
-        ranks.update(r for r, c in enumerate(calls) if c[0] != calls[0][0])
-    else:
-        for j, (name, _, _) in enumerate(calls[0][1]):
-            # The same method sends the same fields; the fallback only keeps a malformed call from hiding the rest.
-            got = [(r, *(c[1][j][1:] if j < len(c[1]) else (None, "missing"))) for r, c in enumerate(calls)]
-            if len({value for _, value, _ in got}) > 1:
-                names.append(name)
-                parts.append(f"{name} differs: " + _groups(got))
-                ranks.update(r for r, value, _ in got if value != got[0][1])
-    failed = [(r, c[2]) for r, c in enumerate(calls) if c[2] is not None]
-    if failed:
-        parts.append("; ".join(f"it failed on rank {r}: {e}" for r, e in failed))
-        ranks.update(r for r, _ in failed)
-    message = f"ShardedNeuralKVDatabase.{method}: " + "; ".join(parts) + ". Nothing changed on any rank."
-    if names:
-        message += " Every rank must call the collective methods in the same order with the same arguments."
-    elif error is not None:
-        raise error  # this rank's own failure, as it would have raised without the others
-    raise ShardedCallError(message, method=method, fields=names, ranks=sorted(ranks)) from error
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]
-
-
-def _groups(items: list[tuple[int, int, str]]) -> str:
-    """``rank 0: a; ranks 1, 2: b`` -- ranks grouped by value."""
-    by_value: dict[int, tuple[str, list[int]]] = {}
-    for r, value, shown in items:
-        by_value.setdefault(value, (shown, []))[1].append(r)
-    return "; ".join(
-        f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {shown}" for shown, rs in by_value.values()
-    )
-
-
-def _agree(error: BaseException | None, group: Any, method: str, device: torch.device) -> None:
-    """Collective: raise on every rank when any rank failed (so no rank is left waiting in a later collective).
-    For the steps inside a call whose arguments were already agreed (waits up to the process group's timeout:
-    the ranks are in step, and a step may be slow file I/O)."""
-    _agree_call(group, device, method, (), error)
 
 
 _dtensor: tuple[type, ...] | None = None
@@ -499,7 +195,8 @@ class ShardedNeuralKVDatabase:
         self.world_size = dist.get_world_size(process_group)
         if self.rank < 0:
             raise ValueError("process_group: this process is not a member of it")
-        self._shard = _Shard(key_dim, value_dim, dtype=dtype, device=device)
+        # Rows in id order, so the kernel's lowest tied row is the lowest tied id; its files are ordinary ones.
+        self._shard = NeuralKVDatabase(key_dim, value_dim, dtype=dtype, device=device, ordered=True)
         self.query_parallel = bool(query_parallel)
         if self.query_parallel and key_dim % self.world_size:
             raise ValueError(f"query_parallel needs key_dim ({key_dim}) divisible by world_size ({self.world_size})")
@@ -640,28 +337,26 @@ class ShardedNeuralKVDatabase:
         the rows it owns. Nothing changes on any rank unless the call succeeds on every rank: each validates all
         rows and prepares its part, the ranks agree, and only then does each keep its rows."""
         with self.lock:
-            first, m, error = self.next_id, 0, None
+            first, m, error, change = self.next_id, 0, None, None
             try:
-                k = _rows("keys", keys, self.key_dim, "key_dim")
-                v = _rows("residuals", residuals, self.value_dim, "value_dim")
-                if k.shape[0] != v.shape[0]:
-                    raise ValueError(
-                        f"keys and residuals must have the same number of rows, got {k.shape[0]} and {v.shape[0]}"
-                    )
+                # Validated whole on every rank; the shard normalises its own raw rows, once, as the single database.
+                _, _, fs = check_new_rows(
+                    keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
+                )
+                k = as_rows("keys", keys, self.key_dim, "key_dim")
+                v = as_rows("residuals", residuals, self.value_dim, "value_dim")
                 m = k.shape[0]
-                fs = _check_facts(facts, m)
-                k = normalize_keys(k, self.dtype)
-                v = cast_residuals(v, self.dtype)
                 if first + m > MAX_IDS:
                     raise ValueError(f"a sharded database holds at most {MAX_IDS} ids over its lifetime")
                 mine = list(range((self.rank - first) % self.world_size, m, self.world_size))
-                rows = None
-                if mine:
-                    sel = torch.tensor(mine, dtype=torch.long)
-                    rows = self._shard._prepare_append(
-                        k.index_select(0, sel.to(k.device)).to(self.device),
-                        v.index_select(0, sel.to(v.device)).to(self.device),
-                    )
+                sel = torch.tensor(mine, dtype=torch.long)
+                change = self._shard.stage_add(
+                    k.index_select(0, sel.to(k.device)),
+                    v.index_select(0, sel.to(v.device)),
+                    [fs[j] for j in mine],
+                    ids=[first + j for j in mine],
+                    next_id=first + m,
+                )
                 self._grow_live(self._count + m)
                 new_live = torch.arange(first, first + m)
             except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
@@ -671,10 +366,8 @@ class ShardedNeuralKVDatabase:
             new_ids = list(range(first, first + m))
             if m == 0:
                 return new_ids
-            if rows is not None:
-                self._shard._append([new_ids[j] for j in mine], rows, [fs[j] for j in mine])
+            change.commit()
             self._live[self._count : self._count + m] = new_live
-            self._shard._next_id = first + m
             self._count += m
             self._version += 1
         return new_ids
@@ -692,19 +385,13 @@ class ShardedNeuralKVDatabase:
         with self.lock:
             error, id_list, mine, k, v = None, None, [], None, None
             try:
-                id_list = _check_ids(ids)
-                m = len(id_list)
-                if keys is not None:
-                    k = _rows("keys", keys, self.key_dim, "key_dim")
-                    normalize_keys(k, self.dtype)  # raises here, on this rank, rather than in the shard's update
-                    if k.shape[0] != m:
-                        raise ValueError(f"keys must have one row per id: expected {m}, got {k.shape[0]}")
-                if residuals is not None:
-                    v = _rows("residuals", residuals, self.value_dim, "value_dim")
-                    cast_residuals(v, self.dtype)
-                    if v.shape[0] != m:
-                        raise ValueError(f"residuals must have one row per id: expected {m}, got {v.shape[0]}")
-                fs = _check_facts(facts, m) if facts is not None else None
+                # Validated here, on this rank, rather than in the shard's update; the shard normalises the raw rows
+                # itself, once, as the single database does.
+                id_list, _, _, fs = check_replacement(
+                    ids, keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
+                )
+                k = None if keys is None else as_rows("keys", keys, self.key_dim, "key_dim")
+                v = None if residuals is None else as_rows("residuals", residuals, self.value_dim, "value_dim")
                 self._check_live(id_list)
                 mine = [j for j, i in enumerate(id_list) if self.owner(i) == self.rank]
             except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
@@ -734,9 +421,9 @@ class ShardedNeuralKVDatabase:
         with self.lock:
             error, id_list, plan, kept = None, None, None, None
             try:
-                id_list = _check_ids(ids)
+                id_list = check_ids(ids)
                 self._check_live(id_list)
-                plan = self._shard._plan_delete([i for i in id_list if self.owner(i) == self.rank])
+                plan = self._shard.stage_delete([i for i in id_list if self.owner(i) == self.rank])
                 live = self._live[: self._count]
                 kept = live[~torch.isin(live, torch.tensor(id_list, dtype=torch.int64))]
             except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
@@ -744,7 +431,7 @@ class ShardedNeuralKVDatabase:
             self._check_call("delete", [_json_field("ids", ids if id_list is None else id_list)], error)
             if not id_list:
                 return
-            self._shard._apply_delete(plan)
+            plan.commit()
             self._live[: len(kept)] = kept
             self._count = len(kept)
             self._version += 1
@@ -912,10 +599,14 @@ class ShardedNeuralKVDatabase:
         ``live``: every live id when ``ids`` holds only some of them (a load that read only this rank's shard)."""
         mine = sorted((i, r, f) for i, r, f in zip(ids, rows, facts) if self.owner(i) == self.rank)
         sel = torch.tensor([r for _, r, _ in mine], dtype=torch.long, device=keys.device)
-        self._shard._restore(
-            keys.index_select(0, sel).to(self.device), values.index_select(0, sel).to(self.device),
-            [i for i, _, _ in mine], [f for _, _, f in mine], next_id,
+        state = self._shard.state().replace(
+            keys=keys.index_select(0, sel).to(self.device),
+            values=values.index_select(0, sel).to(self.device),
+            ids=[i for i, _, _ in mine],
+            facts=[f for _, _, f in mine],
+            next_id=next_id,
         )
+        self._shard = NeuralKVDatabase.from_state(state, ordered=True)
         live = sorted(ids if live is None else live)
         self._live = torch.tensor(live, dtype=torch.int64) if live else torch.empty(_MIN_LIVE, dtype=torch.int64)
         self._count = len(live)
@@ -931,17 +622,17 @@ class ShardedNeuralKVDatabase:
         parts: list[Any] = [None] * self.world_size
         dist.all_gather_object(parts, mine, group=self._group)
         order = sorted((i, p, r) for p, part in enumerate(parts) for r, i in enumerate(part[0]))
-        db = NeuralKVDatabase(self.key_dim, self.value_dim, dtype=self.dtype)
-        for name in _METADATA:
-            setattr(db, name, getattr(self, name))
         if order:
             keys = torch.stack([parts[p][1][r] for _, p, r in order])
             values = torch.stack([parts[p][2][r] for _, p, r in order])
         else:
             keys = torch.empty(0, self.key_dim, dtype=self.dtype)
             values = torch.empty(0, self.value_dim, dtype=self.dtype)
-        db._restore(keys, values, [i for i, _, _ in order], [parts[p][3][r] for _, p, r in order], self.next_id)
-        return db
+        ids, facts = [i for i, _, _ in order], [parts[p][3][r] for _, p, r in order]
+        return NeuralKVDatabase.from_state(
+            DatabaseState(self.key_dim, self.value_dim, self.dtype, keys, values, ids, facts, self.next_id,
+                          **{name: getattr(self, name) for name in _METADATA})
+        )
 
     # -- files -----------------------------------------------------------------------------------------------------
 
@@ -954,8 +645,6 @@ class ShardedNeuralKVDatabase:
         manifest and its shard files intact. Shard files of the previous save are removed after the commit. The
         directory must be visible to every rank (a shared or node-local file system for single-node groups).
         """
-        from neuraldb.sharded_io import save_sharded
-
         with self.lock:
             save_sharded(self, path)
 
@@ -976,8 +665,6 @@ class ShardedNeuralKVDatabase:
         out); an error on any rank raises on all of them, as does a rank that read another manifest. ``timeout``:
         as for the constructor, also bounding the wait for the others here. ``kwargs``: ``query_parallel``/
         ``compact``."""
-        from neuraldb.sharded_io import load_sharded
-
         return load_sharded(path, process_group=process_group, device=device, cls=cls, timeout=timeout, **kwargs)
 
     def __repr__(self) -> str:
@@ -988,4 +675,4 @@ class ShardedNeuralKVDatabase:
         )
 
 
-__all__ = ["ShardedNeuralKVDatabase", "pack_score_id", "unpack_score_id"]
+__all__ = ["ShardedCallError", "ShardedNeuralKVDatabase", "pack_score_id", "unpack_score_id"]

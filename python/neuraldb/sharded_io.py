@@ -9,7 +9,7 @@ Layout (``save("edits.sharded")`` on 3 ranks)::
       shard-00001-of-00003-<token>.safetensors
       shard-00002-of-00003-<token>.safetensors
 
-Each shard file is written by :func:`neuraldb.database_io.save_database` and loads on its own with
+Each shard file is written by ``NeuralKVDatabase.save`` and loads on its own with
 ``NeuralKVDatabase.load``. ``<token>`` is new per save and the manifest is written last, atomically: it is the
 commit point, so an interrupted save leaves the previous manifest and its shards intact. Loading with another
 world size reshards (every rank reads every shard and keeps the rows it owns under ``id % world_size``).
@@ -33,17 +33,10 @@ import torch
 import torch.distributed as dist
 
 from neuraldb.atomic import atomic_path
-from neuraldb.sharded import (
-    _METADATA,
-    MAX_IDS,
-    ShardedNeuralKVDatabase,
-    _agree,
-    _agree_call,
-    _as_timeout,
-    _digest,
-    _header_device,
-    _json_field,
-)
+from neuraldb.database import NeuralKVDatabase
+from neuraldb.database_io import META_KEY
+from neuraldb.database_state import METADATA as _METADATA
+from neuraldb.sharded_agreement import MAX_IDS, _agree, _agree_call, _as_timeout, _digest, _header_device, _json_field
 
 MANIFEST = "manifest.json"
 FORMAT = "neuraldb.ShardedNeuralKVDatabase"
@@ -51,7 +44,7 @@ FORMAT_VERSION = 1
 ROUTING = "id % world_size"
 
 
-def save_sharded(db: ShardedNeuralKVDatabase, path: str | os.PathLike) -> None:
+def save_sharded(db: Any, path: str | os.PathLike) -> None:
     """Collective: write ``db`` to the directory ``path`` (see :meth:`ShardedNeuralKVDatabase.save`)."""
     group = db.process_group
     device = db._header_device()
@@ -132,10 +125,10 @@ def load_sharded(
     *,
     process_group: Any = None,
     device: torch.device | str = "cpu",
-    cls: type[ShardedNeuralKVDatabase] = ShardedNeuralKVDatabase,
+    cls: type,
     timeout: float | datetime.timedelta | None = None,
     **kwargs: Any,
-) -> ShardedNeuralKVDatabase:
+) -> Any:
     """Collective: read a directory written by :func:`save_sharded` into a new ``cls`` (see
     :meth:`ShardedNeuralKVDatabase.load`); ``timeout`` and ``kwargs`` go to its constructor.
 
@@ -144,14 +137,12 @@ def load_sharded(
     count, and ``count`` their sum (a ValueError names the field otherwise)."""
     from safetensors import safe_open
 
-    from neuraldb.database_io import load_database
-
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ShardedNeuralKVDatabase.load needs torch.distributed initialised on every rank")
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
     wait = _as_timeout(timeout)
-    out: ShardedNeuralKVDatabase | None = None
+    out: Any = None
     error: BaseException | None = None
     manifest = ("manifest.json", 0, None)
     try:
@@ -172,7 +163,7 @@ def load_sharded(
                     ids = _ids_of(f, h.get_tensor("ids"))
                     shard_next_id = _shard_next_id(f, h.metadata())
             else:
-                db = load_database(f)
+                db = NeuralKVDatabase.load(f)
                 if (db.key_dim, db.value_dim, db.dtype) != (meta["key_dim"], meta["value_dim"], _dtype(meta)):
                     raise ValueError(f"cannot load {str(f)!r}: its dims/dtype differ from the manifest")
                 ids, shard_next_id = db.ids(), db.next_id
@@ -216,8 +207,6 @@ def _ids_of(f: Path, t: torch.Tensor) -> list[int]:
 
 def _shard_next_id(f: Path, header: dict | None) -> object:
     """A shard file's own ``next_id`` (from its header, without reading its rows)."""
-    from neuraldb.database_io import META_KEY
-
     try:
         return json.loads((header or {})[META_KEY])["next_id"]
     except (KeyError, TypeError, ValueError):

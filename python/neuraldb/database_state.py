@@ -1,0 +1,143 @@
+"""``DatabaseState``: everything a :class:`~neuraldb.NeuralKVDatabase` holds, as one plain record.
+
+It is the one interface between a database and whatever stores or moves it: ``db.state()`` gives it,
+``NeuralKVDatabase.from_state(state)`` builds a database from it, the file format (:mod:`neuraldb.database_io`)
+writes and reads it, and the sharded database (:mod:`neuraldb.sharded`) splits, gathers and restores its shards
+through it. :func:`check_state` is the validation all of them share: what a state must satisfy to become a database.
+
+Example::
+
+    >>> import torch
+    >>> state = DatabaseState(key_dim=2, value_dim=1, dtype=torch.float32, keys=torch.tensor([[0.6, 0.8]]),
+    ...                       values=torch.tensor([[5.0]]), ids=[3], facts=[None], next_id=4, gamma=0.7)
+    >>> check_state(state)
+    >>> state.count, state.metadata()["gamma"]
+    (1, 0.7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from neuraldb.database_inputs import STORAGE_DTYPES, FactLike, check_dim, check_facts, dtype_name
+from neuraldb_kernels import check_gamma
+
+# The metadata a database carries besides its rows, in the order files and manifests list it.
+METADATA = ("layer", "gamma", "template", "model_id", "module_path", "config")
+# Ids are stored as int64.
+MAX_ID = 2**63 - 1
+# fp16 keys are unit rows only up to rounding: sqrt(d) entries each off by at most 2^-11 relative.
+UNIT_TOLERANCE = 1e-2
+# Rows per chunk of a row scan: bounds its fp32 temporaries.
+SCAN_ROWS = 4096
+
+
+@dataclass
+class DatabaseState:
+    """The rows (row ``i`` of ``keys``/``values`` is fact ``ids[i]`` with metadata ``facts[i]``), the next id to
+    hand out and the metadata of one database. ``keys``/``values`` may be views of a live database's storage (see
+    :meth:`neuraldb.NeuralKVDatabase.state`)."""
+
+    key_dim: int
+    value_dim: int
+    dtype: torch.dtype
+    keys: torch.Tensor
+    values: torch.Tensor
+    ids: list[int]
+    facts: list[FactLike]
+    next_id: int
+    layer: int | None = None
+    gamma: float | None = None
+    template: str | None = None
+    model_id: str | None = None
+    module_path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """The number of rows."""
+        return len(self.ids)
+
+    def metadata(self) -> dict[str, Any]:
+        """``{name: value}`` of :data:`METADATA`."""
+        return {name: getattr(self, name) for name in METADATA}
+
+    def replace(self, **changes: Any) -> DatabaseState:
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def check_metadata(layer: object, gamma: object, text: dict[str, object], config: object) -> None:
+    """TypeError/ValueError unless the metadata can be saved and loaded back: ``layer`` a non-negative int or None,
+    ``gamma`` a number in [-1, 1] or None, the ``text`` fields str or None, ``config`` a JSON-serialisable dict."""
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        raise TypeError(f"layer must be a non-negative int or None, got {layer!r:.50}")
+    if gamma is not None:
+        check_gamma(gamma)
+    for name, value in text.items():
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"db.{name} must be a str or None to save, got {type(value).__name__}")
+    if not isinstance(config, dict):
+        raise TypeError(f"db.config must be a dict, got {type(config).__name__}")
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"db.config must be JSON-serialisable to save: {exc}") from None
+
+
+def check_rows(keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+    """ValueError naming the first rows (numbered from ``start``) that are not finite, or keys that are not
+    unit-norm."""
+    for name, t in (("keys", keys), ("values", values)):
+        bad = ~torch.isfinite(t).all(dim=1)
+        if bad.any():
+            raise ValueError(f"tensor {name!r} has non-finite rows {(bad.nonzero().flatten()[:5] + start).tolist()}")
+    off = ((keys.float().norm(dim=1) - 1).abs() > UNIT_TOLERANCE).nonzero().flatten()
+    if off.numel():
+        raise ValueError(f"tensor 'keys' rows {(off[:5] + start).tolist()} are not unit-norm")
+
+
+def check_ids_below(ids: list[int], next_id: int) -> None:
+    """ValueError unless ``ids`` are distinct ints in ``[0, next_id)`` and ``next_id`` fits int64."""
+    if not 0 <= next_id <= MAX_ID:
+        raise ValueError(f"next_id must lie in [0, 2**63 - 1] (ids are int64), got {next_id}")
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"ids holds id {twice} twice")
+    if ids and (min(ids) < 0 or max(ids) >= next_id):
+        raise ValueError(f"ids must lie in [0, next_id={next_id}), got [{min(ids)}, {max(ids)}]")
+
+
+def check_state(state: DatabaseState, *, rows: bool = True) -> None:
+    """TypeError/ValueError unless ``state`` can become a database: dims, dtype, shapes, ids, next_id, facts and
+    metadata, and with ``rows`` (default) finite rows and unit-norm keys (one chunked scan of the rows; a loader
+    that checked them while reading passes False)."""
+    check_dim("key_dim", state.key_dim)
+    check_dim("value_dim", state.value_dim)
+    if state.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"dtype must be one of {'/'.join(map(dtype_name, STORAGE_DTYPES))}, got {state.dtype!r}")
+    n = state.count
+    for name, t, width in (("keys", state.keys, state.key_dim), ("values", state.values, state.value_dim)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, width) or t.dtype != state.dtype:
+            got = f"{tuple(t.shape)} {dtype_name(t.dtype)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"state.{name} must be ({n}, {width}) {dtype_name(state.dtype)}, got {got}")
+    if state.keys.device != state.values.device:
+        raise ValueError(f"state.keys and state.values are on {state.keys.device} and {state.values.device}")
+    check_ids_below(state.ids, state.next_id)
+    if len(state.facts) != n:
+        raise ValueError(f"state.facts must have one entry per id: expected {n}, got {len(state.facts)}")
+    check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)
+    if rows:
+        check_facts(state.facts, n)
+        for start in range(0, n, SCAN_ROWS):
+            stop = min(n, start + SCAN_ROWS)
+            check_rows(state.keys[start:stop], state.values[start:stop], start)
+
+
+__all__ = ["METADATA", "DatabaseState", "check_metadata", "check_rows", "check_state"]
