@@ -25,7 +25,6 @@ import torch
 
 from neuraldb.editing.contexts import Row
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Model plumbing
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,7 +428,9 @@ class OptimConfig:
     eps: float = 1e-8
 
 
-def optimise(h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int, stats: dict | None = None) -> torch.Tensor:
+def optimise(
+    h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int, stats: dict | None = None
+) -> torch.Tensor:
     """Residuals (n_facts, d2) float32 for the facts of ``prep`` (fact indices 0..n_facts-1 within the chunk)."""
     b = prep.batch
     device = b.ids.device
@@ -492,9 +493,12 @@ def optimise(h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int
         t_row_t = torch.tensor(t_row, device=device)
         lp = torch.log_softmax(logits_of(h, last[t_row_t, torch.tensor(t_col, device=device)]), -1)
         tok_lp = lp.gather(1, torch.tensor(t_id, device=device)[:, None]).squeeze(1)
-        nll = torch.zeros(active.numel(), device=device).index_add(
-            0, rf[t_row_t], -tok_lp * torch.tensor(t_w, device=device)
-        ) / n_ctx[active]
+        nll = (
+            torch.zeros(active.numel(), device=device).index_add(
+                0, rf[t_row_t], -tok_lp * torch.tensor(t_w, device=device)
+            )
+            / n_ctx[active]
+        )
         loss = nll
         # KL on the KL rows
         sel_kl = [(j, i) for j, i in enumerate(ridx.tolist()) if rows[i].kl_pos >= 0]

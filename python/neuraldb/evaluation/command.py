@@ -44,25 +44,43 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "and write results.json, report.md and report.png to --out.",
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'gemma3-270m', a HF directory or .gguf")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="the model's parameter dtype (default float32; bfloat16 is Gemma-3's native dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="the model's parameter dtype (default float32; bfloat16 is Gemma-3's native dtype)",
+    )
     p.add_argument("--dataset", choices=("counterfact", "zsre"), help="which metrics (required unless --combine)")
     p.add_argument("--facts", type=Path, help="facts file (CounterFact ROME/MEND format, ZsRE MEND format)")
     p.add_argument("--n", type=_positive_int, default=100, help="number of facts to edit and evaluate (default 100)")
     p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many facts first")
     p.add_argument("--db", type=Path, help="evaluate this saved database instead of editing")
     p.add_argument("--save-db", type=Path, help="save the database built by editing here")
-    p.add_argument("--edit-args", type=_json_object, default="{}",
-                   help='JSON of extra keyword arguments for neuraldb.edit, e.g. \'{"layer": 6, "gamma": 0.65}\'')
+    p.add_argument(
+        "--edit-args",
+        type=_json_object,
+        default="{}",
+        help='JSON of extra keyword arguments for neuraldb.edit, e.g. \'{"layer": 6, "gamma": 0.65}\'',
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--reduction", choices=("mean", "sum"), default="mean",
-                   help="CounterFact target probability: per-token mean NLL (ROME/MEMIT, default) or summed")
-    p.add_argument("--zsre-target", choices=("answers", "alt"), default="answers",
-                   help="ZsRE edit target: answers[0] (ROME/MEMIT, default) or alt (EasyEdit)")
+    p.add_argument(
+        "--reduction",
+        choices=("mean", "sum"),
+        default="mean",
+        help="CounterFact target probability: per-token mean NLL (ROME/MEMIT, default) or summed",
+    )
+    p.add_argument(
+        "--zsre-target",
+        choices=("answers", "alt"),
+        default="answers",
+        help="ZsRE edit target: answers[0] (ROME/MEMIT, default) or alt (EasyEdit)",
+    )
     p.add_argument("--no-fluency", action="store_true", help="skip generation (fluency/consistency)")
     p.add_argument("--fluency-facts", type=_non_negative_int, help="generate for only the first K facts (speed)")
-    p.add_argument("--reference-texts", type=Path,
-                   help="JSON {case_id or target_new: [texts]} for consistency; without it consistency is skipped")
+    p.add_argument(
+        "--reference-texts",
+        type=Path,
+        help="JSON {case_id or target_new: [texts]} for consistency; without it consistency is skipped",
+    )
     p.add_argument("--general-data", type=Path, help="directory with the general-ability files (general_eval)")
     p.add_argument("--general-tasks", nargs="+", help="subset of tasks (default: all)")
     p.add_argument("--general-limit", type=_positive_int, help="examples per task (seeded subsample)")
@@ -72,19 +90,39 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS_JSON",
-                   help="only combine existing results.json files into one report under --out")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="only combine existing results.json files into one report under --out",
+    )
     p.add_argument("--title", default="neuraldb evaluation")
-    p.add_argument("--distractors", nargs="+", type=Path, metavar="FACTS",
-                   help="with --db: add the keys of these facts (synthetic residuals) around the database's facts and "
-                   "report CounterFact metrics vs table size (neuraldb.evaluation.distractors)")
-    p.add_argument("--sizes", nargs="+", type=_positive_int,
-                   help="table sizes (keys) for --distractors (default n, 2n, 5n, 10n, all)")
-    p.add_argument("--eval-facts", type=_positive_int,
-                   help="evaluate a seeded random subset of this many of the edited facts (all are edited)")
+    p.add_argument(
+        "--distractors",
+        nargs="+",
+        type=Path,
+        metavar="FACTS",
+        help="with --db: add the keys of these facts (synthetic residuals) around the database's facts and "
+        "report CounterFact metrics vs table size (neuraldb.evaluation.distractors)",
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=_positive_int,
+        help="table sizes (keys) for --distractors (default n, 2n, 5n, 10n, all)",
+    )
+    p.add_argument(
+        "--eval-facts",
+        type=_positive_int,
+        help="evaluate a seeded random subset of this many of the edited facts (all are edited)",
+    )
     p.add_argument("--keys-cache", type=Path, help="--distractors: directory that caches the distractor keys")
-    p.add_argument("--distractor-exclude", type=_non_negative_int,
-                   help="--distractors: drop duplicates of the first N facts of --facts (default: the database's; a larger N shares the distractor pool with a larger database)")
+    p.add_argument(
+        "--distractor-exclude",
+        type=_non_negative_int,
+        help="--distractors: drop duplicates of the first N facts of --facts (default: the database's; a larger N shares the distractor pool with a larger database)",
+    )
     return p
 
 
@@ -136,24 +174,51 @@ def run(args) -> int:
         from .distractors import distractor_eval, scaling_markdown
 
         result = distractor_eval(
-            model_name=args.model, model_dtype=args.dtype, db_path=args.db, facts_path=args.facts,
-            distractor_paths=args.distractors, out_dir=args.out, sizes=args.sizes, eval_facts=args.eval_facts,
-            keys_cache=args.keys_cache, exclude=args.distractor_exclude, seed=args.seed, batch_size=args.batch_size,
-            command=command, show_progress=not args.no_progress,
+            model_name=args.model,
+            model_dtype=args.dtype,
+            db_path=args.db,
+            facts_path=args.facts,
+            distractor_paths=args.distractors,
+            out_dir=args.out,
+            sizes=args.sizes,
+            eval_facts=args.eval_facts,
+            keys_cache=args.keys_cache,
+            exclude=args.distractor_exclude,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            command=command,
+            show_progress=not args.no_progress,
         )
         print(scaling_markdown(result))
         return 0
     from .pipeline import run_eval
 
     run_ = run_eval(
-        model_name=args.model, model_dtype=args.dtype, dataset=args.dataset, facts_path=args.facts, n_facts=args.n, offset=args.offset,
+        model_name=args.model,
+        model_dtype=args.dtype,
+        dataset=args.dataset,
+        facts_path=args.facts,
+        n_facts=args.n,
+        offset=args.offset,
         eval_facts=args.eval_facts,
-        db_path=args.db, save_db=args.save_db, edit_kwargs=args.edit_args,
-        general_dir=args.general_data, general_tasks=args.general_tasks, general_limit=args.general_limit,
-        wikitext_max_tokens=args.wikitext_tokens, fluency=not args.no_fluency, fluency_max_facts=args.fluency_facts,
-        reference_texts=args.reference_texts, deletion=args.deletion, reduction=args.reduction,
-        zsre_target=args.zsre_target, batch_size=args.batch_size, seed=args.seed,
-        show_progress=not args.no_progress, command=command, per_fact_path=args.out / "per_fact.json",
+        db_path=args.db,
+        save_db=args.save_db,
+        edit_kwargs=args.edit_args,
+        general_dir=args.general_data,
+        general_tasks=args.general_tasks,
+        general_limit=args.general_limit,
+        wikitext_max_tokens=args.wikitext_tokens,
+        fluency=not args.no_fluency,
+        fluency_max_facts=args.fluency_facts,
+        reference_texts=args.reference_texts,
+        deletion=args.deletion,
+        reduction=args.reduction,
+        zsre_target=args.zsre_target,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        show_progress=not args.no_progress,
+        command=command,
+        per_fact_path=args.out / "per_fact.json",
     )
     from .report import _slim
 

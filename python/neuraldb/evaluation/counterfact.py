@@ -22,14 +22,14 @@ see :mod:`neuraldb.evaluation.fluency`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..facts import Fact
 from .fluency import TfidfVectorizer, fluency_score, generate_texts, tfidf_similarity
 from .gate import merge_rescored
 from .scoring import score_grouped
 
-__all__ = ["counterfact_prompts", "evaluate_counterfact", "harmonic_mean", "CONSISTENCY_SKIPPED"]
+__all__ = ["CONSISTENCY_SKIPPED", "counterfact_prompts", "evaluate_counterfact", "harmonic_mean"]
 
 CONSISTENCY_SKIPPED = (
     "consistency skipped: ROME's reference Wikipedia snippets (attribute_snippets.json) are not available offline "
@@ -109,20 +109,35 @@ def evaluate_counterfact(
 
     def score(todo: list[int]) -> list[dict]:
         # each prompt runs once; its two targets are scored from the shared prompt cache
-        sc = score_grouped(model, tok, [ctxs[k] for k in todo], [conts[k] for k in todo], batch_size=batch_size,
-                           desc="counterfact", show_progress=show_progress)
+        sc = score_grouped(
+            model,
+            tok,
+            [ctxs[k] for k in todo],
+            [conts[k] for k in todo],
+            batch_size=batch_size,
+            desc="counterfact",
+            show_progress=show_progress,
+        )
         return [{"nll_new": nll(a), "nll_true": nll(b)} for a, b in sc]
 
     if rescore is None:
         prompt_scores = score(list(range(len(ctxs))))
     else:
         old = [baseline["per_fact"][i][kind][j] for i, kind, j in index]
-        prompt_scores = merge_rescored([{"nll_new": x["nll_new"], "nll_true": x["nll_true"]} for x in old],
-                                       rescore, score)
+        prompt_scores = merge_rescored(
+            [{"nll_new": x["nll_new"], "nll_true": x["nll_true"]} for x in old], rescore, score
+        )
 
     per_fact = [
-        {"subject": f.subject, "target_new": f.target_new, "target_true": f.target_true,
-         "case_id": f.extras.get("case_id"), "rewrite": [], "paraphrase": [], "neighborhood": []}
+        {
+            "subject": f.subject,
+            "target_new": f.target_new,
+            "target_true": f.target_true,
+            "case_id": f.extras.get("case_id"),
+            "rewrite": [],
+            "paraphrase": [],
+            "neighborhood": [],
+        }
         for f in facts
     ]
     for (i, kind, _), x in zip(index, prompt_scores):
@@ -163,7 +178,12 @@ def evaluate_counterfact(
             gen_prompts += [pf(p) for p in gp]
             owner += [i] * len(gp)
         texts = generate_texts(
-            model, tok, gen_prompts, max_length=generation_length, seed=seed, show_progress=show_progress,
+            model,
+            tok,
+            gen_prompts,
+            max_length=generation_length,
+            seed=seed,
+            show_progress=show_progress,
             batch_size=batch_size,
         )
         by_fact: dict[int, list[str]] = {}

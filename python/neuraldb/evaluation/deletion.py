@@ -11,15 +11,18 @@ their post-edited ones.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..facts import Fact
 
-__all__ = ["half_summary", "deletion_experiment", "deletion_table"]
+__all__ = ["deletion_experiment", "deletion_table", "half_summary"]
 
 _KEYS = {
-    "counterfact": {"efficacy": "rewrite_success", "generalization": "paraphrase_success",
-                    "specificity": "neighborhood_success"},
+    "counterfact": {
+        "efficacy": "rewrite_success",
+        "generalization": "paraphrase_success",
+        "specificity": "neighborhood_success",
+    },
     "zsre": {"efficacy": "rewrite_acc", "generalization": "paraphrase_acc", "specificity": "neighborhood_acc"},
 }
 
@@ -50,12 +53,12 @@ def deletion_experiment(
     evaluated: Sequence[int] | None = None,
 ) -> dict:
     """Run App. J.5 on a model patched with ``db`` that holds ``facts`` (``ids[i]`` is fact i's database id;
-    default: ``db.ids()`` in insertion order). ``evaluate(facts)`` evaluates the model as it currently is;
-    ``pre``/``post`` reuse results already computed. ``repatch()`` is called after the deletion (for patchers
-    that copy the database; the default ``neuraldb`` patch reads it live). ``evaluated``: sorted indices of the facts
-``evaluate`` is given (default all; ``pre``/``post`` must then be results on those facts); the halves still follow
-each fact's index in ``facts``, so the rows deleted are always those of facts 0, 2, 4, ... The database is modified
-in place."""
+        default: ``db.ids()`` in insertion order). ``evaluate(facts)`` evaluates the model as it currently is;
+        ``pre``/``post`` reuse results already computed. ``repatch()`` is called after the deletion (for patchers
+        that copy the database; the default ``neuraldb`` patch reads it live). ``evaluated``: sorted indices of the facts
+    ``evaluate`` is given (default all; ``pre``/``post`` must then be results on those facts); the halves still follow
+    each fact's index in ``facts``, so the rows deleted are always those of facts 0, 2, 4, ... The database is modified
+    in place."""
     if kind not in _KEYS:
         raise ValueError(f"kind must be one of {sorted(_KEYS)}")
     ids = list(db.ids() if ids is None else ids)

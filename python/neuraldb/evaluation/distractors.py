@@ -141,8 +141,9 @@ def distractor_keys(
     parts = [done]
     t0, start = time.perf_counter(), len(done)
     for i in range(start, n, chunk):
-        parts.append(compute_keys(model, tok, facts[i : i + chunk], s["layer"], template=s["template"],
-                                  **_key_kwargs(s)))
+        parts.append(
+            compute_keys(model, tok, facts[i : i + chunk], s["layer"], template=s["template"], **_key_kwargs(s))
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -179,8 +180,9 @@ def with_distractors(db, keys: torch.Tensor, residuals: torch.Tensor):
 HIT_CLASSES = ("own", "other_edited", "distractor", "none")
 
 
-def hit_counts(hits: Sequence[Sequence[int]], index: Sequence[tuple[int, str, int]], own_row: Sequence[int],
-               n_edited: int) -> dict:
+def hit_counts(
+    hits: Sequence[Sequence[int]], index: Sequence[tuple[int, str, int]], own_row: Sequence[int], n_edited: int
+) -> dict:
     """Per prompt kind (rewrite / paraphrase / neighborhood): how many prompts retrieve, at some position, the row
     of the fact they belong to (``own``), another edited fact's row, a distractor row (rows >= ``n_edited``), or
     nothing. A prompt can count in several of the first three classes. ``index`` is
@@ -203,8 +205,9 @@ def evaluated_subset(n_edited: int, eval_facts: int | None, seed: int) -> list[i
     return sorted(torch.randperm(n_edited, generator=torch.Generator().manual_seed(seed))[:eval_facts].tolist())
 
 
-def pre_edit_scores(model, tok, db, facts: Sequence[Fact], *, cache_dir: str | Path | None = None,
-                    batch_size: int = 32) -> dict:
+def pre_edit_scores(
+    model, tok, db, facts: Sequence[Fact], *, cache_dir: str | Path | None = None, batch_size: int = 32
+) -> dict:
     """:func:`.counterfact.evaluate_counterfact` of ``facts`` on the unpatched model inside ``db``'s template,
     saved under ``cache_dir`` (named by a hash of the template and the facts' prompts and targets) and read from
     there when present, so the pre-edit pass can run ahead, e.g. while distractor keys are computed."""
@@ -222,8 +225,9 @@ def pre_edit_scores(model, tok, db, facts: Sequence[Fact], *, cache_dir: str | P
         path = Path(cache_dir) / f"pre-counterfact-{len(facts)}-{digest}.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
-    pre = evaluate_counterfact(model, tok, facts, reduction="mean", batch_size=batch_size, prompt_fn=pf,
-                               show_progress=False)
+    pre = evaluate_counterfact(
+        model, tok, facts, reduction="mean", batch_size=batch_size, prompt_fn=pf, show_progress=False
+    )
     if path is not None:
         write_json(pre, path)
     return pre
@@ -260,8 +264,9 @@ def run_distractor_scaling(
 
     say = log or (lambda s: None)
     n_edited = len(db)
-    if len(facts) != n_edited or any(db.fact(i) is not None and getattr(db.fact(i), "subject", None) != f.subject
-                                     for i, f in zip(db.ids(), facts)):
+    if len(facts) != n_edited or any(
+        db.fact(i) is not None and getattr(db.fact(i), "subject", None) != f.subject for i, f in zip(db.ids(), facts)
+    ):
         raise ValueError("facts must be the database's facts in row order")
     sizes = sorted(sizes)
     if sizes[0] < n_edited or sizes[-1] > n_edited + len(dkeys):
@@ -280,17 +285,38 @@ def run_distractor_scaling(
     resid = synthetic_residuals(norms, n_extra, db.value_dim, seed=seed)
     big = with_distractors(db, dkeys[:n_extra], resid)
     run: dict = {
-        "n_edited": n_edited, "evaluated_facts": chosen if len(chosen) < n_edited else None,
-        "n_evaluated": len(chosen), "n_prompts": len(index), "sizes": sizes, "seed": seed,
-        "layer": db.layer, "gamma": db.gamma, "template": db.template,
-        "edited_residual_norm": {"mean": float(norms.mean()), "std": float(norms.std()), "min": float(norms.min()),
-                                 "max": float(norms.max())},
+        "n_edited": n_edited,
+        "evaluated_facts": chosen if len(chosen) < n_edited else None,
+        "n_evaluated": len(chosen),
+        "n_prompts": len(index),
+        "sizes": sizes,
+        "seed": seed,
+        "layer": db.layer,
+        "gamma": db.gamma,
+        "template": db.template,
+        "edited_residual_norm": {
+            "mean": float(norms.mean()),
+            "std": float(norms.std()),
+            "min": float(norms.min()),
+            "max": float(norms.max()),
+        },
         "distractor_residual_norm": {"mean": float(resid.norm(dim=1).mean()), "std": float(resid.norm(dim=1).std())},
-        "timing": {}, "by_size": [],
+        "timing": {},
+        "by_size": [],
     }
     t0 = time.perf_counter()
-    hits, hits_last = prompt_hits(model, tok, ctxs, conts, db.layer, big.keys, db.gamma, sizes=sizes,
-                                  batch_size=batch_size, last_prompt_token=True)
+    hits, hits_last = prompt_hits(
+        model,
+        tok,
+        ctxs,
+        conts,
+        db.layer,
+        big.keys,
+        db.gamma,
+        sizes=sizes,
+        batch_size=batch_size,
+        last_prompt_token=True,
+    )
     run["timing"]["retrieval_hits"] = time.perf_counter() - t0
     say(f"retrieval hits for {len(index)} prompts x {len(sizes)} sizes: {run['timing']['retrieval_hits']:.0f}s")
     ev = {"reduction": "mean", "batch_size": batch_size, "prompt_fn": pf, "show_progress": show_progress}
@@ -306,12 +332,20 @@ def run_distractor_scaling(
             patch_model(model, with_distractors(db, dkeys[: size - n_edited], resid[: size - n_edited]))
             fires = [bool(x) for x in h]
             post = evaluate_counterfact(model, tok, sub, baseline=pre, rescore=fires, **ev)
-            rec = {"keys": size, "distractors": size - n_edited, "summary": post["summary"], "rescored": sum(fires),
-                   "hits": hit_counts(h, index, chosen, n_edited),
-                   "hits_last_token": hit_counts(hl, index, chosen, n_edited), "seconds": time.perf_counter() - t0}
+            rec = {
+                "keys": size,
+                "distractors": size - n_edited,
+                "summary": post["summary"],
+                "rescored": sum(fires),
+                "hits": hit_counts(h, index, chosen, n_edited),
+                "hits_last_token": hit_counts(hl, index, chosen, n_edited),
+                "seconds": time.perf_counter() - t0,
+            }
             run["by_size"].append(rec)
-            say(f"{size} keys: E {post['summary']['efficacy']:.1f} G {post['summary']['generalization']:.1f} "
-                f"S {post['summary']['specificity']:.1f}, re-scored {sum(fires)}/{len(fires)} ({rec['seconds']:.0f}s)")
+            say(
+                f"{size} keys: E {post['summary']['efficacy']:.1f} G {post['summary']['generalization']:.1f} "
+                f"S {post['summary']['specificity']:.1f}, re-scored {sum(fires)}/{len(fires)} ({rec['seconds']:.0f}s)"
+            )
     finally:
         unpatch_model(model)
     return run
@@ -325,37 +359,62 @@ def scaling_markdown(result: dict) -> str:
     pre = r["pre"]
     subset = f" (seeded subset, seed {r['seed']})" if r["evaluated_facts"] else ""
     lines = [
-        f"# Distractor scaling: {r['n_edited']} edited CounterFact facts among up to {r['sizes'][-1]:,} keys", "",
-        ("Distractor keys are real (the keys of other CounterFact subjects, computed like the edited facts'); "
-        "**distractor residuals are synthetic**: random directions with norms drawn from the edited residuals' "
-        f"norms (mean {r['edited_residual_norm']['mean']:.1f}, std {r['edited_residual_norm']['std']:.1f})."),
-        (f"{result['n_dropped']} candidate distractors duplicated the subject and prompt of one of the first "
-         f"{result['n_excluded']:,} facts of the edited file and were dropped."),
-        (f"Evaluated: {r['n_evaluated']} of the {r['n_edited']} edited facts{subset}, {r['n_prompts']} prompts; "
-        f"gamma {r['gamma']}, layer {r['layer']}."), "",
+        f"# Distractor scaling: {r['n_edited']} edited CounterFact facts among up to {r['sizes'][-1]:,} keys",
+        "",
+        (
+            "Distractor keys are real (the keys of other CounterFact subjects, computed like the edited facts'); "
+            "**distractor residuals are synthetic**: random directions with norms drawn from the edited residuals' "
+            f"norms (mean {r['edited_residual_norm']['mean']:.1f}, std {r['edited_residual_norm']['std']:.1f})."
+        ),
+        (
+            f"{result['n_dropped']} candidate distractors duplicated the subject and prompt of one of the first "
+            f"{result['n_excluded']:,} facts of the edited file and were dropped."
+        ),
+        (
+            f"Evaluated: {r['n_evaluated']} of the {r['n_edited']} edited facts{subset}, {r['n_prompts']} prompts; "
+            f"gamma {r['gamma']}, layer {r['layer']}."
+        ),
+        "",
     ]
     if result.get("command"):
         lines += ["```", result["command"], "```", ""]
-    lines += ["| Keys | Distractors | Efficacy | Generalization | Specificity | Score | Re-scored prompts |",
-              "|---:|---:|---:|---:|---:|---:|---:|",
-              (f"| pre-edit | – | {_fmt(pre['efficacy'])} | {_fmt(pre['generalization'])} | "
-              f"{_fmt(pre['specificity'])} | {_fmt(pre['score'])} | – |")]
+    lines += [
+        "| Keys | Distractors | Efficacy | Generalization | Specificity | Score | Re-scored prompts |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            f"| pre-edit | – | {_fmt(pre['efficacy'])} | {_fmt(pre['generalization'])} | "
+            f"{_fmt(pre['specificity'])} | {_fmt(pre['score'])} | – |"
+        ),
+    ]
     for b in r["by_size"]:
         s = b["summary"]
-        lines.append(f"| {b['keys']:,} | {b['distractors']:,} | {_fmt(s['efficacy'])} | {_fmt(s['generalization'])} | "
-                     f"{_fmt(s['specificity'])} | {_fmt(s['score'])} | {b['rescored']} / {r['n_prompts']} |")
-    hits_intro = ("Retrieval hits: prompts that retrieve, at some position (gate open), their own fact's row, another "
-                  "edited fact's row, a distractor row, or nothing (a prompt can count in several of the first three).")
-    lines += ["", hits_intro, "", ("| Keys | Prompts | Own | Other edited | Distractor | None | "
-              "At the last prompt token: own | other edited | distractor | none |"),
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {b['keys']:,} | {b['distractors']:,} | {_fmt(s['efficacy'])} | {_fmt(s['generalization'])} | "
+            f"{_fmt(s['specificity'])} | {_fmt(s['score'])} | {b['rescored']} / {r['n_prompts']} |"
+        )
+    hits_intro = (
+        "Retrieval hits: prompts that retrieve, at some position (gate open), their own fact's row, another "
+        "edited fact's row, a distractor row, or nothing (a prompt can count in several of the first three)."
+    )
+    lines += [
+        "",
+        hits_intro,
+        "",
+        (
+            "| Keys | Prompts | Own | Other edited | Distractor | None | "
+            "At the last prompt token: own | other edited | distractor | none |"
+        ),
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for b in r["by_size"]:
         for kind in ("rewrite", "paraphrase", "neighborhood"):
             c, cl = b["hits"].get(kind), b["hits_last_token"].get(kind)
             if c:
-                lines.append(f"| {b['keys']:,} | {kind} ({c['prompts']}) | {c['own']} | {c['other_edited']} | "
-                             f"{c['distractor']} | {c['none']} | {cl['own']} | {cl['other_edited']} | "
-                             f"{cl['distractor']} | {cl['none']} |")
+                lines.append(
+                    f"| {b['keys']:,} | {kind} ({c['prompts']}) | {c['own']} | {c['other_edited']} | "
+                    f"{c['distractor']} | {c['none']} | {cl['own']} | {cl['other_edited']} | "
+                    f"{cl['distractor']} | {cl['none']} |"
+                )
     t = result["timing"]
     per_size = ", ".join(f"{b['keys']:,}: {b['seconds']:.0f}" for b in r["by_size"])
     lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + f"; per size: {per_size}", ""]
@@ -373,16 +432,27 @@ def plot_scaling(result: dict, path: str | Path) -> Path:
     r = result["run"]
     xs = [b["keys"] for b in r["by_size"]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for (metric, style), color in zip((("efficacy", "o-"), ("generalization", "s-"), ("specificity", "^-")),
-                                      ("C0", "C1", "C2")):
+    for (metric, style), color in zip(
+        (("efficacy", "o-"), ("generalization", "s-"), ("specificity", "^-")), ("C0", "C1", "C2")
+    ):
         a1.plot(xs, [b["summary"][metric] for b in r["by_size"]], style, color=color, label=metric)
         a1.axhline(r["pre"][metric], color=color, linestyle=":", linewidth=1)
-    a1.set(xscale="log", xlabel="keys in the table (edited + distractors)", ylabel="%", ylim=(-2, 102),
-           title=f"{r['n_evaluated']} edited facts (dotted: pre-edit)")
+    a1.set(
+        xscale="log",
+        xlabel="keys in the table (edited + distractors)",
+        ylabel="%",
+        ylim=(-2, 102),
+        title=f"{r['n_evaluated']} edited facts (dotted: pre-edit)",
+    )
     for (kind, style), color in zip((("rewrite", "o"), ("paraphrase", "s"), ("neighborhood", "^")), ("C0", "C1", "C2")):
         for part, line, where in (("hits", "-", "anywhere"), ("hits_last_token", "--", "at the last prompt token")):
-            a2.plot(xs, [100 * b[part][kind]["distractor"] / b[part][kind]["prompts"] for b in r["by_size"]],
-                    style + line, color=color, label=f"{kind}, {where}")
+            a2.plot(
+                xs,
+                [100 * b[part][kind]["distractor"] / b[part][kind]["prompts"] for b in r["by_size"]],
+                style + line,
+                color=color,
+                label=f"{kind}, {where}",
+            )
     a2.set(xscale="log", xlabel="keys in the table", ylabel="% of prompts", title="prompts retrieving a distractor")
     a2.set_ylim(bottom=0)
     for a in (a1, a2):
@@ -449,15 +519,36 @@ def distractor_eval(
     sizes = default_sizes(len(db), n_total) if sizes is None else sorted({min(s, n_total) for s in sizes})
     dkeys = distractor_keys(model, tok, db, dfacts, cache_dir=keys_cache, limit=sizes[-1] - len(db), log=say)
     timing["distractor_keys"] = time.perf_counter() - t0
-    run = run_distractor_scaling(model, tok, db, edited, dkeys, sizes=sizes, eval_facts=eval_facts,
-                                 seed=seed, batch_size=batch_size, show_progress=show_progress, log=say, pre=pre)
+    run = run_distractor_scaling(
+        model,
+        tok,
+        db,
+        edited,
+        dkeys,
+        sizes=sizes,
+        eval_facts=eval_facts,
+        seed=seed,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        log=say,
+        pre=pre,
+    )
     timing.update(run["timing"])
-    result = {"model": model_name, "db": str(db_path), "facts_path": str(facts_path),
-              "distractor_paths": [str(p) for p in distractor_paths], "n_distractor_candidates": len(dfacts) + dropped,
-              "n_dropped": dropped, "n_excluded": len(excluded), "key_settings": key_settings(db), "command": command,
-              "timing": timing,
-              "note": "distractor keys are real CounterFact keys; distractor residuals are synthetic (random "
-                      "directions, norms drawn from the edited residuals' norms)", "run": run}
+    result = {
+        "model": model_name,
+        "db": str(db_path),
+        "facts_path": str(facts_path),
+        "distractor_paths": [str(p) for p in distractor_paths],
+        "n_distractor_candidates": len(dfacts) + dropped,
+        "n_dropped": dropped,
+        "n_excluded": len(excluded),
+        "key_settings": key_settings(db),
+        "command": command,
+        "timing": timing,
+        "note": "distractor keys are real CounterFact keys; distractor residuals are synthetic (random "
+        "directions, norms drawn from the edited residuals' norms)",
+        "run": run,
+    }
     out = Path(out_dir)
     write_json(result, out / "results.json")
     (out / "report.md").write_text(scaling_markdown(result), encoding="utf-8")

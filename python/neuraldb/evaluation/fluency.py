@@ -25,21 +25,21 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from .scoring import progress
 
 __all__ = [
-    "word_tokenize",
-    "ngram_entropy",
+    "TfidfVectorizer",
     "fluency_score",
     "generate_texts",
-    "TfidfVectorizer",
-    "tfidf_similarity",
     "load_reference_texts",
+    "ngram_entropy",
+    "tfidf_similarity",
+    "word_tokenize",
 ]
 
 _WORD = re.compile(r"[A-Za-z]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+(?:[.,]\d+)*|[^\w\s]", re.UNICODE)
@@ -127,7 +127,7 @@ class TfidfVectorizer:
     def tokens(text: str) -> list[str]:
         return _TFIDF_TOKEN.findall(text.lower())
 
-    def fit(self, documents: Iterable[str]) -> "TfidfVectorizer":
+    def fit(self, documents: Iterable[str]) -> TfidfVectorizer:
         df: Counter = Counter()
         n = 0
         for doc in documents:

@@ -142,8 +142,9 @@ def prompt_hits(
             seqs.append(a + b)
             owner.append(p)
             last.append(len(a) - 1)
-    res = retrieval_hits(model, layer, seqs, keys, gamma, pad_id=_pad_id(tok),
-                         focus=last if last_prompt_token else None, **kwargs)
+    res = retrieval_hits(
+        model, layer, seqs, keys, gamma, pad_id=_pad_id(tok), focus=last if last_prompt_token else None, **kwargs
+    )
 
     def merge(per_size: list[list[list[int]]]) -> list[list[list[int]]]:
         out = []
@@ -157,7 +158,9 @@ def prompt_hits(
     return (merge(res[0]), merge(res[1])) if last_prompt_token else merge(res)
 
 
-def merge_rescored(baseline: Sequence[T], fires: Sequence[bool], rescore: Callable[[list[int]], Sequence[T]]) -> list[T]:
+def merge_rescored(
+    baseline: Sequence[T], fires: Sequence[bool], rescore: Callable[[list[int]], Sequence[T]]
+) -> list[T]:
     """``baseline`` with the entries where ``fires`` is true replaced by ``rescore(their indices)`` (in order)."""
     if len(baseline) != len(fires):
         raise ValueError(f"{len(baseline)} baseline entries but {len(fires)} gate flags")

@@ -35,14 +35,14 @@ import gzip
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from .scoring import _pad_id, score_continuations, score_grouped, score_token_ids
 
-__all__ = ["TASKS", "evaluate_general", "multiple_choice", "lambada", "wikitext_perplexity", "CHANCE"]
+__all__ = ["CHANCE", "TASKS", "evaluate_general", "lambada", "multiple_choice", "wikitext_perplexity"]
 
 TASKS = ("lambada_openai", "wikitext2", "arc_easy", "arc_challenge", "wsc273", "commonsense_qa", "piqa", "mmlu")
 FILES = {
@@ -78,24 +78,41 @@ def _sample(rows: list, limit: int | None, seed: int) -> list:
 
 
 def multiple_choice(
-    model, tok, docs: Sequence[tuple[Sequence[str], Sequence[str], int]], *, batch_size: int = 16,
-    desc: str = "mc", show_progress: bool = True,
+    model,
+    tok,
+    docs: Sequence[tuple[Sequence[str], Sequence[str], int]],
+    *,
+    batch_size: int = 16,
+    desc: str = "mc",
+    show_progress: bool = True,
 ) -> dict:
     """``docs``: (contexts per choice, continuations per choice, gold). Returns acc and acc_norm x 100."""
     per: list[list[tuple[float, float]]] = [[] for _ in docs]
     shared = [d for d, (cs, _, _) in enumerate(docs) if len(set(cs)) == 1]
     if shared:  # one context, several choices: run the context once
-        res = score_grouped(model, tok, [docs[d][0][0] for d in shared], [docs[d][1] for d in shared],
-                            batch_size=batch_size, desc=desc, show_progress=show_progress)
+        res = score_grouped(
+            model,
+            tok,
+            [docs[d][0][0] for d in shared],
+            [docs[d][1] for d in shared],
+            batch_size=batch_size,
+            desc=desc,
+            show_progress=show_progress,
+        )
         for d, scores in zip(shared, res):
             per[d] = [(s.sum_logprob, s.sum_logprob / max(len(t.lstrip(" ")), 1)) for s, t in zip(scores, docs[d][1])]
     rest = [d for d in range(len(docs)) if len(set(docs[d][0])) != 1]
     ctxs, conts, owner = [], [], []
     for d in rest:  # a context per choice (WSC partial scoring)
         for c, t in zip(docs[d][0], docs[d][1]):
-            ctxs.append(c); conts.append(t); owner.append(d)
-    scores = score_continuations(model, tok, ctxs, conts, batch_size=batch_size, desc=desc,
-                                 show_progress=show_progress) if ctxs else []
+            ctxs.append(c)
+            conts.append(t)
+            owner.append(d)
+    scores = (
+        score_continuations(model, tok, ctxs, conts, batch_size=batch_size, desc=desc, show_progress=show_progress)
+        if ctxs
+        else []
+    )
     for d, t, s in zip(owner, conts, scores):
         per[d].append((s.sum_logprob, s.sum_logprob / max(len(t.lstrip(" ")), 1)))
     acc = [float(max(range(len(p)), key=lambda k: p[k][0]) == docs[d][2]) for d, p in enumerate(per)]
@@ -104,11 +121,19 @@ def multiple_choice(
     return {"acc": 100 * sum(acc) / n if n else None, "acc_norm": 100 * sum(accn) / n if n else None, "n": n}
 
 
-def lambada(model, tok, rows: Sequence[dict], *, batch_size: int = 16, show_progress: bool = True,
-            prompt_fn=None) -> dict:
+def lambada(
+    model, tok, rows: Sequence[dict], *, batch_size: int = 16, show_progress: bool = True, prompt_fn=None
+) -> dict:
     pf = prompt_fn or (lambda s: s)
-    scores = score_continuations(model, tok, [pf(r["context"]) for r in rows], [" " + r["continuation"] for r in rows],
-                                 batch_size=batch_size, desc="lambada", show_progress=show_progress)
+    scores = score_continuations(
+        model,
+        tok,
+        [pf(r["context"]) for r in rows],
+        [" " + r["continuation"] for r in rows],
+        batch_size=batch_size,
+        desc="lambada",
+        show_progress=show_progress,
+    )
     n = len(rows)
     return {
         "acc": 100 * sum(s.is_greedy for s in scores) / n if n else None,
@@ -118,15 +143,29 @@ def lambada(model, tok, rows: Sequence[dict], *, batch_size: int = 16, show_prog
     }
 
 
-def wikitext_perplexity(model, tok, text: str, *, window: int = 512, max_tokens: int | None = None,
-                        batch_size: int = 4, show_progress: bool = True) -> dict:
+def wikitext_perplexity(
+    model,
+    tok,
+    text: str,
+    *,
+    window: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> dict:
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
     if max_tokens is not None:
         ids = ids[:max_tokens]
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
-    scores = score_token_ids(model, [(w[:1], w[1:]) for w in windows], pad_id=_pad_id(tok), batch_size=batch_size,
-                             desc="wikitext2", show_progress=show_progress)
+    scores = score_token_ids(
+        model,
+        [(w[:1], w[1:]) for w in windows],
+        pad_id=_pad_id(tok),
+        batch_size=batch_size,
+        desc="wikitext2",
+        show_progress=show_progress,
+    )
     nll = -sum(s.sum_logprob for s in scores)
     n_tok = sum(s.n_tokens for s in scores)
     n_words = sum(len(tok.decode(w[1:]).split()) for w in windows)
@@ -155,22 +194,39 @@ def _docs(task: str, rows: list[dict]) -> list[tuple[list[str], list[str], int]]
             subj = r["subject"].replace("_", " ")
             letters = "ABCD"
             body = "\n".join(f"{letters[k]}. {c}" for k, c in enumerate(r["choices"]))
-            ctx = (f"The following are multiple choice questions (with answers) about {subj}.\n\n"
-                   f"{r['question'].strip()}\n{body}\nAnswer:")
+            ctx = (
+                f"The following are multiple choice questions (with answers) about {subj}.\n\n"
+                f"{r['question'].strip()}\n{body}\nAnswer:"
+            )
             out.append(([ctx] * 4, [" " + x for x in letters], int(r["answer"])))
         else:
             raise ValueError(task)
     return out
 
 
-PRIMARY = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "commonsense_qa": "acc",
-           "wsc273": "acc", "mmlu": "acc"}
+PRIMARY = {
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "piqa": "acc_norm",
+    "commonsense_qa": "acc",
+    "wsc273": "acc",
+    "mmlu": "acc",
+}
 
 
 def evaluate_general(
-    model, tok, data_dir: str | Path, *, tasks: Sequence[str] | None = None, limit: int | None = None,
-    wikitext_max_tokens: int | None = None, wikitext_window: int = 512, seed: int = 0, batch_size: int = 16,
-    show_progress: bool = True, prompt_fn=None,
+    model,
+    tok,
+    data_dir: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    wikitext_max_tokens: int | None = None,
+    wikitext_window: int = 512,
+    seed: int = 0,
+    batch_size: int = 16,
+    show_progress: bool = True,
+    prompt_fn=None,
 ) -> dict:
     """Run general-ability tasks on files under ``data_dir``. Missing files are reported, not fatal.
 
@@ -187,12 +243,24 @@ def evaluate_general(
             continue
         with torch.inference_mode():
             if task == "wikitext2":
-                res = wikitext_perplexity(model, tok, "\n".join(_read_text(path).splitlines()),
-                                          window=wikitext_window, max_tokens=wikitext_max_tokens,
-                                          batch_size=max(1, batch_size // 4), show_progress=show_progress)
+                res = wikitext_perplexity(
+                    model,
+                    tok,
+                    "\n".join(_read_text(path).splitlines()),
+                    window=wikitext_window,
+                    max_tokens=wikitext_max_tokens,
+                    batch_size=max(1, batch_size // 4),
+                    show_progress=show_progress,
+                )
             elif task == "lambada_openai":
-                res = lambada(model, tok, _sample(_read_jsonl(path), limit, seed), batch_size=batch_size,
-                              show_progress=show_progress, prompt_fn=prompt_fn)
+                res = lambada(
+                    model,
+                    tok,
+                    _sample(_read_jsonl(path), limit, seed),
+                    batch_size=batch_size,
+                    show_progress=show_progress,
+                    prompt_fn=prompt_fn,
+                )
             else:
                 docs = _docs(task, _sample(_read_jsonl(path), limit, seed))
                 if prompt_fn is not None:

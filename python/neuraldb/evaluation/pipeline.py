@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 from .counterfact import evaluate_counterfact
 from .deletion import deletion_experiment
@@ -28,8 +28,9 @@ from .zsre import evaluate_zsre, locality_unchanged
 __all__ = ["run_eval", "select_facts"]
 
 
-def select_facts(facts: Sequence, dataset: str, *, n_facts: int | None, offset: int = 0,
-                 zsre_target: str = "answers") -> list:
+def select_facts(
+    facts: Sequence, dataset: str, *, n_facts: int | None, offset: int = 0, zsre_target: str = "answers"
+) -> list:
     """Slice the facts; for ZsRE choose the edit target. ``zsre_target="answers"`` is ROME/MEMIT/AlphaEdit's
     choice (``MENDQADataset`` edits toward ``answers[0]``, the paper's setting); ``"alt"`` is EasyEdit's."""
     out = list(facts[offset : None if n_facts is None else offset + n_facts])
@@ -101,8 +102,7 @@ def run_eval(
     timing["load_model"] = time.perf_counter() - t0
     if dataset not in ("counterfact", "zsre"):
         raise ValueError("dataset must be 'counterfact' or 'zsre'")
-    facts = select_facts(facts_mod.load(facts_path), dataset, n_facts=n_facts, offset=offset,
-                         zsre_target=zsre_target)
+    facts = select_facts(facts_mod.load(facts_path), dataset, n_facts=n_facts, offset=offset, zsre_target=zsre_target)
 
     t0 = time.perf_counter()
     if db_path is not None:
@@ -129,27 +129,58 @@ def run_eval(
 
     refs = load_reference_texts(reference_texts) if reference_texts else None
     if dataset == "counterfact":
-        evaluate = partial(evaluate_counterfact, model, tok, reduction=reduction, batch_size=batch_size,
-                           fluency=fluency, fluency_max_facts=fluency_max_facts, reference_texts=refs,
-                           prompt_fn=prompt_fn, seed=seed, show_progress=show_progress)
-        evaluate_nogen = partial(evaluate_counterfact, model, tok, reduction=reduction, batch_size=batch_size,
-                                 fluency=False, prompt_fn=prompt_fn, show_progress=show_progress)
+        evaluate = partial(
+            evaluate_counterfact,
+            model,
+            tok,
+            reduction=reduction,
+            batch_size=batch_size,
+            fluency=fluency,
+            fluency_max_facts=fluency_max_facts,
+            reference_texts=refs,
+            prompt_fn=prompt_fn,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        evaluate_nogen = partial(
+            evaluate_counterfact,
+            model,
+            tok,
+            reduction=reduction,
+            batch_size=batch_size,
+            fluency=False,
+            prompt_fn=prompt_fn,
+            show_progress=show_progress,
+        )
     else:
-        evaluate = evaluate_nogen = partial(evaluate_zsre, model, tok, batch_size=batch_size, prompt_fn=prompt_fn,
-                                            show_progress=show_progress)
+        evaluate = evaluate_nogen = partial(
+            evaluate_zsre, model, tok, batch_size=batch_size, prompt_fn=prompt_fn, show_progress=show_progress
+        )
 
     run: dict = {
-        "model": model_name, "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "dataset": dataset, "n_facts": len(facts), "n_evaluated": len(shown), "offset": offset,
-        "facts_path": str(facts_path), "template": template, "reduction": reduction if dataset == "counterfact"
-        else None, "zsre_target": zsre_target if dataset == "zsre" else None, "command": command,
-        "edit_kwargs": edit_kwargs or {}, "db_config": getattr(db, "config", None),
-        "layer": getattr(db, "layer", None), "gamma": getattr(db, "gamma", None), "notes": [],
+        "model": model_name,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dataset": dataset,
+        "n_facts": len(facts),
+        "n_evaluated": len(shown),
+        "offset": offset,
+        "facts_path": str(facts_path),
+        "template": template,
+        "reduction": reduction if dataset == "counterfact" else None,
+        "zsre_target": zsre_target if dataset == "zsre" else None,
+        "command": command,
+        "edit_kwargs": edit_kwargs or {},
+        "db_config": getattr(db, "config", None),
+        "layer": getattr(db, "layer", None),
+        "gamma": getattr(db, "gamma", None),
+        "notes": [],
     }
     if len(shown) < len(facts):
         run["evaluated_indices"] = chosen
-        run["notes"].append(f"all {len(facts)} facts edited; metrics on a seeded random subset of {len(shown)} of "
-                            f"them (seed {seed}, `evaluated_indices`)")
+        run["notes"].append(
+            f"all {len(facts)} facts edited; metrics on a seeded random subset of {len(shown)} of "
+            f"them (seed {seed}, `evaluated_indices`)"
+        )
     t0 = time.perf_counter()
     with disabled(model):
         pre = evaluate(shown)
@@ -170,9 +201,19 @@ def run_eval(
         )
 
     if general_dir is not None:
-        gen = partial(evaluate_general, model, tok, general_dir, tasks=general_tasks, limit=general_limit,
-                      wikitext_max_tokens=wikitext_max_tokens, seed=seed, batch_size=max(1, batch_size // 2),
-                      show_progress=show_progress, prompt_fn=prompt_fn)
+        gen = partial(
+            evaluate_general,
+            model,
+            tok,
+            general_dir,
+            tasks=general_tasks,
+            limit=general_limit,
+            wikitext_max_tokens=wikitext_max_tokens,
+            seed=seed,
+            batch_size=max(1, batch_size // 2),
+            show_progress=show_progress,
+            prompt_fn=prompt_fn,
+        )
         t0 = time.perf_counter()
         with disabled(model):
             g_pre = gen()
@@ -184,12 +225,15 @@ def run_eval(
         t0 = time.perf_counter()
         evaluate_deleted = evaluate_nogen
         if dataset == "counterfact":
+
             def evaluate_deleted(fs):  # flags from the rows left after the deletion
                 flags = _gate_flags(model, tok, fs, db, prompt_fn, batch_size)
                 run["rescored_prompts"]["deletion"] = [sum(flags), len(flags)]
                 return evaluate_nogen(fs, baseline=pre, rescore=flags)
-        run["deletion"] = deletion_experiment(model, tok, facts, db, evaluate=evaluate_deleted, kind=dataset,
-                                              pre=pre, post=post, evaluated=chosen)
+
+        run["deletion"] = deletion_experiment(
+            model, tok, facts, db, evaluate=evaluate_deleted, kind=dataset, pre=pre, post=post, evaluated=chosen
+        )
         timing["deletion"] = time.perf_counter() - t0
     run["timing"] = timing
     if per_fact_path is not None:

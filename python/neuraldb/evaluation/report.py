@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .deletion import deletion_table
 
-__all__ = ["write_json", "markdown_report", "plot_runs", "write_reports"]
+__all__ = ["markdown_report", "plot_runs", "write_json", "write_reports"]
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -41,10 +41,19 @@ def write_json(obj, path: str | Path) -> Path:
     return path
 
 
-CF_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑"),
-           ("fluency", "Fluency ↑"), ("consistency", "Consistency ↑")]
-CF_MAG = [("efficacy_magnitude", "EM"), ("generalization_magnitude", "GM"), ("specificity_magnitude", "SM"),
-          ("score", "Score")]
+CF_COLS = [
+    ("efficacy", "Efficacy ↑"),
+    ("generalization", "Generalization ↑"),
+    ("specificity", "Specificity ↑"),
+    ("fluency", "Fluency ↑"),
+    ("consistency", "Consistency ↑"),
+]
+CF_MAG = [
+    ("efficacy_magnitude", "EM"),
+    ("generalization_magnitude", "GM"),
+    ("specificity_magnitude", "SM"),
+    ("score", "Score"),
+]
 ZS_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑")]
 
 
@@ -59,8 +68,12 @@ def _table(runs: Sequence[dict], dataset: str) -> list[str]:
         return []
     cols = CF_COLS + CF_MAG if dataset == "counterfact" else ZS_COLS + [("locality_unchanged", "Loc. unchanged")]
     name = "CounterFact" if dataset == "counterfact" else "ZsRE"
-    out = [f"### {name}", "", "| Model | State | Facts | " + " | ".join(c[1] for c in cols) + " |",
-           "|---|---|---:|" + "---:|" * len(cols)]
+    out = [
+        f"### {name}",
+        "",
+        "| Model | State | Facts | " + " | ".join(c[1] for c in cols) + " |",
+        "|---|---|---:|" + "---:|" * len(cols),
+    ]
     seen_pre = set()
     for r in rs:
         rows = []
@@ -91,8 +104,12 @@ def _general_table(runs: Sequence[dict]) -> list[str]:
         label = f"{r['model']} {r['dataset']}"
         cols.append((r, "pre", f"{label}: 0 facts"))
         cols.append((r, "post", f"{label}: {r['n_facts']} facts"))
-    out = ["### General ability (before vs after editing)", "",
-           "| " + " | ".join(head + [c[2] for c in cols]) + " |", "|---|---|---:|" + "---:|" * len(cols)]
+    out = [
+        "### General ability (before vs after editing)",
+        "",
+        "| " + " | ".join(head + [c[2] for c in cols]) + " |",
+        "|---|---|---:|" + "---:|" * len(cols),
+    ]
     for t in tasks:
         metric = chance = None
         cells = []
@@ -121,16 +138,27 @@ def markdown_report(runs: Sequence[dict], title: str = "neuraldb evaluation") ->
         if r.get("deletion"):
             d = r["deletion"]
             shown = d.get("n_evaluated", d["n_facts"])
-            lines += [f"### Deletion (App. J.5): {r['model']}, {r['dataset']}, {d['n_facts']} facts, "
-                      f"{d['n_deleted']} even-indexed deleted"
-                      + ("" if shown == d["n_facts"] else f", {shown} evaluated"), "", deletion_table(d), ""]
+            lines += [
+                f"### Deletion (App. J.5): {r['model']}, {r['dataset']}, {d['n_facts']} facts, "
+                f"{d['n_deleted']} even-indexed deleted" + ("" if shown == d["n_facts"] else f", {shown} evaluated"),
+                "",
+                deletion_table(d),
+                "",
+            ]
     timing = [r for r in runs if r.get("timing")]
     if timing:
-        lines += ["### Timing (seconds)", "", "| Model | Dataset | Facts | " + " | ".join(timing[0]["timing"]) + " |",
-                  "|---|---|---:|" + "---:|" * len(timing[0]["timing"])]
+        lines += [
+            "### Timing (seconds)",
+            "",
+            "| Model | Dataset | Facts | " + " | ".join(timing[0]["timing"]) + " |",
+            "|---|---|---:|" + "---:|" * len(timing[0]["timing"]),
+        ]
         for r in timing:
-            lines.append(f"| {r['model']} | {r['dataset']} | {r['n_facts']} | "
-                         + " | ".join(_fmt(r["timing"].get(k)) for k in timing[0]["timing"]) + " |")
+            lines.append(
+                f"| {r['model']} | {r['dataset']} | {r['n_facts']} | "
+                + " | ".join(_fmt(r["timing"].get(k)) for k in timing[0]["timing"])
+                + " |"
+            )
         lines.append("")
     notes, defs = [], {}
     for r in runs:
@@ -202,14 +230,20 @@ def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
             rs = sorted([r for r in runs if r.get("general") and r["model"] == model], key=lambda r: r["n_facts"])
             tasks = [t for t in rs[0]["general"]["pre"]["tasks"] if t != "wikitext2"]
             for t in tasks + ["average"]:
-                def val(g):
+
+                def val(g, t=t):
                     return g.get("average") if t == "average" else g["tasks"].get(t, {}).get("value")
+
                 xs = [0] + [r["n_facts"] for r in rs]
                 ys = [val(rs[0]["general"]["pre"])] + [val(r["general"]["post"]) for r in rs]
                 pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
                 if pts:
-                    ax.plot(*zip(*pts), "o-" if t == "average" else ".--", label=f"{model} {t}",
-                            linewidth=2 if t == "average" else 1)
+                    ax.plot(
+                        *zip(*pts),
+                        "o-" if t == "average" else ".--",
+                        label=f"{model} {t}",
+                        linewidth=2 if t == "average" else 1,
+                    )
         ax.set_title("General ability (primary accuracy)")
         ax.set_xlabel("edited facts")
         ax.set_ylabel("%")
@@ -219,8 +253,9 @@ def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def write_reports(runs: Sequence[dict], out_dir: str | Path, *, title: str = "neuraldb evaluation",
-                  stem: str = "report") -> dict[str, Path]:
+def write_reports(
+    runs: Sequence[dict], out_dir: str | Path, *, title: str = "neuraldb evaluation", stem: str = "report"
+) -> dict[str, Path]:
     """``{stem}.json`` (all runs, per-fact records dropped), ``{stem}.md`` and ``{stem}.png`` under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

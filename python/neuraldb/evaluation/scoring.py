@@ -14,14 +14,14 @@ its own without special tokens (ROME's ``tok(" " + target)``).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from neuraldb.architectures import cache_kwarg
 
-__all__ = ["ContinuationScore", "encode_pair", "score_continuations", "score_grouped", "score_token_ids", "progress"]
+__all__ = ["ContinuationScore", "encode_pair", "progress", "score_continuations", "score_grouped", "score_token_ids"]
 
 
 def progress(iterable, *, desc: str | None = None, total: int | None = None, enabled: bool = True):
@@ -245,8 +245,12 @@ def score_grouped_token_ids(
         for r, c in enumerate(ctxs):
             ids[r, P - len(c) :] = torch.tensor(c)
             mask[r, P - len(c) :] = 1
-        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                  "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "use_cache": True}
+        kwargs = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            "use_cache": True,
+        }
         if use_keep:
             kwargs["logits_to_keep"] = 1
         out = model(**kwargs)
@@ -280,8 +284,13 @@ def score_grouped_token_ids(
                 pos[r] = len(ctxs[b]) + torch.arange(T - 1)
             full_mask = torch.cat([mask.to(device)[sel], m2.to(device)], dim=1)
             cache_kw = cache_kwarg(model)
-            out2 = model(input_ids=inp.to(device), attention_mask=full_mask, position_ids=pos.to(device),
-                         use_cache=True, **{cache_kw: cache})
+            out2 = model(
+                input_ids=inp.to(device),
+                attention_mask=full_mask,
+                position_ids=pos.to(device),
+                use_cache=True,
+                **{cache_kw: cache},
+            )
             logits2 = out2.logits.float()
             rest_lp = torch.log_softmax(logits2, dim=-1)
             rest_top = logits2.argmax(-1)
@@ -316,10 +325,13 @@ def score_grouped(
             flat_fallback.append(gi)
         groups.append((ctx, [p[1] for p in pairs], pairs))
     res = score_grouped_token_ids(
-        model, [(g[0], g[1]) if i not in flat_fallback else (g[0], []) for i, g in enumerate(groups)],
-        pad_id=_pad_id(tok), batch_size=batch_size, desc=desc, show_progress=show_progress,
+        model,
+        [(g[0], g[1]) if i not in flat_fallback else (g[0], []) for i, g in enumerate(groups)],
+        pad_id=_pad_id(tok),
+        batch_size=batch_size,
+        desc=desc,
+        show_progress=show_progress,
     )
     for gi in flat_fallback:
-        res[gi] = score_token_ids(model, groups[gi][2], pad_id=_pad_id(tok), batch_size=batch_size,
-                                  show_progress=False)
+        res[gi] = score_token_ids(model, groups[gi][2], pad_id=_pad_id(tok), batch_size=batch_size, show_progress=False)
     return res

@@ -21,7 +21,7 @@ EasyEdit toward ``alt``; the report records the facts' targets as given.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..facts import Fact
 from .scoring import score_continuations
@@ -64,16 +64,32 @@ def evaluate_zsre(
     ctxs, conts, index = [], [], []
     for i, f in enumerate(facts):
         for j, p in enumerate([f.text]):
-            index.append((i, "rewrite", j)); ctxs.append(pf(p)); conts.append(" " + f.target_new.strip())
+            index.append((i, "rewrite", j))
+            ctxs.append(pf(p))
+            conts.append(" " + f.target_new.strip())
         for j, p in enumerate(f.paraphrases):
-            index.append((i, "paraphrase", j)); ctxs.append(pf(p)); conts.append(" " + f.target_new.strip())
+            index.append((i, "paraphrase", j))
+            ctxs.append(pf(p))
+            conts.append(" " + f.target_new.strip())
         for j, (p, a) in enumerate(zip(f.neighborhood, loc_answers(f))):
             if a:
-                index.append((i, "neighborhood", j)); ctxs.append(pf(_loc_prompt(p))); conts.append(" " + a.strip())
-    scores = score_continuations(model, tok, ctxs, conts, batch_size=batch_size, desc="zsre",
-                                 show_progress=show_progress)
-    per_fact = [{"subject": f.subject, "target_new": f.target_new, "rewrite": [], "paraphrase": [],
-                 "neighborhood": [], "loc_argmax": []} for f in facts]
+                index.append((i, "neighborhood", j))
+                ctxs.append(pf(_loc_prompt(p)))
+                conts.append(" " + a.strip())
+    scores = score_continuations(
+        model, tok, ctxs, conts, batch_size=batch_size, desc="zsre", show_progress=show_progress
+    )
+    per_fact = [
+        {
+            "subject": f.subject,
+            "target_new": f.target_new,
+            "rewrite": [],
+            "paraphrase": [],
+            "neighborhood": [],
+            "loc_argmax": [],
+        }
+        for f in facts
+    ]
     for (i, kind, _), s in zip(index, scores):
         per_fact[i][kind].append(s.token_accuracy)
         if kind == "neighborhood":
