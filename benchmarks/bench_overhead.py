@@ -48,6 +48,7 @@ case at inference time, where most tokens match no fact. Results: ``benchmarks/r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ from overhead_scenarios import (
     load_smollm2,
 )
 
+import neuraldb_kernels
+
 # --prefilter: the patched variants timed against the unpatched forward in the same repetitions.
 _VARIANTS = {
     "on": ("1bit+int4",),
@@ -94,8 +97,8 @@ def _use_sketch(db, variant: str) -> None:
     or the plain scan ("plain"). ``db.prefilter = False`` would free the sketches, so each pre-filtered repetition
     after a plain one would rebuild them inside the timed forward; a key threshold no database reaches selects the
     plain scan and keeps them."""
-    db.PREFILTER_MIN_KEYS = sys.maxsize if variant == "plain" else type(db).PREFILTER_MIN_KEYS
-    db.PREFILTER_SIGNS = variant == "1bit+int4"
+    min_keys = sys.maxsize if variant == "plain" else neuraldb_kernels.DEFAULT_POLICY.min_keys
+    db.prefilter_policy = dataclasses.replace(db.prefilter_policy, min_keys=min_keys, signs=variant == "1bit+int4")
 
 
 def variant_label(sketch: str, backend: str | None, several_backends: bool) -> str:

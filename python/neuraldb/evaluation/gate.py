@@ -75,7 +75,7 @@ def retrieval_hits(
     With ``focus`` (one position per sequence) it also returns, in the same layout, the row retrieved at that
     position alone (an empty list where the gate is closed there).
     """
-    from neuraldb_kernels.reference import normalize_queries
+    from neuraldb_kernels import normalize_queries
 
     from ..editing import engine
 
