@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     for v, fn in fns.items():
         setattr(ext, _OP, fn)
         with db.lock:
-            plans[v] = db._cpu_residuals_plan(patch.gamma, 1)
+            token, plan = db.eager_plan(patch.gamma, 1)  # binds the kernel function set just above
+            plans[v] = (token, plan.residuals)
 
     def use(v: str):
         def activate() -> None:

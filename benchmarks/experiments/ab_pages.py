@@ -22,28 +22,31 @@ import torch
 from ab_builds import paired_steps, parser, patched_decode, report
 from neuraldb.host_memory import HUGE_PAGE
 
-_BUFFERS = ("_keys", "_values", "_sketch", "_signs")
+# The database's row storage (NeuralKVDatabase._storage): swapped under the patch for this experiment only.
+_BUFFERS = ("keys_buf", "values_buf", "sketch_buf", "signs_buf")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser(__doc__).parse_args(argv)
     scenario, module, db, patch = patched_decode(args)
     scenario.step()  # builds the sketches
-    huge = {name: getattr(db, name) for name in _BUFFERS}
+    storage = db._storage
+    huge = {name: getattr(storage, name) for name in _BUFFERS}
     if any(b.data_ptr() % HUGE_PAGE for b in huge.values() if b.numel() * b.element_size() >= HUGE_PAGE):
         raise SystemExit("the database's buffers are not in host_memory storage: nothing to compare")
     variants = {"2MB": huge, "4KB": {name: torch.empty_like(b).copy_(b) for name, b in huge.items()}}
     states = {}
     for v, bufs in variants.items():
         with db.lock:
-            db.__dict__.update(bufs)
-            db._views = ()
-            states[v] = db._cpu_residuals_plan(patch.gamma, 1)  # (the views it is valid for, the bound op)
+            storage.__dict__.update(bufs)
+            storage.cached_views = ()
+            token, plan = db.eager_plan(patch.gamma, 1)
+            states[v] = (token, plan.residuals)  # the state token it is valid for, the bound op
 
     def use(v: str):
         def activate() -> None:
-            db.__dict__.update(variants[v])
-            db._views = states[v][0]
+            storage.__dict__.update(variants[v])
+            storage.cached_views = states[v][0]
             patch._fast = states[v]
 
         return activate

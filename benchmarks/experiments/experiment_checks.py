@@ -118,11 +118,12 @@ def test_ab_pages_runs_each_variant_on_its_own_buffers_and_restores_the_huge_one
 
     monkeypatch.setattr(ab, "paired_steps", paired_steps)
     out = ab.main(["--pairs", "2", "--out", str(tmp_path / "ab.json")])  # its first step builds the sketches
-    huge = db._signs.data_ptr()
+    huge = db._storage.signs_buf.data_ptr()
     assert read["2MB"] == {huge} and len(read["4KB"]) == 1 and read["4KB"] != {huge}
-    buffers = [getattr(db, n) for n in ("_keys", "_values", "_sketch", "_signs")]
+    st = db._storage
+    buffers = [st.keys_buf, st.values_buf, st.sketch_buf, st.signs_buf]
     assert all(b.data_ptr() % HUGE_PAGE == 0 for b in buffers if b.numel() * b.element_size() >= HUGE_PAGE)
-    assert db._views[0] == (len(db), id(db._keys), id(db._values), id(db._sketch), id(db._signs))
+    assert st.cached_views[0] == (len(db), *map(id, buffers))
     assert out["step_diff"]["median_ms"] == 0 and json.loads((tmp_path / "ab.json").read_text())["pairs"] == 2
 
 
