@@ -92,7 +92,7 @@ def check_ties_across_and_within_ranks(tmp: Path) -> None:
     q = torch.stack([key, -key, torch.zeros(D1)])
     # Shards by id % 3: rank 0 holds 0, 3, 6, 9; rank 1 holds 1, 4, 7, 10; rank 2 holds 2, 5, 8, 11.
     for expected, then_delete in ((0, [0]), (1, [1, 2]), (3, [3]), (4, [4]), (5, [5]), (6, [])):
-        out, ids, score = db.retrieve(q, 0.5)  # the lowest live id wins, whichever rank holds it
+        out, ids, _score = db.retrieve(q, 0.5)  # the lowest live id wins, whichever rank holds it
         assert ids[0] == expected and ids[2] == expected, (ids, expected)  # also for the zero query (all 0.0)
         assert out[0, 0] == expected and not out[1:].any()
         db.delete(then_delete)
@@ -105,9 +105,8 @@ def check_ties_across_and_within_ranks(tmp: Path) -> None:
 
 
 def check_routing_and_errors(tmp: Path) -> None:
-    import pytest
-
     import neuraldb
+    import pytest
 
     w, r = world(), rank()
     db = neuraldb.ShardedNeuralKVDatabase(D1, D2, dtype=torch.float32)
@@ -147,9 +146,8 @@ def check_routing_and_errors(tmp: Path) -> None:
 
 
 def check_save_load_and_reshard(tmp: Path) -> None:
-    import pytest
-
     import neuraldb
+    import pytest
 
     db = neuraldb.ShardedNeuralKVDatabase(D1, D2)
     k, v = _data(30, seed=4)
@@ -213,7 +211,7 @@ def check_query_parallel(tmp: Path) -> None:
     single.add(k, v)
     q = _queries(k, seed=7)
     local = q.chunk(world(), dim=-1)[rank()]  # this rank's slice of a tensor-parallel down-projection's input
-    out, ids, score = db.retrieve(local, 0.3)
+    out, ids, _score = db.retrieve(local, 0.3)
     db.query_parallel = False
     assert_matches_single(db, single, q, 0.3)
     assert torch.equal(out, db.retrieve(q, 0.3)[0]) and torch.equal(ids, db.retrieve(q, 0.3)[1])
@@ -229,9 +227,8 @@ def check_query_parallel(tmp: Path) -> None:
 
 
 def check_patched_model_logits(tmp: Path) -> None:
-    from _tiny_models import PATCH_LAYER, capture, per_token, prompt, tiny_model
-
     import neuraldb
+    from _tiny_models import PATCH_LAYER, capture, per_token, prompt, tiny_model
 
     model = tiny_model("llama")  # seeded: the same weights on every rank
     ids = prompt(12, batch=2)
@@ -400,10 +397,9 @@ def agree_methods_differ(tmp: Path, group) -> None:
 def agree_retrieve_query_rows_differ(tmp: Path, group) -> None:
     """Reported: 5 query rows on one rank, 6 on the other, stalled until the process group's timeout. Also
     through a patched model whose prompts differ in length."""
+    import neuraldb
     import pytest
     from _tiny_models import PATCH_LAYER, prompt, tiny_model
-
-    import neuraldb
 
     db = _db(group)
     q = _queries(_data(12, seed=30)[0], seed=37, t=6)
@@ -440,9 +436,8 @@ def agree_retrieve_gamma_differs(tmp: Path, group) -> None:
 
 def agree_retrieve_failing_on_one_rank(tmp: Path, group) -> None:
     """The local scan fails on one rank (after the arguments agreed): every rank raises, none waits."""
-    import pytest
-
     import neuraldb.sharded
+    import pytest
 
     db = _db(group)
     q = _queries(_data(12, seed=30)[0], seed=40, t=6)
@@ -486,9 +481,8 @@ def agree_save_on_one_rank_times_out(tmp: Path, group) -> None:
 
 def agree_load_on_one_rank_times_out(tmp: Path, group) -> None:
     """``load(timeout=...)`` bounds the wait of a load that only one rank makes."""
-    import pytest
-
     import neuraldb
+    import pytest
 
     db = _db(group)
     db.save(tmp / "edits")
@@ -503,9 +497,8 @@ def agree_load_checks_the_manifest_against_the_shards(tmp: Path, group) -> None:
     ranks that read different manifests are told so."""
     import json
 
-    import pytest
-
     import neuraldb
+    import pytest
 
     db = _db(group)
     path = tmp / "edits"
@@ -564,7 +557,10 @@ def worker(local_rank: int, world_size: int, init_file: str, tmp: str, names: li
     """Entry point of each spawned rank: run the named checks collectively, write 'ok' or the traceback."""
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=local_rank, world_size=world_size,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=local_rank,
+        world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
     )
     report = Path(results) / f"rank{local_rank}.txt"
@@ -600,7 +596,7 @@ def agreement_worker(
             try:
                 globals()[name](where, group)
                 report.write_text("ok")
-            except BaseException:  # noqa: BLE001 -- recorded, and the next check runs on a fresh subgroup
+            except BaseException:
                 report.write_text(f"check {name} failed on rank {local_rank}:\n{traceback.format_exc()}")
             dist.barrier()
             # A check that timed out left its subgroup out of step: destroying it on every rank ends what it left.

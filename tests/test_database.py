@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import pickle
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from neuraldb import NeuralKVDatabase, gated_retrieval
 from neuraldb.facts import Fact
 
@@ -62,7 +62,7 @@ def test_keys_and_values_are_live_views_the_op_uses():
     db = _db(5)
     keys, values = db.keys, db.values
     assert keys.data_ptr() == db._storage.keys_buf.data_ptr() and values.data_ptr() == db._storage.values_buf.data_ptr()
-    out, idx, score = gated_retrieval(db.keys[2:3].float() * 7, db.keys, db.values, 0.9)
+    out, idx, _score = gated_retrieval(db.keys[2:3].float() * 7, db.keys, db.values, 0.9)
     assert idx.tolist() == [2] and torch.equal(out[0], db.values[2].float())
 
 
@@ -73,7 +73,7 @@ def test_storage_grows_by_doubling():
         db.add(torch.randn(3, D1), torch.randn(3, D2))
         caps.append(db.capacity)
     assert len(set(caps)) <= 5 and all(c >= 120 for c in caps[-1:])
-    assert all(b in (a, 2 * a, 4 * a) for a, b in zip(caps, caps[1:]))
+    assert all(b in (a, 2 * a, 4 * a) for a, b in itertools.pairwise(caps))
 
 
 def test_delete_swaps_the_last_row_in_and_keeps_ids():
@@ -82,7 +82,7 @@ def test_delete_swaps_the_last_row_in_and_keeps_ids():
     db.delete([0, 4, 2])
     assert sorted(db.ids()) == [1, 3] and len(db) == 2 and db.next_id == 5
     for i in db.ids():
-        key, value, fact = db.get(i)
+        key, value, _fact = db.get(i)
         assert torch.equal(key, before[i][0]) and torch.equal(value, before[i][1])
         assert torch.equal(db.keys[db.row(i)], key)
     with pytest.raises(KeyError):
@@ -190,35 +190,39 @@ def _with_row(t, row, value):
 
 
 BAD_ADDS = [
-    (dict(keys=_K.numpy(), residuals=_V), TypeError, "keys"),
-    (dict(keys=_K, residuals=[[0.0] * D2] * 2), TypeError, "residuals"),
-    (dict(keys=_K.long(), residuals=_V), TypeError, "keys"),
-    (dict(keys=_K, residuals=_V.to(torch.complex64)), TypeError, "residuals"),
-    (dict(keys=torch.randn(2, D1 + 1), residuals=_V), ValueError, "keys"),
-    (dict(keys=torch.randn(2, 1, D1), residuals=_V), ValueError, "keys"),
-    (dict(keys=_K, residuals=torch.randn(2, D2 - 1)), ValueError, "residuals"),
-    (dict(keys=_K, residuals=torch.randn(3, D2)), ValueError, "rows"),
-    (dict(keys=_with_row(_K, 1, 0.0), residuals=_V), ValueError, "keys"),
-    (dict(keys=_with_row(_K, 0, float("nan")), residuals=_V), ValueError, "keys"),
-    (dict(keys=_with_row(_K, 0, float("inf")), residuals=_V), ValueError, "keys"),
-    (dict(keys=_K, residuals=_with_row(_V, 1, float("nan"))), ValueError, "residuals"),
-    (dict(keys=_K, residuals=_with_row(_V, 1, 1e6)), ValueError, "overflow"),
-    (dict(keys=_K.to("meta"), residuals=_V), ValueError, "keys"),
-    (dict(keys=_K, residuals=_V.to("meta")), ValueError, "residuals"),
-    (dict(keys=_K, residuals=_V, facts=[None]), ValueError, "facts"),
-    (dict(keys=_K, residuals=_V, facts=Fact("A", "{} is", "x")), TypeError, "facts"),
-    (dict(keys=_K, residuals=_V, facts=[None, "text"]), TypeError, r"facts\[1\]"),
-    (dict(keys=_K, residuals=_V, facts=[None, {"x": object()}]), TypeError, r"facts\[1\]"),
+    ({"keys": _K.numpy(), "residuals": _V}, TypeError, "keys"),
+    ({"keys": _K, "residuals": [[0.0] * D2] * 2}, TypeError, "residuals"),
+    ({"keys": _K.long(), "residuals": _V}, TypeError, "keys"),
+    ({"keys": _K, "residuals": _V.to(torch.complex64)}, TypeError, "residuals"),
+    ({"keys": torch.randn(2, D1 + 1), "residuals": _V}, ValueError, "keys"),
+    ({"keys": torch.randn(2, 1, D1), "residuals": _V}, ValueError, "keys"),
+    ({"keys": _K, "residuals": torch.randn(2, D2 - 1)}, ValueError, "residuals"),
+    ({"keys": _K, "residuals": torch.randn(3, D2)}, ValueError, "rows"),
+    ({"keys": _with_row(_K, 1, 0.0), "residuals": _V}, ValueError, "keys"),
+    ({"keys": _with_row(_K, 0, float("nan")), "residuals": _V}, ValueError, "keys"),
+    ({"keys": _with_row(_K, 0, float("inf")), "residuals": _V}, ValueError, "keys"),
+    ({"keys": _K, "residuals": _with_row(_V, 1, float("nan"))}, ValueError, "residuals"),
+    ({"keys": _K, "residuals": _with_row(_V, 1, 1e6)}, ValueError, "overflow"),
+    ({"keys": _K.to("meta"), "residuals": _V}, ValueError, "keys"),
+    ({"keys": _K, "residuals": _V.to("meta")}, ValueError, "residuals"),
+    ({"keys": _K, "residuals": _V, "facts": [None]}, ValueError, "facts"),
+    ({"keys": _K, "residuals": _V, "facts": Fact("A", "{} is", "x")}, TypeError, "facts"),
+    ({"keys": _K, "residuals": _V, "facts": [None, "text"]}, TypeError, r"facts\[1\]"),
+    ({"keys": _K, "residuals": _V, "facts": [None, {"x": object()}]}, TypeError, r"facts\[1\]"),
     # what JSON would not give back as it went in, named by its path
-    (dict(keys=_K, residuals=_V, facts=[{1: "a"}, None]), TypeError, r"facts\[0\] has the int key 1"),
-    (dict(keys=_K, residuals=_V, facts=[None, {"t": (1, 2)}]), TypeError, r"facts\[1\]\['t'\] is a tuple"),
-    (dict(keys=_K, residuals=_V, facts=[None, {"s": [{1}]}]), TypeError, r"facts\[1\]\['s'\]\[0\] is a set"),
-    (dict(keys=_K, residuals=_V, facts=[None, {"x": float("nan")}]), ValueError, r"facts\[1\]\['x'\] is nan"),
-    (dict(keys=_K, residuals=_V, facts=[None, {"x": [float("-inf")]}]), ValueError, r"\['x'\]\[0\] is -inf"),
-    (dict(keys=_K, residuals=_V, facts=[None, {"x": torch.tensor(1)}]), TypeError, "is a Tensor"),
-    (dict(keys=_K, residuals=_V, facts=[Fact("A", "{} is", "x", extras={2: 1}), None]), TypeError, r"\.extras has"),
+    ({"keys": _K, "residuals": _V, "facts": [{1: "a"}, None]}, TypeError, r"facts\[0\] has the int key 1"),
+    ({"keys": _K, "residuals": _V, "facts": [None, {"t": (1, 2)}]}, TypeError, r"facts\[1\]\['t'\] is a tuple"),
+    ({"keys": _K, "residuals": _V, "facts": [None, {"s": [{1}]}]}, TypeError, r"facts\[1\]\['s'\]\[0\] is a set"),
+    ({"keys": _K, "residuals": _V, "facts": [None, {"x": float("nan")}]}, ValueError, r"facts\[1\]\['x'\] is nan"),
+    ({"keys": _K, "residuals": _V, "facts": [None, {"x": [float("-inf")]}]}, ValueError, r"\['x'\]\[0\] is -inf"),
+    ({"keys": _K, "residuals": _V, "facts": [None, {"x": torch.tensor(1)}]}, TypeError, "is a Tensor"),
     (
-        dict(keys=_K, residuals=_V, facts=[Fact("A", "{} is", "x", paraphrases=({1},)), None]),
+        {"keys": _K, "residuals": _V, "facts": [Fact("A", "{} is", "x", extras={2: 1}), None]},
+        TypeError,
+        r"\.extras has",
+    ),
+    (
+        {"keys": _K, "residuals": _V, "facts": [Fact("A", "{} is", "x", paraphrases=({1},)), None]},
         TypeError,
         r"facts\[0\]\.paraphrases\[0\] is a set",
     ),
@@ -231,7 +235,7 @@ def _self_referencing() -> dict:
     return d
 
 
-BAD_ADDS.append((dict(keys=_K, residuals=_V, facts=[_self_referencing(), None]), ValueError, "contains itself"))
+BAD_ADDS.append(({"keys": _K, "residuals": _V, "facts": [_self_referencing(), None]}, ValueError, "contains itself"))
 
 
 @pytest.mark.parametrize("kwargs,exc,match", BAD_ADDS)
@@ -244,18 +248,18 @@ def test_bad_add_changes_nothing(kwargs, exc, match):
 
 
 BAD_UPDATES = [
-    (dict(ids=[7], residuals=torch.randn(1, D2)), KeyError, "7"),
-    (dict(ids=[0, 7], residuals=torch.randn(2, D2)), KeyError, "7"),
-    (dict(ids=[1, 1], residuals=torch.randn(2, D2)), ValueError, "ids"),
-    (dict(ids=[0.0], residuals=torch.randn(1, D2)), TypeError, "ids"),
-    (dict(ids=[True], residuals=torch.randn(1, D2)), TypeError, "ids"),
-    (dict(ids="0", residuals=torch.randn(1, D2)), TypeError, "ids"),
-    (dict(ids=torch.tensor([0.0]), residuals=torch.randn(1, D2)), TypeError, "ids"),
-    (dict(ids=[0, 1], residuals=torch.randn(1, D2)), ValueError, "residuals"),
-    (dict(ids=[0], keys=torch.zeros(1, D1)), ValueError, "keys"),
-    (dict(ids=[0], keys=torch.randn(1, D1), residuals=torch.full((1, D2), float("nan"))), ValueError, "residuals"),
-    (dict(ids=[0], keys=torch.randn(1, D1 + 2)), ValueError, "keys"),
-    (dict(ids=[0], facts=[object()]), TypeError, r"facts\[0\]"),
+    ({"ids": [7], "residuals": torch.randn(1, D2)}, KeyError, "7"),
+    ({"ids": [0, 7], "residuals": torch.randn(2, D2)}, KeyError, "7"),
+    ({"ids": [1, 1], "residuals": torch.randn(2, D2)}, ValueError, "ids"),
+    ({"ids": [0.0], "residuals": torch.randn(1, D2)}, TypeError, "ids"),
+    ({"ids": [True], "residuals": torch.randn(1, D2)}, TypeError, "ids"),
+    ({"ids": "0", "residuals": torch.randn(1, D2)}, TypeError, "ids"),
+    ({"ids": torch.tensor([0.0]), "residuals": torch.randn(1, D2)}, TypeError, "ids"),
+    ({"ids": [0, 1], "residuals": torch.randn(1, D2)}, ValueError, "residuals"),
+    ({"ids": [0], "keys": torch.zeros(1, D1)}, ValueError, "keys"),
+    ({"ids": [0], "keys": torch.randn(1, D1), "residuals": torch.full((1, D2), float("nan"))}, ValueError, "residuals"),
+    ({"ids": [0], "keys": torch.randn(1, D1 + 2)}, ValueError, "keys"),
+    ({"ids": [0], "facts": [object()]}, TypeError, r"facts\[0\]"),
 ]
 
 
@@ -347,14 +351,14 @@ def test_facts_with_tuples_round_trip_as_before(tmp_path):
         ((4, 0), {}, ValueError, "value_dim must be a positive int"),
         ((4, -1), {}, ValueError, "value_dim"),
         ((2**31, 4), {}, ValueError, "key_dim must be a positive int of at most 2\\*\\*31 - 1"),
-        ((4, 4), dict(device="meta"), ValueError, "meta"),
-        ((4, 4), dict(capacity=-1), ValueError, "capacity"),
-        ((4, 4), dict(capacity=2.0), TypeError, "capacity"),
+        ((4, 4), {"device": "meta"}, ValueError, "meta"),
+        ((4, 4), {"capacity": -1}, ValueError, "capacity"),
+        ((4, 4), {"capacity": 2.0}, TypeError, "capacity"),
         ((4.0, 4), {}, TypeError, "key_dim"),
         ((True, 4), {}, TypeError, "key_dim"),
-        ((4, 4), dict(dtype=torch.float64), TypeError, "dtype"),
-        ((4, 4), dict(dtype=torch.int8), TypeError, "dtype"),
-        ((4, 4), dict(device="nowhere"), TypeError, "device"),
+        ((4, 4), {"dtype": torch.float64}, TypeError, "dtype"),
+        ((4, 4), {"dtype": torch.int8}, TypeError, "dtype"),
+        ((4, 4), {"device": "nowhere"}, TypeError, "device"),
     ],
 )
 def test_bad_constructor_arguments(args, kwargs, exc, match):

@@ -17,12 +17,10 @@ import zlib
 
 import pytest
 import torch
+from neuraldb import NeuralKVDatabase, database_io
+from neuraldb.facts import Fact
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from neuraldb import NeuralKVDatabase
-from neuraldb import database_io
-from neuraldb.facts import Fact
 
 D1, D2 = 8, 4
 
@@ -179,41 +177,41 @@ def test_load_foreign_safetensors(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(meta={"format": "something.else"}), "does not declare format"),
-        (dict(meta={"format_version": 2}), "format_version 2 is not supported.*upgrade"),
-        (dict(meta={"format_version": "1"}), "'format_version' must be an int, got '1'"),
-        (dict(meta={"key_dim": D1 + 1}), "'keys' has shape"),
-        (dict(meta={"count": 7}), r"'ids' has shape \(3,\), expected \(7,\)"),
-        (dict(meta={"dtype": "float32"}), "'keys' has dtype"),
-        (dict(meta={"dtype": "int8"}), "'dtype' must be float16/bfloat16/float32, got 'int8'"),
-        (dict(meta={"layer": "two"}), "'layer'"),
-        (dict(meta={"gamma": 4.0}), "gamma"),
-        (dict(meta={"template": 3}), "'template'"),
-        (dict(meta={"config": []}), "'config'"),
-        (dict(meta={"next_id": 2}), "next_id"),
-        (dict(meta={"next_id": 2**70}), r"'next_id' must lie in \[0, 2\*\*63 - 1\]"),
-        (dict(meta={"next_id": -1, "count": 0}), "'next_id' must lie in"),
-        (dict(meta={"layer": -2}), "'layer' must be a non-negative int or null, got -2"),
-        (dict(meta={"gamma": 10**400}), "'gamma' must be a finite number in"),
-        (dict(meta={"key_dim": 2**62}), r"'key_dim' must lie in \[1, 2\*\*31 - 1\], got 4611686018427387904"),
-        (dict(meta={"value_dim": 0}), r"'value_dim' must lie in \[1, 2\*\*31 - 1\], got 0"),
-        (dict(meta={"crc32": "deadbeef"}), "'crc32' must map ids, keys, values, facts_json to 8 hex digits"),
-        (dict(meta={"crc32": {"keys": "deadbeef"}}), "'crc32' must map"),
-        (dict(drop=("facts_json",)), r"\['facts_json'\] are missing"),
-        (dict(tensors={"facts_json": torch.zeros(2, 2, dtype=torch.uint8)}), r"'facts_json' must be 1-D uint8"),
-        (dict(tensors={"facts_json": _facts_tensor([None] * 3)[:-1]}), "not UTF-8 JSON"),
-        (dict(tensors={"facts_json": _raw(b"[" * 100_000 + b"]" * 100_000)}), "nests .* too deeply"),
-        (dict(drop=("values",)), r"\['values'\] are missing"),
-        (dict(tensors={"values": torch.zeros(3, D2 + 1, dtype=torch.float16)}), "'values' has shape"),
-        (dict(tensors={"ids": torch.tensor([0, 0, 2])}), "holds id 0 twice"),
-        (dict(tensors={"ids": torch.tensor([0, 2])}), r"'ids' has shape \(2,\), expected \(3,\)"),
-        (dict(tensors={"ids": torch.tensor([0.0, 2.0, 3.0])}), "'ids' has dtype float32, expected int64"),
-        (dict(tensors={"values": torch.full((3, D2), float("nan"), dtype=torch.float16)}), "non-finite"),
-        (dict(tensors={"keys": torch.full((3, D1), 2.0, dtype=torch.float16)}), "not unit-norm"),
-        (dict(tensors={"facts_json": _facts_tensor([None])}), "list of 3 entries"),
-        (dict(tensors={"facts_json": _facts_tensor([None, None, {"weird": 1}])}), r"facts_json\[2\]"),
-        (dict(tensors={"facts_json": _facts_tensor([None, None, {"fact": {"subject": "x"}}])}), "invalid Fact"),
-        (dict(tensors={"facts_json": torch.tensor([255, 0], dtype=torch.uint8)}), "not UTF-8 JSON"),
+        ({"meta": {"format": "something.else"}}, "does not declare format"),
+        ({"meta": {"format_version": 2}}, "format_version 2 is not supported.*upgrade"),
+        ({"meta": {"format_version": "1"}}, "'format_version' must be an int, got '1'"),
+        ({"meta": {"key_dim": D1 + 1}}, "'keys' has shape"),
+        ({"meta": {"count": 7}}, r"'ids' has shape \(3,\), expected \(7,\)"),
+        ({"meta": {"dtype": "float32"}}, "'keys' has dtype"),
+        ({"meta": {"dtype": "int8"}}, "'dtype' must be float16/bfloat16/float32, got 'int8'"),
+        ({"meta": {"layer": "two"}}, "'layer'"),
+        ({"meta": {"gamma": 4.0}}, "gamma"),
+        ({"meta": {"template": 3}}, "'template'"),
+        ({"meta": {"config": []}}, "'config'"),
+        ({"meta": {"next_id": 2}}, "next_id"),
+        ({"meta": {"next_id": 2**70}}, r"'next_id' must lie in \[0, 2\*\*63 - 1\]"),
+        ({"meta": {"next_id": -1, "count": 0}}, "'next_id' must lie in"),
+        ({"meta": {"layer": -2}}, "'layer' must be a non-negative int or null, got -2"),
+        ({"meta": {"gamma": 10**400}}, "'gamma' must be a finite number in"),
+        ({"meta": {"key_dim": 2**62}}, r"'key_dim' must lie in \[1, 2\*\*31 - 1\], got 4611686018427387904"),
+        ({"meta": {"value_dim": 0}}, r"'value_dim' must lie in \[1, 2\*\*31 - 1\], got 0"),
+        ({"meta": {"crc32": "deadbeef"}}, "'crc32' must map ids, keys, values, facts_json to 8 hex digits"),
+        ({"meta": {"crc32": {"keys": "deadbeef"}}}, "'crc32' must map"),
+        ({"drop": ("facts_json",)}, r"\['facts_json'\] are missing"),
+        ({"tensors": {"facts_json": torch.zeros(2, 2, dtype=torch.uint8)}}, r"'facts_json' must be 1-D uint8"),
+        ({"tensors": {"facts_json": _facts_tensor([None] * 3)[:-1]}}, "not UTF-8 JSON"),
+        ({"tensors": {"facts_json": _raw(b"[" * 100_000 + b"]" * 100_000)}}, "nests .* too deeply"),
+        ({"drop": ("values",)}, r"\['values'\] are missing"),
+        ({"tensors": {"values": torch.zeros(3, D2 + 1, dtype=torch.float16)}}, "'values' has shape"),
+        ({"tensors": {"ids": torch.tensor([0, 0, 2])}}, "holds id 0 twice"),
+        ({"tensors": {"ids": torch.tensor([0, 2])}}, r"'ids' has shape \(2,\), expected \(3,\)"),
+        ({"tensors": {"ids": torch.tensor([0.0, 2.0, 3.0])}}, "'ids' has dtype float32, expected int64"),
+        ({"tensors": {"values": torch.full((3, D2), float("nan"), dtype=torch.float16)}}, "non-finite"),
+        ({"tensors": {"keys": torch.full((3, D1), 2.0, dtype=torch.float16)}}, "not unit-norm"),
+        ({"tensors": {"facts_json": _facts_tensor([None])}}, "list of 3 entries"),
+        ({"tensors": {"facts_json": _facts_tensor([None, None, {"weird": 1}])}}, r"facts_json\[2\]"),
+        ({"tensors": {"facts_json": _facts_tensor([None, None, {"fact": {"subject": "x"}}])}}, "invalid Fact"),
+        ({"tensors": {"facts_json": torch.tensor([255, 0], dtype=torch.uint8)}}, "not UTF-8 JSON"),
     ],
 )
 def test_load_inconsistent_file_says_what_is_wrong(tmp_path, kwargs, match):

@@ -185,7 +185,7 @@ def test_batched_decode_takes_the_cascade_up_to_its_row_limit(monkeypatch):
     db.add(torch.randn(1500, 256, generator=g), torch.randn(1500, 8, generator=g))
     n = db.PREFILTER_SIGNS_MAX_ROWS
     assert n > db.PREFILTER_MAX_ROWS
-    q = torch.cat([db.keys[:n + 1].float() * 2, torch.randn(1, 256, generator=g)])  # gates open, and one closed
+    q = torch.cat([db.keys[: n + 1].float() * 2, torch.randn(1, 256, generator=g)])  # gates open, and one closed
     for rows, gamma in ((n, 0.65), (n + 1, 0.65), (n, db.PREFILTER_SIGNS_MIN_GAMMA - 0.01), (2, 0.9)):
         x = q[-rows:]
         assert torch.equal(db.retrieve_residuals(x, gamma), db.retrieve(x, gamma)[0])

@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 
+import neuraldb
 import pytest
 import torch
 from _tiny_models import (
@@ -21,8 +22,6 @@ from _tiny_models import (
     stored_key_scores,
     tiny_model,
 )
-
-import neuraldb
 from neuraldb.patching import Patch
 
 
@@ -43,7 +42,7 @@ def _residual(out, seed=5):
 
 
 def test_database_changes_are_seen_without_repatching():
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, base, keys, out, db = _setup()
     p, gamma = separated_position(keys)
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
     [i] = db.add(keys[p], _residual(out))
@@ -67,7 +66,7 @@ def test_auto_backend_is_chosen_per_call_kind(monkeypatch):
     used = []
     real = backends.kernel
     monkeypatch.setattr(backends, "kernel", lambda name: used.append(name) or real(name))
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, _base, keys, out, db = _setup()
     db.add(keys[:3], torch.stack([_residual(out, s) for s in range(3)]))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=0.65)
     multi = backends.resolve(None, torch.device("cpu"))
@@ -105,7 +104,7 @@ def test_patching_checks_the_backend_on_one_row_not_every_key(monkeypatch):
 def test_a_forward_after_every_write_sees_it():
     # Eager CPU forwards run a plan bound to the database's state; each write must invalidate it, including a
     # write that keeps the buffers (an add within capacity, a delete). The sketch's plan: test_patching_prefilter.py.
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, base, keys, out, db = _setup()
     p, gamma = separated_position(keys)
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
     assert_bitwise(model(ids).logits, base)  # the plan exists from here on
@@ -147,7 +146,7 @@ def test_half_precision_weights(arch, dtype):
 
 
 def test_model_to_dtype_after_patching():
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, module, _base, keys, out, db = _setup()
     p, gamma = separated_position(keys, margin=0.05)
     db.add(keys[p], _residual(out))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
@@ -188,7 +187,7 @@ def test_a_model_moved_to_a_narrower_dtype_checks_the_residuals_again():
 
 
 def test_model_on_meta_runs_shape_only():
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, base, keys, out, db = _setup()
     db.add(keys[3], _residual(out))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER)
     model.to("meta")
@@ -200,7 +199,7 @@ def test_model_on_meta_runs_shape_only():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_database_follows_the_model_to_cuda():
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, _base, keys, out, db = _setup()
     p, gamma = separated_position(keys)
     db.add(keys[p], _residual(out))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
@@ -227,7 +226,7 @@ def test_repatching_replaces_cleanly():
 
 
 def test_failed_repatch_keeps_the_previous_patch():
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, module, _base, _keys, _out, db = _setup()
     neuraldb.patch_model(model, db, layer=PATCH_LAYER)
     before = neuraldb.patch_info(model)
     with pytest.raises(ValueError, match="key_dim"):
@@ -239,22 +238,21 @@ def test_failed_repatch_keeps_the_previous_patch():
 
 
 def test_disabled_nests_and_restores_on_error():
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, base, keys, out, db = _setup()
     p, gamma = separated_position(keys)
     db.add(keys[p], _residual(out))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
-    with pytest.raises(RuntimeError, match="inside"):
+    with pytest.raises(RuntimeError, match="inside"), neuraldb.disabled(model):
         with neuraldb.disabled(model):
-            with neuraldb.disabled(model):
-                assert_bitwise(model(ids).logits, base)
             assert_bitwise(model(ids).logits, base)
-            raise RuntimeError("inside")
+        assert_bitwise(model(ids).logits, base)
+        raise RuntimeError("inside")
     assert neuraldb.patch_info(model).enabled
     assert not torch.equal(model(ids).logits, base)
 
 
 def test_defaults_come_from_the_database_then_the_table():
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, _module, _base, _keys, _out, db = _setup()
     neuraldb.patch_model(model, db)
     info = neuraldb.patch_info(model)
     assert (info.layer, info.gamma) == (neuraldb.architectures.default_layer(model), 0.65)
@@ -282,7 +280,7 @@ def test_database_for_model():
 
 
 def test_module_argument_by_path_and_by_object():
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, module, _base, _keys, _out, db = _setup()
     neuraldb.patch_model(model, db, module=f"model.layers.{PATCH_LAYER}.mlp.down_proj")
     assert neuraldb.patch_info(model).module_path == f"model.layers.{PATCH_LAYER}.mlp.down_proj"
     neuraldb.patch_model(model, db, module=module)
@@ -339,24 +337,24 @@ def test_wrapped_model_resolves_by_suffix():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(layer=3), ValueError, "layer"),
-        (dict(layer=-1), ValueError, "layer"),
-        (dict(layer=True), TypeError, "layer"),
-        (dict(layer="1"), TypeError, "layer"),
-        (dict(gamma=2.0), ValueError, "gamma"),
-        (dict(gamma="0.5"), TypeError, "gamma"),
-        (dict(gamma=float("nan")), ValueError, "gamma"),
-        (dict(module="model.layers.9.mlp.down_proj"), ValueError, "module"),
-        (dict(module="mlp.down_proj"), ValueError, "ambiguous"),
-        (dict(module=torch.nn.Linear(48, 32)), ValueError, "module"),
-        (dict(module="model.layers.1.mlp"), TypeError, "module"),
-        (dict(module=3), TypeError, "module"),
-        (dict(backend="nonsense"), ValueError, "backend"),
-        (dict(backend=1), TypeError, "backend"),
+        ({"layer": 3}, ValueError, "layer"),
+        ({"layer": -1}, ValueError, "layer"),
+        ({"layer": True}, TypeError, "layer"),
+        ({"layer": "1"}, TypeError, "layer"),
+        ({"gamma": 2.0}, ValueError, "gamma"),
+        ({"gamma": "0.5"}, TypeError, "gamma"),
+        ({"gamma": float("nan")}, ValueError, "gamma"),
+        ({"module": "model.layers.9.mlp.down_proj"}, ValueError, "module"),
+        ({"module": "mlp.down_proj"}, ValueError, "ambiguous"),
+        ({"module": torch.nn.Linear(48, 32)}, ValueError, "module"),
+        ({"module": "model.layers.1.mlp"}, TypeError, "module"),
+        ({"module": 3}, TypeError, "module"),
+        ({"backend": "nonsense"}, ValueError, "backend"),
+        ({"backend": 1}, TypeError, "backend"),
     ],
 )
 def test_bad_arguments_raise_and_leave_the_model_unpatched(kwargs, exc, match):
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, module, _base, _keys, _out, db = _setup()
     with pytest.raises(exc, match=match):
         neuraldb.patch_model(model, db, **kwargs)
     assert neuraldb.patch_info(model) is None
@@ -364,7 +362,7 @@ def test_bad_arguments_raise_and_leave_the_model_unpatched(kwargs, exc, match):
 
 
 def test_bad_model_and_db_types():
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, _module, _base, keys, _out, db = _setup()
     with pytest.raises(TypeError, match="model"):
         neuraldb.patch_model("model", db)
     with pytest.raises(TypeError, match="db"):
@@ -376,15 +374,14 @@ def test_bad_model_and_db_types():
     assert neuraldb.patch_info(model) is None
     with pytest.raises(ValueError, match="not patched"):
         neuraldb.unpatch_model(model)
-    with pytest.raises(ValueError, match="not patched"):
-        with neuraldb.disabled(model):
-            pass
+    with pytest.raises(ValueError, match="not patched"), neuraldb.disabled(model):
+        pass
 
 
 def test_compiled_forward_sees_database_changes_without_recompiling():
     import torch._dynamo.testing
 
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, module, _base, _keys, _out, db = _setup()
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=0.9)
     mlp = model.model.layers[PATCH_LAYER].mlp
     x = torch.randn(1, 7, 32)
@@ -405,7 +402,7 @@ def test_compiled_forward_sees_database_changes_without_recompiling():
 
 
 def test_custom_op_passes_opcheck():
-    model, ids, module, base, keys, out, db = _setup()
+    model, _ids, _module, _base, keys, _out, db = _setup()
     db.add(keys[:4], torch.randn(4, 32))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=0.5)
     route = neuraldb.patch_info(model).route
@@ -449,7 +446,7 @@ def test_vmap_over_a_patched_layer():
 
 
 def test_patched_model_backpropagates():
-    model, ids, module, base, keys, out, db = _setup()
+    model, ids, _module, _base, keys, out, db = _setup()
     p, gamma = separated_position(keys)
     db.add(keys[p], _residual(out))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
@@ -478,7 +475,7 @@ def test_deep_copy_of_a_patched_model_is_independent():
 
 
 def test_forward_during_concurrent_writes_sees_a_consistent_database():
-    model, ids, module, base, keys, out, db = _setup(length=16)
+    model, ids, _module, _base, keys, out, db = _setup(length=16)
     # Three positions whose activations only match themselves at gamma 0.999.
     chosen = []
     for pos in range(keys.shape[0]):

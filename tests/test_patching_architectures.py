@@ -82,7 +82,7 @@ def test_empty_database_is_bitwise_neutral(arch):
 def _one_fact_setup(arch):
     model = tiny_model(arch)
     ids = prompt()
-    path, module = neuraldb.down_proj_module(model, PATCH_LAYER)
+    _path, module = neuraldb.down_proj_module(model, PATCH_LAYER)
     with capture(module) as cap:
         base = model(ids).logits
     keys, out = per_token(cap.inputs[0], ids)[0], per_token(cap.outputs[0], ids)
@@ -117,7 +117,7 @@ def test_one_fact_changes_exactly_its_position(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_patch_gives_the_same_logits(arch, tmp_path):
-    model, ids, module, base, out, p, gamma, db = _one_fact_setup(arch)
+    model, ids, _module, _base, _out, _p, gamma, db = _one_fact_setup(arch)
     db.layer, db.gamma = PATCH_LAYER, gamma
     neuraldb.patch_model(model, db)
     logits = model(ids).logits
@@ -149,7 +149,7 @@ def _generated_key(model, module, gen_kw):
 def test_generate_retrieves_on_generated_tokens(arch):
     model = tiny_model(arch)
     n_new = 8
-    gen_kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    gen_kw = {"max_new_tokens": n_new, "min_new_tokens": n_new, "do_sample": False, "pad_token_id": 0}
     _, module = neuraldb.down_proj_module(model, PATCH_LAYER)
     ids, base, keys, q, gamma, out = _generated_key(model, module, gen_kw)
     seq = base.sequences

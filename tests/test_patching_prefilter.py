@@ -20,8 +20,9 @@ def _decode_logits(model, ids, db, prefilter):
     """Logits of each next-token step of ``ids`` with a KV cache (one query row per patched forward)."""
     db.prefilter = prefilter
     out = model(ids[:, :-1], use_cache=True)
-    step = model(ids[:, -1:], use_cache=True,
-                 **{cache_kwarg(model): getattr(out, "cache", None) or out.past_key_values})
+    step = model(
+        ids[:, -1:], use_cache=True, **{cache_kwarg(model): getattr(out, "cache", None) or out.past_key_values}
+    )
     return step.logits
 
 

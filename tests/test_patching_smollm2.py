@@ -6,11 +6,10 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import neuraldb
 import pytest
 import torch
 from _tiny_models import assert_bitwise, capture, separated_position
-
-import neuraldb
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +107,7 @@ def test_generate_and_padded_batch(model_tok):
     model, tok = model_tok
     layer = neuraldb.architectures.default_layer(model)
     ids = tok(TEXT, return_tensors="pt").input_ids
-    gen_kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    gen_kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": tok.eos_token_id}
     base = model.generate(ids, output_scores=True, return_dict_in_generate=True, **gen_kw)
     module, _, keys, out = _setup(model, base.sequences, layer)
     q, gamma = separated_position(keys, candidates=range(ids.shape[1], base.sequences.shape[1] - 1))

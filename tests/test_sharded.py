@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+import _sharded_checks as checks
 import pytest
 import torch
-
-import _sharded_checks as checks
 from neuraldb.sharded import pack_score_id, unpack_score_id
 
 WORLD = 3
@@ -114,9 +113,8 @@ def test_needs_an_initialised_process_group():
 
 def test_one_rank_group_in_process(tmp_path):
     """world_size 1 (no collectives in retrieve): the same answers as the single database, in this process."""
-    import torch.distributed as dist
-
     import neuraldb
+    import torch.distributed as dist
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

@@ -41,7 +41,9 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
@@ -82,7 +84,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for d in edges(m):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state and (found := visit(d)):
                 return found
         stack.pop()
@@ -110,8 +112,10 @@ def test_kernels_import_nothing_of_neuraldb_or_transformers():
         if not module.startswith("neuraldb_kernels"):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             )
             for name in names:
                 top = name.split(".")[0]
@@ -126,4 +130,6 @@ def test_long_modules_say_why():
             doc = ast.get_docstring(ast.parse(text)) or ""
             if f"over {MAX_LINES} lines" not in doc.lower() and module not in KNOWN_LONG:
                 long.append(f"{module} ({text.count(chr(10))} lines)")
-    assert not long, f"modules over {MAX_LINES} lines whose docstring does not say why ('Over 400 lines because ...'): {long}"
+    assert not long, (
+        f"modules over {MAX_LINES} lines whose docstring does not say why ('Over 400 lines because ...'): {long}"
+    )

@@ -8,16 +8,15 @@ Example::
     >>> neuraldb.patch_model(model, db)
 """
 
-from neuraldb_kernels import gated_retrieval
-
 from neuraldb.architectures import down_proj_dims, down_proj_module
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
 from neuraldb.sharded import ShardedNeuralKVDatabase
+from neuraldb_kernels import gated_retrieval
 
 __all__ = ["gated_retrieval"]
-__all__ += ["NeuralKVDatabase", "ShardedNeuralKVDatabase", "patch_model", "unpatch_model", "disabled", "patch_info"]
-__all__ += ["down_proj_module", "down_proj_dims"]
+__all__ += ["NeuralKVDatabase", "ShardedNeuralKVDatabase", "disabled", "patch_info", "patch_model", "unpatch_model"]
+__all__ += ["down_proj_dims", "down_proj_module"]
 from neuraldb import templates
 from neuraldb.editing import compute_keys, compute_residuals, edit
 

@@ -218,15 +218,19 @@ class NeuralKVDatabase:
         """
         with self._lock:
             return DatabaseState(
-                self.key_dim, self.value_dim, self.dtype, self.keys, self.values, list(self._row_ids),
-                [self._facts[i] for i in self._row_ids], self._next_id,
+                self.key_dim,
+                self.value_dim,
+                self.dtype,
+                self.keys,
+                self.values,
+                list(self._row_ids),
+                [self._facts[i] for i in self._row_ids],
+                self._next_id,
                 **{name: getattr(self, name) for name in METADATA},
             )
 
     @classmethod
-    def from_state(
-        cls, state: DatabaseState, *, adopt: bool = False, ordered: bool = False
-    ) -> NeuralKVDatabase:
+    def from_state(cls, state: DatabaseState, *, adopt: bool = False, ordered: bool = False) -> NeuralKVDatabase:
         """A database holding ``state`` (validated by :func:`~neuraldb.database_state.check_state`; TypeError or
         ValueError otherwise), on the device of its tensors, rows copied into storage of exactly ``state.count``
         rows. ``adopt=True`` takes ``state.keys``/``state.values`` as the storage itself, without a copy, and its rows
@@ -240,8 +244,9 @@ class NeuralKVDatabase:
             [0]
         """
         check_state(state, rows=not adopt)
-        db = cls(state.key_dim, state.value_dim, dtype=state.dtype, device=state.keys.device, capacity=0,
-                 ordered=ordered)
+        db = cls(
+            state.key_dim, state.value_dim, dtype=state.dtype, device=state.keys.device, capacity=0, ordered=ordered
+        )
         if adopt:
             db._storage = RowStorage.adopt(state.keys, state.values)
         else:
@@ -398,9 +403,7 @@ class NeuralKVDatabase:
 
     # -- write ------------------------------------------------------------------------------------------------
 
-    def add(
-        self, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[FactLike] | None = None
-    ) -> list[int]:
+    def add(self, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[FactLike] | None = None) -> list[int]:
         """Append facts; returns their new ids (increasing, never reused).
 
         Args:

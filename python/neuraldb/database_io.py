@@ -153,9 +153,7 @@ def write_state(state: DatabaseState, path: str | os.PathLike) -> None:
     target = resolve_target(path)
     meta = _meta(state)
     ids = state.ids
-    facts = json.dumps(
-        [fact_to_json(f, name=f"fact of id {i}") for i, f in zip(ids, state.facts)], allow_nan=False
-    )
+    facts = json.dumps([fact_to_json(f, name=f"fact of id {i}") for i, f in zip(ids, state.facts)], allow_nan=False)
     # On the CPU these alias the live buffers: no clone, the caller keeps them still while writing.
     tensors = {
         "ids": torch.tensor(ids, dtype=torch.int64).reshape(len(ids)),
@@ -404,8 +402,18 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
     for name in ("keys", "values"):
         _check_sum(name, running[name], sums)
     return DatabaseState(
-        key_dim, value_dim, dtype, keys, values, id_list, fact_objs, next_id,
-        layer=layer, gamma=gamma, config=config, **text,
+        key_dim,
+        value_dim,
+        dtype,
+        keys,
+        values,
+        id_list,
+        fact_objs,
+        next_id,
+        layer=layer,
+        gamma=gamma,
+        config=config,
+        **text,
     )
 
 

@@ -118,7 +118,8 @@ class Patch:
             fast = self._fast
             # The dtype test stands for `in _QUERY_DTYPES` (self._dtype is one of them once the slow path below has
             # seen it), so a model moved to another dtype takes the slow path once, with no cost on this one.
-            if eager and fast is not None and fast[0] is db.state_token() and queries.is_cpu and queries.dtype is self._dtype:
+            hit = eager and fast is not None and fast[0] is db.state_token()
+            if hit and queries.is_cpu and queries.dtype is self._dtype:
                 return fast[1](queries)
             if queries.dtype is not self._dtype:
                 if isinstance(db, NeuralKVDatabase):

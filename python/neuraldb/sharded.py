@@ -592,8 +592,15 @@ class ShardedNeuralKVDatabase:
         return out
 
     def _fill(
-        self, ids: list[int], keys: torch.Tensor, values: torch.Tensor, facts: list[FactLike], rows: list[int],
-        next_id: int, *, live: list[int] | None = None,
+        self,
+        ids: list[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        facts: list[FactLike],
+        rows: list[int],
+        next_id: int,
+        *,
+        live: list[int] | None = None,
     ) -> None:
         """Restore from all live rows (any order; ``rows[j]`` is the row of ``ids[j]`` in ``keys``/``values``).
         ``live``: every live id when ``ids`` holds only some of them (a load that read only this rank's shard)."""
@@ -630,8 +637,17 @@ class ShardedNeuralKVDatabase:
             values = torch.empty(0, self.value_dim, dtype=self.dtype)
         ids, facts = [i for i, _, _ in order], [parts[p][3][r] for _, p, r in order]
         return NeuralKVDatabase.from_state(
-            DatabaseState(self.key_dim, self.value_dim, self.dtype, keys, values, ids, facts, self.next_id,
-                          **{name: getattr(self, name) for name in _METADATA})
+            DatabaseState(
+                self.key_dim,
+                self.value_dim,
+                self.dtype,
+                keys,
+                values,
+                ids,
+                facts,
+                self.next_id,
+                **{name: getattr(self, name) for name in _METADATA},
+            )
         )
 
     # -- files -----------------------------------------------------------------------------------------------------

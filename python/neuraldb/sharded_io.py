@@ -75,7 +75,7 @@ def save_sharded(db: Any, path: str | os.PathLike) -> None:
         try:
             db.shard.save(mine)
             counts = len(db.shard)
-        except Exception as exc:  # every rank must reach _agree, whatever failed
+        except Exception as exc:  # noqa: BLE001 - every rank must reach _agree, whatever failed
             error, counts = exc, -1
         try:
             _agree(error, group, "save", device)
@@ -111,7 +111,7 @@ def save_sharded(db: Any, path: str | os.PathLike) -> None:
                     for s in old["shards"]:
                         if s["file"] not in names:
                             (directory / s["file"]).unlink(missing_ok=True)
-            except Exception as exc:  # every rank must reach _agree, whatever failed
+            except Exception as exc:  # noqa: BLE001 - every rank must reach _agree, whatever failed
                 error = exc
         try:
             _agree(error, group, "save", device)
