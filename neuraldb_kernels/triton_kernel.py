@@ -1,5 +1,8 @@
 """The Triton backend of ``gated_retrieval``: a split-K scan over the keys, then a small reduce/gate/gather kernel.
 
+Over 400 lines because the three kernels, their autotuning configs and the launcher's split plan share constants and
+invariants (split lengths, buckets, the tie rule across splits) that must change together.
+
 Contract: :mod:`neuraldb_kernels.reference`. Three launches, all on the caller's stream, no host synchronisation
 (outputs and the per-split workspace come from ``torch.empty``, which CUDA-graph capture handles):
 

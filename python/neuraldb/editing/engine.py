@@ -1,5 +1,8 @@
 """The batched engine behind ``compute_keys`` / ``compute_residuals``: many facts, each with its own residual.
 
+Over 400 lines because the prefix cache, the key pass and the residual optimisation all work on one per-batch layout
+(rows, subject positions, cached layer inputs) that is defined here once.
+
 Why it is fast (see docs/editing.md for the measurements):
 
 * Positions before the subject's last token ``s`` do not depend on the residual ``r`` at any layer. One

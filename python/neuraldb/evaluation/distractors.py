@@ -1,5 +1,8 @@
 """Distractor scaling: edited facts evaluated inside a key table that holds many more (unedited) facts.
 
+Over 400 lines because building the real distractor keys, the synthetic residuals and the scored sweep over table
+sizes form one experiment whose parts share its sampling rules.
+
 The paper's claim is that the gated lookup keeps working when the database is large. A residual costs an
 optimisation per fact, a key one forward (about 0.05 s for SmolLM2 on one core), so here the *keys* are real (every CounterFact subject, computed exactly as the edited facts'
 keys: same layer, template, prefixes and key weighting, read from the database) and only the distractors'
