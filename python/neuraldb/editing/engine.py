@@ -419,13 +419,15 @@ def _suffix_forward(h: Handles, prep: Prepared, ridx: torch.Tensor, kvs_sel, r_r
 
 @dataclass
 class OptimConfig:
-    steps: int = 20
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    stop_loss: float = 5e-2
-    patience: int = 0
+    """The optimisation's settings; the first seven come from an ``EditConfig``, which holds their defaults."""
+
+    steps: int
+    lr: float
+    kl_factor: float
+    weight_decay: float
+    clamp_norm_factor: float
+    stop_loss: float
+    patience: int
     stall_tol: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
