@@ -32,7 +32,10 @@ def check_gamma(gamma: object) -> float:
     """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a float in [-1, 1], got {type(gamma).__name__}")
-    g = float(gamma)
+    try:
+        g = float(gamma)
+    except OverflowError:  # an int beyond float's range
+        g = math.inf
     if not math.isfinite(g) or not -1.0 <= g <= 1.0:
         raise ValueError(f"gamma must be a finite float in [-1, 1], got {gamma!r}")
     return g
@@ -43,6 +46,8 @@ def _check_query_tensor(queries: object) -> None:
     assert isinstance(queries, torch.Tensor)
     if queries.dim() < 1:
         raise ValueError("queries must have shape (..., d1) with at least one dim, got a 0-d tensor")
+    if queries.shape[-1] == 0:
+        raise ValueError(f"queries must have shape (..., d1) with d1 >= 1, got {tuple(queries.shape)}")
 
 
 def check_queries(queries: object, d1: int, device: torch.device) -> None:

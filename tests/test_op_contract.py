@@ -39,6 +39,7 @@ def inputs(t=3, m=40, d1=16, d2=5, seed=0):
         (lambda q, k, v: (q, k[0], v), ValueError, ["keys", "2-D"]),
         (lambda q, k, v: (q, k, v[0]), ValueError, ["values", "2-D"]),
         (lambda q, k, v: (q[0, 0], k, v), ValueError, ["queries", "0-d"]),
+        (lambda q, k, v: (q[:, :0], k[:, :0], v), ValueError, ["queries", "d1 >= 1"]),
         (lambda q, k, v: (q.long(), k, v), TypeError, ["queries", "float32/float16/bfloat16", "int64"]),
         (lambda q, k, v: (q, k.to(torch.int8), v), TypeError, ["keys", "int8"]),
         (lambda q, k, v: (q, k, v.int()), TypeError, ["values", "int32"]),
@@ -69,6 +70,7 @@ def test_bad_tensors(change, exc, words):
         (-math.inf, ValueError),
         (1.0001, ValueError),
         (-1.5, ValueError),
+        (10**400, ValueError),  # beyond float's range: float() would raise OverflowError
         ("0.5", TypeError),
         (None, TypeError),
         (True, TypeError),
