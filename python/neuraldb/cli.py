@@ -27,19 +27,29 @@ import contextlib
 import itertools
 import os
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from neuraldb.database import NeuralKVDatabase
-    from neuraldb.database_inputs import FactLike
+from neuraldb.cli_edit import cmd_edit, cmd_merge
+from neuraldb.cli_support import (
+    CLIError,
+    _check_model,
+    _device,
+    _gamma,
+    _non_negative_int,
+    _positive_int,
+    _slice,
+    _utf8_text,
+    check_output,
+    describe_fact,
+    generate_text,
+    load_db,
+    load_model_verbose,
+    one_line,
+    parse_id_ranges,
+    parse_ids,
+)
 
 __all__ = ["build_parser", "main", "parse_id_ranges", "parse_ids"]
 
@@ -50,129 +60,11 @@ _EPILOG = (
 )
 
 
-class CLIError(Exception):
-    """An error to report on one line, without a traceback."""
-
-
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line, like the commands' own errors."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def parse_id_ranges(values: Sequence[str]) -> list[range]:
-    """Fact ids from command-line words as ranges, never expanded (``0-1000000000`` costs nothing).
-
-    Example::
-
-        >>> parse_id_ranges(["3", "5-7", "9,10"])
-        [range(3, 4), range(5, 8), range(9, 10), range(10, 11)]
-    """
-    out: list[range] = []
-    for word in values:
-        for part in word.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            lo, sep, hi = part.partition("-")  # "-" is the separator, so no id can be negative
-            try:
-                a = int(lo)
-                b = int(hi) if sep else a
-                if b < a:
-                    raise ValueError
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"invalid id {part!r}: use non-negative integers or ranges like 5-7"
-                ) from None
-            out.append(range(a, b + 1))
-    if not out:
-        raise argparse.ArgumentTypeError("no ids given")
-    return out
-
-
-def parse_ids(values: Sequence[str]) -> list[int]:
-    """Fact ids from command-line words: ``["3", "5-7", "9,10"]`` -> ``[3, 5, 6, 7, 9, 10]``."""
-    return [i for r in parse_id_ranges(values) for i in r]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _slice(text: str) -> tuple[int, int | None]:
-    start, sep, stop = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        a, b = int(start or 0), (int(stop) if stop else None)
-        if a < 0 or (b is not None and b <= a):
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid slice {text!r}: use START:STOP with 0 <= START < STOP (STOP may be left out: START:)"
-        ) from None
-    return a, b
-
-
-def _gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"gamma must be in [-1, 1], got {value}")
-    return value
-
-
-def _device(text: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
-    return text
-
-
-def _utf8_text(text: str) -> str:
-    # Arguments that are not UTF-8 arrive with lone surrogates (Python's surrogateescape), which tokenizers reject
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(
-            f"not valid UTF-8 text: {text.encode('utf-8', 'backslashreplace').decode('ascii', 'replace')}"
-        ) from None
-    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -215,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute keys and residuals for the facts in a file and save them as a database.",
     )
     _add_model_args(p)
-    p.add_argument("--facts", required=True, type=Path, help="facts file: JSONL, CounterFact (ROME/MEND) or ZsRE (MEND)")
+    p.add_argument(
+        "--facts", required=True, type=Path, help="facts file: JSONL, CounterFact (ROME/MEND) or ZsRE (MEND)"
+    )
     p.add_argument("--out", required=True, type=Path, help="database file to write (.safetensors)")
     p.add_argument("--limit", type=_non_negative_int, help="edit only the first N facts")
     p.add_argument("--layer", type=_non_negative_int, help="layer to edit (default: the model's default)")
@@ -262,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="tokens to generate (default: 20)")
     p.add_argument("--gamma", type=_gamma, help="gate threshold (default: the database's)")
-    p.add_argument(
-        "--force", action="store_true", help="patch even if the database was built for a different model"
-    )
+    p.add_argument("--force", action="store_true", help="patch even if the database was built for a different model")
 
     p = sub.add_parser("info", help="describe a database and list its facts", description="Describe a database.")
     p.add_argument("db", type=Path, help="database file")
@@ -303,247 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("neuraldb")
-    except Exception:
+    except PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Helpers shared with the demo
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_model_verbose(
-    name: str, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", out: TextIO = sys.stderr
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """:func:`neuraldb.load_model`, saying on ``out`` what it loads and how long that took."""
-    from neuraldb.models import load_model
-
-    t0 = time.perf_counter()
-    print(f"Loading model {name!r} ...", file=out, flush=True)
-    model, tok = load_model(name, dtype, device=device)
-    print(f"Loaded in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
-    return model, tok
-
-
-def generate_text(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, *, template: str | None, max_new_tokens: int
-) -> str:
-    """Greedy continuation of ``prompt`` (wrapped in ``template``), without the prompt."""
-    import torch
-
-    from neuraldb import templates
-
-    ids = torch.tensor([templates.encode(tok, template, prompt)], device=model.device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def one_line(text: str, width: int | None = None) -> str:
-    """``text`` with its whitespace runs collapsed to single spaces, cut to ``width`` characters with an ellipsis.
-
-    Example::
-
-        >>> one_line("Rome   is  the capital", width=12)
-        'Rome is the…'
-    """
-    text = " ".join(text.split())
-    if width is not None and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
-
-
-def load_db(path: Path) -> NeuralKVDatabase:
-    """``NeuralKVDatabase.load(path)``, failing with a one-line CLIError when the file is missing or invalid."""
-    from neuraldb.database import NeuralKVDatabase
-
-    if not path.exists():
-        raise CLIError(f"database not found: {path}")
-    try:
-        return NeuralKVDatabase.load(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise CLIError(f"cannot read database {path}: {e}") from None
-
-
-def check_output(path: Path, *, replace: bool, exists_hint: str = "") -> None:
-    """Fail with a CLIError, before any work, when a command could not write its result to ``path``.
-
-    Refused: what :func:`neuraldb.atomic.resolve_target` refuses (a directory or other non-regular file, a missing
-    directory), an existing file unless ``replace``, and a directory where no file can be created. The last is probed
-    by creating (and removing) a file beside the target: permission bits do not tell for root, a read-only mount or a
-    pseudo file system like /proc.
-    """
-    from neuraldb.atomic import resolve_target
-
-    try:
-        real = resolve_target(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
-    except OSError as e:  # EACCES, ELOOP ...
-        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
-    if real.exists() and not replace:
-        raise CLIError(f"{path} exists{exists_hint}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=real.parent, prefix=f".{real.name}.probe-"):
-            pass
-    except OSError as e:
-        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def describe_fact(fact: FactLike) -> str:
-    """One line for ``neuraldb info``: ``prompt -> new  (was: old)`` for a Fact, JSON for a dict.
-
-    Example::
-
-        >>> from neuraldb.facts import Fact
-        >>> describe_fact(Fact("Eiffel Tower", "The {} is in", "Rome", target_true="Paris"))
-        'The Eiffel Tower is in -> Rome  (was: Paris)'
-    """
-    from neuraldb.facts import Fact
-
-    if fact is None:
-        return "(no metadata)"
-    if isinstance(fact, Fact):
-        was = f"  (was: {fact.target_true})" if fact.target_true else ""
-        return f"{fact.text} -> {fact.target_new}{was}"
-    import json
-
-    return json.dumps(fact, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def cmd_edit(args: argparse.Namespace) -> int:
-    """``neuraldb edit``: edit the facts of a file into a new database, or append them to an existing one; with
-    ``--checkpoint-every``/``--resume``/``--slice``, as a checkpointed job (:mod:`neuraldb.editing.jobs`)."""
-    from neuraldb import facts as facts_mod
-    from neuraldb.editing import edit
-    from neuraldb.patching import patch_model, unpatch_model
-
-    checkpointed = args.resume or args.checkpoint_every is not None or args.slice is not None
-    if checkpointed and args.append:
-        raise CLIError("--append cannot be combined with --checkpoint-every or --slice (use --resume)")
-    # The output is checked first: editing takes minutes, and nothing should be lost to a path that cannot be saved.
-    if not args.out.is_dir():
-        try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CLIError(f"cannot create the directory of {args.out}: {e.strerror or e}") from None
-    check_output(
-        args.out,
-        replace=args.append or args.overwrite or args.resume,
-        exists_hint=": pass --append to add to it, --overwrite to replace it, or --resume to continue its job",
-    )
-    facts = facts_mod.load(args.facts, limit=args.limit)
-    if not facts:
-        raise CLIError(f"no facts to edit in {args.facts}")
-    if checkpointed:
-        return _edit_job(args, facts)
-    db = load_db(args.out) if args.append and args.out.exists() else None
-    model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
-    if db is not None:
-        _check_model(db, model, force=False)
-        # patch_model's checks (module, layer, dimensions) refuse a database that the edits could not be added to
-        unpatch_model(patch_model(model, db))
-    print(f"Editing {len(facts)} facts from {args.facts} ...", file=sys.stderr, flush=True)
-    stats: dict = {}
-    db = edit(
-        model,
-        tok,
-        facts,
-        layer=args.layer,
-        gamma=args.gamma,
-        db=db,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        stats=stats,
-    )
-    db.save(args.out)
-    seconds = stats.get("seconds")
-    timing = f" in {seconds:.1f} s ({seconds / len(facts):.2f} s per fact)" if seconds else ""
-    new_ids = db.ids()[-len(facts) :]
-    print(
-        f"Edited {len(facts)} facts{timing}; ids {new_ids[0]}..{new_ids[-1]}. "
-        f"{args.out}: {len(db)} facts, layer {db.layer}, gamma {db.gamma}"
-    )
-    return 0
-
-
-def _edit_job(args: argparse.Namespace, facts: list) -> int:
-    """The checkpointed ``edit``: everything the job could refuse is checked before the model loads."""
-    from neuraldb.editing import check_resume, edit_checkpointed
-
-    start, stop = args.slice or (0, None)
-    if start >= len(facts) or (stop is not None and stop > len(facts)):
-        shown = f"{start}:{'' if stop is None else stop}"
-        raise CLIError(f"--slice {shown} is outside the {len(facts)} facts of {args.facts}")
-    hparams = {"layer": args.layer, "gamma": args.gamma, "batch_size": args.batch_size}
-    resuming = args.resume and args.out.exists()
-    if resuming:
-        check_resume(
-            load_db(args.out), facts, path=args.out, start=start, stop=stop, checkpoint_every=args.checkpoint_every,
-            **hparams,
-        )  # fmt: skip
-    model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
-    if resuming:
-        _check_model(load_db(args.out), model, force=False)
-    elif args.out.exists():  # --overwrite: the job starts afresh
-        args.out.unlink()
-    source = {"path": str(args.facts.resolve()), "size": args.facts.stat().st_size, "limit": args.limit}
-    stats: dict = {}
-
-    def flushed(db, done: int) -> None:
-        if args.no_progress:
-            print(f"{args.out}: facts {start}..{done - 1} saved", file=sys.stderr, flush=True)
-
-    db = edit_checkpointed(
-        model, tok, facts, args.out, checkpoint_every=args.checkpoint_every, resume=args.resume, start=start,
-        stop=stop, source=source, progress=not args.no_progress, on_flush=flushed, stats=stats, **hparams,
-    )  # fmt: skip
-    n, seconds = stats["n"], stats["seconds"]
-    timing = f" in {seconds:.1f} s ({seconds / n:.2f} s per fact)" if n else ""
-    was = f"resumed at fact {stats['resumed_at']}; " if resuming else ""
-    print(
-        f"Edited {n} facts{timing}; {was}{args.out}: facts {db.ids()[0]}..{db.ids()[-1]} ({len(db)}) of "
-        f"{len(facts)}, layer {db.layer}, gamma {db.gamma}"
-    )
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    """``neuraldb merge``: join the databases of checkpointed edits of disjoint slices (ids = the facts' indices)."""
-    from neuraldb.editing import merge_databases
-
-    check_output(args.out, replace=args.overwrite, exists_hint=": pass --overwrite to replace it")
-    dbs = [load_db(p) for p in args.dbs]
-    db = merge_databases(dbs, names=[str(p) for p in args.dbs], allow_gaps=args.allow_gaps)
-    db.save(args.out)
-    print(f"Merged {len(dbs)} databases; {args.out}: {len(db)} facts, layer {db.layer}, gamma {db.gamma}")
-    return 0
-
-
-def _check_model(db: NeuralKVDatabase, model: PreTrainedModel, *, force: bool) -> None:
-    from neuraldb.models import model_id
-
-    mid = model_id(model)
-    if db.model_id and mid and db.model_id != mid:
-        msg = f"the database was built for model {db.model_id!r}, but the loaded model is {mid!r}"
-        if not force:
-            raise CLIError(msg + " (pass the matching --model, or --force to patch anyway)")
-        print(f"warning: {msg}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

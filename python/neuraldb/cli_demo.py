@@ -58,7 +58,7 @@ def run_demo(
         >>> from neuraldb.cli_demo import run_demo
         >>> run_demo(max_new_tokens=4)  # doctest: +SKIP
     """
-    from neuraldb.cli import generate_text, load_model_verbose, one_line
+    from neuraldb.cli_support import generate_text, load_model_verbose, one_line
     from neuraldb.editing import edit
     from neuraldb.patching import patch_model
 

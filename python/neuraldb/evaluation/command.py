@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from neuraldb.cli import CLIError, _non_negative_int, _positive_int, check_output
+from neuraldb.cli_support import CLIError, _non_negative_int, _positive_int, check_output
 
 __all__ = ["add_parser", "run"]
 
