@@ -94,3 +94,13 @@ def encode_target(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
     if not target.startswith(" "):
         target = " " + target
     return list(tok(target, add_special_tokens=False)["input_ids"])
+
+
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch of ``tok``'s sequences: its pad token, else its end or unknown token, else 0 (the
+    padded positions are masked, so any id serves; a tokenizer without a pad token is common for causal models)."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tok, name, None)
+        if v is not None:
+            return int(v)
+    return 0

@@ -77,14 +77,6 @@ def _editing_state(model):
         model.train(was_training)
 
 
-def _pad_id(tok) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        v = getattr(tok, name, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -110,7 +102,7 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
     prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
     contexts = context_texts(prefixes)
     device = _device(model)
-    pad = _pad_id(tok)
+    pad = templates.pad_id(tok)
     opt = engine.OptimConfig(
         steps=cfg.steps,
         lr=cfg.lr,
@@ -219,11 +211,19 @@ def compute_keys(
     averaged over the bare prompt and ``n_prefixes`` model-generated prefixes, all inside ``template``
     (default: :func:`neuraldb.templates.default_template`)."""
     cfg = resolve(
-        model, layer=layer, n_prefixes=n_prefixes, prefix_len=prefix_len, batch_size=batch_size, seed=seed,
-        key_bare_weight=key_bare_weight, key_unit_mean=key_unit_mean,
+        model,
+        layer=layer,
+        n_prefixes=n_prefixes,
+        prefix_len=prefix_len,
+        batch_size=batch_size,
+        seed=seed,
+        key_bare_weight=key_bare_weight,
+        key_unit_mean=key_unit_mean,
     )
     with _editing_state(model), torch.no_grad():
-        k, _ = _run(model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None)
+        k, _ = _run(
+            model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None
+        )
     return k
 
 
@@ -246,7 +246,9 @@ def compute_keys_and_residuals(
     """
     cfg = resolve(model, layer=layer, **hparams)
     with _editing_state(model):
-        return _run(model, tok, facts, cfg, _template_for(tok, template), want_residuals=True, progress=progress, stats=stats)
+        return _run(
+            model, tok, facts, cfg, _template_for(tok, template), want_residuals=True, progress=progress, stats=stats
+        )
 
 
 def compute_residuals(
@@ -273,8 +275,18 @@ def compute_residuals(
     ``stop_loss``.
     """
     _, r = compute_keys_and_residuals(
-        model, tok, facts, layer, template=template, steps=steps, lr=lr, kl_factor=kl_factor,
-        weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, batch_size=batch_size, **hparams,
+        model,
+        tok,
+        facts,
+        layer,
+        template=template,
+        steps=steps,
+        lr=lr,
+        kl_factor=kl_factor,
+        weight_decay=weight_decay,
+        clamp_norm_factor=clamp_norm_factor,
+        batch_size=batch_size,
+        **hparams,
     )
     return r
 
@@ -331,7 +343,13 @@ def edit(
     t0 = time.perf_counter()
     stats = {} if stats is None else stats
     keys, resid = compute_keys_and_residuals(
-        model, tok, facts, cfg.layer, template=template, progress=progress, stats=stats,
+        model,
+        tok,
+        facts,
+        cfg.layer,
+        template=template,
+        progress=progress,
+        stats=stats,
         **{k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")},
     )
     elapsed = time.perf_counter() - t0

@@ -133,7 +133,8 @@ def prompt_hits(
     scores them, tokenised by :func:`.scoring.encode_pair`): per size, per prompt, the rows retrieved anywhere in
     the prompt followed by any of its continuations. With ``last_prompt_token`` it also returns the row retrieved
     at the prompt's last token, whose output predicts the continuation's first token."""
-    from .scoring import _pad_id, encode_pair
+    from ..templates import pad_id
+    from .scoring import encode_pair
 
     seqs, owner, last = [], [], []
     for p, (c, ts) in enumerate(zip(contexts, continuations)):
@@ -143,7 +144,7 @@ def prompt_hits(
             owner.append(p)
             last.append(len(a) - 1)
     res = retrieval_hits(
-        model, layer, seqs, keys, gamma, pad_id=_pad_id(tok), focus=last if last_prompt_token else None, **kwargs
+        model, layer, seqs, keys, gamma, pad_id=pad_id(tok), focus=last if last_prompt_token else None, **kwargs
     )
 
     def merge(per_size: list[list[list[int]]]) -> list[list[list[int]]]:

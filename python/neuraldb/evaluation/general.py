@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from .scoring import _pad_id, score_continuations, score_grouped, score_token_ids
+from ..templates import pad_id
+from .scoring import score_continuations, score_grouped, score_token_ids
 
 __all__ = ["CHANCE", "TASKS", "evaluate_general", "lambada", "multiple_choice", "wikitext_perplexity"]
 
@@ -161,7 +162,7 @@ def wikitext_perplexity(
     scores = score_token_ids(
         model,
         [(w[:1], w[1:]) for w in windows],
-        pad_id=_pad_id(tok),
+        pad_id=pad_id(tok),
         batch_size=batch_size,
         desc="wikitext2",
         show_progress=show_progress,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from neuraldb import templates
 from neuraldb.architectures import cache_kwarg
 
 __all__ = ["ContinuationScore", "encode_pair", "progress", "score_continuations", "score_grouped", "score_token_ids"]
@@ -89,14 +90,6 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     if len(whole) > len(ctx) and whole[: len(ctx)] == ctx:
         return ctx, whole[len(ctx) :]
     return ctx, _encode(tok, continuation, special=False)
-
-
-def _pad_id(tok) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        v = getattr(tok, name, None)
-        if v is not None:
-            return int(v)
-    return 0
 
 
 def _supports(model, name: str) -> bool:
@@ -189,7 +182,7 @@ def score_continuations(
         raise ValueError("contexts and continuations must have the same length")
     pairs = [encode_pair(tok, c, t) for c, t in zip(contexts, continuations)]
     return score_token_ids(
-        model, pairs, pad_id=_pad_id(tok), batch_size=batch_size, desc=desc, show_progress=show_progress
+        model, pairs, pad_id=templates.pad_id(tok), batch_size=batch_size, desc=desc, show_progress=show_progress
     )
 
 
@@ -327,11 +320,13 @@ def score_grouped(
     res = score_grouped_token_ids(
         model,
         [(g[0], g[1]) if i not in flat_fallback else (g[0], []) for i, g in enumerate(groups)],
-        pad_id=_pad_id(tok),
+        pad_id=templates.pad_id(tok),
         batch_size=batch_size,
         desc=desc,
         show_progress=show_progress,
     )
     for gi in flat_fallback:
-        res[gi] = score_token_ids(model, groups[gi][2], pad_id=_pad_id(tok), batch_size=batch_size, show_progress=False)
+        res[gi] = score_token_ids(
+            model, groups[gi][2], pad_id=templates.pad_id(tok), batch_size=batch_size, show_progress=False
+        )
     return res
