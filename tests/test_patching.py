@@ -446,13 +446,25 @@ def test_vmap_over_a_patched_layer():
 
 
 def test_patched_model_backpropagates():
-    model, ids, _module, _base, keys, out, db = _setup()
+    model, ids, _module, base, keys, out, db = _setup()
     p, gamma = separated_position(keys)
     db.add(keys[p], _residual(out))
     neuraldb.patch_model(model, db, layer=PATCH_LAYER, gamma=gamma)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-    model(inputs_embeds=embeds).logits.sum().backward()
-    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+    def grad_and_logits():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=embeds).logits  # inputs that require grad: the custom op, not the eager path
+        logits.sum().backward()
+        return embeds.grad, logits.detach()
+
+    grad, logits = grad_and_logits()
+    assert grad is not None and torch.isfinite(grad).all()
+    # the edit is in the graph that was differentiated: its logits are the patched ones, its gradient not the base's
+    torch.testing.assert_close(logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, base, atol=1e-3)
+    neuraldb.unpatch_model(model)
+    base_grad, _ = grad_and_logits()
+    assert not torch.allclose(grad, base_grad, atol=1e-6)
 
 
 def test_deep_copy_of_a_patched_model_is_independent():
