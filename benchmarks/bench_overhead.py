@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: float32 on CPU, float16 on CUDA")
     ap.add_argument("--layers", type=int, default=None, help="llama3-8b-shape: fewer layers (smoke runs)")
+    ap.add_argument("--layer", type=int, default=None, help="the patched layer (default: the model's default layer)")
     ap.add_argument("--vocab", type=int, default=None, help="llama3-8b-shape: smaller vocabulary (smoke runs)")
     ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma-separated database sizes, ascending")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = load_smollm2(args.device, dtype)
     else:
         model = llama3_8b_shape(args.device, dtype, args.layers, args.vocab)
-    layer = arch.default_layer(model)
+    layer = arch.default_layer(model) if args.layer is None else arch.check_layer(model, args.layer)
     path, module = arch.down_proj_module(model, layer)
     key_dim, value_dim = arch.down_proj_dims(module)
     gamma = args.gamma if args.gamma is not None else arch.default_gamma(model)
