@@ -542,3 +542,11 @@ def test_merge_refusals_are_one_line(tiny_dir, tmp_path, capsys):
     assert NeuralKVDatabase.load(out).ids() == [0, 1, 4, 5]
     assert main(["merge", str(paths["0:2"]), "--out", str(out)]) == 1
     assert "exists: pass --overwrite" in one_error_line(capsys.readouterr().err)
+
+
+def test_the_command_imports_no_torch_before_its_error_handler_runs():
+    # torch and transformers load inside main()'s handler, so Ctrl-C or an error while they load is one line too;
+    # before, `import neuraldb` loaded them and a Ctrl-C in the command's first second printed a traceback.
+    code = "import sys, neuraldb, neuraldb.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"neuraldb": ROOT / "python" / "neuraldb", "neuraldb_kernels": ROOT / "neuraldb_kernels"}
 MAX_LINES = 400
@@ -126,3 +128,13 @@ def test_long_modules_say_why():
     assert not long, (
         f"modules over {MAX_LINES} lines whose docstring does not say why ('Over 400 lines because ...'): {long}"
     )
+
+
+def test_every_public_name_of_the_package_resolves():
+    import neuraldb
+
+    assert sorted(neuraldb.__all__) == sorted(neuraldb._EXPORTS)
+    for name in neuraldb.__all__:
+        assert getattr(neuraldb, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        neuraldb.nope  # noqa: B018

@@ -6,24 +6,77 @@ Example::
     >>> model, tok = neuraldb.load_model("smollm2")
     >>> db = neuraldb.edit(model, tok, [neuraldb.Fact("Danielle Darrieux", "The mother tongue of {} is", "English")])
     >>> neuraldb.patch_model(model, db)
+
+The names below are imported on first use: ``import neuraldb`` alone loads neither torch nor transformers, so the
+``neuraldb`` command answers Ctrl-C or a usage error in its first second with one line, not a traceback from inside
+an import.
 """
 
-from neuraldb.architectures import down_proj_dims, down_proj_module
-from neuraldb.database import NeuralKVDatabase
-from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
-from neuraldb.sharded import ShardedNeuralKVDatabase
-from neuraldb_kernels import gated_retrieval
+from __future__ import annotations
 
-__all__ = ["gated_retrieval"]
-__all__ += ["NeuralKVDatabase", "ShardedNeuralKVDatabase", "disabled", "patch_info", "patch_model", "unpatch_model"]
-__all__ += ["down_proj_dims", "down_proj_module"]
-from neuraldb import templates
-from neuraldb.editing import compute_keys, compute_residuals, edit
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ += ["compute_keys", "compute_residuals", "edit", "templates"]
-from neuraldb import facts
-from neuraldb.facts import Fact
-from neuraldb.models import load_model
+if TYPE_CHECKING:
+    from neuraldb import facts, templates
+    from neuraldb.architectures import down_proj_dims, down_proj_module
+    from neuraldb.database import NeuralKVDatabase
+    from neuraldb.editing import compute_keys, compute_residuals, edit
+    from neuraldb.facts import Fact
+    from neuraldb.models import load_model
+    from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
+    from neuraldb.sharded import ShardedNeuralKVDatabase
+    from neuraldb_kernels import gated_retrieval
 
-__all__ += ["Fact", "facts", "load_model"]
+# Public name -> the module that defines it (a module's own name for the submodules exported as such).
+_EXPORTS = {
+    "gated_retrieval": "neuraldb_kernels",
+    "NeuralKVDatabase": "neuraldb.database",
+    "ShardedNeuralKVDatabase": "neuraldb.sharded",
+    "disabled": "neuraldb.patching",
+    "patch_info": "neuraldb.patching",
+    "patch_model": "neuraldb.patching",
+    "unpatch_model": "neuraldb.patching",
+    "down_proj_dims": "neuraldb.architectures",
+    "down_proj_module": "neuraldb.architectures",
+    "compute_keys": "neuraldb.editing",
+    "compute_residuals": "neuraldb.editing",
+    "edit": "neuraldb.editing",
+    "templates": "neuraldb.templates",
+    "Fact": "neuraldb.facts",
+    "facts": "neuraldb.facts",
+    "load_model": "neuraldb.models",
+}
+__all__ = [
+    "Fact",
+    "NeuralKVDatabase",
+    "ShardedNeuralKVDatabase",
+    "compute_keys",
+    "compute_residuals",
+    "disabled",
+    "down_proj_dims",
+    "down_proj_module",
+    "edit",
+    "facts",
+    "gated_retrieval",
+    "load_model",
+    "patch_info",
+    "patch_model",
+    "templates",
+    "unpatch_model",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'neuraldb' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name == f"neuraldb.{name}" else getattr(module, name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -344,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local files; never reach for a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except KeyboardInterrupt:  # parsing imports torch (--device)
+        # Both import torch (`eval`'s parser comes from the evaluation package; --device is checked against torch).
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
         print("neuraldb: interrupted", file=sys.stderr)
         return 130
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
