@@ -188,23 +188,28 @@ def _scan_kernel(
 
 
 @triton.jit
+def _cosine(q_row, k_row, nrm, D1, BLOCK_D: tl.constexpr):
+    """``(q / nrm) . key`` in fp32, as the reference normalises: the winner's score the finish kernel reports."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dot = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D1, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D1
+        q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
+        k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+        dot += tl.div_rn(q, nrm) * k
+    return tl.sum(dot, axis=0)
+
+
+@triton.jit
 def _first_best_finite(q_row, k_ptr, stride_k, nrm, M, D1, BLOCK_D: tl.constexpr):
     """The lowest index of the best finite cosine of the query row against every key (M when none is finite), one
     key at a time: the slow path of :func:`_finish_kernel` for keys with non-finite elements."""
-    offs_d = tl.arange(0, BLOCK_D)
     best = float("-inf")
     best_i = tl.zeros((), tl.int64) + M
     for n in range(M):
         n64 = tl.zeros((), tl.int64) + n  # k_ptr offsets pass 2^31 at 1M x 14336 keys
-        k_row = k_ptr + n64 * stride_k
-        dot = tl.zeros((BLOCK_D,), tl.float32)
-        for d0 in range(0, D1, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D1
-            q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
-            k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
-            dot += tl.div_rn(q, nrm) * k
-        s = tl.sum(dot, axis=0)
+        s = _cosine(q_row, k_ptr + n64 * stride_k, nrm, D1, BLOCK_D)
         better = (s > best) & (s < float("inf"))
         best = tl.where(better, s, best)
         best_i = tl.where(better, n64, best_i)
@@ -259,14 +264,7 @@ def _finish_kernel(
         q = tl.load(q_row + d, mask=d < D1, other=0.0).to(tl.float32)
         ss += q * q
     nrm = tl.maximum(tl.sqrt_rn(tl.sum(ss, axis=0)), EPS)
-    dot = tl.zeros((BLOCK_D,), tl.float32)
-    for d0 in range(0, D1, BLOCK_D):
-        d = d0 + offs_d
-        d_ok = d < D1
-        q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
-        k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
-        dot += tl.div_rn(q, nrm) * k
-    score = tl.where(valid, tl.sum(dot, axis=0), float("-inf"))
+    score = tl.where(valid, _cosine(q_row, k_row, nrm, D1, BLOCK_D), float("-inf"))
     # A key row with an inf element scores +inf (or NaN) and can win its split, hiding that split's best finite key;
     # the contract says it never wins. Then rescan every key for this row, skipping non-finite scores: masking them in
     # the scan itself spills registers in the 64x64 prefill configs, and only keys the database refuses get here.
@@ -274,15 +272,7 @@ def _finish_kernel(
         i = _first_best_finite(q_row, k_ptr, stride_k, nrm, M, D1, BLOCK_D)
         valid = i < M
         i = tl.where(valid, i, 0)
-        k_row = k_ptr + i * stride_k
-        dot = tl.zeros((BLOCK_D,), tl.float32)
-        for d0 in range(0, D1, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D1
-            q = tl.load(q_row + d, mask=d_ok, other=0.0).to(tl.float32)
-            k = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
-            dot += tl.div_rn(q, nrm) * k
-        score = tl.where(valid, tl.sum(dot, axis=0), float("-inf"))
+        score = tl.where(valid, _cosine(q_row, k_ptr + i * stride_k, nrm, D1, BLOCK_D), float("-inf"))
     tl.store(idx_ptr + t, tl.where(valid, i, -1))
     tl.store(score_ptr + t, score)
 
