@@ -6,8 +6,9 @@ RowStorage`; everything it holds as one :class:`~neuraldb.database_state.Databas
 work. Deleting swaps the last row into the hole (O(1) per fact; ``ordered=True`` shifts the rows after it instead,
 keeping rows in id order); ids never change and are never reused.
 
-Over 400 lines because the database is one object: its writes and its read path share the lock, the row bookkeeping
-and the storage, and splitting them again would bring back a base class reading its subclass's private fields.
+Over 400 lines because the database is one object with a documented public surface: its writes and its read path
+share the lock, the row bookkeeping and the storage. The write planning (:class:`PendingChange`, the add and delete
+plans) lives in :mod:`neuraldb.database_writes`; the methods here validate and call it.
 
 Thread safety: one re-entrant lock (``db.lock``). Every mutation holds it, and the patched forward holds it
 around its retrieval (see :mod:`neuraldb.patching`), so a forward sees the database before or after a
@@ -30,10 +31,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,12 +46,12 @@ from neuraldb.database_inputs import (
     check_device,
     check_dim,
     check_ids,
-    check_new_rows,
     check_replacement,
     dtype_name,
 )
-from neuraldb.database_state import MAX_ID, METADATA, DatabaseState, check_state
+from neuraldb.database_state import METADATA, DatabaseState, check_state
 from neuraldb.database_storage import MIN_CAPACITY, RowStorage
+from neuraldb.database_writes import PendingChange, plan_add, plan_ordered_delete, plan_swap_delete
 from neuraldb_kernels import (
     DEFAULT_POLICY,
     PrefilterPolicy,
@@ -63,25 +63,6 @@ from neuraldb_kernels import (
     resolve,
     retrieve_residuals,
 )
-
-
-class PendingChange:
-    """A write that :meth:`NeuralKVDatabase.stage_add` or :meth:`~NeuralKVDatabase.stage_delete` validated and
-    allocated for; :meth:`commit` applies it, copying only into memory that exists. Two-phase writes let a caller
-    (the sharded database) learn that a change will succeed everywhere before anything changes anywhere."""
-
-    def __init__(self, db: NeuralKVDatabase, apply: Callable[[], Any], *, strict: bool = True) -> None:
-        # strict=False: the change still applies after other writes (an append of the next ids does).
-        self._db, self._apply, self._version, self._strict = db, apply, db._version, strict
-
-    def commit(self) -> Any:
-        """Apply the change (RuntimeError if the database changed since it was staged, or it was committed)."""
-        with self._db._lock:
-            if self._version != self._db._version and (self._strict or self._version < 0):
-                raise RuntimeError("the database changed since this change was staged; stage it again")
-            self._db._version += 1
-            self._version = -1
-            return self._apply()
 
 
 class _PolicyField:
@@ -440,43 +421,7 @@ class NeuralKVDatabase:
             >>> change.commit(), db.next_id
             ([3], 6)
         """
-        k, v, fs = check_new_rows(
-            keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
-        )
-        m = k.shape[0]
-        given = None if ids is None else [as_id(i, "ids") for i in ids]
-        if given is not None and (len(given) != m or any(b <= a for a, b in itertools.pairwise(given))):
-            raise ValueError(f"ids must be {m} increasing ids, got {given[:5]}")
-        with self._lock:
-            start = self._next_id if given is None else given[0] if given else self._next_id
-            end = start + m if given is None else given[-1] + 1 if given else self._next_id
-            last = end if next_id is None else next_id
-            if m and (start < self._next_id or end > last):
-                raise ValueError(f"ids must lie in [next_id={self._next_id}, {last}), got [{start}, {end})")
-            if end - 1 > MAX_ID or last > MAX_ID + 1:
-                raise ValueError(
-                    f"cannot add {m} facts: their ids would pass 2**63 - 1 (ids are int64; next_id is {self._next_id})"
-                )
-            k, v = k.to(self.device), v.to(self.device)
-            self._storage.reserve(len(self) + m)
-            sketch = self._storage.sketch_rows(k)
-
-        def apply() -> list[int]:
-            new = list(range(self._next_id, self._next_id + m)) if given is None else given
-            n = len(self)
-            if m:
-                self._storage.reserve(n + m)  # a no-op unless another add came between staging and commit
-                fresh = self._storage.sketch_buf is not None and sketch is not None and k.device == self.device
-                self._storage.write(n, k.to(self.device), v.to(self.device), sketch if fresh else None)
-            for offset, (i, f) in enumerate(zip(new, fs)):
-                self._rows[i] = n + offset
-                self._facts[i] = f
-            self._row_ids.extend(new)
-            self._next_id = max(self._next_id, new[-1] + 1 if new else 0, 0 if next_id is None else next_id)
-            self._storage.set_count(n + m)
-            return list(new)
-
-        return PendingChange(self, apply, strict=given is not None)
+        return plan_add(self, keys, residuals, facts, ids, next_id)
 
     def update(
         self,
@@ -516,67 +461,8 @@ class NeuralKVDatabase:
         id_list = check_ids(ids)
         with self._lock:
             self._check_known(id_list)
-            apply = self._plan_ordered_delete(id_list) if self.ordered else self._plan_swap_delete(id_list)
+            apply = (plan_ordered_delete if self.ordered else plan_swap_delete)(self, id_list)
         return PendingChange(self, apply)
-
-    def _plan_swap_delete(self, id_list: list[int]) -> Callable[[], None]:
-        # The swap-removes simulated on overlays of the bookkeeping (a delete of a few ids costs no copy of it).
-        # A survivor moves only when it is the last row, so its original row lies in the removed tail.
-        rows: dict[int, int | None] = {}
-        at: dict[int, int] = {}
-        n = len(self)
-        src: dict[int, int] = {}
-        for i in id_list:
-            r = rows.get(i, self._rows[i])
-            rows[i] = None
-            src.pop(i, None)
-            n -= 1
-            last = at.get(n, self._row_ids[n])
-            if last != i:
-                src.setdefault(last, rows.get(last, self._rows[last]))
-                at[r] = last
-                rows[last] = r
-        dst = [rows[i] for i in src]
-        moved = self._storage.gather(list(src.values())) if src else []
-
-        def apply() -> None:
-            if src:
-                self._storage.move(dst, moved)
-            for i, r in rows.items():
-                if r is None:
-                    del self._rows[i]
-                    del self._facts[i]
-                else:
-                    self._rows[i] = r
-            del self._row_ids[n:]
-            for r, i in at.items():
-                if r < n:
-                    self._row_ids[r] = i
-            self._storage.set_count(n)
-
-        return apply
-
-    def _plan_ordered_delete(self, id_list: list[int]) -> Callable[[], None]:
-        if not id_list:
-            return lambda: None
-        gone = set(id_list)
-        first = min(self._rows[i] for i in id_list)
-        tail = [i for i in self._row_ids[first:] if i not in gone]
-        moved = self._storage.gather([self._rows[i] for i in tail]) if tail else []
-
-        def apply() -> None:
-            if tail:
-                self._storage.move(first, moved)
-            for i in id_list:
-                del self._rows[i]
-                del self._facts[i]
-            del self._row_ids[first:]
-            self._row_ids.extend(tail)
-            for r, i in enumerate(tail, first):
-                self._rows[i] = r
-            self._storage.set_count(len(self._row_ids))
-
-        return apply
 
     def to(self, device: torch.device | str) -> NeuralKVDatabase:
         """Move the storage to ``device`` in place (like ``nn.Module.to``) and return ``self``; the key sketch, which
