@@ -29,7 +29,7 @@ import op_table
 from neuraldb.patching import Patch
 
 
-def _tiny_llama():
+def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_bench_overhead_times_each_forward_right_after_one_in_its_own_state(monk
 def test_bench_overhead_graph_scenario_steps_as_the_decode_scenario():
     """The static-cache step a graph captures is the same decode step as the dynamic-cache one, every time."""
     bench = bench_overhead
-    model = _tiny_llama()
+    model = tiny_llama()
     static = bench.Scenario("graph_b8", model, "cpu", 12, torch.Generator().manual_seed(3))
     dynamic = bench.Scenario("decode_b8", model, "cpu", 12, torch.Generator().manual_seed(3))
     assert static.captured and not dynamic.captured and static.queries == 8

@@ -20,6 +20,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the experiments import each other and benchmarks/_common
 
+from checks import tiny_llama
+
 
 def load(name: str):
     return importlib.import_module(name)
@@ -70,29 +72,13 @@ def test_paired_steps_alternate_the_variants_and_time_each_pair(monkeypatch):
     assert len(model[0]._forward_hooks) == 0, "the hook timers are removed"
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="the database's 2 MB pages are Linux's")
 def test_ab_pages_runs_each_variant_on_its_own_buffers_and_restores_the_huge_ones(monkeypatch, tmp_path):
     import neuraldb
     from neuraldb.host_memory import HUGE_PAGE
 
     ab = load("ab_pages")
-    model = _tiny_llama()
+    model = tiny_llama()
     db = neuraldb.NeuralKVDatabase(64, 32)
     g = torch.Generator().manual_seed(0)
     db.add(torch.randn(20_000, 64, generator=g), torch.randn(20_000, 32, generator=g))  # 2.4 MB of keys
