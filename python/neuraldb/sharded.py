@@ -1,8 +1,10 @@
 """``ShardedNeuralKVDatabase``: one logical database whose rows are split across the ranks of a process group.
 
-Over 400 lines because it is one object whose every collective method follows the same validate, agree, apply
-protocol; the agreement itself is :mod:`neuraldb.sharded_agreement`, the files :mod:`neuraldb.sharded_io`, the rows
-of each rank an ordinary ordered :class:`~neuraldb.NeuralKVDatabase`.
+The class: its state (the local shard, the sorted live ids), local reads and the calling convention; every
+collective method follows the same validate, agree, apply protocol. The agreement itself is
+:mod:`neuraldb.sharded_agreement`, reads across shards (``get``/``retrieve``/``gather``)
+:mod:`neuraldb.sharded_retrieval`, the writes :mod:`neuraldb.sharded_writes`, the files :mod:`neuraldb.sharded_io`,
+the rows of each rank an ordinary ordered :class:`~neuraldb.NeuralKVDatabase`.
 
 Why: at Llama-3-8B width a fact costs ~37 KB (fp16 key of 14336 + residual of 4096), so 10M facts (~370 GB) do
 not fit one GPU. The rows are spread over the ranks the model is already served on, and retrieval runs on every
@@ -28,16 +30,9 @@ holds). Retrieval returns exactly its result, including the tie-break (lowest id
 number of ranks: every shard keeps its rows in id order (``delete`` compacts the shard's tail instead of
 swapping the last row in), so a shard's lowest tied row is its lowest tied id.
 
-Retrieval (:meth:`ShardedNeuralKVDatabase.retrieve`), per call of T query rows:
-
-1. each rank runs ``gated_retrieval`` on its shard (no communication) -> local best (score, id) and its
-   gated residual; then the agreement's one-int64 ``all_reduce`` (after the scan, so a scan that failed on one
-   rank fails the call on all);
-2. ``all_reduce(MAX)`` of one int64 per row that packs (score, -id), so the maximum is the best score with the
-   lowest id on ties -- every rank learns the global winner and its exact fp32 score;
-3. only rows whose global score passes the gate (``score > gamma``) are exchanged: ``all_reduce(SUM)`` of those
-   rows' residuals, zeros except on the winning rank (skipped entirely when no row passes; ``compact=False``
-   reduces all T rows instead, which avoids a device->host sync on GPUs).
+Retrieval across the shards (one ``all_reduce`` of packed (score, id) per row, then the winning residuals):
+:mod:`neuraldb.sharded_retrieval`; the collective writes (``add``/``update``/``delete``, ``from_database``):
+:mod:`neuraldb.sharded_writes`.
 
 Files (``save``/``load``, a directory with one ``NeuralKVDatabase`` file per rank): :mod:`neuraldb.sharded_io`.
 
@@ -51,9 +46,7 @@ Example (run on every rank, after ``torch.distributed.init_process_group``)::
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -61,73 +54,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from neuraldb import sharded_retrieval as _retrieval
+from neuraldb import sharded_writes as _writes
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.database_inputs import (
     FactLike,
     as_id,
-    as_rows,
-    check_ids,
-    check_new_rows,
-    check_replacement,
 )
-from neuraldb.database_state import METADATA as _METADATA
-from neuraldb.database_state import DatabaseState
 from neuraldb.sharded_agreement import (
-    _LOW32,
-    MAX_IDS,
     ShardedCallError,
     _agree_call,
     _as_timeout,
-    _dtype_code,
     _header_device,
-    _json_field,
-    _number,
-    _tensor_field,
 )
 from neuraldb.sharded_io import load_sharded, save_sharded
-from neuraldb_kernels import check_gamma, gated_retrieval
-
-# Initial capacity of the sorted live ids (it doubles as facts are added). Sorted ids rather than a bitmap over
-# [0, next_id): their size is what the shards hold, where a bitmap's is whatever next_id a manifest claims.
-_MIN_LIVE = 64
-
-
-# torch >= 2.14 renames all_gather_into_tensor (same semantics: rank outputs concatenated along dim 0).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-# -- (score, id) packing: one int64 whose maximum is the best score, then the lowest id ----------------------------
-
-
-def pack_score_id(score: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered like ``(score, -id)``: fp32 ``score`` in the high 32 bits (bit pattern made monotone),
-    ``2^32 - 2 - id`` in the low 32 bits (``id`` in [-1, 2^32 - 2])."""
-    bits = (score.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
-    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (bits << 32) | (_LOW32 - (ids.to(torch.int64) + 1))
-
-
-def unpack_score_id(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_score_id`: ``(score float32, id int64)``."""
-    bits = key >> 32
-    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int32)
-    return bits.view(torch.float32), _LOW32 - (key & _LOW32) - 1
-
-
-_dtensor: tuple[type, ...] | None = None
-
-
-def _is_dtensor(t: object) -> bool:
-    # Imported once: an import statement costs ~12 us per call, which a decode step would pay twice.
-    global _dtensor
-    if _dtensor is None:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - old torch
-            _dtensor = ()
-        else:
-            _dtensor = (DTensor,)
-    return isinstance(t, _dtensor)
+from neuraldb.sharded_retrieval import pack_score_id, unpack_score_id
+from neuraldb.sharded_writes import _MIN_LIVE
+from neuraldb_kernels import gated_retrieval
 
 
 def _forward(name: str) -> property:
@@ -306,25 +249,7 @@ class ShardedNeuralKVDatabase:
 
     def get(self, id: int) -> tuple[torch.Tensor, torch.Tensor, FactLike]:
         """Collective: ``(key, residual, fact)`` of ``id`` on every rank (sent by its owner; tensors on CPU)."""
-        error: BaseException | None = None
-        i = -1
-        try:
-            if isinstance(id, bool) or not hasattr(id, "__index__"):
-                raise TypeError(f"id must be an int, got {type(id).__name__}")
-            i = int(id)  # type: ignore[call-overload]
-            if i not in self:
-                raise KeyError(f"id {i} is not in the database")
-        except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
-            error = exc
-        self._check_call("get", [("id", _number(i), i)], error)
-        owner = self.owner(i)
-        box: list[Any] = [None]
-        if self.rank == owner:
-            key, residual, fact = self._shard.get(i)
-            box[0] = (key.cpu(), residual.cpu(), fact)
-        src = dist.get_global_rank(self._group, owner) if self._group is not None else owner
-        dist.broadcast_object_list(box, src=src, group=self._group)
-        return box[0]
+        return _retrieval.get(self, id)
 
     def fact(self, id: int) -> FactLike:
         """Collective: the fact metadata of ``id``."""
@@ -336,41 +261,7 @@ class ShardedNeuralKVDatabase:
         """Collective: append facts (the same arguments on every rank); returns their global ids. Each rank keeps
         the rows it owns. Nothing changes on any rank unless the call succeeds on every rank: each validates all
         rows and prepares its part, the ranks agree, and only then does each keep its rows."""
-        with self.lock:
-            first, m, error, change = self.next_id, 0, None, None
-            try:
-                # Validated whole on every rank; the shard normalises its own raw rows, once, as the single database.
-                _, _, fs = check_new_rows(
-                    keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
-                )
-                k = as_rows("keys", keys, self.key_dim, "key_dim")
-                v = as_rows("residuals", residuals, self.value_dim, "value_dim")
-                m = k.shape[0]
-                if first + m > MAX_IDS:
-                    raise ValueError(f"a sharded database holds at most {MAX_IDS} ids over its lifetime")
-                mine = list(range((self.rank - first) % self.world_size, m, self.world_size))
-                sel = torch.tensor(mine, dtype=torch.long)
-                change = self._shard.stage_add(
-                    k.index_select(0, sel.to(k.device)),
-                    v.index_select(0, sel.to(v.device)),
-                    [fs[j] for j in mine],
-                    ids=[first + j for j in mine],
-                    next_id=first + m,
-                )
-                self._grow_live(self._count + m)
-                new_live = torch.arange(first, first + m)
-            except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
-                error = exc
-            fields = [_tensor_field("keys", keys), _tensor_field("residuals", residuals), _json_field("facts", facts)]
-            self._check_call("add", fields, error)
-            new_ids = list(range(first, first + m))
-            if m == 0:
-                return new_ids
-            change.commit()
-            self._live[self._count : self._count + m] = new_live
-            self._count += m
-            self._version += 1
-        return new_ids
+        return _writes.add(self, keys, residuals, facts)
 
     def update(
         self,
@@ -382,59 +273,13 @@ class ShardedNeuralKVDatabase:
     ) -> None:
         """Collective: replace keys, residuals and/or facts of existing ``ids``; each owner updates its rows.
         Nothing changes on any rank unless the call is valid on every rank."""
-        with self.lock:
-            error, id_list, mine, k, v = None, None, [], None, None
-            try:
-                # Validated here, on this rank, rather than in the shard's update; the shard normalises the raw rows
-                # itself, once, as the single database does.
-                id_list, _, _, fs = check_replacement(
-                    ids, keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
-                )
-                k = None if keys is None else as_rows("keys", keys, self.key_dim, "key_dim")
-                v = None if residuals is None else as_rows("residuals", residuals, self.value_dim, "value_dim")
-                self._check_live(id_list)
-                mine = [j for j, i in enumerate(id_list) if self.owner(i) == self.rank]
-            except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
-                error = exc
-            fields = [
-                _json_field("ids", ids if id_list is None else id_list),
-                _tensor_field("keys", keys),
-                _tensor_field("residuals", residuals),
-                _json_field("facts", facts),
-            ]
-            self._check_call("update", fields, error)
-            if not mine:
-                return
-            # The raw rows: the shard normalises them once, as the single database does.
-            sel = torch.tensor(mine, dtype=torch.long)
-            self._shard.update(
-                [id_list[j] for j in mine],
-                None if k is None else k.index_select(0, sel.to(k.device)),
-                None if v is None else v.index_select(0, sel.to(v.device)),
-                facts=None if fs is None else [fs[j] for j in mine],
-            )
+        _writes.update(self, ids, keys, residuals, facts=facts)
 
     def delete(self, ids: int | Iterable[int]) -> None:
         """Collective: remove ``ids`` (KeyError on every rank for unknown ids; nothing changes on any rank unless
         the call is valid on every rank). The owner keeps its rows in id order, moving the shard's rows after the
         first hole (batch deletes)."""
-        with self.lock:
-            error, id_list, plan, kept = None, None, None, None
-            try:
-                id_list = check_ids(ids)
-                self._check_live(id_list)
-                plan = self._shard.stage_delete([i for i in id_list if self.owner(i) == self.rank])
-                live = self._live[: self._count]
-                kept = live[~torch.isin(live, torch.tensor(id_list, dtype=torch.int64))]
-            except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
-                error = exc
-            self._check_call("delete", [_json_field("ids", ids if id_list is None else id_list)], error)
-            if not id_list:
-                return
-            plan.commit()
-            self._live[: len(kept)] = kept
-            self._count = len(kept)
-            self._version += 1
+        _writes.delete(self, ids)
 
     def to(self, device: torch.device | str) -> ShardedNeuralKVDatabase:
         """Move this rank's shard to ``device`` in place (local, not collective)."""
@@ -458,22 +303,6 @@ class ShardedNeuralKVDatabase:
 
     # -- retrieval (collective) ------------------------------------------------------------------------------------
 
-    def _full_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        if _is_dtensor(queries):
-            return queries.full_tensor()
-        if not self.query_parallel:
-            return queries
-        part = queries.shape[-1]
-        if part * self.world_size != self.key_dim:
-            raise ValueError(
-                f"queries: with query_parallel each rank passes key_dim / world_size = "
-                f"{self.key_dim // self.world_size} features, got {part}"
-            )
-        q = queries.reshape(-1, part).contiguous()
-        gathered = q.new_empty((self.world_size * q.shape[0], part))
-        _all_gather_single(gathered, q, group=self._group)
-        return gathered.reshape(self.world_size, -1, part).permute(1, 0, 2).reshape(*queries.shape[:-1], self.key_dim)
-
     def retrieve(
         self, queries: torch.Tensor, gamma: float, *, backend: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -483,60 +312,8 @@ class ShardedNeuralKVDatabase:
         winning fact ids, -1 when the database is empty) and ``score (...)`` float32: exactly ``gated_retrieval``
         on the equivalent single database (:meth:`gather`), whose ``idx`` is :meth:`index_of` of these ids.
         """
-        with self.lock:
-            if self.world_size == 1:  # nothing to exchange, nobody to agree with
-                g = check_gamma(gamma)
-                q = self._full_queries(queries)
-                lead = q.shape[:-1]
-                q2 = q.reshape(-1, q.shape[-1])
-                out, idx, score = gated_retrieval(q2, self._shard.keys, self._shard.values, g, backend=backend)
-                return out.reshape(*lead, self.value_dim), self._global_ids(idx).reshape(lead), score.reshape(lead)
-            # A few scalars, never the queries' contents: this runs on every patched forward.
-            error = None
-            try:
-                g = check_gamma(gamma)
-            except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
-                error = exc
-            shape = getattr(queries, "shape", ())
-            rows = math.prod(shape[:-1]) if len(shape) else -1
-            width = shape[-1] if len(shape) else -1
-            dtype = getattr(queries, "dtype", None)
-            fields = (
-                ("query rows", rows, rows),
-                ("query width", width, width),
-                ("query dtype", _dtype_code(dtype), dtype),
-                ("gamma", _number(gamma), gamma),
-                ("compact", int(self.compact), self.compact),
-                ("query_parallel", int(self.query_parallel), self.query_parallel),
-            )
-            if self.query_parallel or _is_dtensor(queries):  # the gather's sizes are these fields: agree first
-                self._check_call("retrieve", fields, error)
-            failure, key = error, None
-            if failure is None:
-                try:
-                    q = self._full_queries(queries)
-                    lead = q.shape[:-1]
-                    q2 = q.reshape(-1, q.shape[-1])
-                    out, idx, score = gated_retrieval(q2, self._shard.keys, self._shard.values, g, backend=backend)
-                    key = pack_score_id(score, self._global_ids(idx))
-                except Exception as exc:  # noqa: BLE001 -- the others wait in the agreement below: fail it there
-                    failure = exc
-            # After the local scan, so that a rank whose scan failed tells the others here.
-            self._check_call("retrieve", fields, failure)
-            dist.all_reduce(key, op=dist.ReduceOp.MAX, group=self._group)
-            best_score, best_id = unpack_score_id(key)
-            mine = (best_id >= 0) & (best_id % self.world_size == self.rank)
-            if self.compact:
-                open_rows = (best_score > g).nonzero().flatten()
-                result = torch.zeros_like(out)
-                if open_rows.numel():
-                    part = torch.where(mine[open_rows, None], out[open_rows], 0).contiguous()
-                    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=self._group)
-                    result[open_rows] = part
-            else:
-                result = torch.where(mine[:, None], out, 0).contiguous()
-                dist.all_reduce(result, op=dist.ReduceOp.SUM, group=self._group)
-        return result.reshape(*lead, self.value_dim), best_id.reshape(lead), best_score.reshape(lead)
+        # The kernel is looked up here, so that ``neuraldb.sharded.gated_retrieval`` stays the one to patch.
+        return _retrieval.retrieve(self, queries, gamma, backend=backend, scan=gated_retrieval)
 
     def _global_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """The fact ids of the shard's rows ``idx`` (-1 stays -1)."""
@@ -553,43 +330,7 @@ class ShardedNeuralKVDatabase:
         """Collective: shard ``db`` (the same database on every rank, e.g. each loaded from one file), keeping its
         ids and metadata; every rank checks that the others passed the same database (ids, rows, facts, metadata),
         which reads it once. ``kwargs``: ``query_parallel``/``compact``/``timeout``."""
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ShardedNeuralKVDatabase.from_database needs torch.distributed initialised")
-        is_db = isinstance(db, NeuralKVDatabase)
-        with db.lock if is_db else contextlib.nullcontext():
-            error, out = None, None
-            try:
-                if not is_db:
-                    raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
-                out = cls(
-                    db.key_dim,
-                    db.value_dim,
-                    process_group=process_group,
-                    dtype=db.dtype,
-                    device=db.device if device is None else device,
-                    **kwargs,
-                )
-                ids = db.ids()
-                rows = [db.row(i) for i in ids]
-                out._fill(ids, db.keys, db.values, [db.fact(i) for i in ids], rows, db.next_id)
-                for name in _METADATA:
-                    setattr(out, name, getattr(db, name))
-            except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
-                error = exc
-            fields = [
-                _json_field("ids", db.ids() if is_db else None),
-                ("next_id", db.next_id if is_db else -1, db.next_id if is_db else None),
-                _tensor_field("keys", db.keys if is_db else None),
-                _tensor_field("values", db.values if is_db else None),
-                _json_field("facts", [db.fact(i) for i in db.ids()] if is_db else None),
-                _json_field("metadata", {name: getattr(db, name) for name in _METADATA} if is_db else None),
-                _json_field("kwargs", {k: str(v) for k, v in kwargs.items() if k != "timeout"}),
-            ]
-            where = torch.device(device if device is not None else db.device if is_db else "cpu")
-            timeout = _as_timeout(kwargs.get("timeout"))
-            _agree_call(process_group, _header_device(process_group, where), "from_database", fields, error, timeout)
-        assert out is not None
-        return out
+        return _writes.from_database(cls, db, process_group=process_group, device=device, **kwargs)
 
     def _fill(
         self,
@@ -604,51 +345,12 @@ class ShardedNeuralKVDatabase:
     ) -> None:
         """Restore from all live rows (any order; ``rows[j]`` is the row of ``ids[j]`` in ``keys``/``values``).
         ``live``: every live id when ``ids`` holds only some of them (a load that read only this rank's shard)."""
-        mine = sorted((i, r, f) for i, r, f in zip(ids, rows, facts) if self.owner(i) == self.rank)
-        sel = torch.tensor([r for _, r, _ in mine], dtype=torch.long, device=keys.device)
-        state = self._shard.state().replace(
-            keys=keys.index_select(0, sel).to(self.device),
-            values=values.index_select(0, sel).to(self.device),
-            ids=[i for i, _, _ in mine],
-            facts=[f for _, _, f in mine],
-            next_id=next_id,
-        )
-        self._shard = NeuralKVDatabase.from_state(state, ordered=True)
-        live = sorted(ids if live is None else live)
-        self._live = torch.tensor(live, dtype=torch.int64) if live else torch.empty(_MIN_LIVE, dtype=torch.int64)
-        self._count = len(live)
-        self._version += 1
+        _writes.fill(self, ids, keys, values, facts, rows, next_id, live=live)
 
     def gather(self) -> NeuralKVDatabase:
         """Collective: the equivalent single database (all live facts, rows in id order, same metadata) on every
         rank, on CPU. For tests and small databases: it moves every row to every rank."""
-        with self.lock:
-            self._check_call("gather", (), None)
-            s = self._shard
-            mine = (s.ids(), s.keys.cpu(), s.values.cpu(), [s.fact(i) for i in s.ids()])
-        parts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(parts, mine, group=self._group)
-        order = sorted((i, p, r) for p, part in enumerate(parts) for r, i in enumerate(part[0]))
-        if order:
-            keys = torch.stack([parts[p][1][r] for _, p, r in order])
-            values = torch.stack([parts[p][2][r] for _, p, r in order])
-        else:
-            keys = torch.empty(0, self.key_dim, dtype=self.dtype)
-            values = torch.empty(0, self.value_dim, dtype=self.dtype)
-        ids, facts = [i for i, _, _ in order], [parts[p][3][r] for _, p, r in order]
-        return NeuralKVDatabase.from_state(
-            DatabaseState(
-                self.key_dim,
-                self.value_dim,
-                self.dtype,
-                keys,
-                values,
-                ids,
-                facts,
-                self.next_id,
-                **{name: getattr(self, name) for name in _METADATA},
-            )
-        )
+        return _retrieval.gather(self)
 
     # -- files -----------------------------------------------------------------------------------------------------
 
