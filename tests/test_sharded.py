@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import _sharded_agreement_checks as agreement_checks
 import _sharded_checks as checks
 import pytest
 import torch
@@ -68,15 +69,15 @@ def test_sharded_database_in_a_three_rank_gloo_group(tmp_path):
 @pytest.fixture(scope="module")
 def agreement_reports(tmp_path_factory) -> Path:
     """Every check of AGREEMENT_CHECKS, run once in one spawned two-rank gloo group (starting it is the slow part)."""
-    names = [c.__name__ for c in checks.AGREEMENT_CHECKS]
-    return _spawn(tmp_path_factory.mktemp("agreement"), names, world=2, worker=checks.agreement_worker)
+    names = [c.__name__ for c in agreement_checks.AGREEMENT_CHECKS]
+    return _spawn(tmp_path_factory.mktemp("agreement"), names, world=2, worker=agreement_checks.agreement_worker)
 
 
-@pytest.mark.parametrize("name", [c.__name__ for c in checks.AGREEMENT_CHECKS])
+@pytest.mark.parametrize("name", [c.__name__ for c in agreement_checks.AGREEMENT_CHECKS])
 def test_ranks_that_disagree_fail_together(agreement_reports, name):
     """Ranks that call a collective method with other arguments, or where it fails on one rank, or that leave a
     rank waiting: every rank raises (within db.timeout), naming the method, the field and the ranks, and no rank's
-    database changes. The cases are in _sharded_checks.py (agree_*)."""
+    database changes. The cases are in _sharded_agreement_checks.py."""
     reports = [agreement_reports / f"{name}.rank{r}.txt" for r in range(2)]
     failed = [p.read_text() if p.exists() else f"{p.name}: no report" for p in reports]
     failed = [text for text in failed if text != "ok"]

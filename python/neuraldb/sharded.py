@@ -70,7 +70,6 @@ from neuraldb.sharded_agreement import (
 from neuraldb.sharded_io import load_sharded, save_sharded
 from neuraldb.sharded_retrieval import pack_score_id, unpack_score_id
 from neuraldb.sharded_writes import _MIN_LIVE
-from neuraldb_kernels import gated_retrieval
 
 
 def _forward(name: str) -> property:
@@ -312,8 +311,7 @@ class ShardedNeuralKVDatabase:
         winning fact ids, -1 when the database is empty) and ``score (...)`` float32: exactly ``gated_retrieval``
         on the equivalent single database (:meth:`gather`), whose ``idx`` is :meth:`index_of` of these ids.
         """
-        # The kernel is looked up here, so that ``neuraldb.sharded.gated_retrieval`` stays the one to patch.
-        return _retrieval.retrieve(self, queries, gamma, backend=backend, scan=gated_retrieval)
+        return _retrieval.retrieve(self, queries, gamma, backend=backend)
 
     def _global_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """The fact ids of the shard's rows ``idx`` (-1 stays -1)."""

@@ -86,7 +86,7 @@ def full_queries(db: Any, queries: torch.Tensor) -> torch.Tensor:
 
 
 def retrieve(
-    db: Any, queries: torch.Tensor, gamma: float, *, backend: str | None = None, scan: Any = gated_retrieval
+    db: Any, queries: torch.Tensor, gamma: float, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The body of :meth:`ShardedNeuralKVDatabase.retrieve`."""
     with db.lock:
@@ -95,7 +95,7 @@ def retrieve(
             q = full_queries(db, queries)
             lead = q.shape[:-1]
             q2 = q.reshape(-1, q.shape[-1])
-            out, idx, score = scan(q2, db._shard.keys, db._shard.values, g, backend=backend)
+            out, idx, score = gated_retrieval(q2, db._shard.keys, db._shard.values, g, backend=backend)
             return out.reshape(*lead, db.value_dim), db._global_ids(idx).reshape(lead), score.reshape(lead)
         # A few scalars, never the queries' contents: this runs on every patched forward.
         error = None
@@ -123,7 +123,7 @@ def retrieve(
                 q = full_queries(db, queries)
                 lead = q.shape[:-1]
                 q2 = q.reshape(-1, q.shape[-1])
-                out, idx, score = scan(q2, db._shard.keys, db._shard.values, g, backend=backend)
+                out, idx, score = gated_retrieval(q2, db._shard.keys, db._shard.values, g, backend=backend)
                 key = pack_score_id(score, db._global_ids(idx))
             except Exception as exc:  # noqa: BLE001 -- the others wait in the agreement below: fail it there
                 failure = exc
