@@ -1,6 +1,6 @@
 """kill -9 during ``NeuralKVDatabase.save``: the file must stay loadable, and the next save removes the temporaries.
 
-    python benchmarks/experiments/save_kill_trials.py [--trials 20] [--rows 60000] [--dir /tmp/killtrials]
+    python benchmarks/experiments/save_kill_trials.py [--trials 20] [--rows 60000] [--dir /tmp/neuraldb-kill-trials]
 
 A writer process loads a database, then adds one row and saves in a loop; it is killed with SIGKILL after a random
 0.05-1.5 s. After each kill the file is loaded (checksums included); at the end one more save runs and the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,12 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--rows", type=int, default=60000)
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/killtrials"))
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/neuraldb-kill-trials"), help="emptied first")
     args = ap.parse_args(argv)
-    args.dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
     target = args.dir / "db.safetensors"
-    for f in args.dir.iterdir():
-        f.unlink()
     db = neuraldb.NeuralKVDatabase(1536, 576)  # SmolLM2-135M's widths
     db.add(torch.randn(args.rows, 1536), torch.randn(args.rows, 576))
     db.save(target)
