@@ -27,7 +27,7 @@ demo: install
 ISA_TESTS := tests/test_op_backends.py tests/test_op_contract.py tests/test_prefilter.py tests/test_prefilter_signs.py \
 	tests/test_cpu_residuals.py tests/test_database.py tests/test_database_io.py tests/test_database_sketch.py \
 	tests/test_patching.py tests/test_patching_prefilter.py tests/test_sharded.py tests/test_triton_interpret.py \
-	tests/test_editing_defaults.py
+	tests/test_editing_defaults.py tests/test_row_thresholds.py
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 NEURALDB_CPU_ISA=avx2
 
 test: install

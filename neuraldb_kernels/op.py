@@ -20,8 +20,8 @@ import torch
 
 from neuraldb_kernels import backends, extension
 from neuraldb_kernels.prefilter import check_signs, check_sketch, gated_retrieval_prefiltered_reference
-from neuraldb_kernels.reference import gated_retrieval_torch
-from neuraldb_kernels.validation import check_inputs
+from neuraldb_kernels.reference import apply_row_thresholds, gated_retrieval_torch
+from neuraldb_kernels.validation import check_inputs, check_thresholds
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # Device types with kernels of their own; the ops' defaults serve the rest.
@@ -162,6 +162,7 @@ def gated_retrieval(
     gamma: float,
     *,
     backend: str | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> Outputs:
     """Gated nearest-key lookup: the residual of the best-matching key where its cosine exceeds ``gamma``.
 
@@ -175,6 +176,10 @@ def gated_retrieval(
             :func:`neuraldb_kernels.backends.resolve`; the configured backend, ``$NEURALDB_BACKEND``, when set),
             "torch" (the PyTorch backend), "cpu" (C++), "triton" or "cuda". Under a tracer only the backend the
             device would pick is accepted; force another with :func:`neuraldb_kernels.config.override`.
+        thresholds: None, or per-row gate thresholds ``(m,)`` float32 on the keys' device, in [-1, 1]: the best row
+            ``idx`` also needs ``score > thresholds[idx]`` (-1, or anything at or below gamma: gamma alone). Applied
+            right after the scan at gamma (:func:`neuraldb_kernels.reference.apply_row_thresholds`), so it is exact
+            on every backend; ``idx`` and ``score`` are the scan's either way.
 
     Returns:
         ``out (..., d2)`` in the queries' dtype (``values[idx]`` where the gate opens, else zeros),
@@ -203,10 +208,14 @@ def gated_retrieval(
         [0, 1, 2]
     """
     g = check_inputs(queries, keys, values, gamma)
+    thresholds = check_thresholds(thresholds, keys)
     lead = queries.shape[:-1]
     q2 = queries.reshape(-1, queries.shape[-1])
     name = backends.resolve(backend, queries.device, q2.shape[0])
-    return _unflatten(lead, *gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name))
+    out, idx, score = gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name)
+    if thresholds is not None:
+        out = apply_row_thresholds(out, idx, score, thresholds)
+    return _unflatten(lead, out, idx, score)
 
 
 def gated_retrieval_unchecked(
@@ -248,6 +257,7 @@ def bind_cpu_residuals(
     sketch: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
     sketch_max_rows: int = 0,
+    thresholds: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor | None]:
     """The C++ CPU kernel with all but the queries bound, for a patched eager forward (the function inside a
     :class:`neuraldb_kernels.plan.RetrievalPlan`; :func:`neuraldb_kernels.plan.plan_retrieval` decides its arguments).
@@ -257,7 +267,10 @@ def bind_cpu_residuals(
     gate opens, so that the caller adds nothing. With a ``sketch`` (and ``signs``, as for
     :func:`gated_retrieval_prefiltered`), calls of at most ``sketch_max_rows`` rows take the pre-filtered kernel.
     The flattening, the choice and the gate test run in C++: on a decode step every tensor method called from Python
-    costs host time, with its caches cold from the model's weights.
+    costs host time, with its caches cold from the model's weights. With ``thresholds`` (as for
+    :func:`gated_retrieval`), the query rows whose gate opened at gamma are scanned again for their best row and
+    score, and kept only where that row's own threshold passes: the common call, where no gate opens, costs nothing
+    more.
 
     Example::
 
@@ -270,7 +283,24 @@ def bind_cpu_residuals(
     if ext is None:
         raise RuntimeError(f"bind_cpu_residuals needs the compiled extension: {extension.missing_reason()}")
     f = ext.gated_residuals_cpu
-    return lambda queries: f(queries, keys, values, gamma, sketch, signs, sketch_max_rows)
+    if thresholds is None:
+        return lambda queries: f(queries, keys, values, gamma, sketch, signs, sketch_max_rows)
+    scan = ext.gated_retrieval_cpu
+
+    def residuals(queries: torch.Tensor) -> torch.Tensor | None:
+        out = f(queries, keys, values, gamma, sketch, signs, sketch_max_rows)
+        if out is None:
+            return None
+        flat = out.view(-1, out.shape[-1])
+        rows = flat.ne(0).any(dim=1).nonzero().flatten()
+        _, idx, score = scan(queries.reshape(-1, queries.shape[-1]).index_select(0, rows), keys, values, gamma)
+        shut = rows[score <= thresholds[idx.clamp_min(0)]]
+        if shut.numel() == rows.numel():
+            return None
+        flat.index_fill_(0, shut, 0)
+        return out
+
+    return residuals
 
 
 def gated_retrieval_prefiltered(
@@ -282,12 +312,13 @@ def gated_retrieval_prefiltered(
     signs: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> Outputs:
     """:func:`gated_retrieval` that scans the int4 ``sketch`` of the keys and rescores only the keys that can
     pass the gate (see :mod:`neuraldb_kernels.prefilter`): ``out`` is exactly the plain op's.
 
     Args:
-        queries, keys, values, gamma: as for :func:`gated_retrieval`.
+        queries, keys, values, gamma, thresholds: as for :func:`gated_retrieval`.
         sketch: ``build_sketch(keys)``, kept in step with ``keys`` (row ``i`` sketches key ``i``).
         signs: None, or ``build_signs(keys)`` (kept in step likewise): an exact 1-bit first stage, so that only the
             keys it cannot rule out have their int4 sketch read (~10% of the fp16 key bytes per key at d1 = 1536).
@@ -313,8 +344,12 @@ def gated_retrieval_prefiltered(
     check_sketch(sketch, keys)
     if signs is not None:
         check_signs(signs, keys)
+    thresholds = check_thresholds(thresholds, keys)
     lead = queries.shape[:-1]
     q2 = queries.reshape(-1, queries.shape[-1])
     name = backends.resolve(backend, queries.device, q2.shape[0])
     signs = None if signs is None else _rows(signs)
-    return _unflatten(lead, *gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name, _rows(sketch), signs))
+    out, idx, score = gated_retrieval_unchecked(q2, _rows(keys), _rows(values), g, name, _rows(sketch), signs)
+    if thresholds is not None:
+        out = apply_row_thresholds(out, idx, score, thresholds)
+    return _unflatten(lead, out, idx, score)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from neuraldb_kernels.op import bind_cpu_residuals, gated_retrieval_unchecked
+from neuraldb_kernels.reference import apply_row_thresholds
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class RetrievalPlan:
     signs: torch.Tensor | None
     sketch_max_rows: int
     residuals: Callable[[torch.Tensor], torch.Tensor | None]
+    thresholds: torch.Tensor | None = None
 
 
 def plan_retrieval(
@@ -100,10 +102,13 @@ def plan_retrieval(
     sketch: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
     policy: PrefilterPolicy = DEFAULT_POLICY,
+    thresholds: torch.Tensor | None = None,
 ) -> RetrievalPlan:
     """The :class:`RetrievalPlan` of CPU ``keys`` ``(m, d1)``, ``values`` ``(m, d2)`` (unit-stride rows) and a float
     ``gamma`` in [-1, 1]; ``sketch``/``signs`` (``build_sketch``/``build_signs`` of the keys, or None) are bound where
-    ``policy`` lets calls use them. Needs the compiled extension (RuntimeError otherwise).
+    ``policy`` lets calls use them; ``thresholds`` (per-row gate thresholds, as for
+    :func:`neuraldb_kernels.gated_retrieval`) are enforced on the rows whose gate opens. Needs the compiled extension
+    (RuntimeError otherwise).
 
     Example::
 
@@ -118,8 +123,8 @@ def plan_retrieval(
     sketch = sketch if use else None
     signs = signs if use and policy.uses_signs(gamma) else None
     max_rows = policy.max_rows_at(gamma) if use else 0
-    fn = bind_cpu_residuals(keys, values, gamma, sketch, signs, max_rows)
-    return RetrievalPlan(keys, values, gamma, sketch, signs, max_rows, fn)
+    fn = bind_cpu_residuals(keys, values, gamma, sketch, signs, max_rows, thresholds)
+    return RetrievalPlan(keys, values, gamma, sketch, signs, max_rows, fn, thresholds)
 
 
 def retrieve_residuals(
@@ -132,11 +137,12 @@ def retrieve_residuals(
     sketch: torch.Tensor | None = None,
     signs: torch.Tensor | None = None,
     policy: PrefilterPolicy = DEFAULT_POLICY,
+    thresholds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gated residuals of 2-D ``queries`` ``(T, d1)`` on any device, under any tracer: the pre-filtered op where
     ``policy`` wants the sketches for this call (and ``sketch`` is given), else the plain op. Arguments are unchecked
     as for :func:`neuraldb_kernels.op.gated_retrieval_unchecked`; ``backend`` comes from
-    :func:`neuraldb_kernels.backends.resolve`.
+    :func:`neuraldb_kernels.backends.resolve`; ``thresholds`` as for :func:`neuraldb_kernels.gated_retrieval`.
 
     Example::
 
@@ -146,5 +152,7 @@ def retrieve_residuals(
     """
     if sketch is not None and policy.wants_sketch(backend, keys.shape[0], queries.shape[0], gamma):
         signs = signs if policy.uses_signs(gamma) else None
-        return gated_retrieval_unchecked(queries, keys, values, gamma, backend, sketch, signs)[0]
-    return gated_retrieval_unchecked(queries, keys, values, gamma, backend)[0]
+        out, idx, score = gated_retrieval_unchecked(queries, keys, values, gamma, backend, sketch, signs)
+    else:
+        out, idx, score = gated_retrieval_unchecked(queries, keys, values, gamma, backend)
+    return out if thresholds is None else apply_row_thresholds(out, idx, score, thresholds)

@@ -6,6 +6,11 @@ For query rows ``q`` (T, d1), unit-norm key rows ``keys`` (m, d1) and residual r
     score   = max_i score_i                                NaN scores never win
     idx     = smallest i with score_i == score             -1 (and score -inf) when no score_i is a number
     out     = values[idx] in q's dtype if score > fp32(gamma) (strictly), else 0
+    with per-row thresholds t (m,) fp32: out is kept only where also score > t[idx] (:func:`apply_row_thresholds`)
+
+Per-row thresholds gate the best row only: the argmax is over all rows, then that row's own threshold is tested
+(never a fall back to the second best row). A threshold at or below gamma changes nothing, so the gate of row ``j`` is
+``score > max(gamma, t[j])`` and an exact scan at gamma followed by the row's own test computes it exactly.
 
 :func:`gated_retrieval_reference` computes the exact cosine in float64, which is machine-independent: the fp32 value
 it rounds to depends on the BLAS build only where the exact cosine lies within ~1e-16 of an fp32 rounding boundary.
@@ -103,9 +108,14 @@ def _gated(
 
 
 def gated_retrieval_reference(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The specification for 2-D ``queries`` (T, d1); returns ``(out (T, d2), idx (T,), score (T,))``.
+    """The specification for 2-D ``queries`` (T, d1); returns ``(out (T, d2), idx (T,), score (T,))``; with
+    per-row ``thresholds`` (m,) as the module docstring says.
 
     Example::
 
@@ -114,7 +124,8 @@ def gated_retrieval_reference(
         >>> idx.tolist(), score.tolist(), out.tolist()
         ([1], [1.0], [[0.0, 1.0, 0.0]])
     """
-    return _gated(queries, keys, values, gamma, torch.float64)
+    out, idx, score = _gated(queries, keys, values, gamma, torch.float64)
+    return (out if thresholds is None else apply_row_thresholds(out, idx, score, thresholds)), idx, score
 
 
 def gated_retrieval_torch(
@@ -132,3 +143,22 @@ def gated_retrieval_torch(
     """
     dtype = torch.float64 if queries.device.type in _FLOAT64_DEVICES else torch.float32
     return _gated(queries, keys, values, gamma, dtype)
+
+
+def apply_row_thresholds(
+    out: torch.Tensor, idx: torch.Tensor, score: torch.Tensor, thresholds: torch.Tensor
+) -> torch.Tensor:
+    """``out`` of a scan at gamma with the rows whose best key fails its own threshold zeroed: where
+    ``score > thresholds[idx]`` fails (``idx``/``score`` as the op returns them, any leading shape; ``thresholds``
+    ``(m,)`` fp32 on their device). A closed row (``idx = -1``) stays zero.
+
+    Example::
+
+        >>> out = torch.ones(2, 3); idx = torch.tensor([0, 1]); score = torch.tensor([0.9, 0.9])
+        >>> apply_row_thresholds(out, idx, score, torch.tensor([-1.0, 0.95]))[:, 0].tolist()
+        [1.0, 0.0]
+    """
+    if thresholds.numel() == 0:
+        return out
+    keep = score > thresholds[idx.clamp_min(0)]
+    return torch.where(keep[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -83,3 +83,21 @@ def check_inputs(queries: object, keys: object, values: object, gamma: object) -
             f"queries on {queries.device}, keys on {keys.device}, values on {values.device}"
         )
     return check_gamma(gamma)
+
+
+def check_thresholds(thresholds: object, keys: torch.Tensor) -> torch.Tensor | None:
+    """None, or per-row gate thresholds ``(m,)`` for ``keys`` ``(m, d1)``: float32 on the keys' device, every
+    entry finite and in [-1, 1] (-1: the row has no threshold of its own). Returns them (or None)."""
+    if thresholds is None:
+        return None
+    _check_tensor("thresholds", thresholds, (torch.float32,))
+    assert isinstance(thresholds, torch.Tensor)
+    if thresholds.shape != (keys.shape[0],):
+        raise ValueError(
+            f"thresholds must have shape ({keys.shape[0]},), one per key row, got {tuple(thresholds.shape)}"
+        )
+    if thresholds.device != keys.device:
+        raise ValueError(f"thresholds must be on the keys' device ({keys.device}), got {thresholds.device}")
+    if thresholds.numel() and not bool(((thresholds >= -1) & (thresholds <= 1)).all()):
+        raise ValueError("thresholds must be finite numbers in [-1, 1] (-1: no threshold of the row's own)")
+    return thresholds
