@@ -178,7 +178,7 @@ def test_load_foreign_safetensors(tmp_path):
     "kwargs,match",
     [
         ({"meta": {"format": "something.else"}}, "does not declare format"),
-        ({"meta": {"format_version": 2}}, "format_version 2 is not supported.*upgrade"),
+        ({"meta": {"format_version": 3}}, "format_version 3 is not supported.*upgrade"),
         ({"meta": {"format_version": "1"}}, "'format_version' must be an int, got '1'"),
         ({"meta": {"key_dim": D1 + 1}}, "'keys' has shape"),
         ({"meta": {"count": 7}}, r"'ids' has shape \(3,\), expected \(7,\)"),
@@ -237,7 +237,7 @@ def test_load_bad_path_type():
 
 
 def test_format_constants():
-    assert database_io.FORMAT_VERSION == 1 and database_io.FORMAT == "neuraldb.NeuralKVDatabase"
+    assert database_io.FORMAT_VERSION == 2 and database_io.FORMAT == "neuraldb.NeuralKVDatabase"
 
 
 # ---- what a load refuses before reading, and what it allocates -------------------------------------------------

@@ -236,7 +236,8 @@ def test_a_database_never_decoded_on_cpu_allocates_no_sketch(tmp_path):
     db.save(path)
     for d in (db, NeuralKVDatabase.load(path)):
         assert d.sketch is None
-        assert _tensor_bytes(d) == d.capacity * (d1 + d2) * 2, "only the fp16 keys and residuals are allocated"
+        # fp16 keys and residuals, and a float32 gate threshold per row
+        assert _tensor_bytes(d) == d.capacity * ((d1 + d2) * 2 + 4), "only the rows and thresholds are allocated"
 
 
 @pytest.mark.parametrize("change", ["grow", "prefilter_off", "to_accelerator"])

@@ -47,6 +47,7 @@ from neuraldb.database_inputs import (
     check_dim,
     check_ids,
     check_replacement,
+    check_row_thresholds,
     dtype_name,
 )
 from neuraldb.database_state import METADATA, DatabaseState, check_state
@@ -101,6 +102,10 @@ class NeuralKVDatabase:
     keeps them in step. A database on a GPU, or never used for CPU decoding, holds none. They are never saved (nor
     built by :meth:`load`), are dropped by :meth:`to` a non-CPU device, and ``db.prefilter = False`` frees them and
     keeps them off.
+
+    Each row may have a gate threshold of its own (:attr:`thresholds`, :meth:`set_thresholds`; ``neuraldb
+    calibrate`` fits them): its residual is retrieved only where the best key's cosine exceeds both gamma and the
+    row's threshold. Rows without one have threshold -1, so gamma alone decides for them.
 
     Metadata the editing code sets and :meth:`save` keeps: ``layer``, ``gamma`` (used by ``patch_model``
     when it is not given), ``template`` (the text template keys were built with), ``model_id``,
@@ -208,6 +213,7 @@ class NeuralKVDatabase:
                 [self._facts[i] for i in self._row_ids],
                 self._next_id,
                 **{name: getattr(self, name) for name in METADATA},
+                thresholds=self._storage.views()[5],
             )
 
     @classmethod
@@ -229,10 +235,10 @@ class NeuralKVDatabase:
             state.key_dim, state.value_dim, dtype=state.dtype, device=state.keys.device, capacity=0, ordered=ordered
         )
         if adopt:
-            db._storage = RowStorage.adopt(state.keys, state.values)
+            db._storage = RowStorage.adopt(state.keys, state.values, state.thresholds)
         else:
             db._storage.reserve(state.count)
-            db._storage.write(0, state.keys, state.values, None)
+            db._storage.write(0, state.keys, state.values, None, state.thresholds)
             db._storage.set_count(state.count)
         db._row_ids = list(state.ids)
         db._rows = {i: r for r, i in enumerate(state.ids)}
@@ -337,6 +343,32 @@ class NeuralKVDatabase:
         (:func:`neuraldb_kernels.build_signs`); exists exactly when :attr:`sketch` does."""
         return self._storage.signs
 
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """A copy of the rows' gate thresholds, float32 ``(n,)`` in row order (-1: the row has none of its own)."""
+        with self._lock:
+            return self._storage.thresholds.clone()
+
+    def set_thresholds(self, ids: int | Iterable[int], thresholds: float | Sequence[float] | torch.Tensor) -> None:
+        """Give rows ``ids`` their own gate thresholds (one number for all, or one per id; each in [-1, 1], -1 to
+        remove a row's threshold). A row's residual is then retrieved only where the best key's cosine exceeds both
+        gamma and its threshold. KeyError for unknown ids, TypeError/ValueError for bad thresholds; nothing changes
+        on error.
+
+        Example::
+
+            >>> db = NeuralKVDatabase(4, 2); ids = db.add(torch.eye(4)[:2], torch.ones(2, 2))
+            >>> db.set_thresholds(ids[1], 0.9); db.thresholds.tolist()
+            [-1.0, 0.8999999761581543]
+        """
+        id_list = check_ids(ids)
+        t = check_row_thresholds(thresholds, len(id_list))
+        with self._lock:
+            self._check_known(id_list)
+            if id_list:
+                self._storage.write_at([self._rows[i] for i in id_list], None, None, t)
+                self._version += 1
+
     def __len__(self) -> int:
         return self._storage.n
 
@@ -384,7 +416,14 @@ class NeuralKVDatabase:
 
     # -- write ------------------------------------------------------------------------------------------------
 
-    def add(self, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[FactLike] | None = None) -> list[int]:
+    def add(
+        self,
+        keys: torch.Tensor,
+        residuals: torch.Tensor,
+        facts: Sequence[FactLike] | None = None,
+        *,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
+    ) -> list[int]:
         """Append facts; returns their new ids (increasing, never reused).
 
         Args:
@@ -394,10 +433,11 @@ class NeuralKVDatabase:
             facts: None or one ``Fact``/``dict``/``None`` per row; dicts hold only what a save and load give back
                 unchanged (str keys; str, int, float, bool, None, lists and dicts of them; no NaN), see
                 :func:`neuraldb.database_inputs.fact_to_json`.
+            thresholds: None (no row threshold) or the rows' gate thresholds, as for :meth:`set_thresholds`.
 
         Nothing changes when any argument is invalid.
         """
-        return self.stage_add(keys, residuals, facts).commit()
+        return self.stage_add(keys, residuals, facts, thresholds=thresholds).commit()
 
     def stage_add(
         self,
@@ -407,6 +447,7 @@ class NeuralKVDatabase:
         *,
         ids: Sequence[int] | None = None,
         next_id: int | None = None,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
     ) -> PendingChange:
         """:meth:`add`, validated and allocated for; ``.commit()`` appends the rows and returns their ids.
 
@@ -421,7 +462,7 @@ class NeuralKVDatabase:
             >>> change.commit(), db.next_id
             ([3], 6)
         """
-        return plan_add(self, keys, residuals, facts, ids, next_id)
+        return plan_add(self, keys, residuals, facts, ids, next_id, thresholds)
 
     def update(
         self,
@@ -430,19 +471,22 @@ class NeuralKVDatabase:
         residuals: torch.Tensor | None = None,
         *,
         facts: Sequence[FactLike] | None = None,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        """Replace the keys, residuals and/or facts of existing ``ids`` (rows in the order of ``ids``).
+        """Replace the keys, residuals, facts and/or gate thresholds of existing ``ids`` (rows in the order of
+        ``ids``). A new key without a new threshold drops the row's threshold, which was fitted to the old key.
 
         Raises KeyError for unknown ids, ValueError for duplicates or bad rows; nothing changes on error.
         """
         id_list, k, v, fs = check_replacement(
             ids, keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
         )
+        t = None if thresholds is None else check_row_thresholds(thresholds, len(id_list))
         with self._lock:
             self._check_known(id_list)
             if not id_list:
                 return
-            self._storage.write_at([self._rows[i] for i in id_list], k, v)
+            self._storage.write_at([self._rows[i] for i in id_list], k, v, t)
             if fs is not None:
                 self._facts.update(zip(id_list, fs))
             self._version += 1
@@ -502,7 +546,8 @@ class NeuralKVDatabase:
         and attributes (e.g. :class:`neuraldb.ShardedNeuralKVDatabase`) can be patched in.
         """
         with self._lock:
-            return gated_retrieval(queries, self.keys, self.values, gamma, backend=backend)
+            thresholds = self._storage.views()[5]
+            return gated_retrieval(queries, self.keys, self.values, gamma, backend=backend, thresholds=thresholds)
 
     def retrieve_residuals(self, queries: torch.Tensor, gamma: float, *, backend: str | None = None) -> torch.Tensor:
         """``retrieve(queries, gamma)[0]``, the gated residuals alone: what a patched forward adds.
@@ -526,10 +571,12 @@ class NeuralKVDatabase:
         with self._lock:
             if self._prefilter and policy.wants_sketch(backend, storage.n, q2.shape[0], gamma):
                 storage.ensure_sketch()
-            _, keys, values, sketch, signs = storage.views()
+            _, keys, values, sketch, signs, thresholds = storage.views()
             if not self._prefilter:
                 sketch = None
-            out = retrieve_residuals(q2, keys, values, gamma, backend, sketch=sketch, signs=signs, policy=policy)
+            out = retrieve_residuals(
+                q2, keys, values, gamma, backend, sketch=sketch, signs=signs, policy=policy, thresholds=thresholds
+            )
         return out if queries.dim() == 2 else out.view(*queries.shape[:-1], self.value_dim)
 
     def eager_plan(self, gamma: float, rows: int) -> tuple[object, RetrievalPlan] | None:
@@ -545,10 +592,12 @@ class NeuralKVDatabase:
                 return None
             storage.ensure_sketch()
         views = storage.views()
-        _, keys, values, sketch, signs = views
+        _, keys, values, sketch, signs, thresholds = views
         if not use:
             sketch = signs = None
-        return views, plan_retrieval(keys, values, gamma, sketch=sketch, signs=signs, policy=policy)
+        return views, plan_retrieval(
+            keys, values, gamma, sketch=sketch, signs=signs, policy=policy, thresholds=thresholds
+        )
 
     def state_token(self) -> object:
         """An object that stays the same (``is``) while the rows, buffers and policy do: what :meth:`eager_plan`'s

@@ -272,3 +272,34 @@ def check_replacement(
             raise ValueError(f"residuals must have one row per id: expected {m}, got {v.shape[0]}")
     fs = check_facts(facts, m) if facts is not None else None
     return id_list, k, v, fs
+
+
+def check_row_thresholds(thresholds: object, m: int, name: str = "thresholds") -> torch.Tensor:
+    """Per-row gate thresholds for ``m`` rows as a float32 CPU tensor ``(m,)``: a number (the same for every row),
+    a sequence or a tensor of ``m`` numbers, each finite and in [-1, 1] (-1: no threshold of the row's own, gamma
+    alone decides); TypeError or ValueError naming ``name`` otherwise."""
+    if isinstance(thresholds, bool):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got bool")
+    if isinstance(thresholds, (int, float)):
+        t = torch.full((m,), float(thresholds), dtype=torch.float32)
+    else:
+        if isinstance(thresholds, torch.Tensor):
+            if not (thresholds.dtype.is_floating_point or thresholds.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"{name} must hold numbers, got dtype {thresholds.dtype}")
+            t = thresholds.detach().to("cpu", torch.float32)
+        elif isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
+            try:
+                t = torch.tensor([float(x) for x in thresholds], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name} must be a sequence of numbers") from None
+        else:
+            raise TypeError(
+                f"{name} must be a number, a sequence of numbers or a tensor, got {type(thresholds).__name__}"
+            )
+        t = t.reshape(-1) if t.dim() <= 1 else t
+        if tuple(t.shape) != (m,):
+            raise ValueError(f"{name} must hold one threshold per row: expected {m}, got shape {tuple(t.shape)}")
+    if m and not bool(((t >= -1) & (t <= 1)).all()):
+        bad = (~((t >= -1) & (t <= 1))).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} must be finite numbers in [-1, 1], got {[t[i].item() for i in bad]} at rows {bad}")
+    return t.contiguous()

@@ -9,10 +9,12 @@ Tensors (row ``i`` of each belongs to the same fact)::
     values      (n, value_dim)  same dtype, the residuals
     ids         (n,)            int64, the stable fact ids
     facts_json  (bytes,)        uint8, UTF-8 JSON list of n entries: null | {"fact": {...}} | {"dict": {...}}
+    thresholds  (n,)            float32 in [-1, 1], the rows' own gate thresholds (-1: none); only in files of
+                                format_version 2, written when some row has one
 
 Header metadata (safetensors' string map): ``"neuraldb"`` holds a JSON object::
 
-    {"format": "neuraldb.NeuralKVDatabase", "format_version": 1, "key_dim": ..., "value_dim": ..., "dtype": ...,
+    {"format": "neuraldb.NeuralKVDatabase", "format_version": 1 (2 with thresholds), "key_dim": ..., "value_dim": ..., "dtype": ...,
      "count": n, "next_id": ..., "layer": ..., "gamma": ..., "template": ..., "model_id": ..., "module_path": ...,
      "config": {...}, "crc32": {"ids": "1c291ca3", "keys": ..., "values": ..., "facts_json": ...}}
 
@@ -58,11 +60,15 @@ from neuraldb.database_state import METADATA, DatabaseState, check_ids_below, ch
 from neuraldb_kernels import check_gamma
 
 FORMAT = "neuraldb.NeuralKVDatabase"
-FORMAT_VERSION = 1
+# Version 2 adds the thresholds tensor. A database without row thresholds is still written as version 1, so that
+# older neuraldb versions keep reading it; they refuse version 2 with "upgrade neuraldb".
+FORMAT_VERSION = 2
+_VERSIONS = (1, 2)
 META_KEY = "neuraldb"
 CHECKSUM_KEY = "crc32"
 # In file order: the 8-byte ids first, so every tensor starts aligned to its element size.
 TENSORS = ("ids", "keys", "values", "facts_json")
+OPTIONAL_TENSORS = ("thresholds",)
 # safetensors refuses to read a longer header.
 _MAX_HEADER_BYTES = 100_000_000
 # Bytes per write and per checksum step: large enough that the Python loop costs nothing, small enough to stay in
@@ -94,7 +100,7 @@ def _meta(state: DatabaseState) -> dict:
     check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if state.thresholds is not None else 1,
         "key_dim": state.key_dim,
         "value_dim": state.value_dim,
         "dtype": dtype_name(state.dtype),
@@ -161,6 +167,8 @@ def write_state(state: DatabaseState, path: str | os.PathLike) -> None:
         "values": state.values.contiguous().cpu(),
         "facts_json": torch.frombuffer(bytearray(facts.encode("utf-8")), dtype=torch.uint8),
     }
+    if state.thresholds is not None:
+        tensors["thresholds"] = state.thresholds.contiguous().cpu()
     meta[CHECKSUM_KEY] = {name: f"{crc32(t):08x}" for name, t in tensors.items()}
     header = {META_KEY: json.dumps(meta, allow_nan=False)}
     try:
@@ -244,13 +252,14 @@ def read_state(path: str | os.PathLike) -> DatabaseState:
                     f"tensors: {sorted(names)[:5]})"
                 )
             meta = _parse_meta(header[META_KEY])
+            wanted = TENSORS + (OPTIONAL_TENSORS if meta["format_version"] >= 2 else ())
             missing = [t for t in TENSORS if t not in names]
             if missing:
                 raise _Invalid(f"tensors {missing} are missing")
             # Only the header is read here; keys and values are read in row chunks straight into the database's
             # storage (see _build), so a load needs about the database's own memory rather than the file's size on
             # top of it.
-            state = _build(meta, {t: f.get_slice(t) for t in TENSORS}, str(source))
+            state = _build(meta, {t: f.get_slice(t) for t in wanted if t in names}, str(source))
     except ValueError as exc:  # _Invalid and the fact/metadata checks shared with NeuralKVDatabase
         raise ValueError(f"cannot load {str(source)!r}: {exc}") from None
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -270,10 +279,11 @@ def _parse_meta(text: str) -> dict:
     version = meta.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise _Invalid(f"metadata 'format_version' must be an int, got {version!r:.50}")
-    if version != FORMAT_VERSION:
+    if version not in _VERSIONS:
         hint = "; upgrade neuraldb to read it" if version > FORMAT_VERSION else ""
         raise _Invalid(
-            f"format_version {version} is not supported (this neuraldb reads version {FORMAT_VERSION}){hint}"
+            f"format_version {version} is not supported (this neuraldb reads versions "
+            f"{', '.join(map(str, _VERSIONS))}){hint}"
         )
     return meta
 
@@ -281,16 +291,16 @@ def _parse_meta(text: str) -> dict:
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 
 
-def _checksums(meta: dict) -> dict[str, int] | None:
+def _checksums(meta: dict, names: tuple[str, ...]) -> dict[str, int] | None:
     sums = meta.get(CHECKSUM_KEY)
     if sums is None:
         return None
     if (
         not isinstance(sums, dict)
-        or set(sums) != set(TENSORS)
+        or set(sums) != set(names)
         or not all(isinstance(v, str) and _HEX8.fullmatch(v) for v in sums.values())
     ):
-        raise _Invalid(f"metadata {CHECKSUM_KEY!r} must map {', '.join(TENSORS)} to 8 hex digits, got {sums!r:.200}")
+        raise _Invalid(f"metadata {CHECKSUM_KEY!r} must map {', '.join(names)} to 8 hex digits, got {sums!r:.200}")
     return {name: int(v, 16) for name, v in sums.items()}
 
 
@@ -329,7 +339,7 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
             raise _Invalid(f"metadata 'gamma' must be a finite number in [-1, 1] or null, got {gamma!r:.50}") from None
     text = {name: _field(meta, name, (str,), optional=True) for name in ("template", "model_id", "module_path")}
     config = _field(meta, "config", (dict,))
-    sums = _checksums(meta)
+    sums = _checksums(meta, tuple(slices))
 
     # The header's shapes and dtypes, checked before a byte of data is read or allocated: a tensor's shape is
     # bounded by the file's size (safetensors checks that), and the metadata must agree with it.
@@ -352,6 +362,15 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
     shape, got = header["facts_json"]
     if got != torch.uint8 or len(shape) != 1:
         raise _Invalid(f"tensor 'facts_json' must be 1-D uint8 (UTF-8 JSON), got {_name(got)} of shape {shape}")
+    thresholds = None
+    if "thresholds" in header:
+        shape, got = header["thresholds"]
+        if shape != (count,) or got != torch.float32:
+            raise _Invalid(f"tensor 'thresholds' must be ({count},) float32, got {_name(got)} of shape {shape}")
+        thresholds = slices["thresholds"][:].contiguous()
+        _check_sum("thresholds", crc32(thresholds), sums)
+        if count and not bool(((thresholds >= -1) & (thresholds <= 1)).all()):
+            raise _Invalid("tensor 'thresholds' must hold finite numbers in [-1, 1]")
 
     ids = slices["ids"][:]
     _check_sum("ids", crc32(ids), sums)
@@ -413,6 +432,7 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
         layer=layer,
         gamma=gamma,
         config=config,
+        thresholds=thresholds,
         **text,
     )
 

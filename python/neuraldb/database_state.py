@@ -57,6 +57,8 @@ class DatabaseState:
     model_id: str | None = None
     module_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # Per-row gate thresholds, float32 (count,) on the rows' device; None: no row has one of its own (all -1).
+    thresholds: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -102,6 +104,23 @@ def check_rows(keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None
         raise ValueError(f"tensor 'keys' rows {(off[:5] + start).tolist()} are not unit-norm")
 
 
+def check_state_thresholds(thresholds: object, n: int, device: torch.device) -> None:
+    """ValueError unless ``thresholds`` is None or float32 ``(n,)`` on ``device`` with every entry in [-1, 1]."""
+    if thresholds is None:
+        return
+    if not isinstance(thresholds, torch.Tensor) or thresholds.dtype != torch.float32 or tuple(thresholds.shape) != (n,):
+        got = (
+            f"{tuple(thresholds.shape)} {dtype_name(thresholds.dtype)}"
+            if isinstance(thresholds, torch.Tensor)
+            else type(thresholds).__name__
+        )
+        raise ValueError(f"state.thresholds must be None or ({n},) float32, got {got}")
+    if thresholds.device != device:
+        raise ValueError(f"state.thresholds must be on the rows' device ({device}), got {thresholds.device}")
+    if n and not bool(((thresholds >= -1) & (thresholds <= 1)).all()):
+        raise ValueError("state.thresholds must be finite numbers in [-1, 1]")
+
+
 def check_ids_below(ids: list[int], next_id: int) -> None:
     """ValueError unless ``ids`` are distinct ints in ``[0, next_id)`` and ``next_id`` fits int64."""
     if not 0 <= next_id <= MAX_ID:
@@ -130,6 +149,7 @@ def check_state(state: DatabaseState, *, rows: bool = True) -> None:
     if state.keys.device != state.values.device:
         raise ValueError(f"state.keys and state.values are on {state.keys.device} and {state.values.device}")
     check_ids_below(state.ids, state.next_id)
+    check_state_thresholds(state.thresholds, n, state.keys.device)
     if len(state.facts) != n:
         raise ValueError(f"state.facts must have one entry per id: expected {n}, got {len(state.facts)}")
     check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)

@@ -1,6 +1,7 @@
-"""``RowStorage``: the tensors of a :class:`~neuraldb.NeuralKVDatabase` -- keys, residuals and the keys' two sketches.
+"""``RowStorage``: the tensors of a :class:`~neuraldb.NeuralKVDatabase` -- keys, residuals, per-row gate thresholds
+and the keys' two sketches.
 
-Two preallocated buffers that double when full, so appending 100k facts in batches is amortised O(1) per fact;
+Preallocated buffers that double when full, so appending 100k facts in batches is amortised O(1) per fact;
 ``keys``/``values`` are views of their first ``n`` rows, which the op reads without a copy. On the CPU they live in
 2 MB pages (:mod:`neuraldb.host_memory`). The int4 and 1-bit sketches (:func:`neuraldb_kernels.build_sketch`,
 :func:`~neuraldb_kernels.build_signs`) exist only after :meth:`RowStorage.ensure_sketch`; from then on every write
@@ -28,6 +29,8 @@ from neuraldb import host_memory
 from neuraldb_kernels import build_signs, build_sketch, sign_row_bytes, sketch_row_bytes
 
 MIN_CAPACITY = 16
+# A row's threshold when it has none of its own: never above gamma, so gamma alone decides.
+NO_THRESHOLD = -1.0
 # Rows per build_sketch call when the sketch is first built: it is written into its buffer chunk by chunk instead of
 # existing twice.
 _SKETCH_BUILD_ROWS = 4096
@@ -42,7 +45,8 @@ def moved(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 class RowStorage:
     """Rows ``[0, n)`` of ``(capacity, key_dim)`` keys and ``(capacity, value_dim)`` values in ``dtype`` on
-    ``device``, and their sketches once built."""
+    ``device``, ``(capacity,)`` float32 gate thresholds (:data:`NO_THRESHOLD` for a row without one), and the keys'
+    sketches once built."""
 
     def __init__(
         self, key_dim: int, value_dim: int, dtype: torch.dtype, device: torch.device | str, capacity: int
@@ -50,17 +54,22 @@ class RowStorage:
         self.key_dim, self.value_dim, self.dtype = key_dim, value_dim, dtype
         self.keys_buf = host_memory.empty((capacity, key_dim), dtype, device)
         self.values_buf = host_memory.empty((capacity, value_dim), dtype, device)
+        self.thresholds_buf = torch.empty((capacity,), dtype=torch.float32, device=device)
         self.sketch_buf: torch.Tensor | None = None
         self.signs_buf: torch.Tensor | None = None  # built and dropped with sketch_buf
         self.n = 0
         self.cached_views: tuple = ()
 
     @classmethod
-    def adopt(cls, keys: torch.Tensor, values: torch.Tensor) -> RowStorage:
-        """Storage whose buffers are ``keys``/``values`` (contiguous, full), without a copy."""
+    def adopt(cls, keys: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor | None = None) -> RowStorage:
+        """Storage whose buffers are ``keys``/``values`` (and ``thresholds``, when given; contiguous, full), without a
+        copy."""
         out = cls.__new__(cls)
         out.key_dim, out.value_dim, out.dtype = keys.shape[1], values.shape[1], keys.dtype
         out.keys_buf, out.values_buf = keys, values
+        if thresholds is None:
+            thresholds = torch.full((keys.shape[0],), NO_THRESHOLD, device=keys.device)
+        out.thresholds_buf = thresholds
         out.sketch_buf = out.signs_buf = None
         out.n = keys.shape[0]
         out.cached_views = ()
@@ -83,6 +92,10 @@ class RowStorage:
         return self.values_buf[: self.n]
 
     @property
+    def thresholds(self) -> torch.Tensor:
+        return self.thresholds_buf[: self.n]
+
+    @property
     def sketch(self) -> torch.Tensor | None:
         return None if self.sketch_buf is None else self.sketch_buf[: self.n]
 
@@ -91,7 +104,8 @@ class RowStorage:
         return None if self.signs_buf is None else self.signs_buf[: self.n]
 
     def views(self) -> tuple:
-        """``(key, keys, values, sketch, signs)``, the live rows, made once per state of the storage and kept as
+        """``(key, keys, values, sketch, signs, thresholds)``, the live rows (``thresholds`` None while no row has one
+        of its own, so that retrieval skips the test), made once per state of the storage and kept as
         :attr:`cached_views`: a plan bound to these tensors stays valid while ``cached_views`` is the same tuple.
         Keyed on the buffers' identities and the row count, so a writer that forgets :meth:`changed` costs memory, never correctness (the cached views keep their
         buffers alive, so an identity cannot be reused while it is cached); the writers that replace a buffer call
@@ -99,7 +113,9 @@ class RowStorage:
         key = (self.n, id(self.keys_buf), id(self.values_buf), id(self.sketch_buf), id(self.signs_buf))
         views = self.cached_views
         if not views or views[0] != key:
-            self.cached_views = views = (key, self.keys, self.values, self.sketch, self.signs)
+            thresholds = self.thresholds
+            active = thresholds if bool((thresholds > NO_THRESHOLD).any()) else None
+            self.cached_views = views = (key, self.keys, self.values, self.sketch, self.signs, active)
         return views
 
     def changed(self) -> None:
@@ -118,13 +134,14 @@ class RowStorage:
             cap *= 2
         self.keys_buf = self._grown(self.keys_buf, cap)
         self.values_buf = self._grown(self.values_buf, cap)
+        self.thresholds_buf = self._grown(self.thresholds_buf, cap)
         if self.sketch_buf is not None:
             self.sketch_buf = self._grown(self.sketch_buf, cap)
             self.signs_buf = self._grown(self.signs_buf, cap)
         self.changed()
 
     def _grown(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
-        out = host_memory.empty((cap, buf.shape[1]), buf.dtype, self.device)
+        out = host_memory.empty((cap, *buf.shape[1:]), buf.dtype, self.device)
         out[: self.n].copy_(buf[: self.n])
         return out
 
@@ -157,6 +174,7 @@ class RowStorage:
             return
         self.keys_buf = moved(self.keys_buf, device)
         self.values_buf = moved(self.values_buf, device)
+        self.thresholds_buf = moved(self.thresholds_buf, device)
         if device.type != "cpu":
             self.sketch_buf = self.signs_buf = None
         else:
@@ -168,21 +186,44 @@ class RowStorage:
     # -- writes into reserved rows (no allocation beyond index tensors) -----------------------------------------
 
     def write(
-        self, start: int, keys: torch.Tensor, values: torch.Tensor, sketch: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        start: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        sketch: tuple[torch.Tensor, torch.Tensor] | None,
+        thresholds: torch.Tensor | None = None,
     ) -> None:
         """Copy rows into ``[start, start + len(keys))`` of the reserved buffers; ``sketch`` is their
-        :meth:`sketch_rows` (built here if the sketches exist and it is None)."""
+        :meth:`sketch_rows` (built here if the sketches exist and it is None), ``thresholds`` theirs (None: none)."""
         stop = start + keys.shape[0]
         self.keys_buf[start:stop].copy_(keys)
         self.values_buf[start:stop].copy_(values)
+        if thresholds is None:
+            self.thresholds_buf[start:stop].fill_(NO_THRESHOLD)
+        else:
+            self.thresholds_buf[start:stop].copy_(thresholds)
+        self.changed()
         if self.sketch_buf is not None:
             sk, sg = self.sketch_rows(keys) if sketch is None else sketch
             self.sketch_buf[start:stop].copy_(sk)
             self.signs_buf[start:stop].copy_(sg)
 
-    def write_at(self, rows: list[int], keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
-        """Replace the keys and/or values of live ``rows`` (the sketches follow the keys)."""
+    def write_at(
+        self,
+        rows: list[int],
+        keys: torch.Tensor | None,
+        values: torch.Tensor | None,
+        thresholds: torch.Tensor | None = None,
+    ) -> None:
+        """Replace the keys, values and/or thresholds of live ``rows`` (the sketches follow the keys). A new key
+        without a new threshold drops the row's threshold: it was fitted to the old key."""
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if thresholds is not None:
+            self.thresholds_buf.index_copy_(0, index, thresholds.to(self.device))
+        elif keys is not None:
+            self.thresholds_buf.index_fill_(0, index, NO_THRESHOLD)
+        if thresholds is not None or keys is not None:
+            self.changed()
         if keys is not None:
             self.keys_buf.index_copy_(0, index, keys.to(self.device))
             if self.sketch_buf is not None:
@@ -193,7 +234,7 @@ class RowStorage:
             self.values_buf.index_copy_(0, index, values.to(self.device))
 
     def gather(self, rows: list[int]) -> list[torch.Tensor | None]:
-        """Copies of ``rows`` of every buffer (keys, values, sketch, signs; None for a missing sketch): what
+        """Copies of ``rows`` of every buffer (keys, values, sketch, signs, thresholds; None for a missing sketch): what
         :meth:`move` writes back elsewhere."""
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return [None if b is None else b.index_select(0, index) for b in self._buffers()]
@@ -213,7 +254,7 @@ class RowStorage:
         self.changed()
 
     def _buffers(self) -> tuple[torch.Tensor | None, ...]:
-        return self.keys_buf, self.values_buf, self.sketch_buf, self.signs_buf
+        return self.keys_buf, self.values_buf, self.sketch_buf, self.signs_buf, self.thresholds_buf
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -230,4 +271,4 @@ class RowStorage:
         return rows, top
 
 
-__all__ = ["MIN_CAPACITY", "RowStorage", "moved"]
+__all__ = ["MIN_CAPACITY", "NO_THRESHOLD", "RowStorage", "moved"]
