@@ -27,7 +27,7 @@ import neuraldb
 from _common import machine_description, write_json
 from neuraldb import templates
 from neuraldb.editing import engine
-from neuraldb.evaluation.gate import _down_proj_inputs
+from neuraldb.editing.engine import down_proj_inputs
 
 from neuraldb_kernels.reference import normalize_queries
 
@@ -47,7 +47,7 @@ def text_states(
     ids = tok(templates.apply(template, text), add_special_tokens=False)["input_ids"][start : start + tokens]
     h = engine.handles(model, layer)
     pad = tok.pad_token_id or 0
-    states = [_down_proj_inputs(h, [ids[s : s + window]], pad)[0][0] for s in range(0, len(ids), window)]
+    states = [down_proj_inputs(h, [ids[s : s + window]], pad)[0][0] for s in range(0, len(ids), window)]
     return ids, normalize_queries(torch.cat(states))
 
 

@@ -164,6 +164,32 @@ class _StopForward(Exception):
     pass
 
 
+def down_proj_inputs(h: Handles, seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states, mask)``: the inputs of ``h.down_proj`` (fp32, ``(batch, length, d1)``) for token sequences ``seqs``,
+    right-padded with ``pad_id`` into one batch (``mask`` marks the real tokens), from a forward that stops there."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s))
+        mask[i, : len(s)] = 1
+    got = {}
+
+    def grab(mod, inp, out):
+        got["q"] = inp[0].float()
+        raise _StopForward
+
+    device = next(h.down_proj.parameters()).device
+    hook = h.down_proj.register_forward_hook(grab)
+    try:
+        h.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        hook.remove()
+    return got["q"], mask.to(device).bool()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention of the optimisation steps
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,32 +24,6 @@ T = TypeVar("T")
 GATE_MARGIN = 1e-3
 
 
-def _down_proj_inputs(h, seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..editing import engine
-
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s))
-        mask[i, : len(s)] = 1
-    got = {}
-
-    def grab(mod, inp, out):
-        got["q"] = inp[0].float()
-        raise engine._StopForward
-
-    device = next(h.down_proj.parameters()).device
-    hd = h.down_proj.register_forward_hook(grab)
-    try:
-        h.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    except engine._StopForward:
-        pass
-    finally:
-        hd.remove()
-    return got["q"], mask.to(device).bool()
-
-
 @torch.inference_mode()
 def retrieval_hits(
     model,
@@ -89,7 +63,7 @@ def retrieval_hits(
     at: list[list[list[int]]] = [[] for _ in sizes]
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
-        q, mask = _down_proj_inputs(h, chunk, pad_id)
+        q, mask = engine.down_proj_inputs(h, chunk, pad_id)
         qn = normalize_queries(q.to(k.device))
         best = torch.full(mask.shape, float("-inf"), device=qn.device)
         idx = torch.full(mask.shape, -1, dtype=torch.long, device=qn.device)
