@@ -72,7 +72,8 @@ class Fact:
 #
 # and, depending on the format, the source's own fields (see each parser): "case_id", "pararel_idx", "relation_id",
 # "target_new_id", "target_true_id", "attribute_prompts", "generation_prompts", "portability",
-# "alternative_subject", "locality_ground_truth", "answers", "pred", "loc_ans", "cond".
+# "alternative_subject", "locality_ground_truth", "answers", "pred", "loc_ans", "cond", "locality" (KnowEdit's dict,
+# kept as given: its Relation_Specificity prompts are also the neighborhood; evaluation.zsre reads both dicts).
 # ---------------------------------------------------------------------------------------------------------------------
 
 FORMATS = ("neuraldb", "counterfact-rome", "counterfact-mend", "zsre-mend", "zsre-knowedit")
@@ -300,7 +301,7 @@ def _parse_zsre_mend(rec: dict, where: str) -> Fact:
 def _parse_zsre_knowedit(rec: dict, where: str) -> Fact:
     prompt, subject = _place_subject(_str(rec, "prompt", where), _str(rec, "subject", where))
     extras: dict[str, Any] = {"format": "zsre-knowedit"}
-    for key in ("case_id", "cond", "portability"):
+    for key in ("case_id", "cond", "portability", "locality"):
         if key in rec:
             extras[key] = rec[key]
     neighborhood, answers = [], []
@@ -451,7 +452,8 @@ def load(
       ``rephrase_prompt`` -> paraphrases, ``locality_prompt`` -> neighborhood);
     - ``zsre-mend``: MEND/ROME zsRE (``src`` -> prompt, ``alt`` -> target_new, ``answers[0]`` -> target_true,
       ``rephrase`` -> paraphrases, ``loc`` -> neighborhood with answer ``loc_ans``);
-    - ``zsre-knowedit``: KnowEdit's ZsRE (``locality`` dict -> neighborhood).
+    - ``zsre-knowedit``: KnowEdit's ZsRE (``locality`` dict -> neighborhood; it and ``portability`` are also kept
+      as given in extras).
 
     Where the subject must be found in a prompt (MEND, ZsRE and KnowEdit formats), an exact match is used, else a
     case-insensitive one. Records that follow the schema but cannot be edits (the subject does not occur in the

@@ -50,7 +50,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="the model's parameter dtype (default float32; bfloat16 is Gemma-3's native dtype)",
     )
     p.add_argument("--dataset", choices=("counterfact", "zsre"), help="which metrics (required unless --combine)")
-    p.add_argument("--facts", type=Path, help="facts file (CounterFact ROME/MEND format, ZsRE MEND format)")
+    p.add_argument(
+        "--facts",
+        type=Path,
+        help="facts file (CounterFact ROME/MEND format; ZsRE MEND format, or KnowEdit for same-subject locality "
+        "and portability)",
+    )
     p.add_argument("--n", type=_positive_int, default=100, help="number of facts to edit and evaluate (default 100)")
     p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many facts first")
     p.add_argument("--db", type=Path, help="evaluate this saved database instead of editing")

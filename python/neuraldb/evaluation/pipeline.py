@@ -23,7 +23,7 @@ from .distractors import evaluated_subset
 from .fluency import load_reference_texts
 from .general import evaluate_general
 from .report import write_json
-from .zsre import evaluate_zsre, locality_unchanged
+from .zsre import evaluate_zsre, locality_unchanged, same_subject_locality
 
 __all__ = ["run_eval", "select_facts"]
 
@@ -196,9 +196,14 @@ def run_eval(
     run["pre"], run["post"] = pre, post
     if dataset == "zsre":
         run["locality_unchanged"] = locality_unchanged(pre, post)
-        run["notes"].append(
-            f"ZsRE edit target: {'answers[0] (ROME/MEMIT MENDQADataset)' if zsre_target == 'answers' else 'alt (EasyEdit)'}"
-        )
+        run["same_subject_locality"] = same_subject_locality(pre, post)
+        if zsre_target == "alt":
+            target = "alt (EasyEdit)"
+        elif any(f.extras.get("answers") for f in facts):
+            target = "answers[0] (ROME/MEMIT MENDQADataset)"
+        else:  # KnowEdit records: no answers field, target_new is EasyEdit's target
+            target = "target_new as given (the records have no answers field)"
+        run["notes"].append(f"ZsRE edit target: {target}")
 
     if general_dir is not None:
         gen = partial(

@@ -55,6 +55,15 @@ CF_MAG = [
     ("score", "Score"),
 ]
 ZS_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑")]
+# run-level (pre vs post) ZsRE measures, shown on the NeuralDB row
+ZS_RUN = ("locality_unchanged", "same_subject_locality")
+# KnowEdit's columns, shown only when some run has them
+ZS_KNOWEDIT = [
+    ("same_subject_locality", "Same-subject loc. ↑"),
+    ("portability_reasoning", "Portability: reasoning ↑"),
+    ("portability_subject_aliasing", "Portability: subject aliasing ↑"),
+    ("portability_logical_generalization", "Portability: logical generalization ↑"),
+]
 
 
 def _facts_cell(run: dict) -> str:
@@ -66,7 +75,17 @@ def _table(runs: Sequence[dict], dataset: str) -> list[str]:
     rs = sorted([r for r in runs if r["dataset"] == dataset], key=lambda r: (r["model"], r["n_facts"]))
     if not rs:
         return []
-    cols = CF_COLS + CF_MAG if dataset == "counterfact" else ZS_COLS + [("locality_unchanged", "Loc. unchanged")]
+    if dataset == "counterfact":
+        cols = CF_COLS + CF_MAG
+    else:
+        cols = ZS_COLS + [("locality_unchanged", "Loc. unchanged")]
+        for key, label in ZS_KNOWEDIT:
+            if any(
+                r.get(key) is not None or r[part]["summary"].get(key) is not None
+                for r in rs
+                for part in ("pre", "post")
+            ):
+                cols.append((key, label))
     name = "CounterFact" if dataset == "counterfact" else "ZsRE"
     out = [
         f"### {name}",
@@ -81,7 +100,7 @@ def _table(runs: Sequence[dict], dataset: str) -> list[str]:
         if key not in seen_pre:
             seen_pre.add(key)
             rows.append(("Pre-edited", r["pre"]["summary"], {}))
-        rows.append(("NeuralDB", r["post"]["summary"], {"locality_unchanged": r.get("locality_unchanged")}))
+        rows.append(("NeuralDB", r["post"]["summary"], {k: r.get(k) for k in ZS_RUN}))
         for state, s, extra in rows:
             vals = [extra.get(k, s.get(k)) for k, _ in cols]
             out.append(f"| {r['model']} | {state} | {_facts_cell(r)} | " + " | ".join(_fmt(v) for v in vals) + " |")
