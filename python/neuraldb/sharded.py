@@ -25,14 +25,14 @@ every rank, as with model weights). That makes id assignment deterministic witho
   a rank that never makes the call leaves the others waiting ``timeout`` seconds, then ``TimeoutError``.
 
 The equivalent single database is **all live facts in id order**: a ``NeuralKVDatabase`` holding the same facts
-with rows sorted by id (``db.gather()`` builds it; it is what a single database that was only ever appended to
-holds). Retrieval returns exactly its result, including the tie-break (lowest id on equal scores), for any
-number of ranks: every shard keeps its rows in id order (``delete`` compacts the shard's tail instead of
-swapping the last row in), so a shard's lowest tied row is its lowest tied id.
+and per-row gate thresholds with rows sorted by id (``db.gather()`` builds it; what a single database only ever
+appended to holds). Retrieval returns exactly its result, including the tie-break (lowest id on equal scores) and
+the winner's own gate threshold, for any number of ranks: every shard keeps its rows in id order (``delete``
+compacts the shard's tail instead of swapping the last row in), so a shard's lowest tied row is its lowest tied id.
 
 Retrieval across the shards (one ``all_reduce`` of packed (score, id) per row, then the winning residuals):
-:mod:`neuraldb.sharded_retrieval`; the collective writes (``add``/``update``/``delete``, ``from_database``):
-:mod:`neuraldb.sharded_writes`.
+:mod:`neuraldb.sharded_retrieval`; the collective writes (``add``/``update``/``delete``/``set_thresholds``,
+``from_database``): :mod:`neuraldb.sharded_writes`.
 
 Files (``save``/``load``, a directory with one ``NeuralKVDatabase`` file per rank): :mod:`neuraldb.sharded_io`.
 
@@ -88,9 +88,9 @@ class ShardedNeuralKVDatabase:
     """A :class:`~neuraldb.NeuralKVDatabase` split across the ranks of a ``torch.distributed`` process group.
 
     Same API as the single database (``add``/``update``/``delete``/``get``/``save``/``load``, stable ids), plus
-    :meth:`retrieve`, which returns exactly what ``gated_retrieval`` returns on the equivalent single database
-    (all live facts in id order), with fact ids in place of row indices. All whole-database methods are
-    collective; see the module docstring for the calling convention and the communication per token.
+    :meth:`retrieve`, which returns exactly what ``retrieve`` returns on the equivalent single database (all live
+    facts in id order, with their gate thresholds), with fact ids in place of row indices. All whole-database
+    methods are collective; see the module docstring for the calling convention and the communication per token.
 
     Every collective method first checks, in one small ``all_reduce`` on every rank, that all ranks made the same
     call (method, argument shapes and dtypes, for ``add``/``update``/``delete`` their contents, for retrieval the
@@ -256,11 +256,19 @@ class ShardedNeuralKVDatabase:
 
     # -- write (collective by convention; no communication) --------------------------------------------------------
 
-    def add(self, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[FactLike] | None = None) -> list[int]:
+    def add(
+        self,
+        keys: torch.Tensor,
+        residuals: torch.Tensor,
+        facts: Sequence[FactLike] | None = None,
+        *,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
+    ) -> list[int]:
         """Collective: append facts (the same arguments on every rank); returns their global ids. Each rank keeps
-        the rows it owns. Nothing changes on any rank unless the call succeeds on every rank: each validates all
-        rows and prepares its part, the ranks agree, and only then does each keep its rows."""
-        return _writes.add(self, keys, residuals, facts)
+        the rows it owns. ``thresholds``: None or the rows' own gate thresholds, as for :meth:`set_thresholds`.
+        Nothing changes on any rank unless the call succeeds on every rank: each validates all rows and prepares
+        its part, the ranks agree, and only then does each keep its rows."""
+        return _writes.add(self, keys, residuals, facts, thresholds=thresholds)
 
     def update(
         self,
@@ -269,10 +277,20 @@ class ShardedNeuralKVDatabase:
         residuals: torch.Tensor | None = None,
         *,
         facts: Sequence[FactLike] | None = None,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        """Collective: replace keys, residuals and/or facts of existing ``ids``; each owner updates its rows.
+        """Collective: replace keys, residuals, facts and/or gate thresholds of existing ``ids``; each owner updates
+        its rows. A new key without a new threshold drops the row's threshold, as in ``NeuralKVDatabase.update``.
         Nothing changes on any rank unless the call is valid on every rank."""
-        _writes.update(self, ids, keys, residuals, facts=facts)
+        _writes.update(self, ids, keys, residuals, facts=facts, thresholds=thresholds)
+
+    def set_thresholds(self, ids: int | Iterable[int], thresholds: float | Sequence[float] | torch.Tensor) -> None:
+        """Collective: give rows ``ids`` their own gate thresholds (one number for all, or one per id; each in
+        [-1, 1], -1 to remove a row's threshold), as ``NeuralKVDatabase.set_thresholds``; each owner keeps its
+        rows'. KeyError for unknown ids, TypeError/ValueError naming ``thresholds`` for bad ones, on every rank;
+        nothing changes on any rank unless the call is valid on every rank. Read them back with
+        ``db.shard.thresholds`` (this rank's rows, in :meth:`local_ids` order) or ``db.gather().thresholds``."""
+        _writes.set_thresholds(self, ids, thresholds)
 
     def delete(self, ids: int | Iterable[int]) -> None:
         """Collective: remove ``ids`` (KeyError on every rank for unknown ids; nothing changes on any rank unless
@@ -305,11 +323,12 @@ class ShardedNeuralKVDatabase:
     def retrieve(
         self, queries: torch.Tensor, gamma: float, *, backend: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Collective: ``gated_retrieval`` over the whole database.
+        """Collective: ``gated_retrieval`` over the whole database, with its rows' gate thresholds.
 
         Returns ``out (..., value_dim)`` in the queries' dtype (the same on every rank), ``ids (...)`` int64 (the
-        winning fact ids, -1 when the database is empty) and ``score (...)`` float32: exactly ``gated_retrieval``
-        on the equivalent single database (:meth:`gather`), whose ``idx`` is :meth:`index_of` of these ids.
+        winning fact ids, -1 when the database is empty) and ``score (...)`` float32: exactly ``retrieve`` on the
+        equivalent single database (:meth:`gather`), whose ``idx`` is :meth:`index_of` of these ids. A row whose
+        score passes gamma but not the winner's own threshold gets zeros (never another row's residual).
         """
         return _retrieval.retrieve(self, queries, gamma, backend=backend)
 
@@ -330,24 +349,9 @@ class ShardedNeuralKVDatabase:
         which reads it once. ``kwargs``: ``query_parallel``/``compact``/``timeout``."""
         return _writes.from_database(cls, db, process_group=process_group, device=device, **kwargs)
 
-    def _fill(
-        self,
-        ids: list[int],
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        facts: list[FactLike],
-        rows: list[int],
-        next_id: int,
-        *,
-        live: list[int] | None = None,
-    ) -> None:
-        """Restore from all live rows (any order; ``rows[j]`` is the row of ``ids[j]`` in ``keys``/``values``).
-        ``live``: every live id when ``ids`` holds only some of them (a load that read only this rank's shard)."""
-        _writes.fill(self, ids, keys, values, facts, rows, next_id, live=live)
-
     def gather(self) -> NeuralKVDatabase:
-        """Collective: the equivalent single database (all live facts, rows in id order, same metadata) on every
-        rank, on CPU. For tests and small databases: it moves every row to every rank."""
+        """Collective: the equivalent single database (all live facts, rows in id order, their gate thresholds, same
+        metadata) on every rank, on CPU. For tests and small databases: it moves every row to every rank."""
         return _retrieval.gather(self)
 
     # -- files -----------------------------------------------------------------------------------------------------

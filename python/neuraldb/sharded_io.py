@@ -14,6 +14,10 @@ Each shard file is written by ``NeuralKVDatabase.save`` and loads on its own wit
 commit point, so an interrupted save leaves the previous manifest and its shards intact. Loading with another
 world size reshards (every rank reads every shard and keeps the rows it owns under ``id % world_size``).
 
+Per-row gate thresholds travel in the shard files: each is the single database's file, format_version 2 with a
+``thresholds`` tensor where one of the shard's rows has one (version 1, readable by older neuraldb, otherwise).
+The manifest holds none, so its format_version stays 1.
+
 Both functions are collective, like the methods that call them (``ShardedNeuralKVDatabase.save``/``load``)::
 
     >>> db.save("edits.sharded")                                                  # doctest: +SKIP
@@ -37,6 +41,7 @@ from neuraldb.database import NeuralKVDatabase
 from neuraldb.database_io import META_KEY
 from neuraldb.database_state import METADATA as _METADATA
 from neuraldb.sharded_agreement import MAX_IDS, _agree, _agree_call, _as_timeout, _digest, _header_device, _json_field
+from neuraldb.sharded_writes import fill
 
 MANIFEST = "manifest.json"
 FORMAT = "neuraldb.ShardedNeuralKVDatabase"
@@ -183,8 +188,9 @@ def load_sharded(
         keys = torch.cat([p.keys for p in parts]) if parts else torch.empty(0, out.key_dim, dtype=out.dtype)
         values = torch.cat([p.values for p in parts]) if parts else torch.empty(0, out.value_dim, dtype=out.dtype)
         facts = [p.fact(i) for p in parts for i in p.ids()]
+        thresholds = torch.cat([p.thresholds for p in parts]) if parts else None
         # The rows read here are this rank's; the manifest's other shards hold the rest of the live ids.
-        out._fill(ids, keys, values, facts, list(range(len(ids))), next_id, live=all_ids)
+        fill(out, ids, keys, values, facts, list(range(len(ids))), next_id, live=all_ids, thresholds=thresholds)
         for name in _METADATA:
             setattr(out, name, meta.get(name, {} if name == "config" else None))
     except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed

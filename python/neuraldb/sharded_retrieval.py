@@ -4,14 +4,22 @@
 
 Retrieval (:meth:`ShardedNeuralKVDatabase.retrieve`), per call of T query rows:
 
-1. each rank runs ``gated_retrieval`` on its shard (no communication) -> local best (score, id) and its
-   gated residual; then the agreement's one-int64 ``all_reduce`` (after the scan, so a scan that failed on one
-   rank fails the call on all);
+1. each rank runs ``gated_retrieval`` on its shard with the shard's per-row gate thresholds (no communication)
+   -> local best (score, id) and its gated residual, zeroed where the local best fails its own threshold; then
+   the agreement's one-int64 ``all_reduce`` (after the scan, so a scan that failed on one rank fails the call on
+   all);
 2. ``all_reduce(MAX)`` of one int64 per row that packs (score, -id), so the maximum is the best score with the
    lowest id on ties -- every rank learns the global winner and its exact fp32 score;
 3. only rows whose global score passes the gate (``score > gamma``) are exchanged: ``all_reduce(SUM)`` of those
    rows' residuals, zeros except on the winning rank (skipped entirely when no row passes; ``compact=False``
    reduces all T rows instead, which avoids a device->host sync on GPUs).
+
+Per-row thresholds need nothing more: the packed keys hold the scan's scores, which thresholds never change, so
+the global winner is the single database's argmax row, and its owner's local best is that same row (the owner's
+best cannot beat the global best). The owner's gated residual has therefore passed or failed exactly the winner's
+own threshold, and the other ranks send zeros: a winner that fails its threshold yields zeros, never the residual
+of a lower-scoring row on another shard -- the single database's rule (the gate of row ``j`` opens where
+``score > max(gamma, t_j)``, tested on the argmax row only).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch.distributed as dist
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.database_state import METADATA as _METADATA
 from neuraldb.database_state import DatabaseState
+from neuraldb.database_storage import NO_THRESHOLD
 from neuraldb.sharded_agreement import _LOW32, _dtype_code, _number
 from neuraldb_kernels import check_gamma, gated_retrieval
 
@@ -85,6 +94,17 @@ def full_queries(db: Any, queries: torch.Tensor) -> torch.Tensor:
     return gathered.reshape(db.world_size, -1, part).permute(1, 0, 2).reshape(*queries.shape[:-1], db.key_dim)
 
 
+def _scan(
+    shard: NeuralKVDatabase, queries: torch.Tensor, gamma: float, backend: str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gated_retrieval`` on this rank's shard (its lock held by the caller), with the shard's per-row gate
+    thresholds: what ``shard.retrieve`` computes, but through this module's ``gated_retrieval`` (which a test
+    replaces to simulate a failing scan). The storage's views hold the live rows and the thresholds, None while no
+    row has one of its own (so the plain op runs)."""
+    _, keys, values, _, _, thresholds = shard._storage.views()
+    return gated_retrieval(queries, keys, values, gamma, backend=backend, thresholds=thresholds)
+
+
 def retrieve(
     db: Any, queries: torch.Tensor, gamma: float, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,7 +115,7 @@ def retrieve(
             q = full_queries(db, queries)
             lead = q.shape[:-1]
             q2 = q.reshape(-1, q.shape[-1])
-            out, idx, score = gated_retrieval(q2, db._shard.keys, db._shard.values, g, backend=backend)
+            out, idx, score = _scan(db._shard, q2, g, backend)
             return out.reshape(*lead, db.value_dim), db._global_ids(idx).reshape(lead), score.reshape(lead)
         # A few scalars, never the queries' contents: this runs on every patched forward.
         error = None
@@ -123,7 +143,7 @@ def retrieve(
                 q = full_queries(db, queries)
                 lead = q.shape[:-1]
                 q2 = q.reshape(-1, q.shape[-1])
-                out, idx, score = gated_retrieval(q2, db._shard.keys, db._shard.values, g, backend=backend)
+                out, idx, score = _scan(db._shard, q2, g, backend)
                 key = pack_score_id(score, db._global_ids(idx))
             except Exception as exc:  # noqa: BLE001 -- the others wait in the agreement below: fail it there
                 failure = exc
@@ -146,17 +166,20 @@ def retrieve(
 
 
 def gather(db: Any) -> NeuralKVDatabase:
-    """The body of :meth:`ShardedNeuralKVDatabase.gather`."""
+    """The body of :meth:`ShardedNeuralKVDatabase.gather` (rows, facts and per-row gate thresholds in id order)."""
     with db.lock:
         db._check_call("gather", (), None)
         s = db._shard
-        mine = (s.ids(), s.keys.cpu(), s.values.cpu(), [s.fact(i) for i in s.ids()])
+        mine = (s.ids(), s.keys.cpu(), s.values.cpu(), [s.fact(i) for i in s.ids()], s.thresholds.cpu())
     parts: list[Any] = [None] * db.world_size
     dist.all_gather_object(parts, mine, group=db._group)
     order = sorted((i, p, r) for p, part in enumerate(parts) for r, i in enumerate(part[0]))
+    thresholds = None
     if order:
         keys = torch.stack([parts[p][1][r] for _, p, r in order])
         values = torch.stack([parts[p][2][r] for _, p, r in order])
+        t = torch.stack([parts[p][4][r] for _, p, r in order])
+        thresholds = t if bool((t > NO_THRESHOLD).any()) else None  # None: no row has one, as the state says
     else:
         keys = torch.empty(0, db.key_dim, dtype=db.dtype)
         values = torch.empty(0, db.value_dim, dtype=db.dtype)
@@ -172,6 +195,7 @@ def gather(db: Any) -> NeuralKVDatabase:
             facts,
             db.next_id,
             **{name: getattr(db, name) for name in _METADATA},
+            thresholds=thresholds,
         )
     )
 

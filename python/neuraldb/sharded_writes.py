@@ -1,6 +1,11 @@
-"""The collective writes of a :class:`~neuraldb.sharded.ShardedNeuralKVDatabase` (``add``/``update``/``delete``:
-validate and stage on every rank, agree, then commit) and its construction from rows (``from_database``,
-``fill``), as functions its methods call."""
+"""The collective writes of a :class:`~neuraldb.sharded.ShardedNeuralKVDatabase` (``add``/``update``/``delete``/
+``set_thresholds``: validate and stage on every rank, agree, then commit) and its construction from rows
+(``from_database``, ``fill``), as functions its methods call.
+
+Per-row gate thresholds are validated whole on every rank (:func:`~neuraldb.database_inputs.check_row_thresholds`,
+so an error names ``thresholds``), agreed on as a float32 tensor (one number and the same number repeated agree)
+and kept by the owner of each row, in its shard's storage, where the shard's own writes keep them with their rows.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,16 @@ import torch
 import torch.distributed as dist
 
 from neuraldb.database import NeuralKVDatabase
-from neuraldb.database_inputs import FactLike, as_rows, check_ids, check_new_rows, check_replacement
+from neuraldb.database_inputs import (
+    FactLike,
+    as_rows,
+    check_ids,
+    check_new_rows,
+    check_replacement,
+    check_row_thresholds,
+)
 from neuraldb.database_state import METADATA as _METADATA
+from neuraldb.database_storage import NO_THRESHOLD
 from neuraldb.sharded_agreement import MAX_IDS, _agree_call, _as_timeout, _header_device, _json_field, _tensor_field
 
 # Initial capacity of the sorted live ids (it doubles as facts are added). Sorted ids rather than a bitmap over
@@ -21,10 +34,29 @@ from neuraldb.sharded_agreement import MAX_IDS, _agree_call, _as_timeout, _heade
 _MIN_LIVE = 64
 
 
-def add(db: Any, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[FactLike] | None = None) -> list[int]:
+def _thresholds_field(thresholds: object, checked: torch.Tensor | None) -> tuple[str, int, str]:
+    """The agreement field of a ``thresholds`` argument: the checked float32 tensor where it was valid (so ``0.5``
+    and ``[0.5, 0.5]`` agree, as they mean the same), else the argument as given."""
+    if checked is not None:
+        return _tensor_field("thresholds", checked)
+    return _json_field("thresholds", thresholds)
+
+
+def _picked(t: torch.Tensor | None, sel: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.index_select(0, sel.to(t.device))
+
+
+def add(
+    db: Any,
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    facts: Sequence[FactLike] | None = None,
+    *,
+    thresholds: object = None,
+) -> list[int]:
     """The body of :meth:`ShardedNeuralKVDatabase.add`."""
     with db.lock:
-        first, m, error, change = db.next_id, 0, None, None
+        first, m, error, change, t = db.next_id, 0, None, None, None
         try:
             # Validated whole on every rank; the shard normalises its own raw rows, once, as the single database.
             _, _, fs = check_new_rows(
@@ -33,6 +65,7 @@ def add(db: Any, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[Fa
             k = as_rows("keys", keys, db.key_dim, "key_dim")
             v = as_rows("residuals", residuals, db.value_dim, "value_dim")
             m = k.shape[0]
+            t = None if thresholds is None else check_row_thresholds(thresholds, m)
             if first + m > MAX_IDS:
                 raise ValueError(f"a sharded database holds at most {MAX_IDS} ids over its lifetime")
             mine = list(range((db.rank - first) % db.world_size, m, db.world_size))
@@ -43,12 +76,18 @@ def add(db: Any, keys: torch.Tensor, residuals: torch.Tensor, facts: Sequence[Fa
                 [fs[j] for j in mine],
                 ids=[first + j for j in mine],
                 next_id=first + m,
+                thresholds=_picked(t, sel),
             )
             db._grow_live(db._count + m)
             new_live = torch.arange(first, first + m)
         except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
             error = exc
-        fields = [_tensor_field("keys", keys), _tensor_field("residuals", residuals), _json_field("facts", facts)]
+        fields = [
+            _tensor_field("keys", keys),
+            _tensor_field("residuals", residuals),
+            _json_field("facts", facts),
+            _thresholds_field(thresholds, t),
+        ]
         db._check_call("add", fields, error)
         new_ids = list(range(first, first + m))
         if m == 0:
@@ -67,10 +106,11 @@ def update(
     residuals: torch.Tensor | None = None,
     *,
     facts: Sequence[FactLike] | None = None,
+    thresholds: object = None,
 ) -> None:
     """The body of :meth:`ShardedNeuralKVDatabase.update`."""
     with db.lock:
-        error, id_list, mine, k, v = None, None, [], None, None
+        error, id_list, mine, k, v, t = None, None, [], None, None, None
         try:
             # Validated here, on this rank, rather than in the shard's update; the shard normalises the raw rows
             # itself, once, as the single database does.
@@ -79,6 +119,7 @@ def update(
             )
             k = None if keys is None else as_rows("keys", keys, db.key_dim, "key_dim")
             v = None if residuals is None else as_rows("residuals", residuals, db.value_dim, "value_dim")
+            t = None if thresholds is None else check_row_thresholds(thresholds, len(id_list))
             db._check_live(id_list)
             mine = [j for j, i in enumerate(id_list) if db.owner(i) == db.rank]
         except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
@@ -88,6 +129,7 @@ def update(
             _tensor_field("keys", keys),
             _tensor_field("residuals", residuals),
             _json_field("facts", facts),
+            _thresholds_field(thresholds, t),
         ]
         db._check_call("update", fields, error)
         if not mine:
@@ -99,7 +141,27 @@ def update(
             None if k is None else k.index_select(0, sel.to(k.device)),
             None if v is None else v.index_select(0, sel.to(v.device)),
             facts=None if fs is None else [fs[j] for j in mine],
+            thresholds=_picked(t, sel),
         )
+
+
+def set_thresholds(db: Any, ids: int | Iterable[int], thresholds: object) -> None:
+    """The body of :meth:`ShardedNeuralKVDatabase.set_thresholds`."""
+    with db.lock:
+        error, id_list, mine, t = None, None, [], None
+        try:
+            id_list = check_ids(ids)
+            t = check_row_thresholds(thresholds, len(id_list))
+            db._check_live(id_list)
+            mine = [j for j, i in enumerate(id_list) if db.owner(i) == db.rank]
+        except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
+            error = exc
+        fields = [_json_field("ids", ids if id_list is None else id_list), _thresholds_field(thresholds, t)]
+        db._check_call("set_thresholds", fields, error)
+        if not mine:
+            return
+        sel = torch.tensor(mine, dtype=torch.long)
+        db._shard.set_thresholds([id_list[j] for j in mine], _picked(t, sel))
 
 
 def delete(db: Any, ids: int | Iterable[int]) -> None:
@@ -150,7 +212,7 @@ def from_database(
             )
             ids = db.ids()
             rows = [db.row(i) for i in ids]
-            out._fill(ids, db.keys, db.values, [db.fact(i) for i in ids], rows, db.next_id)
+            fill(out, ids, db.keys, db.values, [db.fact(i) for i in ids], rows, db.next_id, thresholds=db.thresholds)
             for name in _METADATA:
                 setattr(out, name, getattr(db, name))
         except Exception as exc:  # noqa: BLE001 -- every rank must reach the agreement, whatever failed
@@ -160,6 +222,7 @@ def from_database(
             ("next_id", db.next_id if is_db else -1, db.next_id if is_db else None),
             _tensor_field("keys", db.keys if is_db else None),
             _tensor_field("values", db.values if is_db else None),
+            _tensor_field("thresholds", db.thresholds if is_db else None),
             _json_field("facts", [db.fact(i) for i in db.ids()] if is_db else None),
             _json_field("metadata", {name: getattr(db, name) for name in _METADATA} if is_db else None),
             _json_field("kwargs", {k: str(v) for k, v in kwargs.items() if k != "timeout"}),
@@ -181,16 +244,23 @@ def fill(
     next_id: int,
     *,
     live: list[int] | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> None:
-    """The body of :meth:`ShardedNeuralKVDatabase._fill`."""
+    """Restore ``db`` from all live rows (any order; ``rows[j]`` is the row of ``ids[j]`` in ``keys``, ``values``
+    and ``thresholds``, the rows' float32 gate thresholds or None): ``from_database`` and ``load``. ``live``: every
+    live id when ``ids`` holds only some of them (a load that read only this rank's shard)."""
     mine = sorted((i, r, f) for i, r, f in zip(ids, rows, facts) if db.owner(i) == db.rank)
     sel = torch.tensor([r for _, r, _ in mine], dtype=torch.long, device=keys.device)
+    t = _picked(thresholds, sel)
+    if t is not None and not bool((t > NO_THRESHOLD).any()):
+        t = None  # none of this rank's rows has one: the state says so with None
     state = db._shard.state().replace(
         keys=keys.index_select(0, sel).to(db.device),
         values=values.index_select(0, sel).to(db.device),
         ids=[i for i, _, _ in mine],
         facts=[f for _, _, f in mine],
         next_id=next_id,
+        thresholds=None if t is None else t.to(db.device),
     )
     db._shard = NeuralKVDatabase.from_state(state, ordered=True)
     live = sorted(ids if live is None else live)
