@@ -8,6 +8,7 @@
     neuraldb generate --model smollm2 --db edits.safetensors --prompt "The Eiffel Tower is located in the city of"
     neuraldb info edits.safetensors
     neuraldb delete edits.safetensors --ids 0 3 5-7
+    neuraldb calibrate edits.safetensors --text corpus.txt
     neuraldb demo
     neuraldb eval --dataset counterfact --facts cf.json.gz --n 100 --out results/ [--general-data DIR --deletion]
 
@@ -31,6 +32,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from neuraldb.cli_calibrate import add_parser as add_calibrate_parser
+from neuraldb.cli_calibrate import cmd_calibrate
 from neuraldb.cli_edit import cmd_edit, cmd_merge
 from neuraldb.cli_support import (
     CLIError,
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval`, defined there
 
     add_eval_parser(sub)
+    add_calibrate_parser(sub, _add_model_args)
     for p in sub.choices.values():
         # SUPPRESS: a subcommand without --debug must not reset `neuraldb --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -310,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "edit": cmd_edit, "generate": cmd_generate, "info": cmd_info, "delete": cmd_delete, "demo": cmd_demo,
-    "eval": cmd_eval, "merge": cmd_merge,
+    "eval": cmd_eval, "merge": cmd_merge, "calibrate": cmd_calibrate,
 }  # fmt: skip
 
 

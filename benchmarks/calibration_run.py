@@ -1,0 +1,147 @@
+"""Per-row gate thresholds fitted by ``neuraldb.calibration`` on the scaling run's CounterFact database: what they do
+to ordinary text, to the edits and to general ability, at several database sizes, beside the same database without
+them (same run, same machine).
+
+    python benchmarks/calibration_run.py --sizes 1000 10000 --threads 2
+
+For each size n, the first n rows of ``runs/scaling-counterfact/db.safetensors`` (written by scaling_run.py; its first
+200 facts are the evaluation sample) are calibrated on WikiText-2 test tokens [65536, 131072) and measured on text
+disjoint from that: the gate openings on tokens [0, 65536) (the first 16384 are the ones whose perplexity is
+scored), then scaling_run.py's evaluation (CounterFact efficacy/generalization/specificity of the sample, WikiText-2
+perplexity of the first 16384 tokens, three general tasks) with and without the thresholds. The paraphrases and
+neighborhood prompts that generalization and specificity score are never used to calibrate. One JSON per size and
+``table.md`` under ``docs/results/calibration/counterfact/``; sizes with a JSON are skipped (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
+
+from _common import machine_description
+from neuraldb.calibration import calibrate, read_corpus, text_openings
+from neuraldb.database import NeuralKVDatabase
+from neuraldb.patching import patch_model, unpatch_model
+from scaling_run import Run, build_facts, log, write_json
+
+WIKITEXT = "general_eval/wikitext2_raw_test.txt.gz"
+
+
+def first_rows(db: NeuralKVDatabase, n: int) -> NeuralKVDatabase:
+    s = db.state()
+    return NeuralKVDatabase.from_state(
+        s.replace(keys=s.keys[:n], values=s.values[:n], ids=s.ids[:n], facts=s.facts[:n], thresholds=None)
+    )
+
+
+def evaluate(run: Run, db: NeuralKVDatabase) -> dict:
+    patch_model(run.model, db)
+    try:
+        return {"knowledge": run.knowledge(), "general": run.general()}
+    finally:
+        unpatch_model(run.model)
+
+
+def write_table(out: Path) -> None:
+    rows = sorted((json.loads(p.read_text()) for p in out.glob("n*.json")), key=lambda r: r["n"])
+    head = (
+        "| facts | thresholds | rows raised | held-out text positions opening a gate | efficacy | generalization "
+        "| specificity | WikiText-2 ppl | arc_easy | lambada | piqa |"
+    )
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for name, res, opened in (
+            ("none", r["without"], r["heldout"]["open_without_thresholds_pct"]),
+            ("calibrated", r["with"], r["heldout"]["open_pct"]),
+        ):
+            k, g = res["knowledge"], res["general"]
+            raised = r["calibration"]["raised"] if name == "calibrated" else 0
+            lines.append(
+                f"| {r['n']:,} | {name} | {raised} | {opened:.3f}% | {k['efficacy']:.1f} | {k['generalization']:.1f} "
+                f"| {k['specificity']:.1f} | {g['wikitext2']:.2f} | {g['arc_easy']:.1f} | {g['lambada_openai']:.1f} "
+                f"| {g['piqa']:.1f} |"
+            )
+    last = rows[-1]
+    lines.append(
+        f"\nCalibrated on WikiText-2 test tokens [{last['calib_skip']}, {last['calib_skip'] + last['calib_tokens']}); "
+        f"openings measured on tokens [0, {last['heldout_tokens']}); perplexity on the first 16384. "
+        f"delta {last['calibration']['delta']}, margin {last['calibration']['margin']}. Command: `{last['command']}`"
+    )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", type=Path, default=ROOT / "runs" / "scaling-counterfact" / "db.safetensors")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--calib-tokens", type=int, default=65536)
+    p.add_argument("--calib-skip", type=int, default=65536)
+    p.add_argument("--heldout-tokens", type=int, default=65536)
+    p.add_argument("--delta", type=float, default=0.02)
+    p.add_argument("--margin", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "calibration" / "counterfact")
+    args = p.parse_args(argv)
+    command = "python benchmarks/calibration_run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    torch.set_num_threads(args.threads)
+    import neuraldb
+
+    model, tok = neuraldb.load_model("smollm2")
+    facts, n_sample = build_facts("counterfact", args.data, 200, 0)
+    run_args = argparse.Namespace(
+        dataset="counterfact", batch_size=32, no_general=False, data=args.data,
+        general_tasks=["wikitext2", "lambada_openai", "arc_easy", "piqa"], general_limit=200, wikitext_tokens=16384,
+        seed=0, sizes_resolved=[], results=args.results, model="smollm2", command=command,
+    )  # fmt: skip
+    run = Run(run_args, model, tok, facts, n_sample)
+    corpus = [read_corpus(args.data / WIKITEXT)]
+    full = NeuralKVDatabase.load(args.db)
+    for n in args.sizes:
+        path = args.results / f"n{n:05d}.json"
+        if path.exists():
+            continue
+        if len(full) < n:
+            log(f"{args.db} has {len(full)} rows, fewer than {n}: skipped")
+            continue
+        db = first_rows(full, n)
+        t0 = time.perf_counter()
+        log(f"n={n}: evaluating without thresholds")
+        without = evaluate(run, db)
+        log(f"n={n}: calibrating")
+        report = calibrate(
+            model, tok, db, corpus, tokens=args.calib_tokens, skip=args.calib_skip, delta=args.delta,
+            margin=args.margin, progress=log,
+        )  # fmt: skip
+        log(report.summary())
+        heldout = text_openings(model, tok, db, corpus, tokens=args.heldout_tokens, skip=0)
+        log(f"n={n}: held-out openings {heldout}")
+        with_t = evaluate(run, db)
+        result = {
+            "n": n, "command": command, "machine": machine_description(), "threads": args.threads,
+            "calib_tokens": args.calib_tokens, "calib_skip": args.calib_skip, "heldout_tokens": args.heldout_tokens,
+            "calibration": {k: v for k, v in vars(report).items() if not isinstance(v, torch.Tensor)}, "heldout": heldout,
+            "without": without, "with": with_t, "seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        write_json(path, result)
+        k0, k1 = without["knowledge"], with_t["knowledge"]
+        log(
+            f"n={n}: efficacy {k0['efficacy']:.1f} -> {k1['efficacy']:.1f}, generalization {k0['generalization']:.1f}"
+            f" -> {k1['generalization']:.1f}, specificity {k0['specificity']:.1f} -> {k1['specificity']:.1f}, ppl "
+            f"{without['general']['wikitext2']:.2f} -> {with_t['general']['wikitext2']:.2f}"
+        )
+        write_table(args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

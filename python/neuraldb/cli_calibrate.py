@@ -1,0 +1,88 @@
+"""``neuraldb calibrate``: fit each row's gate threshold from a text corpus and the database's own facts.
+
+::
+
+    neuraldb calibrate edits.safetensors --text corpus.txt [--tokens 65536 --skip 0 --delta 0.02 --margin 0.1]
+    neuraldb calibrate edits.safetensors --text corpus.txt --eval-text other.txt --dry-run   # report, change nothing
+
+See :mod:`neuraldb.calibration` for what is fitted. The database is saved in place (or to ``--out``) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from neuraldb.cli_support import CLIError, _check_model, _non_negative_int, _positive_int, check_output, load_db
+
+__all__ = ["add_parser", "cmd_calibrate"]
+
+
+def _unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def add_parser(sub, add_model_args) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit each fact's own gate threshold from ordinary text, so that text opens fewer gates",
+        description="Fit per-row gate thresholds: above each fact's hardest negative (positions of --text, other "
+        "facts' prompts, its subject's last word alone), below its own prompt; then save the database.",
+    )
+    p.add_argument("db", type=Path, help="database file (built by `neuraldb edit`)")
+    add_model_args(p)
+    p.add_argument("--text", type=Path, nargs="+", required=True, help="calibration corpus: UTF-8 text files (.gz ok)")
+    p.add_argument("--tokens", type=_positive_int, default=65536, help="tokens of --text to read (default 65536)")
+    p.add_argument("--skip", type=_non_negative_int, default=0, help="skip this many tokens of --text first")
+    p.add_argument("--delta", type=_unit, default=0.02, help="threshold above the hardest negative (default 0.02)")
+    p.add_argument("--margin", type=_unit, default=0.1, help="threshold below the fact's own prompt (default 0.1)")
+    p.add_argument(
+        "--eval-text", type=Path, nargs="+", help="text to report gate openings on (keep it apart from --text)"
+    )
+    p.add_argument("--out", type=Path, help="write the calibrated database here instead of overwriting DB")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    p.add_argument("--force", action="store_true", help="calibrate even if the database was built for another model")
+    return p
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``neuraldb calibrate``: fit, report, save."""
+    from neuraldb.calibration import calibrate, read_corpus, text_openings
+    from neuraldb.cli_support import load_model_verbose
+
+    out = args.out or args.db
+    if not args.dry_run:
+        check_output(out, replace=True)
+    db = load_db(args.db)
+    if db.layer is None:
+        raise CLIError(f"{args.db} records no layer: calibrate databases built by `neuraldb edit`")
+    texts = [read_corpus(p) for p in args.text]
+    evals = [read_corpus(p) for p in args.eval_text] if args.eval_text else None
+    model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
+    _check_model(db, model, force=args.force)
+    before = text_openings(model, tok, db, evals, tokens=args.tokens) if evals else None
+    report = calibrate(
+        model, tok, db, texts, tokens=args.tokens, skip=args.skip, delta=args.delta, margin=args.margin,
+        dry_run=args.dry_run, progress=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(report.summary())
+    if evals:
+        if args.dry_run:
+            db.set_thresholds(db.ids(), report.thresholds)  # only in memory: nothing is saved
+        after = text_openings(model, tok, db, evals, tokens=args.tokens)
+        print(
+            f"--eval-text: {after['positions']} positions; open before {before['open_pct']:.3f}%, "
+            f"after {after['open_pct']:.3f}%"
+        )
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    db.save(out)
+    print(f"{out}: {len(db)} facts, {report.raised} with a threshold above gamma")
+    return 0

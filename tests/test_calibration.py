@@ -1,0 +1,180 @@
+"""``neuraldb.calibration`` and ``neuraldb calibrate``: the fitted thresholds follow the documented rule, a fact's own
+prompt keeps opening its row, bad input changes nothing, and the command saves (or, dry, does not)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny_editing import FACTS, word_llama
+from neuraldb import NeuralKVDatabase
+from neuraldb.calibration import best_rows, calibrate, opens, read_corpus, text_openings, text_states
+from neuraldb.cli import main
+from neuraldb.editing import compute_keys
+
+LAYER = 1
+# Ordinary text made of the facts' words: the subjects' last words come back out of their subjects' context.
+TEXT = " ".join(
+    [
+        "The mother tongue of Darrieux is French . Hughes plays the guitar . Yasuda is in Paris .",
+        "I visit the Tower of Rome . A5 was created by Apple . Because Hughes originates from London .",
+    ]
+    * 6
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return word_llama()
+
+
+def _db(model, tok, gamma=0.3):
+    keys = compute_keys(model, tok, FACTS, LAYER, n_prefixes=0, template="<s>{}")
+    db = NeuralKVDatabase(keys.shape[1], model.config.hidden_size, dtype=torch.float32)
+    db.add(keys, torch.randn(len(FACTS), model.config.hidden_size), facts=FACTS)
+    db.layer, db.gamma, db.template = LAYER, gamma, "<s>{}"
+    return db
+
+
+def test_thresholds_follow_the_rule_and_own_prompts_still_open(tiny):
+    model, tok = tiny
+    db = _db(model, tok)
+    report = calibrate(model, tok, db, [TEXT], tokens=4096, delta=0.02, margin=0.1)
+    pos, neg, t = report.positives, report.negatives, db.thresholds
+    want = torch.minimum(neg + 0.02, pos - 0.1)
+    raised = (neg > -1) & (want > db.gamma)
+    assert report.raised == int(raised.sum()) > 0, "the text must give some row a negative above gamma"
+    assert torch.allclose(t[raised], want[raised])
+    assert (t[~raised] == -1).all()
+    assert torch.equal(report.thresholds, t)
+    # Every threshold is below its own prompt's cosine: the rows their own prompts retrieved, they still retrieve.
+    assert report.own_after == report.own_before
+    assert ((t < pos) | (t == -1)).all()
+    # A calibration position still opening a row must be one the row could not be separated from.
+    text = text_states(model, tok, LAYER, [TEXT], tokens=4096)
+    score, row = best_rows(text, torch.nn.functional.normalize(db.keys.float(), dim=-1))
+    still = opens(score, row, db.gamma, t)
+    assert int(still.sum()) == report.text_open_after <= report.text_open_before
+    conflict = neg + 0.02 > t
+    assert conflict[row[still]].all()
+
+
+def test_a_dry_run_changes_nothing_and_rows_without_a_fact_keep_their_threshold(tiny):
+    model, tok = tiny
+    db = _db(model, tok)
+    [extra] = db.add(db.keys[:1].clone(), torch.zeros(1, db.value_dim), facts=[{"note": "no Fact"}])
+    db.set_thresholds(extra, 0.5)
+    before = db.thresholds
+    report = calibrate(model, tok, db, [TEXT], tokens=4096, dry_run=True)
+    assert torch.equal(db.thresholds, before)
+    assert report.fitted == len(FACTS) and report.thresholds[-1].item() == 0.5
+    calibrate(model, tok, db, [TEXT], tokens=4096)
+    assert db.thresholds[-1].item() == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"texts": []}, ValueError, "texts: the calibration corpus"),
+        ({"texts": ["   "]}, ValueError, "texts: the calibration corpus"),
+        ({"texts": "a plain string"}, ValueError, "texts"),
+        ({"delta": 1.5}, ValueError, r"delta must be a number in \[0, 1\]"),
+        ({"margin": -0.1}, ValueError, r"margin must be a number in \[0, 1\]"),
+        ({"skip": 10**6}, ValueError, "fewer than 2 tokens left"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(tiny, kwargs, error, match):
+    model, tok = tiny
+    db = _db(model, tok)
+    args = {"texts": [TEXT], **kwargs}
+    with pytest.raises(error, match=match):
+        calibrate(model, tok, db, args.pop("texts"), **args)
+    assert (db.thresholds == -1).all()
+
+
+def test_a_database_without_a_layer_is_refused(tiny):
+    model, tok = tiny
+    db = _db(model, tok)
+    db.layer = None
+    with pytest.raises(ValueError, match="records no layer"):
+        calibrate(model, tok, db, [TEXT])
+
+
+def test_text_openings_with_and_without_thresholds(tiny):
+    model, tok = tiny
+    db = _db(model, tok)
+    calibrate(model, tok, db, [TEXT], tokens=4096)
+    res = text_openings(model, tok, db, [TEXT], tokens=4096)
+    assert res["positions"] > 100 and res["rows"] == len(FACTS)
+    assert res["open_pct"] <= res["open_without_thresholds_pct"]
+    assert text_openings(model, tok, db, [TEXT], tokens=4096, rows=0)["open"] == 0
+
+
+def test_read_corpus(tmp_path):
+    import gzip
+
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"some text\n"))
+    assert read_corpus(tmp_path / "a.txt.gz") == "some text\n"
+    (tmp_path / "empty.txt").write_text(" \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_corpus(tmp_path / "empty.txt")
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from test_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _edited(tiny_dir, tmp_path) -> tuple:
+    from test_cli import JOB_FACTS, _facts_file
+
+    facts = _facts_file(tmp_path / "facts.jsonl", JOB_FACTS)
+    db = tmp_path / "db.safetensors"
+    common = ["--model", str(tiny_dir), "--threads", "1"]
+    assert main(["edit", *common, "--facts", str(facts), "--out", str(db), "--no-progress", "--gamma", "0.2"]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("the capital of france is paris . paris is in france . " * 40)
+    return db, text, common
+
+
+def test_the_command_saves_thresholds_and_a_dry_run_does_not(tiny_dir, tmp_path, capsys):
+    db, text, common = _edited(tiny_dir, tmp_path)
+    before = db.read_bytes()
+    assert main(["calibrate", str(db), *common, "--text", str(text), "--dry-run", "--eval-text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing written" in out and "--eval-text:" in out
+    assert db.read_bytes() == before
+    out_db = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", str(db), *common, "--text", str(text), "--out", str(out_db)]) == 0
+    assert f"{out_db}: 6 facts" in capsys.readouterr().out
+    assert db.read_bytes() == before
+    assert NeuralKVDatabase.load(out_db).thresholds.shape == (6,)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--delta", "2"], 2, "expected a number in [0, 1]"),
+        (["--text", "missing.txt"], 1, "No such file or directory"),
+        (["--text", "EMPTY"], 1, "holds no text"),
+    ],
+)
+def test_command_errors_are_one_line(tiny_dir, tmp_path, extra, code, message, capsys):
+    db, text, common = _edited(tiny_dir, tmp_path)
+    (tmp_path / "EMPTY").write_text("")
+    extra = [str(tmp_path / e) if e in ("missing.txt", "EMPTY") else e for e in extra]
+    argv = ["calibrate", str(db), *common, "--text", str(text), *extra]
+    before = db.read_bytes()
+    capsys.readouterr()
+    try:
+        got = main(argv)
+    except SystemExit as e:  # usage errors exit from the parser
+        got = e.code
+    assert got == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert db.read_bytes() == before
