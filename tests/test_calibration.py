@@ -178,3 +178,12 @@ def test_command_errors_are_one_line(tiny_dir, tmp_path, extra, code, message, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert db.read_bytes() == before
+
+
+def test_the_command_turns_the_relation_gate_on(tiny_dir, tmp_path, capsys):
+    db, text, common = _edited(tiny_dir, tmp_path)
+    argv = ["calibrate", str(db), *common, "--text", str(text), "--relation-gate", "0.4", "--relation-window", "8"]
+    assert main(argv) == 0
+    assert "relation gate on (rho 0.4, window 8): 6 relation keys" in capsys.readouterr().out
+    back = NeuralKVDatabase.load(db)
+    assert back.relation_gate == {"rho": 0.4, "window": 8} and back.relation_keys.shape == (6, back.key_dim)

@@ -264,6 +264,41 @@ def calibrate(
     )
 
 
+def enable_relation_gate(
+    model: torch.nn.Module,
+    tokenizer,
+    db: NeuralKVDatabase,
+    *,
+    rho: float = 0.4,
+    window: int = 24,
+) -> int:
+    """Give every Fact row of ``db`` its relation key (its bare prompt's last-token state, see
+    :mod:`neuraldb.relation_gate`) and turn the relation gate on with ``rho`` and ``window``; returns the number of
+    rows given one. ValueError for a database without a layer or a bad ``rho``/``window`` (nothing changes).
+
+    Example::
+
+        >>> enable_relation_gate(model, tok, db, rho=0.4)     # doctest: +SKIP
+        1000
+    """
+    from neuraldb.relation_gate import check_relation_gate, compute_relation_keys
+
+    gate = check_relation_gate({"rho": rho, "window": window})
+    layer = _layer_of(db)
+    with db.lock:
+        ids = db.ids()
+        pairs = [(i, db.fact(i)) for i in ids]
+    chosen = [(i, f) for i, f in pairs if isinstance(f, Fact)]
+    if chosen:
+        keys = compute_relation_keys(model, tokenizer, [f.text for _, f in chosen], layer, db.template)
+        with db.lock:
+            if db.ids() != ids:
+                raise RuntimeError("db changed while its relation keys were computed; run again")
+            db.update([i for i, _ in chosen], relation_keys=keys)
+    db.relation_gate = gate
+    return len(chosen)
+
+
 def text_openings(
     model: torch.nn.Module,
     tokenizer,
@@ -295,4 +330,13 @@ def text_openings(
     }
 
 
-__all__ = ["CalibrationReport", "best_rows", "calibrate", "opens", "read_corpus", "text_openings", "text_states"]
+__all__ = [
+    "CalibrationReport",
+    "best_rows",
+    "calibrate",
+    "enable_relation_gate",
+    "opens",
+    "read_corpus",
+    "text_openings",
+    "text_states",
+]

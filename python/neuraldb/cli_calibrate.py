@@ -45,6 +45,14 @@ def add_parser(sub, add_model_args) -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-text", type=Path, nargs="+", help="text to report gate openings on (keep it apart from --text)"
     )
+    p.add_argument(
+        "--relation-gate", type=_unit, metavar="RHO",
+        help="also give each fact a relation key and open its row only where its relation is asked (cosine > RHO "
+        "within --relation-window tokens after the subject; suits question-style facts, see the docs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--relation-window", type=_non_negative_int, default=24, help="tokens after the subject (default 24)"
+    )
     p.add_argument("--out", type=Path, help="write the calibrated database here instead of overwriting DB")
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     p.add_argument("--force", action="store_true", help="calibrate even if the database was built for another model")
@@ -72,6 +80,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         dry_run=args.dry_run, progress=lambda line: print(line, flush=True),
     )  # fmt: skip
     print(report.summary())
+    if args.relation_gate is not None and not args.dry_run:
+        from neuraldb.calibration import enable_relation_gate
+
+        given = enable_relation_gate(model, tok, db, rho=args.relation_gate, window=args.relation_window)
+        print(f"relation gate on (rho {args.relation_gate:g}, window {args.relation_window}): {given} relation keys")
     if evals:
         if args.dry_run:
             db.set_thresholds(db.ids(), report.thresholds)  # only in memory: nothing is saved

@@ -46,6 +46,7 @@ from neuraldb.database_inputs import (
     check_device,
     check_dim,
     check_ids,
+    check_relation_keys,
     check_replacement,
     check_row_thresholds,
     dtype_name,
@@ -53,6 +54,7 @@ from neuraldb.database_inputs import (
 from neuraldb.database_state import METADATA, DatabaseState, check_state
 from neuraldb.database_storage import MIN_CAPACITY, RowStorage
 from neuraldb.database_writes import PendingChange, plan_add, plan_ordered_delete, plan_swap_delete
+from neuraldb.relation_gate import check_relation_gate, confirm
 from neuraldb_kernels import (
     DEFAULT_POLICY,
     PrefilterPolicy,
@@ -105,7 +107,8 @@ class NeuralKVDatabase:
 
     Each row may have a gate threshold of its own (:attr:`thresholds`, :meth:`set_thresholds`; ``neuraldb
     calibrate`` fits them): its residual is retrieved only where the best key's cosine exceeds both gamma and the
-    row's threshold. Rows without one have threshold -1, so gamma alone decides for them.
+    row's threshold. Rows without one have threshold -1, so gamma alone decides for them. Rows may also hold a
+    relation key, checked when :attr:`relation_gate` is set (:mod:`neuraldb.relation_gate`).
 
     Metadata the editing code sets and :meth:`save` keeps: ``layer``, ``gamma`` (used by ``patch_model``
     when it is not given), ``template`` (the text template keys were built with), ``model_id``,
@@ -214,6 +217,7 @@ class NeuralKVDatabase:
                 self._next_id,
                 **{name: getattr(self, name) for name in METADATA},
                 thresholds=self._storage.views()[5],
+                relation_keys=self._storage.relation_keys,
             )
 
     @classmethod
@@ -235,10 +239,10 @@ class NeuralKVDatabase:
             state.key_dim, state.value_dim, dtype=state.dtype, device=state.keys.device, capacity=0, ordered=ordered
         )
         if adopt:
-            db._storage = RowStorage.adopt(state.keys, state.values, state.thresholds)
+            db._storage = RowStorage.adopt(state.keys, state.values, state.thresholds, state.relation_keys)
         else:
             db._storage.reserve(state.count)
-            db._storage.write(0, state.keys, state.values, None, state.thresholds)
+            db._storage.write(0, state.keys, state.values, None, state.thresholds, state.relation_keys)
             db._storage.set_count(state.count)
         db._row_ids = list(state.ids)
         db._rows = {i: r for r, i in enumerate(state.ids)}
@@ -349,6 +353,29 @@ class NeuralKVDatabase:
         with self._lock:
             return self._storage.thresholds.clone()
 
+    @property
+    def relation_keys(self) -> torch.Tensor | None:
+        """A copy of the rows' relation keys ``(n, key_dim)`` in row order (zero rows: none), or None when no row has
+        one."""
+        with self._lock:
+            r = self._storage.relation_keys
+            return None if r is None else r.clone()
+
+    @property
+    def relation_gate(self) -> dict | None:
+        """``{"rho": float, "window": int}`` when retrieval checks the rows' relation keys (see
+        :mod:`neuraldb.relation_gate`), else None. Kept in :attr:`config`, so files and copies keep it."""
+        return self.config.get("relation_gate")
+
+    @relation_gate.setter
+    def relation_gate(self, value: dict | None) -> None:
+        checked = check_relation_gate(value)
+        with self._lock:
+            self.config = {k: v for k, v in self.config.items() if k != "relation_gate"}
+            if checked is not None:
+                self.config["relation_gate"] = checked
+            self._storage.changed()
+
     def set_thresholds(self, ids: int | Iterable[int], thresholds: float | Sequence[float] | torch.Tensor) -> None:
         """Give rows ``ids`` their own gate thresholds (one number for all, or one per id; each in [-1, 1], -1 to
         remove a row's threshold). A row's residual is then retrieved only where the best key's cosine exceeds both
@@ -423,6 +450,7 @@ class NeuralKVDatabase:
         facts: Sequence[FactLike] | None = None,
         *,
         thresholds: float | Sequence[float] | torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
     ) -> list[int]:
         """Append facts; returns their new ids (increasing, never reused).
 
@@ -434,10 +462,12 @@ class NeuralKVDatabase:
                 unchanged (str keys; str, int, float, bool, None, lists and dicts of them; no NaN), see
                 :func:`neuraldb.database_inputs.fact_to_json`.
             thresholds: None (no row threshold) or the rows' gate thresholds, as for :meth:`set_thresholds`.
+            relation_keys: None or ``(m, key_dim)``: each row's relation key (normalised; a zero row: none), see
+                :mod:`neuraldb.relation_gate`.
 
         Nothing changes when any argument is invalid.
         """
-        return self.stage_add(keys, residuals, facts, thresholds=thresholds).commit()
+        return self.stage_add(keys, residuals, facts, thresholds=thresholds, relation_keys=relation_keys).commit()
 
     def stage_add(
         self,
@@ -448,6 +478,7 @@ class NeuralKVDatabase:
         ids: Sequence[int] | None = None,
         next_id: int | None = None,
         thresholds: float | Sequence[float] | torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
     ) -> PendingChange:
         """:meth:`add`, validated and allocated for; ``.commit()`` appends the rows and returns their ids.
 
@@ -462,7 +493,7 @@ class NeuralKVDatabase:
             >>> change.commit(), db.next_id
             ([3], 6)
         """
-        return plan_add(self, keys, residuals, facts, ids, next_id, thresholds)
+        return plan_add(self, keys, residuals, facts, ids, next_id, thresholds, relation_keys)
 
     def update(
         self,
@@ -472,9 +503,11 @@ class NeuralKVDatabase:
         *,
         facts: Sequence[FactLike] | None = None,
         thresholds: float | Sequence[float] | torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
     ) -> None:
-        """Replace the keys, residuals, facts and/or gate thresholds of existing ``ids`` (rows in the order of
-        ``ids``). A new key without a new threshold drops the row's threshold, which was fitted to the old key.
+        """Replace the keys, residuals, facts, gate thresholds and/or relation keys of existing ``ids`` (rows in the
+        order of ``ids``). A new key without a new threshold drops the row's threshold, which was fitted to the old
+        key.
 
         Raises KeyError for unknown ids, ValueError for duplicates or bad rows; nothing changes on error.
         """
@@ -482,11 +515,14 @@ class NeuralKVDatabase:
             ids, keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
         )
         t = None if thresholds is None else check_row_thresholds(thresholds, len(id_list))
+        rk = None
+        if relation_keys is not None:
+            rk = check_relation_keys(relation_keys, len(id_list), self.key_dim, self.dtype)
         with self._lock:
             self._check_known(id_list)
             if not id_list:
                 return
-            self._storage.write_at([self._rows[i] for i in id_list], k, v, t)
+            self._storage.write_at([self._rows[i] for i in id_list], k, v, t, rk)
             if fs is not None:
                 self._facts.update(zip(id_list, fs))
             self._version += 1
@@ -546,8 +582,19 @@ class NeuralKVDatabase:
         and attributes (e.g. :class:`neuraldb.ShardedNeuralKVDatabase`) can be patched in.
         """
         with self._lock:
-            thresholds = self._storage.views()[5]
-            return gated_retrieval(queries, self.keys, self.values, gamma, backend=backend, thresholds=thresholds)
+            views = self._storage.views()
+            out, idx, score = gated_retrieval(
+                queries, self.keys, self.values, gamma, backend=backend, thresholds=views[5]
+            )
+            return self._relation_checked(queries, out, idx, views[6]), idx, score
+
+    def _relation_checked(
+        self, queries: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, relation_keys: torch.Tensor | None
+    ) -> torch.Tensor:
+        gate = self.relation_gate
+        if gate is None or relation_keys is None:
+            return out
+        return confirm(queries, out, idx, relation_keys, rho=gate["rho"], window=gate["window"])
 
     def retrieve_residuals(self, queries: torch.Tensor, gamma: float, *, backend: str | None = None) -> torch.Tensor:
         """``retrieve(queries, gamma)[0]``, the gated residuals alone: what a patched forward adds.
@@ -571,7 +618,12 @@ class NeuralKVDatabase:
         with self._lock:
             if self._prefilter and policy.wants_sketch(backend, storage.n, q2.shape[0], gamma):
                 storage.ensure_sketch()
-            _, keys, values, sketch, signs, thresholds = storage.views()
+            _, keys, values, sketch, signs, thresholds, relations = storage.views()
+            if relations is not None and self.relation_gate is not None:
+                # The check needs each opened position's row: the plain op, then the check on the sequences.
+                out, idx, _ = gated_retrieval(q2, keys, values, gamma, backend=backend, thresholds=thresholds)
+                shaped = out.view(*queries.shape[:-1], self.value_dim)
+                return self._relation_checked(queries, shaped, idx.view(queries.shape[:-1]), relations)
             if not self._prefilter:
                 sketch = None
             out = retrieve_residuals(
@@ -586,13 +638,15 @@ class NeuralKVDatabase:
         ``self.state_token() is token`` (every write that changes the rows, the buffers or the policy replaces it).
         None while the policy wants a sketch that is not built and a call of ``rows`` rows would not build it."""
         storage, policy = self._storage, self._policy
+        if storage.relation_buf is not None and self.relation_gate is not None:
+            return None  # the relation check runs on the retrieval's rows and positions: gated_residuals does it
         use = self._prefilter and storage.n >= policy.min_keys
         if use and storage.sketch_buf is None:
             if rows > policy.max_rows_at(gamma):
                 return None
             storage.ensure_sketch()
         views = storage.views()
-        _, keys, values, sketch, signs, thresholds = views
+        _, keys, values, sketch, signs, thresholds, _ = views
         if not use:
             sketch = signs = None
         return views, plan_retrieval(

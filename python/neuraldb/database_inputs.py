@@ -303,3 +303,17 @@ def check_row_thresholds(thresholds: object, m: int, name: str = "thresholds") -
         bad = (~((t >= -1) & (t <= 1))).nonzero().flatten()[:5].tolist()
         raise ValueError(f"{name} must be finite numbers in [-1, 1], got {[t[i].item() for i in bad]} at rows {bad}")
     return t.contiguous()
+
+
+def check_relation_keys(keys: object, m: int, key_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Relation keys for ``m`` rows as unit rows (zero rows stay zero: a row without one) in ``dtype`` on the CPU:
+    a floating tensor ``(m, key_dim)`` (or ``(key_dim,)`` for one row) of finite numbers; TypeError/ValueError
+    naming ``relation_keys`` otherwise."""
+    t = as_rows("relation_keys", keys, key_dim, "key_dim").detach().to("cpu", torch.float32)
+    if t.shape[0] != m:
+        raise ValueError(f"relation_keys must have one row per fact: expected {m}, got {t.shape[0]}")
+    bad = ~torch.isfinite(t).all(dim=1)
+    if bad.any():
+        raise ValueError(f"relation_keys rows {_first_bad_rows(bad)} are not finite")
+    norms = t.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, t / norms.clamp_min(1e-30), t).to(dtype).contiguous()

@@ -11,6 +11,8 @@ Tensors (row ``i`` of each belongs to the same fact)::
     facts_json  (bytes,)        uint8, UTF-8 JSON list of n entries: null | {"fact": {...}} | {"dict": {...}}
     thresholds  (n,)            float32 in [-1, 1], the rows' own gate thresholds (-1: none); only in files of
                                 format_version 2, written when some row has one
+    relation_keys (n, key_dim)  the keys' dtype, unit or zero rows (zero: none); format_version 2, written when
+                                some row has one (see neuraldb.relation_gate)
 
 Header metadata (safetensors' string map): ``"neuraldb"`` holds a JSON object::
 
@@ -56,7 +58,14 @@ import torch
 from neuraldb import host_memory
 from neuraldb.atomic import atomic_path, file_kind, resolve_target
 from neuraldb.database_inputs import MAX_DIM, STORAGE_DTYPES, dtype_name, fact_from_json, fact_to_json
-from neuraldb.database_state import METADATA, DatabaseState, check_ids_below, check_metadata, check_rows
+from neuraldb.database_state import (
+    METADATA,
+    DatabaseState,
+    check_ids_below,
+    check_metadata,
+    check_rows,
+    check_state_relation_keys,
+)
 from neuraldb_kernels import check_gamma
 
 FORMAT = "neuraldb.NeuralKVDatabase"
@@ -68,7 +77,7 @@ META_KEY = "neuraldb"
 CHECKSUM_KEY = "crc32"
 # In file order: the 8-byte ids first, so every tensor starts aligned to its element size.
 TENSORS = ("ids", "keys", "values", "facts_json")
-OPTIONAL_TENSORS = ("thresholds",)
+OPTIONAL_TENSORS = ("thresholds", "relation_keys")
 # safetensors refuses to read a longer header.
 _MAX_HEADER_BYTES = 100_000_000
 # Bytes per write and per checksum step: large enough that the Python loop costs nothing, small enough to stay in
@@ -100,7 +109,7 @@ def _meta(state: DatabaseState) -> dict:
     check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if state.thresholds is not None else 1,
+        "format_version": FORMAT_VERSION if state.thresholds is not None or state.relation_keys is not None else 1,
         "key_dim": state.key_dim,
         "value_dim": state.value_dim,
         "dtype": dtype_name(state.dtype),
@@ -169,6 +178,8 @@ def write_state(state: DatabaseState, path: str | os.PathLike) -> None:
     }
     if state.thresholds is not None:
         tensors["thresholds"] = state.thresholds.contiguous().cpu()
+    if state.relation_keys is not None:
+        tensors["relation_keys"] = state.relation_keys.contiguous().cpu()
     meta[CHECKSUM_KEY] = {name: f"{crc32(t):08x}" for name, t in tensors.items()}
     header = {META_KEY: json.dumps(meta, allow_nan=False)}
     try:
@@ -371,6 +382,20 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
         _check_sum("thresholds", crc32(thresholds), sums)
         if count and not bool(((thresholds >= -1) & (thresholds <= 1)).all()):
             raise _Invalid("tensor 'thresholds' must hold finite numbers in [-1, 1]")
+    relation_keys = None
+    if "relation_keys" in header:
+        shape, got = header["relation_keys"]
+        if shape != (count, key_dim) or got != dtype:
+            raise _Invalid(
+                f"tensor 'relation_keys' must be ({count}, {key_dim}) {dtype_name(dtype)}, got {_name(got)} of shape "
+                f"{shape}"
+            )
+        relation_keys = slices["relation_keys"][:].contiguous()
+        _check_sum("relation_keys", crc32(relation_keys), sums)
+        try:
+            check_state_relation_keys(relation_keys, count, key_dim, dtype, relation_keys.device)
+        except ValueError as exc:
+            raise _Invalid(str(exc).replace("state.", "tensor ")) from None
 
     ids = slices["ids"][:]
     _check_sum("ids", crc32(ids), sums)
@@ -433,6 +458,7 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
         gamma=gamma,
         config=config,
         thresholds=thresholds,
+        relation_keys=relation_keys,
         **text,
     )
 

@@ -59,6 +59,8 @@ class DatabaseState:
     config: dict[str, Any] = field(default_factory=dict)
     # Per-row gate thresholds, float32 (count,) on the rows' device; None: no row has one of its own (all -1).
     thresholds: torch.Tensor | None = None
+    # Per-row relation keys (count, key_dim) in ``dtype``, unit or zero rows; None: no row has one.
+    relation_keys: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -121,6 +123,26 @@ def check_state_thresholds(thresholds: object, n: int, device: torch.device) -> 
         raise ValueError("state.thresholds must be finite numbers in [-1, 1]")
 
 
+def check_state_relation_keys(
+    relation_keys: object, n: int, key_dim: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """ValueError unless ``relation_keys`` is None or ``(n, key_dim)`` in ``dtype`` on ``device``, each row finite and
+    of unit length or zero."""
+    if relation_keys is None:
+        return
+    if (
+        not isinstance(relation_keys, torch.Tensor)
+        or relation_keys.dtype != dtype
+        or tuple(relation_keys.shape) != (n, key_dim)
+        or relation_keys.device != device
+    ):
+        raise ValueError(f"state.relation_keys must be None or ({n}, {key_dim}) {dtype_name(dtype)} on {device}")
+    for start in range(0, n, SCAN_ROWS):
+        norms = relation_keys[start : start + SCAN_ROWS].float().norm(dim=1)
+        if not bool((torch.isfinite(norms) & ((norms == 0) | ((norms - 1).abs() <= UNIT_TOLERANCE))).all()):
+            raise ValueError("state.relation_keys rows must be finite, of unit length or zero")
+
+
 def check_ids_below(ids: list[int], next_id: int) -> None:
     """ValueError unless ``ids`` are distinct ints in ``[0, next_id)`` and ``next_id`` fits int64."""
     if not 0 <= next_id <= MAX_ID:
@@ -150,6 +172,7 @@ def check_state(state: DatabaseState, *, rows: bool = True) -> None:
         raise ValueError(f"state.keys and state.values are on {state.keys.device} and {state.values.device}")
     check_ids_below(state.ids, state.next_id)
     check_state_thresholds(state.thresholds, n, state.keys.device)
+    check_state_relation_keys(state.relation_keys, n, state.key_dim, state.dtype, state.keys.device)
     if len(state.facts) != n:
         raise ValueError(f"state.facts must have one entry per id: expected {n}, got {len(state.facts)}")
     check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)

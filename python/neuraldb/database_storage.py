@@ -55,21 +55,30 @@ class RowStorage:
         self.keys_buf = host_memory.empty((capacity, key_dim), dtype, device)
         self.values_buf = host_memory.empty((capacity, value_dim), dtype, device)
         self.thresholds_buf = torch.empty((capacity,), dtype=torch.float32, device=device)
+        # Relation keys (capacity, key_dim), like the keys; None until a row gets one (zeros: a row without one).
+        self.relation_buf: torch.Tensor | None = None
         self.sketch_buf: torch.Tensor | None = None
         self.signs_buf: torch.Tensor | None = None  # built and dropped with sketch_buf
         self.n = 0
         self.cached_views: tuple = ()
 
     @classmethod
-    def adopt(cls, keys: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor | None = None) -> RowStorage:
-        """Storage whose buffers are ``keys``/``values`` (and ``thresholds``, when given; contiguous, full), without a
-        copy."""
+    def adopt(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        thresholds: torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
+    ) -> RowStorage:
+        """Storage whose buffers are ``keys``/``values`` (and ``thresholds``, ``relation_keys`` when given; contiguous,
+        full), without a copy."""
         out = cls.__new__(cls)
         out.key_dim, out.value_dim, out.dtype = keys.shape[1], values.shape[1], keys.dtype
         out.keys_buf, out.values_buf = keys, values
         if thresholds is None:
             thresholds = torch.full((keys.shape[0],), NO_THRESHOLD, device=keys.device)
         out.thresholds_buf = thresholds
+        out.relation_buf = relation_keys
         out.sketch_buf = out.signs_buf = None
         out.n = keys.shape[0]
         out.cached_views = ()
@@ -96,6 +105,10 @@ class RowStorage:
         return self.thresholds_buf[: self.n]
 
     @property
+    def relation_keys(self) -> torch.Tensor | None:
+        return None if self.relation_buf is None else self.relation_buf[: self.n]
+
+    @property
     def sketch(self) -> torch.Tensor | None:
         return None if self.sketch_buf is None else self.sketch_buf[: self.n]
 
@@ -104,8 +117,9 @@ class RowStorage:
         return None if self.signs_buf is None else self.signs_buf[: self.n]
 
     def views(self) -> tuple:
-        """``(key, keys, values, sketch, signs, thresholds)``, the live rows (``thresholds`` None while no row has one
-        of its own, so that retrieval skips the test), made once per state of the storage and kept as
+        """``(key, keys, values, sketch, signs, thresholds, relation_keys)``, the live rows (``thresholds`` None while
+        no row has one of its own, so that retrieval skips the test; ``relation_keys`` None while no row has one), made
+        once per state of the storage and kept as
         :attr:`cached_views`: a plan bound to these tensors stays valid while ``cached_views`` is the same tuple.
         Keyed on the buffers' identities and the row count, so a writer that forgets :meth:`changed` costs memory, never correctness (the cached views keep their
         buffers alive, so an identity cannot be reused while it is cached); the writers that replace a buffer call
@@ -115,7 +129,9 @@ class RowStorage:
         if not views or views[0] != key:
             thresholds = self.thresholds
             active = thresholds if bool((thresholds > NO_THRESHOLD).any()) else None
-            self.cached_views = views = (key, self.keys, self.values, self.sketch, self.signs, active)
+            self.cached_views = views = (
+                key, self.keys, self.values, self.sketch, self.signs, active, self.relation_keys
+            )  # fmt: skip
         return views
 
     def changed(self) -> None:
@@ -135,6 +151,8 @@ class RowStorage:
         self.keys_buf = self._grown(self.keys_buf, cap)
         self.values_buf = self._grown(self.values_buf, cap)
         self.thresholds_buf = self._grown(self.thresholds_buf, cap)
+        if self.relation_buf is not None:
+            self.relation_buf = self._grown(self.relation_buf, cap)
         if self.sketch_buf is not None:
             self.sketch_buf = self._grown(self.sketch_buf, cap)
             self.signs_buf = self._grown(self.signs_buf, cap)
@@ -175,6 +193,8 @@ class RowStorage:
         self.keys_buf = moved(self.keys_buf, device)
         self.values_buf = moved(self.values_buf, device)
         self.thresholds_buf = moved(self.thresholds_buf, device)
+        if self.relation_buf is not None:
+            self.relation_buf = moved(self.relation_buf, device)
         if device.type != "cpu":
             self.sketch_buf = self.signs_buf = None
         else:
@@ -192,10 +212,19 @@ class RowStorage:
         values: torch.Tensor,
         sketch: tuple[torch.Tensor, torch.Tensor] | None,
         thresholds: torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
     ) -> None:
         """Copy rows into ``[start, start + len(keys))`` of the reserved buffers; ``sketch`` is their
-        :meth:`sketch_rows` (built here if the sketches exist and it is None), ``thresholds`` theirs (None: none)."""
+        :meth:`sketch_rows` (built here if the sketches exist and it is None), ``thresholds`` and ``relation_keys``
+        theirs (None: none)."""
         stop = start + keys.shape[0]
+        if relation_keys is not None:
+            self.enable_relations()
+        if self.relation_buf is not None:
+            if relation_keys is None:
+                self.relation_buf[start:stop].zero_()
+            else:
+                self.relation_buf[start:stop].copy_(relation_keys)
         self.keys_buf[start:stop].copy_(keys)
         self.values_buf[start:stop].copy_(values)
         if thresholds is None:
@@ -214,10 +243,15 @@ class RowStorage:
         keys: torch.Tensor | None,
         values: torch.Tensor | None,
         thresholds: torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
     ) -> None:
-        """Replace the keys, values and/or thresholds of live ``rows`` (the sketches follow the keys). A new key
-        without a new threshold drops the row's threshold: it was fitted to the old key."""
+        """Replace the keys, values, thresholds and/or relation keys of live ``rows`` (the sketches follow the keys).
+        A new key without a new threshold drops the row's threshold: it was fitted to the old key."""
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if relation_keys is not None:
+            self.enable_relations()
+            self.relation_buf.index_copy_(0, index, relation_keys.to(self.device))
+            self.changed()
         if thresholds is not None:
             self.thresholds_buf.index_copy_(0, index, thresholds.to(self.device))
         elif keys is not None:
@@ -254,7 +288,13 @@ class RowStorage:
         self.changed()
 
     def _buffers(self) -> tuple[torch.Tensor | None, ...]:
-        return self.keys_buf, self.values_buf, self.sketch_buf, self.signs_buf, self.thresholds_buf
+        return self.keys_buf, self.values_buf, self.sketch_buf, self.signs_buf, self.thresholds_buf, self.relation_buf
+
+    def enable_relations(self) -> None:
+        """Allocate the relation keys (zeros: no row has one) if they do not exist yet."""
+        if self.relation_buf is None:
+            self.relation_buf = torch.zeros((self.capacity, self.key_dim), dtype=self.dtype, device=self.device)
+            self.changed()
 
     # -- reads ----------------------------------------------------------------------------------------------------
 

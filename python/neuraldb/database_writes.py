@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from neuraldb.database_inputs import FactLike, as_id, check_new_rows, check_row_thresholds
+from neuraldb.database_inputs import FactLike, as_id, check_new_rows, check_relation_keys, check_row_thresholds
 from neuraldb.database_state import MAX_ID
 
 
@@ -46,11 +46,13 @@ def plan_add(
     ids: Sequence[int] | None,
     next_id: int | None,
     thresholds: object = None,
+    relation_keys: object = None,
 ) -> PendingChange:
     """``db.stage_add(...)``: the rows checked, the ids checked and the storage reserved; see its docstring."""
     k, v, fs = check_new_rows(keys, residuals, facts, key_dim=db.key_dim, value_dim=db.value_dim, dtype=db.dtype)
     m = k.shape[0]
     t = None if thresholds is None else check_row_thresholds(thresholds, m)
+    rk = None if relation_keys is None else check_relation_keys(relation_keys, m, db.key_dim, db.dtype)
     given = None if ids is None else [as_id(i, "ids") for i in ids]
     if given is not None and (len(given) != m or any(b <= a for a, b in itertools.pairwise(given))):
         raise ValueError(f"ids must be {m} increasing ids, got {given[:5]}")
@@ -66,7 +68,10 @@ def plan_add(
             )
         k, v = k.to(db.device), v.to(db.device)
         t = None if t is None else t.to(db.device)
+        rk = None if rk is None else rk.to(db.device)
         db._storage.reserve(len(db) + m)
+        if rk is not None:
+            db._storage.enable_relations()
         sketch = db._storage.sketch_rows(k)
 
     def apply() -> list[int]:
@@ -75,7 +80,7 @@ def plan_add(
         if m:
             db._storage.reserve(n + m)  # a no-op unless another add came between staging and commit
             fresh = db._storage.sketch_buf is not None and sketch is not None and k.device == db.device
-            db._storage.write(n, k.to(db.device), v.to(db.device), sketch if fresh else None, t)
+            db._storage.write(n, k.to(db.device), v.to(db.device), sketch if fresh else None, t, rk)
         for offset, (i, f) in enumerate(zip(new, fs)):
             db._rows[i] = n + offset
             db._facts[i] = f

@@ -101,7 +101,8 @@ def _scan(
     thresholds: what ``shard.retrieve`` computes, but through this module's ``gated_retrieval`` (which a test
     replaces to simulate a failing scan). The storage's views hold the live rows and the thresholds, None while no
     row has one of its own (so the plain op runs)."""
-    _, keys, values, _, _, thresholds = shard._storage.views()
+    views = shard._storage.views()
+    keys, values, thresholds = views[1], views[2], views[5]
     return gated_retrieval(queries, keys, values, gamma, backend=backend, thresholds=thresholds)
 
 

@@ -202,6 +202,8 @@ def from_database(
         try:
             if not is_db:
                 raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
+            if db.relation_keys is not None:
+                raise ValueError("db holds relation keys, which the sharded database does not carry yet")
             out = cls(
                 db.key_dim,
                 db.value_dim,
