@@ -187,3 +187,19 @@ def test_the_command_turns_the_relation_gate_on(tiny_dir, tmp_path, capsys):
     assert "relation gate on (rho 0.4, window 8): 6 relation keys" in capsys.readouterr().out
     back = NeuralKVDatabase.load(db)
     assert back.relation_gate == {"rho": 0.4, "window": 8} and back.relation_keys.shape == (6, back.key_dim)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-calibrate"]])
+def test_edit_fits_thresholds_unless_told_not_to(tiny_dir, tmp_path, flag, capsys, monkeypatch):
+    from neuraldb import calibration
+    from test_cli import JOB_FACTS, _facts_file
+
+    calls = []
+    real = calibration.calibrate
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    facts = _facts_file(tmp_path / "facts.jsonl", JOB_FACTS)
+    db = tmp_path / "db.safetensors"
+    argv = ["edit", "--model", str(tiny_dir), "--threads", "1", "--facts", str(facts), "--out", str(db)]
+    assert main([*argv, "--no-progress", *flag]) == 0
+    assert calls == ([] if flag else [None])  # the database's own negatives, no text
+    assert ("Fitting per-row gate thresholds" in capsys.readouterr().err) == (not flag)

@@ -132,7 +132,7 @@ def text_states(
 
 def best_rows(states: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(score, row)`` of the best unit key for each unit state row (fp32), in chunks."""
-    if keys.shape[0] == 0:
+    if keys.shape[0] == 0 or states.shape[0] == 0:
         return torch.full((states.shape[0],), float("-inf")), torch.full((states.shape[0],), -1, dtype=torch.long)
     step = max(1, _SCORE_ELEMENTS // keys.shape[0])
     parts = [(states[s : s + step] @ keys.T).max(dim=1) for s in range(0, states.shape[0], step)]
@@ -150,7 +150,7 @@ def calibrate(
     model: torch.nn.Module,
     tokenizer,
     db: NeuralKVDatabase,
-    texts: Sequence[str],
+    texts: Sequence[str] | None,
     *,
     tokens: int = DEFAULT_TOKENS,
     skip: int = 0,
@@ -165,7 +165,8 @@ def calibrate(
     Args:
         model, tokenizer: the model the database was edited into (its layer ``db.layer``).
         db: the database; its rows' facts give the positives, ``db.gamma`` (or 0.65) the gate.
-        texts: the calibration corpus (ordinary text); ``tokens`` of it after the first ``skip`` are read.
+        texts: the calibration corpus (ordinary text); ``tokens`` of it after the first ``skip`` are read. None:
+            no text, only the database's own negatives (what ``neuraldb edit`` fits by default).
         delta: how far above its hardest negative a row's threshold goes.
         margin: how far below its own prompt's cosine a threshold may go at most.
         word_negatives: also use the subject's last word alone as a negative (subjects of several words).
@@ -190,8 +191,11 @@ def calibrate(
     rows = [r for r, f in facts if isinstance(f, Fact)]
     own_facts = [f for _, f in facts if isinstance(f, Fact)]
 
-    say(f"reading the states of {tokens} tokens of calibration text")
-    text = text_states(model, tokenizer, layer, texts, tokens=tokens, skip=skip)
+    if texts is None:
+        text = torch.empty(0, keys.shape[1])
+    else:
+        say(f"reading the states of {tokens} tokens of calibration text")
+        text = text_states(model, tokenizer, layer, texts, tokens=tokens, skip=skip)
     t_score, t_row = best_rows(text, keys)
     neg = torch.full((m,), -1.0)
     hit = t_score > gamma

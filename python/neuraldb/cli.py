@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="edit only facts START..STOP-1 of the file, with those indices as ids (for `neuraldb merge`)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-calibrate", action="store_true", help="fit no per-row gate thresholds after editing")
 
     p = sub.add_parser(
         "merge",
@@ -183,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     p.add_argument("--max-new-tokens", type=_positive_int, default=6, help="tokens per answer (default: 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # One thread by default: the demo's matrices are small, and a single thread cannot be slowed down by
-    # OpenMP spin-waiting when other work shares the cores (two threads made it 10x slower on a busy machine).
+    # One thread: the demo's matrices are small, and OpenMP spin-waiting on shared cores made 2 threads 10x slower.
     p.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default: 1)")
 
     from neuraldb.evaluation.command import add_parser as add_eval_parser  # `neuraldb eval`, defined there

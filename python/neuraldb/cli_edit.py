@@ -53,6 +53,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         stats=stats,
     )
+    _calibrate(args, model, tok, db)
     db.save(args.out)
     seconds = stats.get("seconds")
     timing = f" in {seconds:.1f} s ({seconds / len(facts):.2f} s per fact)" if seconds else ""
@@ -95,6 +96,9 @@ def _edit_job(args: argparse.Namespace, facts: list) -> int:
         model, tok, facts, args.out, checkpoint_every=args.checkpoint_every, resume=args.resume, start=start,
         stop=stop, source=source, progress=not args.no_progress, on_flush=flushed, stats=stats, **hparams,
     )  # fmt: skip
+    if args.slice is None and len(db) == len(facts):  # a finished whole job; slices are calibrated after `merge`
+        _calibrate(args, model, tok, db)
+        db.save(args.out)
     n, seconds = stats["n"], stats["seconds"]
     timing = f" in {seconds:.1f} s ({seconds / n:.2f} s per fact)" if n else ""
     was = f"resumed at fact {stats['resumed_at']}; " if resuming else ""
@@ -103,6 +107,21 @@ def _edit_job(args: argparse.Namespace, facts: list) -> int:
         f"{len(facts)}, layer {db.layer}, gamma {db.gamma}"
     )
     return 0
+
+
+def _calibrate(args: argparse.Namespace, model, tok, db) -> None:
+    """Per-row gate thresholds from the database's own negatives (no text): see :mod:`neuraldb.calibration`."""
+    if args.no_calibrate:
+        return
+    from neuraldb.calibration import calibrate
+
+    print("Fitting per-row gate thresholds (--no-calibrate skips) ...", file=sys.stderr, flush=True)
+    report = calibrate(model, tok, db, None)
+    print(
+        f"{report.raised} of {report.fitted} facts got a gate threshold above gamma; `neuraldb calibrate --text` "
+        "fits them on ordinary text too",
+        file=sys.stderr,
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
