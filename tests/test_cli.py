@@ -114,7 +114,8 @@ def test_info(db_path, capsys):
     out = capsys.readouterr().out
     lines = [" ".join(line.split()) for line in out.splitlines()]
     for line in ("facts 4", "model tiny:test", "module model.layers.3.mlp.down_proj", "layer 3", "gamma 0.7",
-                 "template '<s>{}'", "key dim 8", "value dim 4", "dtype float32", "next id 4"):  # fmt: skip
+                 "template '<s>{}'", "key/value dim 8/4", "dtype float32", "next id 4",
+                 "own thresholds 0 rows (`neuraldb calibrate` fits them)"):  # fmt: skip
         assert line in lines, line
     assert "The Eiffel Tower is located in the city of -> Rome  (was: Paris)" in out
     assert "The capital of Japan is -> Kyoto" in out

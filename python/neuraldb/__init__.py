@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neuraldb import facts, templates
     from neuraldb.architectures import down_proj_dims, down_proj_module
+    from neuraldb.calibration import calibrate, enable_relation_gate
     from neuraldb.database import NeuralKVDatabase
     from neuraldb.editing import compute_keys, compute_residuals, edit
     from neuraldb.facts import Fact
@@ -39,6 +40,8 @@ _EXPORTS = {
     "unpatch_model": "neuraldb.patching",
     "down_proj_dims": "neuraldb.architectures",
     "down_proj_module": "neuraldb.architectures",
+    "calibrate": "neuraldb.calibration",
+    "enable_relation_gate": "neuraldb.calibration",
     "compute_keys": "neuraldb.editing",
     "compute_residuals": "neuraldb.editing",
     "edit": "neuraldb.editing",
@@ -51,12 +54,14 @@ __all__ = [
     "Fact",
     "NeuralKVDatabase",
     "ShardedNeuralKVDatabase",
+    "calibrate",
     "compute_keys",
     "compute_residuals",
     "disabled",
     "down_proj_dims",
     "down_proj_module",
     "edit",
+    "enable_relation_gate",
     "facts",
     "gated_retrieval",
     "load_model",

@@ -252,9 +252,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("module", db.module_path or "(not recorded)"),
         ("layer", "(not recorded)" if db.layer is None else str(db.layer)),
         ("gamma", "(model default)" if db.gamma is None else f"{db.gamma:g}"),
+        ("own thresholds", f"{int((db.thresholds > -1).sum())} rows (`neuraldb calibrate` fits them)"),
         ("template", "(none)" if db.template is None else repr(db.template)),
-        ("key dim", str(db.key_dim)),
-        ("value dim", str(db.value_dim)),
+        ("key/value dim", f"{db.key_dim}/{db.value_dim}"),
         ("dtype", str(db.dtype).removeprefix("torch.")),
         ("next id", str(db.next_id)),
     ]
