@@ -71,8 +71,13 @@ def write_table(out: Path) -> None:
                 f"| {g['piqa']:.1f} |"
             )
     last = rows[-1]
+    source = (
+        f"Calibrated on WikiText-2 test tokens [{last['calib_skip']}, {last['calib_skip'] + last['calib_tokens']})"
+        if last["calib_tokens"]
+        else "Calibrated from the facts alone (no text)"
+    )
     lines.append(
-        f"\nCalibrated on WikiText-2 test tokens [{last['calib_skip']}, {last['calib_skip'] + last['calib_tokens']}); "
+        f"\n{source}; "
         f"openings measured on tokens [0, {last['heldout_tokens']}); perplexity on the first 16384. "
         f"delta {last['calibration']['delta']}, margin {last['calibration']['margin']}. Command: `{last['command']}`"
     )
@@ -90,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", type=float, default=0.02)
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "calibration" / "counterfact")
+    p.add_argument("--no-text", action="store_true", help="calibrate from the facts alone, as `neuraldb edit` does")
+    p.add_argument("--results", type=Path, help="default docs/results/calibration/counterfact[-facts-only]")
     args = p.parse_args(argv)
+    name = "counterfact-facts-only" if args.no_text else "counterfact"
+    args.results = args.results or ROOT / "docs" / "results" / "calibration" / name
     command = "python benchmarks/calibration_run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     torch.set_num_threads(args.threads)
     import neuraldb
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         without = evaluate(run, db)
         log(f"n={n}: calibrating")
         report = calibrate(
-            model, tok, db, corpus, tokens=args.calib_tokens, skip=args.calib_skip, delta=args.delta,
+            model, tok, db, None if args.no_text else corpus, tokens=args.calib_tokens, skip=args.calib_skip, delta=args.delta,
             margin=args.margin, progress=log,
         )  # fmt: skip
         log(report.summary())
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         with_t = evaluate(run, db)
         result = {
             "n": n, "command": command, "machine": machine_description(), "threads": args.threads,
-            "calib_tokens": args.calib_tokens, "calib_skip": args.calib_skip, "heldout_tokens": args.heldout_tokens,
+            "calib_tokens": 0 if args.no_text else args.calib_tokens, "calib_skip": args.calib_skip, "heldout_tokens": args.heldout_tokens,
             "calibration": {k: v for k, v in vars(report).items() if not isinstance(v, torch.Tensor)}, "heldout": heldout,
             "without": without, "with": with_t, "seconds": time.perf_counter() - t0,
         }  # fmt: skip
