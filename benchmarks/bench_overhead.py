@@ -87,6 +87,8 @@ _VARIANTS = {
     "off": ("plain",),
     "both": ("plain", "1bit+int4"),
     "all": ("plain", "int4", "1bit+int4"),
+    # the default cascade with and without per-row gate thresholds (0.99 on every row: tested where a gate opens)
+    "thresholds": ("1bit+int4", "1bit+int4+thr"),
 }
 DEFAULT_M = (0, 2_000, 10_000, 20_000, 100_000, 1_000_000)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -98,7 +100,11 @@ def _use_sketch(db, variant: str) -> None:
     after a plain one would rebuild them inside the timed forward; a key threshold no database reaches selects the
     plain scan and keeps them."""
     min_keys = sys.maxsize if variant == "plain" else neuraldb_kernels.DEFAULT_POLICY.min_keys
-    db.prefilter_policy = dataclasses.replace(db.prefilter_policy, min_keys=min_keys, signs=variant == "1bit+int4")
+    signs = variant.startswith("1bit+int4")
+    db.prefilter_policy = dataclasses.replace(db.prefilter_policy, min_keys=min_keys, signs=signs)
+    want = 0.99 if variant.endswith("+thr") else -1.0
+    if len(db) and float(db.thresholds[0]) != want:
+        db.set_thresholds(db.ids(), want)
 
 
 def variant_label(sketch: str, backend: str | None, several_backends: bool) -> str:
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
         default="on",
         choices=list(_VARIANTS),
         help="the database's key sketches for decode steps (on: its default, 1-bit + int4; both: patched "
-        "with and without them in the same interleaved repetitions; all: also the int4 sketch alone)",
+        "with and without them in the same interleaved repetitions; all: also the int4 sketch alone; thresholds: "
+        "the default with and without per-row gate thresholds)",
     )
     ap.add_argument(
         "--threads",
