@@ -6,6 +6,7 @@ Example::
     >>> model, tok = neuraldb.load_model("smollm2")
     >>> db = neuraldb.edit(model, tok, [neuraldb.Fact("Danielle Darrieux", "The mother tongue of {} is", "English")])
     >>> neuraldb.patch_model(model, db)
+    >>> db.save_pretrained("my-edits", model=model)   # later: neuraldb.from_pretrained(model, "my-edits")
 
 The names below are imported on first use: ``import neuraldb`` alone loads neither torch nor transformers, so the
 ``neuraldb`` command answers Ctrl-C or a usage error in its first second with one line, not a traceback from inside
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from neuraldb.facts import Fact
     from neuraldb.models import load_model
     from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
+    from neuraldb.pretrained import fingerprint, from_pretrained, save_pretrained
     from neuraldb.sharded import ShardedNeuralKVDatabase
     from neuraldb_kernels import gated_retrieval
 
@@ -38,6 +40,9 @@ _EXPORTS = {
     "patch_info": "neuraldb.patching",
     "patch_model": "neuraldb.patching",
     "unpatch_model": "neuraldb.patching",
+    "fingerprint": "neuraldb.pretrained",
+    "from_pretrained": "neuraldb.pretrained",
+    "save_pretrained": "neuraldb.pretrained",
     "down_proj_dims": "neuraldb.architectures",
     "down_proj_module": "neuraldb.architectures",
     "calibrate": "neuraldb.calibration",
@@ -63,10 +68,13 @@ __all__ = [
     "edit",
     "enable_relation_gate",
     "facts",
+    "fingerprint",
+    "from_pretrained",
     "gated_retrieval",
     "load_model",
     "patch_info",
     "patch_model",
+    "save_pretrained",
     "templates",
     "unpatch_model",
 ]

@@ -672,6 +672,21 @@ class NeuralKVDatabase:
         device = check_device(device)
         return cls.from_state(database_io.read_state(path), adopt=True).to(device)
 
+    def save_pretrained(self, directory: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+        """Write the database and a ``neuraldb_config.json`` (base model id, architecture and, given ``model``, the
+        fingerprint of its weights) into ``directory``: :func:`neuraldb.save_pretrained`."""
+        from neuraldb import pretrained_io
+
+        pretrained_io.save(self, directory, model)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> NeuralKVDatabase:
+        """Read a directory written by :meth:`save_pretrained` (checks nothing about a model: that is
+        :func:`neuraldb.from_pretrained`)."""
+        from neuraldb import pretrained_io
+
+        return pretrained_io.load_database(cls, directory, device=check_device(device))
+
     # Pickling and deep copies get a fresh lock (locks cannot be copied).
     def __getstate__(self) -> dict:
         with self._lock:

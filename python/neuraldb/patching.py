@@ -1,9 +1,9 @@
 """``patch_model``: make one MLP down-projection return ``W k + gated_retrieval(k, db.keys, db.values, gamma)``.
 
-How: a forward hook on the down-projection adds the retrieved residual to the module's own output. The
-module, its weights and its class are never touched, so :func:`unpatch_model` (removing the hook) gives
-outputs bitwise identical to a never-patched model, and ``generate()``, ``.to()``, ``state_dict()`` and
-saving the model with ``save_pretrained`` behave as without neuraldb.
+How: a forward hook on the down-projection adds the retrieved residual to the module's own output. The module, its
+weights and its class are never touched, so :func:`unpatch_model` (removing the hook) gives outputs bitwise identical
+to a never-patched model, and ``generate()``, ``.to()`` and ``state_dict()`` behave as without neuraldb. While
+patched, ``model.save_pretrained`` also writes the database beside the weights (:mod:`neuraldb.pretrained`).
 
 Under a tracer (torch.compile, export, make_fx) the hook calls one custom op,
 ``torch.ops.neuraldb.database_retrieval(queries, route)``, whose integer ``route`` names the patch; in eager mode
@@ -20,9 +20,6 @@ Either way the database is read at run time, under its lock. Hence:
   different devices would move back and forth; give each model its own.
 - on CUDA the lock covers launching the retrieval, not its execution; writes stay ordered after it because
   both are queued on the same (default) stream. Writers on a side stream must synchronise themselves.
-
-Patching an already patched model replaces the previous patch cleanly (the old hook is removed only after the
-new arguments have been validated), so at most one database is active per model.
 
 Example::
 
@@ -45,6 +42,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from neuraldb import architectures as arch
+from neuraldb import pretrained_io
 from neuraldb.database import NeuralKVDatabase
 from neuraldb_kernels import check_gamma, gated_retrieval, resolve, runs_eagerly
 
@@ -258,15 +256,15 @@ def patch_model(
             patch first runs on a device; the choice is kept until the model moves to another device).
 
     Returns:
-        ``model``, patched. Patching a patched model replaces the previous patch.
+        ``model``, patched. Patching a patched model replaces the previous patch cleanly (the old hook is removed
+        only after the new arguments have been validated), so at most one database is active per model.
 
     Raises:
-        TypeError / ValueError naming the argument: wrong types, unknown architecture without ``module``,
-        layer out of range, database dims that do not match the module, bad gamma or backend, residuals beyond
-        the range of the module's dtype (an fp32 or bf16 database in an fp16 model; they would make the logits
-        inf). On error the model (and any previous patch) is left unchanged. A forward after the model moved to a
-        narrower dtype raises the same ValueError; facts added after patching are checked against the storage
-        dtype only.
+        TypeError / ValueError naming the argument: wrong types, unknown architecture without ``module``, layer out of
+        range, database dims that do not match the module, bad gamma or backend, residuals beyond the range of the
+        module's dtype (an fp32 or bf16 database in an fp16 model; they would make the logits inf). On error the model
+        (and any previous patch) is left unchanged. A forward after the model moved to a narrower dtype raises the same
+        ValueError; facts added after patching are checked against the storage dtype only.
 
     Example::
 
@@ -327,6 +325,7 @@ def _install(model: torch.nn.Module, target: torch.nn.Module, patch: Patch) -> N
     # patched and unpatched forwards alternately without paying those again).
     target.register_forward_hook(_RetrievalHook(patch), with_kwargs=True)
     setattr(model, _ATTR, patch)
+    pretrained_io.wrap_save_pretrained(model, patch_info)
     _routes[patch.route] = patch
 
 
@@ -378,6 +377,7 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
         for key in keys:
             hooks.pop(key, None)
     delattr(model, _ATTR)
+    pretrained_io.unwrap_save_pretrained(model)
     _routes.pop(patch.route, None)
     return model
 
