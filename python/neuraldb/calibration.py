@@ -175,7 +175,7 @@ def calibrate(
     Returns a :class:`CalibrationReport`. ValueError for a database without a layer, an empty corpus, or delta/
     margin outside [0, 1]; nothing changes in ``db`` on error.
     """
-    from neuraldb.editing import compute_keys
+    from neuraldb.editing import compute_keys, engine
 
     for name, value in (("delta", delta), ("margin", margin)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -219,13 +219,12 @@ def calibrate(
                 parts = f.subject.split()
                 if len(parts) > 1:
                     for fw in FUNCTION_WORDS:
-                        words.append(Fact(parts[-1], f"{fw} {{}}", "x"))
+                        words.append(f"{fw} {parts[-1]}")
                         owner.append(r)
             if words:
                 say(f"reading the states of {len(words)} last-word negatives")
-                w = torch.nn.functional.normalize(
-                    compute_keys(model, tokenizer, words, layer, n_prefixes=0, template=db.template).float(), dim=-1
-                )
+                # The word ends each text, so its last token is where a key of that subject would be read.
+                w = engine.last_token_states(model, tokenizer, words, layer, db.template)
                 owner_t = torch.tensor(owner)
                 neg.scatter_reduce_(0, owner_t, (w * keys[owner_t]).sum(-1), "amax")
 

@@ -32,8 +32,6 @@ from collections.abc import Sequence
 
 import torch
 
-from neuraldb import templates
-
 # Opened positions per chunk of the check: bounds the (positions, window, d1) temporary.
 _CHUNK = 256
 MAX_WINDOW = 4096
@@ -100,17 +98,7 @@ def compute_relation_keys(
     60%, but 88% of other-relation statements instead of 99.96% and generalization fell from 62.7 to 44.3.)"""
     from neuraldb.editing import engine
 
-    h = engine.handles(model, layer)
-    pad = templates.pad_id(tokenizer)
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            seqs = templates.encode_batch(tokenizer, template, list(prompts[start : start + batch_size]))
-            q, _ = engine.down_proj_inputs(h, seqs, pad)
-            rows += [q[i, len(seq) - 1].cpu() for i, seq in enumerate(seqs)]
-    if not rows:
-        return torch.empty(0, 0)
-    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+    return engine.last_token_states(model, tokenizer, prompts, layer, template, batch_size)
 
 
 __all__ = ["MAX_WINDOW", "check_relation_gate", "compute_relation_keys", "confirm"]

@@ -190,6 +190,26 @@ def down_proj_inputs(h: Handles, seqs: Sequence[Sequence[int]], pad_id: int) -> 
     return got["q"], mask.to(device).bool()
 
 
+def last_token_states(
+    model: torch.nn.Module, tokenizer, texts: Sequence[str], layer: int, template: str | None, batch_size: int = 256
+) -> torch.Tensor:
+    """Unit down-projection inputs of ``layer`` (fp32 ``(n, d1)``, on the CPU) at the last token of each text inside
+    ``template``; one right-padded batch per ``batch_size`` texts (padding after a token cannot reach it)."""
+    from neuraldb import templates
+
+    h = handles(model, layer)
+    pad = templates.pad_id(tokenizer)
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            seqs = templates.encode_batch(tokenizer, template, list(texts[start : start + batch_size]))
+            q, _ = down_proj_inputs(h, seqs, pad)
+            rows.append(q[torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])].cpu())
+    if not rows:
+        return torch.empty(0, 0)
+    return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention of the optimisation steps
 # ---------------------------------------------------------------------------------------------------------------------
