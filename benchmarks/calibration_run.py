@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-tokens", type=int, default=65536)
     p.add_argument("--calib-skip", type=int, default=65536)
     p.add_argument("--heldout-tokens", type=int, default=65536)
-    p.add_argument("--delta", type=float, default=0.02)
+    p.add_argument("--delta", type=float, default=0.05)
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-text", action="store_true", help="calibrate from the facts alone, as `neuraldb edit` does")

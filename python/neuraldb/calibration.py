@@ -154,7 +154,7 @@ def calibrate(
     *,
     tokens: int = DEFAULT_TOKENS,
     skip: int = 0,
-    delta: float = 0.02,
+    delta: float = 0.05,
     margin: float = 0.1,
     word_negatives: bool = True,
     dry_run: bool = False,

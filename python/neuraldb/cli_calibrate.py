@@ -2,7 +2,7 @@
 
 ::
 
-    neuraldb calibrate edits.safetensors --text corpus.txt [--tokens 65536 --skip 0 --delta 0.02 --margin 0.1]
+    neuraldb calibrate edits.safetensors --text corpus.txt [--tokens 65536 --skip 0 --delta 0.05 --margin 0.1]
     neuraldb calibrate edits.safetensors --text corpus.txt --eval-text other.txt --dry-run   # report, change nothing
 
 See :mod:`neuraldb.calibration` for what is fitted. The database is saved in place (or to ``--out``) atomically.
@@ -40,7 +40,7 @@ def add_parser(sub, add_model_args) -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, nargs="+", required=True, help="calibration corpus: UTF-8 text files (.gz ok)")
     p.add_argument("--tokens", type=_positive_int, default=65536, help="tokens of --text to read (default 65536)")
     p.add_argument("--skip", type=_non_negative_int, default=0, help="skip this many tokens of --text first")
-    p.add_argument("--delta", type=_unit, default=0.02, help="threshold above the hardest negative (default 0.02)")
+    p.add_argument("--delta", type=_unit, default=0.05, help="threshold above the hardest negative (default 0.05)")
     p.add_argument("--margin", type=_unit, default=0.1, help="threshold below the fact's own prompt (default 0.1)")
     p.add_argument(
         "--eval-text", type=Path, nargs="+", help="text to report gate openings on (keep it apart from --text)"
