@@ -166,3 +166,15 @@ def separated_position(
 
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def logits_and_down_proj_inputs(model, module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, q)``: the model's logits for ``x`` and ``module``'s inputs for its first sequence, ``(T, d1)``."""
+    got = {}
+    handle = module.register_forward_hook(lambda m, inp, out: got.__setitem__("q", inp[0][0].detach().clone()))
+    try:
+        with torch.no_grad():
+            logits = model(x).logits
+    finally:
+        handle.remove()
+    return logits, got["q"]

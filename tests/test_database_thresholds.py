@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import prompt, tiny_model
+from _tiny_models import logits_and_down_proj_inputs, prompt, tiny_model
 from neuraldb import NeuralKVDatabase, patch_model
 from neuraldb.database_state import DatabaseState, check_state
 from safetensors import safe_open
@@ -143,13 +143,9 @@ def test_a_patched_model_enforces_thresholds():
     model = tiny_model("llama")
     module = model.model.layers[1].mlp.down_proj
     x = prompt(12)
-    got = {}
-    handle = module.register_forward_hook(lambda m, inp, out: got.__setitem__("q", inp[0][0].detach().clone()))
-    with torch.no_grad():
-        base = model(x).logits
-    handle.remove()
+    base, q = logits_and_down_proj_inputs(model, module, x)
     db = NeuralKVDatabase(module.in_features, module.out_features, dtype=torch.float32)
-    ids = db.add(got["q"][[3, 7]], torch.randn(2, module.out_features) * 5)
+    ids = db.add(q[[3, 7]], torch.randn(2, module.out_features) * 5)
     patch_model(model, db, layer=1, gamma=0.9)
     with torch.no_grad():
         both = model(x).logits

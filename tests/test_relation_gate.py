@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny_editing import FACTS, word_llama
-from _tiny_models import prompt, tiny_model
+from _tiny_models import logits_and_down_proj_inputs, prompt, tiny_model
 from neuraldb import NeuralKVDatabase, patch_model
 from neuraldb.calibration import enable_relation_gate
 from neuraldb.relation_gate import check_relation_gate, confirm
@@ -136,12 +136,7 @@ def test_a_patched_model_enforces_the_gate():
     model = tiny_model("llama")
     module = model.model.layers[1].mlp.down_proj
     x = prompt(12)
-    got = {}
-    handle = module.register_forward_hook(lambda m, inp, out: got.__setitem__("q", inp[0][0].detach().clone()))
-    with torch.no_grad():
-        base = model(x).logits
-    handle.remove()
-    q = got["q"]
+    base, q = logits_and_down_proj_inputs(model, module, x)
     db = NeuralKVDatabase(module.in_features, module.out_features, dtype=torch.float32)
     db.add(q[[3]], torch.randn(1, module.out_features) * 5, relation_keys=q[[5]])
     unit = torch.nn.functional.normalize(q, dim=-1)

@@ -284,7 +284,8 @@ def enable_relation_gate(
         >>> enable_relation_gate(model, tok, db, rho=0.4)     # doctest: +SKIP
         1000
     """
-    from neuraldb.relation_gate import check_relation_gate, compute_relation_keys
+    from neuraldb.editing import engine
+    from neuraldb.relation_gate import check_relation_gate
 
     gate = check_relation_gate({"rho": rho, "window": window})
     layer = _layer_of(db)
@@ -293,7 +294,10 @@ def enable_relation_gate(
         pairs = [(i, db.fact(i)) for i in ids]
     chosen = [(i, f) for i, f in pairs if isinstance(f, Fact)]
     if chosen:
-        keys = compute_relation_keys(model, tokenizer, [f.text for _, f in chosen], layer, db.template)
+        # The relation key: the state at the last token of the fact's bare prompt. (Read at the last word before a
+        # question's "?" instead, 100 KnowEdit facts kept 88% of other-relation questions unchanged instead of 60%,
+        # but 88% of other-relation statements instead of 99.96%, and generalization fell from 62.7 to 44.3.)
+        keys = engine.last_token_states(model, tokenizer, [f.text for _, f in chosen], layer, db.template, 32)
         with db.lock:
             if db.ids() != ids:
                 raise RuntimeError("db changed while its relation keys were computed; run again")

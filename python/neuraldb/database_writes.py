@@ -3,19 +3,28 @@ and the plans behind ``stage_add`` and ``stage_delete`` (:func:`plan_add`, :func
 :func:`plan_ordered_delete`). Each plan validates and allocates or gathers up front, under the database's lock, and
 returns the ``apply`` closure that a :class:`PendingChange` runs on commit.
 
-The functions take the database itself (``db``: its lock, storage, row bookkeeping and ids); this module imports
-nothing of :mod:`neuraldb.database`, which calls it.
+The functions take the database itself (``db``: its lock, storage, row bookkeeping and ids); :class:`DatabaseWrites`
+holds the public write methods, which the database inherits. This module imports nothing of
+:mod:`neuraldb.database`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from neuraldb.database_inputs import FactLike, as_id, check_new_rows, check_relation_keys, check_row_thresholds
+from neuraldb.database_inputs import (
+    FactLike,
+    as_id,
+    check_ids,
+    check_new_rows,
+    check_relation_keys,
+    check_replacement,
+    check_row_thresholds,
+)
 from neuraldb.database_state import MAX_ID
 
 
@@ -155,4 +164,109 @@ def plan_ordered_delete(db: Any, id_list: list[int]) -> Callable[[], None]:
     return apply
 
 
-__all__ = ["PendingChange", "plan_add", "plan_ordered_delete", "plan_swap_delete"]
+class DatabaseWrites:
+    """The write methods of :class:`~neuraldb.NeuralKVDatabase` (see there): they validate, then run a plan above."""
+
+    def add(
+        self,
+        keys: torch.Tensor,
+        residuals: torch.Tensor,
+        facts: Sequence[FactLike] | None = None,
+        *,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
+    ) -> list[int]:
+        """Append facts; returns their new ids (increasing, never reused).
+
+        Args:
+            keys: ``(m, key_dim)`` or ``(key_dim,)``, any floating dtype, on any (non-meta) device; each row is
+                normalised to unit length in fp32 before it is stored.
+            residuals: ``(m, value_dim)`` or ``(value_dim,)``, finite and representable in the storage dtype.
+            facts: None or one ``Fact``/``dict``/``None`` per row; dicts hold only what a save and load give back
+                unchanged (str keys; str, int, float, bool, None, lists and dicts of them; no NaN), see
+                :func:`neuraldb.database_inputs.fact_to_json`.
+            thresholds: None (no row threshold) or the rows' gate thresholds, as for :meth:`set_thresholds`.
+            relation_keys: None or ``(m, key_dim)``: each row's relation key (normalised; a zero row: none), see
+                :mod:`neuraldb.relation_gate`.
+
+        Nothing changes when any argument is invalid.
+        """
+        return self.stage_add(keys, residuals, facts, thresholds=thresholds, relation_keys=relation_keys).commit()
+
+    def stage_add(
+        self,
+        keys: torch.Tensor,
+        residuals: torch.Tensor,
+        facts: Sequence[FactLike] | None = None,
+        *,
+        ids: Sequence[int] | None = None,
+        next_id: int | None = None,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
+    ) -> PendingChange:
+        """:meth:`add`, validated and allocated for; ``.commit()`` appends the rows and returns their ids.
+
+        ``ids``: the ids to give the rows (increasing, from :attr:`next_id` up) instead of the next ones, and
+        ``next_id`` what :attr:`next_id` becomes (default: one past the last id) -- a shard of a sharded database
+        holds some of the ids that every rank allocates.
+
+        Example::
+
+            >>> db = NeuralKVDatabase(4, 2)
+            >>> change = db.stage_add(torch.ones(4), torch.ones(2), ids=[3], next_id=6)
+            >>> change.commit(), db.next_id
+            ([3], 6)
+        """
+        return plan_add(self, keys, residuals, facts, ids, next_id, thresholds, relation_keys)
+
+    def update(
+        self,
+        ids: int | Iterable[int],
+        keys: torch.Tensor | None = None,
+        residuals: torch.Tensor | None = None,
+        *,
+        facts: Sequence[FactLike] | None = None,
+        thresholds: float | Sequence[float] | torch.Tensor | None = None,
+        relation_keys: torch.Tensor | None = None,
+    ) -> None:
+        """Replace the keys, residuals, facts, gate thresholds and/or relation keys of existing ``ids`` (rows in the
+        order of ``ids``). A new key without a new threshold drops the row's threshold, which was fitted to the old
+        key.
+
+        Raises KeyError for unknown ids, ValueError for duplicates or bad rows; nothing changes on error.
+        """
+        id_list, k, v, fs = check_replacement(
+            ids, keys, residuals, facts, key_dim=self.key_dim, value_dim=self.value_dim, dtype=self.dtype
+        )
+        t = None if thresholds is None else check_row_thresholds(thresholds, len(id_list))
+        rk = None
+        if relation_keys is not None:
+            rk = check_relation_keys(relation_keys, len(id_list), self.key_dim, self.dtype)
+        with self._lock:
+            self._check_known(id_list)
+            if not id_list:
+                return
+            self._storage.write_at([self._rows[i] for i in id_list], k, v, t, rk)
+            if fs is not None:
+                self._facts.update(zip(id_list, fs))
+            self._version += 1
+
+    def delete(self, ids: int | Iterable[int]) -> None:
+        """Remove ``ids``: each hole is filled by the last row (O(1) per fact; ``ordered``: the rows after the first
+        hole move up); other ids keep their facts.
+
+        Raises KeyError for unknown ids and ValueError for duplicates; nothing changes on error.
+        """
+        with self._lock:
+            self.stage_delete(ids).commit()
+
+    def stage_delete(self, ids: int | Iterable[int]) -> PendingChange:
+        """:meth:`delete`, validated, with the rows that move gathered already; ``.commit()`` applies it."""
+        id_list = check_ids(ids)
+        with self._lock:
+            self._check_known(id_list)
+            apply = (plan_ordered_delete if self.ordered else plan_swap_delete)(self, id_list)
+        return PendingChange(self, apply)
+
+
+__all__ = ["DatabaseWrites", "PendingChange", "plan_add", "plan_ordered_delete", "plan_swap_delete"]

@@ -28,8 +28,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 # Opened positions per chunk of the check: bounds the (positions, window, d1) temporary.
@@ -89,16 +87,4 @@ def confirm(
     return out
 
 
-def compute_relation_keys(
-    model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int, template: str | None, batch_size: int = 32
-) -> torch.Tensor:
-    """Unit down-projection inputs of ``layer`` (fp32 ``(n, d1)``) at the last token of each full prompt text (the
-    subject filled in), inside ``template``: the relation keys of facts with those prompts. (Read at the last word
-    before a question's "?" instead, 100 KnowEdit facts kept 88% of other-relation *questions* unchanged instead of
-    60%, but 88% of other-relation statements instead of 99.96% and generalization fell from 62.7 to 44.3.)"""
-    from neuraldb.editing import engine
-
-    return engine.last_token_states(model, tokenizer, prompts, layer, template, batch_size)
-
-
-__all__ = ["MAX_WINDOW", "check_relation_gate", "compute_relation_keys", "confirm"]
+__all__ = ["MAX_WINDOW", "check_relation_gate", "confirm"]
