@@ -4,6 +4,7 @@ with the plain retrieval: gate open and closed, after deletes and updates, eager
 from __future__ import annotations
 
 import neuraldb
+import neuraldb.database_retrieval
 import pytest
 import torch
 from _tiny_models import PATCH_LAYER, assert_bitwise, capture, per_token, prompt, separated_position, tiny_model
@@ -29,14 +30,14 @@ def _decode_logits(model, ids, db, prefilter):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_decode_with_the_sketch_is_bitwise_the_plain_path(monkeypatch, arch):
     calls = []
-    real = neuraldb.database.plan_retrieval
+    real = neuraldb.database_retrieval.plan_retrieval
 
     def spy(*args, **kwargs):  # the patch's eager plan, bound once per database state
         plan = real(*args, **kwargs)
         calls.extend([1] if plan.sketch is not None else [])
         return plan
 
-    monkeypatch.setattr(neuraldb.database, "plan_retrieval", spy)
+    monkeypatch.setattr(neuraldb.database_retrieval, "plan_retrieval", spy)
     model = tiny_model(arch)
     ids = prompt(12)
     _, module = neuraldb.down_proj_module(model, PATCH_LAYER)
