@@ -98,8 +98,10 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
     relation key, checked when :attr:`relation_gate` is set (:mod:`neuraldb.relation_gate`).
 
     Metadata the editing code sets and :meth:`save` keeps: ``layer``, ``gamma`` (used by ``patch_model``
-    when it is not given), ``template`` (the text template keys were built with), ``model_id``,
-    ``module_path`` and ``config`` (free-form, JSON-serialisable editing hyperparameters).
+    when it is not given), ``template`` (the text template keys were built with), ``model_id`` (a name, for
+    people), ``module_path``, ``config`` (free-form, JSON-serialisable editing hyperparameters) and
+    ``model_identity`` (the architecture and weights fingerprint of the model the rows were computed on, which
+    ``patch_model`` and ``edit`` check: :func:`neuraldb.pretrained.model_identity`; None in older files).
 
     Example::
 
@@ -150,6 +152,7 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
         self.model_id: str | None = None
         self.module_path: str | None = None
         self.config: dict[str, Any] = {}
+        self.model_identity: dict[str, Any] | None = None
         self._prefilter = True
         self._policy = DEFAULT_POLICY
 
@@ -158,7 +161,8 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
         cls, model: torch.nn.Module, layer: int | None = None, *, dtype: torch.dtype = torch.float16
     ) -> NeuralKVDatabase:
         """An empty database sized for ``layer``'s down-projection of ``model`` (default: the architecture's
-        layer), on that module's device, with ``layer``, ``module_path`` and ``model_id`` filled in.
+        layer), on that module's device, with ``layer``, ``module_path``, ``model_id`` and ``model_identity`` filled
+        in.
 
         Example::
 
@@ -167,6 +171,7 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
             (1536, 576, 'model.layers.8.mlp.down_proj')
         """
         from neuraldb import architectures as arch
+        from neuraldb.pretrained_io import model_identity
 
         layer = arch.default_layer(model) if layer is None else arch.check_layer(model, layer)
         path, module = arch.down_proj_module(model, layer)
@@ -177,6 +182,7 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
         config = getattr(model, "config", None)
         name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
         db.model_id = str(name) if name else None
+        db.model_identity = model_identity(model)
         return db
 
     # -- the state as one record -----------------------------------------------------------------------------

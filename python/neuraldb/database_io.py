@@ -18,7 +18,7 @@ Header metadata (safetensors' string map): ``"neuraldb"`` holds a JSON object::
 
     {"format": "neuraldb.NeuralKVDatabase", "format_version": 1 (2 with thresholds), "key_dim": ..., "value_dim": ..., "dtype": ...,
      "count": n, "next_id": ..., "layer": ..., "gamma": ..., "template": ..., "model_id": ..., "module_path": ...,
-     "config": {...}, "crc32": {"ids": "1c291ca3", "keys": ..., "values": ..., "facts_json": ...}}
+     "config": {...}, "model_identity": {...} | null, "crc32": {"ids": "1c291ca3", "keys": ..., "values": ..., "facts_json": ...}}
 
 Facts are a tensor rather than header metadata because safetensors caps the header at 100 MB, which 100k facts
 with their evaluation prompts can exceed. Reading without neuraldb::
@@ -106,7 +106,9 @@ _SAFETENSORS_DTYPES = {
 
 
 def _meta(state: DatabaseState) -> dict:
-    check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)
+    check_metadata(
+        state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config, state.model_identity
+    )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if state.thresholds is not None or state.relation_keys is not None else 1,
@@ -350,6 +352,12 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
             raise _Invalid(f"metadata 'gamma' must be a finite number in [-1, 1] or null, got {gamma!r:.50}") from None
     text = {name: _field(meta, name, (str,), optional=True) for name in ("template", "model_id", "module_path")}
     config = _field(meta, "config", (dict,))
+    # Absent from files written before neuraldb recorded the weights' identity: they load, unchecked (None)
+    identity = _field(meta, "model_identity", (dict,), optional=True) if "model_identity" in meta else None
+    try:
+        check_metadata(None, None, {}, {}, identity)
+    except TypeError as exc:
+        raise _Invalid(f"metadata {exc}".replace("db.model_identity", "'model_identity'")) from None
     sums = _checksums(meta, tuple(slices))
 
     # The header's shapes and dtypes, checked before a byte of data is read or allocated: a tensor's shape is
@@ -457,6 +465,7 @@ def _build(meta: dict, slices: dict, source: str) -> DatabaseState:
         layer=layer,
         gamma=gamma,
         config=config,
+        model_identity=identity,
         thresholds=thresholds,
         relation_keys=relation_keys,
         **text,

@@ -28,7 +28,7 @@ from neuraldb.database_inputs import STORAGE_DTYPES, FactLike, check_dim, check_
 from neuraldb_kernels import check_gamma
 
 # The metadata a database carries besides its rows, in the order files and manifests list it.
-METADATA = ("layer", "gamma", "template", "model_id", "module_path", "config")
+METADATA = ("layer", "gamma", "template", "model_id", "module_path", "config", "model_identity")
 # Ids are stored as int64.
 MAX_ID = 2**63 - 1
 # fp16 keys are unit rows only up to rounding: sqrt(d) entries each off by at most 2^-11 relative.
@@ -57,6 +57,9 @@ class DatabaseState:
     model_id: str | None = None
     module_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # The weights the rows were computed on (neuraldb.pretrained_io.model_identity: architecture, fingerprint ...);
+    # None in files written before neuraldb recorded it.
+    model_identity: dict[str, Any] | None = None
     # Per-row gate thresholds, float32 (count,) on the rows' device; None: no row has one of its own (all -1).
     thresholds: torch.Tensor | None = None
     # Per-row relation keys (count, key_dim) in ``dtype``, unit or zero rows; None: no row has one.
@@ -76,9 +79,12 @@ class DatabaseState:
         return dataclasses.replace(self, **changes)
 
 
-def check_metadata(layer: object, gamma: object, text: dict[str, object], config: object) -> None:
+def check_metadata(
+    layer: object, gamma: object, text: dict[str, object], config: object, model_identity: object = None
+) -> None:
     """TypeError/ValueError unless the metadata can be saved and loaded back: ``layer`` a non-negative int or None,
-    ``gamma`` a number in [-1, 1] or None, the ``text`` fields str or None, ``config`` a JSON-serialisable dict."""
+    ``gamma`` a number in [-1, 1] or None, the ``text`` fields str or None, ``config`` a JSON-serialisable dict,
+    ``model_identity`` None or a dict of str (or None) values."""
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise TypeError(f"layer must be a non-negative int or None, got {layer!r:.50}")
     if gamma is not None:
@@ -92,6 +98,11 @@ def check_metadata(layer: object, gamma: object, text: dict[str, object], config
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"db.config must be JSON-serialisable to save: {exc}") from None
+    if model_identity is not None and (
+        not isinstance(model_identity, dict)
+        or not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in model_identity.items())
+    ):
+        raise TypeError(f"db.model_identity must be None or a dict of str values, got {model_identity!r:.100}")
 
 
 def check_rows(keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
@@ -175,7 +186,9 @@ def check_state(state: DatabaseState, *, rows: bool = True) -> None:
     check_state_relation_keys(state.relation_keys, n, state.key_dim, state.dtype, state.keys.device)
     if len(state.facts) != n:
         raise ValueError(f"state.facts must have one entry per id: expected {n}, got {len(state.facts)}")
-    check_metadata(state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config)
+    check_metadata(
+        state.layer, state.gamma, {n: getattr(state, n) for n in METADATA[2:5]}, state.config, state.model_identity
+    )
     if rows:
         check_facts(state.facts, n)
         for start in range(0, n, SCAN_ROWS):

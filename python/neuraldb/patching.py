@@ -239,6 +239,7 @@ def patch_model(
     gamma: float | None = None,
     module: str | torch.nn.Module | None = None,
     backend: str | None = None,
+    force: bool = False,
 ) -> torch.nn.Module:
     """Patch ``model`` in place so that one MLP down-projection adds ``db``'s gated retrieval to its output.
 
@@ -254,6 +255,8 @@ def patch_model(
             neuraldb does not know or to patch a different projection.
         backend: the ``gated_retrieval`` backend (None: best available, or ``$NEURALDB_BACKEND`` as it is when the
             patch first runs on a device; the choice is kept until the model moves to another device).
+        force: patch even when ``db`` was made for other weights or another architecture (a warning instead of the
+            :class:`~neuraldb.pretrained.ModelMismatchError`).
 
     Returns:
         ``model``, patched. Patching a patched model replaces the previous patch cleanly (the old hook is removed
@@ -262,8 +265,11 @@ def patch_model(
     Raises:
         TypeError / ValueError naming the argument: wrong types, unknown architecture without ``module``, layer out of
         range, database dims that do not match the module, bad gamma or backend, residuals beyond the range of the
-        module's dtype (an fp32 or bf16 database in an fp16 model; they would make the logits inf). On error the model
-        (and any previous patch) is left unchanged. A forward after the model moved to a narrower dtype raises the same
+        module's dtype (an fp32 or bf16 database in an fp16 model; they would make the logits inf).
+        :class:`~neuraldb.pretrained.ModelMismatchError` (a ValueError): ``db.model_identity`` records another
+        architecture or other weights than ``model``'s (:func:`neuraldb.pretrained.check_model`; a database without
+        a recorded identity, from an older file or built by hand, is checked by its dimensions and, where both sides
+        have one, the base model's Hub id). On error the model (and any previous patch) is left unchanged. A forward after the model moved to a narrower dtype raises the same
         ValueError; facts added after patching are checked against the storage dtype only.
 
     Example::
@@ -273,6 +279,30 @@ def patch_model(
         >>> neuraldb.patch_info(model).module_path                         # doctest: +SKIP
         'model.layers.8.mlp.down_proj'
     """
+    return _patch(model, db, layer, gamma, module, backend, identity=lambda: _check_identity(model, db, force))
+
+
+def patch_checked(model: torch.nn.Module, db: NeuralKVDatabase, *, backend: str | None = None) -> torch.nn.Module:
+    """:func:`patch_model` for a caller that has checked the model's identity itself (``neuraldb.from_pretrained``,
+    against the directory's record)."""
+    return _patch(model, db, None, None, None, backend, identity=None)
+
+
+def _check_identity(model: torch.nn.Module, db: NeuralKVDatabase, force: bool) -> None:
+    pretrained_io.check_model(
+        model, pretrained_io.recorded_identity(db), force=force, source="db", warn_unverifiable=False, stacklevel=6
+    )
+
+
+def _patch(
+    model: torch.nn.Module,
+    db: NeuralKVDatabase,
+    layer: int | None,
+    gamma: float | None,
+    module: str | torch.nn.Module | None,
+    backend: str | None,
+    identity: Callable[[], None] | None,
+) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(db, NeuralKVDatabase) and not all(hasattr(db, a) for a in DATABASE_PROTOCOL):
@@ -293,6 +323,8 @@ def patch_model(
     if gamma is None:
         gamma = db.gamma if db.gamma is not None else arch.default_gamma(model)
     gamma = check_gamma(gamma)
+    if identity is not None:
+        identity()
     _warn_if_inconsistent(db, path, layer)
     weight = next((p for p in target.parameters() if p.is_floating_point()), None)
     if weight is not None and isinstance(db, NeuralKVDatabase):
@@ -332,11 +364,11 @@ def _install(model: torch.nn.Module, target: torch.nn.Module, patch: Patch) -> N
 def _warn_if_inconsistent(db: NeuralKVDatabase, path: str, layer: int | None) -> None:
     if db.module_path is not None and not (db.module_path.endswith(path) or path.endswith(db.module_path)):
         warnings.warn(
-            f"db was built for {db.module_path!r} but is being patched into {path!r}", UserWarning, stacklevel=3
+            f"db was built for {db.module_path!r} but is being patched into {path!r}", UserWarning, stacklevel=4
         )
     elif db.layer is not None and layer is not None and db.layer != layer:
         warnings.warn(
-            f"db was built for layer {db.layer} but is being patched into layer {layer}", UserWarning, stacklevel=3
+            f"db was built for layer {db.layer} but is being patched into layer {layer}", UserWarning, stacklevel=4
         )
 
 

@@ -61,6 +61,7 @@ FORMAT = "neuraldb.edits"
 FORMAT_VERSION = 1
 FINGERPRINT_METHOD = "sha256/bf16/strided-4096/v1"
 _SAMPLE = 4096
+_IDENTITY = ("architecture", "fingerprint", "fingerprint_method", "fingerprint_dtype")
 
 # "owner/name:Q4_1", "google/gemma-3-270m:Q4_K_M": a Hub id and the GGUF quantisation its weights went through
 _QUANTISED = re.compile(r"^(?P<id>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?):(?P<quant>[A-Za-z0-9_]+)$")
@@ -105,6 +106,123 @@ def architecture(model: torch.nn.Module) -> str | None:
     """``model.config.model_type`` ("llama", "gemma3", ...), or None for a module without a Hugging Face config."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
     return str(kind) if kind else None
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, str | None] | None:
+    """What identifies ``model``'s weights, as a database records it (``db.model_identity``) and
+    ``neuraldb_config.json`` holds it: ``{"architecture", "fingerprint", "fingerprint_method",
+    "fingerprint_dtype"}``; None for a model that cannot be fingerprinted (weights on the meta device, none at all).
+
+    Example::
+
+        >>> neuraldb.pretrained.model_identity(model)["architecture"]   # doctest: +SKIP
+        'llama'
+    """
+    try:
+        digest = fingerprint(model)
+    except ValueError:
+        return None
+    return {
+        "architecture": architecture(model),
+        "fingerprint": digest,
+        "fingerprint_method": FINGERPRINT_METHOD,
+        "fingerprint_dtype": weights_dtype(model),
+    }
+
+
+class ModelMismatchError(ValueError):
+    """A database (or an edits directory) made for other weights or another architecture than the model given.
+
+    ``detail`` is the message without the closing advice, for callers that word the override their own way (the
+    CLI's ``--force``).
+    """
+
+    def __init__(self, detail: str, override: str) -> None:
+        super().__init__(f"{detail}. Pass {override} to use them anyway")
+        self.detail = detail
+
+
+def _describe(name: str | None, arch: str | None, digest: str | None, dtype: str | None) -> str:
+    return f"{name or '(no Hub id recorded)'} ({arch or 'architecture unknown'}, fingerprint {digest}, {dtype})"
+
+
+def recorded_identity(db: Any) -> dict[str, Any]:
+    """``db.model_identity`` with the base model's Hub id and quantisation (from ``db.model_id``), the record
+    :func:`check_model` compares a model against."""
+    hub_id, _, quant = base_model_id(getattr(db, "model_id", None))
+    return {**(getattr(db, "model_identity", None) or {}), "base_model": hub_id, "base_model_quantization": quant}
+
+
+def check_model(
+    model: torch.nn.Module,
+    recorded: dict[str, Any],
+    *,
+    force: bool = False,
+    source: str = "the edits",
+    override: str = "force=True",
+    warn_unverifiable: bool = True,
+    stacklevel: int = 3,
+) -> None:
+    """Check that ``model`` has the architecture and weights ``recorded`` (a ``neuraldb_config.json``, or
+    :func:`recorded_identity` of a database) names. Model identity is the fingerprint and the architecture, never a
+    folder name or a quantisation suffix.
+
+    Raises :class:`ModelMismatchError` (a ValueError) naming both sides; with ``force=True`` warns instead. A record
+    without a fingerprint (a database file written before neuraldb recorded one, edits saved without ``model=``)
+    falls back to what it has: the architecture if recorded, and the base model's Hub id where both sides have one
+    (a Q4_1 GGUF and its checkpoint share it); ``warn_unverifiable`` also warns that the weights go unchecked.
+    ``patch_model`` checks the dimensions in every case. ``stacklevel`` is the warnings' (3: the caller's caller).
+
+    Example::
+
+        >>> check_model(model, recorded_identity(db))   # doctest: +SKIP
+    """
+    arch, want = architecture(model), recorded.get("architecture")
+    digest, want_digest = None, recorded.get("fingerprint")
+    name = base_model_id(model_id(model) if hasattr(model, "config") else None)[0]
+    want_name = recorded.get("base_model")
+    problems = []
+    if want and arch and want != arch:
+        problems.append(f"architecture {want!r} != {arch!r}")
+    if want_digest is None:
+        if name and want_name and name != want_name:
+            problems.append(f"base model {want_name!r} != {name!r} (no fingerprint recorded: the names decide)")
+        elif warn_unverifiable:
+            warnings.warn(
+                f"{source} record no fingerprint of their base weights (saved without model=, or by an older "
+                f"neuraldb): cannot check that {type(model).__name__} is the model they were made for",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+    elif recorded.get("fingerprint_method") != FINGERPRINT_METHOD:
+        warnings.warn(
+            f"{source} record a fingerprint made by {recorded.get('fingerprint_method')!r}, which this neuraldb does "
+            f"not compute ({FINGERPRINT_METHOD!r}): the weights are not checked",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    else:
+        try:
+            digest = fingerprint(model)
+        except ValueError as exc:
+            warnings.warn(f"the weights are not checked against {source}: {exc}", UserWarning, stacklevel=stacklevel)
+        else:
+            if digest != want_digest:
+                problems.append("other weights (the fingerprints differ)")
+    if not problems:
+        return
+    dtype, want_dtype = weights_dtype(model), recorded.get("fingerprint_dtype")
+    theirs = _describe(want_name, want, want_digest, want_dtype)
+    msg = f"{source} were made for {theirs}, but this model is {_describe(name, arch, digest, dtype)}: "
+    msg += "; ".join(problems)
+    if "float16" in (dtype, want_dtype) and dtype != want_dtype:
+        msg += " (an fp16 copy of fp32/bf16 weights, or the reverse, has another fingerprint: fp16 rounds differently)"
+    quant = recorded.get("base_model_quantization")
+    if quant and name == want_name and want_digest is not None and digest is not None:
+        msg += f" (they were made on the {quant} quantisation, whose dequantised weights are not the checkpoint's)"
+    if not force:
+        raise ModelMismatchError(msg, override)
+    warnings.warn(f"{msg}. Using them anyway ({override})", UserWarning, stacklevel=stacklevel)
 
 
 def base_model_id(name: str | os.PathLike | None) -> tuple[str | None, str | None, str | None]:
@@ -153,6 +271,8 @@ def build_config(db: Any, model: torch.nn.Module | None) -> dict[str, Any]:
     hub_id, revision, quant = base_model_id(recorded)
     if hub_id is not None and revision is None and model is not None and model_id(model) == recorded:
         revision = getattr(model.config, "_commit_hash", None)  # set when loaded from the Hugging Face cache
+    identity = model_identity(model) if model is not None else getattr(db, "model_identity", None)
+    identity = identity or {}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -161,11 +281,11 @@ def build_config(db: Any, model: torch.nn.Module | None) -> dict[str, Any]:
         "base_model": hub_id,
         "base_model_revision": revision,
         "base_model_quantization": quant,
-        "architecture": architecture(model) if model is not None else None,
+        "architecture": identity.get("architecture"),
         "model_class": type(model).__name__ if model is not None else None,
-        "fingerprint": fingerprint(model) if model is not None else None,
-        "fingerprint_method": FINGERPRINT_METHOD if model is not None else None,
-        "fingerprint_dtype": weights_dtype(model) if model is not None else None,
+        "fingerprint": identity.get("fingerprint"),
+        "fingerprint_method": identity.get("fingerprint_method"),
+        "fingerprint_dtype": identity.get("fingerprint_dtype"),
         "module_path": db.module_path,
         "layer": db.layer,
         "gamma": db.gamma,
@@ -179,7 +299,7 @@ def build_config(db: Any, model: torch.nn.Module | None) -> dict[str, Any]:
 
 def save(db: Any, directory: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
     """Write ``db`` and its config into ``directory`` (created if absent); see :func:`neuraldb.save_pretrained`."""
-    if model is None:
+    if model is None and not (getattr(db, "model_identity", None) or {}).get("fingerprint"):
         warnings.warn(
             f"saving edits to {os.fspath(directory)!r} without model=: the directory records no fingerprint of the "
             "base weights, so neuraldb.from_pretrained cannot check that a model is the one they were made for",
@@ -231,6 +351,8 @@ def load_database(cls: type, directory: str | os.PathLike, *, device: torch.devi
             f"{Path(directory) / CONFIG_NAME} and {name} disagree ({listed}); was a save interrupted, or a file copied "
             "from elsewhere?"
         )
+    if db.model_identity is None and config.get("fingerprint"):  # a database file older than its config's record
+        db.model_identity = {k: config.get(k) for k in _IDENTITY}
     return db
 
 
@@ -307,11 +429,15 @@ def unwrap_save_pretrained(model: torch.nn.Module) -> None:
 __all__ = [
     "CONFIG_NAME",
     "DATABASE_NAME",
+    "ModelMismatchError",
     "SavesDatabase",
     "base_model_id",
     "build_config",
+    "check_model",
     "fingerprint",
     "load_database",
+    "model_identity",
     "read_config",
+    "recorded_identity",
     "save",
 ]

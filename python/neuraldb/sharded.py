@@ -178,6 +178,7 @@ class ShardedNeuralKVDatabase:
     model_id = _forward("model_id")
     module_path = _forward("module_path")
     config = _forward("config")
+    model_identity = _forward("model_identity")
 
     @property
     def query_dim(self) -> int:

@@ -24,6 +24,7 @@ from neuraldb.editing import engine
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
 from neuraldb.facts import Fact
+from neuraldb.pretrained_io import check_model, model_identity, recorded_identity
 
 __all__ = [
     "EditConfig",
@@ -303,12 +304,17 @@ def edit(
     progress: bool | Callable[[int], None] = True,
     template: str | None = None,
     stats: dict | None = None,
+    force: bool = False,
     **hparams,
 ):
     """Edit ``facts`` into a :class:`~neuraldb.NeuralKVDatabase` (a new one, or appended to ``db``).
 
-    The database records ``layer``, ``gamma``, ``template``, ``model_id``, ``module_path`` and ``config`` (the
-    :class:`EditConfig` used), and stores each Fact as the metadata of its id. Appending to ``db`` reuses its
+    The database records ``layer``, ``gamma``, ``template``, ``model_id``, ``module_path``, ``config`` (the
+    :class:`EditConfig` used) and ``model_identity`` (the architecture and weights fingerprint of ``model``), and
+    stores each Fact as the metadata of its id. Appending to a ``db`` made for other weights or another architecture
+    is a :class:`~neuraldb.pretrained.ModelMismatchError` before any work, unless ``force=True`` (a warning); a
+    ``db`` without a recorded identity (an older file) is checked by its base model's Hub id where both sides have
+    one, and records ``model``'s from then on. Appending to ``db`` reuses its
     layer, template and config unless overridden (a different layer or template is an error), except
     ``compute_dtype``, which is this machine's choice (:func:`neuraldb.editing.defaults.native_bf16`): the keys do
     not depend on it. The model is left as it was (mode, requires_grad, patch).
@@ -325,6 +331,7 @@ def edit(
     if db is not None:
         if not isinstance(db, NeuralKVDatabase):
             raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
+        check_model(model, recorded_identity(db), force=force, source="db", warn_unverifiable=False)
         if layer is not None and db.layer is not None and layer != db.layer:
             raise ValueError(f"db was built at layer {db.layer}; cannot append facts edited at layer {layer}")
         if template is not None and db.template is not None and template != db.template:
@@ -365,6 +372,8 @@ def edit(
         db.template = template
     if db.model_id is None:
         db.model_id = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if db.model_identity is None:
+        db.model_identity = model_identity(model)
     if db.module_path is None:
         db.module_path = h.down_proj_path
     conf = dict(db.config or {})

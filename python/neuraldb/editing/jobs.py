@@ -337,6 +337,7 @@ def merge_databases(
             "facts": (db_job := job_record(db))["facts"].get("n"), "facts sha256": db_job["facts"].get("sha256"),
             "key_dim": db.key_dim, "value_dim": db.value_dim, "dtype": str(db.dtype), "layer": db.layer,
             "gamma": db.gamma, "template": db.template, "model": db.model_id, "module": db.module_path,
+            "model identity": db.model_identity,
             **{f"config.{k}": v for k, v in sorted(config.items())},
         }  # fmt: skip
 
@@ -368,7 +369,7 @@ def merge_databases(
 
     out = NeuralKVDatabase(first.key_dim, first.value_dim, dtype=first.dtype)
     out.layer, out.gamma, out.template = first.layer, first.gamma, first.template
-    out.model_id, out.module_path = first.model_id, first.module_path
+    out.model_id, out.module_path, out.model_identity = first.model_id, first.module_path, first.model_identity
     for i in order:
         db, job = dbs[i], jobs[i]
         if len(db) == 0:
