@@ -444,6 +444,12 @@ def test_edit_generate_info_delete_on_smollm2(tmp_path, capsys):
     assert lines[0] == f"prompt:    {prompt}"
     assert lines[1].startswith("unedited:  Rome") and lines[2].startswith("edited:    Athens"), lines
 
+    # The edit fires in chat too: the question as a user turn of SmolLM2's chat template
+    chat = ["generate", "--db", str(db), "--chat", "--prompt", "Where is the Colosseum?", "--max-new-tokens", "16"]
+    assert main([*chat, "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "Rome" in lines[1] and "Athens" not in lines[1] and "Athens" in lines[2], lines
+
     assert main(["info", str(db)]) == 0
     out = capsys.readouterr().out
     assert "HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1" in out and f"0  {prompt} -> Athens  (was: Rome)" in out

@@ -6,6 +6,7 @@
     neuraldb edit --facts cf.json.gz --out part0.safetensors --checkpoint-every 256 --slice 0:10240 [--resume]
     neuraldb merge part0.safetensors part1.safetensors --out all.safetensors
     neuraldb generate --model smollm2 --db edits.safetensors --prompt "The Eiffel Tower is located in the city of"
+    neuraldb generate --db edits.safetensors --chat --prompt "Where is the Eiffel Tower located?"
     neuraldb info edits.safetensors
     neuraldb delete edits.safetensors --ids 0 3 5-7
     neuraldb calibrate edits.safetensors --text corpus.txt
@@ -14,7 +15,8 @@
 
 Models are loaded with :func:`neuraldb.load_model` (``smollm2``, ``gemma3-270m``, a Hugging Face directory or a
 ``.gguf`` file; nothing is downloaded). Prompts are wrapped in the database's text template (see
-:mod:`neuraldb.templates`) so that inference sees the same text the keys were built from.
+:mod:`neuraldb.templates`) so that inference sees the same text the keys were built from; ``generate --chat`` puts
+them in the tokenizer's chat template instead.
 
 Errors are one line on stderr (``neuraldb COMMAND: error: ...``) and a non-zero exit: 1 for an error, 2 for a usage
 error, 130 for Ctrl-C. Inputs are checked before the work they would spoil (an output path before editing, a
@@ -36,6 +38,7 @@ from neuraldb.cli_calibrate import add_parser as add_calibrate_parser
 from neuraldb.cli_calibrate import cmd_calibrate
 from neuraldb.cli_edit import cmd_edit, cmd_merge
 from neuraldb.cli_support import (
+    NO_TEXT,
     CLIError,
     _check_model,
     _device,
@@ -158,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompt", "-p", action="append", required=True, type=_utf8_text, help="prompt text (repeat for several)"
     )
+    p.add_argument(
+        "--chat", action="store_true",
+        help="ask each prompt as a user turn in the tokenizer's chat template (for questions to an instruct model)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="tokens to generate (default: 20)")
     p.add_argument("--gamma", type=_gamma, help="gate threshold (default: the database's)")
     p.add_argument("--force", action="store_true", help="patch even if the database was built for a different model")
@@ -220,6 +227,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     db = load_db(args.db) if args.db is not None else None
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     template = db.template if db is not None and db.template is not None else templates.default_template(tok)
+    if args.chat and not templates.has_chat_template(tok):
+        raise CLIError(
+            f"--chat: the tokenizer of {args.model!r} has no chat template; drop --chat to complete the prompts as text"
+        )
     if db is not None:
         _check_model(db, model, force=args.force)
         # Patched before the first answer, so that a database the model cannot take fails before any generation
@@ -228,7 +239,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt
 
     def answers() -> list[str]:
-        return [generate_text(model, tok, p, template=template, max_new_tokens=args.max_new_tokens) for p in prompts]
+        return [
+            generate_text(model, tok, p, template=template, max_new_tokens=args.max_new_tokens, chat=args.chat)
+            for p in prompts
+        ]
 
     with disabled(model) if db is not None else contextlib.nullcontext():
         before = answers()
@@ -239,6 +253,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if after is not None:
             print(f"edited:    {one_line(after[i])}")
         print()
+    ended_at_once = any(a.startswith(NO_TEXT) for a in before + (after or []))
+    if ended_at_once and not args.chat and templates.has_chat_template(tok):
+        print(
+            "neuraldb generate: note: a chat model may end its turn at once after a question in plain text; "
+            "--chat asks it in its chat template",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -157,15 +157,32 @@ def load_model_verbose(
     return model, tok
 
 
+# How generate_text's answer without text begins, so that it never prints as an empty line
+NO_TEXT = "(no text: the model generated "
+
+
 def generate_text(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, *, template: str | None, max_new_tokens: int
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: str,
+    *,
+    template: str | None,
+    max_new_tokens: int,
+    chat: bool = False,
 ) -> str:
-    """Greedy continuation of ``prompt`` (wrapped in ``template``), without the prompt."""
+    """Greedy continuation of ``prompt`` (wrapped in ``template``, or with ``chat`` asked as a user turn of the
+    tokenizer's chat template, see :func:`neuraldb.templates.encode_chat`), without the prompt.
+
+    An answer of special tokens only (SmolLM2-Instruct ends its turn at once after a question in plain text) is
+    :data:`NO_TEXT` and what was generated, e.g. ``(no text: the model generated '<|im_end|>')``: decoded without
+    them it would be an empty string.
+    """
     import torch
 
     from neuraldb import templates
 
-    ids = torch.tensor([templates.encode(tok, template, prompt)], device=model.device)
+    ids = templates.encode_chat(tok, prompt) if chat else templates.encode(tok, template, prompt)
+    ids = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -174,7 +191,9 @@ def generate_text(
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    new = out[0, ids.shape[1] :]
+    text = tok.decode(new, skip_special_tokens=True)
+    return text if text.strip() else f"{NO_TEXT}{tok.decode(new, skip_special_tokens=False)!r})"
 
 
 def one_line(text: str, width: int | None = None) -> str:

@@ -10,6 +10,12 @@ The database records the template it was built with (``db.template``); everythin
 (the CLI, evaluation, ``generate``) must call :func:`apply` (or :func:`encode`) with that template, so
 patch-time inputs match build-time inputs.
 
+A question to a chat (instruct) model goes through the tokenizer's chat template instead: :func:`apply_chat` and
+:func:`encode_chat`. As plain text, SmolLM2-Instruct answers "Where is the Eiffel Tower located?" with its
+end-of-turn token at once (p=0.76, with or without the text template): a complete question reads to it as a
+finished user turn. The text template is not used in chat: the chat template puts its own tokens first, so no
+subject is the first token, which is all the text template is for.
+
 Example::
 
     >>> from neuraldb import templates
@@ -86,6 +92,57 @@ def encode_batch(tok: PreTrainedTokenizerBase, template: str | None, texts: Sequ
         return []
     out = tok([apply(template, t) for t in texts], add_special_tokens=True)["input_ids"]
     return [list(x) for x in out]
+
+
+def has_chat_template(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tok`` has a chat template (instruct and chat models' tokenizers do; base models' often do not)."""
+    return bool(getattr(tok, "chat_template", None))
+
+
+def apply_chat(tok: PreTrainedTokenizerBase, text: str) -> str:
+    """``text`` as a user turn in ``tok``'s chat template, followed by the prompt that opens the assistant's answer.
+
+    The tokenizer's own default system turn, if its template adds one, is kept: the model is asked as its users ask
+    it. A ValueError naming ``tok`` when it has no chat template (see :func:`has_chat_template`).
+
+    Example (SmolLM2-Instruct)::
+
+        >>> import neuraldb
+        >>> from neuraldb import templates
+        >>> model, tok = neuraldb.load_model("smollm2")
+        >>> print(templates.apply_chat(tok, "Where is the Eiffel Tower located?"))
+        <|im_start|>system
+        You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+        <|im_start|>user
+        Where is the Eiffel Tower located?<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if not has_chat_template(tok):
+        name = getattr(tok, "name_or_path", "") or type(tok).__name__
+        raise ValueError(
+            f"tok ({name}) has no chat template (tok.chat_template is not set); "
+            "give it plain text with templates.encode instead"
+        )
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def encode_chat(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of :func:`apply_chat`, ready for ``model.generate``.
+
+    No special tokens are added: a chat template writes its own start token (Llama-3's, Gemma's), and adding the
+    tokenizer's would repeat it.
+
+    Example (SmolLM2-Instruct with a database that moved the Eiffel Tower to Rome patched in)::
+
+        >>> ids = torch.tensor([templates.encode_chat(tok, "In which city is the Eiffel Tower?")])
+        >>> out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        >>> tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        'The Eiffel Tower is a historic and iconic urban design of Rome, Italy.'
+    """
+    return list(tok(apply_chat(tok, text), add_special_tokens=False)["input_ids"])
 
 
 def encode_target(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
