@@ -10,6 +10,7 @@
     neuraldb info edits.safetensors
     neuraldb delete edits.safetensors --ids 0 3 5-7
     neuraldb calibrate edits.safetensors --text corpus.txt
+    neuraldb serve --model smollm2 --db edits.safetensors --token SECRET
     neuraldb demo
     neuraldb eval --dataset counterfact --facts cf.json.gz --n 100 --out results/ [--general-data DIR --deletion]
 
@@ -21,6 +22,9 @@ them in the tokenizer's chat template instead.
 Errors are one line on stderr (``neuraldb COMMAND: error: ...``) and a non-zero exit: 1 for an error, 2 for a usage
 error, 130 for Ctrl-C. Inputs are checked before the work they would spoil (an output path before editing, a
 database against the model before generating). ``--debug`` (or ``NEURALDB_DEBUG=1``) shows the traceback instead.
+
+Over 400 lines because every subcommand's parser is declared here, beside the others; the longer commands (edit,
+calibrate, eval, serve) keep their work in their own modules.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from neuraldb.cli_support import (
     parse_id_ranges,
     parse_ids,
 )
+from neuraldb.serve import command as serve_command
 
 __all__ = ["build_parser", "main", "parse_id_ranges", "parse_ids"]
 
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_calibrate_parser(sub, _add_model_args)
+    serve_command.add_parser(sub, _add_model_args)
     for p in sub.choices.values():
         # SUPPRESS: a subcommand without --debug must not reset `neuraldb --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -335,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "edit": cmd_edit, "generate": cmd_generate, "info": cmd_info, "delete": cmd_delete, "demo": cmd_demo,
-    "eval": cmd_eval, "merge": cmd_merge, "calibrate": cmd_calibrate,
+    "eval": cmd_eval, "merge": cmd_merge, "calibrate": cmd_calibrate, "serve": serve_command.cmd_serve,
 }  # fmt: skip
 
 
