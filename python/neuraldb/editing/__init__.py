@@ -14,8 +14,9 @@ See docs/editing.md for what makes it fast and the per-model defaults.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -23,6 +24,7 @@ from neuraldb import templates
 from neuraldb.editing import engine
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
+from neuraldb.editing.progress import EditProgress, ProgressSpec
 from neuraldb.facts import Fact
 from neuraldb.pretrained_io import check_model, model_identity, recorded_identity
 
@@ -82,17 +84,9 @@ def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _progress(total: int, enabled, desc: str):
-    if not enabled or callable(enabled):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="fact")
-
-
-def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress, stats: dict | None):
+def _run(
+    model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress: ProgressSpec, stats: dict | None
+):
     facts = _as_facts(facts)
     if cfg.layer is None:
         raise ValueError("layer is unknown for this model: pass layer=")
@@ -100,6 +94,16 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
     d1, d2 = _dims(h)
     if not facts:
         return torch.zeros(0, d1), (torch.zeros(0, d2) if want_residuals else None)
+    bar = EditProgress(progress, len(facts), "editing" if want_residuals else "keys")
+    try:
+        return _run_facts(model, tok, facts, cfg, template, h, want_residuals=want_residuals, bar=bar, stats=stats)
+    finally:
+        bar.close()
+
+
+def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar: EditProgress, stats: dict | None):
+    d1, d2 = _dims(h)
+    bar.status("generating prefixes")
     prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
     contexts = context_texts(prefixes)
     device = _device(model)
@@ -128,56 +132,53 @@ def _run(model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, 
     steps_of = [0] * len(facts)
     loss_of = [0.0] * len(facts)
     bs = max(1, cfg.batch_size)
-    bar = _progress(len(facts), progress, "editing" if want_residuals else "keys")
+    n_batches = -(-len(facts) // bs)
     precision = engine.Precision(model, cfg.compute_dtype) if want_residuals else None
-    try:
-        for start in range(0, len(facts), bs):
-            chunk = order[start : start + bs]
-            rows = []
+    for b, start in enumerate(range(0, len(facts), bs)):
+        batch_label = f"batch {b + 1}/{n_batches}"
+        chunk = order[start : start + bs]
+        rows = []
+        for j, i in enumerate(chunk):
+            for r in fact_rows_all[i]:
+                r.fact = j
+                rows.append(r)
+        batch = engine.make_batch(rows, pad, device)
+        is_key_row = torch.tensor([r.kl_pos < 0 for r in rows], device=device)
+        fact_of = torch.tensor([r.fact for r in rows], device=device)
+        idx = torch.tensor(chunk)
+        if want_residuals:
+            bar.status(f"{batch_label} preparing")
+            prep = engine.prepare(h, batch, precision)
+            row_keys = prep.keys
+            on_step = functools.partial(bar.step, batch_label, opt.steps)
+            st: dict = {}
+            with precision.compute():
+                resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st, on_step=on_step).cpu()
             for j, i in enumerate(chunk):
-                for r in fact_rows_all[i]:
-                    r.fact = j
-                    rows.append(r)
-            batch = engine.make_batch(rows, pad, device)
-            is_key_row = torch.tensor([r.kl_pos < 0 for r in rows], device=device)
-            fact_of = torch.tensor([r.fact for r in rows], device=device)
-            idx = torch.tensor(chunk)
-            if want_residuals:
-                prep = engine.prepare(h, batch, precision)
-                row_keys = prep.keys
-                st: dict = {}
-                with precision.compute():
-                    resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st).cpu()
-                for j, i in enumerate(chunk):
-                    steps_of[i], loss_of[i] = st["steps"][j], st["loss"][j]
-                del prep
-            else:
-                row_keys = engine.key_pass(h, batch)
-            # key rows of a fact come in context order: the bare prompt first
-            w = torch.ones(len(rows), device=device)
-            n_ctx = len(contexts)
-            if cfg.key_bare_weight is not None and n_ctx > 1:
-                bare = torch.tensor([r.kl_pos < 0 and r.subj >= 0 for r in rows], device=device)
-                first = torch.zeros(len(rows), dtype=torch.bool, device=device)
-                seen = set()
-                for j, r in enumerate(rows):
-                    if r.kl_pos < 0 and r.fact not in seen:
-                        seen.add(r.fact)
-                        first[j] = True
-                w = torch.where(first, cfg.key_bare_weight, (1 - cfg.key_bare_weight) / (n_ctx - 1)) * bare
-            w = w * is_key_row
-            if cfg.key_unit_mean:
-                row_keys = torch.nn.functional.normalize(row_keys, dim=-1)
-            k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of, row_keys * w[:, None])
-            cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of, w)
-            keys[idx] = (k / cnt[:, None]).cpu()
-            if bar is not None:
-                bar.update(len(chunk))
-            if callable(progress):
-                progress(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
+                steps_of[i], loss_of[i] = st["steps"][j], st["loss"][j]
+            del prep
+        else:
+            row_keys = engine.key_pass(h, batch)
+        # key rows of a fact come in context order: the bare prompt first
+        w = torch.ones(len(rows), device=device)
+        n_ctx = len(contexts)
+        if cfg.key_bare_weight is not None and n_ctx > 1:
+            bare = torch.tensor([r.kl_pos < 0 and r.subj >= 0 for r in rows], device=device)
+            first = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            seen = set()
+            for j, r in enumerate(rows):
+                if r.kl_pos < 0 and r.fact not in seen:
+                    seen.add(r.fact)
+                    first[j] = True
+            w = torch.where(first, cfg.key_bare_weight, (1 - cfg.key_bare_weight) / (n_ctx - 1)) * bare
+        w = w * is_key_row
+        if cfg.key_unit_mean:
+            row_keys = torch.nn.functional.normalize(row_keys, dim=-1)
+        k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of, row_keys * w[:, None])
+        cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of, w)
+        keys[idx] = (k / cnt[:, None]).cpu()
+        if not want_residuals:
+            bar.finished(len(chunk))
     if stats is not None and want_residuals:
         stats.setdefault("steps", []).extend(steps_of)
         stats.setdefault("loss", []).extend(loss_of)
@@ -235,7 +236,7 @@ def compute_keys_and_residuals(
     layer: int | None = None,
     *,
     template: str | None = None,
-    progress: bool | Callable[[int], None] = False,
+    progress: ProgressSpec = False,
     stats: dict | None = None,
     **hparams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +302,7 @@ def edit(
     gamma: float | None = None,
     db=None,
     batch_size: int | None = None,
-    progress: bool | Callable[[int], None] = True,
+    progress: ProgressSpec = True,
     template: str | None = None,
     stats: dict | None = None,
     force: bool = False,
@@ -320,8 +321,10 @@ def edit(
     not depend on it. The model is left as it was (mode, requires_grad, patch).
 
     ``stats``, if a dict, receives ``seconds``, ``n`` and per-fact optimisation ``steps`` and final ``loss``.
-    ``progress``: True shows a bar that moves per batch; a callable is called instead with the number of facts each
-    finished batch held (for a caller's own bar over several calls, as :func:`edit_checkpointed` keeps).
+    ``progress``: True shows a bar (unit ``fact``, with tqdm's rate and ETA) that advances as each fact stops
+    optimising, its postfix showing the batch and optimisation step; a callable is called instead with the number of
+    facts that just finished (several times per batch); a tqdm bar of the caller's is advanced in place (one bar
+    over several calls, as :func:`edit_checkpointed` keeps). See :mod:`neuraldb.editing.progress`.
 
     Returns the database; ``db.ids()[-len(facts):]`` are the new facts' ids, in order.
     """

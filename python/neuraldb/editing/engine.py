@@ -21,7 +21,7 @@ of every row sits at column ``P`` (suffix index 0). Pads carry attention mask 0;
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -480,9 +480,18 @@ class OptimConfig:
 
 
 def optimise(
-    h: Handles, prep: Prepared, n_facts: int, cfg: OptimConfig, d2: int, stats: dict | None = None
+    h: Handles,
+    prep: Prepared,
+    n_facts: int,
+    cfg: OptimConfig,
+    d2: int,
+    stats: dict | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Residuals (n_facts, d2) float32 for the facts of ``prep`` (fact indices 0..n_facts-1 within the chunk)."""
+    """Residuals (n_facts, d2) float32 for the facts of ``prep`` (fact indices 0..n_facts-1 within the chunk).
+
+    ``on_step(step, finished)``, if given, is called after every step (1-based) with how many facts stopped on it;
+    over the call the ``finished`` counts add up to ``n_facts``."""
     b = prep.batch
     device = b.ids.device
     rows = b.rows
@@ -575,6 +584,8 @@ def optimise(
         steps_taken[active.cpu()] += 1
         final_loss[active.cpu()] = lossd.cpu()
         todo = ~done
+        if on_step is not None:
+            on_step(it + 1, int(done.sum()))
         if todo.any():
             grad = torch.autograd.grad(loss[todo].sum(), r_param)[0]
             a = active[todo]

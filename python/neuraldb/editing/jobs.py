@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from neuraldb.editing.defaults import EditConfig, resolve
+from neuraldb.editing.progress import fact_bar
 
 if TYPE_CHECKING:
     from neuraldb.database import NeuralKVDatabase
@@ -211,7 +212,8 @@ def edit_checkpointed(
     compute dtype is this machine's choice). A missing ``path`` starts the job. Without ``resume`` an existing
     ``path`` is a :class:`FileExistsError`.
 
-    ``progress``: a bar over the slice that moves per batch, or a callable given the facts of each finished batch.
+    ``progress``: a bar over the slice (unit ``fact``) that advances as each fact finishes and shows the batch and
+    step, or a callable given how many facts just finished.
     ``on_flush(db, done)`` runs after each checkpoint (facts ``start..done-1`` saved). ``stats``, if a dict, gets
     ``seconds`` (editing time of this call), ``n`` (facts edited by this call), ``resumed_at``.
     Other keyword arguments are :class:`EditConfig` fields, as for :func:`neuraldb.edit`.
@@ -264,15 +266,8 @@ def edit_checkpointed(
     job = {"facts": identity, "start": start, "stop": stop, "done": done, "checkpoint_every": checkpoint_every}
     per_chunk = {k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")}
 
-    bar = None
-    if progress is True:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=stop - start, initial=done - start, desc="editing", unit="fact")
-        except ImportError:  # pragma: no cover
-            pass
-    tick = bar.update if bar is not None else (progress if callable(progress) else False)
+    bar = fact_bar(stop - start, initial=done - start) if progress is True else None
+    tick = bar if bar is not None else (progress if callable(progress) else False)
     stats = {} if stats is None else stats
     stats.update(resumed_at=done, n=0, seconds=0.0)
     try:

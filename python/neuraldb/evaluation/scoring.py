@@ -25,13 +25,13 @@ from neuraldb.architectures import cache_kwarg
 __all__ = ["ContinuationScore", "encode_pair", "progress", "score_continuations", "score_grouped", "score_token_ids"]
 
 
-def progress(iterable, *, desc: str | None = None, total: int | None = None, enabled: bool = True):
-    """tqdm progress bar (to stderr) when ``enabled``; the bare iterable otherwise."""
+def progress(iterable, *, desc: str | None = None, total: int | None = None, enabled: bool = True, unit: str = "batch"):
+    """tqdm progress bar (to stderr) when ``enabled``, counting in ``unit``; the bare iterable otherwise."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, unit=unit)
 
 
 @dataclass
