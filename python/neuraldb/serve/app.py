@@ -151,7 +151,7 @@ class _Server:
     def chat_ids(self, body: ChatRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         with self.tok_lock:
-            if getattr(self.tok, "chat_template", None):
+            if templates.has_chat_template(self.tok):
                 text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 return list(self.tok(text, add_special_tokens=False)["input_ids"])
         # no chat template: the messages' text, one per line, in the database's template

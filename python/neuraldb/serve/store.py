@@ -10,7 +10,7 @@ Durability. Every change is on disk before the server acknowledges it:
   ``next_id`` has passed its ids (ids are only ever added in increasing order), so replaying is idempotent.
 
 Ids are reserved when a job is accepted, so the answer to ``POST /v1/facts`` can name them; a failed job's ids are
-never used. Without a database file the server keeps its facts in memory, and "on disk" does not apply.
+never used. Once no job is pending the journal is replaced (atomically) by one line, the next id to give. Without a database file the server keeps its facts in memory, and "on disk" does not apply.
 """
 
 from __future__ import annotations
@@ -204,9 +204,10 @@ class FactStore:
         for i in job.fact_ids:
             self._pending.pop(i, None)
         if not self._pending and self.journal is not None and self.journal.exists():
-            # Every job is in the database (or failed): the journal holds nothing to replay.
-            with atomic_path(self.journal):
-                pass
+            # Every job is in the database (or failed): nothing to replay. Only the next id to give is kept, so that
+            # a failed job's ids, which its client was told, never name another fact after a restart.
+            with atomic_path(self.journal) as tmp:
+                tmp.write_text(json.dumps({"next_id": self._next_id}) + "\n", encoding="utf-8")
         job.done.set()
 
     # -- files ---------------------------------------------------------------------------------------------------
@@ -236,7 +237,11 @@ class FactStore:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill: its job was never acknowledged
-            if "failed" in rec:
+            if not isinstance(rec, dict):
+                continue
+            if "next_id" in rec:
+                self._next_id = max(self._next_id, int(rec["next_id"]))
+            elif "failed" in rec:
                 failed.add(rec["job"])
             elif "ids" in rec:
                 jobs[rec["job"]] = rec

@@ -1,0 +1,66 @@
+"""The server's fact store without HTTP: an accepted job survives a server that dies before editing it (the journal
+is replayed at the next start), ids are never given twice, and a failed job changes nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from _tiny_editing import FACTS
+from neuraldb import NeuralKVDatabase
+from neuraldb.serve.store import FactStore, journal_path
+
+
+def _editor(calls):
+    def run(facts):
+        calls.append(len(facts))
+        return torch.randn(len(facts), 8), torch.randn(len(facts), 4)
+
+    return run
+
+
+def test_journal_replays_a_job_the_dead_server_never_edited(tmp_path):
+    path = tmp_path / "facts.safetensors"
+    NeuralKVDatabase(8, 4).save(path)
+    release = threading.Event()
+
+    def stuck(facts):  # the first server "dies" while editing: it never adds the rows
+        release.wait(30)
+        raise RuntimeError("killed")
+
+    first = FactStore(NeuralKVDatabase.load(path), path, stuck)
+    job = first.submit(FACTS[:2])  # acknowledged: in the journal, fsynced
+    assert job.fact_ids == [0, 1] and journal_path(path).stat().st_size > 0
+    calls: list[int] = []
+    db = NeuralKVDatabase.load(path)
+    second = FactStore(db, path, _editor(calls))
+    [replayed] = [second.job(1)]
+    assert replayed.fact_ids == [0, 1] and replayed.done.wait(30) and replayed.status == "succeeded"
+    assert calls == [2] and db.ids() == [0, 1] and [db.fact(i) for i in db.ids()] == FACTS[:2]
+    assert NeuralKVDatabase.load(path).ids() == [0, 1]
+    assert journal_path(path).read_text() == '{"next_id": 2}\n'  # no job left to replay
+    third = second.submit(FACTS[2:3])
+    assert third.fact_ids == [2] and third.done.wait(30)
+    second.close()
+    release.set()
+    first.close()
+
+
+def test_failed_job_changes_nothing_and_its_ids_stay_unused(tmp_path):
+    path = tmp_path / "facts.safetensors"
+    NeuralKVDatabase(8, 4).save(path)
+
+    def broken(facts):
+        raise ValueError("no")
+
+    db = NeuralKVDatabase.load(path)
+    store = FactStore(db, path, broken)
+    job = store.submit(FACTS[:1])
+    assert job.done.wait(30) and job.status == "failed" and "no" in job.error
+    assert len(db) == 0 and NeuralKVDatabase.load(path).next_id == 0
+    store.close()
+    calls: list[int] = []
+    store = FactStore(NeuralKVDatabase.load(path), path, _editor(calls))
+    assert store.job(1) is None  # the failed job is not replayed
+    assert store.submit(FACTS[1:2]).fact_ids == [1]
+    store.close()
