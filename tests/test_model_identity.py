@@ -131,3 +131,144 @@ def test_a_bad_identity_in_a_file_is_refused(tmp_path):
     db.model_identity = {"fingerprint": 3}
     with pytest.raises(TypeError, match="model_identity must be None or a dict of str values"):
         db.save(tmp_path / "db.safetensors")
+
+
+# --- load_model: Hub ids from the local Hugging Face cache, dtype and device_map -----------------------------------
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub_cache(root, repo_id="tinyorg/tiny-llama"):
+    """``root`` laid out as the Hugging Face Hub cache holding ``repo_id`` at revision REV (refs/main -> REV)."""
+    from test_models import tiny_model_dir
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    tiny_model_dir(repo / "snapshots" / REV, pad=True)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REV)
+    return repo / "snapshots" / REV
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any connection attempt fails the test: the cache lookup must never touch the network."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_a_hub_id_loads_from_the_local_cache(tmp_path, monkeypatch, offline, variable):
+    from neuraldb.models import hub_cache_dir, load_model, model_id
+
+    cache = tmp_path / "hf" / "hub"
+    snapshot = _fake_hub_cache(cache)
+    monkeypatch.setenv(variable, str(cache if variable == "HF_HUB_CACHE" else cache.parent))
+    assert hub_cache_dir() == cache
+    model, _ = load_model("tinyorg/tiny-llama")
+    assert model_id(model) == "tinyorg/tiny-llama"  # the Hub id, not the snapshot path
+    assert neuraldb.fingerprint(model) == neuraldb.fingerprint(load_model(snapshot)[0])
+    assert neuraldb.pretrained_io.build_config(_db(model, model_id(model)), model)["base_model"] == "tinyorg/tiny-llama"
+
+
+def test_a_hub_id_not_in_the_cache_says_how_to_get_it(tmp_path, monkeypatch, offline):
+    from neuraldb.models import ModelNotFoundError, load_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFoundError, match=r"'HuggingFaceTB/SmolLM2-135M-Instruct' is not in the local Hugging "
+                       r"Face cache \(.*empty.*hf download HuggingFaceTB/SmolLM2-135M-Instruct"):  # fmt: skip
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_dtype_strings_and_device_map_as_transformers_users_expect(tmp_path, monkeypatch, offline):
+    from neuraldb.models import load_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    _fake_hub_cache(tmp_path)
+    for dtype, want in (("bf16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32)):
+        model, _ = load_model("tinyorg/tiny-llama", dtype)
+        assert next(model.parameters()).dtype == want, dtype
+    for device_map in ("auto", "cpu", {"": "cpu"}):
+        model, _ = load_model("tinyorg/tiny-llama", "bfloat16", device_map=device_map)
+        assert next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="pass device or device_map, not both"):
+        load_model("tinyorg/tiny-llama", device="cpu", device_map="auto")
+
+
+# --- the CLI: the same check, and the cheap one before the weights load --------------------------------------------
+
+
+@pytest.fixture
+def edited_dirs(tmp_path):
+    """(a tiny model's folder, the same weights saved elsewhere with save_pretrained, a database made on them)."""
+    from neuraldb.models import load_model
+    from test_models import tiny_model_dir
+
+    base = tiny_model_dir(tmp_path / "base", pad=True)
+    model, tok = load_model(base)
+    model.save_pretrained(tmp_path / "edited_hf")
+    tok.save_pretrained(tmp_path / "edited_hf")
+    db = neuraldb.NeuralKVDatabase.for_model(model, 1, dtype=torch.float32)
+    db.add(torch.nn.functional.normalize(torch.randn(1, db.key_dim), dim=1), torch.zeros(1, db.value_dim))
+    db.model_id = "HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1"  # a recorded name that is neither folder
+    db.save(tmp_path / "db.safetensors")
+    return base, tmp_path / "edited_hf", tmp_path / "db.safetensors"
+
+
+def _generate(model, db, *extra):
+    from neuraldb.cli import main
+
+    return main(["generate", "--model", str(model), "--db", str(db), "-p", "paris is", "--max-new-tokens", "1", *extra])
+
+
+def test_cli_takes_the_same_weights_from_another_folder(edited_dirs, capsys):
+    _, edited_hf, db = edited_dirs
+    assert _generate(edited_hf, db) == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_refuses_other_weights_in_one_line_unless_forced(edited_dirs, tmp_path, capsys):
+    from neuraldb.models import load_model
+
+    base, _, db = edited_dirs
+    model, tok = load_model(base)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)
+    model.save_pretrained(tmp_path / "tuned")
+    tok.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    assert _generate(tmp_path / "tuned", db) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neuraldb generate:")]
+    assert len(err) == 1 and "error: the database's edits were made for" in err[0], err
+    assert "other weights (the fingerprints differ)" in err[0] and "--force" in err[0], err
+    assert _generate(tmp_path / "tuned", db, "--force") == 0
+    assert "warning: the database's edits were made for" in capsys.readouterr().err
+
+
+def test_cli_refuses_another_architecture_before_loading_the_weights(edited_dirs, tmp_path, monkeypatch, capsys):
+    import json
+
+    import neuraldb.cli
+
+    base, _, db = edited_dirs
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    config = json.loads((base / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps(dict(config, model_type="qwen2", architectures=["Qwen2ForCausalLM"])))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the database was refused")
+
+    monkeypatch.setattr(neuraldb.cli, "load_model_verbose", no_load)
+    assert _generate(qwen, db) == 1
+    err = capsys.readouterr().err
+    assert "made for a 'llama' model, but" in err and "is 'qwen2'" in err and "--force" in err
+    config["intermediate_size"] = 64  # the widths are checked from the config too
+    (qwen / "config.json").write_text(json.dumps(config))
+    assert _generate(qwen, db) == 1
+    assert "db has key_dim=32, value_dim=16 but the down-projections" in capsys.readouterr().err

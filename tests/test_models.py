@@ -81,9 +81,12 @@ def test_absent_gemma_names_the_pip_command(monkeypatch):
         locate_gguf("gemma3-270m")
 
 
-def test_unknown_name_is_never_downloaded():
-    with pytest.raises(ModelNotFoundError, match=r"no model 'HuggingFaceTB/SmolLM2-135M'.*never downloaded.*smollm2"):
+def test_unknown_name_is_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # a Hub id is looked up in the local cache only
+    with pytest.raises(ModelNotFoundError, match=r"'HuggingFaceTB/SmolLM2-135M' is not in the local.*never downloaded"):
         load_model("HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(ModelNotFoundError, match=r"no model 'no-such-model'.*never downloaded.*smollm2"):
+        load_model("no-such-model")
 
 
 def test_wrong_files(tmp_path):

@@ -51,6 +51,7 @@ from neuraldb.cli_support import (
     _positive_int,
     _slice,
     _utf8_text,
+    check_model_config,
     check_output,
     describe_fact,
     generate_text,
@@ -231,6 +232,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from neuraldb.patching import disabled, patch_model
 
     db = load_db(args.db) if args.db is not None else None
+    if db is not None:
+        check_model_config(db, args.model, force=args.force)
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     template = db.template if db is not None and db.template is not None else templates.default_template(tok)
     if args.chat and not templates.has_chat_template(tok):
@@ -240,7 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if db is not None:
         _check_model(db, model, force=args.force)
         # Patched before the first answer, so that a database the model cannot take fails before any generation
-        patch_model(model, db, gamma=args.gamma)
+        patch_model(model, db, gamma=args.gamma, force=True)  # _check_model above decided (and warned) on identity
 
     prompts = args.prompt
 

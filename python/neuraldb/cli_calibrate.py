@@ -13,7 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neuraldb.cli_support import CLIError, _check_model, _non_negative_int, _positive_int, check_output, load_db
+from neuraldb.cli_support import (
+    CLIError,
+    _check_model,
+    _non_negative_int,
+    _positive_int,
+    check_model_config,
+    check_output,
+    load_db,
+)
 
 __all__ = ["add_parser", "cmd_calibrate"]
 
@@ -72,6 +80,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.db} records no layer: calibrate databases built by `neuraldb edit`")
     texts = [read_corpus(p) for p in args.text]
     evals = [read_corpus(p) for p in args.eval_text] if args.eval_text else None
+    check_model_config(db, args.model, force=args.force)
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     _check_model(db, model, force=args.force)
     before = text_openings(model, tok, db, evals, tokens=args.tokens) if evals else None

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neuraldb.cli_support import CLIError, _check_model, check_output, load_db, load_model_verbose
+from neuraldb.cli_support import (
+    CLIError,
+    _check_model,
+    check_model_config,
+    check_output,
+    load_db,
+    load_model_verbose,
+)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -35,6 +42,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if checkpointed:
         return _edit_job(args, facts)
     db = load_db(args.out) if args.append and args.out.exists() else None
+    if db is not None:
+        check_model_config(db, args.model, force=False)
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     if db is not None:
         _check_model(db, model, force=False)
@@ -80,6 +89,7 @@ def _edit_job(args: argparse.Namespace, facts: list) -> int:
             load_db(args.out), facts, path=args.out, start=start, stop=stop, checkpoint_every=args.checkpoint_every,
             **hparams,
         )  # fmt: skip
+        check_model_config(load_db(args.out), args.model, force=False)
     model, tok = load_model_verbose(args.model, dtype=args.dtype, device=args.device)
     if resuming:
         _check_model(load_db(args.out), model, force=False)

@@ -9,6 +9,7 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -145,10 +146,17 @@ def _utf8_text(text: str) -> str:
 
 
 def load_model_verbose(
-    name: str, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", out: TextIO = sys.stderr
+    name: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    out: TextIO | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """:func:`neuraldb.load_model`, saying on ``out`` what it loads and how long that took."""
+    """:func:`neuraldb.load_model`, saying on ``out`` (default: the current ``sys.stderr``) what it loads and how
+    long that took."""
     from neuraldb.models import load_model
+
+    out = sys.stderr if out is None else out  # not a default argument: that would be the stderr of import time
 
     t0 = time.perf_counter()
     print(f"Loading model {name!r} ...", file=out, flush=True)
@@ -269,11 +277,51 @@ def describe_fact(fact: FactLike) -> str:
 
 
 def _check_model(db: NeuralKVDatabase, model: PreTrainedModel, *, force: bool) -> None:
-    from neuraldb.models import model_id
+    """The database against the loaded model: :func:`neuraldb.pretrained.check_model` (weights fingerprint and
+    architecture; a file without them falls back to the base model's Hub id), one line on a mismatch."""
+    from neuraldb.pretrained_io import ModelMismatchError, check_model, recorded_identity
 
-    mid = model_id(model)
-    if db.model_id and mid and db.model_id != mid:
-        msg = f"the database was built for model {db.model_id!r}, but the loaded model is {mid!r}"
+    try:
+        check_model(
+            model, recorded_identity(db), force=force, source="the database's edits", override="--force",
+            warn_unverifiable=False,
+        )  # fmt: skip
+    except ModelMismatchError as e:
+        raise CLIError(f"{e.detail} (pass the matching --model, or --force to patch anyway)") from None
+
+
+def check_model_config(db: NeuralKVDatabase, name: str, *, force: bool) -> None:
+    """Before the weights load (seconds): refuse a database that the model ``name`` cannot be, by its config alone
+    (architecture, the down-projection's widths, the number of layers). A config that cannot be read cheaply, or a
+    name that cannot be found, is left to the load that follows."""
+    from types import SimpleNamespace
+
+    from neuraldb import architectures as arch
+    from neuraldb.models import load_config
+
+    try:
+        config = load_config(name, header=False)
+    except (OSError, ValueError, KeyError):
+        return
+    if config is None:
+        return
+    size = arch.model_size(SimpleNamespace(config=config))
+    kind = getattr(config, "model_type", None)
+    spec = arch.ARCHITECTURES.get(kind)
+    default_path = spec is not None and db.layer is not None and db.module_path == spec.down_proj.format(layer=db.layer)
+    if size is not None and db.layer is not None and db.layer >= size.num_hidden_layers:
+        n = size.num_hidden_layers
+        raise CLIError(f"the database was built at layer {db.layer}, but {name!r} has {n} (layer must be in [0, {n}))")
+    if size is not None and (db.module_path is None or default_path):
+        widths = (size.intermediate_size, size.hidden_size)
+        if (db.key_dim, db.value_dim) != widths:
+            raise CLIError(
+                f"db has key_dim={db.key_dim}, value_dim={db.value_dim} but the down-projections of {name!r} map "
+                f"{widths[0]} -> {widths[1]} features; the database was built for another layer or model"
+            )
+    want = (db.model_identity or {}).get("architecture")
+    if want and kind and want != kind:
+        msg = f"the database's edits were made for a {want!r} model, but {name!r} is {kind!r}"
         if not force:
-            raise CLIError(msg + " (pass the matching --model, or --force to patch anyway)")
-        print(f"warning: {msg}", file=sys.stderr)
+            raise CLIError(f"{msg} (pass the matching --model, or --force to patch anyway)")
+        warnings.warn(msg, UserWarning, stacklevel=2)

