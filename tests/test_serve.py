@@ -136,6 +136,16 @@ def test_add_fact_answers_then_delete(served):
     assert [f["id"] for f in client.get("/v1/facts").json()["data"]] == [1]
 
 
+def test_edit_in_place_pauses_generation_and_answers_with_the_fact():
+    app, *_ = app_for(layer=2, edit_on_copy=False)
+    fact = {"subject": FACTS[0].subject, "prompt": FACTS[0].prompt, "target_new": FACTS[0].target_new}
+    with TestClient(app) as client:
+        before = _complete(client, max_tokens=3)["choices"][0]["text"]
+        assert client.post("/v1/facts?wait=true", json=fact, headers=AUTH).json()["job"]["status"] == "succeeded"
+        assert _complete(client, max_tokens=3)["choices"][0]["text"] != before
+        assert _complete(client, max_tokens=3, neuraldb={"edits": False})["choices"][0]["text"] == before
+
+
 def test_writes_need_the_token():
     app, *_ = app_for()
     fact = {"subject": "Toko Yasuda", "prompt": "{} plays the", "target_new": "piano"}

@@ -4,7 +4,7 @@ Requests wait in a queue; the worker takes what has arrived (up to ``max_batch``
 company), runs them as one left-padded batch with a KV cache, and reports text to each request's sink as it is
 generated. Requests that asked for the edits and requests that asked without them run in separate batches, and the
 patch's switch (:attr:`neuraldb.patching.Patch.enabled`) is set only by this thread, between batches, under
-``model_lock``: no forward sees a mix. Only this module needs no web framework; the routes live in ``app.py``.
+``model_lock``: no forward sees a mix. Needs no web framework (the routes live in ``app.py``).
 """
 
 from __future__ import annotations
