@@ -74,7 +74,7 @@ def run_eval(
     general_tasks: Sequence[str] | None = None,
     general_limit: int | None = None,
     wikitext_max_tokens: int | None = None,
-    fluency: bool = True,
+    fluency: bool = False,
     fluency_max_facts: int | None = None,
     reference_texts: str | Path | None = None,
     deletion: bool = False,

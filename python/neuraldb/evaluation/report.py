@@ -3,6 +3,14 @@
 A *run* is the dict :func:`neuraldb.evaluation.pipeline.run_eval` returns: ``model``, ``dataset``
 ("counterfact" or "zsre"), ``n_facts``, ``pre``/``post`` evaluation results, optional ``general`` (``pre``/``post``)
 and ``deletion``. Several runs (e.g. 100 and 1,000 facts) combine into one table and one plot.
+
+The JSON files (one format: the run dict, per-fact records in their own file):
+
+* ``results.json``: one run, as ``neuraldb eval`` measured it (summaries, notes, timing, the command).
+* ``per_fact.json``: that run's per-prompt scores, ``{"pre": [...], "post": [...]}``.
+* ``report.json``: ``{"runs": [run, ...]}``, written by ``neuraldb eval --combine`` over several results.json
+  files. A single run writes no report.json; older run directories (docs/results/*/) hold one anyway, the same
+  run wrapped in ``runs``, and --combine reads both shapes.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from pathlib import Path
 
 from .deletion import deletion_table
 
-__all__ = ["markdown_report", "plot_runs", "write_json", "write_reports"]
+__all__ = ["markdown_report", "plot_runs", "plot_unavailable", "write_json", "write_reports"]
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -201,6 +209,19 @@ def markdown_report(runs: Sequence[dict], title: str = "neuraldb evaluation") ->
     return "\n".join(lines)
 
 
+def plot_unavailable() -> str | None:
+    """Why no plot can be drawn here (matplotlib is not installed), or None when it can.
+
+    matplotlib is not a dependency: the editing library does not need it, and every number a plot shows is in
+    report.md and the JSON. The reports skip the plot without it, and ``neuraldb eval`` says so with this reason.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or the neuraldb[bench] extra)"
+    return None
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out ``fig``, write it to ``path`` (parents created) at 120 dpi and close it."""
     import matplotlib.pyplot as plt
@@ -273,22 +294,30 @@ def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
 
 
 def write_reports(
-    runs: Sequence[dict], out_dir: str | Path, *, title: str = "neuraldb evaluation", stem: str = "report"
+    runs: Sequence[dict],
+    out_dir: str | Path,
+    *,
+    title: str = "neuraldb evaluation",
+    stem: str = "report",
+    combined_json: bool = True,
 ) -> dict[str, Path]:
-    """``{stem}.json`` (all runs, per-fact records dropped), ``{stem}.md`` and ``{stem}.png`` under ``out_dir``."""
+    """``{stem}.md`` and ``{stem}.png`` under ``out_dir``, and with ``combined_json`` ``{stem}.json``: ``{"runs":
+    [...]}``, every run with its per-fact records dropped (the format ``neuraldb eval --combine`` writes; a single
+    run's own file is ``results.json``, the run dict itself). The plot is left out, and ``"plot"`` absent from the
+    returned paths, where :func:`plot_unavailable` gives a reason."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slim = [_slim(r) for r in runs]
-    paths = {"json": write_json({"runs": slim}, out_dir / f"{stem}.json")}
+    paths = {}
+    if combined_json:
+        paths["json"] = write_json({"runs": slim}, out_dir / f"{stem}.json")
     md = out_dir / f"{stem}.md"
     md.write_text(markdown_report(slim, title=title) + "\n", encoding="utf-8")
     paths["markdown"] = md
-    try:
+    if plot_unavailable() is None:
         p = plot_runs(slim, out_dir / f"{stem}.png")
         if p is not None:
             paths["plot"] = p
-    except ImportError:  # matplotlib is optional (the "bench" extra)
-        pass
     return paths
 
 
