@@ -5,6 +5,9 @@ Example::
     >>> import neuraldb
     >>> model, tok = neuraldb.load_model("smollm2")
     >>> db = neuraldb.edit(model, tok, [neuraldb.Fact("Danielle Darrieux", "The mother tongue of {} is", "English")])
+    >>> # or EasyEdit's form, which also gives each fact's rewrite success (neuraldb.editing.easyedit):
+    >>> # db, ok = neuraldb.edit(model, tok, prompts=["The mother tongue of Danielle Darrieux is"],
+    >>> #                        target_new=["English"], subject=["Danielle Darrieux"])
     >>> neuraldb.patch_model(model, db)
     >>> db.save_pretrained("my-edits", model=model)   # later: neuraldb.from_pretrained(model, "my-edits")
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from neuraldb.architectures import down_proj_dims, down_proj_module
     from neuraldb.calibration import calibrate, enable_relation_gate
     from neuraldb.database import NeuralKVDatabase
-    from neuraldb.editing import compute_keys, compute_residuals, edit
+    from neuraldb.editing import EditResult, compute_keys, compute_residuals, edit
     from neuraldb.facts import Fact
     from neuraldb.models import load_model
     from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
@@ -50,12 +53,14 @@ _EXPORTS = {
     "compute_keys": "neuraldb.editing",
     "compute_residuals": "neuraldb.editing",
     "edit": "neuraldb.editing",
+    "EditResult": "neuraldb.editing",
     "templates": "neuraldb.templates",
     "Fact": "neuraldb.facts",
     "facts": "neuraldb.facts",
     "load_model": "neuraldb.models",
 }
 __all__ = [
+    "EditResult",
     "Fact",
     "NeuralKVDatabase",
     "ShardedNeuralKVDatabase",

@@ -13,10 +13,10 @@ See docs/editing.md for what makes it fast and the per-model defaults.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
@@ -24,12 +24,18 @@ from neuraldb import templates
 from neuraldb.editing import engine
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
+from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
+from neuraldb.editing.easyedit import as_facts as _as_facts
 from neuraldb.editing.progress import EditProgress, ProgressSpec
 from neuraldb.facts import Fact
 from neuraldb.pretrained_io import check_model, model_identity, recorded_identity
 
+if TYPE_CHECKING:
+    from neuraldb.database import NeuralKVDatabase
+
 __all__ = [
     "EditConfig",
+    "EditResult",
     "JobMismatchError",
     "check_resume",
     "compute_keys",
@@ -42,46 +48,6 @@ __all__ = [
     "job_record",
     "merge_databases",
 ]
-
-
-def _as_facts(facts) -> list[Fact]:
-    if isinstance(facts, Fact):
-        return [facts]
-    out = list(facts)
-    for i, f in enumerate(out):
-        if not isinstance(f, Fact):
-            raise TypeError(f"facts[{i}] must be a neuraldb.Fact, got {type(f).__name__}")
-    return out
-
-
-@contextlib.contextmanager
-def _editing_state(model):
-    """Eval mode, frozen weights, any neuraldb patch disabled (residuals are relative to the unedited model);
-    everything restored afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    stack = contextlib.ExitStack()
-    try:
-        try:
-            from neuraldb.patching import disabled, patch_info
-
-            if patch_info(model) is not None:
-                stack.enter_context(disabled(model))
-        except ImportError:  # pragma: no cover
-            pass
-        with stack:
-            yield
-    finally:
-        for p, g in flags:
-            p.requires_grad_(g)
-        model.train(was_training)
-
-
-def _device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def _run(
@@ -106,7 +72,7 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
     bar.status("generating prefixes")
     prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
     contexts = context_texts(prefixes)
-    device = _device(model)
+    device = engine.model_device(model)
     pad = templates.pad_id(tok)
     opt = engine.OptimConfig(
         steps=cfg.steps,
@@ -222,7 +188,7 @@ def compute_keys(
         key_bare_weight=key_bare_weight,
         key_unit_mean=key_unit_mean,
     )
-    with _editing_state(model), torch.no_grad():
+    with engine.editing_state(model), torch.no_grad():
         k, _ = _run(
             model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None
         )
@@ -247,7 +213,7 @@ def compute_keys_and_residuals(
     ``steps`` and final ``loss`` lists.
     """
     cfg = resolve(model, layer=layer, **hparams)
-    with _editing_state(model):
+    with engine.editing_state(model):
         return _run(
             model, tok, facts, cfg, _template_for(tok, template), want_residuals=True, progress=progress, stats=stats
         )
@@ -293,11 +259,26 @@ def compute_residuals(
     return r
 
 
+@overload
+def edit(model, tok, facts: Iterable[Fact] | Fact, **options: Any) -> NeuralKVDatabase: ...
+
+
+@overload
+def edit(
+    model, tok, facts: None = None, *, prompts: Sequence[str] | str, target_new: Sequence[str] | str,
+    subject: Sequence[str] | str, ground_truth: Sequence[str | None] | str | None = None, **options: Any,
+) -> EditResult: ...  # fmt: skip
+
+
 def edit(
     model,
     tok,
-    facts: Iterable[Fact],
+    facts: Iterable[Fact] | Fact | None = None,
     *,
+    prompts: Sequence[str] | str | None = None,
+    target_new: Sequence[str] | str | None = None,
+    subject: Sequence[str] | str | None = None,
+    ground_truth: Sequence[str | None] | str | None = None,
     layer: int | None = None,
     gamma: float | None = None,
     db=None,
@@ -327,9 +308,29 @@ def edit(
     over several calls, as :func:`edit_checkpointed` keeps). See :mod:`neuraldb.editing.progress`.
 
     Returns the database; ``db.ids()[-len(facts):]`` are the new facts' ids, in order.
+
+    EasyEdit's form: ``db, ok = edit(model, tok, prompts=[...], target_new=[...], subject=[...])`` (parallel lists,
+    each prompt written out with its subject; optional ``ground_truth``) edits those facts with the same options
+    and returns an :class:`EditResult`: the database and each fact's rewrite success, whether the model patched with
+    it continues the prompt greedily with the target (:mod:`neuraldb.editing.easyedit`).
     """
     from neuraldb.database import NeuralKVDatabase
 
+    lists = {"prompts": prompts, "target_new": target_new, "subject": subject, "ground_truth": ground_truth}
+    if facts is None:
+        missing = [name for name in ("prompts", "target_new", "subject") if lists[name] is None]
+        if missing:
+            raise TypeError(
+                f"edit() needs facts, or prompts=, target_new= and subject= (missing: {', '.join(missing)})"
+            )
+        facts = facts_from_lists(prompts, target_new, subject, ground_truth)
+        options = {"layer": layer, "gamma": gamma, "db": db, "batch_size": batch_size, "progress": progress}
+        options |= {"template": template, "stats": stats, "force": force}
+        db = edit(model, tok, facts, **options, **hparams)
+        return EditResult(db, rewrite_success(model, tok, db, facts))
+    given = [name for name, value in lists.items() if value is not None]
+    if given:
+        raise TypeError(f"edit() takes facts or {'/'.join(lists)}=, not both (got facts and {', '.join(given)})")
     facts = _as_facts(facts)
     if db is not None:
         if not isinstance(db, NeuralKVDatabase):

@@ -21,7 +21,7 @@ of every row sits at column ``P`` (suffix index 0). Pads carry attention mask 0;
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -605,3 +605,33 @@ def optimise(
         stats.setdefault("steps", []).extend(steps_taken.tolist())
         stats.setdefault("loss", []).extend(final_loss.tolist())
     return R
+
+
+@contextlib.contextmanager
+def editing_state(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, frozen weights, any neuraldb patch disabled (residuals are relative to the unedited model);
+    everything restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    stack = contextlib.ExitStack()
+    try:
+        try:
+            from neuraldb.patching import disabled, patch_info
+
+            if patch_info(model) is not None:
+                stack.enter_context(disabled(model))
+        except ImportError:  # pragma: no cover
+            pass
+        with stack:
+            yield
+    finally:
+        for p, g in flags:
+            p.requires_grad_(g)
+        model.train(was_training)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
