@@ -4,6 +4,7 @@ the bar sat at 0/N for the whole first batch of 32 facts, then jumped)."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from _tiny_editing import FACTS
@@ -35,11 +36,14 @@ def test_bar_shows_every_step_before_the_batch_ends(tiny):
     bar = _RecordingBar()
     # stop_loss 0: no fact stops early, so all three finish on the last step of their one batch
     edit(model, tok, FACTS[:3], progress=bar, steps=4, stop_loss=0.0, **HP)
-    statuses = [v for e, v in bar.events if e == "status"]
-    assert [s for s in statuses if "step" in s] == [f"batch 1/1 step {i}/4" for i in range(1, 5)]
+    steps = [v for e, v in bar.events if e == "status" and "step" in v]
+    assert [v.split(",")[0] for v in steps] == [f"batch 1/1 step {i}/4" for i in range(1, 5)]
     first_update = next(i for i, (e, _) in enumerate(bar.events) if e == "update")
-    assert ("status", "batch 1/1 step 3/4") in bar.events[:first_update]  # moved while the batch still ran
+    assert steps[2] in [v for _, v in bar.events[:first_update]]  # moved while the batch still ran
     assert sum(v for e, v in bar.events if e == "update") == 3
+    # a time left from the steps, before any fact has finished; nothing left after the last step
+    assert all(re.search(r", \u2264(\d\d:)+\d\d left$", v) for v in steps)
+    assert steps[-1].endswith("\u226400:00 left")
 
 
 def test_facts_are_counted_as_they_finish_not_per_batch(tiny):
@@ -49,7 +53,7 @@ def test_facts_are_counted_as_they_finish_not_per_batch(tiny):
     # a stop loss every fact is below at once: each finishes on step 1 of 6, and is counted then
     edit(model, tok, FACTS[:3], progress=bar, steps=6, stop_loss=1e9, **HP)
     assert [v for e, v in bar.events if e == "update"] == [3]
-    assert [v for e, v in bar.events if e == "status" and "step" in v] == ["batch 1/1 step 1/6"]
+    assert [v.split(",")[0] for e, v in bar.events if e == "status" and "step" in v] == ["batch 1/1 step 1/6"]
     edit(model, tok, FACTS[:3], progress=calls.append, steps=6, stop_loss=1e9, **HP)
     assert calls == [3]
 
@@ -69,7 +73,7 @@ def test_own_bar_counts_facts(tiny, monkeypatch, capsys):
     model, tok = tiny
     edit(model, tok, FACTS[:3], progress=True, steps=2, stop_loss=0.0, **{**HP, "batch_size": 2})
     err = capsys.readouterr().err
-    assert "3/3" in err and "fact" in err and "batch 2/2 step 2/2" in err
+    assert "3/3 fact" in err and "batch 2/2 step 2/2" in err and " left" in err
 
 
 def test_checkpointed_bar_shows_steps(tiny, tmp_path, capsys):

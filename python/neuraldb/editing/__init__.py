@@ -116,7 +116,7 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
             bar.status(f"{batch_label} preparing")
             prep = engine.prepare(h, batch, precision)
             row_keys = prep.keys
-            on_step = functools.partial(bar.step, batch_label, opt.steps)
+            on_step = functools.partial(bar.step, batch_label, opt.steps, len(chunk))
             st: dict = {}
             with precision.compute():
                 resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st, on_step=on_step).cpu()
