@@ -79,6 +79,10 @@ def test_missing_matplotlib_is_said_not_silent(eval_argv, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "report.png will be skipped: matplotlib is not installed (pip install matplotlib" in err
     assert not (tmp_path / "o" / "report.png").exists() and (tmp_path / "o" / "report.md").exists()
+    # an input error is still one line, not preceded by the notice
+    assert main([*eval_argv, "--db", str(tmp_path / "absent")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--db" in err and "no such file" in err
 
 
 def test_plot_written_when_matplotlib_is_there(eval_argv, tmp_path, capsys):

@@ -153,12 +153,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
-    from .report import plot_unavailable, write_json, write_reports
+def _say_if_plot_skipped() -> None:
+    # Once the inputs are checked (an input error stays one line) and before the work: a run takes minutes, and a
+    # user waiting for report.png should know at once that it will not come.
+    from .report import plot_unavailable
 
-    no_plot = plot_unavailable()
-    if no_plot is not None:  # said first: a run takes minutes, and a user waiting for report.png should know now
-        print(f"neuraldb eval: report.png will be skipped: {no_plot}", file=sys.stderr)
+    reason = plot_unavailable()
+    if reason is not None:
+        print(f"neuraldb eval: report.png will be skipped: {reason}", file=sys.stderr)
+
+
+def run(args) -> int:
+    from .report import write_json, write_reports
+
     if args.combine:
         runs = []
         for path in args.combine:
@@ -171,6 +178,7 @@ def run(args) -> int:
                 print(f"neuraldb eval: skipping {path}: not a pre/post evaluation run", file=sys.stderr)
                 continue
             runs += data.get("runs", [data])
+        _say_if_plot_skipped()
         paths = write_reports(runs, args.out, title=args.title)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
@@ -205,6 +213,8 @@ def run(args) -> int:
             return 2
         from .distractors import distractor_eval, scaling_markdown
 
+        _say_if_plot_skipped()
+
         result = distractor_eval(
             model_name=args.model,
             model_dtype=args.dtype,
@@ -225,6 +235,7 @@ def run(args) -> int:
         return 0
     from .pipeline import run_eval
 
+    _say_if_plot_skipped()
     run_ = run_eval(
         model_name=args.model,
         model_dtype=args.dtype,
