@@ -303,9 +303,9 @@ def edit(
 
     ``stats``, if a dict, receives ``seconds``, ``n`` and per-fact optimisation ``steps`` and final ``loss``.
     ``progress``: True shows a bar (unit ``fact``) that advances as each fact stops optimising, its postfix showing
-    the batch, the optimisation step and an upper bound on the time left; a callable is called instead with the number of
-    facts that just finished (several times per batch); a tqdm bar of the caller's is advanced in place (one bar
-    over several calls, as :func:`edit_checkpointed` keeps). See :mod:`neuraldb.editing.progress`.
+    the batch, the optimisation step and an upper bound on the time left; a callable is called instead with the
+    number of facts that just finished (several times per batch); a tqdm bar of the caller's is advanced in place
+    (one bar over several calls, as :func:`edit_checkpointed` keeps). See :mod:`neuraldb.editing.progress`.
 
     Returns the database; ``db.ids()[-len(facts):]`` are the new facts' ids, in order.
 
