@@ -112,6 +112,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--general-tasks", nargs="+", help="subset of tasks (default: all)")
     p.add_argument("--general-limit", type=_positive_int, help="examples per task (seeded subsample)")
     p.add_argument("--wikitext-tokens", type=_positive_int, help="score only the first T WikiText-2 tokens")
+    p.add_argument(
+        "--general-backend",
+        choices=("lm-eval", "builtin"),
+        help="who scores general ability: lm-evaluation-harness (HFLM on the patched model, local task configs; the "
+        "default when lm-eval is installed: pip install 'neuraldb[eval]') or neuraldb's builtin imitation of it "
+        "(the default otherwise)",
+    )
     p.add_argument("--deletion", action="store_true", help="run the delete-even-facts experiment (App. J.5)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -163,6 +170,22 @@ def _say_if_plot_skipped() -> None:
         print(f"neuraldb eval: report.png will be skipped: {reason}", file=sys.stderr)
 
 
+def _general_backend(args) -> str:
+    from .general_lm_eval import PIP, available
+
+    if args.general_backend == "lm-eval" and not available():
+        raise CLIError(f"--general-backend lm-eval: lm-eval is not installed: {PIP}")
+    if args.general_backend is not None:
+        return args.general_backend
+    if available():
+        return "lm-eval"
+    if args.general_data is not None:
+        print(
+            f"neuraldb eval: general ability by the builtin scorer: lm-eval is not installed ({PIP})", file=sys.stderr
+        )
+    return "builtin"
+
+
 def run(args) -> int:
     from .report import write_json, write_reports
 
@@ -200,6 +223,7 @@ def run(args) -> int:
             raise CLIError(f"{option} {path}: {'is a directory' if path.is_dir() else 'no such file'}")
     if args.general_data is not None and not args.general_data.is_dir():
         raise CLIError(f"--general-data {args.general_data}: not a directory")
+    backend = _general_backend(args)
     if args.save_db is not None:
         check_output(args.save_db, replace=True)
     try:
@@ -250,6 +274,7 @@ def run(args) -> int:
         general_dir=args.general_data,
         general_tasks=args.general_tasks,
         general_limit=args.general_limit,
+        general_backend=backend,
         wikitext_max_tokens=args.wikitext_tokens,
         fluency=args.fluency or args.fluency_facts is not None,
         fluency_max_facts=args.fluency_facts,

@@ -73,6 +73,7 @@ def run_eval(
     general_dir: str | Path | None = None,
     general_tasks: Sequence[str] | None = None,
     general_limit: int | None = None,
+    general_backend: str = "builtin",
     wikitext_max_tokens: int | None = None,
     fluency: bool = False,
     fluency_max_facts: int | None = None,
@@ -206,8 +207,12 @@ def run_eval(
         run["notes"].append(f"ZsRE edit target: {target}")
 
     if general_dir is not None:
+        if general_backend == "lm-eval":
+            from .general_lm_eval import evaluate_general_lm_eval as general_fn
+        else:
+            general_fn = evaluate_general
         gen = partial(
-            evaluate_general,
+            general_fn,
             model,
             tok,
             general_dir,
@@ -225,6 +230,7 @@ def run_eval(
         g_post = gen()
         timing["general"] = time.perf_counter() - t0
         run["general"] = {"pre": g_pre, "post": g_post}
+        run["notes"].append(f"general ability scored by {g_pre.get('backend', 'the builtin scorer (general.py)')}")
 
     if deletion:
         t0 = time.perf_counter()
