@@ -4,6 +4,11 @@ word's output embedding)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import torch
 from _tiny_editing import FACTS, word_llama
 from _tiny_models import capture
@@ -34,19 +39,51 @@ def app_for(db_path=None, db=None, layer=LAST_LAYER, **settings):
     return app, model, tok, db
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Serve ``app`` with uvicorn on a free loopback port, in a thread; yields ``http://127.0.0.1:PORT``."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def answer_row(model, tok, db, text: str, word: str) -> int:
     """Add to ``db`` a row that opens at the last token of ``text`` and makes ``word`` the next token; its id."""
+    key, residual = row_for(model, tok, db.template, text, word)
+    [i] = db.add(key[None], residual[None].half(), facts=[FACTS[0]])
+    return i
+
+
+def row_for(model, tok, template, text: str, word: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key, residual)`` of a row at LAST_LAYER that opens at the last token of ``text`` (in ``template``) and makes
+    ``word`` the next token."""
     _, module = down_proj_module(model, LAST_LAYER)
-    ids = torch.tensor([templates.encode(tok, db.template, text)])
+    ids = torch.tensor([templates.encode(tok, template, text)])
     from neuraldb.patching import disabled, patch_info
 
     with capture(module) as cap, torch.no_grad(), disabled(model) if patch_info(model) else _null():
         model(input_ids=ids)
     key = cap.inputs[0][0, -1]
     direction = model.lm_head.weight[tok.convert_tokens_to_ids(word)]
-    residual = 50.0 * direction / direction.norm()
-    [i] = db.add(key[None], residual[None].half(), facts=[FACTS[0]])
-    return i
+    return key, 50.0 * direction / direction.norm()
 
 
 class _null:

@@ -29,6 +29,7 @@ from neuraldb import templates
 from neuraldb.facts import Fact, FactFormatError, parse
 from neuraldb.serve import TOKEN_ENV
 from neuraldb.serve.generation import Event, GenerationRequest, Generator, context_length, encode_prompt
+from neuraldb.serve.page import add_page
 from neuraldb.serve.responses import (
     BodyLimit,
     chunk,
@@ -211,6 +212,7 @@ def build_app(
     app = FastAPI(title="neuraldb", lifespan=lifespan)
     app.state.neuraldb = server
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    add_page(app)  # the web page at /
     read = [Depends(server.check_read)]
     write = [Depends(server.check_token)]
 
