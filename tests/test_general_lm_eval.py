@@ -181,3 +181,51 @@ def test_cli_lm_eval_requested_but_missing_is_one_line(tmp_path, monkeypatch, ca
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'lm-eval==0.4.13'" in err, err
+
+
+def test_run_eval_lm_eval_scores_the_patched_model(tmp_path, monkeypatch):
+    """neuraldb eval's pipeline with the lm-eval backend: HFLM sees the edits (LAMBADA-style rows made of the edited
+    prompts go from the unedited answers to the new targets), and its numbers equal the builtin scorer's."""
+    pytest.importorskip("lm_eval")
+    import dataclasses
+
+    from _tiny_editing import EVAL_FACTS, word_llama
+    from neuraldb import patch_model, templates, unpatch_model
+    from neuraldb.database import NeuralKVDatabase
+    from neuraldb.evaluation.general import evaluate_general
+    from neuraldb.evaluation.pipeline import run_eval
+
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+    model, tok = word_llama()
+    facts = EVAL_FACTS[:4]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    d = tmp_path / "general_eval"
+    d.mkdir()
+    _write(d / "lambada_openai.jsonl.gz", [{"context": f.text, "continuation": f.target_new} for f in facts])
+    run = run_eval(
+        model_name="tiny",
+        dataset="counterfact",
+        facts_path=path,
+        n_facts=None,
+        save_db=tmp_path / "db",
+        edit_kwargs={"layer": 2, "gamma": 0.9, "n_prefixes": 1, "prefix_len": 3, "steps": 5},
+        general_dir=d,
+        general_backend="lm-eval",
+        show_progress=False,
+        model_and_tok=(model, tok),
+    )
+    unpatch_model(model)
+    pre, post = (run["general"][s]["tasks"]["lambada_openai"] for s in ("pre", "post"))
+    assert run["general"]["post"]["backend"].startswith("lm-eval") and any("lm-eval" in n for n in run["notes"])
+    assert post["ppl"] != pytest.approx(pre["ppl"], rel=1e-3)  # lm-eval scored the patched model, then the unpatched
+
+    db = NeuralKVDatabase.load(tmp_path / "db")
+    patch_model(model, db)
+    try:
+        pf = lambda s: templates.apply(db.template, s)
+        ours = evaluate_general(model, tok, d, tasks=["lambada_openai"], show_progress=False, prompt_fn=pf)
+    finally:
+        unpatch_model(model)
+    assert ours["tasks"]["lambada_openai"]["acc"] == post["acc"]
+    assert ours["tasks"]["lambada_openai"]["ppl"] == pytest.approx(post["ppl"], rel=1e-4)
