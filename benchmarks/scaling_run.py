@@ -216,32 +216,44 @@ def write_report(out: Path, dataset: str) -> None:
     )
     (out / "table.md").write_text("\n".join(lines) + "\n" + note)
     try:
-        import matplotlib
+        from neuraldb.evaluation.plots import _pyplot, facts_axis, legend_outside, save_figure, value_axis
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
     except ImportError:
         return
     edited = [r for r in rows if r["n_edited"]]
     if not edited:
         return
+    base = rows[0] if rows[0]["n_edited"] == 0 else None
     xs = [r["n_edited"] for r in edited]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in METRICS:
-        ax1.plot(xs, [r["knowledge"].get(m) for r in edited], marker="o", label=m)
-    ax1.set(xscale="log", xlabel="edited facts", ylabel="%", title=f"{dataset}: sampled facts", ylim=(0, 100))
-    ax1.legend()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    ys = []
+    for i, m in enumerate(METRICS):
+        vals = [r["knowledge"].get(m) for r in edited]
+        ax1.plot(xs, vals, marker="o", color=f"C{i}", label=m)
+        ys += vals
+        if base is not None and base["knowledge"].get(m) is not None:
+            ax1.axhline(base["knowledge"][m], color=f"C{i}", linestyle=":", linewidth=1, label=f"{m}, unedited")
+            ys.append(base["knowledge"][m])
+    facts_axis(ax1, xs)
+    value_axis(ax1, ys)
+    ax1.set_title(f"{dataset}: {last['n_evaluated']} sampled facts, one database growing", fontsize=10)
+    legend_outside(ax1)
     ppl = [r["general"].get("wikitext2") for r in edited]
     if any(p is not None for p in ppl):
         ax2.plot(xs, ppl, marker="o", color="C3", label="edited")
-        base = rows[0]["general"].get("wikitext2") if rows[0]["n_edited"] == 0 else None
-        if base is not None:
-            ax2.axhline(base, color="grey", linestyle="--", label="unedited")
-        ax2.set(xscale="log", xlabel="edited facts", ylabel="token perplexity", title="WikiText-2")
-        ax2.legend()
+        ys = [p for p in ppl if p is not None]
+        if base is not None and base["general"].get("wikitext2") is not None:
+            ax2.axhline(base["general"]["wikitext2"], color="grey", linestyle=":", label="unedited")
+            ys.append(base["general"]["wikitext2"])
+        facts_axis(ax2, xs)
+        value_axis(ax2, ys, "token perplexity", bounds=None)
+        ax2.set_title("WikiText-2", fontsize=10)
+        legend_outside(ax2)
+    else:
+        ax2.set_visible(False)
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "scaling.png")
 
 
 def main(argv: list[str] | None = None) -> int:

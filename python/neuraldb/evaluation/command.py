@@ -67,6 +67,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=100, help="number of facts to edit and evaluate (default 100)")
     p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many facts first")
     p.add_argument("--db", type=Path, help="evaluate this saved database instead of editing")
+    p.add_argument(
+        "--force", action="store_true", help="with --db: evaluate even if the database was built for a different model"
+    )
     p.add_argument("--save-db", type=Path, help="save the database built by editing here")
     p.add_argument(
         "--edit-args",
@@ -186,6 +189,17 @@ def _general_backend(args) -> str:
     return "builtin"
 
 
+def _refusing_other_weights(evaluate, **kwargs):
+    """``evaluate(**kwargs)``, a database made for other weights than the loaded model's (patch_model's check) one
+    line that names --force, as ``neuraldb generate`` says it."""
+    from neuraldb.pretrained_io import ModelMismatchError
+
+    try:
+        return evaluate(**kwargs)
+    except ModelMismatchError as e:
+        raise CLIError(f"{e.detail} (pass the matching --model, or --force to evaluate anyway)") from None
+
+
 def run(args) -> int:
     from .report import write_json, write_reports
 
@@ -224,6 +238,13 @@ def run(args) -> int:
     if args.general_data is not None and not args.general_data.is_dir():
         raise CLIError(f"--general-data {args.general_data}: not a directory")
     backend = _general_backend(args)
+    if args.force and args.db is None:
+        raise CLIError("--force applies to --db (a saved database checked against --model): give --db")
+    if args.db is not None:
+        from neuraldb.cli_support import check_model_config, load_db
+
+        # before the weights load (seconds): a database the model's config alone rules out; --force warns instead
+        check_model_config(load_db(args.db), args.model, force=args.force)
     if args.save_db is not None:
         check_output(args.save_db, replace=True)
     try:
@@ -239,7 +260,8 @@ def run(args) -> int:
 
         _say_if_plot_skipped()
 
-        result = distractor_eval(
+        result = _refusing_other_weights(
+            distractor_eval,
             model_name=args.model,
             model_dtype=args.dtype,
             db_path=args.db,
@@ -254,13 +276,15 @@ def run(args) -> int:
             batch_size=args.batch_size,
             command=command,
             show_progress=not args.no_progress,
+            force=args.force,
         )
         print(scaling_markdown(result))
         return 0
     from .pipeline import run_eval
 
     _say_if_plot_skipped()
-    run_ = run_eval(
+    run_ = _refusing_other_weights(
+        run_eval,
         model_name=args.model,
         model_dtype=args.dtype,
         dataset=args.dataset,
@@ -287,6 +311,7 @@ def run(args) -> int:
         show_progress=not args.no_progress,
         command=command,
         per_fact_path=args.out / "per_fact.json",
+        force=args.force,
     )
     from .report import _slim
 

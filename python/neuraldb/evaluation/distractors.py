@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..facts import Fact
+from .plots import plot_scaling  # drawn there with the other figures; kept importable from here
 
 __all__ = [
     "KEY_FIELDS",
@@ -250,6 +251,7 @@ def run_distractor_scaling(
     show_progress: bool = False,
     log: Callable[[str], None] | None = None,
     pre: dict | None = None,
+    force: bool = False,
 ) -> dict:
     """Evaluate ``facts`` (the database's edited facts, row i = fact i) with the first ``size - len(db)`` rows of
     ``dkeys`` appended as distractors (:func:`synthetic_residuals`), for each total table size in ``sizes``.
@@ -332,7 +334,7 @@ def run_distractor_scaling(
     try:
         for size, h, hl in zip(sizes, hits, hits_last):
             t0 = time.perf_counter()
-            patch_model(model, with_distractors(db, dkeys[: size - n_edited], resid[: size - n_edited]))
+            patch_model(model, with_distractors(db, dkeys[: size - n_edited], resid[: size - n_edited]), force=force)
             fires = [bool(x) for x in h]
             post = evaluate_counterfact(model, tok, sub, baseline=pre, rescore=fires, **ev)
             rec = {
@@ -424,50 +426,6 @@ def scaling_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_scaling(result: dict, path: str | Path) -> Path:
-    """Efficacy / generalization / specificity vs table size (pre-edit dotted), and the share of prompts that
-    retrieve a distractor anywhere and at their last token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = result["run"]
-    xs = [b["keys"] for b in r["by_size"]]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for (metric, style), color in zip(
-        (("efficacy", "o-"), ("generalization", "s-"), ("specificity", "^-")), ("C0", "C1", "C2")
-    ):
-        a1.plot(xs, [b["summary"][metric] for b in r["by_size"]], style, color=color, label=metric)
-        a1.axhline(r["pre"][metric], color=color, linestyle=":", linewidth=1)
-    a1.set(
-        xscale="log",
-        xlabel="keys in the table (edited + distractors)",
-        ylabel="%",
-        ylim=(-2, 102),
-        title=f"{r['n_evaluated']} edited facts (dotted: pre-edit)",
-    )
-    for (kind, style), color in zip((("rewrite", "o"), ("paraphrase", "s"), ("neighborhood", "^")), ("C0", "C1", "C2")):
-        for part, line, where in (("hits", "-", "anywhere"), ("hits_last_token", "--", "at the last prompt token")):
-            a2.plot(
-                xs,
-                [100 * b[part][kind]["distractor"] / b[part][kind]["prompts"] for b in r["by_size"]],
-                style + line,
-                color=color,
-                label=f"{kind}, {where}",
-            )
-    a2.set(xscale="log", xlabel="keys in the table", ylabel="% of prompts", title="prompts retrieving a distractor")
-    a2.set_ylim(bottom=0)
-    for a in (a1, a2):
-        a.set_xticks(xs, [f"{x:,}" for x in xs], minor=False)
-        a.minorticks_off()
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    from .report import save_figure
-
-    return save_figure(fig, path)
-
-
 def default_sizes(n_edited: int, n_total: int) -> list[int]:
     """n, 2n, 5n, 10n (those below the total) and the total."""
     return sorted({s for s in (n_edited, 2 * n_edited, 5 * n_edited, 10 * n_edited) if s < n_total} | {n_total})
@@ -490,6 +448,7 @@ def distractor_eval(
     command: str | None = None,
     show_progress: bool = False,
     log: Callable[[str], None] | None = print,
+    force: bool = False,
 ) -> dict:
     """``neuraldb eval --distractors``: load the model and the database of the first ``len(db)`` facts of
     ``facts_path``, compute (or read from ``keys_cache``) the pre-edit scores and the keys of the deduplicated
@@ -500,6 +459,7 @@ def distractor_eval(
     from .. import facts as facts_mod
     from ..database import NeuralKVDatabase
     from ..models import load_model
+    from ..pretrained_io import check_model, recorded_identity
     from .report import write_json
 
     say = log or (lambda s: None)
@@ -507,6 +467,8 @@ def distractor_eval(
     t0 = time.perf_counter()
     model, tok = load_model(model_name, dtype=model_dtype)
     db = NeuralKVDatabase.load(db_path)
+    # the model check once, before the keys are computed (force: a warning); the patches below skip it
+    check_model(model, recorded_identity(db), force=force, source="the database's edits", warn_unverifiable=False)
     all_facts = facts_mod.load(facts_path)
     edited = all_facts[: len(db)]
     timing["load"] = time.perf_counter() - t0
@@ -535,6 +497,7 @@ def distractor_eval(
         show_progress=show_progress,
         log=say,
         pre=pre,
+        force=True,
     )
     timing.update(run["timing"])
     result = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -87,6 +88,7 @@ def run_eval(
     command: str | None = None,
     per_fact_path: str | Path | None = None,
     model_and_tok=None,
+    force: bool = False,
 ) -> dict:
     from .. import facts as facts_mod
     from .. import templates
@@ -120,7 +122,13 @@ def run_eval(
         db.save(save_db)
     if len(db) != len(facts):
         raise RuntimeError(f"the database holds {len(db)} facts, expected {len(facts)}")
-    patch_model(model, db)
+    if db_path is not None:  # a saved database against the loaded weights; force: a warning instead of the error
+        from ..pretrained_io import check_model, recorded_identity
+
+        check_model(model, recorded_identity(db), force=force, source="the database's edits", warn_unverifiable=False)
+    with warnings.catch_warnings():  # identity decided (and warned) above; a database built here is the model's own
+        warnings.filterwarnings("ignore", message="db were made for")
+        patch_model(model, db, force=True)
     template = getattr(db, "template", None)
     chosen = evaluated_subset(len(facts), eval_facts, seed)
     shown = [facts[i] for i in chosen]

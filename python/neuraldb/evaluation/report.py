@@ -1,8 +1,8 @@
-"""Reports of evaluation runs: JSON, Markdown tables (the paper's Table 2 columns) and a matplotlib plot.
+"""Reports of evaluation runs: JSON, Markdown tables (the paper's Table 2 columns) and the plots of :mod:`.plots`.
 
 A *run* is the dict :func:`neuraldb.evaluation.pipeline.run_eval` returns: ``model``, ``dataset``
 ("counterfact" or "zsre"), ``n_facts``, ``pre``/``post`` evaluation results, optional ``general`` (``pre``/``post``)
-and ``deletion``. Several runs (e.g. 100 and 1,000 facts) combine into one table and one plot.
+and ``deletion``. Several runs (e.g. 100 and 1,000 facts) combine into one table and one figure per question.
 
 The JSON files (one format: the run dict, per-fact records in their own file):
 
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .deletion import deletion_table
+from .plots import plot_runs  # the figures and their rules live there
 
 __all__ = ["markdown_report", "plot_runs", "plot_unavailable", "write_json", "write_reports"]
 
@@ -222,77 +223,6 @@ def plot_unavailable() -> str | None:
     return None
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (parents created) at 120 dpi and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_runs(runs: Sequence[dict], path: str | Path) -> Path | None:
-    """Metrics vs number of edited facts (0 = pre-edited), one panel per dataset plus general ability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = [d for d in ("counterfact", "zsre") if any(r["dataset"] == d for r in runs)]
-    has_general = any(r.get("general") for r in runs)
-    panels = len(datasets) + int(has_general)
-    if panels == 0:
-        return None
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
-    axes = axes[0]
-    for ax, d in zip(axes, datasets):
-        for model in sorted({r["model"] for r in runs if r["dataset"] == d}):
-            rs = sorted([r for r in runs if r["dataset"] == d and r["model"] == model], key=lambda r: r["n_facts"])
-            for metric, style in (("efficacy", "o-"), ("generalization", "s-"), ("specificity", "^-")):
-                xs = [0] + [r["n_facts"] for r in rs]
-                ys = [rs[0]["pre"]["summary"].get(metric)] + [r["post"]["summary"].get(metric) for r in rs]
-                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-                if pts:
-                    ax.plot(*zip(*pts), style, label=f"{model} {metric}")
-        ax.set_title("CounterFact" if d == "counterfact" else "ZsRE")
-        ax.set_xlabel("edited facts")
-        ax.set_ylabel("%")
-        ax.set_ylim(-2, 102)
-        ax.set_xscale("symlog", linthresh=10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    if has_general:
-        ax = axes[-1]
-        for model in sorted({r["model"] for r in runs if r.get("general")}):
-            rs = sorted([r for r in runs if r.get("general") and r["model"] == model], key=lambda r: r["n_facts"])
-            tasks = [t for t in rs[0]["general"]["pre"]["tasks"] if t != "wikitext2"]
-            for t in tasks + ["average"]:
-
-                def val(g, t=t):
-                    return g.get("average") if t == "average" else g["tasks"].get(t, {}).get("value")
-
-                xs = [0] + [r["n_facts"] for r in rs]
-                ys = [val(rs[0]["general"]["pre"])] + [val(r["general"]["post"]) for r in rs]
-                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-                if pts:
-                    ax.plot(
-                        *zip(*pts),
-                        "o-" if t == "average" else ".--",
-                        label=f"{model} {t}",
-                        linewidth=2 if t == "average" else 1,
-                    )
-        ax.set_title("General ability (primary accuracy)")
-        ax.set_xlabel("edited facts")
-        ax.set_ylabel("%")
-        ax.set_xscale("symlog", linthresh=10)
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
 def write_reports(
     runs: Sequence[dict],
     out_dir: str | Path,
@@ -303,8 +233,9 @@ def write_reports(
 ) -> dict[str, Path]:
     """``{stem}.md`` and ``{stem}.png`` under ``out_dir``, and with ``combined_json`` ``{stem}.json``: ``{"runs":
     [...]}``, every run with its per-fact records dropped (the format ``neuraldb eval --combine`` writes; a single
-    run's own file is ``results.json``, the run dict itself). The plot is left out, and ``"plot"`` absent from the
-    returned paths, where :func:`plot_unavailable` gives a reason."""
+    run's own file is ``results.json``, the run dict itself). The plots (:func:`neuraldb.evaluation.plots.plot_runs`:
+    ``{stem}.png``, editing quality, and ``{stem}-general.png`` where runs measured general ability) are left out, and
+    absent from the returned paths, where :func:`plot_unavailable` gives a reason."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slim = [_slim(r) for r in runs]
@@ -318,6 +249,9 @@ def write_reports(
         p = plot_runs(slim, out_dir / f"{stem}.png")
         if p is not None:
             paths["plot"] = p
+        general = out_dir / f"{stem}-general.png"
+        if any(r.get("general") for r in slim) and general.is_file():
+            paths["general_plot"] = general
     return paths
 
 
