@@ -11,8 +11,9 @@ journaled; one every 0.1 s, so that the restart has tens of jobs to replay, not 
 ``?wait=true`` (acknowledged = edited and saved), deletes it (acknowledged = 200) and goes on. At a random moment
 (uniform in ``--kill-window`` seconds after the writes start) the server gets SIGKILL. Then: the
 database file must load (``NeuralKVDatabase.load``), the server is restarted on the same file, replays its journal,
-and once nothing is pending every acknowledged add not acknowledged as deleted must be stored (``lost``), and no
-acknowledged delete may be back (``resurrected``). The same database is used by every trial, so the acknowledged
+and once nothing is pending every acknowledged add must be stored (``lost``) unless its delete was sent (a delete
+the kill cut short may or may not have been done: it was not acknowledged), and no acknowledged delete may be back
+(``resurrected``). The same database is used by every trial, so the acknowledged
 facts of all earlier trials are checked again at each restart.
 
 **Throughput** (``--throughput-rounds``): ``--model`` (SmolLM2-135M) served by two in-process uvicorn servers on
@@ -107,9 +108,12 @@ def start_server(model_dir: Path, db: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def write_stream(port: int, facts: list[dict], cycle: bool, stop: threading.Event, adds: list, deletes: list) -> None:
-    """Write until the connection breaks (the kill) or ``stop``, recording only what the server acknowledged: single
-    facts without waiting, or (``cycle``) a fact with ``?wait=true`` then its delete."""
+def write_stream(
+    port: int, facts: list[dict], cycle: bool, stop: threading.Event, adds: list, deletes: list, sent: list
+) -> None:
+    """Write until the connection breaks (the kill) or ``stop``, recording what the server acknowledged: single
+    facts without waiting, or (``cycle``) a fact with ``?wait=true`` then its delete (``sent`` gets the id before the
+    DELETE goes out: a delete the kill cut short may or may not have been done)."""
     i = 0
     try:
         while not stop.is_set():
@@ -126,6 +130,7 @@ def write_stream(port: int, facts: list[dict], cycle: bool, stop: threading.Even
             if status != 200:
                 raise RuntimeError(f"POST ?wait=true answered {status}: {body}")
             adds.extend(body["ids"])
+            sent.append(body["ids"][0])
             status, body = request(port, "DELETE", f"/v1/facts/{body['ids'][0]}")
             if status != 200:
                 raise RuntimeError(f"DELETE answered {status}: {body}")
@@ -169,13 +174,15 @@ def kill_trials(n: int, window: tuple[float, float], seed: int) -> dict:
         db = Path(tmp) / "facts.safetensors"
         acked_adds: set[int] = set()
         acked_deletes: set[int] = set()
+        unsure: set[int] = set()
         for trial in range(n):
             proc, port = start_server(model_dir, db)
             adds: list[int] = []
             deletes: list[int] = []
+            sent: list[int] = []
             stop = threading.Event()
             writers = [
-                threading.Thread(target=write_stream, args=(port, facts, cycle, stop, adds, deletes), daemon=True)
+                threading.Thread(target=write_stream, args=(port, facts, cycle, stop, adds, deletes, sent), daemon=True)
                 for cycle in (False, True)
             ]
             for w in writers:
@@ -189,6 +196,7 @@ def kill_trials(n: int, window: tuple[float, float], seed: int) -> dict:
                 w.join(60)
             acked_adds.update(adds)
             acked_deletes.update(deletes)
+            unsure.update(set(sent) - set(deletes))  # deletes in flight at the kill: either outcome is right
             try:
                 NeuralKVDatabase.load(db)
                 loads = True
@@ -210,7 +218,8 @@ def kill_trials(n: int, window: tuple[float, float], seed: int) -> dict:
                 "torn_journal_lines": torn,
                 "replayed_facts": replayed,
                 "stored": len(stored),
-                "lost": sorted(acked_adds - acked_deletes - stored),
+                "deletes_in_flight": len(set(sent) - set(deletes)),
+                "lost": sorted(acked_adds - acked_deletes - unsure - stored),
                 "resurrected": sorted(acked_deletes & stored),
             }
             if not loads:
@@ -218,7 +227,7 @@ def kill_trials(n: int, window: tuple[float, float], seed: int) -> dict:
             trials.append(row)
             print(
                 f"trial {trial:2d}: killed after {after:5.2f} s, {len(adds):3d} adds / {len(deletes):2d} deletes "
-                f"acknowledged, file loads: {loads}, torn journal lines: {torn}, replayed {replayed:2d}, "
+                f"acknowledged ({row['deletes_in_flight']} delete in flight), file loads: {loads}, torn journal lines: {torn}, replayed {replayed:2d}, "
                 f"lost {len(row['lost'])}, resurrected {len(row['resurrected'])}",
                 flush=True,
             )
