@@ -123,6 +123,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(the default otherwise)",
     )
     p.add_argument("--deletion", action="store_true", help="run the delete-even-facts experiment (App. J.5)")
+    p.add_argument(
+        "--method",
+        choices=("neuraldb", "memit", "alphaedit"),
+        default="neuraldb",
+        help="write the edits as a NeuralDB patch (default), or the same keys and residuals into the weights by "
+        "MEMIT's or AlphaEdit's single-layer closed form (neuraldb.baselines)",
+    )
+    p.add_argument(
+        "--baseline-args",
+        type=_json_object,
+        default="{}",
+        help='--method memit|alphaedit: JSON of {"lam", "threshold", "l2", "c0_tokens", "sequential"} (defaults '
+        "15000, 2e-2, 10, 100000, one batch; sequential: facts per batch)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads")
@@ -312,6 +326,8 @@ def run(args) -> int:
         command=command,
         per_fact_path=args.out / "per_fact.json",
         force=args.force,
+        method=args.method,
+        baseline_options=args.baseline_args,
     )
     from .report import _slim
 

@@ -11,6 +11,7 @@ states, so the pre-edited numbers are measured on exactly the texts the edited m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -89,6 +90,8 @@ def run_eval(
     per_fact_path: str | Path | None = None,
     model_and_tok=None,
     force: bool = False,
+    method: str = "neuraldb",
+    baseline_options: dict | None = None,
 ) -> dict:
     from .. import facts as facts_mod
     from .. import templates
@@ -105,6 +108,10 @@ def run_eval(
     timing["load_model"] = time.perf_counter() - t0
     if dataset not in ("counterfact", "zsre"):
         raise ValueError("dataset must be 'counterfact' or 'zsre'")
+    if method not in ("neuraldb", "memit", "alphaedit"):
+        raise ValueError("method must be 'neuraldb', 'memit' or 'alphaedit'")
+    if method != "neuraldb" and deletion:
+        raise ValueError(f"deletion is a database experiment; method {method!r} edits the weights")
     facts = select_facts(facts_mod.load(facts_path), dataset, n_facts=n_facts, offset=offset, zsre_target=zsre_target)
 
     t0 = time.perf_counter()
@@ -126,9 +133,20 @@ def run_eval(
         from ..pretrained_io import check_model, recorded_identity
 
         check_model(model, recorded_identity(db), force=force, source="the database's edits", warn_unverifiable=False)
-    with warnings.catch_warnings():  # identity decided (and warned) above; a database built here is the model's own
-        warnings.filterwarnings("ignore", message="db were made for")
-        patch_model(model, db, force=True)
+    pre_state, post_state, baseline_info = partial(disabled, model), contextlib.nullcontext, None
+    if method == "neuraldb":
+        with warnings.catch_warnings():  # identity decided (and warned) above; a database built here is the model's own
+            warnings.filterwarnings("ignore", message="db were made for")
+            patch_model(model, db, force=True)
+    else:  # the same keys and residuals written into the weights (.baseline_run); the unpatched model is "pre"
+        from .baseline_run import baseline_state, wikitext_tokens_for
+
+        t0 = time.perf_counter()
+        post_state, baseline_info = baseline_state(
+            model, tok, facts, db, method=method, general_dir=general_dir, options=baseline_options
+        )
+        pre_state = contextlib.nullcontext
+        timing["baseline_update"] = time.perf_counter() - t0
     template = getattr(db, "template", None)
     chosen = evaluated_subset(len(facts), eval_facts, seed)
     shown = [facts[i] for i in chosen]
@@ -183,7 +201,10 @@ def run_eval(
         "layer": getattr(db, "layer", None),
         "gamma": getattr(db, "gamma", None),
         "notes": [],
+        "method": method,
     }
+    if baseline_info is not None:
+        run["baseline"], run["gamma"] = baseline_info, None
     if len(shown) < len(facts):
         run["evaluated_indices"] = chosen
         run["notes"].append(
@@ -191,16 +212,17 @@ def run_eval(
             f"them (seed {seed}, `evaluated_indices`)"
         )
     t0 = time.perf_counter()
-    with disabled(model):
+    with pre_state():
         pre = evaluate(shown)
     timing["eval_pre"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if dataset == "counterfact":
+    if dataset == "counterfact" and method == "neuraldb":
         flags = _gate_flags(model, tok, shown, db, prompt_fn, batch_size)
         post = evaluate(shown, baseline=pre, rescore=flags)
         run["rescored_prompts"] = {"post": [sum(flags), len(flags)]}
     else:
-        post = evaluate(shown)
+        with post_state():
+            post = evaluate(shown)
     timing["eval_post"] = time.perf_counter() - t0
     run["pre"], run["post"] = pre, post
     if dataset == "zsre":
@@ -219,6 +241,9 @@ def run_eval(
             from .general_lm_eval import evaluate_general_lm_eval as general_fn
         else:
             general_fn = evaluate_general
+        if method != "neuraldb" and (general_tasks is None or "wikitext2" in general_tasks):
+            wikitext_max_tokens, note = wikitext_tokens_for(tok, general_dir, wikitext_max_tokens)
+            run["notes"] += [note] if note else []
         gen = partial(
             general_fn,
             model,
@@ -233,12 +258,13 @@ def run_eval(
             prompt_fn=prompt_fn,
         )
         t0 = time.perf_counter()
-        with disabled(model):
+        with pre_state():
             g_pre = gen()
-        g_post = gen()
+        with post_state():
+            g_post = gen()
         timing["general"] = time.perf_counter() - t0
         run["general"] = {"pre": g_pre, "post": g_post}
-        run["notes"].append(f"general ability scored by {g_pre.get('backend', 'the builtin scorer (general.py)')}")
+        run["notes"].append(f"general ability scored by {g_pre['backend']} (--general-backend)")
 
     if deletion:
         t0 = time.perf_counter()

@@ -1,0 +1,71 @@
+"""neuraldb eval --method memit|alphaedit on a tiny model: the same metrics, the weights restored bitwise afterwards,
+WikiText-2 perplexity kept on the half that C0 does not read (issue 25)."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+pytest.importorskip("tokenizers")
+
+from _tiny_editing import EVAL_FACTS, FACTS, word_llama
+from _tiny_models import assert_bitwise
+from neuraldb.architectures import down_proj_module
+from neuraldb.evaluation.pipeline import run_eval
+from test_evaluation_pipeline import _facts_file
+
+EDIT = {"layer": 2, "gamma": 0.9, "n_prefixes": 1, "prefix_len": 3, "steps": 5}
+
+
+def _general_dir(tmp_path):
+    d = tmp_path / "general"
+    d.mkdir()
+    text = "\n".join(f.text + " " + f.target_true for f in FACTS * 8)
+    with gzip.open(d / "wikitext2_raw_test.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("memit", {"lam": 0.1}), ("alphaedit", {"threshold": 1e-6, "l2": 1e-3})]
+)
+def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, method, options):
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+    model, tok = word_llama()
+    before = down_proj_module(model, EDIT["layer"])[1].weight.detach().clone()
+    run = run_eval(
+        model_name="tiny",
+        dataset="counterfact",
+        facts_path=_facts_file(tmp_path, EVAL_FACTS[:4]),
+        n_facts=None,
+        edit_kwargs=EDIT,
+        general_dir=_general_dir(tmp_path),
+        general_tasks=["wikitext2"],
+        show_progress=False,
+        model_and_tok=(model, tok),
+        method=method,
+        baseline_options=options,
+    )
+    assert_bitwise(down_proj_module(model, EDIT["layer"])[1].weight.detach(), before)
+    assert run["method"] == method and run["gamma"] is None
+    info = run["baseline"]
+    assert info["method"] == method and info["layer"] == EDIT["layer"] and info["delta_norm"] > 0
+    assert info["residual_fit"]["mean_cosine"] > 0.5
+    assert any("first" in n and "second half estimates C0" in n for n in run["notes"])
+    assert run["post"]["summary"]["efficacy"] is not None
+    assert run["post"]["per_fact"] != run["pre"]["per_fact"]  # every prompt re-scored with the update in place
+    g = run["general"]
+    assert g["pre"]["tasks"]["wikitext2"]["n_tokens"] == g["post"]["tasks"]["wikitext2"]["n_tokens"]
+    assert g["pre"]["tasks"]["wikitext2"]["token_ppl"] != g["post"]["tasks"]["wikitext2"]["token_ppl"]
+
+
+def test_baseline_method_refuses_deletion_and_unknown_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+    model, tok = word_llama()
+    path = _facts_file(tmp_path, EVAL_FACTS[:2])
+    kw = {"model_name": "tiny", "dataset": "counterfact", "facts_path": path, "n_facts": None, "edit_kwargs": EDIT}
+    with pytest.raises(ValueError, match="deletion"):
+        run_eval(**kw, deletion=True, method="memit", show_progress=False, model_and_tok=(model, tok))
+    with pytest.raises(ValueError, match="unknown baseline option"):
+        run_eval(**kw, method="memit", baseline_options={"lambda": 1}, show_progress=False, model_and_tok=(model, tok))
