@@ -234,7 +234,7 @@ def evaluate_general(
     ``prompt_fn`` (the database's text template) wraps every context of LAMBADA and the multiple-choice tasks;
     WikiText-2 windows are scored as raw token windows without it."""
     data_dir = Path(data_dir)
-    results: dict = {"tasks": {}, "limit": limit, "seed": seed, "notes": []}
+    results: dict = {"tasks": {}, "limit": limit, "seed": seed, "notes": [], "backend": "builtin"}
     for task in tasks or TASKS:
         if task not in FILES:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
