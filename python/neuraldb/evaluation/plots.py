@@ -42,13 +42,13 @@ DATASET_NAMES = {"counterfact": "CounterFact", "zsre": "ZsRE"}
 # What makes two runs one configuration; n_facts / n_evaluated are the size, not the configuration.
 CONFIG_FIELDS = (
     "model", "model_dtype", "dataset", "facts_path", "offset", "template", "reduction", "zsre_target", "layer",
-    "gamma", "edit_kwargs", "db_config",
+    "gamma", "edit_kwargs", "db_config", "method",
 )  # fmt: skip
 
 
 # The settings a label names first when one model's configurations differ in several.
 LABEL_ORDER = (
-    "dataset", "facts_path", "gamma", "layer", "relation_gate", "thresholds", "lr", "steps", "n_prefixes",
+    "method", "dataset", "facts_path", "gamma", "layer", "relation_gate", "thresholds", "lr", "steps", "n_prefixes",
     "key_bare_weight", "key_unit_mean", "compute_dtype", "model_dtype",
 )  # fmt: skip
 
@@ -153,11 +153,15 @@ def _legend(ax, series: list[dict]) -> None:
 
 def config_key(run: dict) -> str:
     """The configuration of an evaluation run, as a string: equal keys are the same setup at another size."""
-    return json.dumps({k: run.get(k) for k in CONFIG_FIELDS}, sort_keys=True, default=str)
+    return json.dumps({k: _field(run, k) for k in CONFIG_FIELDS}, sort_keys=True, default=str)
+
+
+def _field(run: dict, k: str):
+    return run.get(k) or "neuraldb" if k == "method" else run.get(k)  # runs before --method were NeuralDB's
 
 
 def _flat(run: dict) -> dict:
-    out = {k: run.get(k) for k in CONFIG_FIELDS if k not in ("db_config", "edit_kwargs")}
+    out = {k: _field(run, k) for k in CONFIG_FIELDS if k not in ("db_config", "edit_kwargs")}
     out.update({f"edit_kwargs.{k}": v for k, v in (run.get("edit_kwargs") or {}).items()})
     out.update({k: v for k, v in (run.get("db_config") or {}).items()})
     return out

@@ -129,7 +129,9 @@ def _general_table(runs: Sequence[dict]) -> list[str]:
     head = ["Task", "Metric", "Chance"]
     cols = []
     for r in rs:
-        label = f"{r['model']} {r['dataset']}"
+        label = f"{r['model']} {r['dataset']}" + (
+            f" {r['method']}" if r.get("method", "neuraldb") != "neuraldb" else ""
+        )
         cols.append((r, "pre", f"{label}: 0 facts"))
         cols.append((r, "post", f"{label}: {r['n_facts']} facts"))
     out = [
