@@ -6,10 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny_editing import FACTS, word_llama
-from neuraldb import NeuralKVDatabase
-from neuraldb.calibration import best_rows, calibrate, opens, read_corpus, text_openings, text_states
+from neuraldb import NeuralKVDatabase, templates
+from neuraldb.calibration import (
+    best_rows,
+    calibrate,
+    opens,
+    read_corpus,
+    sequence_negatives_of,
+    text_openings,
+    text_states,
+)
 from neuraldb.cli import main
-from neuraldb.editing import compute_keys
+from neuraldb.editing import compute_keys, engine
+from neuraldb.facts import Fact
 
 LAYER = 1
 # Ordinary text made of the facts' words: the subjects' last words come back out of their subjects' context.
@@ -107,6 +116,50 @@ def test_text_openings_with_and_without_thresholds(tiny):
     assert res["positions"] > 100 and res["rows"] == len(FACTS)
     assert res["open_pct"] <= res["open_without_thresholds_pct"]
     assert text_openings(model, tok, db, [TEXT], tokens=4096, rows=0)["open"] == 0
+
+
+def _db_of(model, tok, facts, gamma=0.3):
+    keys = compute_keys(model, tok, facts, LAYER, n_prefixes=0, template="<s>{}")
+    db = NeuralKVDatabase(keys.shape[1], model.config.hidden_size, dtype=torch.float32)
+    db.add(keys, torch.randn(len(facts), model.config.hidden_size), facts=facts)
+    db.layer, db.gamma, db.template = LAYER, gamma, "<s>{}"
+    return db
+
+
+def test_sequence_negatives_shut_a_row_that_answers_inside_another_facts_question(tiny):
+    # The extra row's key is read at "plays" after "I . Yasuda": close to the state at "plays" in "Toko Yasuda plays
+    # the piano", a position of another fact's sequence that is not its subject (as a zsRE key read at a merged ")?"
+    # resembles every question's "?"). Other facts' prompts are scored only at their subjects, so only the sequence
+    # negatives see it.
+    model, tok = tiny
+    facts = [*FACTS, Fact("Yasuda plays", "I . {} the", "piano")]
+    db = _db_of(model, tok, facts)
+    state = engine.last_token_states(model, tok, ["Toko Yasuda plays"], LAYER, db.template)
+    keys = torch.nn.functional.normalize(db.keys.float(), dim=-1)
+    score, row = best_rows(state, keys)
+    assert int(row[0]) == len(FACTS) and float(score[0]) > db.gamma, "the construction must open the extra row"
+
+    before = calibrate(model, tok, db, None, word_negatives=False, sequence_negatives=False, dry_run=True)
+    assert opens(score, row, db.gamma, before.thresholds).all()
+    report = calibrate(model, tok, db, None, word_negatives=False)
+    assert not opens(score, row, db.gamma, db.thresholds).any()
+    assert db.thresholds[len(FACTS)] == pytest.approx(min(float(score[0]) + 0.05, 1.0 - 0.1), abs=1e-4)
+    assert report.own_after == report.own_before == len(facts)
+
+
+def test_sequence_negatives_skip_the_subject_and_the_facts_own_row(tiny):
+    model, tok = tiny
+    fact = FACTS[0]
+    n = len(templates.encode(tok, "<s>{}", fact.text)) + len(templates.encode_target(tok, fact.target_new)) - 1
+    own = compute_keys(model, tok, [fact], LAYER, n_prefixes=0, template="<s>{}")
+    other = torch.nn.functional.normalize(torch.randn(1, own.shape[1]), dim=-1)
+    # Only another row's key (the fact's own row, 1, is not among them): every position but the first token and the
+    # subject's last is a negative.
+    score, row = sequence_negatives_of(model, tok, LAYER, "<s>{}", [fact], [1], other)
+    assert score.shape == row.shape == (n - 2,) and (row == 0).all()
+    # Only the fact's own row: nothing is left.
+    score, row = sequence_negatives_of(model, tok, LAYER, "<s>{}", [fact], [0], own)
+    assert score.numel() == 0
 
 
 def test_read_corpus(tmp_path):

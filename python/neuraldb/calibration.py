@@ -10,8 +10,10 @@ those openings while the row's own prompt still opens it. For each row ``j`` who
   database's template;
 - its negatives, the best cosines ``> gamma`` of states whose best row is ``j``: every position of the calibration
   text (windows of raw tokens, as perplexity is scored), the other rows' own prompts (a fact must not answer another
-  fact's prompt), and, for subjects of several words, the subject's last word alone after a few function words
-  ("in Tower", "the Tower"; scored against row ``j`` whatever the best row) -- ``n_j`` is the largest;
+  fact's prompt), every other position of every fact's own prompt + target tokens (:func:`sequence_negatives_of`:
+  a fact must not answer inside another fact's question either), and, for subjects of several words, the subject's
+  last word alone after a few function words ("in Tower", "the Tower"; scored against row ``j`` whatever the best
+  row) -- ``n_j`` is the largest;
 - ``t_j = min(n_j + delta, p_j - margin)`` where that is above gamma, else -1 (gamma alone). Where
   ``n_j + delta > p_j - margin`` the row cannot be separated from its negatives at this position; it keeps
   ``p_j - margin`` (its own prompt first) and is counted in ``conflicts``.
@@ -146,6 +148,55 @@ def opens(score: torch.Tensor, row: torch.Tensor, gamma: float, thresholds: torc
     return (score > gamma) & (score > thresholds[row.clamp_min(0)])
 
 
+def sequence_negatives_of(
+    model: torch.nn.Module,
+    tokenizer,
+    layer: int,
+    template: str | None,
+    facts: Sequence[Fact],
+    rows: Sequence[int],
+    keys: torch.Tensor,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(score, row)`` of the best key at every position of each fact's own sequence (template + prompt + target
+    tokens but the last, as a fact is scored teacher-forced) except its first token and its subject's last token,
+    keeping only positions whose best row is not the fact's own (``rows[i]`` is ``facts[i]``'s row of ``keys``).
+
+    Other facts' prompts are otherwise scored only at their subject's last token, but a question-style row also
+    opens at later positions of other questions: a key read where the subject's last token is merged with the "?"
+    after it (SmolLM2 tokenises "(The Flooded Station)?" as ..., " Station", ")?") is the state at the end of a
+    question and resembles the end of any question. In a 1,000-fact zsRE database another row opened at the "?" of
+    120 of 200 evaluated questions (docs/gate.md, "Question-style facts")."""
+    from neuraldb.editing import engine
+    from neuraldb.editing.contexts import _subject_last
+
+    h = engine.handles(model, layer)
+    pad = templates.pad_id(tokenizer)
+    seqs, subj = [], []
+    for f in facts:
+        pre, _, _ = f.prompt.partition("{}")
+        ids, s = _subject_last(tokenizer, template, f.text, len(pre) + len(f.subject))
+        seqs.append(ids + templates.encode_target(tokenizer, f.target_new)[:-1])
+        subj.append(s)
+    scores, best = [], []
+    with torch.inference_mode():
+        for start in range(0, len(seqs), batch_size):
+            part = seqs[start : start + batch_size]
+            states, _mask = engine.down_proj_inputs(h, part, pad)
+            for b, ids in enumerate(part):
+                i = start + b
+                keep = torch.ones(len(ids), dtype=torch.bool)
+                keep[0] = False
+                keep[subj[i]] = False
+                sc, r = best_rows(torch.nn.functional.normalize(states[b, : len(ids)][keep].cpu(), dim=-1), keys)
+                other = r != rows[i]
+                scores.append(sc[other])
+                best.append(r[other])
+    if not scores:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(scores), torch.cat(best)
+
+
 def calibrate(
     model: torch.nn.Module,
     tokenizer,
@@ -157,6 +208,7 @@ def calibrate(
     delta: float = 0.05,
     margin: float = 0.1,
     word_negatives: bool = True,
+    sequence_negatives: bool = True,
     dry_run: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> CalibrationReport:
@@ -170,6 +222,8 @@ def calibrate(
         delta: how far above its hardest negative a row's threshold goes.
         margin: how far below its own prompt's cosine a threshold may go at most.
         word_negatives: also use the subject's last word alone as a negative (subjects of several words).
+        sequence_negatives: also use every position of every fact's own prompt + target but its subject's last
+            token, scored for the best row there when that is another row (see :func:`sequence_negatives`).
         progress: called with a line per stage.
 
     Returns a :class:`CalibrationReport`. ValueError for a database without a layer, an empty corpus, or delta/
@@ -213,6 +267,11 @@ def calibrate(
         o_score, o_row = best_rows(own, keys)
         other = (o_row != row_t) & (o_score > gamma)
         neg.scatter_reduce_(0, o_row[other], o_score[other], "amax")
+        if sequence_negatives:
+            say(f"reading the states of {len(rows)} facts' prompts and targets")
+            s_score, s_row = sequence_negatives_of(model, tokenizer, layer, db.template, own_facts, rows, keys)
+            hit = s_score > gamma
+            neg.scatter_reduce_(0, s_row[hit], s_score[hit], "amax")
         if word_negatives:
             words, owner = [], []
             for r, f in zip(rows, own_facts):
@@ -344,6 +403,7 @@ __all__ = [
     "enable_relation_gate",
     "opens",
     "read_corpus",
+    "sequence_negatives_of",
     "text_openings",
     "text_states",
 ]
