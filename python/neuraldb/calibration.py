@@ -21,6 +21,9 @@ those openings while the row's own prompt still opens it. For each row ``j`` who
 Every fitted threshold replaces the row's old one; rows without a Fact keep theirs. The text used to calibrate and
 the text used to evaluate must differ (``skip`` moves past the calibration part of one corpus).
 
+Over 400 lines because the fit is one pass over four kinds of negatives that share the state extraction and
+the best-row scoring; split apart, each file would import the other's private helpers.
+
 Example::
 
     >>> report = calibrate(model, tok, db, [open("corpus.txt").read()], tokens=65536)   # doctest: +SKIP
