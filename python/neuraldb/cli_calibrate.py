@@ -41,7 +41,8 @@ def add_parser(sub, add_model_args) -> argparse.ArgumentParser:
         "calibrate",
         help="fit each fact's own gate threshold from ordinary text, so that text opens fewer gates",
         description="Fit per-row gate thresholds: above each fact's hardest negative (positions of --text, other "
-        "facts' prompts, its subject's last word alone), below its own prompt; then save the database.",
+        "facts' prompts, every other position of the facts' own prompts + answers, its subject's last word alone), "
+        "below its own prompt; then save the database.",
     )
     p.add_argument("db", type=Path, help="database file (built by `neuraldb edit`)")
     add_model_args(p)
