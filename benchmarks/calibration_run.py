@@ -1,16 +1,17 @@
-"""Per-row gate thresholds fitted by ``neuraldb.calibration`` on the scaling run's CounterFact database: what they do
+"""Per-row gate thresholds fitted by ``neuraldb.calibration`` on the scaling run's CounterFact (or zsRE) database: what they do
 to ordinary text, to the edits and to general ability, at several database sizes, beside the same database without
 them (same run, same machine).
 
     python benchmarks/calibration_run.py --sizes 1000 10000 --threads 2
+    python benchmarks/calibration_run.py --dataset zsre --sizes 3313 --no-text --threads 2   # zsRE, as `edit` fits
 
 For each size n, the first n rows of ``runs/scaling-counterfact/db.safetensors`` (written by scaling_run.py; its first
 200 facts are the evaluation sample) are calibrated on WikiText-2 test tokens [65536, 131072) and measured on text
 disjoint from that: the gate openings on tokens [0, 65536) (the first 16384 are the ones whose perplexity is
-scored), then scaling_run.py's evaluation (CounterFact efficacy/generalization/specificity of the sample, WikiText-2
+scored), then scaling_run.py's evaluation (CounterFact or zsRE efficacy/generalization/specificity of the sample, WikiText-2
 perplexity of the first 16384 tokens, three general tasks) with and without the thresholds. The paraphrases and
 neighborhood prompts that generalization and specificity score are never used to calibrate. One JSON per size and
-``table.md`` under ``docs/results/calibration/counterfact/``; sizes with a JSON are skipped (resumable).
+``table.md`` under ``docs/results/calibration/<dataset>[-facts-only]/``; sizes with a JSON are skipped (resumable).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def write_table(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--db", type=Path, default=ROOT / "runs" / "scaling-counterfact" / "db.safetensors")
+    p.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact")
+    p.add_argument("--db", type=Path, help="default runs/scaling-<dataset>/db.safetensors (scaling_run.py's)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--calib-tokens", type=int, default=65536)
@@ -98,16 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-text", action="store_true", help="calibrate from the facts alone, as `neuraldb edit` does")
     p.add_argument("--results", type=Path, help="default docs/results/calibration/counterfact[-facts-only]")
     args = p.parse_args(argv)
-    name = "counterfact-facts-only" if args.no_text else "counterfact"
+    args.db = args.db or ROOT / "runs" / f"scaling-{args.dataset}" / "db.safetensors"
+    name = f"{args.dataset}-facts-only" if args.no_text else args.dataset
     args.results = args.results or ROOT / "docs" / "results" / "calibration" / name
     command = "python benchmarks/calibration_run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     torch.set_num_threads(args.threads)
     import neuraldb
 
     model, tok = neuraldb.load_model("smollm2")
-    facts, n_sample = build_facts("counterfact", args.data, 200, 0)
+    facts, n_sample = build_facts(args.dataset, args.data, 200, 0)
     run_args = argparse.Namespace(
-        dataset="counterfact", batch_size=32, no_general=False, data=args.data,
+        dataset=args.dataset, batch_size=32, no_general=False, data=args.data,
         general_tasks=["wikitext2", "lambada_openai", "arc_easy", "piqa"], general_limit=200, wikitext_tokens=16384,
         seed=0, sizes_resolved=[], results=args.results, model="smollm2", command=command,
     )  # fmt: skip
