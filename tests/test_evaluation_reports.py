@@ -183,3 +183,9 @@ def test_eval_command_combines_results(tmp_path):
     assert command.run(args) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| stub | NeuralDB | 1000 |" in md and "| stub | NeuralDB | 100 |" in md
+
+
+def test_markdown_report_names_a_baseline_method_in_the_state_column():
+    md = markdown_report([dict(_run(100, 55.0), method="memit"), dict(_run(100, 97.0), method="alphaedit")])
+    assert "| stub | MEMIT | 100 | 55.0 |" in md and "| stub | AlphaEdit | 100 | 97.0 |" in md
+    assert "| stub | NeuralDB |" not in md

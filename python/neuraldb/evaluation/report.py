@@ -64,7 +64,9 @@ CF_MAG = [
     ("score", "Score"),
 ]
 ZS_COLS = [("efficacy", "Efficacy ↑"), ("generalization", "Generalization ↑"), ("specificity", "Specificity ↑")]
-# run-level (pre vs post) ZsRE measures, shown on the NeuralDB row
+# runs without a "method" were made before the baselines existed: NeuralDB
+_METHOD_NAMES = {"neuraldb": "NeuralDB", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+# run-level (pre vs post) ZsRE measures, shown on the edited row
 ZS_RUN = ("locality_unchanged", "same_subject_locality")
 # KnowEdit's columns, shown only when some run has them
 ZS_KNOWEDIT = [
@@ -109,7 +111,13 @@ def _table(runs: Sequence[dict], dataset: str) -> list[str]:
         if key not in seen_pre:
             seen_pre.add(key)
             rows.append(("Pre-edited", r["pre"]["summary"], {}))
-        rows.append(("NeuralDB", r["post"]["summary"], {k: r.get(k) for k in ZS_RUN}))
+        rows.append(
+            (
+                _METHOD_NAMES.get(r.get("method", "neuraldb"), r.get("method")),
+                r["post"]["summary"],
+                {k: r.get(k) for k in ZS_RUN},
+            )
+        )
         for state, s, extra in rows:
             vals = [extra.get(k, s.get(k)) for k, _ in cols]
             out.append(f"| {r['model']} | {state} | {_facts_cell(r)} | " + " | ".join(_fmt(v) for v in vals) + " |")
