@@ -243,7 +243,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if db is not None:
         _check_model(db, model, force=args.force)
         # Patched before the first answer, so that a database the model cannot take fails before any generation
-        patch_model(model, db, gamma=args.gamma, force=True)  # _check_model above decided (and warned) on identity
+        with warnings.catch_warnings():  # _check_model above decided (and warned) on identity: warn once
+            warnings.filterwarnings("ignore", message="db were made for")
+            patch_model(model, db, gamma=args.gamma, force=True)
 
     prompts = args.prompt
 
