@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 from neuraldb import templates
-from neuraldb.editing import EditConfig, edit, engine
+from neuraldb.editing import EditConfig, edit, model_access
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.editing.defaults import resolve
 from neuraldb.evaluation.gate import gate_fires, merge_rescored
@@ -67,7 +67,7 @@ def load_counterfact(n: int, offset: int = 0) -> list[Fact]:
 
 def naive_edit(model, tok, facts, cfg: EditConfig, template: str):
     """One fact at a time; every step runs every context through the whole model and the full vocabulary."""
-    h = engine.handles(model, cfg.layer)
+    h = model_access.handles(model, cfg.layer)
     prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
     ctx = context_texts(prefixes)
     keys, resid, steps_used = [], [], []
@@ -154,7 +154,7 @@ def _sequences(facts):
 def _score(model, tok, template, pairs, batch=64):
     """Summed log-prob of target after prompt, for each (prompt, target); vocabulary projection only at the target
     positions, sequences sorted by length to limit padding."""
-    h = engine.handles(model, 0)
+    h = model_access.handles(model, 0)
     enc = [(templates.encode(tok, template, p), templates.encode_target(tok, t)) for p, t in pairs]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
     res = [0.0] * len(enc)
@@ -172,7 +172,7 @@ def _score(model, tok, template, pairs, batch=64):
             cols += list(range(len(a) - 1, len(a) + len(b) - 1))
             tgt += b
         last = h.base(input_ids=ids, attention_mask=mask).last_hidden_state
-        lp = torch.log_softmax(engine.logits_of(h, last[torch.tensor(rows), torch.tensor(cols)]), -1)
+        lp = torch.log_softmax(model_access.logits_of(h, last[torch.tensor(rows), torch.tensor(cols)]), -1)
         tok_lp = lp[torch.arange(len(tgt)), torch.tensor(tgt)]
         sums = torch.zeros(len(chunk)).index_add(0, torch.tensor(rows), tok_lp)
         for j, i in enumerate(chunk):

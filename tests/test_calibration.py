@@ -17,7 +17,7 @@ from neuraldb.calibration import (
     text_states,
 )
 from neuraldb.cli import main
-from neuraldb.editing import compute_keys, engine
+from neuraldb.editing import compute_keys, model_access
 from neuraldb.facts import Fact
 
 LAYER = 1
@@ -134,7 +134,7 @@ def test_sequence_negatives_shut_a_row_that_answers_inside_another_facts_questio
     model, tok = tiny
     facts = [*FACTS, Fact("Yasuda plays", "I . {} the", "piano")]
     db = _db_of(model, tok, facts)
-    state = engine.last_token_states(model, tok, ["Toko Yasuda plays"], LAYER, db.template)
+    state = model_access.last_token_states(model, tok, ["Toko Yasuda plays"], LAYER, db.template)
     keys = torch.nn.functional.normalize(db.keys.float(), dim=-1)
     score, row = best_rows(state, keys)
     assert int(row[0]) == len(FACTS) and float(score[0]) > db.gamma, "the construction must open the extra row"

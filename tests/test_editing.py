@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny_editing import FACTS
 from neuraldb import templates
-from neuraldb.editing import compute_keys, compute_keys_and_residuals, compute_residuals, edit, engine
+from neuraldb.editing import compute_keys, compute_keys_and_residuals, compute_residuals, edit, engine, model_access
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.facts import Fact
 
@@ -29,7 +29,7 @@ def test_suffix_forward_matches_full_forward(tiny, layer):
     model, tok = tiny
     template = templates.default_template(tok)
     rows = _rows(tok, template, context_texts(["Because I", "You the of the"]))
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     batch = engine.make_batch(rows, tok.pad_token_id, "cpu")
     prep = engine.prepare(h, batch)
     torch.manual_seed(1)
@@ -105,7 +105,7 @@ def test_residual_norm_clamped_and_loss_falls(tiny):
     assert all(b < a - 1e-3 for a, b in zip(stats["loss"], stats2["loss"]))
     assert stats2["steps"] == [30, 30]
     # ||r|| <= 0.5 ||h|| (h: the layer's output at the subject's last token of the bare prompt)
-    h = engine.handles(model, 2)
+    h = model_access.handles(model, 2)
     template = templates.default_template(tok)
     rows = [fact_rows(tok, template, f, i, [""], targets=True, kl_prompt=None)[0] for i, f in enumerate(FACTS[:2])]
     prep = engine.prepare(h, engine.make_batch(rows, tok.pad_token_id, "cpu"))
@@ -230,7 +230,7 @@ def test_prepare_in_compute_dtype_matches(tiny, layer):
     model, tok = tiny
     template = templates.default_template(tok)
     rows = _rows(tok, template, context_texts(["Because I", "You the of the"]))
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     batch = engine.make_batch(rows, tok.pad_token_id, "cpu")
     ref = engine.prepare(h, batch)
     got = engine.prepare(h, batch, engine.Precision(model, "float64"))
@@ -255,7 +255,7 @@ def test_keys_unit_mean(tiny):
     model, tok = tiny
     template = templates.default_template(tok)
     contexts = context_texts(generate_prefixes(model, tok, n=2, length=3, template=template))
-    h = engine.handles(model, 1)
+    h = model_access.handles(model, 1)
     rows = [
         r for i, f in enumerate(FACTS) for r in fact_rows(tok, template, f, i, contexts, targets=False, kl_prompt=None)
     ]

@@ -66,7 +66,7 @@ def test_gate_skip_scoring_equals_full_rescoring(tiny, edited):
 
 def test_retrieval_hits_match_the_op_and_prefix_sizes(tiny, edited):
     from neuraldb import templates
-    from neuraldb.editing import engine
+    from neuraldb.editing import model_access
 
     from neuraldb_kernels.reference import best_keys
 
@@ -78,7 +78,7 @@ def test_retrieval_hits_match_the_op_and_prefix_sizes(tiny, edited):
     per_size, at_focus = retrieval_hits(
         model, edited.layer, seqs, keys, gamma, sizes=[1, 3, 7], margin=0.0, focus=focus, batch_size=2
     )
-    h = engine.handles(model, edited.layer)
+    h = model_access.handles(model, edited.layer)
     for n, hits, hits_at in zip([1, 3, 7], per_size, at_focus):
         for s, got, got_at, p in zip(seqs, hits, hits_at, focus):
             captured = []

@@ -26,8 +26,8 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT / "benchmarks")]
 import neuraldb
 from _common import machine_description, write_json
 from neuraldb import templates
-from neuraldb.editing import engine
-from neuraldb.editing.engine import down_proj_inputs
+from neuraldb.editing import model_access
+from neuraldb.editing.model_access import down_proj_inputs
 
 from neuraldb_kernels.reference import normalize_queries
 
@@ -45,7 +45,7 @@ def text_states(
     """``(ids, states)``: ``tokens`` token ids of ``text`` in ``template`` from ``start``, and the down-projection
     inputs of ``layer`` at each (unit rows), one forward per ``window`` tokens as ``neuraldb eval`` scores them."""
     ids = tok(templates.apply(template, text), add_special_tokens=False)["input_ids"][start : start + tokens]
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     pad = tok.pad_token_id or 0
     states = [down_proj_inputs(h, [ids[s : s + window]], pad)[0][0] for s in range(0, len(ids), window)]
     return ids, normalize_queries(torch.cat(states))

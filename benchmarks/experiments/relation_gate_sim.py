@@ -33,19 +33,19 @@ from neuraldb import facts as facts_mod
 from neuraldb import templates
 from neuraldb.calibration import read_corpus, text_states
 from neuraldb.database import NeuralKVDatabase
-from neuraldb.editing import engine
+from neuraldb.editing import model_access
 
 RHOS = (None, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def states_of(model, tok, layer, template, texts):
     """Unit down-projection inputs at every position of each text (in the template), one list entry per text."""
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     pad = templates.pad_id(tok)
     out = []
     for start in range(0, len(texts), 32):
         seqs = templates.encode_batch(tok, template, texts[start : start + 32])
-        q, _ = engine.down_proj_inputs(h, seqs, pad)
+        q, _ = model_access.down_proj_inputs(h, seqs, pad)
         q = torch.nn.functional.normalize(q, dim=-1)
         out += [q[i, : len(s)] for i, s in enumerate(seqs)]
     return out

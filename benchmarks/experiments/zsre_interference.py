@@ -41,7 +41,7 @@ sys.path[:0] = [str(ROOT / "python")]
 from neuraldb import facts as facts_mod
 from neuraldb import templates
 from neuraldb.database import NeuralKVDatabase
-from neuraldb.editing import engine
+from neuraldb.editing import model_access
 from neuraldb.editing.contexts import _subject_last
 from neuraldb.evaluation.distractors import evaluated_subset
 from neuraldb.evaluation.pipeline import select_facts
@@ -192,7 +192,7 @@ def run(model, tok, db, facts, chosen, modes, batch_size: int, log) -> dict:
     seqs = build_sequences(tok, template, facts, chosen, fact_row)
     gamma = 0.65 if db.gamma is None else float(db.gamma)
     gate = Gate(db.keys, db.values, db.thresholds, gamma)
-    h = engine.handles(model, db.layer)
+    h = model_access.handles(model, db.layer)
     hook = h.down_proj.register_forward_hook(gate)
     pad = templates.pad_id(tok)
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k].ids))

@@ -263,7 +263,7 @@ def key_second_moment(
     ``neuraldb.models.cache_dir() / "baselines"``, keyed by the model's weight fingerprint, the layer, the token
     count, the window and a hash of the token ids."""
     from neuraldb import templates
-    from neuraldb.editing import engine
+    from neuraldb.editing import model_access
 
     if ids is None:
         ids = wikitext_half(tok, data_dir or Path("../shared/data/general_eval"), "second")
@@ -275,12 +275,12 @@ def key_second_moment(
         from safetensors.torch import load_file
 
         return load_file(str(path))["c0"]
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     total, count = None, 0
-    with engine.editing_state(model), torch.no_grad():
+    with model_access.editing_state(model), torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            states, mask = engine.down_proj_inputs(h, windows[i : i + batch_size], templates.pad_id(tok))
+            states, mask = model_access.down_proj_inputs(h, windows[i : i + batch_size], templates.pad_id(tok))
             x = states[mask].double().cpu()
             total = x.T @ x if total is None else total + x.T @ x
             count += x.shape[0]

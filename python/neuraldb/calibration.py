@@ -115,14 +115,14 @@ def text_states(
     """Unit down-projection inputs of ``layer`` (fp32 ``(positions, d1)``) over ``tokens`` tokens of ``texts`` (joined
     by newlines, tokenised raw) after the first ``skip``, in windows of ``window`` tokens as perplexity is scored;
     each window's first token (context only, and an attention-sink outlier) is left out."""
-    from neuraldb.editing import engine
+    from neuraldb.editing import model_access
 
     if isinstance(texts, str) or not texts or not any(t.strip() for t in texts):
         raise ValueError("texts: the calibration corpus must be a non-empty list of strings with some text")
     ids = list(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"])[skip : skip + tokens]
     if len(ids) < 2:
         raise ValueError(f"texts: fewer than 2 tokens left after skip={skip} ({len(ids)})")
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     pad = templates.pad_id(tokenizer)
     out = []
     with torch.inference_mode():
@@ -130,7 +130,7 @@ def text_states(
             part = ids[start : start + window]
             if len(part) < 2:
                 continue
-            states, _ = engine.down_proj_inputs(h, [part], pad)
+            states, _ = model_access.down_proj_inputs(h, [part], pad)
             out.append(torch.nn.functional.normalize(states[0, 1:].cpu(), dim=-1))
     return torch.cat(out)
 
@@ -170,10 +170,10 @@ def sequence_negatives_of(
     after it (SmolLM2 tokenises "(The Flooded Station)?" as ..., " Station", ")?") is the state at the end of a
     question and resembles the end of any question. In a 1,000-fact zsRE database another row opened at the "?" of
     120 of 200 evaluated questions (docs/gate.md, "Question-style facts")."""
-    from neuraldb.editing import engine
+    from neuraldb.editing import model_access
     from neuraldb.editing.contexts import _subject_last
 
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     pad = templates.pad_id(tokenizer)
     seqs, subj = [], []
     for f in facts:
@@ -185,7 +185,7 @@ def sequence_negatives_of(
     with torch.inference_mode():
         for start in range(0, len(seqs), batch_size):
             part = seqs[start : start + batch_size]
-            states, _mask = engine.down_proj_inputs(h, part, pad)
+            states, _mask = model_access.down_proj_inputs(h, part, pad)
             for b, ids in enumerate(part):
                 i = start + b
                 keep = torch.ones(len(ids), dtype=torch.bool)
@@ -232,7 +232,7 @@ def calibrate(
     Returns a :class:`CalibrationReport`. ValueError for a database without a layer, an empty corpus, or delta/
     margin outside [0, 1]; nothing changes in ``db`` on error.
     """
-    from neuraldb.editing import compute_keys, engine
+    from neuraldb.editing import compute_keys, model_access
 
     for name, value in (("delta", delta), ("margin", margin)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -286,7 +286,7 @@ def calibrate(
             if words:
                 say(f"reading the states of {len(words)} last-word negatives")
                 # The word ends each text, so its last token is where a key of that subject would be read.
-                w = engine.last_token_states(model, tokenizer, words, layer, db.template)
+                w = model_access.last_token_states(model, tokenizer, words, layer, db.template)
                 owner_t = torch.tensor(owner)
                 neg.scatter_reduce_(0, owner_t, (w * keys[owner_t]).sum(-1), "amax")
 
@@ -346,7 +346,7 @@ def enable_relation_gate(
         >>> enable_relation_gate(model, tok, db, rho=0.4)     # doctest: +SKIP
         1000
     """
-    from neuraldb.editing import engine
+    from neuraldb.editing import model_access
     from neuraldb.relation_gate import check_relation_gate
 
     gate = check_relation_gate({"rho": rho, "window": window})
@@ -359,7 +359,7 @@ def enable_relation_gate(
         # The relation key: the state at the last token of the fact's bare prompt. (Read at the last word before a
         # question's "?" instead, 100 KnowEdit facts kept 88% of other-relation questions unchanged instead of 60%,
         # but 88% of other-relation statements instead of 99.96%, and generalization fell from 62.7 to 44.3.)
-        keys = engine.last_token_states(model, tokenizer, [f.text for _, f in chosen], layer, db.template, 32)
+        keys = model_access.last_token_states(model, tokenizer, [f.text for _, f in chosen], layer, db.template, 32)
         with db.lock:
             if db.ids() != ids:
                 raise RuntimeError("db changed while its relation keys were computed; run again")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 
 from neuraldb import templates
-from neuraldb.editing import engine
+from neuraldb.editing import engine, model_access
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
 from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
@@ -56,7 +56,7 @@ def _run(
     facts = _as_facts(facts)
     if cfg.layer is None:
         raise ValueError("layer is unknown for this model: pass layer=")
-    h = engine.handles(model, cfg.layer)
+    h = model_access.handles(model, cfg.layer)
     d1, d2 = _dims(h)
     if not facts:
         return torch.zeros(0, d1), (torch.zeros(0, d2) if want_residuals else None)
@@ -72,7 +72,7 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
     bar.status("generating prefixes")
     prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
     contexts = context_texts(prefixes)
-    device = engine.model_device(model)
+    device = model_access.model_device(model)
     pad = templates.pad_id(tok)
     opt = engine.OptimConfig(
         steps=cfg.steps,
@@ -188,7 +188,7 @@ def compute_keys(
         key_bare_weight=key_bare_weight,
         key_unit_mean=key_unit_mean,
     )
-    with engine.editing_state(model), torch.no_grad():
+    with model_access.editing_state(model), torch.no_grad():
         k, _ = _run(
             model, tok, facts, cfg, _template_for(tok, template), want_residuals=False, progress=False, stats=None
         )
@@ -213,7 +213,7 @@ def compute_keys_and_residuals(
     ``steps`` and final ``loss`` lists.
     """
     cfg = resolve(model, layer=layer, **hparams)
-    with engine.editing_state(model):
+    with model_access.editing_state(model):
         return _run(
             model, tok, facts, cfg, _template_for(tok, template), want_residuals=True, progress=progress, stats=stats
         )
@@ -364,7 +364,7 @@ def edit(
         **{k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")},
     )
     elapsed = time.perf_counter() - t0
-    h = engine.handles(model, cfg.layer)
+    h = model_access.handles(model, cfg.layer)
     d1, d2 = _dims(h)
     if db is None:
         db = NeuralKVDatabase(d1, d2)

@@ -225,7 +225,7 @@ def edit_checkpointed(
         5000
     """
     from neuraldb.database import NeuralKVDatabase
-    from neuraldb.editing import _as_facts, _dims, _template_for, edit, engine
+    from neuraldb.editing import _as_facts, _dims, _template_for, edit, model_access
 
     facts = _as_facts(facts)
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every <= 0):
@@ -260,7 +260,7 @@ def edit_checkpointed(
     if cfg.layer is None:
         raise ValueError("layer is unknown for this model: pass layer=")
     if db is None:
-        d1, d2 = _dims(engine.handles(model, cfg.layer))
+        d1, d2 = _dims(model_access.handles(model, cfg.layer))
         db = NeuralKVDatabase(d1, d2)
         _advance_ids(db, start)
     job = {"facts": identity, "start": start, "stop": stop, "done": done, "checkpoint_every": checkpoint_every}

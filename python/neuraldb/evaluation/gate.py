@@ -51,19 +51,19 @@ def retrieval_hits(
     """
     from neuraldb_kernels import normalize_queries
 
-    from ..editing import engine
+    from ..editing import model_access
 
     sizes = [len(keys)] if sizes is None else list(sizes)
     if sorted(sizes) != sizes or (sizes and (sizes[0] < 0 or sizes[-1] > len(keys))):
         raise ValueError(f"sizes must be increasing and within 0..{len(keys)}, got {sizes}")
-    h = engine.handles(model, layer)
+    h = model_access.handles(model, layer)
     k = keys.float()
     bounds = [0, *sizes]
     out: list[list[list[int]]] = [[] for _ in sizes]
     at: list[list[list[int]]] = [[] for _ in sizes]
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
-        q, mask = engine.down_proj_inputs(h, chunk, pad_id)
+        q, mask = model_access.down_proj_inputs(h, chunk, pad_id)
         qn = normalize_queries(q.to(k.device))
         best = torch.full(mask.shape, float("-inf"), device=qn.device)
         idx = torch.full(mask.shape, -1, dtype=torch.long, device=qn.device)
