@@ -263,19 +263,13 @@ PROMPTS = [
 
 
 @contextlib.contextmanager
-def serving(app):
-    import uvicorn
+def serving_port(app):
+    from neuraldb.serve import serving
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_healthy(port)
-    try:
+    with serving(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        wait_healthy(port)
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def one_round(port: int, clients: int, requests: int, max_tokens: int, edits: bool) -> tuple[int, float]:
@@ -325,7 +319,7 @@ def throughput(args: argparse.Namespace) -> dict:
     unpatch_model(plain_model)  # the same server, without the patch
     rates: dict[str, list[float]] = {"patched": [], "patched_edits_off": [], "unpatched": []}
     order = list(rates)
-    with serving(patched_app) as patched_port, serving(plain_app) as plain_port:
+    with serving_port(patched_app) as patched_port, serving_port(plain_app) as plain_port:
         where = {
             "patched": (patched_port, True),
             "patched_edits_off": (patched_port, False),

@@ -4,11 +4,6 @@ word's output embedding)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-
 import torch
 from _tiny_editing import FACTS, word_llama
 from _tiny_models import capture
@@ -37,32 +32,6 @@ def app_for(db_path=None, db=None, layer=LAST_LAYER, **settings):
     settings.setdefault("edit_hparams", FAST_EDIT)
     app = build_app(model, tok, db, db_path=db_path, settings=ServeSettings(**settings))
     return app, model, tok, db
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Serve ``app`` with uvicorn on a free loopback port, in a thread; yields ``http://127.0.0.1:PORT``."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def answer_row(model, tok, db, text: str, word: str) -> int:

@@ -3,6 +3,10 @@ evaluation code paths in well under a second per test."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import torch
 from neuraldb.facts import Fact
 
@@ -58,3 +62,9 @@ def word_llama():
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.config.name_or_path = "tiny-test-llama"
     return model, tok
+
+
+def facts_jsonl(path: Path, facts: list[Fact]) -> Path:
+    """``facts`` as a JSONL facts file at ``path`` (the format ``neuraldb eval --facts`` reads)."""
+    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    return path

@@ -36,10 +36,10 @@ def tiny():
     return word_llama()
 
 
-def _db(model, tok, gamma=0.3):
-    keys = compute_keys(model, tok, FACTS, LAYER, n_prefixes=0, template="<s>{}")
+def _db(model, tok, gamma=0.3, facts=FACTS):
+    keys = compute_keys(model, tok, facts, LAYER, n_prefixes=0, template="<s>{}")
     db = NeuralKVDatabase(keys.shape[1], model.config.hidden_size, dtype=torch.float32)
-    db.add(keys, torch.randn(len(FACTS), model.config.hidden_size), facts=FACTS)
+    db.add(keys, torch.randn(len(facts), model.config.hidden_size), facts=facts)
     db.layer, db.gamma, db.template = LAYER, gamma, "<s>{}"
     return db
 
@@ -118,14 +118,6 @@ def test_text_openings_with_and_without_thresholds(tiny):
     assert text_openings(model, tok, db, [TEXT], tokens=4096, rows=0)["open"] == 0
 
 
-def _db_of(model, tok, facts, gamma=0.3):
-    keys = compute_keys(model, tok, facts, LAYER, n_prefixes=0, template="<s>{}")
-    db = NeuralKVDatabase(keys.shape[1], model.config.hidden_size, dtype=torch.float32)
-    db.add(keys, torch.randn(len(facts), model.config.hidden_size), facts=facts)
-    db.layer, db.gamma, db.template = LAYER, gamma, "<s>{}"
-    return db
-
-
 def test_sequence_negatives_shut_a_row_that_answers_inside_another_facts_question(tiny):
     # The extra row's key is read at "plays" after "I . Yasuda": close to the state at "plays" in "Toko Yasuda plays
     # the piano", a position of another fact's sequence that is not its subject (as a zsRE key read at a merged ")?"
@@ -133,7 +125,7 @@ def test_sequence_negatives_shut_a_row_that_answers_inside_another_facts_questio
     # negatives see it.
     model, tok = tiny
     facts = [*FACTS, Fact("Yasuda plays", "I . {} the", "piano")]
-    db = _db_of(model, tok, facts)
+    db = _db(model, tok, facts=facts)
     state = model_access.last_token_states(model, tok, ["Toko Yasuda plays"], LAYER, db.template)
     keys = torch.nn.functional.normalize(db.keys.float(), dim=-1)
     score, row = best_rows(state, keys)

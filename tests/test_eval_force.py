@@ -7,23 +7,16 @@ import json
 
 import neuraldb
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-from test_model_identity import edited_dirs  # noqa: F401  (the fixture: a tiny model, its weights elsewhere, a db)
+from test_model_identity import edited_dirs, tuned_copy  # noqa: F401  (the fixture: a tiny model, its weights elsewhere, a db)
 
 
 @pytest.fixture
 def other_weights(edited_dirs, tmp_path):  # noqa: F811
-    from neuraldb.models import load_model
-
     base, _, db = edited_dirs
-    model, tok = load_model(base)
-    with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.mul_(2)
-    model.save_pretrained(tmp_path / "tuned")
-    tok.save_pretrained(tmp_path / "tuned")
+    tuned_copy(base, tmp_path / "tuned")
     saved = neuraldb.NeuralKVDatabase.load(db)
     saved.gamma = 0.7  # a database as edit() saves one: with its gate threshold
     saved.save(db)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _tiny_editing import EVAL_FACTS, word_llama
+from _tiny_editing import EVAL_FACTS, facts_jsonl, word_llama
 from neuraldb import patch_model, templates, unpatch_model
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.evaluation.counterfact import evaluate_counterfact
@@ -18,17 +15,11 @@ from neuraldb.evaluation.deletion import half_summary
 from neuraldb.evaluation.pipeline import run_eval
 
 
-def _facts_file(tmp_path, facts):
-    path = tmp_path / "facts.jsonl"
-    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
-    return path
-
-
 def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
-    path = _facts_file(tmp_path, facts)
+    path = facts_jsonl(tmp_path / "facts.jsonl", facts)
     run = run_eval(
         model_name="tiny",
         dataset="counterfact",
@@ -68,7 +59,7 @@ def test_run_eval_on_a_seeded_subset_edits_all_and_scores_the_subset(tmp_path, m
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
-    path = _facts_file(tmp_path, facts)
+    path = facts_jsonl(tmp_path / "facts.jsonl", facts)
     run = run_eval(
         model_name="tiny",
         dataset="counterfact",

@@ -187,9 +187,8 @@ def test_run_eval_lm_eval_scores_the_patched_model(tmp_path, monkeypatch):
     """neuraldb eval's pipeline with the lm-eval backend: HFLM sees the edits (LAMBADA-style rows made of the edited
     prompts go from the unedited answers to the new targets), and its numbers equal the builtin scorer's."""
     pytest.importorskip("lm_eval")
-    import dataclasses
 
-    from _tiny_editing import EVAL_FACTS, word_llama
+    from _tiny_editing import EVAL_FACTS, facts_jsonl, word_llama
     from neuraldb import patch_model, templates, unpatch_model
     from neuraldb.database import NeuralKVDatabase
     from neuraldb.evaluation.general import evaluate_general
@@ -198,8 +197,7 @@ def test_run_eval_lm_eval_scores_the_patched_model(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
     facts = EVAL_FACTS[:4]
-    path = tmp_path / "facts.jsonl"
-    path.write_text("\n".join(json.dumps(dataclasses.asdict(f) | {"extras": None}) for f in facts), encoding="utf-8")
+    path = facts_jsonl(tmp_path / "facts.jsonl", facts)
     d = tmp_path / "general_eval"
     d.mkdir()
     _write(d / "lambada_openai.jsonl.gz", [{"context": f.text, "continuation": f.target_new} for f in facts])

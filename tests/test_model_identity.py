@@ -220,6 +220,18 @@ def edited_dirs(tmp_path):
     return base, tmp_path / "edited_hf", tmp_path / "db.safetensors"
 
 
+def tuned_copy(base, out):
+    """``base``'s weights with one matrix changed, saved to ``out``: the same architecture, other weights."""
+    from neuraldb.models import load_model
+
+    model, tok = load_model(base)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def _generate(model, db, *extra):
     from neuraldb.cli import main
 
@@ -233,14 +245,8 @@ def test_cli_takes_the_same_weights_from_another_folder(edited_dirs, capsys):
 
 
 def test_cli_refuses_other_weights_in_one_line_unless_forced(edited_dirs, tmp_path, capsys):
-    from neuraldb.models import load_model
-
     base, _, db = edited_dirs
-    model, tok = load_model(base)
-    with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.mul_(2)
-    model.save_pretrained(tmp_path / "tuned")
-    tok.save_pretrained(tmp_path / "tuned")
+    tuned_copy(base, tmp_path / "tuned")
     capsys.readouterr()
     assert _generate(tmp_path / "tuned", db) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neuraldb generate:")]

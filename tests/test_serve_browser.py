@@ -16,9 +16,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from _serve_helpers import TOKEN, app_for, serving
+from _serve_helpers import TOKEN, app_for
 from _tiny_editing import FACTS
 from fastapi.testclient import TestClient
+from neuraldb.serve import serving
 
 
 def test_page_files_and_headers():

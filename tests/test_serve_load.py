@@ -28,8 +28,9 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import torch
-from _serve_helpers import AUTH, LAST_LAYER, app_for, row_for, serving
+from _serve_helpers import AUTH, LAST_LAYER, app_for, row_for
 from _tiny_editing import FACTS
+from neuraldb.serve import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 4

@@ -3,10 +3,6 @@ chat, streamed and not, and the edits switch through ``extra_body``."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
 
 pytest.importorskip("fastapi")
@@ -15,25 +11,15 @@ openai = pytest.importorskip("openai")
 
 from _serve_helpers import TOKEN, answer_row, app_for
 from _tiny_editing import FACTS
+from neuraldb.serve import serving
 
 
 @pytest.fixture
 def base_url():
     app, model, tok, db = app_for()
     answer_row(model, tok, db, FACTS[0].text, "Berlin")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url + "/v1"
 
 
 def test_openai_client_unchanged(base_url):

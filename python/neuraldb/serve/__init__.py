@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["INSTALL_HINT", "TOKEN_ENV", "ServeSettings", "build_app", "missing_dependencies"]
+from neuraldb.serve.threaded import serving
+
+__all__ = ["INSTALL_HINT", "TOKEN_ENV", "ServeSettings", "build_app", "missing_dependencies", "serving"]
 
 TOKEN_ENV = "NEURALDB_SERVE_TOKEN"
 
