@@ -60,8 +60,16 @@ def test_apply_chat_refuses_a_tokenizer_without_a_chat_template():
     assert not templates.has_chat_template(tok)
     with pytest.raises(ValueError, match=r"^tok \(.*\) has no chat template .*templates\.encode"):
         templates.apply_chat(tok, "paris is in")
-    with pytest.raises(TypeError, match="text must be a string, got list"):
+    with pytest.raises(TypeError, match="text must be a string or a non-empty list of message dicts, got list"):
         templates.apply_chat(_tokenizer(), ["paris"])
+
+
+def test_a_conversation_is_one_user_turn_when_it_is_one_user_message():
+    tok = _tokenizer()
+    turn = [{"role": "user", "content": "paris is in"}]
+    assert templates.encode_chat(tok, turn) == templates.encode_chat(tok, "paris is in")
+    two = templates.apply_chat(tok, [{"role": "system", "content": "be brief"}, *turn])
+    assert "be brief" in two and two.endswith(templates.apply_chat(tok, "paris is in").split("paris is in")[-1])
 
 
 # --- neuraldb generate ------------------------------------------------------------------------------------------------

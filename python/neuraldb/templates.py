@@ -99,8 +99,10 @@ def has_chat_template(tok: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def apply_chat(tok: PreTrainedTokenizerBase, text: str) -> str:
+def apply_chat(tok: PreTrainedTokenizerBase, text: str | Sequence[dict]) -> str:
     """``text`` as a user turn in ``tok``'s chat template, followed by the prompt that opens the assistant's answer.
+    ``text`` may also be a whole conversation: ``[{"role": ..., "content": ...}, ...]`` (OpenAI's and transformers'
+    message form).
 
     The tokenizer's own default system turn, if its template adds one, is kept: the model is asked as its users ask
     it. A ValueError naming ``tok`` when it has no chat template (see :func:`has_chat_template`).
@@ -118,18 +120,22 @@ def apply_chat(tok: PreTrainedTokenizerBase, text: str) -> str:
         <|im_start|>assistant
         <BLANKLINE>
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if isinstance(text, str):
+        messages = [{"role": "user", "content": text}]
+    elif isinstance(text, Sequence) and text and all(isinstance(m, dict) for m in text):
+        messages = list(text)
+    else:
+        raise TypeError(f"text must be a string or a non-empty list of message dicts, got {type(text).__name__}")
     if not has_chat_template(tok):
         name = getattr(tok, "name_or_path", "") or type(tok).__name__
         raise ValueError(
             f"tok ({name}) has no chat template (tok.chat_template is not set); "
             "give it plain text with templates.encode instead"
         )
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_chat(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+def encode_chat(tok: PreTrainedTokenizerBase, text: str | Sequence[dict]) -> list[int]:
     """Token ids of :func:`apply_chat`, ready for ``model.generate``.
 
     No special tokens are added: a chat template writes its own start token (Llama-3's, Gemma's), and adding the

@@ -153,8 +153,7 @@ class _Server:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         with self.tok_lock:
             if templates.has_chat_template(self.tok):
-                text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                return list(self.tok(text, add_special_tokens=False)["input_ids"])
+                return templates.encode_chat(self.tok, messages)
         # no chat template: the messages' text, one per line, in the database's template
         return encode_prompt(self.tok, self.template, "\n".join(m["content"] for m in messages), self.tok_lock)
 
