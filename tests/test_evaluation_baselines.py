@@ -9,11 +9,10 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from _tiny_editing import EVAL_FACTS, FACTS, word_llama
+from _tiny_editing import EVAL_FACTS, FACTS, facts_jsonl, word_llama
 from _tiny_models import assert_bitwise
 from neuraldb.architectures import down_proj_module
 from neuraldb.evaluation.pipeline import run_eval
-from test_evaluation_pipeline import _facts_file
 
 EDIT = {"layer": 2, "gamma": 0.9, "n_prefixes": 1, "prefix_len": 3, "steps": 5}
 
@@ -37,7 +36,7 @@ def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, 
     run = run_eval(
         model_name="tiny",
         dataset="counterfact",
-        facts_path=_facts_file(tmp_path, EVAL_FACTS[:4]),
+        facts_path=facts_jsonl(tmp_path / "facts.jsonl", EVAL_FACTS[:4]),
         n_facts=None,
         edit_kwargs=EDIT,
         general_dir=_general_dir(tmp_path),
@@ -63,7 +62,7 @@ def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, 
 def test_baseline_method_refuses_deletion_and_unknown_options(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
-    path = _facts_file(tmp_path, EVAL_FACTS[:2])
+    path = facts_jsonl(tmp_path / "facts.jsonl", EVAL_FACTS[:2])
     kw = {"model_name": "tiny", "dataset": "counterfact", "facts_path": path, "n_facts": None, "edit_kwargs": EDIT}
     with pytest.raises(ValueError, match="deletion"):
         run_eval(**kw, deletion=True, method="memit", show_progress=False, model_and_tok=(model, tok))

@@ -229,7 +229,7 @@ def _version() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     """``neuraldb generate``: greedy answers of the unedited model and, with ``--db``, the edited one."""
     from neuraldb import templates
-    from neuraldb.patching import disabled, patch_model
+    from neuraldb.patching import disabled, patch_checked
 
     db = load_db(args.db) if args.db is not None else None
     if db is not None:
@@ -243,9 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if db is not None:
         _check_model(db, model, force=args.force)
         # Patched before the first answer, so that a database the model cannot take fails before any generation
-        with warnings.catch_warnings():  # _check_model above decided (and warned) on identity: warn once
-            warnings.filterwarnings("ignore", message="db were made for")
-            patch_model(model, db, gamma=args.gamma, force=True)
+        patch_checked(model, db, gamma=args.gamma)  # _check_model above decided (and warned) on identity
 
     prompts = args.prompt
 

@@ -284,10 +284,12 @@ def patch_model(
     return _patch(model, db, layer, gamma, module, backend, identity=lambda: _check_identity(model, db, force))
 
 
-def patch_checked(model: torch.nn.Module, db: NeuralKVDatabase, *, backend: str | None = None) -> torch.nn.Module:
-    """:func:`patch_model` for a caller that has checked the model's identity itself (``neuraldb.from_pretrained``,
-    against the directory's record)."""
-    return _patch(model, db, None, None, None, backend, identity=None)
+def patch_checked(
+    model: torch.nn.Module, db: NeuralKVDatabase, *, gamma: float | None = None, backend: str | None = None
+) -> torch.nn.Module:
+    """:func:`patch_model` for a caller that has checked the model's identity itself and reported it in its own words
+    (``neuraldb.from_pretrained`` against the directory's record, the CLI with ``--force``)."""
+    return _patch(model, db, None, gamma, None, backend, identity=None)
 
 
 def _check_identity(model: torch.nn.Module, db: NeuralKVDatabase, force: bool) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -95,7 +94,7 @@ def run_eval(
 ) -> dict:
     from .. import facts as facts_mod
     from .. import templates
-    from ..patching import disabled, patch_model
+    from ..patching import disabled, patch_checked
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -135,9 +134,7 @@ def run_eval(
         check_model(model, recorded_identity(db), force=force, source="the database's edits", warn_unverifiable=False)
     pre_state, post_state, baseline_info = partial(disabled, model), contextlib.nullcontext, None
     if method == "neuraldb":
-        with warnings.catch_warnings():  # identity decided (and warned) above; a database built here is the model's own
-            warnings.filterwarnings("ignore", message="db were made for")
-            patch_model(model, db, force=True)
+        patch_checked(model, db)  # identity decided (and warned) above; a database built here is the model's own
     else:  # the same keys and residuals written into the weights (.baseline_run); the unpatched model is "pre"
         from .baseline_run import baseline_state, wikitext_tokens_for
 
