@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from _tiny_editing import FACTS
 from neuraldb import NeuralKVDatabase
@@ -63,4 +64,44 @@ def test_failed_job_changes_nothing_and_its_ids_stay_unused(tmp_path):
     store = FactStore(NeuralKVDatabase.load(path), path, _editor(calls))
     assert store.job(1) is None  # the failed job is not replayed
     assert store.submit(FACTS[1:2]).fact_ids == [1]
+    store.close()
+
+
+def test_delete_whose_save_fails_is_replayed_from_the_journal(tmp_path, monkeypatch):
+    path = tmp_path / "facts.safetensors"
+    db = NeuralKVDatabase(8, 4)
+    db.add(torch.randn(3, 8), torch.randn(3, 4), FACTS[:3])
+    db.save(path)
+    store = FactStore(NeuralKVDatabase.load(path), path, _editor([]))
+
+    def full_disk(self, p):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(NeuralKVDatabase, "save", full_disk)
+    store.delete(1)  # acknowledged: the journal holds it although the database file could not be written
+    assert store.db.ids() == [0, 2]
+    job = store.submit(FACTS[3:4])  # a later job fails to save too; the journal must keep the delete
+    assert job.done.wait(30) and job.status == "failed"
+    store.close()
+    monkeypatch.undo()
+    assert NeuralKVDatabase.load(path).ids() == [0, 1, 2]  # the file missed the delete ...
+    again = FactStore(NeuralKVDatabase.load(path), path, _editor([]))
+    assert again.db.ids() == [0, 2] and NeuralKVDatabase.load(path).ids() == [0, 2]  # ... the restart applied it
+    again.close()
+
+
+def test_delete_that_cannot_reach_the_journal_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "facts.safetensors"
+    db = NeuralKVDatabase(8, 4)
+    db.add(torch.randn(2, 8), torch.randn(2, 4), FACTS[:2])
+    db.save(path)
+    store = FactStore(NeuralKVDatabase.load(path), path, _editor([]))
+
+    def broken(record):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "_append", broken)
+    with pytest.raises(OSError):
+        store.delete(0)
+    assert store.db.ids() == [0, 1] and NeuralKVDatabase.load(path).ids() == [0, 1]
     store.close()

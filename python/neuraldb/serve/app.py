@@ -326,6 +326,8 @@ def build_app(
             raise HTTPException(404, f"no fact with id {fact_id}") from None
         except PendingFactError as e:
             raise HTTPException(409, str(e)) from None
+        except OSError as e:
+            raise HTTPException(503, f"the delete could not be written to disk, nothing changed: {e}") from None
         return {"id": fact_id, "object": "neuraldb.fact", "deleted": True}
 
     @app.get("/v1/jobs/{job_id}", dependencies=read)

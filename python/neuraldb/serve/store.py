@@ -2,7 +2,9 @@
 
 Durability. Every change is on disk before the server acknowledges it:
 
-- a delete is applied and the database saved (:meth:`NeuralKVDatabase.save`, an atomic replace) before the answer;
+- a delete is appended to the journal (fsynced), then applied and the database saved (:meth:`NeuralKVDatabase.save`,
+  an atomic replace) before the answer. When that save fails the delete is still acknowledged: the journal holds it,
+  the next successful save or the next start applies it, and the journal is not compacted until a save succeeds;
 - an add is acknowledged as a *job* once its facts and the ids reserved for them are appended to a journal beside
   the database (``DB.jobs.jsonl``, fsynced) -- editing takes seconds, and a client must not wait for it to know its
   facts will be there. The edit worker adds the rows under those ids and saves the database; a server killed before
@@ -10,7 +12,8 @@ Durability. Every change is on disk before the server acknowledges it:
   ``next_id`` has passed its ids (ids are only ever added in increasing order), so replaying is idempotent.
 
 Ids are reserved when a job is accepted, so the answer to ``POST /v1/facts`` can name them; a failed job's ids are
-never used. Once no job is pending the journal is replaced (atomically) by one line, the next id to give. Without a database file the server keeps its facts in memory, and "on disk" does not apply.
+never used. Once no job is pending and the file holds every delete, the journal is replaced (atomically) by one line,
+the next id to give. Without a database file the server keeps its facts in memory, and "on disk" does not apply.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class FactStore:
         self._wake = threading.Condition(self._lock)
         self._queue: list[Job] = []
         self._closing = False
+        self._unsaved = False  # memory holds deletes the file lacks (their journal lines must stay)
         if self.journal is not None:
             self._replay()
         self._thread = threading.Thread(target=self._loop, name="neuraldb-edit", daemon=True)
@@ -142,11 +146,11 @@ class FactStore:
             return job
 
     def delete(self, fact_id: int) -> None:
-        """Delete ``fact_id`` and save the database before returning.
+        """Delete ``fact_id``: durable (in the journal, fsynced) before it is applied and before this returns.
 
         Raises UnknownFactError when no such fact exists, PendingFactError while it is still being edited in, and
-        OSError when the file cannot be written (the fact is then gone from memory but still in the file, which a
-        restart serves: the answer was an error, so nothing was acknowledged).
+        OSError when the journal cannot be written (nothing changed then). A database save that fails after the
+        journal write is not an error: the journal replays the delete (see the module's docstring).
         """
         with self._lock:
             job = self._pending.get(fact_id)
@@ -156,8 +160,12 @@ class FactStore:
                 )
             if fact_id not in self.db:
                 raise UnknownFactError(fact_id)
+            if self.journal is not None:
+                self._append({"delete": fact_id})
             self.db.delete([fact_id])
-            self._save()
+            self._unsaved = True
+            with contextlib.suppress(OSError):
+                self._save()
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop the edit worker once the job it is running has finished (queued jobs stay in the journal)."""
@@ -203,7 +211,7 @@ class FactStore:
         job.finished = time.time()
         for i in job.fact_ids:
             self._pending.pop(i, None)
-        if not self._pending and self.journal is not None and self.journal.exists():
+        if not self._pending and not self._unsaved and self.journal is not None and self.journal.exists():
             # Every job is in the database (or failed): nothing to replay. Only the next id to give is kept, so that
             # a failed job's ids, which its client was told, never name another fact after a restart.
             with atomic_path(self.journal) as tmp:
@@ -215,6 +223,7 @@ class FactStore:
     def _save(self) -> None:
         if self.path is not None:
             self.db.save(self.path)
+            self._unsaved = False
 
     def _append(self, record: dict[str, Any]) -> None:
         assert self.journal is not None
@@ -232,6 +241,7 @@ class FactStore:
             return
         jobs: dict[int, dict] = {}
         failed: set[int] = set()
+        deleted: list[int] = []
         for line in self.journal.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
@@ -241,10 +251,18 @@ class FactStore:
                 continue
             if "next_id" in rec:
                 self._next_id = max(self._next_id, int(rec["next_id"]))
+            elif "delete" in rec:
+                deleted.append(int(rec["delete"]))
             elif "failed" in rec:
                 failed.add(rec["job"])
             elif "ids" in rec:
                 jobs[rec["job"]] = rec
+        gone = [i for i in dict.fromkeys(deleted) if i in self.db]  # ids are never reused: a stale line is harmless
+        if gone:
+            self.db.delete(gone)
+            self._unsaved = True
+            with contextlib.suppress(OSError):
+                self._save()
         from neuraldb.facts import parse
 
         for rec in jobs.values():  # a failed job's ids are never given to another fact either
