@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch
 from neuraldb import templates
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.facts import Fact
+from neuraldb.text_files import read_text
 
 # Function words put before a subject's last word to make its negatives: the contexts where a common word most
 # often appears on its own.
@@ -85,12 +85,9 @@ class CalibrationReport:
 
 
 def read_corpus(path: str | os.PathLike) -> str:
-    """The text of a UTF-8 file (gzip allowed); ValueError when it holds no text."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8-sig")
+    """The text of a UTF-8 file (gzip allowed, see :func:`neuraldb.text_files.read_text`); ValueError when it holds
+    no text."""
+    text = read_text(path)
     if not text.strip():
         raise ValueError(f"text: {os.fspath(path)!r} holds no text")
     return text

@@ -10,13 +10,13 @@ import gzip
 import json
 import os
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from neuraldb.atomic import atomic_path
+from neuraldb.text_files import TextFileError, read_text
 
 
 @dataclass(frozen=True)
@@ -90,28 +90,11 @@ class _Unusable(ValueError):
 
 
 def _read_text(path: Path) -> str:
-    """The file's text: gunzipped when it starts with gzip's magic bytes, decoded as UTF-8 (a leading BOM is dropped).
-
-    Read whole rather than streamed, so that a decoding error can be placed at a line of the file (a text stream
-    only knows the offset inside its current buffer); the data sets this reads are a few MB.
-    """
-    with open(path, "rb") as f:
-        raw = f.read()
-    gzipped = raw[:2] == b"\x1f\x8b"
-    if gzipped:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise FactFormatError(f"{path}: not a readable gzip file ({e})") from None
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise FactFormatError(
-            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}"
-            f"{' of the gunzipped text' if gzipped else ''}); "
-            "facts files must be UTF-8 (JSON's encoding)"
-        ) from None
+        return read_text(path)
+    except TextFileError as e:
+        suffix = "; facts files must be UTF-8 (JSON's encoding)" if "not UTF-8" in str(e) else ""
+        raise FactFormatError(f"{e}{suffix}") from None
 
 
 def _json(text: str, where: str):

@@ -31,7 +31,6 @@ seeded RNG (the same examples before and after editing).
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import random
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..templates import pad_id
+from ..text_files import read_text
 from .scoring import score_continuations, score_grouped, score_token_ids
 
 __all__ = ["CHANCE", "TASKS", "evaluate_general", "lambada", "multiple_choice", "wikitext_perplexity"]
@@ -60,15 +60,7 @@ CHANCE = {"arc_easy": 25.0, "arc_challenge": 25.0, "wsc273": 50.0, "commonsense_
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _read_text(path: Path) -> str:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
 def _sample(rows: list, limit: int | None, seed: int) -> list:
@@ -247,7 +239,7 @@ def evaluate_general(
                 res = wikitext_perplexity(
                     model,
                     tok,
-                    "\n".join(_read_text(path).splitlines()),
+                    "\n".join(read_text(path).splitlines()),
                     window=wikitext_window,
                     max_tokens=wikitext_max_tokens,
                     batch_size=max(1, batch_size // 4),
