@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _tiny_editing import FACTS
@@ -122,6 +124,13 @@ def test_prefixes_cached_and_deterministic(tiny, tmp_path):
 
     contexts._MEMORY.clear()
     assert generate_prefixes(model, tok, n=3, length=4, seed=0) == a
+    # a fine-tuned copy whose embeddings and config are untouched gets prefixes of its own: the key hashes every
+    # weight, not only the embeddings
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    generate_prefixes(tuned, tok, n=3, length=4, seed=0)
+    assert len(list((tmp_path / "prefixes").glob("*.json"))) == 2
 
 
 def test_edit_creates_and_appends(tiny):

@@ -3,7 +3,7 @@
 Paper Eq. 18-19 average keys and train residuals over the bare prompt and N short prefixes x_j that the model
 generates. MEMIT seeds generation with "The", "Therefore", "Because", "I", "You" and uses each as
 "<generated>. {prompt}"; we do the same with a fixed seed, once per model, cached in memory and on disk under
-``neuraldb.models.cache_dir()/prefixes`` keyed by the model's identity and a fingerprint of its weights.
+``neuraldb.models.cache_dir()/prefixes`` keyed by the model's architecture and the fingerprint of its weights (:func:`neuraldb.pretrained_io.fingerprint`).
 """
 
 from __future__ import annotations
@@ -32,23 +32,14 @@ def _cache_root() -> Path:
     return cache_dir()
 
 
-def model_fingerprint(model) -> str:
-    """A short hash of the model's identity: config, name and a sample of its input embedding weights."""
-    cfg = getattr(model, "config", None)
-    h = hashlib.sha256()
-    if cfg is not None:
-        h.update(str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "")).encode())
-        try:
-            d = cfg.to_dict()
-            for k in ("_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype"):
-                d.pop(k, None)
-            h.update(json.dumps(d, sort_keys=True, default=str).encode())
-        except Exception:  # noqa: BLE001 - a config that will not serialise (any error) is hashed by its repr
-            h.update(repr(cfg).encode())
-    emb = model.get_input_embeddings().weight
-    sample = emb.detach()[:: max(1, emb.shape[0] // 64), :16].float().cpu().contiguous()
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:20]
+def _model_key(model) -> str:
+    """The prefix cache's key for ``model``: its architecture, the fingerprint of its weights (the one that ties a
+    saved database to its model) and their dtype, which changes what sampling picks."""
+    from neuraldb.pretrained_io import architecture, fingerprint, weights_dtype
+
+    return hashlib.sha256(f"{architecture(model)}-{fingerprint(model)}-{weights_dtype(model)}".encode()).hexdigest()[
+        :20
+    ]
 
 
 @torch.no_grad()
@@ -75,7 +66,7 @@ def generate_prefixes(
     """
     if n <= 0:
         return []
-    key = f"{model_fingerprint(model)}-{n}-{length}-{seed}-{top_k}-{hashlib.sha256(str(template).encode()).hexdigest()[:8]}"
+    key = f"{_model_key(model)}-{n}-{length}-{seed}-{top_k}-{hashlib.sha256(str(template).encode()).hexdigest()[:8]}"
     if key in _MEMORY:
         return list(_MEMORY[key])
     path = _cache_root() / "prefixes" / f"{key}.json"
