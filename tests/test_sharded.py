@@ -130,6 +130,14 @@ def test_one_rank_group_in_process(tmp_path):
         assert db.ids() == in_order.ids() == sorted(single.ids()) and len(db) == 24
         checks.assert_matches_single(db, in_order, checks._queries(k, seed=3), 0.3)
         db.save(tmp_path / "one")
+        # a save killed after writing its shard but before its manifest leaves a file no manifest names; the next
+        # save removes it (and the previous save's shard), and leaves files that are not shards alone
+        orphan = tmp_path / "one" / "shard-00000-of-00001-0123456789ab.safetensors"
+        orphan.write_bytes(b"half")
+        (tmp_path / "one" / "notes.txt").write_text("mine")
+        db.save(tmp_path / "one")
+        assert len(list((tmp_path / "one").glob("shard-*"))) == 1 and not orphan.exists()
+        assert (tmp_path / "one" / "notes.txt").exists()
         back = neuraldb.ShardedNeuralKVDatabase.load(tmp_path / "one")
         checks.assert_matches_single(back, in_order, checks._queries(k, seed=4), 0.3)
     finally:

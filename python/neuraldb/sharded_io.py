@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ MANIFEST = "manifest.json"
 FORMAT = "neuraldb.ShardedNeuralKVDatabase"
 FORMAT_VERSION = 1
 ROUTING = "id % world_size"
+# what save_sharded names a shard file: shard-RANK-of-WORLD-TOKEN.safetensors
+_SHARD_FILE = re.compile(r"shard-\d{5}-of-\d{5}-[0-9a-f]{12}\.safetensors")
 
 
 def save_sharded(db: Any, path: str | os.PathLike) -> None:
@@ -92,11 +95,6 @@ def save_sharded(db: Any, path: str | os.PathLike) -> None:
         error = None
         if db.rank == 0:
             try:
-                old = None
-                try:
-                    old, _ = _read_manifest(directory)
-                except (OSError, ValueError):
-                    pass
                 manifest = {
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
@@ -112,10 +110,10 @@ def save_sharded(db: Any, path: str | os.PathLike) -> None:
                 }
                 with atomic_path(directory / MANIFEST) as tmp:
                     tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
-                if old is not None:
-                    for s in old["shards"]:
-                        if s["file"] not in names:
-                            (directory / s["file"]).unlink(missing_ok=True)
+                # The previous save's shards, and those of a save killed before its manifest (never named by one).
+                for f in directory.iterdir():
+                    if _SHARD_FILE.fullmatch(f.name) and f.name not in names:
+                        f.unlink(missing_ok=True)
             except Exception as exc:  # noqa: BLE001 - every rank must reach _agree, whatever failed
                 error = exc
         try:
