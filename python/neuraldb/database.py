@@ -209,7 +209,7 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
                 [self._facts[i] for i in self._row_ids],
                 self._next_id,
                 **{name: getattr(self, name) for name in METADATA},
-                thresholds=self._storage.views()[5],
+                thresholds=self._storage.views().thresholds,
                 relation_keys=self._storage.relation_keys,
             )
 

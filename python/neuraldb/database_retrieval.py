@@ -106,9 +106,9 @@ class DatabaseRetrieval:
         with self._lock:
             views = self._storage.views()
             out, idx, score = gated_retrieval(
-                queries, self.keys, self.values, gamma, backend=backend, thresholds=views[5]
+                queries, views.keys, views.values, gamma, backend=backend, thresholds=views.thresholds
             )
-            return self._relation_checked(queries, out, idx, views[6]), idx, score
+            return self._relation_checked(queries, out, idx, views.relation_keys), idx, score
 
     def _relation_checked(
         self, queries: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, relation_keys: torch.Tensor | None

@@ -23,6 +23,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from neuraldb import host_memory
@@ -34,6 +36,20 @@ NO_THRESHOLD = -1.0
 # Rows per build_sketch call when the sketch is first built: it is written into its buffer chunk by chunk instead of
 # existing twice.
 _SKETCH_BUILD_ROWS = 4096
+
+
+class RowViews(NamedTuple):
+    """The storage's live rows, as retrieval reads them. ``state`` identifies the buffers and row count they were
+    made from; ``thresholds`` is None while no row has one of its own (so that retrieval skips the test) and
+    ``relation_keys`` None while no row has one."""
+
+    state: tuple
+    keys: torch.Tensor
+    values: torch.Tensor
+    sketch: torch.Tensor | None
+    signs: torch.Tensor | None
+    thresholds: torch.Tensor | None
+    relation_keys: torch.Tensor | None
 
 
 def moved(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -116,20 +132,18 @@ class RowStorage:
     def signs(self) -> torch.Tensor | None:
         return None if self.signs_buf is None else self.signs_buf[: self.n]
 
-    def views(self) -> tuple:
-        """``(key, keys, values, sketch, signs, thresholds, relation_keys)``, the live rows (``thresholds`` None while
-        no row has one of its own, so that retrieval skips the test; ``relation_keys`` None while no row has one), made
-        once per state of the storage and kept as
-        :attr:`cached_views`: a plan bound to these tensors stays valid while ``cached_views`` is the same tuple.
-        Keyed on the buffers' identities and the row count, so a writer that forgets :meth:`changed` costs memory, never correctness (the cached views keep their
-        buffers alive, so an identity cannot be reused while it is cached); the writers that replace a buffer call
-        it, so that it does not keep the old one alive."""
+    def views(self) -> RowViews:
+        """The live rows as :class:`RowViews`, made once per state of the storage and kept as
+        :attr:`cached_views`: a plan bound to these tensors stays valid while ``cached_views`` is the same object.
+        Keyed on the buffers' identities and the row count, so a writer that forgets :meth:`changed` costs memory,
+        never correctness (the cached views keep their buffers alive, so an identity cannot be reused while it is
+        cached); the writers that replace a buffer call it, so that it does not keep the old one alive."""
         key = (self.n, id(self.keys_buf), id(self.values_buf), id(self.sketch_buf), id(self.signs_buf))
         views = self.cached_views
-        if not views or views[0] != key:
+        if not views or views.state != key:
             thresholds = self.thresholds
             active = thresholds if bool((thresholds > NO_THRESHOLD).any()) else None
-            self.cached_views = views = (
+            self.cached_views = views = RowViews(
                 key, self.keys, self.values, self.sketch, self.signs, active, self.relation_keys
             )  # fmt: skip
         return views
@@ -311,4 +325,4 @@ class RowStorage:
         return rows, top
 
 
-__all__ = ["MIN_CAPACITY", "NO_THRESHOLD", "RowStorage", "moved"]
+__all__ = ["MIN_CAPACITY", "NO_THRESHOLD", "RowStorage", "RowViews", "moved"]

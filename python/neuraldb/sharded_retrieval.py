@@ -102,8 +102,7 @@ def _scan(
     replaces to simulate a failing scan). The storage's views hold the live rows and the thresholds, None while no
     row has one of its own (so the plain op runs)."""
     views = shard._storage.views()
-    keys, values, thresholds = views[1], views[2], views[5]
-    return gated_retrieval(queries, keys, values, gamma, backend=backend, thresholds=thresholds)
+    return gated_retrieval(queries, views.keys, views.values, gamma, backend=backend, thresholds=views.thresholds)
 
 
 def retrieve(
