@@ -47,6 +47,7 @@ def plot(result: dict, path: Path) -> None:
         floor = sorted({(r["m"], r[floor_key]) for r in rs if r.get(floor_key)})
     if floor:
         b.plot([x for x, _ in floor], [y for _, y in floor], ls="--", color="black", lw=1, label="key-read floor")
+    # symlog, not log: the x axis holds m = 0 (the unpatched baseline) and added latency can be below zero (noise)
     a.set_xscale("symlog", linthresh=1000)
     ticks = sorted({r["m"] for r in rows})
     a.set_xticks(ticks, [_fmt_m(m) for m in ticks], fontsize=8)
