@@ -8,6 +8,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -136,6 +137,34 @@ def test_add_fact_answers_then_delete(served):
     assert [f["id"] for f in client.get("/v1/facts").json()["data"]] == [1]
 
 
+def test_added_facts_get_the_thresholds_calibrate_fits():
+    import copy
+    import time
+
+    from neuraldb.calibration import calibrate
+    from neuraldb.patching import disabled
+
+    app, model, tok, db = app_for(layer=2)
+    facts = [{"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new} for f in FACTS[:3]]
+    with TestClient(app) as client:
+        job = client.post("/v1/facts?wait=true", json={"facts": facts}, headers=AUTH).json()["job"]
+        assert job["status"] == "succeeded" and job["thresholds"] in ("pending", "fitted")
+        deadline = time.time() + 60
+        while client.get(f"/v1/jobs/{job['id']}").json()["thresholds"] == "pending" and time.time() < deadline:
+            time.sleep(0.02)
+        assert client.get(f"/v1/jobs/{job['id']}").json()["thresholds"] == "fitted"
+        with db.lock:
+            fitted, alone = db.thresholds.clone(), copy.deepcopy(db)
+        with disabled(model):
+            calibrate(model, tok, alone, None)
+        assert (fitted > 0.65).any()  # the tiny facts do get thresholds above the default gamma
+        assert torch.equal(fitted, alone.thresholds)  # what `neuraldb edit` would have fitted for these facts
+    app, *_ = app_for(layer=2, calibrate=False)
+    with TestClient(app) as client:
+        job = client.post("/v1/facts?wait=true", json=facts[0], headers=AUTH).json()["job"]
+        assert job["status"] == "succeeded" and job["thresholds"] is None
+
+
 def test_edit_in_place_pauses_generation_and_answers_with_the_fact():
     app, *_ = app_for(layer=2, edit_on_copy=False)
     fact = {"subject": FACTS[0].subject, "prompt": FACTS[0].prompt, "target_new": FACTS[0].target_new}
@@ -169,7 +198,7 @@ def test_writes_need_the_token():
 
 def test_bad_input_is_a_4xx_that_changes_nothing(tmp_path):
     path = tmp_path / "facts.safetensors"
-    app, _, _, db = app_for(db_path=path, max_body_bytes=4096)
+    app, _, _, db = app_for(db_path=path, max_body_bytes=4096, calibrate=False)  # no save after the answer
     with TestClient(app) as client:
         good = {"subject": "Toko Yasuda", "prompt": "{} plays the", "target_new": "piano"}
         assert client.post("/v1/facts?wait=true", json=good, headers=AUTH).status_code == 200

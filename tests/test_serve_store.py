@@ -4,6 +4,7 @@ is replayed at the next start), ids are never given twice, and a failed job chan
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -104,4 +105,60 @@ def test_delete_that_cannot_reach_the_journal_changes_nothing(tmp_path, monkeypa
     with pytest.raises(OSError):
         store.delete(0)
     assert store.db.ids() == [0, 1] and NeuralKVDatabase.load(path).ids() == [0, 1]
+    store.close()
+
+
+def test_thresholds_are_fitted_once_for_the_jobs_that_finished_and_saved(tmp_path):
+    path = tmp_path / "facts.safetensors"
+    NeuralKVDatabase(8, 4).save(path)
+    db = NeuralKVDatabase.load(path)
+    gate = threading.Event()
+    passes: list[list[int]] = []
+
+    def slow_editor(facts):
+        gate.wait(30)
+        return torch.randn(len(facts), 8), torch.randn(len(facts), 4)
+
+    def calibrator():  # what calibrate does: a threshold for every row, from all of them
+        passes.append(db.ids())
+        db.set_thresholds(db.ids(), [0.9] * len(db))
+
+    store = FactStore(db, path, slow_editor, calibrator)
+    first, second = store.submit(FACTS[:1]), store.submit(FACTS[1:3])
+    gate.set()
+    assert first.done.wait(30) and second.done.wait(30)
+    deadline = time.time() + 30
+    while second.thresholds != "fitted" and time.time() < deadline:
+        time.sleep(0.01)
+    assert first.thresholds == second.thresholds == "fitted" and first.to_json()["thresholds"] == "fitted"
+    assert passes == [[0, 1, 2]]  # the second job was queued when the first finished: one pass for both
+    assert NeuralKVDatabase.load(path).thresholds.tolist() == pytest.approx([0.9] * 3)  # saved after fitting
+    store.close()
+
+
+def test_a_pass_overtaken_by_a_delete_runs_again_and_a_failed_one_is_reported(tmp_path):
+    db = NeuralKVDatabase(8, 4)
+    calls = []
+
+    def overtaken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("db changed while it was being calibrated; calibrate again")
+
+    store = FactStore(db, None, _editor([]), overtaken)
+    job = store.submit(FACTS[:1])
+    deadline = time.time() + 30
+    while job.thresholds != "fitted" and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.thresholds == "fitted" and len(calls) == 2
+    store.close()
+
+    def broken():
+        raise ValueError("no layer")
+
+    store = FactStore(NeuralKVDatabase(8, 4), None, _editor([]), broken)
+    job = store.submit(FACTS[:1])
+    while job.thresholds in (None, "pending") and time.time() < deadline + 30:
+        time.sleep(0.01)
+    assert job.status == "succeeded" and job.thresholds == "failed: ValueError: no layer"
     store.close()

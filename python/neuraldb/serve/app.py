@@ -62,6 +62,8 @@ class ServeSettings:
         edit_on_copy: edit on a copy of the model, so that generation goes on while facts are edited (costs one more
             copy of the weights); False edits on the served model, pausing generation meanwhile.
         edit_hparams: :func:`neuraldb.edit` keyword arguments (e.g. ``steps``) over the database's own config.
+        calibrate: fit every fact's gate threshold again once added facts are in, as ``neuraldb edit`` does
+            (:mod:`neuraldb.serve.store`); False leaves the facts added over HTTP with gamma alone.
     """
 
     token: str | None = None
@@ -75,6 +77,7 @@ class ServeSettings:
     wait_timeout_s: float = 600.0
     edit_on_copy: bool = True
     edit_hparams: dict[str, Any] | None = None
+    calibrate: bool = True
 
 
 class _Server:
@@ -91,7 +94,7 @@ class _Server:
         self.model_lock = threading.Lock()
         self.tok_lock = threading.Lock()
         # the copy is taken before patching: the editor needs the unedited model
-        editor, _ = editor_for(
+        editor, calibrator = editor_for(
             model, tok, db, on_copy=settings.edit_on_copy, lock=self.model_lock, **(settings.edit_hparams or {})
         )
         patch_model(model, db)
@@ -103,7 +106,7 @@ class _Server:
             max_batch=settings.max_batch,
             batch_wait_s=settings.batch_wait_s,
         )
-        self.store = FactStore(db, db_path, editor)
+        self.store = FactStore(db, db_path, editor, calibrator if settings.calibrate else None)
 
     def close(self) -> None:
         self.generator.close()

@@ -61,6 +61,10 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable[[argpar
         help="edit facts on the served model (pauses generation while editing) instead of on a copy of it (one more "
         "copy of the weights in memory)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-calibrate", action="store_true",
+        help="do not fit the gate thresholds again after facts are added (as `neuraldb edit --no-calibrate`)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="serve even if the database was built for another model")
 
 
@@ -98,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_batch=args.max_batch,
         edit_on_copy=not args.edit_in_place,
+        calibrate=not args.no_calibrate,
     )
     app = build_app(model, tok, db, db_path=args.db, settings=settings)
     where = str(args.db) if args.db is not None else "memory only (no --db)"

@@ -11,6 +11,12 @@ Durability. Every change is on disk before the server acknowledges it:
   that finds the job in the journal at the next start and edits it again. A job is done when the database's
   ``next_id`` has passed its ids (ids are only ever added in increasing order), so replaying is idempotent.
 
+Gate thresholds. A database that ``neuraldb edit`` builds has per-row gate thresholds fitted from its facts
+(:func:`neuraldb.calibration.calibrate` without text). With a calibrator, the worker fits them again once the queued
+jobs are in -- one pass for however many jobs finished meanwhile, since every row's threshold depends on every other
+fact -- and saves the database; a job's facts answer from the moment they are added, their thresholds follow
+(``job.thresholds``: "pending", then "fitted"). A pass that a delete overtakes is run again.
+
 Ids are reserved when a job is accepted, so the answer to ``POST /v1/facts`` can name them; a failed job's ids are
 never used. Once no job is pending and the file holds every delete, the journal is replaced (atomically) by one line,
 the next id to give. Without a database file the server keeps its facts in memory, and "on disk" does not apply.
@@ -41,6 +47,8 @@ __all__ = ["FactStore", "Job", "PendingFactError", "UnknownFactError", "journal_
 
 # computes (keys, residuals) for facts, in their order
 Editor = Callable[[Sequence[Fact]], tuple["torch.Tensor", "torch.Tensor"]]
+# fits the database's gate thresholds in place (RuntimeError when the database changed meanwhile)
+Calibrator = Callable[[], object]
 
 
 class UnknownFactError(KeyError):
@@ -60,6 +68,7 @@ class Job:
     facts: list[Fact]
     status: str = "queued"  # queued -> running -> succeeded | failed
     error: str | None = None
+    thresholds: str | None = None  # with a calibrator: pending -> fitted | failed: ...
     created: float = field(default_factory=time.time)
     finished: float | None = None
     done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -72,6 +81,7 @@ class Job:
             "status": self.status,
             "fact_ids": list(self.fact_ids),
             "error": self.error,
+            "thresholds": self.thresholds,
             "created": self.created,
             "finished": self.finished,
         }
@@ -88,14 +98,20 @@ class FactStore:
     Args:
         db: the database the served model is patched with (its lock orders writes against forwards).
         path: its file, or None to keep facts in memory only. Jobs left in the journal are queued again.
-        editor: computes ``(keys, residuals)`` for facts; ``FactStore.editor_for`` builds the usual one on
+        editor: computes ``(keys, residuals)`` for facts; :func:`editor_for` builds the usual one on
             :func:`neuraldb.edit`.
+        calibrator: None, or fits ``db``'s gate thresholds in place once jobs are in (see the module docstring;
+            :func:`editor_for` builds the usual one).
     """
 
-    def __init__(self, db: NeuralKVDatabase, path: Path | None, editor: Editor) -> None:
+    def __init__(
+        self, db: NeuralKVDatabase, path: Path | None, editor: Editor, calibrator: Calibrator | None = None
+    ) -> None:
         self.db = db
         self.path = path
         self.editor = editor
+        self.calibrator = calibrator
+        self._uncalibrated: list[Job] = []  # succeeded jobs whose thresholds are still to fit
         self.journal = journal_path(path) if path is not None else None
         self._lock = threading.Lock()  # orders reservations, journal appends and saves
         self._jobs: dict[int, Job] = {}
@@ -179,13 +195,41 @@ class FactStore:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._uncalibrated and not self._closing:
                     self._wake.wait()
                 if self._closing:
                     return
+                if not self._queue:  # every queued job is in: one calibration for all of them
+                    self._calibrate()
+                    continue
                 job = self._queue.pop(0)
                 job.status = "running"
             self._run(job)
+
+    def _calibrate(self) -> None:
+        """Fit the thresholds for ``_uncalibrated`` (called with the lock held; released while fitting)."""
+        assert self.calibrator is not None
+        jobs, self._uncalibrated = self._uncalibrated, []
+        self._lock.release()
+        try:
+            self.calibrator()
+            outcome = "fitted"
+        except RuntimeError as e:
+            outcome = "again" if "changed while" in str(e) else f"failed: {type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 -- the facts are in; only their thresholds are missing
+            outcome = f"failed: {type(e).__name__}: {e}"
+        finally:
+            self._lock.acquire()
+        if outcome == "again":  # a delete came between reading the rows and setting the thresholds
+            self._uncalibrated = jobs + self._uncalibrated
+            return
+        if outcome == "fitted":
+            try:
+                self._save()
+            except OSError as e:
+                outcome = f"failed: the database could not be saved ({e})"
+        for job in jobs:
+            job.thresholds = outcome
 
     def _run(self, job: Job) -> None:
         try:
@@ -194,6 +238,9 @@ class FactStore:
                 self.db.stage_add(keys, residuals, job.facts, ids=job.fact_ids).commit()
                 self._save()
                 job.status = "succeeded"
+                if self.calibrator is not None:
+                    job.thresholds = "pending"
+                    self._uncalibrated.append(job)
                 self._finish(job)
         except Exception as e:  # noqa: BLE001 -- any failure fails the job; the worker goes on
             with self._lock:
@@ -287,26 +334,35 @@ def editor_for(
     on_copy: bool = True,
     lock: threading.Lock | None = None,
     **hparams: Any,
-) -> tuple[Editor, torch.nn.Module]:
-    """The usual editor: :func:`neuraldb.edit` with ``db``'s layer, template, gamma and editing config (``hparams``
-    override them), run on a copy of ``model`` when ``on_copy`` (so generation goes on while a fact is edited)
-    or on ``model`` itself, holding ``lock`` (which the generation worker holds around its forwards: editing turns
-    the patch off and may swap the weights' dtype). Returns ``(editor, the model it edits with)``; ``model`` must
-    not be patched yet when ``on_copy``."""
+) -> tuple[Editor, Calibrator]:
+    """The usual editor and calibrator: :func:`neuraldb.edit` with ``db``'s layer, template, gamma and editing
+    config (``hparams`` override them), and :func:`neuraldb.calibration.calibrate` of ``db`` from its facts alone
+    (as ``neuraldb edit`` fits them). Both run on a copy of ``model`` when ``on_copy`` (so generation goes on while a
+    fact is edited) or on ``model`` itself, holding ``lock`` (which the generation worker holds around its forwards:
+    editing turns the patch off and may swap the weights' dtype, and both hook the edited layer). ``model`` must not
+    be patched yet when ``on_copy``."""
+    from neuraldb.calibration import calibrate
     from neuraldb.database import NeuralKVDatabase
     from neuraldb.editing import edit
 
     editing_model = copy.deepcopy(model) if on_copy else model
     editing_tok = copy.deepcopy(tok)  # a fast tokenizer is not safe to use from two threads at once
 
+    def holding() -> contextlib.AbstractContextManager:
+        return lock if lock is not None and not on_copy else contextlib.nullcontext()
+
     def run(facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
         scratch = NeuralKVDatabase(db.key_dim, db.value_dim, dtype=db.dtype)
         scratch.layer, scratch.template, scratch.gamma = db.layer, db.template, db.gamma
         scratch.config = dict(db.config or {})
-        with lock if lock is not None and not on_copy else contextlib.nullcontext():
+        with holding():
             edit(editing_model, editing_tok, list(facts), db=scratch, progress=False, **hparams)
         if not db.config and scratch.config:
             db.config = dict(scratch.config)  # a new database records the config its first facts were edited with
         return scratch.keys.clone(), scratch.values.clone()
 
-    return run, editing_model
+    def fit() -> None:
+        with holding():
+            calibrate(editing_model, editing_tok, db, None)
+
+    return run, fit
