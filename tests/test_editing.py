@@ -96,6 +96,29 @@ def test_residuals_batched_equals_single(tiny, stop_loss):
     torch.testing.assert_close(r_all, r_one, atol=1e-4, rtol=1e-3)
 
 
+def test_extra_steps_go_on_only_where_the_target_is_not_yet_the_argmax(tiny, monkeypatch):
+    model, tok = tiny
+    english = tok(" English", add_special_tokens=False)["input_ids"]
+    assert len(english) == 1  # FACTS[0]'s target is one token
+
+    def english_wins(h, states):  # FACTS[0]'s target is the argmax everywhere (by a little: its loss stays above
+        out = real(h, states)  # stop_loss); the others' never are
+        boost = torch.zeros_like(out)
+        boost[..., english[0]] = out.detach().max(-1).values - out.detach()[..., english[0]] + 0.5
+        return out + boost
+
+    real = engine.logits_of
+    monkeypatch.setattr(engine, "logits_of", english_wins)
+    kw = {"n_prefixes": 1, "prefix_len": 3, "lr": 0.1, "steps": 3, "kl_factor": 0.0}
+    plain: dict = {}
+    extra: dict = {}
+    r0 = compute_residuals(model, tok, FACTS[:3], 2, stats=plain, **kw)
+    r1 = compute_residuals(model, tok, FACTS[:3], 2, stats=extra, extra_steps=4, **kw)
+    assert plain["steps"] == [3, 3, 3] and extra["steps"] == [3, 7, 7]
+    assert torch.equal(r0[0], r1[0])  # a fact that succeeds within the budget is optimised exactly as without
+    assert not torch.equal(r0[1], r1[1])
+
+
 def test_residual_norm_clamped_and_loss_falls(tiny):
     model, tok = tiny
     stats: dict = {}

@@ -82,6 +82,7 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
         clamp_norm_factor=cfg.clamp_norm_factor,
         stop_loss=cfg.stop_loss,
         patience=cfg.patience,
+        extra_steps=cfg.extra_steps,
     )
     kl_prompt = cfg.kl_prompt if (want_residuals and cfg.kl_factor) else None
     fact_rows_all = [
@@ -116,7 +117,7 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
             bar.status(f"{batch_label} preparing")
             prep = engine.prepare(h, batch, precision)
             row_keys = prep.keys
-            on_step = functools.partial(bar.step, batch_label, opt.steps, len(chunk))
+            on_step = functools.partial(bar.step, batch_label, opt.steps + opt.extra_steps, len(chunk))
             st: dict = {}
             with precision.compute():
                 resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st, on_step=on_step).cpu()

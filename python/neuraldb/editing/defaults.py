@@ -37,6 +37,9 @@ class EditConfig:
         stop_loss: a fact stops (and leaves the batch) once its loss is below this (MEMIT: 5e-2).
         patience: if > 0, a fact also stops when its loss has not improved by 2% for this many steps (facts
             whose loss has a floor above stop_loss, e.g. held by the norm clamp, stop burning steps).
+        extra_steps: steps a fact may take beyond ``steps`` while some target token is not yet the argmax at its
+            position in some context (question-style targets of several tokens need them; a fact that succeeds
+            within ``steps`` is optimised exactly as without them).
         kl_prompt: the "{} is a" prompt of the KL term.
         batch_size: facts optimised together.
         key_bare_weight: weight of the bare prompt in the key mean (the prefixed contexts share the rest); None
@@ -63,6 +66,7 @@ class EditConfig:
     clamp_norm_factor: float = 0.75
     stop_loss: float = 5e-2
     patience: int = 0
+    extra_steps: int = 0
     kl_prompt: str = "{} is a"
     batch_size: int = 32
     compute_dtype: str = "float32"

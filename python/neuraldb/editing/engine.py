@@ -250,6 +250,7 @@ class OptimConfig:
     clamp_norm_factor: float
     stop_loss: float
     patience: int
+    extra_steps: int = 0
     stall_tol: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -296,7 +297,7 @@ def optimise(
     since_best = torch.zeros(n_facts, dtype=torch.long, device=device)
     cached_sel = None
     b1, b2 = cfg.betas
-    for it in range(cfg.steps):
+    for it in range(cfg.steps + cfg.extra_steps):
         if active.numel() == 0:
             break
         # rows of the active facts (in order)
@@ -355,8 +356,13 @@ def optimise(
             best[active] = torch.minimum(best[active], lossd)
             since_best[active] = torch.where(improved, 0, since_best[active] + 1)
             done |= since_best[active] >= cfg.patience
-        if it == cfg.steps - 1:
-            done[:] = True
+        if it >= cfg.steps - 1:
+            # Past the step budget only a fact whose target is not yet the argmax everywhere goes on (extra_steps):
+            # the facts that succeed within it are optimised exactly as without extra steps.
+            missed = torch.zeros(active.numel(), device=device).index_add(
+                0, rf[t_row_t], (lp.detach().argmax(-1) != torch.tensor(t_id, device=device)).float()
+            )
+            done |= (missed == 0) | (it == cfg.steps + cfg.extra_steps - 1)
         steps_taken[active.cpu()] += 1
         final_loss[active.cpu()] = lossd.cpu()
         todo = ~done
