@@ -35,8 +35,9 @@ def test_run_eval_gate_skip_equals_full_evaluation(tmp_path, monkeypatch):
     unpatch_model(model)
     done, total = run["rescored_prompts"]["post"]
     assert 0 < done < total  # both the copied and the re-scored paths ran
+    assert run["thresholds"] == "calibrated" and "of 4 rows got a threshold" in run["calibration"]
 
-    db = NeuralKVDatabase.load(tmp_path / "db")
+    db = NeuralKVDatabase.load(tmp_path / "db")  # saved as evaluated: with the thresholds `neuraldb edit` fits
     pf = lambda s: templates.apply(db.template, s)
     patch_model(model, db)
     try:
@@ -73,8 +74,11 @@ def test_run_eval_on_a_seeded_subset_edits_all_and_scores_the_subset(tmp_path, m
         deletion=True,
         show_progress=False,
         model_and_tok=(model, tok),
+        calibrate=False,
     )
     unpatch_model(model)
+    assert run["thresholds"] is None and run["calibration"] is None
+    assert bool((NeuralKVDatabase.load(tmp_path / "db").thresholds == -1).all())  # as edited
     idx = run["evaluated_indices"]
     assert len(idx) == 2 and idx == sorted(set(idx)) and run["n_evaluated"] == 2 and run["n_facts"] == 4
     assert any("subset of 2" in n for n in run["notes"])

@@ -72,6 +72,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--save-db", type=Path, help="save the database built by editing here")
     p.add_argument(
+        "--no-calibrate", action="store_true",
+        help="evaluate the database as edited, without the per-row gate thresholds `neuraldb edit` fits from the facts",
+    )  # fmt: skip
+    p.add_argument(
         "--edit-args",
         type=_json_object,
         default="{}",
@@ -328,6 +332,7 @@ def run(args) -> int:
         force=args.force,
         method=args.method,
         baseline_options=args.baseline_args,
+        calibrate=not args.no_calibrate,
     )
     from .report import _slim
 

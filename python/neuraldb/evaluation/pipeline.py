@@ -91,6 +91,7 @@ def run_eval(
     force: bool = False,
     method: str = "neuraldb",
     baseline_options: dict | None = None,
+    calibrate: bool = True,
 ) -> dict:
     from .. import facts as facts_mod
     from .. import templates
@@ -124,6 +125,14 @@ def run_eval(
         stats: dict = {}
         db = edit(model, tok, facts, progress=show_progress, stats=stats, **(edit_kwargs or {}))
     timing["edit" if db_path is None else "load_db"] = time.perf_counter() - t0
+    thresholds = calibration = None
+    if db_path is None and calibrate and method == "neuraldb":
+        # what `neuraldb edit` builds: per-row thresholds fitted from the facts themselves (no text)
+        from ..calibration import calibrate as fit
+
+        t0 = time.perf_counter()
+        thresholds, calibration = "calibrated", fit(model, tok, db, None).summary()
+        timing["calibrate"] = time.perf_counter() - t0
     if save_db is not None:
         db.save(save_db)
     if len(db) != len(facts):
@@ -197,6 +206,8 @@ def run_eval(
         "db_config": getattr(db, "config", None),
         "layer": getattr(db, "layer", None),
         "gamma": getattr(db, "gamma", None),
+        "thresholds": thresholds,  # "calibrated" (from the facts, as `neuraldb edit`), None: as edited or loaded
+        "calibration": calibration,
         "notes": [],
         "method": method,
     }

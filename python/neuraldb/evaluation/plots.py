@@ -42,7 +42,7 @@ DATASET_NAMES = {"counterfact": "CounterFact", "zsre": "ZsRE"}
 # What makes two runs one configuration; n_facts / n_evaluated are the size, not the configuration.
 CONFIG_FIELDS = (
     "model", "model_dtype", "dataset", "facts_path", "offset", "template", "reduction", "zsre_target", "layer",
-    "gamma", "edit_kwargs", "db_config", "method",
+    "gamma", "edit_kwargs", "db_config", "method", "thresholds",
 )  # fmt: skip
 
 
