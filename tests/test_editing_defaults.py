@@ -185,3 +185,23 @@ def test_appending_chooses_the_compute_dtype_for_this_machine(cpu_has, smollm2_l
     cpu_has(amx=False, avx512_bf16=False)
     edit(model, tok, FACTS[2:3], db=db, progress=False)
     assert db.config["compute_dtype"] == "float32" and db.config["lr"] == 1.5 and len(db) == 3
+
+
+def test_a_database_recorded_before_a_field_existed_goes_on_as_it_was_edited(monkeypatch):
+    from neuraldb.editing import defaults
+    from neuraldb.editing.defaults import recorded
+
+    assert recorded({}, {"steps", "extra_steps"}) == {}  # nothing recorded: nothing fixed
+    assert recorded({"steps": 10}, {"steps", "extra_steps"}) == {"steps": 10, "extra_steps": 0}
+    assert recorded({"steps": 10, "extra_steps": 5}, {"steps", "extra_steps"}) == {"steps": 10, "extra_steps": 5}
+    model, tok = word_llama()
+    facts = neuraldb.facts.parse(
+        [{"subject": "Toko Yasuda", "prompt": "{} plays the", "target_new": "piano"}], format="neuraldb"
+    )
+    kw = {"layer": 2, "n_prefixes": 1, "prefix_len": 3, "steps": 2}
+    db = neuraldb.edit(model, tok, facts, progress=False, **kw)
+    del db.config["extra_steps"]  # as a file written before extra_steps was a field
+    newer = replace(defaults.defaults_for(model), extra_steps=7)
+    monkeypatch.setattr(defaults, "defaults_for", lambda m: newer)
+    neuraldb.edit(model, tok, facts, db=db, progress=False)
+    assert db.config["extra_steps"] == 0 and db.config["steps"] == 2

@@ -23,7 +23,7 @@ import torch
 from neuraldb import templates
 from neuraldb.editing import engine, model_access
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
-from neuraldb.editing.defaults import EditConfig, defaults_for, resolve
+from neuraldb.editing.defaults import EditConfig, defaults_for, recorded, resolve
 from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
 from neuraldb.editing.easyedit import as_facts as _as_facts
 from neuraldb.editing.progress import EditProgress, ProgressSpec
@@ -344,7 +344,7 @@ def edit(
         layer = layer if layer is not None else db.layer
         template = template if template is not None else db.template
         inherited = EditConfig.names() - {"layer", "gamma", "compute_dtype"}
-        base = {k: v for k, v in (db.config or {}).items() if k in inherited}
+        base = recorded(db.config, inherited)
         hparams = {**base, **{k: v for k, v in hparams.items() if v is not None}}
         if gamma is None:
             gamma = db.gamma

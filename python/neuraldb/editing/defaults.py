@@ -93,6 +93,20 @@ MODEL_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 _ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+# Fields added to EditConfig after databases were first written, with the value that reproduces how a database
+# whose recorded config lacks them was edited: appending to it or resuming its job goes on the same way.
+ADDED_FIELDS: Mapping[str, Any] = MappingProxyType({"extra_steps": 0})
+
+
+def recorded(config: Mapping[str, Any] | None, fields: set[str]) -> dict[str, Any]:
+    """The values of ``fields`` that a database's recorded ``config`` fixes: its own, and for a field added since it
+    was written (:data:`ADDED_FIELDS`), the value it was edited with. An empty config fixes nothing."""
+    if not config:
+        return {}
+    own = {k: v for k, v in config.items() if k in fields}
+    return {**{k: v for k, v in ADDED_FIELDS.items() if k in fields}, **own}
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matrix products run natively on ``device``: a CUDA GPU of compute capability 8.0 or more, or an x86
     CPU with AMX or AVX512-BF16 (unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below them). Anywhere else torch emulates

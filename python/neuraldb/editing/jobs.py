@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from neuraldb.editing.defaults import EditConfig, resolve
+from neuraldb.editing.defaults import EditConfig, recorded, resolve
 from neuraldb.editing.progress import fact_bar
 
 if TYPE_CHECKING:
@@ -105,11 +105,11 @@ def _ids_match(db: NeuralKVDatabase, start: int, done: int) -> bool:
     return len(db) == done - start and db.ids() == list(range(start, done))
 
 
-def _hparam_conflicts(recorded: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+def _hparam_conflicts(fixed: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
     return [
-        f"{k}={recorded.get(k)!r} (asked: {v!r})"
+        f"{k}={fixed.get(k)!r} (asked: {v!r})"
         for k, v in asked.items()
-        if v is not None and k not in _MACHINE_FIELDS and recorded.get(k) != v
+        if v is not None and k not in _MACHINE_FIELDS and fixed.get(k) != v
     ]
 
 
@@ -162,8 +162,8 @@ def check_resume(
             f"{path} does not hold exactly the facts {start}..{job.get('done')} of its job as ids "
             "(were facts deleted or appended after editing?)"
         )
-    recorded = {**(db.config or {}), "layer": db.layer, "gamma": db.gamma}
-    conflicts = _hparam_conflicts(recorded, asked)
+    fixed = {**recorded(db.config, EditConfig.names()), "layer": db.layer, "gamma": db.gamma}
+    conflicts = _hparam_conflicts(fixed, asked)
     if template is not None and db.template is not None and template != db.template:
         conflicts.append(f"template={db.template!r} (asked: {template!r})")
     if conflicts:
@@ -250,7 +250,7 @@ def edit_checkpointed(
             db, facts, path=path, start=start, stop=stop, checkpoint_every=checkpoint_every, template=template, **asked
         )
         checkpoint_every, done = job["checkpoint_every"], job["done"]
-        inherited = {k: v for k, v in (db.config or {}).items() if k in EditConfig.names() - _MACHINE_FIELDS}
+        inherited = recorded(db.config, EditConfig.names() - _MACHINE_FIELDS)
         cfg = resolve(model, **{**inherited, "layer": db.layer, "gamma": db.gamma})
         template = db.template if template is None else template
     else:
