@@ -4,6 +4,7 @@
     python benchmarks/bench_editing.py --n 10 --naive --no-eval      # same-run before/after timing vs the naive loop
     python benchmarks/bench_editing.py --n 100 --sweep layer=4,6,8 n_prefixes=2,5   # small grid
     python benchmarks/bench_editing.py --model gemma3-270m --n 100
+    python benchmarks/bench_editing.py --dataset zsre --n 60 --no-eval --sweep extra_steps=0,20   # speed, steps only
 
 Quality uses ROME's success definitions with whole-target summed log-probabilities (P(new) > P(true) on the
 rewrite prompt and the paraphrases, the reverse on the neighborhood prompts), every prompt inside the database's
@@ -29,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
+from _common import machine_description
 from neuraldb import templates
 from neuraldb.editing import EditConfig, edit, model_access
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
@@ -39,6 +41,16 @@ from neuraldb.models import load_model
 
 DATA = Path(os.environ.get("NEURALDB_DATA_DIR", ROOT.parent / "shared" / "data")) / "knowledge_editing"
 RESULTS = ROOT / "benchmarks" / "results" / "editing.jsonl"
+
+
+def load_zsre(n: int, offset: int = 0) -> list[Fact]:
+    """The MEND eval records with ROME/MEMIT's target (``answers[0]``), as ``neuraldb eval --dataset zsre`` edits
+    them."""
+    from neuraldb import facts as facts_mod
+    from neuraldb.evaluation.pipeline import select_facts
+
+    recs = facts_mod.load(DATA / "zsre_mend_eval_portability_1037.json.gz")
+    return select_facts(recs, "zsre", n_facts=n, offset=offset)
 
 
 def load_counterfact(n: int, offset: int = 0) -> list[Fact]:
@@ -230,6 +242,10 @@ def quality(model, tok, db, facts, pre):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument(
+        "--dataset", choices=("counterfact", "zsre"), default="counterfact",
+        help="zsre: speed and steps only (--no-eval); its quality is `neuraldb eval --dataset zsre`",
+    )  # fmt: skip
     ap.add_argument("--dtype", default=None, help="the model's dtype (e.g. bfloat16, Gemma-3's native dtype)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=0)
@@ -241,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], help="name=value overrides of the defaults")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    if args.dataset == "zsre" and not (args.no_eval and not args.naive):
+        ap.error("--dataset zsre measures speed only: give --no-eval (and no --naive)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -255,7 +273,7 @@ def main(argv=None):
         return v
 
     model, tok = load_model(args.model, dtype=args.dtype)
-    facts = load_counterfact(args.n, args.offset)
+    facts = (load_zsre if args.dataset == "zsre" else load_counterfact)(args.n, args.offset)
     base = {k: parse(v) for k, v in (s.split("=", 1) for s in args.set)}
     grid_names = [s.split("=", 1)[0] for s in args.sweep]
     grid_vals = [[parse(x) for x in s.split("=", 1)[1].split(",")] for s in args.sweep]
@@ -292,16 +310,19 @@ def main(argv=None):
         rec = {
             "mode": "neuraldb",
             "model": args.model,
+            "dataset": args.dataset,
             "dtype": args.dtype,
             "n": len(facts),
             "s_per_fact": el / len(facts),
             "cpu_s_per_fact": cpu / len(facts),
             "mean_steps": sum(stats["steps"]) / len(stats["steps"]),
+            "max_steps": max(stats["steps"]),
             "load": os.getloadavg()[0],
             "threads": torch.get_num_threads(),
             "overrides": over,
             "config": {**db.config, "layer": db.layer, "gamma": db.gamma},
             "tag": args.tag,
+            "machine": machine_description(),
         }
         if pre is not None:
             rec["quality"] = quality(model, tok, db, facts, pre)

@@ -96,8 +96,8 @@ _LLAMA_LIKE = ArchSpec(_LLAMA_PATH)
 SMOLLM2_135M = Tuned(
     "SmolLM2-135M",
     Size(hidden_size=576, num_hidden_layers=30, intermediate_size=1536),
-    {"layer": 6, "gamma": 0.65, "n_prefixes": 3, "prefix_len": 10, "lr": 2.0, "steps": 10, "patience": 3,
-     "key_bare_weight": 0.45, "key_unit_mean": True, "compute_dtype": "bfloat16"},
+    {"layer": 6, "gamma": 0.65, "n_prefixes": 3, "prefix_len": 10, "lr": 2.0, "steps": 10, "extra_steps": 20,
+     "patience": 3, "key_bare_weight": 0.45, "key_unit_mean": True, "compute_dtype": "bfloat16"},
 )  # fmt: skip
 
 # Sweep on CounterFact facts 0-49, model in bf16 (docs/editing.md): SmolLM2's lr 2.0 overshoots here (efficacy 84);
