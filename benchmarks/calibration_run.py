@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-text", action="store_true", help="calibrate from the facts alone, as `neuraldb edit` does")
     p.add_argument("--results", type=Path, help="default docs/results/calibration/counterfact[-facts-only]")
+    p.add_argument(
+        "--without-from", type=Path,
+        help="take the numbers without thresholds from this scaling run's results (its n<size>.json: the same sample "
+        "and evaluation) instead of evaluating them again",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.db = args.db or ROOT / "runs" / f"scaling-{args.dataset}" / "db.safetensors"
     name = f"{args.dataset}-facts-only" if args.no_text else args.dataset
@@ -126,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         db = first_rows(full, n)
         t0 = time.perf_counter()
-        log(f"n={n}: evaluating without thresholds")
-        without = evaluate(run, db)
+        earlier = None if args.without_from is None else args.without_from / f"n{n:05d}.json"
+        if earlier is not None and earlier.exists():
+            log(f"n={n}: without thresholds: {earlier}")
+            scaled = json.loads(earlier.read_text())
+            without = {"knowledge": scaled["knowledge"], "general": scaled["general"], "from": str(earlier)}
+        else:
+            log(f"n={n}: evaluating without thresholds")
+            without = evaluate(run, db)
         log(f"n={n}: calibrating")
         report = calibrate(
             model, tok, db, None if args.no_text else corpus, tokens=args.calib_tokens, skip=args.calib_skip, delta=args.delta,
