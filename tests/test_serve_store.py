@@ -10,6 +10,7 @@ import pytest
 import torch
 from _tiny_editing import FACTS
 from neuraldb import NeuralKVDatabase
+from neuraldb.calibration import DatabaseChangedError
 from neuraldb.serve.store import FactStore, journal_path
 
 
@@ -19,6 +20,22 @@ def _editor(calls):
         return torch.randn(len(facts), 8), torch.randn(len(facts), 4)
 
     return run
+
+
+def _saved_store(tmp_path, rows: int) -> tuple[FactStore, object]:
+    """A store over a saved database of ``rows`` of FACTS, and its path."""
+    path = tmp_path / "facts.safetensors"
+    db = NeuralKVDatabase(8, 4)
+    db.add(torch.randn(rows, 8), torch.randn(rows, 4), FACTS[:rows])
+    db.save(path)
+    return FactStore(NeuralKVDatabase.load(path), path, _editor([])), path
+
+
+def _thresholds_settled(job, timeout: float = 30) -> str | None:
+    deadline = time.time() + timeout
+    while job.thresholds in (None, "pending") and time.time() < deadline:
+        time.sleep(0.01)
+    return job.thresholds
 
 
 def test_journal_replays_a_job_the_dead_server_never_edited(tmp_path):
@@ -69,11 +86,7 @@ def test_failed_job_changes_nothing_and_its_ids_stay_unused(tmp_path):
 
 
 def test_delete_whose_save_fails_is_replayed_from_the_journal(tmp_path, monkeypatch):
-    path = tmp_path / "facts.safetensors"
-    db = NeuralKVDatabase(8, 4)
-    db.add(torch.randn(3, 8), torch.randn(3, 4), FACTS[:3])
-    db.save(path)
-    store = FactStore(NeuralKVDatabase.load(path), path, _editor([]))
+    store, path = _saved_store(tmp_path, 3)
 
     def full_disk(self, p):
         raise OSError(28, "No space left on device")
@@ -92,11 +105,7 @@ def test_delete_whose_save_fails_is_replayed_from_the_journal(tmp_path, monkeypa
 
 
 def test_delete_that_cannot_reach_the_journal_changes_nothing(tmp_path, monkeypatch):
-    path = tmp_path / "facts.safetensors"
-    db = NeuralKVDatabase(8, 4)
-    db.add(torch.randn(2, 8), torch.randn(2, 4), FACTS[:2])
-    db.save(path)
-    store = FactStore(NeuralKVDatabase.load(path), path, _editor([]))
+    store, path = _saved_store(tmp_path, 2)
 
     def broken(record):
         raise OSError(5, "Input/output error")
@@ -126,10 +135,7 @@ def test_thresholds_are_fitted_once_for_the_jobs_that_finished_and_saved(tmp_pat
     store = FactStore(db, path, slow_editor, calibrator)
     first, second = store.submit(FACTS[:1]), store.submit(FACTS[1:3])
     gate.set()
-    assert first.done.wait(30) and second.done.wait(30)
-    deadline = time.time() + 30
-    while second.thresholds != "fitted" and time.time() < deadline:
-        time.sleep(0.01)
+    assert first.done.wait(30) and second.done.wait(30) and _thresholds_settled(second) == "fitted"
     assert first.thresholds == second.thresholds == "fitted" and first.to_json()["thresholds"] == "fitted"
     assert passes == [[0, 1, 2]]  # the second job was queued when the first finished: one pass for both
     assert NeuralKVDatabase.load(path).thresholds.tolist() == pytest.approx([0.9] * 3)  # saved after fitting
@@ -143,14 +149,11 @@ def test_a_pass_overtaken_by_a_delete_runs_again_and_a_failed_one_is_reported(tm
     def overtaken():
         calls.append(1)
         if len(calls) == 1:
-            raise RuntimeError("db changed while it was being calibrated; calibrate again")
+            raise DatabaseChangedError("db changed while it was being calibrated; calibrate again")
 
     store = FactStore(db, None, _editor([]), overtaken)
     job = store.submit(FACTS[:1])
-    deadline = time.time() + 30
-    while job.thresholds != "fitted" and time.time() < deadline:
-        time.sleep(0.01)
-    assert job.thresholds == "fitted" and len(calls) == 2
+    assert _thresholds_settled(job) == "fitted" and len(calls) == 2
     store.close()
 
     def broken():
@@ -158,7 +161,5 @@ def test_a_pass_overtaken_by_a_delete_runs_again_and_a_failed_one_is_reported(tm
 
     store = FactStore(NeuralKVDatabase(8, 4), None, _editor([]), broken)
     job = store.submit(FACTS[:1])
-    while job.thresholds in (None, "pending") and time.time() < deadline + 30:
-        time.sleep(0.01)
-    assert job.status == "succeeded" and job.thresholds == "failed: ValueError: no layer"
+    assert _thresholds_settled(job) == "failed: ValueError: no layer" and job.status == "succeeded"
     store.close()

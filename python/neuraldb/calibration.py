@@ -52,6 +52,10 @@ DEFAULT_WINDOW = 512
 _SCORE_ELEMENTS = 1 << 24
 
 
+class DatabaseChangedError(RuntimeError):
+    """The database's rows changed while they were being read and fitted; nothing was set. Run again."""
+
+
 @dataclass
 class CalibrationReport:
     """What :func:`calibrate` measured and changed. Openings are positions (of the calibration text) whose best row
@@ -295,7 +299,7 @@ def calibrate(
     conflicts = int((raise_ & (neg + delta > pos - margin)).sum())
     with db.lock:
         if db.ids() != ids:
-            raise RuntimeError("db changed while it was being calibrated; calibrate again")
+            raise DatabaseChangedError("db changed while it was being calibrated; calibrate again")
         new = db.thresholds
         new[fitted] = -1.0
         new[raise_] = want[raise_].clamp(max=1.0)
@@ -359,7 +363,7 @@ def enable_relation_gate(
         keys = model_access.last_token_states(model, tokenizer, [f.text for _, f in chosen], layer, db.template, 32)
         with db.lock:
             if db.ids() != ids:
-                raise RuntimeError("db changed while its relation keys were computed; run again")
+                raise DatabaseChangedError("db changed while its relation keys were computed; run again")
             db.update([i for i, _ in chosen], relation_keys=keys)
     db.relation_gate = gate
     return len(chosen)
@@ -398,6 +402,7 @@ def text_openings(
 
 __all__ = [
     "CalibrationReport",
+    "DatabaseChangedError",
     "best_rows",
     "calibrate",
     "enable_relation_gate",

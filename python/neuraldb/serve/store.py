@@ -47,7 +47,7 @@ __all__ = ["FactStore", "Job", "PendingFactError", "UnknownFactError", "journal_
 
 # computes (keys, residuals) for facts, in their order
 Editor = Callable[[Sequence[Fact]], tuple["torch.Tensor", "torch.Tensor"]]
-# fits the database's gate thresholds in place (RuntimeError when the database changed meanwhile)
+# fits the database's gate thresholds in place (calibration.DatabaseChangedError when it changed meanwhile)
 Calibrator = Callable[[], object]
 
 
@@ -208,14 +208,16 @@ class FactStore:
 
     def _calibrate(self) -> None:
         """Fit the thresholds for ``_uncalibrated`` (called with the lock held; released while fitting)."""
+        from neuraldb.calibration import DatabaseChangedError
+
         assert self.calibrator is not None
         jobs, self._uncalibrated = self._uncalibrated, []
         self._lock.release()
         try:
             self.calibrator()
             outcome = "fitted"
-        except RuntimeError as e:
-            outcome = "again" if "changed while" in str(e) else f"failed: {type(e).__name__}: {e}"
+        except DatabaseChangedError:
+            outcome = "again"
         except Exception as e:  # noqa: BLE001 -- the facts are in; only their thresholds are missing
             outcome = f"failed: {type(e).__name__}: {e}"
         finally:
