@@ -154,6 +154,22 @@ def test_sequence_negatives_skip_the_subject_and_the_facts_own_row(tiny):
     assert score.numel() == 0
 
 
+def test_sequence_negatives_are_the_same_whatever_the_scoring_block(tiny, monkeypatch):
+    from neuraldb import calibration
+
+    model, tok = tiny
+    keys = torch.nn.functional.normalize(compute_keys(model, tok, FACTS, LAYER, n_prefixes=0, template="<s>{}"), dim=-1)
+    rows = list(range(len(FACTS)))
+    # Owners of the kept positions must follow their sequences into a block shared with other facts.
+    whole = sequence_negatives_of(model, tok, LAYER, "<s>{}", FACTS, rows, keys, batch_size=2)
+    monkeypatch.setattr(calibration, "_SCORE_BLOCK", 1)
+    apart = sequence_negatives_of(model, tok, LAYER, "<s>{}", FACTS, rows, keys, batch_size=2)
+    assert whole[0].numel() > 0
+    assert torch.equal(whole[1], apart[1]) and torch.allclose(whole[0], apart[0])
+    per_fact = [sequence_negatives_of(model, tok, LAYER, "<s>{}", [f], [r], keys) for f, r in zip(FACTS, rows)]
+    assert torch.equal(whole[1], torch.cat([p[1] for p in per_fact]))
+
+
 def test_read_corpus(tmp_path):
     import gzip
 

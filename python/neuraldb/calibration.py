@@ -50,6 +50,8 @@ DEFAULT_TOKENS = 65536
 DEFAULT_WINDOW = 512
 # Scores per matrix product: bounds the (states x keys) temporaries.
 _SCORE_ELEMENTS = 1 << 24
+# States scored together against all keys in sequence_negatives_of.
+_SCORE_BLOCK = 4096
 
 
 class DatabaseChangedError(RuntimeError):
@@ -182,7 +184,18 @@ def sequence_negatives_of(
         ids, s = _subject_last(tokenizer, template, f.text, len(pre) + len(f.subject))
         seqs.append(ids + templates.encode_target(tokenizer, f.target_new)[:-1])
         subj.append(s)
-    scores, best = [], []
+    # States are scored in blocks of several sequences: each best_rows call reads every key once, so scoring
+    # sequence by sequence made the whole pass memory-bound on the keys (most of its time at 20k rows).
+    scores, best, pending, owners = [], [], [], []
+
+    def flush() -> None:
+        sc, r = best_rows(torch.cat(pending), keys)
+        other = r != torch.cat(owners)
+        scores.append(sc[other])
+        best.append(r[other])
+        pending.clear()
+        owners.clear()
+
     with torch.inference_mode():
         for start in range(0, len(seqs), batch_size):
             part = seqs[start : start + batch_size]
@@ -192,10 +205,12 @@ def sequence_negatives_of(
                 keep = torch.ones(len(ids), dtype=torch.bool)
                 keep[0] = False
                 keep[subj[i]] = False
-                sc, r = best_rows(torch.nn.functional.normalize(states[b, : len(ids)][keep].cpu(), dim=-1), keys)
-                other = r != rows[i]
-                scores.append(sc[other])
-                best.append(r[other])
+                pending.append(torch.nn.functional.normalize(states[b, : len(ids)][keep].cpu(), dim=-1))
+                owners.append(torch.full((int(keep.sum()),), rows[i], dtype=torch.long))
+            if sum(p.shape[0] for p in pending) >= _SCORE_BLOCK:
+                flush()
+        if pending:
+            flush()
     if not scores:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(scores), torch.cat(best)
