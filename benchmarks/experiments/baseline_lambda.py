@@ -30,7 +30,7 @@ def main() -> None:
     from neuraldb import baselines, templates
     from neuraldb import facts as facts_mod
     from neuraldb.editing import compute_keys
-    from neuraldb.evaluation.baseline_run import _residual_fit
+    from neuraldb.evaluation.baseline_run import residual_fit
     from neuraldb.evaluation.counterfact import evaluate_counterfact
 
     model, tok = neuraldb.load_model("smollm2")
@@ -54,7 +54,7 @@ def main() -> None:
         t0 = time.perf_counter()
         delta = baselines.baseline_delta(method, keys, resid, c0, **kw)
         s = efficacy(delta)
-        row = {"method": method, **kw, "efficacy": s["efficacy"], "fit": _residual_fit(keys, resid, delta)}
+        row = {"method": method, **kw, "efficacy": s["efficacy"], "fit": residual_fit(keys, resid, delta)}
         row["delta_norm"], row["seconds"] = delta.norm().item(), time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)

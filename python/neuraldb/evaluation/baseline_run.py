@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["OPTIONS", "baseline_state", "wikitext_tokens_for"]
+__all__ = ["OPTIONS", "baseline_state", "residual_fit", "wikitext_tokens_for"]
 
 OPTIONS = ("lam", "threshold", "l2", "c0_tokens", "sequential")
 
@@ -60,7 +60,7 @@ def baseline_state(model, tok, facts, db, *, method: str, general_dir: str | Pat
     delta = baselines.baseline_delta(method, keys, resid, c0, lam=lam, threshold=threshold, l2=l2, batch=batch)
     t_solve = time.perf_counter() - t0
     w, _ = baselines._weight_and_layout(model, db.layer)
-    fit = _residual_fit(keys, resid, delta)
+    fit = residual_fit(keys, resid, delta)
     evals = torch.linalg.eigvalsh(c0.double())
     info = {
         "method": method,
@@ -89,7 +89,7 @@ def baseline_state(model, tok, facts, db, *, method: str, general_dir: str | Pat
     return partial(baselines.weights_edited, model, db.layer, delta), info
 
 
-def _residual_fit(keys: torch.Tensor, resid: torch.Tensor, delta: torch.Tensor) -> dict:
+def residual_fit(keys: torch.Tensor, resid: torch.Tensor, delta: torch.Tensor) -> dict:
     """How much of each residual ``Delta k`` reproduces: mean cosine and mean norm ratio over the facts."""
     got = keys.double() @ delta.double().T
     want = resid.double()
