@@ -8,9 +8,11 @@ generates. MEMIT seeds generation with "The", "Therefore", "Because", "I", "You"
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from neuraldb.facts import Fact
 
 SEEDS = ("The", "Therefore", "Because", "I", "You")
 _MEMORY: dict[str, list[str]] = {}
+_PINNED: dict[int, str] = {}  # id(model) -> the cache key of its weights when prefixes_pinned was entered
 
 
 def _cache_root() -> Path:
@@ -37,6 +40,8 @@ def _model_key(model) -> str:
     saved database to its model) and their dtype, which changes what sampling picks."""
     from neuraldb.pretrained_io import architecture, fingerprint, weights_dtype
 
+    if id(model) in _PINNED:
+        return _PINNED[id(model)]
     return hashlib.sha256(f"{architecture(model)}-{fingerprint(model)}-{weights_dtype(model)}".encode()).hexdigest()[
         :20
     ]
@@ -95,6 +100,23 @@ def generate_prefixes(
         except OSError:
             pass
     return list(out)
+
+
+@contextlib.contextmanager
+def prefixes_pinned(model) -> Iterator[None]:
+    """Inside the block, :func:`generate_prefixes` keys ``model``'s prefixes by its weights as they were on entry, so
+    weight edits made inside (MEMIT's layer-by-layer updates) keep the contexts the unedited model gave (MEMIT
+    generates its context templates once). Generate them before the first edit: on a cache miss inside the block they
+    are sampled from the weights as they are then."""
+    had, previous = id(model) in _PINNED, _PINNED.get(id(model))
+    _PINNED[id(model)] = _model_key(model)
+    try:
+        yield
+    finally:
+        if had:
+            _PINNED[id(model)] = previous
+        else:
+            del _PINNED[id(model)]
 
 
 def context_texts(prefixes: list[str]) -> list[str]:
