@@ -25,8 +25,9 @@ does not score (:func:`key_second_moment`), as MEMIT's ``layer_stats`` ``mom2`` 
   ``||(W + dP) K - (W K + R)||^2 + l2 ||dP||^2 + ||dP Kp||^2`` over ``Delta = dP``, so ``Delta k0 = 0`` exactly for
   every ``k0`` in the span of ``C0``'s eigenvectors above the threshold.
 
-Only the single-layer form is implemented (the NeuralDB paper's Table 9 setting); MEMIT's spread of the residual over
-several layers is not. :func:`weights_edited` adds an update to the weights and restores them bitwise.
+These are the single-layer forms (the NeuralDB paper's Table 9 setting). MEMIT's spread of the residual over several
+layers ending at the database layer, for both methods, is :func:`neuraldb.baselines_spread.multi_layer_deltas`.
+:func:`weights_edited` adds an update (one layer's, or several layers') to the weights and restores them bitwise.
 
 Example::
 
@@ -47,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -203,25 +204,44 @@ def _weight_and_layout(model: torch.nn.Module, layer: int) -> tuple[torch.Tensor
     raise ValueError(f"the down-projection weight has shape {tuple(w.shape)}, expected ({d2}, {d1})")
 
 
-@contextlib.contextmanager
-def weights_edited(model: torch.nn.Module, layer: int, delta: torch.Tensor) -> Iterator[torch.nn.Module]:
-    """Add ``delta`` ((d2, d1), from :func:`memit_delta` and the like) to layer ``layer``'s down-projection weight
-    in place for the ``with`` block (the sum is formed in float32, then cast to the weight's dtype); on exit the
-    weight is restored to a copy taken on entry, so it is bitwise what it was. Yields the model."""
+def _edit_plan(model: torch.nn.Module, layer: int, delta: object) -> tuple[torch.Tensor, bool, torch.Tensor]:
     w, transposed = _weight_and_layout(model, layer)
     d2, d1 = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
     if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (d2, d1):
         shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
         raise ValueError(f"delta must be ({d2}, {d1}) for layer {layer}'s down-projection, got {shape}")
-    saved = w.detach().clone()
+    return w, transposed, delta
+
+
+@contextlib.contextmanager
+def weights_edited(
+    model: torch.nn.Module, layer: int | Mapping[int, torch.Tensor], delta: torch.Tensor | None = None
+) -> Iterator[torch.nn.Module]:
+    """Add ``delta`` ((d2, d1), from :func:`memit_delta` and the like) to layer ``layer``'s down-projection weight
+    in place for the ``with`` block (the sum is formed in float32, then cast to the weight's dtype); on exit the
+    weight is restored to a copy taken on entry, so it is bitwise what it was. Yields the model.
+
+    ``weights_edited(model, {layer: delta, ...})`` edits several layers at once (MEMIT's spread,
+    :func:`neuraldb.baselines_spread.multi_layer_deltas`); every delta is checked before any weight changes."""
+    if isinstance(layer, Mapping):
+        if delta is not None:
+            raise ValueError("pass either a layer and its delta or one mapping of layer -> delta, not both")
+        edits = dict(layer)
+    else:
+        edits = {layer: delta}
+    plan = [_edit_plan(model, lay, d) for lay, d in edits.items()]
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            upd = delta.to(device=w.device, dtype=torch.float32)
-            w.copy_((w.float() + (upd.T if transposed else upd)).to(w.dtype))
+            for w, transposed, d in plan:
+                saved.append((w, w.detach().clone()))
+                upd = d.to(device=w.device, dtype=torch.float32)
+                w.copy_((w.float() + (upd.T if transposed else upd)).to(w.dtype))
         yield model
     finally:
         with torch.no_grad():
-            w.copy_(saved)
+            for w, copy in reversed(saved):
+                w.copy_(copy)
 
 
 def wikitext_half(tok, data_dir: str | Path, half: str = "second") -> list[int]:
