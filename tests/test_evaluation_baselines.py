@@ -59,6 +59,35 @@ def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, 
     assert g["pre"]["tasks"]["wikitext2"]["token_ppl"] != g["post"]["tasks"]["wikitext2"]["token_ppl"]
 
 
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_baseline_spread_over_layers_scores_and_restores_every_layer(tmp_path, monkeypatch, method):
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+    model, tok = word_llama()
+    layers = [0, 1, EDIT["layer"]]
+    before = {lay: down_proj_module(model, lay)[1].weight.detach().clone() for lay in layers}
+    hp = {"lam": 0.1} if method == "memit" else {"threshold": 1e-6, "l2": 1e-3}
+    run = run_eval(
+        model_name="tiny",
+        dataset="counterfact",
+        facts_path=facts_jsonl(tmp_path / "facts.jsonl", EVAL_FACTS[:4]),
+        n_facts=None,
+        edit_kwargs=EDIT,
+        general_dir=_general_dir(tmp_path),
+        general_tasks=["wikitext2"],
+        show_progress=False,
+        model_and_tok=(model, tok),
+        method=method,
+        baseline_options={**hp, "layers": layers},
+    )
+    for lay, w in before.items():
+        assert_bitwise(down_proj_module(model, lay)[1].weight.detach(), w)
+    info = run["baseline"]
+    assert info["layers"] == layers and info["layer"] == EDIT["layer"] and "at each of layers" in info["formula"]
+    assert set(info["delta_norms"]) == {str(lay) for lay in layers} and min(info["delta_norms"].values()) > 0
+    assert info["target_fit"]["mean_cosine"] > 0.5
+    assert run["post"]["per_fact"] != run["pre"]["per_fact"]
+
+
 def test_baseline_method_refuses_deletion_and_unknown_options(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
     model, tok = word_llama()
@@ -68,3 +97,10 @@ def test_baseline_method_refuses_deletion_and_unknown_options(tmp_path, monkeypa
         run_eval(**kw, deletion=True, method="memit", show_progress=False, model_and_tok=(model, tok))
     with pytest.raises(ValueError, match="unknown baseline option"):
         run_eval(**kw, method="memit", baseline_options={"lambda": 1}, show_progress=False, model_and_tok=(model, tok))
+    refused = {
+        "layers must end at the database layer": {"layers": [0, 1]},
+        "for one layer": {"layers": [1, 2], "sequential": 2},
+    }
+    for match, bad in refused.items():
+        with pytest.raises(ValueError, match=match):
+            run_eval(**kw, method="memit", baseline_options=bad, show_progress=False, model_and_tok=(model, tok))

@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["OPTIONS", "baseline_state", "residual_fit", "wikitext_tokens_for"]
 
-OPTIONS = ("lam", "threshold", "l2", "c0_tokens", "sequential")
+OPTIONS = ("lam", "threshold", "l2", "c0_tokens", "sequential", "layers")
 
 
 def wikitext_tokens_for(tok, general_dir: str | Path, requested: int | None) -> tuple[int, str | None]:
@@ -33,38 +33,39 @@ def wikitext_tokens_for(tok, general_dir: str | Path, requested: int | None) -> 
 
 def baseline_state(model, tok, facts, db, *, method: str, general_dir: str | Path | None, options: dict | None):
     """``(post, info)``: ``post()`` is a context manager with ``method``'s update in the weights (restored bitwise
-    on exit); ``info`` records what was computed (for ``results.json``)."""
+    on exit); ``info`` records what was computed (for ``results.json``). Option ``layers`` (a list ending at the
+    database layer) spreads the residuals over those layers (:mod:`neuraldb.baselines_spread`); default: the
+    database layer alone."""
     from .. import baselines
-    from ..editing import compute_keys
 
     opts = dict(options or {})
     unknown = set(opts) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown baseline option(s) {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
-    conf = db.config or {}
-    key_conf = {k: conf[k] for k in ("n_prefixes", "prefix_len", "seed", "key_bare_weight", "batch_size") if k in conf}
-    t0 = time.perf_counter()
-    keys = compute_keys(model, tok, facts, db.layer, template=db.template, key_unit_mean=False, **key_conf)
-    resid = db.values.detach().float().cpu()
-    t_keys = time.perf_counter() - t0
+    layers = opts.get("layers")
+    if layers is not None:
+        from ..baselines_spread import check_layers
+
+        layers = check_layers(model, layers, db.layer)
+        if len(layers) > 1 and opts.get("sequential") is not None:
+            raise ValueError("the sequential option is for one layer only: the spread over layers is in one batch")
     data_dir = Path(general_dir) if general_dir is not None else Path("../shared/data/general_eval")
     n_tokens = opts.get("c0_tokens", baselines.DEFAULT_C0_TOKENS)
-    t0 = time.perf_counter()
-    c0 = baselines.key_second_moment(model, tok, db.layer, data_dir=data_dir, n_tokens=n_tokens)
-    t_c0 = time.perf_counter() - t0
-    lam = float(opts.get("lam", baselines.DEFAULT_LAMBDA))
-    threshold = float(opts.get("threshold", baselines.DEFAULT_NULLSPACE_THRESHOLD))
-    l2 = float(opts.get("l2", baselines.DEFAULT_L2))
-    batch = opts.get("sequential")
-    t0 = time.perf_counter()
-    delta = baselines.baseline_delta(method, keys, resid, c0, lam=lam, threshold=threshold, l2=l2, batch=batch)
-    t_solve = time.perf_counter() - t0
-    w, _ = baselines._weight_and_layout(model, db.layer)
-    fit = residual_fit(keys, resid, delta)
-    evals = torch.linalg.eigvalsh(c0.double())
+    hp = {
+        "lam": float(opts.get("lam", baselines.DEFAULT_LAMBDA)),
+        "threshold": float(opts.get("threshold", baselines.DEFAULT_NULLSPACE_THRESHOLD)),
+        "l2": float(opts.get("l2", baselines.DEFAULT_L2)),
+    }
+    c0_of = partial(baselines.key_second_moment, model, tok, data_dir=data_dir, n_tokens=n_tokens)
+    if layers is None or len(layers) == 1:
+        post, info = _one_layer(model, tok, facts, db, method, c0_of, hp, opts.get("sequential"))
+    else:
+        post, info = _spread(model, tok, facts, db, method, c0_of, hp, layers)
+    evals = torch.linalg.eigvalsh(info.pop("c0_matrix").double())
     info = {
         "method": method,
         "layer": db.layer,
+        "layers": layers or [db.layer],
         "keys": "raw mean of down-projection inputs (key_unit_mean=False), the database's other key settings",
         "residuals": f"the database's rows ({str(db.values.dtype).removeprefix('torch.')})",
         "c0": {
@@ -72,21 +73,89 @@ def baseline_state(model, tok, facts, db, *, method: str, general_dir: str | Pat
             "n_tokens": n_tokens,
             "eigenvalues": {"min": evals.min().item(), "median": evals.median().item(), "max": evals.max().item()},
         },
-        "sequential_batch": batch,
-        "delta_norm": delta.norm().item(),
-        "weight_norm": w.detach().float().norm().item(),
-        "residual_fit": fit,
-        "seconds": {"keys": t_keys, "c0": t_c0, "solve": t_solve},
+        **info,
     }
     if method == "memit":
-        info["lam"] = lam
+        info["lam"] = hp["lam"]
         info["formula"] = "Delta = R K^T (lam C0 + K K^T)^-1 (MEMIT, one layer)"
     else:
-        info.update(threshold=threshold, l2=l2, null_space_dim=int((evals < threshold).sum()))
+        info.update(threshold=hp["threshold"], l2=hp["l2"], null_space_dim=int((evals < hp["threshold"]).sum()))
         info["formula"] = (
             "Delta = R K^T P ((K K^T + Kp Kp^T) P + l2 I)^-1, P onto eigvecs of C0 < threshold (AlphaEdit)"
         )
+    if len(info["layers"]) > 1:
+        info["c0"]["eigenvalues_of_layer"] = db.layer
+        info["formula"] = info["formula"].replace(", one layer)", ")") + (
+            f", at each of layers {info['layers']} in turn with R = (z - h) / (layers left), z = h0 + r, h the output"
+            " of the database layer on the bare prompts with the earlier layers' updates in place"
+        )
+    return post, info
+
+
+def _key_conf(db) -> dict:
+    conf = db.config or {}
+    return {k: conf[k] for k in ("n_prefixes", "prefix_len", "seed", "key_bare_weight", "batch_size") if k in conf}
+
+
+def _one_layer(model, tok, facts, db, method, c0_of, hp, batch):
+    from .. import baselines
+    from ..editing import compute_keys
+
+    t0 = time.perf_counter()
+    keys = compute_keys(model, tok, facts, db.layer, template=db.template, key_unit_mean=False, **_key_conf(db))
+    resid = db.values.detach().float().cpu()
+    t_keys = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c0 = c0_of(db.layer)
+    t_c0 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    delta = baselines.baseline_delta(method, keys, resid, c0, batch=batch, **hp)
+    t_solve = time.perf_counter() - t0
+    w, _ = baselines._weight_and_layout(model, db.layer)
+    info = {
+        "c0_matrix": c0,
+        "sequential_batch": batch,
+        "delta_norm": delta.norm().item(),
+        "weight_norm": w.detach().float().norm().item(),
+        "residual_fit": residual_fit(keys, resid, delta),
+        "seconds": {"keys": t_keys, "c0": t_c0, "solve": t_solve},
+    }
     return partial(baselines.weights_edited, model, db.layer, delta), info
+
+
+def _spread(model, tok, facts, db, method, c0_of, hp, layers):
+    from .. import baselines, baselines_spread
+
+    t0 = time.perf_counter()
+    c0s = {lay: c0_of(lay) for lay in layers}
+    t_c0 = time.perf_counter() - t0
+    resid = db.values.detach().float().cpu()
+    t0 = time.perf_counter()
+    deltas = baselines_spread.multi_layer_deltas(
+        model,
+        tok,
+        facts,
+        layers,
+        resid,
+        layer=db.layer,
+        method=method,
+        c0=c0s,
+        template=db.template,
+        key_settings=_key_conf(db),
+        **hp,
+    )
+    t_solve = time.perf_counter() - t0
+    fit = baselines_spread.target_fit(model, tok, facts, db.layer, resid, deltas, template=db.template)
+    info = {
+        "c0_matrix": c0s[db.layer],
+        "sequential_batch": None,
+        "delta_norm": sum(d.double().norm() ** 2 for d in deltas.values()).sqrt().item(),
+        "delta_norms": {str(lay): d.norm().item() for lay, d in deltas.items()},
+        "weight_norm": baselines._weight_and_layout(model, db.layer)[0].detach().float().norm().item(),
+        "target_fit": fit,
+        "seconds": {"c0": t_c0, "keys_and_solve": t_solve},
+    }
+    return partial(baselines.weights_edited, model, deltas), info
 
 
 def residual_fit(keys: torch.Tensor, resid: torch.Tensor, delta: torch.Tensor) -> dict:

@@ -132,14 +132,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
         choices=("neuraldb", "memit", "alphaedit"),
         default="neuraldb",
         help="write the edits as a NeuralDB patch (default), or the same keys and residuals into the weights by "
-        "MEMIT's or AlphaEdit's single-layer closed form (neuraldb.baselines)",
+        "MEMIT's or AlphaEdit's closed form (neuraldb.baselines; one layer unless --baseline-args gives layers)",
     )
     p.add_argument(
         "--baseline-args",
         type=_json_object,
         default="{}",
-        help='--method memit|alphaedit: JSON of {"lam", "threshold", "l2", "c0_tokens", "sequential"} (defaults '
-        "15000, 2e-2, 10, 100000, one batch; sequential: facts per batch)",
+        help='--method memit|alphaedit: JSON of {"lam", "threshold", "l2", "c0_tokens", "sequential", "layers"} '
+        "(defaults 15000, 2e-2, 10, 100000, one batch, the database layer; sequential: facts per batch; layers: a "
+        "list ending at the database layer to spread the residuals over, as MEMIT does)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
