@@ -5,6 +5,11 @@
     python benchmarks/bench_editing.py --n 100 --sweep layer=4,6,8 n_prefixes=2,5   # small grid
     python benchmarks/bench_editing.py --model gemma3-270m --n 100
     python benchmarks/bench_editing.py --dataset zsre --n 60 --no-eval --sweep extra_steps=0,20   # speed, steps only
+    python benchmarks/bench_editing.py --n 200 --warm-from runs/scaling-counterfact/db.safetensors \
+        --set compute_dtype=float32 --sweep warm_start=False,True          # warm starts from a big database
+
+``--warm-from DB``: each run appends the facts to DB's rows (minus the edited facts themselves), so that
+``warm_start=True`` finds starts there; quality is measured on a database of the new rows alone, as without it.
 
 Quality uses ROME's success definitions with whole-target summed log-probabilities (P(new) > P(true) on the
 rewrite prompt and the paraphrases, the reverse on the neighborhood prompts), every prompt inside the database's
@@ -32,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 from _common import machine_description
 from neuraldb import templates
+from neuraldb.database import NeuralKVDatabase
 from neuraldb.editing import EditConfig, edit, model_access
 from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
 from neuraldb.editing.defaults import resolve
@@ -256,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--sweep", nargs="*", default=[], help="name=v1,v2 ... (EditConfig fields); grid over all")
     ap.add_argument("--set", nargs="*", default=[], help="name=value overrides of the defaults")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--warm-from", type=Path, help="append to this database's rows (warm starts; see above)")
     args = ap.parse_args(argv)
     if args.dataset == "zsre" and not (args.no_eval and not args.naive):
         ap.error("--dataset zsre measures speed only: give --no-eval (and no --naive)")
@@ -304,9 +311,11 @@ def main(argv=None):
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
         over = {**base, **dict(zip(grid_names, combo))}
         stats: dict = {}
+        start = _others(args.warm_from, facts)
         t, c = time.perf_counter(), time.process_time()
-        db = edit(model, tok, facts, progress=False, stats=stats, **over)
+        db = edit(model, tok, facts, progress=False, stats=stats, db=start, **over)
         el, cpu = time.perf_counter() - t, time.process_time() - c
+        db = _last_rows(db, len(facts))
         rec = {
             "mode": "neuraldb",
             "model": args.model,
@@ -322,12 +331,38 @@ def main(argv=None):
             "overrides": over,
             "config": {**db.config, "layer": db.layer, "gamma": db.gamma},
             "tag": args.tag,
+            "warm_from": str(args.warm_from) if args.warm_from else None,
             "machine": machine_description(),
         }
         if pre is not None:
             rec["quality"] = quality(model, tok, db, facts, pre)
         print(json.dumps(rec), flush=True)
         _append(rec)
+
+
+def _others(path: Path | None, facts: list[Fact]) -> NeuralKVDatabase | None:
+    """``path``'s rows whose fact is not one of ``facts`` (a fresh copy each run), or None without a path."""
+    if path is None:
+        return None
+    src = NeuralKVDatabase.load(path)
+    edited = {(f.subject, f.target_new) for f in facts}  # the same edit, whatever the wording of its prompt
+    keep = [r for r, i in enumerate(src.ids()) if not isinstance(f := src.fact(i), Fact) or
+            (f.subject, f.target_new) not in edited]  # fmt: skip
+    return _rows(src, keep)
+
+
+def _rows(src: NeuralKVDatabase, rows: list[int]) -> NeuralKVDatabase:
+    db = NeuralKVDatabase(src.key_dim, src.value_dim, dtype=src.dtype)
+    db.layer, db.gamma, db.template, db.config = src.layer, src.gamma, src.template, dict(src.config or {})
+    db.model_identity, db.model_id, db.module_path = src.model_identity, src.model_id, src.module_path
+    idx = torch.tensor(rows, dtype=torch.long)
+    ids = src.ids()
+    db.add(src.keys[idx], src.values[idx], [src.fact(ids[r]) for r in rows])
+    return db
+
+
+def _last_rows(db: NeuralKVDatabase, n: int) -> NeuralKVDatabase:
+    return db if len(db) == n else _rows(db, list(range(len(db) - n, len(db))))
 
 
 def _append(rec):

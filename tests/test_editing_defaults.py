@@ -200,8 +200,10 @@ def test_a_database_recorded_before_a_field_existed_goes_on_as_it_was_edited(mon
     )
     kw = {"layer": 2, "n_prefixes": 1, "prefix_len": 3, "steps": 2}
     db = neuraldb.edit(model, tok, facts, progress=False, **kw)
-    del db.config["extra_steps"]  # as a file written before extra_steps was a field
-    newer = replace(defaults.defaults_for(model), extra_steps=7)
+    for name in ("extra_steps", "warm_start", "warm_steps"):  # as a file written before these were fields
+        del db.config[name]
+    newer = replace(defaults.defaults_for(model), extra_steps=7, warm_start=True, warm_steps=1)
     monkeypatch.setattr(defaults, "defaults_for", lambda m: newer)
     neuraldb.edit(model, tok, facts, db=db, progress=False)
     assert db.config["extra_steps"] == 0 and db.config["steps"] == 2
+    assert db.config["warm_start"] is False and db.config["warm_steps"] == 3

@@ -27,6 +27,7 @@ from neuraldb.editing.defaults import EditConfig, defaults_for, recorded, resolv
 from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
 from neuraldb.editing.easyedit import as_facts as _as_facts
 from neuraldb.editing.progress import EditProgress, ProgressSpec
+from neuraldb.editing.warm import ResidualBank, check_init
 from neuraldb.facts import Fact
 from neuraldb.pretrained_io import check_model, model_identity, recorded_identity
 
@@ -51,7 +52,7 @@ __all__ = [
 
 
 def _run(
-    model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress: ProgressSpec, stats: dict | None
+    model, tok, facts, cfg: EditConfig, template, *, want_residuals: bool, progress: ProgressSpec, stats, init=None
 ):
     facts = _as_facts(facts)
     if cfg.layer is None:
@@ -62,13 +63,14 @@ def _run(
         return torch.zeros(0, d1), (torch.zeros(0, d2) if want_residuals else None)
     bar = EditProgress(progress, len(facts), "editing" if want_residuals else "keys")
     try:
-        return _run_facts(model, tok, facts, cfg, template, h, want_residuals=want_residuals, bar=bar, stats=stats)
+        return _run_facts(model, tok, facts, cfg, template, h, want_residuals, bar, stats, init)
     finally:
         bar.close()
 
 
-def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar: EditProgress, stats: dict | None):
+def _run_facts(model, tok, facts, cfg, template, h, want_residuals: bool, bar: EditProgress, stats, init):
     d1, d2 = _dims(h)
+    check_init(init, len(facts), d2)
     bar.status("generating prefixes")
     prefixes = generate_prefixes(model, tok, n=cfg.n_prefixes, length=cfg.prefix_len, template=template, seed=cfg.seed)
     contexts = context_texts(prefixes)
@@ -83,6 +85,7 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
         stop_loss=cfg.stop_loss,
         patience=cfg.patience,
         extra_steps=cfg.extra_steps,
+        warm_steps=cfg.warm_steps,
     )
     kl_prompt = cfg.kl_prompt if (want_residuals and cfg.kl_factor) else None
     fact_rows_all = [
@@ -120,7 +123,8 @@ def _run_facts(model, tok, facts, cfg, template, h, *, want_residuals: bool, bar
             on_step = functools.partial(bar.step, batch_label, opt.steps + opt.extra_steps, len(chunk))
             st: dict = {}
             with precision.compute():
-                resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st, on_step=on_step).cpu()
+                start = None if init is None else init[idx]
+                resid[idx] = engine.optimise(h, prep, len(chunk), opt, d2, st, on_step=on_step, init=start).cpu()
             for j, i in enumerate(chunk):
                 steps_of[i], loss_of[i] = st["steps"][j], st["loss"][j]
             del prep
@@ -205,19 +209,20 @@ def compute_keys_and_residuals(
     template: str | None = None,
     progress: ProgressSpec = False,
     stats: dict | None = None,
+    init: torch.Tensor | None = None,
     **hparams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (n, d1) and residuals (n, d2), float32, from one pass (the residual rows contain the key rows).
 
     ``hparams`` are :class:`EditConfig` fields (steps, lr, kl_factor, weight_decay, clamp_norm_factor,
     stop_loss, n_prefixes, prefix_len, seed, kl_prompt, batch_size). ``stats``, if a dict, receives per-fact
-    ``steps`` and final ``loss`` lists.
+    ``steps`` and final ``loss`` lists. ``init`` (n, d2): where each residual starts (a NaN row: zero), those facts
+    taking ``warm_steps`` steps (:mod:`neuraldb.editing.warm`).
     """
     cfg = resolve(model, layer=layer, **hparams)
     with model_access.editing_state(model):
-        return _run(
-            model, tok, facts, cfg, _template_for(tok, template), want_residuals=True, progress=progress, stats=stats
-        )
+        t = _template_for(tok, template)
+        return _run(model, tok, facts, cfg, t, want_residuals=True, progress=progress, stats=stats, init=init)
 
 
 def compute_residuals(
@@ -354,15 +359,10 @@ def edit(
     template = _template_for(tok, template)
     t0 = time.perf_counter()
     stats = {} if stats is None else stats
+    init = ResidualBank.from_database(db).starts(facts) if cfg.warm_start and db is not None else None
+    hp = {k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")}
     keys, resid = compute_keys_and_residuals(
-        model,
-        tok,
-        facts,
-        cfg.layer,
-        template=template,
-        progress=progress,
-        stats=stats,
-        **{k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")},
+        model, tok, facts, cfg.layer, template=template, progress=progress, stats=stats, init=init, **hp
     )
     elapsed = time.perf_counter() - t0
     h = model_access.handles(model, cfg.layer)

@@ -40,6 +40,9 @@ class EditConfig:
         extra_steps: steps a fact may take beyond ``steps`` while some target token is not yet the argmax at its
             position in some context (question-style targets of several tokens need them; a fact that succeeds
             within ``steps`` is optimised exactly as without them).
+        warm_start: when appending to a database, start each fact's residual at the mean residual of the
+            database's facts with the same prompt and target (else the same target) (:mod:`neuraldb.editing.warm`).
+        warm_steps: the step budget of a fact that found such a start (``extra_steps`` still apply after it).
         kl_prompt: the "{} is a" prompt of the KL term.
         batch_size: facts optimised together.
         key_bare_weight: weight of the bare prompt in the key mean (the prefixed contexts share the rest); None
@@ -67,6 +70,8 @@ class EditConfig:
     stop_loss: float = 5e-2
     patience: int = 0
     extra_steps: int = 0
+    warm_start: bool = False
+    warm_steps: int = 3
     kl_prompt: str = "{} is a"
     batch_size: int = 32
     compute_dtype: str = "float32"
@@ -95,7 +100,7 @@ _ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
 
 # Fields added to EditConfig after databases were first written, with the value that reproduces how a database
 # whose recorded config lacks them was edited: appending to it or resuming its job goes on the same way.
-ADDED_FIELDS: Mapping[str, Any] = MappingProxyType({"extra_steps": 0})
+ADDED_FIELDS: Mapping[str, Any] = MappingProxyType({"extra_steps": 0, "warm_start": False, "warm_steps": 3})
 
 
 def recorded(config: Mapping[str, Any] | None, fields: set[str]) -> dict[str, Any]:

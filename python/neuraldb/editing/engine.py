@@ -251,9 +251,14 @@ class OptimConfig:
     stop_loss: float
     patience: int
     extra_steps: int = 0
+    warm_steps: int | None = None  # the step budget of a fact that starts from a given residual (None: steps)
     stall_tol: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+
+def _clamped(r: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    return r * torch.clamp(max_norm / r.norm(dim=-1).clamp_min(1e-12), max=1.0)[:, None]
 
 
 def optimise(
@@ -264,8 +269,10 @@ def optimise(
     d2: int,
     stats: dict | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residuals (n_facts, d2) float32 for the facts of ``prep`` (fact indices 0..n_facts-1 within the chunk).
+    ``init`` (n_facts, d2): where each starts (NaN row: zero); a fact with a start gets ``cfg.warm_steps`` steps.
 
     ``on_step(step, finished)``, if given, is called after every step (1-based) with how many facts stopped on it;
     over the call the ``finished`` counts add up to ``n_facts``."""
@@ -288,6 +295,11 @@ def optimise(
         kl_row_of[i] = j
 
     R = torch.zeros(n_facts, d2, device=device)
+    budget = torch.full((n_facts,), cfg.steps, dtype=torch.long, device=device)
+    if init is not None:
+        warm = ~torch.isnan(init.to(device)).any(dim=-1)
+        R[warm] = _clamped(init.to(device=device, dtype=R.dtype)[warm], cfg.clamp_norm_factor * ref_norm[warm])
+        budget[warm] = cfg.steps if cfg.warm_steps is None else cfg.warm_steps
     m = torch.zeros_like(R)
     v = torch.zeros_like(R)
     active = torch.arange(n_facts, device=device)
@@ -297,7 +309,7 @@ def optimise(
     since_best = torch.zeros(n_facts, dtype=torch.long, device=device)
     cached_sel = None
     b1, b2 = cfg.betas
-    for it in range(cfg.steps + cfg.extra_steps):
+    for it in range(int(budget.max()) + cfg.extra_steps):
         if active.numel() == 0:
             break
         # rows of the active facts (in order)
@@ -356,13 +368,14 @@ def optimise(
             best[active] = torch.minimum(best[active], lossd)
             since_best[active] = torch.where(improved, 0, since_best[active] + 1)
             done |= since_best[active] >= cfg.patience
-        if it >= cfg.steps - 1:
+        past = it >= budget[active] - 1
+        if past.any():
             # Past the step budget only a fact whose target is not yet the argmax everywhere goes on (extra_steps):
             # the facts that succeed within it are optimised exactly as without extra steps.
             missed = torch.zeros(active.numel(), device=device).index_add(
                 0, rf[t_row_t], (lp.detach().argmax(-1) != torch.tensor(t_id, device=device)).float()
             )
-            done |= (missed == 0) | (it == cfg.steps + cfg.extra_steps - 1)
+            done |= past & ((missed == 0) | (it >= budget[active] + cfg.extra_steps - 1))
         steps_taken[active.cpu()] += 1
         final_loss[active.cpu()] = lossd.cpu()
         todo = ~done
@@ -378,10 +391,7 @@ def optimise(
             mhat = m[a] / (1 - b1**t)
             vhat = v[a] / (1 - b2**t)
             new_r = r_param.detach()[todo] - cfg.lr * mhat / (vhat.sqrt() + cfg.eps)
-            max_norm = cfg.clamp_norm_factor * ref_norm[a]
-            nr = new_r.norm(dim=-1)
-            new_r = new_r * torch.clamp(max_norm / nr.clamp_min(1e-12), max=1.0)[:, None]
-            R[a] = new_r
+            R[a] = _clamped(new_r, cfg.clamp_norm_factor * ref_norm[a])
         active = active[todo]
     if stats is not None:
         stats.setdefault("steps", []).extend(steps_taken.tolist())
