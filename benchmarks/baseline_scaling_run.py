@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, help="default docs/results/baselines/scaling-<dataset>")
     p.add_argument("--neuraldb-results", type=Path, help="NeuralDB's rows (default docs/results/scaling/<dataset>)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--sizes", type=int, nargs="+", help="default: the scaling run's sizes")
+    p.add_argument("--sizes", type=int, nargs="+", help="evaluated in this order (default: the scaling run's sizes)")
     p.add_argument("--batch", type=int, default=100, help="facts per batch in the sequential variants (default 100)")
     p.add_argument("--lam", type=float, default=1500.0,
                    help="MEMIT's mom2_update_weight (default 1500: the papers' 15,000 writes a quarter of each "
@@ -230,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     facts, n_sample = build_facts(args.dataset, args.data, args.sample, args.seed)
     db = NeuralKVDatabase.load(args.db)
     done = (job_record(db) or {}).get("done", 0)
-    sizes = sorted({len(facts) if s is None else min(s, len(facts)) for s in args.sizes_resolved})
-    if sizes[-1] > done or db.ids()[: sizes[-1]] != list(range(sizes[-1])):
-        raise SystemExit(f"{args.db} holds {done} finished facts; the sizes need the first {sizes[-1]}")
+    # in the order given: a long run can do the telling sizes first and the rest when resumed
+    sizes = list(dict.fromkeys(len(facts) if s is None else min(s, len(facts)) for s in args.sizes_resolved))
+    if max(sizes) > done or db.ids()[: max(sizes)] != list(range(max(sizes))):
+        raise SystemExit(f"{args.db} holds {done} finished facts; the sizes need the first {max(sizes)}")
     import neuraldb
 
     model, tok = neuraldb.load_model(args.model)
-    keys = raw_keys(model, tok, facts[: sizes[-1]], db, args.work / "keys.safetensors")
+    keys = raw_keys(model, tok, facts[: max(sizes)], db, args.work / "keys.safetensors")
     t0 = time.perf_counter()
     c0 = baselines.key_second_moment(model, tok, db.layer, data_dir=args.data / "general_eval",
                                      n_tokens=args.c0_tokens)  # fmt: skip
