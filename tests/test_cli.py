@@ -558,3 +558,20 @@ def test_the_command_imports_no_torch_before_its_error_handler_runs():
     code = "import sys, neuraldb, neuraldb.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-warm-start"]])
+def test_edit_no_warm_start(tiny_dir, tmp_path, flag, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from neuraldb.editing import defaults
+
+    real = defaults.defaults_for
+    monkeypatch.setattr(defaults, "defaults_for", lambda m: replace(real(m), warm_start=True))  # as SmolLM2's
+    facts = _facts_file(tmp_path / "facts.jsonl", JOB_FACTS[:2])
+    for mode in ([], ["--checkpoint-every", "2"]):
+        out = tmp_path / f"db{len(mode)}.safetensors"
+        argv = ["edit", "--model", str(tiny_dir), "--facts", str(facts), "--out", str(out), "--no-progress"]
+        assert main([*argv, "--threads", "1", "--no-calibrate", *mode, *flag]) == 0
+        assert NeuralKVDatabase.load(out).config["warm_start"] is (not flag)
+    capsys.readouterr()

@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-calibrate", action="store_true", help="fit no per-row gate thresholds after editing")
+    p.add_argument("--no-warm-start", action="store_true", help="start every residual from zero (docs/editing.md)")
 
     p = sub.add_parser(
         "merge",

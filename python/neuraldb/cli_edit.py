@@ -61,6 +61,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         stats=stats,
+        warm_start=False if args.no_warm_start else None,
     )
     _calibrate(args, model, tok, db)
     db.save(args.out)
@@ -83,6 +84,7 @@ def _edit_job(args: argparse.Namespace, facts: list) -> int:
         shown = f"{start}:{'' if stop is None else stop}"
         raise CLIError(f"--slice {shown} is outside the {len(facts)} facts of {args.facts}")
     hparams = {"layer": args.layer, "gamma": args.gamma, "batch_size": args.batch_size}
+    hparams["warm_start"] = False if args.no_warm_start else None
     resuming = args.resume and args.out.exists()
     if resuming:
         check_resume(

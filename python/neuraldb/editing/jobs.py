@@ -11,7 +11,8 @@ moment leaves the previous checkpoint). The database's ``config["edit_job"]`` re
 and the ids of the facts are their global indices, so a resumed job continues at ``done`` and gives, chunk for chunk,
 the database an uninterrupted job gives (the chunks decide the batches, hence the bits of the residuals).
 Jobs over disjoint slices (one per process or device) whose boundaries are multiples of ``checkpoint_every`` merge
-(:func:`merge_databases`) into the database one job over all the facts gives.
+(:func:`merge_databases`) into the database one job over all the facts gives, bit for bit with ``warm_start`` off;
+with it on, each slice warms its facts up from its own rows only, so the bits differ (the facts are the same).
 
 Example::
 
@@ -204,7 +205,7 @@ def edit_checkpointed(
     ``facts`` is the whole list (a job's fact indices and the database's ids are positions in it); ``source``
     (e.g. ``{"path": ..., "size": ...}``) is recorded with its fingerprint for the record's reader. Chunks end at the
     multiples of ``checkpoint_every`` (default 256), so slices whose boundaries are multiples of it merge into
-    exactly the database of one job over their union.
+    exactly the database of one job over their union (with ``warm_start`` off; see the module docstring).
 
     With ``resume``, an existing ``path`` is continued where its last checkpoint stopped (nothing is redone or
     duplicated); :class:`JobMismatchError` before any editing if it was edited from other facts, another slice,
