@@ -41,11 +41,13 @@ from scaling_run import DATA, METRICS, SOURCES, Run, build_facts, log, write_jso
 
 VARIANTS = ("memit", "alphaedit", "memit-seq", "alphaedit-seq")
 KEY_SETTINGS = ("n_prefixes", "prefix_len", "seed", "key_bare_weight", "batch_size")
-LABELS = {"neuraldb": "NeuralDB", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+LABELS = {"neuraldb": "NeuralDB", "memit": "MEMIT", "alphaedit": "AlphaEdit", "calibrated": "NeuralDB"}
 
 
 def label(variant: str, batch: int) -> str:
     method, _, seq = variant.partition("-")
+    if method == "calibrated":
+        return "NeuralDB, calibrated thresholds"
     return LABELS[method] + (f", sequential x{batch}" if seq else ", one batch" if method != "neuraldb" else "")
 
 
@@ -117,11 +119,23 @@ def load_rows(folder: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in folder.glob("n*.json")), key=lambda r: r["n_edited"])
 
 
-def write_report(out: Path, neuraldb_dir: Path, dataset: str, variants: tuple[str, ...], batch: int) -> None:
-    """table.md and baselines.png in ``out``: NeuralDB's scaling rows beside each baseline variant's."""
+def calibrated_rows(paths: list[Path]) -> list[dict]:
+    """NeuralDB's rows with per-row thresholds, from ``benchmarks/calibration_run.py``'s JSON (its "with" side)."""
+    rows = []
+    for p in paths:
+        r = json.loads(p.read_text())
+        rows.append({"n_edited": r["n"], "knowledge": r["with"]["knowledge"], "general": r["with"]["general"]})
+    return sorted(rows, key=lambda r: r["n_edited"])
+
+
+def write_report(
+    out: Path, neuraldb_dir: Path, dataset: str, variants: tuple[str, ...], batch: int, calibrated: list[Path]
+) -> None:
+    """table.md and baselines.png in ``out``: NeuralDB's scaling rows (as edited, and with thresholds where
+    ``calibrated`` names calibration runs) beside each baseline variant's."""
     nd = load_rows(neuraldb_dir)
     unedited = next((r for r in nd if r["n_edited"] == 0), None)
-    series = {"neuraldb": [r for r in nd if r["n_edited"]]}
+    series = {"neuraldb": [r for r in nd if r["n_edited"]], "calibrated": calibrated_rows(calibrated)}
     series |= {v: load_rows(out / v) for v in variants if (out / v).is_dir()}
     series = {v: rows for v, rows in series.items() if rows}
     if not series:
@@ -142,7 +156,7 @@ def write_report(out: Path, neuraldb_dir: Path, dataset: str, variants: tuple[st
         lines.append("| " + " | ".join(cells("unedited", unedited)) + " |")
     for v, rows in series.items():
         lines += ["| " + " | ".join(cells(label(v, batch), r)) + " |" for r in rows]
-    any_row = next(iter(series.values()))[-1]
+    any_row = series["neuraldb"][-1] if series.get("neuraldb") else next(iter(series.values()))[-1]
     note = (
         f"\n{dataset}, SmolLM2-135M-Instruct, layer 6: {any_row['n_evaluated']} sampled facts scored at every size "
         f"(edited first, so they are among the n edited facts); NeuralDB rows from {neuraldb_dir.relative_to(ROOT)}. "
@@ -158,14 +172,15 @@ def write_report(out: Path, neuraldb_dir: Path, dataset: str, variants: tuple[st
     except ImportError:
         return
     panels = [*METRICS, "wikitext2"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8))
+    axes = list(grid.flat)
     xs_all = sorted({r["n_edited"] for rows in series.values() for r in rows})
     for ax, m in zip(axes, panels):
         ys = []
         for i, (v, rows) in enumerate(series.items()):
             get = (lambda r: r["general"].get("wikitext2")) if m == "wikitext2" else (lambda r: r["knowledge"].get(m))
             pts = [(r["n_edited"], get(r)) for r in rows if get(r) is not None]
-            style = "-" if v == "neuraldb" else "--" if v.endswith("seq") else "-."
+            style = "-" if v in ("neuraldb", "calibrated") else "--" if v.endswith("seq") else "-."
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=f"C{i}", label=label(v, batch))
             ys += [p[1] for p in pts]
         base = unedited and (unedited["general"].get("wikitext2") if m == "wikitext2" else unedited["knowledge"].get(m))
@@ -175,7 +190,6 @@ def write_report(out: Path, neuraldb_dir: Path, dataset: str, variants: tuple[st
         facts_axis(ax, xs_all)
         if m == "wikitext2":
             value_axis(ax, ys, "token perplexity", bounds=None)
-            ax.set_yscale("log")
         else:
             value_axis(ax, ys)
         ax.set_title("WikiText-2 perplexity" if m == "wikitext2" else m, fontsize=10)
@@ -212,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-general", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--calibrated", type=Path, nargs="*", default=[],
+                   help="calibration_run.py JSON files: NeuralDB with per-row thresholds, in the table and plot")  # fmt: skip
     args = p.parse_args(argv)
     args.command = "python benchmarks/baseline_scaling_run.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
@@ -222,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     args.neuraldb_results = args.neuraldb_results or ROOT / "docs" / "results" / "scaling" / args.dataset
     args.sizes_resolved = args.sizes or SOURCES[args.dataset]["sizes"]
     if args.report_only:
-        write_report(args.results, args.neuraldb_results, args.dataset, tuple(args.variants), args.batch)
+        write_report(
+            args.results, args.neuraldb_results, args.dataset, tuple(args.variants), args.batch, args.calibrated
+        )
         return 0
     if not args.db.exists():
         raise SystemExit(f"{args.db} not found: run benchmarks/scaling_run.py --dataset {args.dataset} first")
@@ -248,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         for v in args.variants:
             if not run.path_for(v, n).exists():
                 run.evaluate(v, n)
-                write_report(args.results, args.neuraldb_results, args.dataset, tuple(args.variants), args.batch)
-    write_report(args.results, args.neuraldb_results, args.dataset, tuple(args.variants), args.batch)
+                write_report(
+                    args.results, args.neuraldb_results, args.dataset, tuple(args.variants), args.batch, args.calibrated
+                )
+    write_report(args.results, args.neuraldb_results, args.dataset, tuple(args.variants), args.batch, args.calibrated)
     log(f"done: {args.results}")
     return 0
 
