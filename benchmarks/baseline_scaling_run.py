@@ -37,7 +37,7 @@ from neuraldb.database import NeuralKVDatabase
 from neuraldb.editing import compute_keys, job_record
 from neuraldb.editing.jobs import facts_fingerprint
 from neuraldb.evaluation.baseline_run import residual_fit
-from scaling_run import DATA, METRICS, SOURCES, Run, build_facts, log, write_json
+from scaling_run import DATA, METRICS, SOURCES, Run, add_evaluation_args, build_facts, log, write_json
 
 VARIANTS = ("memit", "alphaedit", "memit-seq", "alphaedit-seq")
 KEY_SETTINGS = ("n_prefixes", "prefix_len", "seed", "key_bare_weight", "batch_size")
@@ -217,14 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=baselines.DEFAULT_NULLSPACE_THRESHOLD)
     p.add_argument("--l2", type=float, default=baselines.DEFAULT_L2)
     p.add_argument("--c0-tokens", type=int, default=baselines.DEFAULT_C0_TOKENS)
-    p.add_argument("--sample", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    p.add_argument("--general-tasks", nargs="+", default=["wikitext2", "lambada_openai", "arc_easy", "piqa"])
-    p.add_argument("--general-limit", type=int, default=200)
-    p.add_argument("--wikitext-tokens", type=int, default=16384)
-    p.add_argument("--no-general", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_evaluation_args(p)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--calibrated", type=Path, nargs="*", default=[],
                    help="calibration_run.py JSON files: NeuralDB with per-row thresholds, in the table and plot")  # fmt: skip

@@ -352,13 +352,12 @@ def _others(path: Path | None, facts: list[Fact]) -> NeuralKVDatabase | None:
 
 
 def _rows(src: NeuralKVDatabase, rows: list[int]) -> NeuralKVDatabase:
-    db = NeuralKVDatabase(src.key_dim, src.value_dim, dtype=src.dtype)
-    db.layer, db.gamma, db.template, db.config = src.layer, src.gamma, src.template, dict(src.config or {})
-    db.model_identity, db.model_id, db.module_path = src.model_identity, src.model_id, src.module_path
-    idx = torch.tensor(rows, dtype=torch.long)
-    ids = src.ids()
-    db.add(src.keys[idx], src.values[idx], [src.fact(ids[r]) for r in rows])
-    return db
+    """A database of ``src``'s rows ``rows`` (thresholds dropped: they were fitted among all rows)."""
+    s, idx = src.state(), torch.tensor(rows, dtype=torch.long)
+    return NeuralKVDatabase.from_state(
+        s.replace(keys=s.keys[idx], values=s.values[idx], ids=[s.ids[r] for r in rows],
+                  facts=[s.facts[r] for r in rows], thresholds=None, relation_keys=None)
+    )  # fmt: skip
 
 
 def _last_rows(db: NeuralKVDatabase, n: int) -> NeuralKVDatabase:

@@ -32,7 +32,7 @@ from _common import machine_description
 from neuraldb.calibration import calibrate, read_corpus, text_openings
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.patching import patch_model, unpatch_model
-from scaling_run import Run, build_facts, log, write_json
+from scaling_run import Run, add_evaluation_args, build_facts, log, write_json
 
 WIKITEXT = "general_eval/wikitext2_raw_test.txt.gz"
 
@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     import neuraldb
 
     model, tok = neuraldb.load_model("smollm2")
-    facts, n_sample = build_facts(args.dataset, args.data, 200, 0)
-    run_args = argparse.Namespace(
-        dataset=args.dataset, batch_size=32, no_general=False, data=args.data,
-        general_tasks=["wikitext2", "lambada_openai", "arc_easy", "piqa"], general_limit=200, wikitext_tokens=16384,
-        seed=0, sizes_resolved=[], results=args.results, model="smollm2", command=command,
-    )  # fmt: skip
+    evaluation = argparse.ArgumentParser()
+    add_evaluation_args(evaluation)  # the scaling run's evaluation, at its defaults, so the numbers compare
+    run_args = evaluation.parse_args([])
+    facts, n_sample = build_facts(args.dataset, args.data, run_args.sample, run_args.seed)
+    run_args.__dict__.update(
+        dataset=args.dataset, data=args.data, sizes_resolved=[], results=args.results, model="smollm2", command=command
+    )
     run = Run(run_args, model, tok, facts, n_sample)
     corpus = [read_corpus(args.data / WIKITEXT)]
     full = NeuralKVDatabase.load(args.db)

@@ -256,6 +256,17 @@ def write_report(out: Path, dataset: str) -> None:
     save_figure(fig, out / "scaling.png")
 
 
+def add_evaluation_args(p: argparse.ArgumentParser) -> None:
+    """The options :class:`Run` reads: which facts are scored and how (shared by the runs built on this one)."""
+    p.add_argument("--sample", type=int, default=200, help="facts scored at every size (default 200)")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--general-tasks", nargs="+", default=["wikitext2", "lambada_openai", "arc_easy", "piqa"])
+    p.add_argument("--general-limit", type=int, default=200, help="examples per general task")
+    p.add_argument("--wikitext-tokens", type=int, default=16384, help="WikiText-2 tokens scored")
+    p.add_argument("--no-general", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", choices=tuple(SOURCES), default="counterfact")
@@ -263,17 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder (knowledge_editing/, general_eval/)")
     p.add_argument("--work", type=Path, help="checkpoints (default runs/scaling-<dataset>; gitignored)")
     p.add_argument("--results", type=Path, help="JSON, table and plot (default docs/results/scaling/<dataset>)")
-    p.add_argument("--sample", type=int, default=200, help="facts scored at every size (default 200)")
     p.add_argument("--sizes", type=int, nargs="+", help="database sizes to evaluate (default 1k 2k 5k 10k all)")
     p.add_argument("--limit", type=int, help="edit only the first N facts of the order (a short trial run)")
     p.add_argument("--checkpoint-every", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    p.add_argument("--general-tasks", nargs="+", default=["wikitext2", "lambada_openai", "arc_easy", "piqa"])
-    p.add_argument("--general-limit", type=int, default=200, help="examples per general task")
-    p.add_argument("--wikitext-tokens", type=int, default=16384, help="WikiText-2 tokens scored")
-    p.add_argument("--no-general", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_evaluation_args(p)
     p.add_argument("--report-only", action="store_true", help="only rewrite table.md and scaling.png")
     args = p.parse_args(argv)
     args.command = "python benchmarks/scaling_run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -26,14 +26,9 @@ def _general_dir(tmp_path):
     return d
 
 
-@pytest.mark.parametrize(
-    ("method", "options"), [("memit", {"lam": 0.1}), ("alphaedit", {"threshold": 1e-6, "l2": 1e-3})]
-)
-def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, method, options):
-    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
-    model, tok = word_llama()
-    before = down_proj_module(model, EDIT["layer"])[1].weight.detach().clone()
-    run = run_eval(
+def _baseline_run(tmp_path, model, tok, method: str, options: dict) -> dict:
+    """``run_eval`` of ``method`` on four tiny facts, WikiText-2 only."""
+    return run_eval(
         model_name="tiny",
         dataset="counterfact",
         facts_path=facts_jsonl(tmp_path / "facts.jsonl", EVAL_FACTS[:4]),
@@ -46,6 +41,16 @@ def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, 
         method=method,
         baseline_options=options,
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("memit", {"lam": 0.1}), ("alphaedit", {"threshold": 1e-6, "l2": 1e-3})]
+)
+def test_baseline_method_scores_and_restores_the_weights(tmp_path, monkeypatch, method, options):
+    monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path))
+    model, tok = word_llama()
+    before = down_proj_module(model, EDIT["layer"])[1].weight.detach().clone()
+    run = _baseline_run(tmp_path, model, tok, method, options)
     assert_bitwise(down_proj_module(model, EDIT["layer"])[1].weight.detach(), before)
     assert run["method"] == method and run["gamma"] is None
     info = run["baseline"]
@@ -66,19 +71,7 @@ def test_baseline_spread_over_layers_scores_and_restores_every_layer(tmp_path, m
     layers = [0, 1, EDIT["layer"]]
     before = {lay: down_proj_module(model, lay)[1].weight.detach().clone() for lay in layers}
     hp = {"lam": 0.1} if method == "memit" else {"threshold": 1e-6, "l2": 1e-3}
-    run = run_eval(
-        model_name="tiny",
-        dataset="counterfact",
-        facts_path=facts_jsonl(tmp_path / "facts.jsonl", EVAL_FACTS[:4]),
-        n_facts=None,
-        edit_kwargs=EDIT,
-        general_dir=_general_dir(tmp_path),
-        general_tasks=["wikitext2"],
-        show_progress=False,
-        model_and_tok=(model, tok),
-        method=method,
-        baseline_options={**hp, "layers": layers},
-    )
+    run = _baseline_run(tmp_path, model, tok, method, {**hp, "layers": layers})
     for lay, w in before.items():
         assert_bitwise(down_proj_module(model, lay)[1].weight.detach(), w)
     info = run["baseline"]
