@@ -8,8 +8,16 @@ import pytest
 import torch
 from _tiny_editing import FACTS
 from neuraldb import templates
-from neuraldb.editing import compute_keys, compute_keys_and_residuals, compute_residuals, edit, engine, model_access
-from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
+from neuraldb.editing import (
+    compute_keys,
+    compute_keys_and_residuals,
+    compute_residuals,
+    edit,
+    engine,
+    model_access,
+    prepass,
+)
+from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes, make_batch
 from neuraldb.facts import Fact
 
 transformers = pytest.importorskip("transformers")
@@ -32,8 +40,8 @@ def test_suffix_forward_matches_full_forward(tiny, layer):
     template = templates.default_template(tok)
     rows = _rows(tok, template, context_texts(["Because I", "You the of the"]))
     h = model_access.handles(model, layer)
-    batch = engine.make_batch(rows, tok.pad_token_id, "cpu")
-    prep = engine.prepare(h, batch)
+    batch = make_batch(rows, tok.pad_token_id, "cpu")
+    prep = prepass.prepare(h, batch)
     torch.manual_seed(1)
     r = torch.randn(len(rows), 32)
     with torch.no_grad():
@@ -133,7 +141,7 @@ def test_residual_norm_clamped_and_loss_falls(tiny):
     h = model_access.handles(model, 2)
     template = templates.default_template(tok)
     rows = [fact_rows(tok, template, f, i, [""], targets=True, kl_prompt=None)[0] for i, f in enumerate(FACTS[:2])]
-    prep = engine.prepare(h, engine.make_batch(rows, tok.pad_token_id, "cpu"))
+    prep = prepass.prepare(h, make_batch(rows, tok.pad_token_id, "cpu"))
     assert torch.all(r.norm(dim=-1) <= 0.5 * prep.h_norm + 1e-4)
 
 
@@ -263,9 +271,9 @@ def test_prepare_in_compute_dtype_matches(tiny, layer):
     template = templates.default_template(tok)
     rows = _rows(tok, template, context_texts(["Because I", "You the of the"]))
     h = model_access.handles(model, layer)
-    batch = engine.make_batch(rows, tok.pad_token_id, "cpu")
-    ref = engine.prepare(h, batch)
-    got = engine.prepare(h, batch, engine.Precision(model, "float64"))
+    batch = make_batch(rows, tok.pad_token_id, "cpu")
+    ref = prepass.prepare(h, batch)
+    got = prepass.prepare(h, batch, engine.Precision(model, "float64"))
     assert torch.equal(got.keys, ref.keys) and torch.equal(got.h_norm, ref.h_norm)
     for a, b in zip(got.kvs, ref.kvs):
         assert (a is None) == (b is None)
@@ -291,9 +299,32 @@ def test_keys_unit_mean(tiny):
     rows = [
         r for i, f in enumerate(FACTS) for r in fact_rows(tok, template, f, i, contexts, targets=False, kl_prompt=None)
     ]
-    u = torch.nn.functional.normalize(engine.key_pass(h, engine.make_batch(rows, tok.pad_token_id, "cpu")), dim=-1)
+    u = torch.nn.functional.normalize(engine.key_pass(h, make_batch(rows, tok.pad_token_id, "cpu")), dim=-1)
     u = u.view(len(FACTS), len(contexts), -1)
     kw = {"n_prefixes": 2, "prefix_len": 3, "key_unit_mean": True}
     torch.testing.assert_close(compute_keys(model, tok, FACTS, 1, **kw), u.mean(1), atol=1e-5, rtol=1e-4)
     half = compute_keys(model, tok, FACTS, 1, key_bare_weight=0.5, **kw)
     torch.testing.assert_close(half, 0.5 * u[:, 0] + 0.25 * u[:, 1:].sum(1), atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_partition_and_cost():
+    """Buckets cover every index once, in ascending length, and cost no more than one bucket; with no cost per
+    run every distinct length is its own run, with a huge cost there is one run."""
+    from neuraldb.editing.contexts import length_buckets
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 30, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+        for cost in (0, 8, 32, 10**6):
+            runs = length_buckets(lengths, cost)
+            flat = [i for r in runs for i in r]
+            assert sorted(flat) == list(range(len(lengths)))
+            assert [lengths[i] for i in flat] == sorted(lengths)
+            total = sum(len(r) * max(lengths[i] for i in r) + cost for r in runs)
+            assert total <= len(lengths) * max(lengths) + cost
+            if cost == 0:
+                assert len(runs) == len(set(lengths))
+            if cost == 10**6:
+                assert len(runs) == 1
+    assert length_buckets([5, 5, 20, 20], 4) == [[0, 1], [2, 3]]
+    assert length_buckets([], 4) == []

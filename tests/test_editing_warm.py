@@ -46,7 +46,8 @@ def test_a_fact_without_a_start_is_optimised_exactly_as_without_init(tiny):
     from neuraldb.editing import compute_keys_and_residuals
 
     _, warm = compute_keys_and_residuals(model, tok, FACTS[:3], 2, init=init, warm_steps=1, stats=stats, **KW)
-    assert torch.equal(warm[0], plain[0]) and torch.equal(warm[2], plain[2])
+    # equal up to rounding: fact 1 leaving the batch early changes the shapes of the others' matrix products
+    torch.testing.assert_close(warm[[0, 2]], plain[[0, 2]], atol=1e-7, rtol=1e-6)
     assert stats["steps"] == [4, 1, 4]  # the started fact takes warm_steps
     with pytest.raises(ValueError, match="init must be"):
         compute_keys_and_residuals(model, tok, FACTS[:3], 2, init=init[:2], **KW)

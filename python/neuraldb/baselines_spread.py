@@ -65,12 +65,12 @@ def check_layers(model: torch.nn.Module, layers: object, layer: int) -> list[int
 
 
 def _layer_output_pass(h, batch) -> torch.Tensor:
-    from neuraldb.editing.engine import StopForward, hooks
+    from neuraldb.editing.model_access import StopForward, first_output, hooks
 
     got = {}
 
     def grab(mod, args, out):
-        got["h"] = (out[0] if isinstance(out, (tuple, list)) else out)[:, batch.P].float()
+        got["h"] = first_output(out)[:, batch.P].float()
         raise StopForward
 
     with hooks((h.layers[h.layer].register_forward_hook, grab)):
@@ -85,7 +85,7 @@ def subject_states(model, tok, facts, layer: int, *, template: str | None = None
     """The output of decoder layer ``layer`` (the residual stream, fp32 ``(n, d)`` on the CPU) at the subject's last
     token of each fact's bare prompt inside ``template`` (default: the tokenizer's default template)."""
     from neuraldb import templates
-    from neuraldb.editing import contexts, engine, model_access
+    from neuraldb.editing import contexts, model_access
 
     tmpl = templates.default_template(tok) if template is None else templates.check(template)
     rows = [contexts.fact_rows(tok, tmpl, f, i, [""], targets=False, kl_prompt=None)[0] for i, f in enumerate(facts)]
@@ -94,7 +94,7 @@ def subject_states(model, tok, facts, layer: int, *, template: str | None = None
     out = []
     with model_access.editing_state(model), torch.no_grad():
         for start in range(0, len(rows), max(1, batch_size)):
-            out.append(_layer_output_pass(h, engine.make_batch(rows[start : start + batch_size], pad, device)).cpu())
+            out.append(_layer_output_pass(h, contexts.make_batch(rows[start : start + batch_size], pad, device)).cpu())
     return torch.cat(out)
 
 

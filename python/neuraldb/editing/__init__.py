@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 
 from neuraldb import templates
-from neuraldb.editing import engine, model_access
-from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes
+from neuraldb.editing import engine, model_access, prepass
+from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes, make_batch
 from neuraldb.editing.defaults import EditConfig, defaults_for, recorded, resolve
 from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
 from neuraldb.editing.easyedit import as_facts as _as_facts
@@ -112,13 +112,13 @@ def _run_facts(model, tok, facts, cfg, template, h, want_residuals: bool, bar: E
             for r in fact_rows_all[i]:
                 r.fact = j
                 rows.append(r)
-        batch = engine.make_batch(rows, pad, device)
+        batch = make_batch(rows, pad, device)
         is_key_row = torch.tensor([r.kl_pos < 0 for r in rows], device=device)
         fact_of = torch.tensor([r.fact for r in rows], device=device)
         idx = torch.tensor(chunk)
         if want_residuals:
             bar.status(f"{batch_label} preparing")
-            prep = engine.prepare(h, batch, precision)
+            prep = prepass.prepare(h, batch, precision)
             row_keys = prep.keys
             on_step = functools.partial(bar.step, batch_label, opt.steps + opt.extra_steps, len(chunk))
             st: dict = {}
@@ -216,7 +216,7 @@ def compute_keys_and_residuals(
 
     ``hparams`` are :class:`EditConfig` fields (steps, lr, kl_factor, weight_decay, clamp_norm_factor,
     stop_loss, n_prefixes, prefix_len, seed, kl_prompt, batch_size). ``stats``, if a dict, receives per-fact
-    ``steps`` and final ``loss`` lists. ``init`` (n, d2): where each residual starts (a NaN row: zero), those facts
+    ``steps`` and final ``loss`` lists (the loss before the last update for a fact that used its whole budget). ``init`` (n, d2): where each residual starts (a NaN row: zero), those facts
     taking ``warm_steps`` steps (:mod:`neuraldb.editing.warm`).
     """
     cfg = resolve(model, layer=layer, **hparams)

@@ -6,38 +6,39 @@ The model plumbing it works through (layer handles, KV caches, hooks, the no-gra
 Why it is fast (see docs/editing.md for the measurements):
 
 * Positions before the subject's last token ``s`` do not depend on the residual ``r`` at any layer. One
-  no-grad pass over every row computes their key/value cache (all layers), the layer-``l`` input at positions
-  ``>= s``, the keys, the clamp reference norms and the KL reference distribution. Each optimisation step then
+  no-grad pass over every row (:mod:`neuraldb.editing.prepass`) computes their key/value cache (all layers), the
+  layer-``l`` input at positions ``>= s``, the keys, the clamp reference norms and the KL reference distribution.
+  Each optimisation step then
   runs only positions ``>= s`` (typically 3-6 tokens instead of ~20) and only layers ``>= l``: the layers below
   are replaced, for that call, by stubs that return the cached layer-``l`` input.
 * Only ``r`` needs a gradient (weights are frozen); the vocabulary projection runs only on the target and KL
   positions; facts leave the batch as soon as their loss is below ``stop_loss`` (MEMIT's early stop).
 
-Row layout (right padding with explicit positions): a row is ``[prefix (s tokens) | pad | suffix | pad]`` where
-the prefix block has width ``P = max s`` and the suffix block starts at column ``P``, so the subject's last token
-of every row sits at column ``P`` (suffix index 0). Pads carry attention mask 0; position ids are explicit.
+Rows are laid out as :class:`neuraldb.editing.contexts.Batch` says: the subject's last token of every row at column
+``P``, the suffix block (what the steps run) from there.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from neuraldb.editing.contexts import Row
+from neuraldb.editing.contexts import Batch, call_cost, length_buckets
 from neuraldb.editing.model_access import (
     Handles,
     StopForward,
     build_cache,
+    by_token,
+    first_output,
     hooks,
-    kv_tensors,
     logits_of,
-    new_cache,
     step_attention,
     stubbed_layers,
 )
+from neuraldb.editing.prepass import Prepared
 
 
 class Precision:
@@ -66,51 +67,6 @@ class Precision:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """Padded tensors for a list of rows (see the module docstring for the layout)."""
-
-    ids: torch.Tensor  # (B, P + S)
-    mask: torch.Tensor  # (B, P + S)
-    pos: torch.Tensor  # (B, P + S)
-    P: int
-    S: int
-    rows: list[Row]
-
-
-def make_batch(rows: Sequence[Row], pad_id: int, device) -> Batch:
-    P = max(r.subj for r in rows)
-    S = max(len(r.ids) - r.subj for r in rows)
-    B = len(rows)
-    ids = torch.full((B, P + S), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P + S), dtype=torch.long)
-    pos = torch.zeros((B, P + S), dtype=torch.long)
-    for i, r in enumerate(rows):
-        s, n = r.subj, len(r.ids)
-        t = torch.tensor(r.ids, dtype=torch.long)
-        ids[i, :s] = t[:s]
-        mask[i, :s] = 1
-        pos[i, :s] = torch.arange(s)
-        pos[i, s:P] = max(s - 1, 0)
-        ids[i, P : P + n - s] = t[s:]
-        mask[i, P : P + n - s] = 1
-        pos[i, P:] = torch.arange(s, s + S)
-    return Batch(ids.to(device), mask.to(device), pos.to(device), P, S, list(rows))
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def _hidden_arg(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Keys only (stop the forward at the edited layer)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -121,7 +77,7 @@ def key_pass(h: Handles, batch: Batch) -> torch.Tensor:
     got = {}
 
     def grab(mod, inp, out):
-        got["k"] = _first(inp)[:, batch.P].float()
+        got["k"] = by_token(first_output(inp), len(batch.rows))[:, batch.P].float()
         raise StopForward
 
     with hooks((h.down_proj.register_forward_hook, grab)):
@@ -137,102 +93,27 @@ def key_pass(h: Handles, batch: Batch) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Prepared:
-    """Everything the optimisation steps reuse, from one no-grad pass over all rows of a chunk."""
-
-    batch: Batch
-    kvs: list  # per layer (k, v) of the prefix block (B, heads, P, hd), or None
-    h_in: torch.Tensor | None  # layer-l input at suffix positions (B, S, H); None when l == 0
-    tuple_out: bool
-    keys: torch.Tensor  # (B, d1) float32
-    h_norm: torch.Tensor  # (B,) norm of layer l's output at the subject's last token
-    kl_ref: torch.Tensor | None  # (n_kl, V) reference log-probs of the KL rows
-
-
-@torch.no_grad()
-def prepare(h: Handles, batch: Batch, precision: Precision | None = None) -> Prepared:
-    """One no-grad pass over ``batch``. With a ``precision`` whose dtype differs from the model's, the layers up to
-    the edited one run in the model's dtype (the keys and clamp norms are exact) and the layers above in the
-    compute dtype, which is also the dtype of the returned cache and activations (the steps run in it)."""
-    got: dict = {}
-    P, l = batch.P, h.layer
-    low = precision.dtype if precision is not None else None
-
-    def pre_layer(mod, args, kwargs):
-        got["h_in"] = _hidden_arg(args, kwargs)[:, P:].detach().clone()
-
-    def post_layer(mod, args, out):
-        got["h_norm"] = _first(out)[:, P].float().norm(dim=-1)
-        if low is not None:
-            got["h_out"] = _first(out).to(low)
-            raise StopForward
-
-    def below(mod, args, out):
-        got["tuple_out"] = isinstance(out, (tuple, list))
-
-    def grab(mod, inp, out):
-        got["k"] = _first(inp)[:, P].float()
-
-    pairs = [  # `below` before `post_layer`: with l == 0 the latter stops the pass
-        (h.layers[0].register_forward_hook, below),
-        (lambda fn: h.layers[l].register_forward_pre_hook(fn, with_kwargs=True), pre_layer),
-        (h.layers[l].register_forward_hook, post_layer),
-        (h.down_proj.register_forward_hook, grab),
-    ]
-    cache = new_cache(h.model)
-    run = {"input_ids": batch.ids, "attention_mask": batch.mask, "position_ids": batch.pos, "use_cache": True}
-    out = None
-    with hooks(*pairs):
-        try:
-            out = h.base(**run, **{h.cache_kwarg: cache})
-        except StopForward:
-            pass
-    kvs = kv_tensors(cache)
-    if low is not None:  # layers above l in the compute dtype, from the cached output of layer l
-        upper = new_cache(h.model)
-        with precision.compute(), stubbed_layers(h.layers, l + 1, got["h_out"], got["tuple_out"]):
-            out = h.base(**run, **{h.cache_kwarg: upper})
-        kvs = [a if i <= l else b for i, (a, b) in enumerate(zip(kvs, kv_tensors(upper)))]
-    cast = (lambda t: t.to(low)) if low is not None else (lambda t: t)
-    kvs = [None if kv is None else tuple(cast(t[:, :, :P]).contiguous() for t in kv) for kv in kvs]
-    kl_rows = [i for i, r in enumerate(batch.rows) if r.kl_pos >= 0]
-    kl_ref = None
-    if kl_rows:
-        last = out.last_hidden_state
-        idx = torch.tensor(kl_rows, device=last.device)
-        cols = torch.tensor([P + batch.rows[i].kl_pos - batch.rows[i].subj for i in kl_rows], device=last.device)
-        with precision.compute() if low is not None else contextlib.nullcontext():  # the head the steps use
-            kl_ref = torch.log_softmax(logits_of(h, last[idx, cols]), -1)
-    return Prepared(
-        batch=batch,
-        kvs=kvs,
-        h_in=cast(got["h_in"]) if l > 0 else None,
-        tuple_out=got.get("tuple_out", False),
-        keys=got["k"],
-        h_norm=got["h_norm"],
-        kl_ref=kl_ref,
-    )
-
-
-def _suffix_forward(h: Handles, prep: Prepared, ridx: torch.Tensor, kvs_sel, r_rows: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of the suffix block for rows ``ridx`` with ``r_rows`` added to the down-projection's
-    output at the subject's last token; only layers >= l run."""
+def _suffix_forward(
+    h: Handles, prep: Prepared, ridx: torch.Tensor, kvs_sel, r_rows: torch.Tensor, width: int | None = None
+) -> torch.Tensor:
+    """Final hidden states of the first ``width`` (default: all) suffix columns for rows ``ridx`` with ``r_rows``
+    added to the down-projection's output at the subject's last token; only layers >= l run."""
     b, P, l = prep.batch, prep.batch.P, h.layer
+    W = b.S if width is None else width
     needed = sorted({0, *range(l, len(h.layers))})
     cache = build_cache(h.model, kvs_sel, needed)
 
     def add_r(mod, inp, out):
-        o = _first(out)
-        o = torch.cat([o[:, :1] + r_rows[:, None].to(o.dtype), o[:, 1:]], 1)
-        return o
+        o = first_output(out)
+        t = by_token(o, len(ridx))
+        return torch.cat([t[:, :1] + r_rows[:, None].to(o.dtype), t[:, 1:]], 1).reshape(o.shape)
 
-    stub = stubbed_layers(h.layers, l, prep.h_in[ridx], prep.tuple_out) if l > 0 else contextlib.nullcontext()
+    stub = stubbed_layers(h.layers, l, prep.h_in[ridx, :W], prep.tuple_out) if l > 0 else contextlib.nullcontext()
     with stub, step_attention(h.model), hooks((h.down_proj.register_forward_hook, add_r)):
         out = h.base(
-            input_ids=b.ids[ridx, P:],
-            attention_mask=b.mask[ridx],
-            position_ids=b.pos[ridx, P:],
+            input_ids=b.ids[ridx, P : P + W],
+            attention_mask=b.mask[ridx, : P + W],
+            position_ids=b.pos[ridx, P : P + W],
             use_cache=True,
             **{h.cache_kwarg: cache},
         )
@@ -289,6 +170,7 @@ def optimise(
     for r in rows:
         if r.kl_pos < 0:
             n_ctx[r.fact] += 1
+    suffix = [len(r.ids) - r.subj for r in rows]
     kl_row_of = torch.full((len(rows),), -1, dtype=torch.long, device=device)
     kl_rows = [i for i, r in enumerate(rows) if r.kl_pos >= 0]
     for j, i in enumerate(kl_rows):
@@ -310,6 +192,16 @@ def optimise(
     cached_sel = None
     b1, b2 = cfg.betas
     for it in range(int(budget.max()) + cfg.extra_steps):
+        ending = 0
+        if cfg.extra_steps == 0 and it > 0:
+            # On the last step of its budget a fact stops whatever its loss, so its forward could only report that
+            # loss: it is skipped (the residual is the same; the loss reported is the one before the last update).
+            last = it >= budget[active] - 1
+            ending = int(last.sum())
+            steps_taken[active[last].cpu()] += 1
+            active = active[~last]
+            if active.numel() == 0 and ending and on_step is not None:
+                on_step(it + 1, ending)
         if active.numel() == 0:
             break
         # rows of the active facts (in order)
@@ -317,16 +209,24 @@ def optimise(
         is_active[active] = True
         ridx = torch.nonzero(is_active[row_fact]).squeeze(1)
         if cached_sel is None or cached_sel[0].numel() != ridx.numel():
-            kvs_sel = [None if kv is None else (kv[0][ridx], kv[1][ridx]) for kv in prep.kvs]
-            cached_sel = (ridx, kvs_sel)
-        kvs_sel = cached_sel[1]
+            # rows of similar suffix length run together: padding every row to the longest wastes ~40% of a step
+            runs = [ridx[g] for g in length_buckets([suffix[i] for i in ridx.tolist()], call_cost(device))]
+            sel = [[None if kv is None else (kv[0][g], kv[1][g]) for kv in prep.kvs] for g in runs]
+            back = torch.argsort(torch.cat([torch.searchsorted(ridx, g) for g in runs]))
+            cached_sel = (ridx, runs, sel, back)
+        _, runs, sel, back = cached_sel
         # local fact index of each selected row
         local = torch.full((n_facts,), -1, dtype=torch.long, device=device)
         local[active] = torch.arange(active.numel(), device=device)
         rf = local[row_fact[ridx]]
 
         r_param = R[active].clone().requires_grad_(True)
-        last = _suffix_forward(h, prep, ridx, kvs_sel, r_param[rf])
+        outs = []
+        for g, kvs_g in zip(runs, sel):
+            W = max(suffix[i] for i in g.tolist())
+            o = _suffix_forward(h, prep, g, kvs_g, r_param[local[row_fact[g]]], W)
+            outs.append(torch.nn.functional.pad(o, (0, 0, 0, b.S - W)))
+        last = torch.cat(outs)[back]  # back in ridx order
 
         # NLL over target tokens
         t_row, t_col, t_id, t_w = [], [], [], []
@@ -380,7 +280,7 @@ def optimise(
         final_loss[active.cpu()] = lossd.cpu()
         todo = ~done
         if on_step is not None:
-            on_step(it + 1, int(done.sum()))
+            on_step(it + 1, int(done.sum()) + ending)
         if todo.any():
             grad = torch.autograd.grad(loss[todo].sum(), r_param)[0]
             a = active[todo]

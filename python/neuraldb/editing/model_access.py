@@ -141,6 +141,16 @@ def stubbed_layers(layers: torch.nn.ModuleList, upto: int, hidden: torch.Tensor,
             del mod.forward
 
 
+def first_output(x):
+    """A module's main output: the first element when it returns a tuple (decoder layers in some versions)."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def by_token(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` as (batch, tokens, features): some MLPs (OPT's) run on the tokens flattened to (batch * tokens, ...)."""
+    return x if x.dim() == 3 else x.view(batch, -1, x.shape[-1])
+
+
 class StopForward(Exception):
     pass
 
@@ -157,7 +167,7 @@ def down_proj_inputs(h: Handles, seqs: Sequence[Sequence[int]], pad_id: int) -> 
     got = {}
 
     def grab(mod, inp, out):
-        got["q"] = inp[0].float()
+        got["q"] = by_token(inp[0], len(seqs)).float()
         raise StopForward
 
     device = next(h.down_proj.parameters()).device
