@@ -353,11 +353,7 @@ def _others(path: Path | None, facts: list[Fact]) -> NeuralKVDatabase | None:
 
 def _rows(src: NeuralKVDatabase, rows: list[int]) -> NeuralKVDatabase:
     """A database of ``src``'s rows ``rows`` (thresholds dropped: they were fitted among all rows)."""
-    s, idx = src.state(), torch.tensor(rows, dtype=torch.long)
-    return NeuralKVDatabase.from_state(
-        s.replace(keys=s.keys[idx], values=s.values[idx], ids=[s.ids[r] for r in rows],
-                  facts=[s.facts[r] for r in rows], thresholds=None, relation_keys=None)
-    )  # fmt: skip
+    return NeuralKVDatabase.from_state(src.state().select_rows(rows).replace(thresholds=None, relation_keys=None))
 
 
 def _last_rows(db: NeuralKVDatabase, n: int) -> NeuralKVDatabase:

@@ -32,16 +32,9 @@ from _common import machine_description
 from neuraldb.calibration import calibrate, read_corpus, text_openings
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.patching import patch_model, unpatch_model
-from scaling_run import Run, add_evaluation_args, build_facts, log, write_json
+from scaling_run import Run, add_evaluation_args, build_facts, first_rows, log, write_json
 
 WIKITEXT = "general_eval/wikitext2_raw_test.txt.gz"
-
-
-def first_rows(db: NeuralKVDatabase, n: int) -> NeuralKVDatabase:
-    s = db.state()
-    return NeuralKVDatabase.from_state(
-        s.replace(keys=s.keys[:n], values=s.values[:n], ids=s.ids[:n], facts=s.facts[:n], thresholds=None)
-    )
 
 
 def evaluate(run: Run, db: NeuralKVDatabase) -> dict:

@@ -97,15 +97,11 @@ def build_facts(dataset: str, data_dir: Path, sample: int, seed: int) -> tuple[l
 
 
 def first_rows(db: NeuralKVDatabase, n: int) -> NeuralKVDatabase:
-    """A database with the first ``n`` facts of ``db`` (ids 0..n-1), same metadata."""
+    """A database of the first ``n`` facts of ``db`` (ids 0..n-1), without thresholds or relation keys (those were
+    fitted among all rows)."""
     if db.ids()[:n] != list(range(n)):
         raise RuntimeError(f"the database's first {n} rows are not facts 0..{n - 1}")
-    sub = NeuralKVDatabase(db.key_dim, db.value_dim, dtype=db.dtype)
-    sub.layer, sub.gamma, sub.template, sub.model_id, sub.module_path = (
-        db.layer, db.gamma, db.template, db.model_id, db.module_path,
-    )  # fmt: skip
-    sub.add(db.keys[:n], db.values[:n])
-    return sub
+    return NeuralKVDatabase.from_state(db.state().select_rows(range(n)).replace(thresholds=None, relation_keys=None))
 
 
 class Run:

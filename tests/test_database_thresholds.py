@@ -36,6 +36,18 @@ def test_new_rows_have_no_threshold_and_add_can_give_them():
     assert [_by_id(db)[i] for i in new] == [0.25] * 3
 
 
+def test_select_rows_keeps_each_rows_threshold_and_refuses_bad_positions():
+    db, ids, keys = _db(6)
+    db.set_thresholds(ids, [0.1 * i for i in range(6)])
+    state = db.state()
+    sub = NeuralKVDatabase.from_state(state.select_rows([4, 1]))
+    assert sub.ids() == [ids[4], ids[1]] and sub.next_id == db.next_id
+    assert sub.thresholds.tolist() == pytest.approx([0.4, 0.1])
+    assert torch.equal(sub.values, db.values[[4, 1]])
+    with pytest.raises(IndexError, match=r"rows must be positions in \[0, 6\); got \[6\]"):
+        state.select_rows([0, 6])
+
+
 @pytest.mark.parametrize("ordered", [False, True])
 def test_thresholds_follow_their_rows_through_deletes(ordered):
     db, ids, _ = _db(30, ordered=ordered)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,32 @@ class DatabaseState:
     def replace(self, **changes: Any) -> DatabaseState:
         """A copy with ``changes`` (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+    def select_rows(self, rows: Sequence[int]) -> DatabaseState:
+        """A copy holding only the rows at positions ``rows`` (in that order) with their ids, facts, thresholds and
+        relation keys; the metadata and ``next_id`` unchanged.
+
+        >>> s = DatabaseState(key_dim=1, value_dim=1, dtype=torch.float32, keys=torch.ones(3, 1),
+        ...                   values=torch.tensor([[1.0], [2.0], [3.0]]), ids=[4, 5, 6], facts=[None] * 3, next_id=7)
+        >>> s.select_rows([2, 0]).ids, s.select_rows([2, 0]).values.flatten().tolist()
+        ([6, 4], [3.0, 1.0])
+        """
+        positions = list(rows)
+        bad = [r for r in positions if not 0 <= r < self.count]
+        if bad:
+            raise IndexError(f"rows must be positions in [0, {self.count}); got {bad[:5]}")
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[torch.tensor(positions, dtype=torch.long, device=t.device)]
+
+        return self.replace(
+            keys=pick(self.keys),
+            values=pick(self.values),
+            ids=[self.ids[r] for r in positions],
+            facts=[self.facts[r] for r in positions],
+            thresholds=pick(self.thresholds),
+            relation_keys=pick(self.relation_keys),
+        )
 
 
 def check_metadata(
