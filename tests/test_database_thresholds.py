@@ -37,7 +37,7 @@ def test_new_rows_have_no_threshold_and_add_can_give_them():
 
 
 def test_select_rows_keeps_each_rows_threshold_and_refuses_bad_positions():
-    db, ids, keys = _db(6)
+    db, ids, _ = _db(6)
     db.set_thresholds(ids, [0.1 * i for i in range(6)])
     state = db.state()
     sub = NeuralKVDatabase.from_state(state.select_rows([4, 1]))
