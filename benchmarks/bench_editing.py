@@ -5,6 +5,7 @@
     python benchmarks/bench_editing.py --n 100 --sweep layer=4,6,8 n_prefixes=2,5   # small grid
     python benchmarks/bench_editing.py --model gemma3-270m --n 100
     python benchmarks/bench_editing.py --dataset zsre --n 60 --no-eval --sweep extra_steps=0,20   # speed, steps only
+    python benchmarks/bench_editing.py --n 1000 --device cuda --no-eval --set batch_size=256   # on a GPU: facts/s
     python benchmarks/bench_editing.py --n 200 --warm-from runs/scaling-counterfact/db.safetensors \
         --set compute_dtype=float32 --sweep warm_start=False,True          # warm starts from a big database
 
@@ -173,6 +174,7 @@ def _score(model, tok, template, pairs, batch=64):
     """Summed log-prob of target after prompt, for each (prompt, target); vocabulary projection only at the target
     positions, sequences sorted by length to limit padding."""
     h = model_access.handles(model, 0)
+    device = model_access.model_device(model)
     enc = [(templates.encode(tok, template, p), templates.encode_target(tok, t)) for p, t in pairs]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
     res = [0.0] * len(enc)
@@ -189,10 +191,11 @@ def _score(model, tok, template, pairs, batch=64):
             rows += [j] * len(b)
             cols += list(range(len(a) - 1, len(a) + len(b) - 1))
             tgt += b
-        last = h.base(input_ids=ids, attention_mask=mask).last_hidden_state
-        lp = torch.log_softmax(model_access.logits_of(h, last[torch.tensor(rows), torch.tensor(cols)]), -1)
-        tok_lp = lp[torch.arange(len(tgt)), torch.tensor(tgt)]
-        sums = torch.zeros(len(chunk)).index_add(0, torch.tensor(rows), tok_lp)
+        last = h.base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        r_t, c_t, t_t = (torch.tensor(x, device=device) for x in (rows, cols, tgt))
+        lp = torch.log_softmax(model_access.logits_of(h, last[r_t, c_t]), -1)
+        tok_lp = lp[torch.arange(len(tgt), device=device), t_t]
+        sums = torch.zeros(len(chunk), device=device).index_add(0, r_t, tok_lp).cpu()
         for j, i in enumerate(chunk):
             res[i] = float(sums[j])
     return res
@@ -256,6 +259,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="where the model runs (e.g. cuda); default the CPU")
     ap.add_argument("--naive", action="store_true", help="also time the naive one-at-a-time loop (same run)")
     ap.add_argument("--naive-n", type=int, default=None, help="facts for the naive loop (default --n)")
     ap.add_argument("--no-eval", action="store_true")
@@ -279,7 +283,8 @@ def main(argv=None):
                 pass
         return v
 
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    device = model_access.model_device(model)
     facts = (load_zsre if args.dataset == "zsre" else load_counterfact)(args.n, args.offset)
     base = {k: parse(v) for k, v in (s.split("=", 1) for s in args.set)}
     grid_names = [s.split("=", 1)[0] for s in args.sweep]
@@ -312,8 +317,10 @@ def main(argv=None):
         over = {**base, **dict(zip(grid_names, combo))}
         stats: dict = {}
         start = _others(args.warm_from, facts)
+        _sync(device)
         t, c = time.perf_counter(), time.process_time()
         db = edit(model, tok, facts, progress=False, stats=stats, db=start, **over)
+        _sync(device)
         el, cpu = time.perf_counter() - t, time.process_time() - c
         db = _last_rows(db, len(facts))
         rec = {
@@ -322,7 +329,9 @@ def main(argv=None):
             "dataset": args.dataset,
             "dtype": args.dtype,
             "n": len(facts),
+            "device": str(device),
             "s_per_fact": el / len(facts),
+            "facts_per_s": len(facts) / el,
             "cpu_s_per_fact": cpu / len(facts),
             "mean_steps": sum(stats["steps"]) / len(stats["steps"]),
             "max_steps": max(stats["steps"]),
@@ -338,6 +347,12 @@ def main(argv=None):
             rec["quality"] = quality(model, tok, db, facts, pre)
         print(json.dumps(rec), flush=True)
         _append(rec)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _others(path: Path | None, facts: list[Fact]) -> NeuralKVDatabase | None:

@@ -20,8 +20,9 @@ facts of all earlier trials are checked again at each restart.
 loopback, one patched with a database of ``--facts`` random rows (random unit keys and random residuals: such keys
 never open the gate, so this measures what the retrieval scan costs every forward, not what an opened gate adds),
 one on an unpatched copy of the model; also the patched server asked with ``"neuraldb": {"edits": false}``.
-``--clients`` threads each send ``--requests`` greedy completions of ``--max-tokens`` tokens per round; tokens/s =
-completion tokens over the round's wall time. Rounds of the variants alternate (ABC CBA ...) so that load from other
+``--clients`` threads each send ``--requests`` greedy completions of ``--max-tokens`` tokens per round, in waves that
+leave together (a barrier) into a server that waits 50 ms to fill a batch, so every round runs the same batches;
+tokens/s = completion tokens over the round's wall time. Rounds of the variants alternate (ABC CBA ...) so that load from other
 processes hits them alike; the ratio is patched over unpatched, of the medians.
 
 Results: ``--out`` (default docs/results/serve/bench_serve.json) with the machine description.
@@ -275,9 +276,13 @@ def serving_port(app):
 def one_round(port: int, clients: int, requests: int, max_tokens: int, edits: bool) -> tuple[int, float]:
     tokens = [0] * clients
     errors: list[str] = []
+    # Each wave of requests leaves together, so the server sees the same batches in every round: without it, which
+    # requests happened to share a batch moved single rounds by up to 2x.
+    wave = threading.Barrier(clients)
 
     def client(k: int) -> None:
         for j in range(requests):
+            wave.wait()
             body = {"prompt": PROMPTS[(k + j) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
             body["neuraldb"] = {"edits": edits}
             status, out = request(port, "POST", "/v1/completions", body, timeout=600)
@@ -313,7 +318,8 @@ def throughput(args: argparse.Namespace) -> dict:
         n = min(1000, args.facts - start)
         db.add(torch.randn(n, db.key_dim, generator=gen), 0.05 * torch.randn(n, db.value_dim, generator=gen))
     empty = neuraldb.NeuralKVDatabase.for_model(plain_model)
-    settings = ServeSettings(token=TOKEN, max_batch=args.clients, edit_on_copy=False)
+    # a wait long enough for a wave of requests to arrive through uvicorn before the batch starts
+    settings = ServeSettings(token=TOKEN, max_batch=args.clients, batch_wait_s=0.05, edit_on_copy=False)
     patched_app = build_app(model, tok, db, settings=settings)
     plain_app = build_app(plain_model, tok, empty, settings=settings)
     unpatch_model(plain_model)  # the same server, without the patch
