@@ -32,6 +32,7 @@ from _common import machine_description
 from neuraldb.calibration import calibrate, read_corpus, text_openings
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.patching import patch_model, unpatch_model
+from neuraldb.subject_gate import enable_subject_gate
 from scaling_run import Run, add_evaluation_args, build_facts, first_rows, log, write_json
 
 WIKITEXT = "general_eval/wikitext2_raw_test.txt.gz"
@@ -53,12 +54,14 @@ def write_table(out: Path) -> None:
     )
     lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        gate = r.get("gate")
+        calibrated = "calibrated" if not gate else f"calibrated + gate {gate}".replace("'", "")
         for name, res, opened in (
             ("none", r["without"], r["heldout"]["open_without_thresholds_pct"]),
-            ("calibrated", r["with"], r["heldout"]["open_pct"]),
+            (calibrated, r["with"], r["heldout"]["open_pct"]),
         ):
             k, g = res["knowledge"], res["general"]
-            raised = r["calibration"]["raised"] if name == "calibrated" else 0
+            raised = r["calibration"]["raised"] if name != "none" else 0
             lines.append(
                 f"| {r['n']:,} | {name} | {raised} | {opened:.3f}% | {k['efficacy']:.1f} | {k['generalization']:.1f} "
                 f"| {k['specificity']:.1f} | {g['wikitext2']:.2f} | {g['arc_easy']:.1f} | {g['lambada_openai']:.1f} "
@@ -91,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-text", action="store_true", help="calibrate from the facts alone, as `neuraldb edit` does")
+    p.add_argument(
+        "--subject-gate", type=float, metavar="RHO",
+        help="after calibrating, turn the subject gate on (neuraldb.subject_gate) with this rho",
+    )  # fmt: skip
     p.add_argument("--results", type=Path, help="default docs/results/calibration/counterfact[-facts-only]")
     p.add_argument(
         "--without-from", type=Path,
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.db = args.db or ROOT / "runs" / f"scaling-{args.dataset}" / "db.safetensors"
     name = f"{args.dataset}-facts-only" if args.no_text else args.dataset
+    name += "" if args.subject_gate is None else f"-subject-gate-{args.subject_gate:g}"
     args.results = args.results or ROOT / "docs" / "results" / "calibration" / name
     command = "python benchmarks/calibration_run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     torch.set_num_threads(args.threads)
@@ -139,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             margin=args.margin, progress=log,
         )  # fmt: skip
         log(report.summary())
+        if args.subject_gate is not None:
+            keyed = enable_subject_gate(model, tok, db, rho=args.subject_gate)
+            log(f"n={n}: subject gate on (rho {args.subject_gate:g}): {keyed} rows with a previous-token key")
         heldout = text_openings(model, tok, db, corpus, tokens=args.heldout_tokens, skip=0)
         log(f"n={n}: held-out openings {heldout}")
         with_t = evaluate(run, db)
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "n": n, "command": command, "machine": machine_description(), "threads": args.threads,
             "calib_tokens": 0 if args.no_text else args.calib_tokens, "calib_skip": args.calib_skip, "heldout_tokens": args.heldout_tokens,
             "calibration": {k: v for k, v in vars(report).items() if not isinstance(v, torch.Tensor)}, "heldout": heldout,
+            "gate": db.relation_gate,
             "without": without, "with": with_t, "seconds": time.perf_counter() - t0,
         }  # fmt: skip
         write_json(path, result)

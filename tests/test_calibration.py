@@ -222,6 +222,7 @@ def test_the_command_saves_thresholds_and_a_dry_run_does_not(tiny_dir, tmp_path,
         (["--delta", "2"], 2, "expected a number in [0, 1]"),
         (["--text", "missing.txt"], 1, "No such file or directory"),
         (["--text", "EMPTY"], 1, "holds no text"),
+        (["--relation-gate", "0.4", "--subject-gate", "0.3"], 1, "a row holds one of their keys"),
     ],
 )
 def test_command_errors_are_one_line(tiny_dir, tmp_path, extra, code, message, capsys):
@@ -248,6 +249,14 @@ def test_the_command_turns_the_relation_gate_on(tiny_dir, tmp_path, capsys):
     assert "relation gate on (rho 0.4, window 8): 6 relation keys" in capsys.readouterr().out
     back = NeuralKVDatabase.load(db)
     assert back.relation_gate == {"rho": 0.4, "window": 8} and back.relation_keys.shape == (6, back.key_dim)
+
+
+def test_the_command_turns_the_subject_gate_on(tiny_dir, tmp_path, capsys):
+    db, text, common = _edited(tiny_dir, tmp_path)
+    assert main(["calibrate", str(db), *common, "--text", str(text), "--subject-gate", "0.3"]) == 0
+    assert "subject gate on (rho 0.3):" in capsys.readouterr().out
+    back = NeuralKVDatabase.load(db)
+    assert back.relation_gate == {"rho": 0.3, "window": 0, "offset": -1}
 
 
 @pytest.mark.parametrize("flag", [[], ["--no-calibrate"]])

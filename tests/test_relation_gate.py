@@ -14,8 +14,9 @@ from neuraldb.relation_gate import check_relation_gate, confirm
 E = torch.eye(6)
 
 
-def _reference(queries, out, idx, rel, rho, window):
-    """The rule, one position at a time."""
+def _reference(queries, out, idx, rel, rho, window, offset=0):
+    """The rule, one position at a time: some t in [s + offset, s + offset + window] (cut at the sequence's end)
+    shows the row's key, or reaches before the sequence's start."""
     q = torch.nn.functional.normalize(queries.float(), dim=-1)
     want = out.clone()
     for b in range(q.shape[0]):
@@ -23,22 +24,25 @@ def _reference(queries, out, idx, rel, rho, window):
             j = int(idx[b, s])
             if j < 0 or not out[b, s].any() or not rel[j].any():
                 continue
-            seen = max(float(q[b, t] @ rel[j]) for t in range(s, min(q.shape[1], s + window + 1)))
+            ts = range(s + offset, s + offset + window + 1)
+            if any(t < 0 for t in ts):
+                continue
+            seen = max(float(q[b, min(t, q.shape[1] - 1)] @ rel[j]) for t in ts)
             if seen <= rho:
                 want[b, s] = 0
     return want
 
 
-@pytest.mark.parametrize("window", [0, 1, 3, 50])
-def test_confirm_follows_the_rule(window):
-    g = torch.Generator().manual_seed(window)
+@pytest.mark.parametrize(("window", "offset"), [(0, 0), (1, 0), (3, 0), (50, 0), (0, -1), (2, -2), (1, 2)])
+def test_confirm_follows_the_rule(window, offset):
+    g = torch.Generator().manual_seed(window + 10 * offset)
     q = torch.randn(3, 9, 6, generator=g)
     idx = torch.randint(-1, 4, (3, 9), generator=g)
     out = torch.randn(3, 9, 2, generator=g) * (idx >= 0)[..., None]
     rel = torch.nn.functional.normalize(torch.randn(4, 6, generator=g), dim=-1)
     rel[2] = 0  # a row without a relation key is never shut
-    want = _reference(q, out, idx, rel, 0.2, window)
-    got = confirm(q, out.clone(), idx, rel, rho=0.2, window=window)
+    want = _reference(q, out, idx, rel, 0.2, window, offset)
+    got = confirm(q, out.clone(), idx, rel, rho=0.2, window=window, offset=offset)
     assert torch.equal(got, want)
     assert 0 < int(want.ne(0).any(-1).sum()) < int(out.ne(0).any(-1).sum()), "the case must shut some, keep some"
 
@@ -59,8 +63,11 @@ def test_confirm_in_chunks_and_on_one_sequence():
         ({"rho": 2.0, "window": 3}, r"rho'\] must be a number in \[-1, 1\]"),
         ({"rho": 0.5, "window": -1}, r"window'\] must be an int"),
         ({"rho": 0.5, "window": 2.5}, r"window'\] must be an int"),
-        ({"rho": 0.5}, "keys 'rho' and 'window'"),
-        (0.5, "keys 'rho' and 'window'"),
+        ({"rho": 0.5}, "keys 'rho', 'window' and optionally 'offset'"),
+        ({"rho": 0.5, "window": 0, "shift": 1}, "keys 'rho', 'window' and optionally 'offset'"),
+        ({"rho": 0.5, "window": 0, "offset": True}, r"offset'\] must be an int"),
+        ({"rho": 0.5, "window": 0, "offset": -5000}, r"offset'\] must be an int in \[-4096, 4096\]"),
+        (0.5, "keys 'rho', 'window' and optionally 'offset'"),
     ],
 )
 def test_bad_gates_are_refused(value, match):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from neuraldb.patching import disabled, patch_info, patch_model, unpatch_model
     from neuraldb.pretrained import fingerprint, from_pretrained, save_pretrained
     from neuraldb.sharded import ShardedNeuralKVDatabase
+    from neuraldb.subject_gate import enable_subject_gate
     from neuraldb_kernels import gated_retrieval
 
 # Public name -> the module that defines it (a module's own name for the submodules exported as such).
@@ -50,6 +51,7 @@ _EXPORTS = {
     "down_proj_module": "neuraldb.architectures",
     "calibrate": "neuraldb.calibration",
     "enable_relation_gate": "neuraldb.calibration",
+    "enable_subject_gate": "neuraldb.subject_gate",
     "compute_keys": "neuraldb.editing",
     "compute_residuals": "neuraldb.editing",
     "edit": "neuraldb.editing",
@@ -72,6 +74,7 @@ __all__ = [
     "down_proj_module",
     "edit",
     "enable_relation_gate",
+    "enable_subject_gate",
     "facts",
     "fingerprint",
     "from_pretrained",

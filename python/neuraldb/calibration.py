@@ -118,6 +118,20 @@ def text_states(
     """Unit down-projection inputs of ``layer`` (fp32 ``(positions, d1)``) over ``tokens`` tokens of ``texts`` (joined
     by newlines, tokenised raw) after the first ``skip``, in windows of ``window`` tokens as perplexity is scored;
     each window's first token (context only, and an attention-sink outlier) is left out."""
+    return torch.cat(text_windows(model, tokenizer, layer, texts, tokens=tokens, skip=skip, window=window))
+
+
+def text_windows(
+    model: torch.nn.Module,
+    tokenizer,
+    layer: int,
+    texts: Sequence[str],
+    *,
+    tokens: int = DEFAULT_TOKENS,
+    skip: int = 0,
+    window: int = DEFAULT_WINDOW,
+) -> list[torch.Tensor]:
+    """:func:`text_states`, one tensor per window (the sequence checks of :mod:`neuraldb.relation_gate` need them)."""
     from neuraldb.editing import model_access
 
     if isinstance(texts, str) or not texts or not any(t.strip() for t in texts):
@@ -135,7 +149,7 @@ def text_states(
                 continue
             states, _ = model_access.down_proj_inputs(h, [part], pad)
             out.append(torch.nn.functional.normalize(states[0, 1:].cpu(), dim=-1))
-    return torch.cat(out)
+    return out
 
 
 def best_rows(states: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,15 +410,29 @@ def text_openings(
 ) -> dict:
     """How often ordinary text opens a gate: ``{"positions", "open", "open_pct", "open_without_thresholds_pct"}``
     over ``tokens`` tokens of ``texts`` after ``skip`` (as :func:`text_states` reads them), for the first ``rows``
-    rows of ``db`` (default: all) with and without their thresholds."""
-    text = text_states(model, tokenizer, _layer_of(db), texts, tokens=tokens, skip=skip)
+    rows of ``db`` (default: all) with and without their thresholds; "open" also passes ``db.relation_gate`` when
+    it is on (a window's first scored position counts its unscored previous token as seen)."""
+    windows = text_windows(model, tokenizer, _layer_of(db), texts, tokens=tokens, skip=skip)
+    text = torch.cat(windows)
     gamma = 0.65 if db.gamma is None else db.gamma
     with db.lock:
         keys = torch.nn.functional.normalize(db.keys[:rows].float().cpu(), dim=-1)
         thresholds = db.thresholds[:rows].cpu()
+        gate, gate_keys = db.relation_gate, db.relation_keys
     score, row = best_rows(text, keys)
     n = text.shape[0]
-    with_t = int(opens(score, row, gamma, thresholds).sum())
+    opened = opens(score, row, gamma, thresholds)
+    if gate is not None and gate_keys is not None:
+        from neuraldb.relation_gate import confirm
+
+        parts = []
+        for q, o, r in zip(
+            windows, opened.split([w.shape[0] for w in windows]), row.split([w.shape[0] for w in windows])
+        ):
+            out = confirm(q, o.float()[:, None], torch.where(o, r, -1), gate_keys[:rows].float().cpu(), **gate)
+            parts.append(out[:, 0] != 0)
+        opened = torch.cat(parts)
+    with_t = int(opened.sum())
     without = int(opens(score, row, gamma, torch.full_like(thresholds, -1.0)).sum())
     return {
         "positions": n,

@@ -62,6 +62,12 @@ def add_parser(sub, add_model_args) -> argparse.ArgumentParser:
     p.add_argument(
         "--relation-window", type=_non_negative_int, default=24, help="tokens after the subject (default 24)"
     )
+    p.add_argument(
+        "--subject-gate", type=_unit, metavar="RHO",
+        help="also give each fact of a several-token subject the state at the token before its subject's last, and "
+        "open its row only where the text before that token matches (cosine > RHO; 0.3 measured on CounterFact): "
+        "names that only end like an edited subject stay shut. A row holds a relation or a subject key, not both",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="write the calibrated database here instead of overwriting DB")
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     p.add_argument("--force", action="store_true", help="calibrate even if the database was built for another model")
@@ -73,6 +79,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from neuraldb.calibration import calibrate, read_corpus, text_openings
     from neuraldb.cli_support import load_model_verbose
 
+    if args.relation_gate is not None and args.subject_gate is not None:
+        raise CLIError("--relation-gate and --subject-gate: a row holds one of their keys; give one of them")
     out = args.out or args.db
     if not args.dry_run:
         check_output(out, replace=True)
@@ -90,6 +98,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         dry_run=args.dry_run, progress=lambda line: print(line, flush=True),
     )  # fmt: skip
     print(report.summary())
+    if args.subject_gate is not None and not args.dry_run:
+        from neuraldb.subject_gate import enable_subject_gate
+
+        given = enable_subject_gate(model, tok, db, rho=args.subject_gate)
+        print(f"subject gate on (rho {args.subject_gate:g}): {given} facts with a previous-token key")
     if args.relation_gate is not None and not args.dry_run:
         from neuraldb.calibration import enable_relation_gate
 

@@ -116,7 +116,9 @@ class DatabaseRetrieval:
         gate = self.relation_gate
         if gate is None or relation_keys is None:
             return out
-        return confirm(queries, out, idx, relation_keys, rho=gate["rho"], window=gate["window"])
+        return confirm(
+            queries, out, idx, relation_keys, rho=gate["rho"], window=gate["window"], offset=gate.get("offset", 0)
+        )
 
     def retrieve_residuals(self, queries: torch.Tensor, gamma: float, *, backend: str | None = None) -> torch.Tensor:
         """``retrieve(queries, gamma)[0]``, the gated residuals alone: what a patched forward adds.

@@ -15,6 +15,10 @@ too. Measured (docs/results): on question-style facts (KnowEdit zsRE) it shuts n
 another relation and keeps the rephrased questions; on CounterFact's paraphrases, worded differently from the
 prompt, it shuts many of the fact's own paraphrases, so it is off unless asked for.
 
+The same check looks back with ``"offset"``: ``{"rho": r, "window": 0, "offset": -1}`` with each row's key read at
+the token before its subject's last is the subject gate (:mod:`neuraldb.subject_gate`); a position whose window
+reaches before its forward's first position counts as seen.
+
 Example::
 
     >>> import torch
@@ -36,17 +40,23 @@ MAX_WINDOW = 4096
 
 
 def check_relation_gate(value: object) -> dict | None:
-    """``value`` as ``{"rho": float, "window": int}`` or None; TypeError/ValueError naming what is wrong."""
+    """``value`` as ``{"rho": float, "window": int}`` (plus ``"offset": int`` when it is not 0) or None;
+    TypeError/ValueError naming what is wrong."""
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {"rho", "window"}:
-        raise TypeError(f"relation_gate must be None or a dict with keys 'rho' and 'window', got {value!r:.80}")
-    rho, window = value["rho"], value["window"]
+    if not isinstance(value, dict) or not {"rho", "window"} <= set(value) <= {"rho", "window", "offset"}:
+        raise TypeError(
+            f"relation_gate must be None or a dict with keys 'rho', 'window' and optionally 'offset', got {value!r:.80}"
+        )
+    rho, window, offset = value["rho"], value["window"], value.get("offset", 0)
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not -1 <= rho <= 1:
         raise ValueError(f"relation_gate['rho'] must be a number in [-1, 1], got {rho!r}")
     if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"relation_gate['window'] must be an int in [0, {MAX_WINDOW}], got {window!r}")
-    return {"rho": float(rho), "window": int(window)}
+    if isinstance(offset, bool) or not isinstance(offset, int) or not -MAX_WINDOW <= offset <= MAX_WINDOW:
+        raise ValueError(f"relation_gate['offset'] must be an int in [{-MAX_WINDOW}, {MAX_WINDOW}], got {offset!r}")
+    out = {"rho": float(rho), "window": int(window)}
+    return out | {"offset": int(offset)} if offset else out
 
 
 def confirm(
@@ -57,8 +67,11 @@ def confirm(
     *,
     rho: float,
     window: int,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """``out`` with the opened positions whose row's relation is not seen zeroed (in place when possible).
+    """``out`` with the opened positions whose row's key is not seen zeroed (in place when possible): a position
+    ``s`` stays open if some ``t`` in ``[s + offset, s + offset + window]`` has ``cos(q_t, key) > rho``; a ``t``
+    before the forward's first position (a decode step's previous tokens) counts as seen.
 
     ``queries`` ``(..., T, d1)`` (the second-to-last axis is the sequence; 2-D: one sequence), ``out`` ``(..., T,
     d2)`` and ``idx`` ``(..., T)`` as the op returns them for those queries, ``relation_keys`` ``(m, d1)`` unit rows
@@ -74,12 +87,14 @@ def confirm(
     q = torch.nn.functional.normalize(queries.reshape(-1, t_len, d1).float(), dim=-1)
     b, s = opened.nonzero(as_tuple=True)
     shut = torch.zeros_like(b, dtype=torch.bool)
-    offsets = torch.arange(window + 1, device=q.device)
+    offsets = torch.arange(offset, offset + window + 1, device=q.device)
     for start in range(0, b.numel(), _CHUNK):
         bb, ss = b[start : start + _CHUNK], s[start : start + _CHUNK]
         rk = relation_keys[ix[bb, ss]].float()
-        t = (ss[:, None] + offsets).clamp(max=t_len - 1)
-        seen = (q[bb[:, None], t] * rk[:, None, :]).sum(-1).amax(-1) > rho
+        t = ss[:, None] + offsets
+        before = (t < 0).any(-1)
+        t = t.clamp(min=0, max=t_len - 1)
+        seen = ((q[bb[:, None], t] * rk[:, None, :]).sum(-1).amax(-1) > rho) | before
         shut[start : start + _CHUNK] = ~seen & rk.ne(0).any(-1)
     if bool(shut.any()):
         o[b[shut], s[shut]] = 0

@@ -22,7 +22,7 @@ import torch
 
 from neuraldb import templates
 from neuraldb.editing import engine, model_access, prepass
-from neuraldb.editing.contexts import context_texts, fact_rows, generate_prefixes, make_batch
+from neuraldb.editing.contexts import context_mean, context_texts, fact_rows, generate_prefixes, make_batch
 from neuraldb.editing.defaults import EditConfig, defaults_for, recorded, resolve
 from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
 from neuraldb.editing.easyedit import as_facts as _as_facts
@@ -113,8 +113,6 @@ def _run_facts(model, tok, facts, cfg, template, h, want_residuals: bool, bar: E
                 r.fact = j
                 rows.append(r)
         batch = make_batch(rows, pad, device)
-        is_key_row = torch.tensor([r.kl_pos < 0 for r in rows], device=device)
-        fact_of = torch.tensor([r.fact for r in rows], device=device)
         idx = torch.tensor(chunk)
         if want_residuals:
             bar.status(f"{batch_label} preparing")
@@ -130,24 +128,7 @@ def _run_facts(model, tok, facts, cfg, template, h, want_residuals: bool, bar: E
             del prep
         else:
             row_keys = engine.key_pass(h, batch)
-        # key rows of a fact come in context order: the bare prompt first
-        w = torch.ones(len(rows), device=device)
-        n_ctx = len(contexts)
-        if cfg.key_bare_weight is not None and n_ctx > 1:
-            bare = torch.tensor([r.kl_pos < 0 and r.subj >= 0 for r in rows], device=device)
-            first = torch.zeros(len(rows), dtype=torch.bool, device=device)
-            seen = set()
-            for j, r in enumerate(rows):
-                if r.kl_pos < 0 and r.fact not in seen:
-                    seen.add(r.fact)
-                    first[j] = True
-            w = torch.where(first, cfg.key_bare_weight, (1 - cfg.key_bare_weight) / (n_ctx - 1)) * bare
-        w = w * is_key_row
-        if cfg.key_unit_mean:
-            row_keys = torch.nn.functional.normalize(row_keys, dim=-1)
-        k = torch.zeros(len(chunk), d1, device=device).index_add(0, fact_of, row_keys * w[:, None])
-        cnt = torch.zeros(len(chunk), device=device).index_add(0, fact_of, w)
-        keys[idx] = (k / cnt[:, None]).cpu()
+        keys[idx] = context_mean(row_keys, rows, len(chunk), len(contexts), cfg).cpu()
         if not want_residuals:
             bar.finished(len(chunk))
     if stats is not None and want_residuals:

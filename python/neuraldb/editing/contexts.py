@@ -243,3 +243,26 @@ def length_buckets(lengths: Sequence[int], cost: int) -> list[list[int]]:
         j = cut[j]
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [[i for i in order if lo <= lengths[i] <= hi] for lo, hi in reversed(edges)]
+
+
+def context_mean(row_keys: torch.Tensor, rows: Sequence[Row], n_facts: int, n_contexts: int, cfg) -> torch.Tensor:
+    """Each fact's key ``(n_facts, d1)``: the mean of its context rows' keys (``row_keys`` ``(len(rows), d1)``; KL
+    rows left out), each scaled to unit length first with ``cfg.key_unit_mean``, the bare prompt (a fact's first
+    context row) weighted ``cfg.key_bare_weight`` and the prefixed contexts sharing the rest when that is set."""
+    device = row_keys.device
+    w = torch.ones(len(rows), device=device)
+    if cfg.key_bare_weight is not None and n_contexts > 1:
+        first = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        seen: set[int] = set()
+        for j, r in enumerate(rows):
+            if r.kl_pos < 0 and r.fact not in seen:
+                seen.add(r.fact)
+                first[j] = True
+        w = torch.where(first, cfg.key_bare_weight, (1 - cfg.key_bare_weight) / (n_contexts - 1))
+    w = w * torch.tensor([r.kl_pos < 0 and r.subj >= 0 for r in rows], device=device)
+    if cfg.key_unit_mean:
+        row_keys = torch.nn.functional.normalize(row_keys, dim=-1)
+    fact_of = torch.tensor([r.fact for r in rows], device=device)
+    k = torch.zeros(n_facts, row_keys.shape[-1], device=device).index_add(0, fact_of, row_keys * w[:, None])
+    cnt = torch.zeros(n_facts, device=device).index_add(0, fact_of, w)
+    return k / cnt[:, None]

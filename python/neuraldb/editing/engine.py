@@ -72,12 +72,16 @@ class Precision:
 
 
 @torch.no_grad()
-def key_pass(h: Handles, batch: Batch) -> torch.Tensor:
-    """Down-projection input at the subject's last token of every row, (B, d1), in float32."""
+def key_pass(h: Handles, batch: Batch, offset: int = 0) -> torch.Tensor:
+    """Down-projection input at the subject's last token of every row (``offset`` < 0: that many tokens before it),
+    (B, d1), in float32."""
     got = {}
+    # the subject's last token sits at column P; the tokens before it at their own positions
+    cols = torch.tensor([batch.P if offset == 0 else r.subj + offset for r in batch.rows], device=batch.ids.device)
 
     def grab(mod, inp, out):
-        got["k"] = by_token(first_output(inp), len(batch.rows))[:, batch.P].float()
+        x = by_token(first_output(inp), len(batch.rows))
+        got["k"] = x[torch.arange(len(batch.rows), device=x.device), cols].float()
         raise StopForward
 
     with hooks((h.down_proj.register_forward_hook, grab)):
