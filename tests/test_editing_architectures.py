@@ -67,3 +67,26 @@ def test_pass_and_steps_match_a_plain_forward(arch, compute):
         n = len(row.ids) - row.subj
         torch.testing.assert_close(last[i, :n].float(), ref[row.subj :], atol=2e-4, rtol=1e-3)
         torch.testing.assert_close(prep.keys[i], got["k"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_key_pass_reads_what_a_plain_forward_gives(arch):
+    """The keys-only pass (groups, shared prefixes, a forward that stops at layer l) at the subject's last token and
+    the token before it."""
+    model = tiny_model(arch)
+    h = model_access.handles(model, PATCH_LAYER)
+    rows = [r for r in _rows(h.lm_head.weight.shape[0]) if r.kl_pos < 0]
+    batch = make_batch(rows, 0, "cpu")
+    got0, got1 = engine.key_pass(h, batch), engine.key_pass(h, batch, offset=-1)
+    for i, row in enumerate(rows):
+        seen = {}
+
+        def grab(mod, inp, out):
+            seen["q"] = by_token(inp[0], 1)[0]
+
+        hd = h.down_proj.register_forward_hook(grab)
+        with torch.no_grad():
+            h.base(input_ids=torch.tensor([row.ids]))
+        hd.remove()
+        torch.testing.assert_close(got0[i], seen["q"][row.subj], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got1[i], seen["q"][row.subj - 1], atol=1e-5, rtol=1e-4)

@@ -29,7 +29,6 @@ import torch
 from neuraldb.editing.contexts import Batch, call_cost, length_buckets
 from neuraldb.editing.model_access import (
     Handles,
-    StopForward,
     build_cache,
     by_token,
     first_output,
@@ -38,7 +37,7 @@ from neuraldb.editing.model_access import (
     step_attention,
     stubbed_layers,
 )
-from neuraldb.editing.prepass import Prepared
+from neuraldb.editing.prepass import Prepared, row_keys
 
 
 class Precision:
@@ -71,25 +70,10 @@ class Precision:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def key_pass(h: Handles, batch: Batch, offset: int = 0) -> torch.Tensor:
     """Down-projection input at the subject's last token of every row (``offset`` < 0: that many tokens before it),
-    (B, d1), in float32."""
-    got = {}
-    # the subject's last token sits at column P; the tokens before it at their own positions
-    cols = torch.tensor([batch.P if offset == 0 else r.subj + offset for r in batch.rows], device=batch.ids.device)
-
-    def grab(mod, inp, out):
-        x = by_token(first_output(inp), len(batch.rows))
-        got["k"] = x[torch.arange(len(batch.rows), device=x.device), cols].float()
-        raise StopForward
-
-    with hooks((h.down_proj.register_forward_hook, grab)):
-        try:
-            h.base(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos, use_cache=False)
-        except StopForward:
-            pass
-    return got["k"]
+    (B, d1), in float32 (:func:`neuraldb.editing.prepass.row_keys`)."""
+    return row_keys(h, batch, offset)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

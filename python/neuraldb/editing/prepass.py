@@ -251,3 +251,70 @@ def prepare(h: Handles, batch: Batch, precision=None) -> Prepared:
         h_norm=out.h_norm,
         kl_ref=out.kl_ref(),
     )
+
+
+@torch.no_grad()
+def row_keys(h: Handles, batch: Batch, offset: int = 0) -> torch.Tensor:
+    """The down-projection input of layer l at each row's subject's last token (``offset`` < 0: that many tokens
+    before it), ``(rows, d1)`` float32, from forwards that stop there, grouped and sharing prefixes as
+    :func:`prepare` does (only layers <= l run)."""
+    rows, device = batch.rows, batch.ids.device
+    out: torch.Tensor | None = None
+    for group in _groups(rows):
+        g_rows = [rows[i] for i in group]
+        # the position read must be computed by the rows' own pass, not by the shared one
+        c = max(0, min(_shared_len(g_rows), min(r.subj for r in g_rows) + offset))
+        past = None
+        if c > 0:
+            t = torch.tensor([g_rows[0].ids[:c]], device=device)
+            cache = new_cache(h.model)
+            with hooks((h.layers[h.layer].register_forward_hook, _raise_stop)):
+                try:
+                    h.base(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True, **{h.cache_kwarg: cache})
+                except StopForward:
+                    pass
+            past = kv_tensors(cache)
+        for bucket in length_buckets([len(r.ids) - c for r in g_rows], call_cost(device)):
+            k = _bucket_keys(h, [g_rows[j] for j in bucket], c, past, offset, batch.pad_id, device)
+            if out is None:
+                out = k.new_zeros(len(rows), k.shape[-1])
+            out[torch.tensor([group[j] for j in bucket], device=device)] = k
+    return out
+
+
+def _bucket_keys(h: Handles, rows, c: int, past, offset: int, pad_id: int, device) -> torch.Tensor:
+    """:func:`row_keys` of rows that continue the shared ``past`` of ``c`` tokens, unpadded but for their tail."""
+    W = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), W), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), W), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.ids)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cols = torch.tensor([r.subj + offset - c for r in rows], device=device)
+    got: dict = {}
+
+    def grab(mod, inp, o):
+        x = by_token(first_output(inp), len(rows))
+        got["k"] = x[torch.arange(len(rows), device=x.device), cols].float()
+        raise StopForward
+
+    kv = (
+        None
+        if past is None
+        else [None if p is None else tuple(t.expand(len(rows), -1, -1, -1) for t in p) for p in past]
+    )
+    cache = new_cache(h.model) if kv is None else build_cache(h.model, kv, range(h.layer + 1))
+    pos = torch.arange(W, device=device).expand(len(rows), W)[:, c:]
+    with hooks((h.down_proj.register_forward_hook, grab)):
+        try:
+            h.base(
+                input_ids=ids[:, c:], attention_mask=mask, position_ids=pos, use_cache=True, **{h.cache_kwarg: cache}
+            )
+        except StopForward:
+            pass
+    return got["k"]
+
+
+def _raise_stop(mod, inp, out):
+    raise StopForward
