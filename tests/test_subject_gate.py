@@ -87,3 +87,19 @@ def test_text_openings_count_only_what_passes_the_gate(tiny):
     db.relation_gate = {"rho": 1.0, "window": 0, "offset": -1}  # none passes: only unchecked positions stay open
     shut = text_openings(model, tok, db, text, tokens=512)["open"]
     assert shut < plain["open"]
+
+
+def test_decode_steps_keep_the_plan_and_longer_forwards_are_checked():
+    e = torch.eye(4)
+    db = NeuralKVDatabase(4, 1, dtype=torch.float32)
+    db.add(e[:1], torch.ones(1, 1), relation_keys=e[1:2])
+    db.relation_gate = {"rho": 0.5, "window": 2}  # looks ahead: every call takes the checked path
+    with db.lock:
+        assert db.eager_plan(0.5, 1) is None
+    db.relation_gate = {"rho": 0.5, "window": 0, "offset": -1}
+    with db.lock:
+        _, plan = db.eager_plan(0.5, 2)
+    one = plan.residuals(e[:1][None])  # (1, 1, d1): a decode step, nothing before it to check
+    assert one is not None and one.flatten().tolist() == [1.0]
+    got = plan.residuals(torch.stack([e[2], e[0], e[1], e[0]])[None])
+    assert got.flatten().tolist() == [0.0, 0.0, 0.0, 1.0]

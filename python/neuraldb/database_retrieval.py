@@ -162,7 +162,8 @@ class DatabaseRetrieval:
         ``self.state_token() is token`` (every write that changes the rows, the buffers or the policy replaces it).
         None while the policy wants a sketch that is not built and a call of ``rows`` rows would not build it."""
         storage, policy = self._storage, self._policy
-        if storage.relation_buf is not None and self.relation_gate is not None:
+        gate = self.relation_gate if storage.relation_buf is not None else None
+        if gate is not None and gate.get("offset", 0) + gate["window"] >= 0:
             return None  # the relation check runs on the retrieval's rows and positions: gated_residuals does it
         use = self._prefilter and storage.n >= policy.min_keys
         if use and storage.sketch_buf is None:
@@ -173,14 +174,29 @@ class DatabaseRetrieval:
         _, keys, values, sketch, signs, thresholds, _ = views
         if not use:
             sketch = signs = None
-        return views, plan_retrieval(
-            keys, values, gamma, sketch=sketch, signs=signs, policy=policy, thresholds=thresholds
-        )
+        plan = plan_retrieval(keys, values, gamma, sketch=sketch, signs=signs, policy=policy, thresholds=thresholds)
+        if gate is not None:  # a gate that only looks back (the subject gate)
+            plan = _DecodePlan(plan, lambda q: self.gated_residuals(q, gamma, "cpu"))
+        return views, plan
 
     def state_token(self) -> object:
         """An object that stays the same (``is``) while the rows, buffers and policy do: what :meth:`eager_plan`'s
         token is compared with (call with the lock held)."""
         return self._storage.cached_views
+
+
+class _DecodePlan:
+    """A plan for a database whose gate only looks back: a forward of one position per sequence (a decode step,
+    queries ``(batch, 1, d1)``) has nothing before it to check, so it takes the plan; longer forwards the checked
+    path."""
+
+    def __init__(self, plan: RetrievalPlan, checked) -> None:
+        self.plan, self.checked = plan, checked
+
+    def residuals(self, queries: torch.Tensor) -> torch.Tensor | None:
+        if queries.dim() == 3 and queries.shape[1] == 1:
+            return self.plan.residuals(queries)
+        return self.checked(queries)
 
 
 __all__ = ["DatabaseRetrieval"]
