@@ -103,3 +103,17 @@ def test_decode_steps_keep_the_plan_and_longer_forwards_are_checked():
     assert one is not None and one.flatten().tolist() == [1.0]
     got = plan.residuals(torch.stack([e[2], e[0], e[1], e[0]])[None])
     assert got.flatten().tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_facts_appended_to_a_gated_database_get_their_keys(tiny):
+    model, tok = tiny
+    db = edit(model, tok, FACTS[:2], layer=2, **KW)
+    enable_subject_gate(model, tok, db)
+    edit(model, tok, [FACTS[2], ONE_WORD], db=db, **KW)
+    keys = dict(zip(db.ids(), db.relation_keys))
+    from neuraldb.editing.defaults import resolve
+
+    cfg = resolve(model, layer=2, **KW)
+    want = previous_token_keys(model, tok, [FACTS[2]], 2, template=db.template, config=cfg)[0]
+    torch.testing.assert_close(keys[db.ids()[2]].float(), want, atol=1e-3, rtol=1e-3)
+    assert not keys[db.ids()[3]].any()

@@ -365,7 +365,12 @@ def edit(
     conf = dict(db.config or {})
     conf.update({k: v for k, v in cfg.to_dict().items() if k not in ("layer", "gamma")})
     db.config = conf
-    db.add(keys, resid, facts=facts)
+    gate, gate_keys = db.relation_gate, None
+    if gate is not None and gate.get("offset", 0) < 0:  # the subject gate: new rows get their previous-token keys
+        from neuraldb.subject_gate import previous_token_keys
+
+        gate_keys = previous_token_keys(model, tok, facts, cfg.layer, template=db.template, config=cfg)
+    db.add(keys, resid, facts=facts, relation_keys=gate_keys)
     stats.update(seconds=elapsed, n=len(facts))
     return db
 
