@@ -231,6 +231,7 @@ def test_load_smollm2():
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert model_id(model) == "HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1"
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters()), "weights start on cache-line boundaries"
     assert tok.pad_token is not None
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
