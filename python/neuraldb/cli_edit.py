@@ -125,13 +125,16 @@ def _calibrate(args: argparse.Namespace, model, tok, db) -> None:
     """Per-row gate thresholds from the database's own negatives (no text): see :mod:`neuraldb.calibration`."""
     if args.no_calibrate:
         return
-    from neuraldb.calibration import calibrate
+    from neuraldb.subject_gate import fit_defaults
 
-    print("Fitting per-row gate thresholds (--no-calibrate skips) ...", file=sys.stderr, flush=True)
-    report = calibrate(model, tok, db, None)
     print(
-        f"{report.raised} of {report.fitted} facts got a gate threshold above gamma; `neuraldb calibrate --text` "
-        "fits them on ordinary text too",
+        "Fitting per-row gate thresholds and the subject gate (--no-calibrate skips) ...", file=sys.stderr, flush=True
+    )
+    report, keyed = fit_defaults(model, tok, db)
+    gate = "" if keyed is None else f"; {keyed} facts check the token before their subject's last (subject gate)"
+    print(
+        f"{report.raised} of {report.fitted} facts got a gate threshold above gamma{gate}; `neuraldb calibrate "
+        "--text` fits the thresholds on ordinary text too",
         file=sys.stderr,
     )
 

@@ -127,11 +127,15 @@ def run_eval(
     timing["edit" if db_path is None else "load_db"] = time.perf_counter() - t0
     thresholds = calibration = None
     if db_path is None and calibrate and method == "neuraldb":
-        # what `neuraldb edit` builds: per-row thresholds fitted from the facts themselves (no text)
-        from ..calibration import calibrate as fit
+        # what `neuraldb edit` builds: per-row thresholds fitted from the facts themselves (no text), the subject gate
+        from ..subject_gate import fit_defaults
 
         t0 = time.perf_counter()
-        thresholds, calibration = "calibrated", fit(model, tok, db, None).summary()
+        report, keyed = fit_defaults(model, tok, db)
+        thresholds, calibration = (
+            "calibrated",
+            report.summary() + ("" if keyed is None else f"; subject gate: {keyed} previous-token keys"),
+        )
         timing["calibrate"] = time.perf_counter() - t0
     if save_db is not None:
         db.save(save_db)
