@@ -171,8 +171,12 @@ def test_the_sharded_database_refuses_relation_keys():
     if started:
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match="relation keys"):
+        db.relation_gate = {"rho": 0.5, "window": 0, "offset": -1}
+        with pytest.raises(ValueError, match=r"set db.relation_gate = None to shard it without the gate"):
             ShardedNeuralKVDatabase.from_database(db)
+        db.relation_gate = None  # the keys are inert: sharded without them
+        sharded = ShardedNeuralKVDatabase.from_database(db)
+        assert sharded.ids() == db.ids() and "relation_gate" not in (sharded.config or {})
     finally:
         if started:
             dist.destroy_process_group()

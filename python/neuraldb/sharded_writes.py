@@ -202,8 +202,12 @@ def from_database(
         try:
             if not is_db:
                 raise TypeError(f"db must be a neuraldb.NeuralKVDatabase, got {type(db).__name__}")
-            if db.relation_keys is not None:
-                raise ValueError("db holds relation keys, which the sharded database does not carry yet")
+            if db.relation_keys is not None and db.relation_gate is not None:
+                # with the gate off the keys are inert: the shards go without them
+                raise ValueError(
+                    "db.relation_gate is on (its rows' relation or previous-token keys), which the sharded database "
+                    "does not carry yet: set db.relation_gate = None to shard it without the gate"
+                )
             out = cls(
                 db.key_dim,
                 db.value_dim,
