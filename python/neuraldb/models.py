@@ -236,14 +236,14 @@ def model_id(model: PreTrainedModel) -> str:
     return str(getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
 
 
-def _aligned(model) -> None:
-    """Give every CPU parameter and buffer that does not start on a 64-byte boundary storage of its own (torch's
-    allocator aligns to 64 bytes). Tensors loaded from a safetensors file are views into the file's buffer at the
-    header's offset: every 64-byte vector load of such a weight straddles two cache lines, and a SmolLM2 decode step
-    ran 5-20% slower on them than on a copy (AVX-512, 1 thread)."""
+def _own_memory(model) -> None:
+    """Copy every CPU parameter and buffer into memory of its own. ``from_pretrained`` leaves the weights in pages
+    mapped from the safetensors file, and a decode step on them is slower: SmolLM2, batch 8, 1 thread of an AVX-512
+    CPU, 73.7 ms against 69.0 copied, prefill the same (``benchmarks/bench_loaded_weights.py``). It costs one copy of
+    the weights at load time."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu" and t.numel() and t.data_ptr() % 64:
+            if t.device.type == "cpu" and t.numel():
                 t.data = t.data.clone()
 
 
@@ -251,7 +251,7 @@ def _finish(model, tok, identity: str, dtype: torch.dtype | None, device):
     # None: where from_pretrained put it (a device_map; the checkpoint's dtype for dtype="auto")
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    _aligned(model)
+    _own_memory(model)
     model.eval()
     model.requires_grad_(False)
     model.config.name_or_path = identity
