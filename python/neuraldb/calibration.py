@@ -40,6 +40,7 @@ import torch
 
 from neuraldb import templates
 from neuraldb.database import NeuralKVDatabase
+from neuraldb.database_state import DatabaseChangedError, recorded_layer
 from neuraldb.facts import Fact
 from neuraldb.text_files import read_text
 
@@ -52,10 +53,6 @@ DEFAULT_WINDOW = 512
 _SCORE_ELEMENTS = 1 << 24
 # States scored together against all keys in sequence_negatives_of.
 _SCORE_BLOCK = 4096
-
-
-class DatabaseChangedError(RuntimeError):
-    """The database's rows changed while they were being read and fitted; nothing was set. Run again."""
 
 
 @dataclass
@@ -97,12 +94,6 @@ def read_corpus(path: str | os.PathLike) -> str:
     if not text.strip():
         raise ValueError(f"text: {os.fspath(path)!r} holds no text")
     return text
-
-
-def _layer_of(db: NeuralKVDatabase) -> int:
-    if db.layer is None:
-        raise ValueError("db: the database records no layer (it was not built by neuraldb.edit); set db.layer first")
-    return db.layer
 
 
 def text_states(
@@ -267,7 +258,7 @@ def calibrate(
     for name, value in (("delta", delta), ("margin", margin)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    layer = _layer_of(db)
+    layer = recorded_layer(db)
     gamma = 0.65 if db.gamma is None else db.gamma
     say = progress or (lambda line: None)
     with db.lock:
@@ -380,7 +371,7 @@ def enable_relation_gate(
     from neuraldb.relation_gate import check_relation_gate
 
     gate = check_relation_gate({"rho": rho, "window": window})
-    layer = _layer_of(db)
+    layer = recorded_layer(db)
     with db.lock:
         ids = db.ids()
         pairs = [(i, db.fact(i)) for i in ids]
@@ -412,7 +403,7 @@ def text_openings(
     over ``tokens`` tokens of ``texts`` after ``skip`` (as :func:`text_states` reads them), for the first ``rows``
     rows of ``db`` (default: all) with and without their thresholds; "open" also passes ``db.relation_gate`` when
     it is on (a window's first scored position counts its unscored previous token as seen)."""
-    windows = text_windows(model, tokenizer, _layer_of(db), texts, tokens=tokens, skip=skip)
+    windows = text_windows(model, tokenizer, recorded_layer(db), texts, tokens=tokens, skip=skip)
     text = torch.cat(windows)
     gamma = 0.65 if db.gamma is None else db.gamma
     with db.lock:

@@ -125,7 +125,7 @@ def _calibrate(args: argparse.Namespace, model, tok, db) -> None:
     """Per-row gate thresholds from the database's own negatives (no text): see :mod:`neuraldb.calibration`."""
     if args.no_calibrate:
         return
-    from neuraldb.subject_gate import fit_defaults
+    from neuraldb.gate_fit import fit_defaults
 
     print(
         "Fitting per-row gate thresholds and the subject gate (--no-calibrate skips) ...", file=sys.stderr, flush=True

@@ -38,6 +38,17 @@ UNIT_TOLERANCE = 1e-2
 SCAN_ROWS = 4096
 
 
+class DatabaseChangedError(RuntimeError):
+    """The database's rows changed while they were being read and fitted; nothing was set. Run again."""
+
+
+def recorded_layer(db) -> int:
+    """The layer ``db`` records; ValueError naming what to do when it records none."""
+    if db.layer is None:
+        raise ValueError("db: the database records no layer (it was not built by neuraldb.edit); set db.layer first")
+    return db.layer
+
+
 @dataclass
 class DatabaseState:
     """The rows (row ``i`` of ``keys``/``values`` is fact ``ids[i]`` with metadata ``facts[i]``), the next id to

@@ -9,7 +9,7 @@ down-projection input at the token before its subject's last one (averaged over 
 key is), and a position that opens the row stays open only if the position before it has cosine above ``rho`` with
 that key. The previous position of the first token of a forward (a decode step) is not known there, so such a
 position is not checked. ``neuraldb edit``, ``neuraldb eval`` and ``neuraldb serve`` turn it on after fitting the
-thresholds (:func:`fit_defaults`; ``--no-calibrate`` skips both). It uses the slot of :mod:`neuraldb.relation_gate` (a row holds one of the two keys) with
+thresholds (:func:`neuraldb.gate_fit.fit_defaults`; ``--no-calibrate`` skips both). It uses the slot of :mod:`neuraldb.relation_gate` (a row holds one of the two keys) with
 the check one position back (``{"rho": rho, "window": 0, "offset": -1}``).
 
 Example::
@@ -26,7 +26,7 @@ import torch
 from neuraldb import templates
 from neuraldb.facts import Fact
 
-__all__ = ["DEFAULT_RHO", "enable_subject_gate", "fit_defaults", "previous_token_keys"]
+__all__ = ["DEFAULT_RHO", "enable_subject_gate", "previous_token_keys"]
 
 # Measured on 1,000 CounterFact facts (SmolLM2, layer 6): the names that share only an edited subject's last word
 # scored at most 0.13 with its key, the facts' own paraphrases above 0.3 in 98.6% of cases.
@@ -88,12 +88,12 @@ def enable_subject_gate(model, tok, db, *, rho: float = DEFAULT_RHO) -> int:
         >>> enable_subject_gate(model, tok, db)       # doctest: +SKIP
         947
     """
-    from neuraldb.calibration import DatabaseChangedError, _layer_of
+    from neuraldb.database_state import DatabaseChangedError, recorded_layer
     from neuraldb.editing.defaults import EditConfig, recorded, resolve
     from neuraldb.relation_gate import check_relation_gate
 
     gate = check_relation_gate({"rho": rho, "window": 0, "offset": -1})
-    layer = _layer_of(db)
+    layer = recorded_layer(db)
     config = resolve(model, layer=layer, **recorded(db.config, EditConfig.names() - {"layer", "gamma"}))
     with db.lock:
         ids = db.ids()
@@ -106,22 +106,3 @@ def enable_subject_gate(model, tok, db, *, rho: float = DEFAULT_RHO) -> int:
             db.update([i for i, _ in chosen], relation_keys=keys)
     db.relation_gate = gate
     return int(keys.norm(dim=-1).gt(0).sum())
-
-
-def fit_defaults(model, tok, db):
-    """What ``neuraldb edit``, ``neuraldb eval`` and ``neuraldb serve`` fit after editing: per-row thresholds from
-    the database's own facts (:func:`neuraldb.calibration.calibrate` without text), then the subject gate at
-    :data:`DEFAULT_RHO`, unless the database has a gate that looks ahead (the relation gate holds the key slot).
-    Returns the calibration report and the number of rows given a previous-token key (None: gate left as it was).
-
-    Example::
-
-        >>> report, keyed = fit_defaults(model, tok, db)     # doctest: +SKIP
-    """
-    from neuraldb.calibration import calibrate
-
-    report = calibrate(model, tok, db, None)
-    gate = db.relation_gate
-    if gate is not None and gate.get("offset", 0) + gate["window"] >= 0:
-        return report, None
-    return report, enable_subject_gate(model, tok, db, rho=DEFAULT_RHO if gate is None else gate["rho"])

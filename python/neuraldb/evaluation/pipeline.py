@@ -128,7 +128,7 @@ def run_eval(
     thresholds = calibration = None
     if db_path is None and calibrate and method == "neuraldb":
         # what `neuraldb edit` builds: per-row thresholds fitted from the facts themselves (no text), the subject gate
-        from ..subject_gate import fit_defaults
+        from ..gate_fit import fit_defaults
 
         t0 = time.perf_counter()
         report, keyed = fit_defaults(model, tok, db)

@@ -208,7 +208,7 @@ class FactStore:
 
     def _calibrate(self) -> None:
         """Fit the thresholds for ``_uncalibrated`` (called with the lock held; released while fitting)."""
-        from neuraldb.calibration import DatabaseChangedError
+        from neuraldb.database_state import DatabaseChangedError
 
         assert self.calibrator is not None
         jobs, self._uncalibrated = self._uncalibrated, []
@@ -338,14 +338,14 @@ def editor_for(
     **hparams: Any,
 ) -> tuple[Editor, Calibrator]:
     """The usual editor and calibrator: :func:`neuraldb.edit` with ``db``'s layer, template, gamma and editing
-    config (``hparams`` override them), and :func:`neuraldb.subject_gate.fit_defaults` of ``db`` (thresholds from its
+    config (``hparams`` override them), and :func:`neuraldb.gate_fit.fit_defaults` of ``db`` (thresholds from its
     facts alone and the subject gate, as ``neuraldb edit`` fits them). Both run on a copy of ``model`` when ``on_copy`` (so generation goes on while a
     fact is edited) or on ``model`` itself, holding ``lock`` (which the generation worker holds around its forwards:
     editing turns the patch off and may swap the weights' dtype, and both hook the edited layer). ``model`` must not
     be patched yet when ``on_copy``."""
     from neuraldb.database import NeuralKVDatabase
     from neuraldb.editing import edit
-    from neuraldb.subject_gate import fit_defaults
+    from neuraldb.gate_fit import fit_defaults
 
     editing_model = copy.deepcopy(model) if on_copy else model
     editing_tok = copy.deepcopy(tok)  # a fast tokenizer is not safe to use from two threads at once
