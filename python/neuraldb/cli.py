@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="edit only facts START..STOP-1 of the file, with those indices as ids (for `neuraldb merge`)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-calibrate", action="store_true", help="fit no per-row gate thresholds after editing")
+    p.add_argument(
+        "--no-calibrate", action="store_true", help="fit no per-row gate thresholds and no subject gate after editing"
+    )
     p.add_argument("--no-warm-start", action="store_true", help="start every residual from zero (docs/editing.md)")
 
     p = sub.add_parser(

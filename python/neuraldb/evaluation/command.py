@@ -73,7 +73,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-db", type=Path, help="save the database built by editing here")
     p.add_argument(
         "--no-calibrate", action="store_true",
-        help="evaluate the database as edited, without the per-row gate thresholds `neuraldb edit` fits from the facts",
+        help="evaluate the database as edited, without the thresholds and subject gate `neuraldb edit` fits",
     )  # fmt: skip
     p.add_argument(
         "--edit-args",

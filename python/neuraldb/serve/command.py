@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable[[argpar
     )  # fmt: skip
     p.add_argument(
         "--no-calibrate", action="store_true",
-        help="do not fit the gate thresholds again after facts are added (as `neuraldb edit --no-calibrate`)",
+        help="do not fit the gate (thresholds, subject gate) again after facts are added (as `neuraldb edit --no-calibrate`)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="serve even if the database was built for another model")
 
