@@ -89,7 +89,10 @@ _VARIANTS = {
     "all": ("plain", "int4", "1bit+int4"),
     # the default cascade with and without per-row gate thresholds (0.99 on every row: tested where a gate opens)
     "thresholds": ("1bit+int4", "1bit+int4+thr"),
+    # the default cascade without and with the subject gate (random previous-token keys: a decode step checks none)
+    "subject-gate": ("1bit+int4", "1bit+int4+subject"),
 }
+_SUBJECT_GATE = {"rho": 0.3, "window": 0, "offset": -1}
 DEFAULT_M = (0, 2_000, 10_000, 20_000, 100_000, 1_000_000)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -105,6 +108,12 @@ def _use_sketch(db, variant: str) -> None:
     want = 0.99 if variant.endswith("+thr") else -1.0
     if len(db) and float(db.thresholds[0]) != want:
         db.set_thresholds(db.ids(), want)
+    gate = _SUBJECT_GATE if variant.endswith("+subject") else None
+    if gate is not None and db.relation_keys is None and len(db):
+        g = torch.Generator().manual_seed(0)
+        db.update(db.ids(), relation_keys=torch.randn(len(db), db.key_dim, generator=g).to(db.device))
+    if db.relation_gate != gate:
+        db.relation_gate = gate
 
 
 def variant_label(sketch: str, backend: str | None, several_backends: bool) -> str:
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
         choices=list(_VARIANTS),
         help="the database's key sketches for decode steps (on: its default, 1-bit + int4; both: patched "
         "with and without them in the same interleaved repetitions; all: also the int4 sketch alone; thresholds: "
-        "the default with and without per-row gate thresholds)",
+        "the default with and without per-row gate thresholds; subject-gate: without and with the subject gate)",
     )
     ap.add_argument(
         "--threads",
