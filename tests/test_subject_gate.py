@@ -9,9 +9,10 @@ from _tiny_editing import FACTS
 from neuraldb import NeuralKVDatabase, edit, templates
 from neuraldb.editing import model_access
 from neuraldb.editing.contexts import _subject_last, context_texts, generate_prefixes
+from neuraldb.editing.previous_keys import previous_token_keys
 from neuraldb.facts import Fact
 from neuraldb.relation_gate import check_relation_gate
-from neuraldb.subject_gate import enable_subject_gate, previous_token_keys
+from neuraldb.subject_gate import enable_subject_gate
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("neuraldb_cache")

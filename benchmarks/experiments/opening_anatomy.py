@@ -31,6 +31,7 @@ from _common import machine_description
 from neuraldb import calibration as cal
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.editing import model_access
+from scaling_run import first_rows
 
 WIKITEXT = ROOT.parent / "shared/data/general_eval/wikitext2_raw_test.txt.gz"
 WINDOW = 512
@@ -84,8 +85,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = neuraldb.load_model("smollm2")
-    full = NeuralKVDatabase.load(args.db)
-    db = NeuralKVDatabase.from_state(full.state().select_rows(range(args.n)).replace(thresholds=None))
+    db = first_rows(NeuralKVDatabase.load(args.db), args.n)
     corpus = [cal.read_corpus(WIKITEXT)]  # as calibration_run.py and the general evaluation read it
     report = cal.calibrate(model, tok, db, corpus, tokens=args.calibrate_tokens, skip=args.calibrate_skip,
                            delta=args.delta, margin=args.margin)  # fmt: skip

@@ -5,8 +5,8 @@
 Held-out WikiText-2 opens gates mostly where a name ends in the same word as an edited subject ("the Drum Theatre"
 opens "Armstrong Circle Theatre", "Los Angeles" opens "NCIS: Los Angeles": benchmarks/experiments/opening_anatomy.py).
 The key at the subject's last token is dominated by that word. This simulation gives each row whose subject has
-more than one token a *previous-token key*: the down-projection input at the token before the subject's last one,
-averaged over the editing contexts as the row's own key is. A gate opened at position t would stay open only if cos(q_{t-1}, that key) > rho.
+more than one token its *previous-token key* (``neuraldb.enable_subject_gate``: the down-projection input at the
+token before the subject's last one, averaged over the editing contexts as the row's own key is). A gate opened at position t would stay open only if cos(q_{t-1}, that key) > rho.
 Measured, for rho in a grid: the share of the facts' own prompts (bare and the editing contexts) and paraphrases
 that keep their row, and the held-out text openings (after calibration with the defaults) that would be shut, with
 the log-loss they cost.
@@ -30,6 +30,8 @@ from neuraldb import templates
 from neuraldb.database import NeuralKVDatabase
 from neuraldb.editing import model_access
 from neuraldb.editing.contexts import _subject_last, context_texts, generate_prefixes
+from neuraldb.subject_gate import enable_subject_gate
+from scaling_run import first_rows
 
 WIKITEXT = ROOT.parent / "shared/data/general_eval/wikitext2_raw_test.txt.gz"
 WINDOW = 512
@@ -54,38 +56,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = neuraldb.load_model("smollm2")
-    full = NeuralKVDatabase.load(args.db)
-    db = NeuralKVDatabase.from_state(full.state().select_rows(range(args.n)).replace(thresholds=None))
+    db = first_rows(NeuralKVDatabase.load(args.db), args.n)
     facts = [db.fact(i) for i in db.ids()]
     t = db.template
     h = model_access.handles(model, db.layer)
     pad = templates.pad_id(tok)
     grid = [float(x) for x in args.rho.split(",")]
 
-    # previous-token keys, averaged over the contexts as the row's key is (bare prompt 0.45, the prefixed contexts
-    # the rest, each context's state unit first); None where the subject is one token
-    contexts = context_texts(generate_prefixes(model, tok, n=3, length=10, template=t))
-    per_ctx = []
-    multi_of = []
-    for f in facts:
-        pre = f.prompt.partition("{}")[0]
-        head = tok(templates.apply(t, f.text)[: templates.prefix_len(t) + len(pre)], add_special_tokens=True)[
-            "input_ids"
-        ]
-        _, s0 = _subject_last(tok, t, f.text, len(pre) + len(f.subject))
-        multi_of.append(s0 - 1 >= len(head))  # the token before the subject's last is part of the subject
-        per_ctx.append([_subject_last(tok, t, c + f.text, len(c) + len(pre) + len(f.subject)) for c in contexts])
-    flat = [x for rows in per_ctx for x in rows]
-    qs = _states(h, [x[0] for x in flat], pad)
-    w = torch.tensor([0.45] + [0.55 / (len(contexts) - 1)] * (len(contexts) - 1))
-    prev = []
-    for j in range(len(facts)):
-        if not multi_of[j]:
-            prev.append(None)
-            continue
-        got = torch.stack([qs[j * len(contexts) + c][flat[j * len(contexts) + c][1] - 1] for c in range(len(contexts))])
-        prev.append(torch.nn.functional.normalize((w[:, None] * got).sum(0), dim=0))
+    # the library's previous-token keys (neuraldb.subject_gate); a zero row where the subject is one token
+    enable_subject_gate(model, tok, db)
+    prev = [k.float() if k.any() else None for k in db.relation_keys]
     multi = sum(p is not None for p in prev)
+    contexts = context_texts(generate_prefixes(model, tok, n=3, length=10, template=t))
 
     def kept(seqs_pos):
         """share of (fact, ids, s) whose previous-token cosine passes each rho (one-token subjects always pass)."""

@@ -96,20 +96,9 @@ def read_corpus(path: str | os.PathLike) -> str:
     return text
 
 
-def text_states(
-    model: torch.nn.Module,
-    tokenizer,
-    layer: int,
-    texts: Sequence[str],
-    *,
-    tokens: int = DEFAULT_TOKENS,
-    skip: int = 0,
-    window: int = DEFAULT_WINDOW,
-) -> torch.Tensor:
-    """Unit down-projection inputs of ``layer`` (fp32 ``(positions, d1)``) over ``tokens`` tokens of ``texts`` (joined
-    by newlines, tokenised raw) after the first ``skip``, in windows of ``window`` tokens as perplexity is scored;
-    each window's first token (context only, and an attention-sink outlier) is left out."""
-    return torch.cat(text_windows(model, tokenizer, layer, texts, tokens=tokens, skip=skip, window=window))
+def text_states(model: torch.nn.Module, tokenizer, layer: int, texts: Sequence[str], **options: int) -> torch.Tensor:
+    """:func:`text_windows` joined: fp32 ``(positions, d1)``."""
+    return torch.cat(text_windows(model, tokenizer, layer, texts, **options))
 
 
 def text_windows(
@@ -122,7 +111,9 @@ def text_windows(
     skip: int = 0,
     window: int = DEFAULT_WINDOW,
 ) -> list[torch.Tensor]:
-    """:func:`text_states`, one tensor per window (the sequence checks of :mod:`neuraldb.relation_gate` need them)."""
+    """Unit down-projection inputs of ``layer`` over ``tokens`` tokens of ``texts`` (joined by newlines, tokenised
+    raw) after the first ``skip``, one fp32 ``(positions, d1)`` tensor per window of ``window`` tokens, as perplexity
+    is scored; each window's first token (context only, and an attention-sink outlier) is left out."""
     from neuraldb.editing import model_access
 
     if isinstance(texts, str) or not texts or not any(t.strip() for t in texts):

@@ -26,6 +26,7 @@ from neuraldb.editing.contexts import context_mean, context_texts, fact_rows, ge
 from neuraldb.editing.defaults import EditConfig, defaults_for, recorded, resolve
 from neuraldb.editing.easyedit import EditResult, facts_from_lists, rewrite_success
 from neuraldb.editing.easyedit import as_facts as _as_facts
+from neuraldb.editing.previous_keys import previous_token_keys
 from neuraldb.editing.progress import EditProgress, ProgressSpec
 from neuraldb.editing.warm import ResidualBank, check_init
 from neuraldb.facts import Fact
@@ -367,8 +368,6 @@ def edit(
     db.config = conf
     gate, gate_keys = db.relation_gate, None
     if gate is not None and gate.get("offset", 0) < 0:  # the subject gate: new rows get their previous-token keys
-        from neuraldb.subject_gate import previous_token_keys
-
         gate_keys = previous_token_keys(model, tok, facts, cfg.layer, template=db.template, config=cfg)
     db.add(keys, resid, facts=facts, relation_keys=gate_keys)
     stats.update(seconds=elapsed, n=len(facts))

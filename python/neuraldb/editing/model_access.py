@@ -155,30 +155,36 @@ class StopForward(Exception):
     pass
 
 
-def down_proj_inputs(h: Handles, seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(states, mask)``: the inputs of ``h.down_proj`` (fp32, ``(batch, length, d1)``) for token sequences ``seqs``,
-    right-padded with ``pad_id`` into one batch (``mask`` marks the real tokens), from a forward that stops there."""
+def right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` ``(len(seqs), longest)`` on ``device``: the sequences from column 0, ``pad_id`` after them."""
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(list(s))
         mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def down_proj_inputs(h: Handles, seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states, mask)``: the inputs of ``h.down_proj`` (fp32, ``(batch, length, d1)``) for token sequences ``seqs``,
+    right-padded with ``pad_id`` into one batch (``mask`` marks the real tokens), from a forward that stops there."""
+    device = next(h.down_proj.parameters()).device
+    ids, mask = right_padded(seqs, pad_id, device)
     got = {}
 
     def grab(mod, inp, out):
         got["q"] = by_token(inp[0], len(seqs)).float()
         raise StopForward
 
-    device = next(h.down_proj.parameters()).device
     hook = h.down_proj.register_forward_hook(grab)
     try:
-        h.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        h.base(input_ids=ids, attention_mask=mask, use_cache=False)
     except StopForward:
         pass
     finally:
         hook.remove()
-    return got["q"], mask.to(device).bool()
+    return got["q"], mask.bool()
 
 
 def last_token_states(

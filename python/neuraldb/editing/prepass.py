@@ -33,6 +33,7 @@ from neuraldb.editing.model_access import (
     kv_tensors,
     logits_of,
     new_cache,
+    right_padded,
     stubbed_layers,
 )
 
@@ -133,13 +134,8 @@ def _bucket_pass(h: Handles, rows, c: int, past, S: int, pad_id: int, device, pr
     token, the KV of each row's first P columns, the KL rows' reference log-probs."""
     l = h.layer
     low = precision.dtype if precision is not None else None
-    W = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), W), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), W), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = right_padded([r.ids for r in rows], pad_id, device)
+    W = ids.shape[1]
     pos = torch.arange(W, device=device).expand(len(rows), W)
     at = torch.arange(len(rows), device=device)
     subj = torch.tensor([r.subj - c for r in rows], device=device)  # columns of this pass (it starts at token c)
@@ -284,13 +280,8 @@ def row_keys(h: Handles, batch: Batch, offset: int = 0) -> torch.Tensor:
 
 def _bucket_keys(h: Handles, rows, c: int, past, offset: int, pad_id: int, device) -> torch.Tensor:
     """:func:`row_keys` of rows that continue the shared ``past`` of ``c`` tokens, unpadded but for their tail."""
-    W = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), W), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), W), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = right_padded([r.ids for r in rows], pad_id, device)
+    W = ids.shape[1]
     cols = torch.tensor([r.subj + offset - c for r in rows], device=device)
     got: dict = {}
 
