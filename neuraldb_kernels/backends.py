@@ -156,6 +156,26 @@ def resolve(backend: str | None, device: torch.device, rows: int | None = None) 
     return name
 
 
+def prefiltered_on_triton(name: str, device: torch.device) -> bool:
+    """Whether ``gated_retrieval_prefiltered`` with the resolved backend ``name`` runs the Triton cascade on
+    ``device``: for "triton", and for "cuda", whose extension has no cascade (the plain op's "cuda" and "triton"
+    kernels differ only in near-ties, as the contract allows).
+
+    Example::
+
+        >>> prefiltered_on_triton("cpu", torch.device("cpu")), prefiltered_on_triton("torch", torch.device("cpu"))
+        (False, False)
+    """
+    return name in ("triton", "cuda") and _triton_reason(device.type) is None
+
+
+def prefiltered_triton_kernel():
+    """The Triton cascade (imported on first use, as the plain kernels)."""
+    from neuraldb_kernels.triton_cascade import gated_retrieval_prefiltered_triton
+
+    return gated_retrieval_prefiltered_triton
+
+
 _kernels: dict[Backend, Kernel] = {}
 
 

@@ -66,11 +66,14 @@ def _prefiltered_kernel(
     signs: torch.Tensor | None,
     backend: str,
 ) -> Outputs:
-    # "cpu" runs the C++ kernel; every other backend the PyTorch reference of the pre-filter on the queries' device.
+    # "cpu" runs the C++ kernel, "triton" the Triton cascade, and so does "cuda" (the CUDA extension has no cascade
+    # yet: Triton is the device's other kernel); the rest the PyTorch reference of the pre-filter.
     if backend == "cpu":
         ext = extension.load()
         assert ext is not None
         return ext.gated_retrieval_prefiltered_cpu(queries, keys, values, gamma, sketch, signs)
+    if backends.prefiltered_on_triton(backend, queries.device):
+        return backends.prefiltered_triton_kernel()(queries, keys, values, gamma, sketch, signs)
     return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch, signs)
 
 
@@ -86,10 +89,13 @@ def _gated_retrieval_prefiltered_op(
     return gated_retrieval_prefiltered_reference(queries, keys, values, gamma, sketch, signs)
 
 
-@_gated_retrieval_prefiltered_op.register_kernel("cpu")
-def _(queries, keys, values, gamma, sketch, signs):
+def _prefiltered_device_kernel(queries, keys, values, gamma, sketch, signs):
     name = backends.resolve(None, queries.device, queries.shape[0])
     return _prefiltered_kernel(queries, keys, values, gamma, sketch, signs, name)
+
+
+for _device in DEVICE_TYPES:
+    _gated_retrieval_prefiltered_op.register_kernel(_device)(_prefiltered_device_kernel)
 
 
 _gated_retrieval_prefiltered_op.register_fake(
@@ -323,8 +329,9 @@ def gated_retrieval_prefiltered(
         signs: None, or ``build_signs(keys)`` (kept in step likewise): an exact 1-bit first stage, so that only the
             keys it cannot rule out have their int4 sketch read (~10% of the fp16 key bytes per key at d1 = 1536).
         backend: resolved as for :func:`gated_retrieval`; "cpu" runs the C++ kernel, which rescores with the plain
-            CPU kernel's own dot (so its output is bitwise the plain "cpu" output); any other runs the PyTorch
-            reference of the pre-filter on the queries' device.
+            CPU kernel's own dot (so its output is bitwise the plain "cpu" output); "triton" (and "cuda", which has
+            no cascade of its own yet) the Triton cascade (:mod:`neuraldb_kernels.triton_cascade`, bitwise the plain
+            "triton" output where the gate opens); "torch" the PyTorch reference of the pre-filter.
 
     Returns:
         ``(out, idx, score)``: where the gate opens, the plain op's; where it stays closed, ``out`` zeros (as the

@@ -113,6 +113,60 @@ def _to_bf16_rne(x):
 
 
 @triton.jit
+def _tile_scores(
+    q_cols, nrm, k_rows, n_ok, row_ok, D1,
+    SPLIT_Q: tl.constexpr, LO_SCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The scan's (BLOCK_N, BLOCK_T) scores of one key tile (rows outside ``n_ok`` read as zeros). One helper for the
+    plain scan and the cascade's rescoring (triton_cascade.py), so that both round every key's score alike: a row's
+    score depends only on its own key and the config, never on which other rows of the tile are loaded."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
+    if SPLIT_Q:
+        acc_lo = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
+    for d0 in range(0, D1, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D1
+        k = tl.load(k_rows + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        qt = tl.load(q_cols + d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        if BLOCK_T == 1:
+            qv = tl.sum(qt.to(tl.float32), axis=1)  # the single row as a (BLOCK_D,) vector
+            acc += tl.expand_dims(tl.sum(k.to(tl.float32) * qv[None, :], axis=1), 1)
+        elif SPLIT_Q:
+            qn = tl.div_rn(qt.to(tl.float32), nrm[None, :])
+            q_hi = qn.to(k.dtype)
+            q_lo = ((qn - q_hi.to(tl.float32)) * LO_SCALE).to(k.dtype)
+            acc = _mma(k, q_hi, acc, UPCAST, IEEE)
+            acc_lo = _mma(k, q_lo, acc_lo, UPCAST, IEEE)
+        else:
+            acc = _mma(k, qt.to(k.dtype), acc, UPCAST, IEEE)
+    if SPLIT_Q:
+        acc = acc + acc_lo * (1.0 / LO_SCALE)
+    return acc
+
+
+@triton.jit
+def _row_norms(nrm_ptr, rows, row_ok, SPLIT_Q: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Only the hi/lo split reads them; the other paths get ones they ignore.
+    if SPLIT_Q:
+        return tl.load(nrm_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        return tl.full((BLOCK_T,), 1.0, tl.float32)
+
+
+@triton.jit
+def _running_best(acc, n, n_ok, best, best_i):
+    """(best, best_i) updated with a tile's scores ``acc`` of keys ``n`` (only those in ``n_ok`` count)."""
+    acc = tl.where(n_ok[:, None], acc, float("-inf"))
+    tile_best = tl.max(acc, axis=0)
+    tile_i = tl.min(tl.where(acc == tile_best[None, :], n[:, None], 2147483647), axis=0)
+    # Tiles come in increasing key order: a strict ">" keeps the first index on ties.
+    better = tile_best > best
+    return tl.where(better, tile_best, best), tl.where(better, tile_i, best_i)
+
+
+@triton.jit
 def _scan_kernel(
     q_ptr,
     nrm_ptr,
@@ -140,12 +194,10 @@ def _scan_kernel(
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     # The query block is read transposed, (BLOCK_D, BLOCK_T), so the scores come out as (BLOCK_N keys, BLOCK_T
     # rows): the keys are the MMA's M dimension, which suits Hopper's wgmma for any T.
     q_cols = q_ptr + rows.to(tl.int64)[None, :] * stride_q
-    if SPLIT_Q:
-        nrm = tl.load(nrm_ptr + rows, mask=row_ok, other=1.0)
+    nrm = _row_norms(nrm_ptr, rows, row_ok, SPLIT_Q, BLOCK_T)
 
     start = pid_s * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
@@ -154,35 +206,11 @@ def _scan_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < end
-        k_rows = k_ptr + n.to(tl.int64)[:, None] * stride_k
-        acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
-        if SPLIT_Q:
-            acc_lo = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
-        for d0 in range(0, D1, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D1
-            k = tl.load(k_rows + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            qt = tl.load(q_cols + d[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-            if BLOCK_T == 1:
-                qv = tl.sum(qt.to(tl.float32), axis=1)  # the single row as a (BLOCK_D,) vector
-                acc += tl.expand_dims(tl.sum(k.to(tl.float32) * qv[None, :], axis=1), 1)
-            elif SPLIT_Q:
-                qn = tl.div_rn(qt.to(tl.float32), nrm[None, :])
-                q_hi = qn.to(k.dtype)
-                q_lo = ((qn - q_hi.to(tl.float32)) * LO_SCALE).to(k.dtype)
-                acc = _mma(k, q_hi, acc, UPCAST, IEEE)
-                acc_lo = _mma(k, q_lo, acc_lo, UPCAST, IEEE)
-            else:
-                acc = _mma(k, qt.to(k.dtype), acc, UPCAST, IEEE)
-        if SPLIT_Q:
-            acc = acc + acc_lo * (1.0 / LO_SCALE)
-        acc = tl.where(n_ok[:, None], acc, float("-inf"))
-        tile_best = tl.max(acc, axis=0)
-        tile_i = tl.min(tl.where(acc == tile_best[None, :], n[:, None], 2147483647), axis=0)
-        # Tiles come in increasing key order: a strict ">" keeps the first index on ties.
-        better = tile_best > best
-        best = tl.where(better, tile_best, best)
-        best_i = tl.where(better, tile_i, best_i)
+        acc = _tile_scores(
+            q_cols, nrm, k_ptr + n.to(tl.int64)[:, None] * stride_k, n_ok, row_ok, D1,
+            SPLIT_Q, LO_SCALE, UPCAST, IEEE, BLOCK_T, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        best, best_i = _running_best(acc, n, n_ok, best, best_i)
     tl.store(ps_ptr + pid_s * T + rows, best, mask=row_ok)
     tl.store(pi_ptr + pid_s * T + rows, best_i, mask=row_ok)
 
@@ -238,6 +266,7 @@ def _finish_kernel(
     num_splits,
     EPS: tl.constexpr,
     RNE_BF16: tl.constexpr,
+    CLOSED_EMPTY: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -273,6 +302,10 @@ def _finish_kernel(
         valid = i < M
         i = tl.where(valid, i, 0)
         score = tl.where(valid, _cosine(q_row, k_ptr + i * stride_k, nrm, D1, BLOCK_D), float("-inf"))
+    if CLOSED_EMPTY:
+        # The pre-filtered contract: a closed gate reports no key, since the cascade never scored the keys below it.
+        valid = valid & (score > gamma)
+        score = tl.where(valid, score, float("-inf"))
     tl.store(idx_ptr + t, tl.where(valid, i, -1))
     tl.store(score_ptr + t, score)
 
@@ -489,6 +522,101 @@ def _split_q(q_dtype: torch.dtype, k_dtype: torch.dtype) -> bool:
     return k_dtype != torch.float32 and q_dtype != k_dtype
 
 
+def scan_inputs(queries: torch.Tensor, keys: torch.Tensor, placeholder: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``(nrm, consts)`` of a scan: the row norms (``placeholder`` where the path reads none) and the constexprs
+    that pick the scan's arithmetic."""
+    t, d1 = queries.shape
+    split_q = _split_q(queries.dtype, keys.dtype)  # ignored by the BLOCK_T == 1 path
+    nrm = placeholder
+    if split_q:
+        nrm = torch.empty((t,), dtype=torch.float32, device=queries.device)
+        _norm_kernel[(t,)](queries, nrm, d1, queries.stride(0), EPS=NORM_EPS, BLOCK_D=1024)
+    consts = {
+        "T_BUCKET": t_bucket(t),
+        "SPLIT_Q": split_q,
+        "LO_SCALE": _LO_SCALE[keys.dtype],
+        "UPCAST": _interpreting(),
+        "IEEE": keys.dtype == torch.float32,
+    }
+    return nrm, consts
+
+
+def scan_config(kind: str, consts: dict, config: dict | None = None) -> dict | None:
+    """The scan's tile config for ``kind`` ("row", "decode", "prefill"): the interpreter's, else the default one when
+    autotuning is off or ``config`` overrides it, else None (the autotuner picks)."""
+    if not (_interpreting() or config is not None or not _autotuning()):
+        return None
+    if _interpreting():
+        cfg = dict(_INTERPRET_CONFIG[kind])
+    else:
+        c = _prune(_DEFAULT_CONFIGS[kind], {}, **consts)[0]
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    cfg.update(config or {})
+    return cfg
+
+
+def plain_config(queries: torch.Tensor, keys: torch.Tensor, consts: dict, config: dict | None = None) -> dict:
+    """The tile config the plain scan runs for these inputs (``scan_config``'s, else what the autotuner chose for
+    them, else the default one): the cascade rescores with it, so that each key's score is the plain scan's bitwise.
+    The autotuner's choice is read from its cache under the key ``Autotuner.run`` forms (the key arguments' values,
+    then the dtypes of the tensor arguments), so it is found once the plain op has run on inputs of this bucket."""
+    t, d1 = queries.shape
+    kind = _kind(t)
+    cfg = scan_config(kind, consts, config)
+    if cfg is not None:
+        return cfg
+    _, per = plan_splits(t, keys.shape[0], _sm_count(queries.device), d1 * keys.element_size())
+    f32 = str(torch.float32)
+    key = (t_bucket(t), d1, split_bucket(per), str(queries.dtype), f32, str(keys.dtype), f32, str(torch.int32))
+    tuner = _tuned.get(kind)
+    c = getattr(tuner, "cache", {}).get(key) or _prune(_DEFAULT_CONFIGS[kind], {}, **consts)[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def finish(queries, keys, values, gamma: float, ps, pi, outputs, *, closed_empty: bool) -> None:
+    """Launches the finishing kernel on the per-split ``(ps, pi)`` into ``outputs = (out, idx, score)``; with
+    ``closed_empty`` a closed gate reports ``idx = -1, score = -inf`` (the pre-filtered op's contract)."""
+    out, idx, score = outputs
+    t, d1 = queries.shape
+    interpret = _interpreting()
+    _finish_kernel[(t,)](
+        queries,
+        keys,
+        values,
+        ps,
+        pi,
+        out,
+        idx,
+        score,
+        float(gamma),
+        t,
+        keys.shape[0],
+        d1,
+        values.shape[1],
+        queries.stride(0),
+        keys.stride(0),
+        values.stride(0),
+        out.stride(0),
+        ps.shape[0],
+        EPS=NORM_EPS,
+        RNE_BF16=interpret and queries.dtype == torch.bfloat16 and values.dtype != torch.bfloat16,
+        CLOSED_EMPTY=closed_empty,
+        BLOCK_S=max(16, triton.next_power_of_2(ps.shape[0])),
+        BLOCK_D=256 if interpret else 1024,
+        BLOCK_V=256 if interpret else 1024,
+        num_warps=4,
+    )
+
+
+def check_device(device: torch.device) -> None:
+    """RuntimeError unless Triton kernels can run on ``device`` now."""
+    if device.type == "cpu" and not (_interpreting() and _BUILT_FOR_INTERPRETER):
+        raise RuntimeError(
+            "the Triton kernel runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before "
+            "neuraldb_kernels.triton_kernel (and triton) are first imported"
+        )
+
+
 def gated_retrieval_triton(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -506,12 +634,7 @@ def gated_retrieval_triton(
     if keys.dtype not in _LO_SCALE:
         raise TypeError(f"keys must have dtype float16/bfloat16/float32, got {keys.dtype}")
     device = queries.device
-    interpret = _interpreting()
-    if device.type == "cpu" and not (interpret and _BUILT_FOR_INTERPRETER):
-        raise RuntimeError(
-            "the Triton kernel runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before "
-            "neuraldb_kernels.triton_kernel (and triton) are first imported"
-        )
+    check_device(device)
     t, d1 = queries.shape
     m, d2 = keys.shape[0], values.shape[1]
     if m >= 2**31 - 1:
@@ -531,59 +654,18 @@ def gated_retrieval_triton(
     ps = torch.empty((splits, t), dtype=torch.float32, device=device)
     pi = torch.empty((splits, t), dtype=torch.int32, device=device)
 
-    split_q = _split_q(queries.dtype, keys.dtype)  # ignored by the BLOCK_T == 1 path
-    nrm = ps  # placeholder pointer when SPLIT_Q is off (never read)
     kind = _kind(t)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if split_q:
-            nrm = torch.empty((t,), dtype=torch.float32, device=device)
-            _norm_kernel[(t,)](queries, nrm, d1, queries.stride(0), EPS=NORM_EPS, BLOCK_D=1024)
+        nrm, consts = scan_inputs(queries, keys, ps)
         args = (queries, nrm, keys, ps, pi, t, m, d1, queries.stride(0), keys.stride(0), per, split_bucket(per))
-        consts = {
-            "T_BUCKET": t_bucket(t),
-            "SPLIT_Q": split_q,
-            "LO_SCALE": _LO_SCALE[keys.dtype],
-            "UPCAST": interpret,
-            "IEEE": keys.dtype == torch.float32,
-        }
-        if interpret or config is not None or not _autotuning():
-            if interpret:
-                cfg = dict(_INTERPRET_CONFIG[kind])
-            else:
-                c = _prune(_DEFAULT_CONFIGS[kind], {}, **consts)[0]
-                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            cfg.update(config or {})
+        cfg = scan_config(kind, consts, config)
+        if cfg is not None:
             grid = (triton.cdiv(t, cfg["BLOCK_T"]), splits)
             _scan_kernel[grid](*args, **consts, **cfg)
         else:
             grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), splits)
             _tuned_scan(kind)[grid](*args, **consts)
-        _finish_kernel[(t,)](
-            queries,
-            keys,
-            values,
-            ps,
-            pi,
-            out,
-            idx,
-            score,
-            float(gamma),
-            t,
-            m,
-            d1,
-            d2,
-            queries.stride(0),
-            keys.stride(0),
-            values.stride(0),
-            out.stride(0),
-            splits,
-            EPS=NORM_EPS,
-            RNE_BF16=interpret and queries.dtype == torch.bfloat16 and values.dtype != torch.bfloat16,
-            BLOCK_S=max(16, triton.next_power_of_2(splits)),
-            BLOCK_D=256 if interpret else 1024,
-            BLOCK_V=256 if interpret else 1024,
-            num_warps=4,
-        )
+        finish(queries, keys, values, gamma, ps, pi, (out, idx, score), closed_empty=False)
     return out, idx, score
 
 
