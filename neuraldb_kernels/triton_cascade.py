@@ -78,6 +78,15 @@ def rank_margin(d1: int) -> float:
     return 5 * _gamma_n(d1 + 2) + RHO_ABS
 
 
+def stage_d(block_t: int) -> int:
+    """Elements of d1 per step of the bound stages: narrow for 16-row blocks, whose (keys, rows) bound terms
+    already fill the registers (compiled for sm_90 with the default decode config: 1168 bytes of stack at 32, 1824 at
+    64); wide under the interpreter, where each step costs the same whatever its width."""
+    if tk._interpreting():
+        return 128
+    return 64 if block_t == 1 else 32
+
+
 @triton.jit
 def _col(rc, c: tl.constexpr):
     """Column ``c`` of the (BLOCK_T, NCONST) per-row constants, as a (1, BLOCK_T) row to broadcast over keys."""
@@ -177,7 +186,7 @@ def _cascade_kernel(
     keys_per_split,
     HAS_SIGNS: tl.constexpr, NOUT: tl.constexpr, NCONST: tl.constexpr,
     SPLIT_Q: tl.constexpr, LO_SCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGE_D: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -199,13 +208,13 @@ def _cascade_kernel(
         if HAS_SIGNS:
             keep = _sign_pass(
                 s32, s16, s8, stride_s32, stride_s16, stride_s, n, n_ok, q8_ptr, qn_ptr, rows, row_ok, rc, gamma,
-                D1, UPCAST, BLOCK_T, BLOCK_D, NOUT,
+                D1, UPCAST, BLOCK_T, STAGE_D, NOUT,
             )  # fmt: skip
         alive = tl.max(keep.to(tl.int32), axis=1) > 0
         if tl.max(alive.to(tl.int32), axis=0) > 0:
             keep = keep & _int4_pass(
                 k32, k16, k8, stride_k32, stride_k16, stride_sk, n, alive, qn_ptr, rows, row_ok, rc, gamma, D1, G,
-                UPCAST, BLOCK_T, BLOCK_D,
+                UPCAST, BLOCK_T, STAGE_D,
             )  # fmt: skip
             cand = tl.max(keep.to(tl.int32), axis=1) > 0
             if tl.max(cand.to(tl.int32), axis=0) > 0:
@@ -279,6 +288,7 @@ def gated_retrieval_prefiltered_triton(
         cfg = tk.plain_config(queries, keys, kc, config)
         kc.pop("T_BUCKET")
         grid = (triton.cdiv(t, cfg["BLOCK_T"]), splits)
+        cfg["STAGE_D"] = stage_d(cfg["BLOCK_T"])
         s32, s16 = rows.view(torch.float32), rows.view(torch.int16)
         k32, k16 = sketch.view(torch.float32), sketch.view(torch.int16)
         _cascade_kernel[grid](
