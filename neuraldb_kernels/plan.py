@@ -18,16 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
+from neuraldb_kernels.backends import prefiltered_on_triton
 from neuraldb_kernels.op import bind_cpu_residuals, gated_retrieval_unchecked
 from neuraldb_kernels.reference import apply_row_thresholds
+
+# The backends other than "cpu" that run a cascade ("triton", "cuda") serve CUDA tensors (and CPU ones only under
+# the Triton interpreter, in tests).
+_CUDA = torch.device("cuda")
 
 
 @dataclass(frozen=True)
 class PrefilterPolicy:
     """Which calls scan the exact key sketches instead of every key (the output is bitwise the same either way).
 
-    Only the C++ CPU kernel runs the sketch stages; the defaults were measured on a 2-core AVX-512 CPU (Zen 4),
-    1 thread, d1 = 1536 (docs/overhead.md):
+    The C++ CPU kernel runs the sketch stages, and with ``gpu`` the Triton cascade on CUDA tensors ("triton" and
+    "cuda" backends; :mod:`neuraldb_kernels.triton_cascade`); the defaults were measured on a 2-core AVX-512 CPU
+    (Zen 4), 1 thread, d1 = 1536 (docs/overhead.md):
 
     * ``min_keys``, ``max_rows``: the int4 sketch scan wins for one query row from ~500 keys (0.12 -> 0.09 ms;
       10k: 1.2 -> 0.54 ms) and breaks even at two rows, since it scores each row separately while the exact scan
@@ -39,12 +45,16 @@ class PrefilterPolicy:
       0.5, 10k random keys: 99% pass, 1.13 ms against 0.66).
     * ``signs_max_rows``: rows up to which the cascade still beats the exact scan, sharing each key's sign row across
       the rows (gamma 0.65, 10k / 100k keys: 8 rows 3.7 / 26.6 ms against 4.7 / 37.3 for the exact scan).
+    * ``gpu``: off until the GPU cascade is measured against the plain scan (docs/gpu.md); on, CUDA calls follow
+      the same thresholds.
 
     Example::
 
         >>> p = PrefilterPolicy()
         >>> p.wants_sketch("cpu", 10_000, 1, 0.65), p.uses_signs(0.65), p.max_rows_at(0.65), p.max_rows_at(0.5)
         (True, True, 8, 1)
+        >>> p.wants_sketch("triton", 10_000, 1, 0.65)
+        False
     """
 
     min_keys: int = 1000
@@ -52,6 +62,7 @@ class PrefilterPolicy:
     signs: bool = True
     signs_min_gamma: float = 0.6
     signs_max_rows: int = 8
+    gpu: bool = False
 
     def uses_signs(self, gamma: float) -> bool:
         """Whether calls at ``gamma`` run the 1-bit stage in front of the int4 one."""
@@ -63,7 +74,9 @@ class PrefilterPolicy:
 
     def wants_sketch(self, backend: str, keys: int, rows: int, gamma: float) -> bool:
         """Whether a call of ``rows`` query rows on ``keys`` keys, served by ``backend``, takes the sketches."""
-        return backend == "cpu" and keys >= self.min_keys and rows <= self.max_rows_at(gamma)
+        if backend != "cpu" and not (self.gpu and prefiltered_on_triton(backend, _CUDA)):
+            return False
+        return keys >= self.min_keys and rows <= self.max_rows_at(gamma)
 
 
 DEFAULT_POLICY = PrefilterPolicy()

@@ -51,6 +51,17 @@ if not INTERPRETING:
         for d1 in (5, 64, 1536, 14336, 65535):
             assert rank_margin(d1) >= 2.01 * _gamma_n(d1 + 1) + 2 * _gamma_n(d1) + 2.0**-16
 
+    def test_policy_sends_cuda_decode_to_the_cascade_only_when_asked():
+        from neuraldb_kernels import PrefilterPolicy
+
+        on = PrefilterPolicy(gpu=True)
+        for backend in ("triton", "cuda"):
+            assert not PrefilterPolicy().wants_sketch(backend, 10_000, 1, 0.65)
+            assert on.wants_sketch(backend, 10_000, 1, 0.65) and on.wants_sketch(backend, 10_000, 8, 0.65)
+            assert not on.wants_sketch(backend, 500, 1, 0.65) and not on.wants_sketch(backend, 10_000, 9, 0.65)
+        assert not on.wants_sketch("torch", 10_000, 1, 0.65)
+        assert on.wants_sketch("cpu", 10_000, 1, 0.65) == PrefilterPolicy().wants_sketch("cpu", 10_000, 1, 0.65)
+
 else:
     import neuraldb_kernels
     from neuraldb_kernels import config, extension
@@ -161,7 +172,9 @@ else:
         gamma = float(torch.nextafter(score, torch.tensor(-1.0)))  # one fp32 step below key 0's score
         _, idx, _ = check(q, keys, values, gamma, vs_reference=False)
         assert idx.tolist() == [0]
-        _, idx, _ = check(q, keys, values, float(score), vs_reference=False)  # exactly at gamma: closed (the gate is strict)
+        _, idx, _ = check(
+            q, keys, values, float(score), vs_reference=False
+        )  # exactly at gamma: closed (the gate is strict)
         assert idx.tolist() == [-1]
         # r stored 10% low: the sign stage now rules key 0 out, although its score passes.
         signs = build_signs(keys)
@@ -225,3 +238,21 @@ else:
             cpu = neuraldb_kernels.gated_retrieval_prefiltered(*args, backend="cpu")
             assert torch.equal(cpu[1], want[1]) and torch.equal(cpu[0], want[0])
             assert ((cpu[2] - want[2]).abs()[want[1] >= 0] <= score_error_bound(case.keys.shape[1])).all()
+
+    def test_database_routes_decode_to_the_cascade(monkeypatch):
+        from neuraldb import NeuralKVDatabase
+
+        from neuraldb_kernels import PrefilterPolicy, backends
+
+        calls = []
+        real = backends.prefiltered_triton_kernel()
+        monkeypatch.setattr(backends, "prefiltered_triton_kernel", lambda: lambda *a: calls.append(1) or real(*a))
+        g = torch.Generator().manual_seed(10)
+        db = NeuralKVDatabase(64, 4)
+        db.add(torch.randn(300, 64, generator=g), torch.randn(300, 4, generator=g))
+        q = torch.cat([db.keys[[5, 200]].float() * 2, torch.randn(1, 64, generator=g)])
+        want = db.retrieve_residuals(q, 0.6, backend="triton")  # the default policy: the plain scan
+        assert db.sketch is None and not calls
+        db.prefilter_policy = PrefilterPolicy(min_keys=100, gpu=True)
+        got = db.retrieve_residuals(q, 0.6, backend="triton")
+        assert calls and db.sketch is not None and torch.equal(got, want) and got[:2].any(dim=1).all()

@@ -88,9 +88,10 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
     sketches cost +36.6% of the fp16 key bytes (26.8% int4, 9.8% signs), so they are built only when first
     needed: the first :meth:`retrieve_residuals` call that ``prefilter_policy``
     (:class:`neuraldb_kernels.PrefilterPolicy`) sends to them builds them for all rows, and from then on every change
-    keeps them in step. A database on a GPU, or never used for CPU decoding, holds none. They are never saved (nor
-    built by :meth:`load`), are dropped by :meth:`to` a non-CPU device, and ``db.prefilter = False`` frees them and
-    keeps them off.
+    keeps them in step. A database on a GPU holds none unless its policy's ``gpu`` sends CUDA decode steps to the
+    Triton cascade (off by default until measured; then they are built on the GPU at the first such call). They are
+    never saved (nor built by :meth:`load`), are dropped by :meth:`to` another device, and ``db.prefilter = False``
+    frees them and keeps them off.
 
     Each row may have a gate threshold of its own (:attr:`thresholds`, :meth:`set_thresholds`; ``neuraldb
     calibrate`` fits them): its residual is retrieved only where the best key's cosine exceeds both gamma and the
@@ -282,8 +283,8 @@ class NeuralKVDatabase(DatabaseWrites, DatabaseRetrieval):
 
     @property
     def prefilter_policy(self) -> PrefilterPolicy:
-        """Which CPU calls read the key sketches (:data:`neuraldb_kernels.DEFAULT_POLICY`; same output either way).
-        A patched model sees a new policy at its next forward."""
+        """Which calls read the key sketches (:data:`neuraldb_kernels.DEFAULT_POLICY`: CPU decode steps; CUDA ones
+        too with ``gpu=True``; same output either way). A patched model sees a new policy at its next forward."""
         return self._policy
 
     @prefilter_policy.setter

@@ -123,8 +123,9 @@ class DatabaseRetrieval:
     def retrieve_residuals(self, queries: torch.Tensor, gamma: float, *, backend: str | None = None) -> torch.Tensor:
         """``retrieve(queries, gamma)[0]``, the gated residuals alone: what a patched forward adds.
 
-        Where ``prefilter_policy`` sends the call to the key sketches (the C++ CPU kernel, enough keys, few query
-        rows: decode), it scans them and rescores only the keys that can pass the gate
+        Where ``prefilter_policy`` sends the call to the key sketches (the C++ CPU kernel, or the Triton cascade on
+        CUDA where the policy's ``gpu`` is set; enough keys, few query rows: decode), it scans them and rescores only
+        the keys that can pass the gate
         (:func:`neuraldb_kernels.gated_retrieval_prefiltered`): the result is bitwise the same. The first such call
         builds both sketches (one pass over the keys, under the lock). ``db.prefilter = False`` turns that off.
         """

@@ -201,7 +201,8 @@ class RowStorage:
         self.changed()
 
     def to(self, device: torch.device) -> None:
-        """Move every buffer to ``device``; the sketches, which only the CPU kernel reads, are dropped off the CPU."""
+        """Move every buffer to ``device``; the sketches are dropped off the CPU (rebuilt there on the first call
+        that reads them)."""
         if device == self.device:
             return
         self.keys_buf = moved(self.keys_buf, device)
