@@ -281,6 +281,23 @@ def test_nominal_peak_lookup(bench):
     assert bench.nominal_peak("Some Future GPU") is None
 
 
+def test_cascade_columns(bench):
+    row = bench.Row(t=1, m=1000, d1=64, d2=4, times_ms={"triton": 1.0, "cascade": 0.25, "read_probe": 0.5})
+    d = bench.derive(row, None)
+    assert d["cascade_x_read"] == pytest.approx(0.5) and d["cascade_speedup_vs_triton"] == pytest.approx(4.0)
+    row.derived = d
+    head, line = bench.format_table([row]).splitlines()[0:3:2]
+    assert "cas/rd" in head and line.split()[-2:] == ["0.500", "4.00"]
+    # Row 0 opens (0.9 > 0.6); rows 1 and 2 stay closed, which the cascade reports as -1, -inf and zeros.
+    out = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
+    plain = (out, torch.tensor([4, 7, 2]), torch.tensor([0.9, 0.5, 0.1]))
+    cascade = (out.clone(), torch.tensor([4, -1, -1]), torch.tensor([0.9, float("-inf"), float("-inf")]))
+    assert bench.matches_plain(cascade, plain, 0.6) == 1.0
+    cascade[1][0] = 5
+    assert bench.matches_plain(cascade, plain, 0.6) == pytest.approx(2 / 3)
+    assert bench.bytes_needed(1000, 1536, 8, 1, sketches=True) > bench.bytes_needed(1000, 1536, 8, 1) + 1000 * 1100
+
+
 def test_table_and_json(bench, tmp_path):
     rows = [bench.Row(1, 10_000, 4096, 4096, times_ms={"triton": 0.05, "eager": 0.4, "read_probe": 0.03})]
     rows[0].derived = bench.derive(rows[0], None)

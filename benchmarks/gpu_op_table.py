@@ -4,10 +4,16 @@
     python benchmarks/gpu_op_table.py                                    # the full table (about 10-20 minutes)
     python benchmarks/gpu_op_table.py --T 1 8 16 --m 100000 --d1 14336  # the decode target (issue 7)
     python benchmarks/gpu_op_table.py --dry-run                          # the plan and memory needs; no GPU needed
+    python benchmarks/gpu_op_table.py --T 1 8 --m 2000 10000 100000 1000000 --d1 14336 \
+        --peers triton cascade read_probe                                # the exact cascade against the plain scan
 
 Peers, per (T, m, d1), fp16 keys (unit rows), fp16 values (m, d2), fp16 queries:
   triton, cuda       the backends, called through ``neuraldb_kernels.gated_retrieval`` (the op's full path);
                      ``first_call_s`` records Triton's autotuning on the first call of each shape key
+  cascade            ``gated_retrieval_prefiltered`` on the Triton backend (signs, int4 sketch, exact rescoring;
+                     T <= 16 only), its sketches built once per database; ``cascade_matches_triton`` is the share of
+                     rows equal to the plain Triton output bitwise (closed gates as -1/-inf), ``cascade_x_read``
+                     its time over the read probe's (the fp16 key-read floor)
   eager              ``gated_retrieval_torch`` (chunked fp32 matmuls, argmax, gather)
   compiled           ``torch.compile`` of the reference: the whole function where its key loop has at most
                      ``--max-unrolled-chunks`` chunks, else of one chunk step with the loop in Python (dynamo would
@@ -41,7 +47,7 @@ from _common import write_json as _write_json
 DEFAULT_T = (1, 8, 16, 128, 2048)
 DEFAULT_M = (10_000, 100_000, 1_000_000)
 DEFAULT_D1 = (4096, 14336)
-PEERS = ("triton", "cuda", "eager", "compiled", "read_probe", "gemm_probe")
+PEERS = ("triton", "cascade", "cuda", "eager", "compiled", "read_probe", "gemm_probe")
 # Dense fp16/bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
 NOMINAL_FP16_TFLOPS = {
     "H200": 989.4,
@@ -84,9 +90,14 @@ def plan(ts, ms, d1s) -> list[Shape]:
     return [Shape(t, m, d1) for d1 in sorted(set(d1s)) for m in sorted(set(ms)) for t in sorted(set(ts))]
 
 
-def bytes_needed(m: int, d1: int, d2: int, t: int, elem: int = 2) -> int:
-    """Peak device bytes of one shape: keys, values, queries/outputs and the largest peer's workspace."""
+def bytes_needed(m: int, d1: int, d2: int, t: int, elem: int = 2, sketches: bool = False) -> int:
+    """Peak device bytes of one shape: keys, values (and the cascade's sketches), queries/outputs and the largest
+    peer's workspace."""
+    from neuraldb_kernels import sign_row_bytes, sketch_row_bytes
+
     keys, values = m * d1 * elem, m * d2 * elem
+    if sketches:
+        keys += m * (sketch_row_bytes(d1) + sign_row_bytes(d1))
     ref_chunk = max(1, REF_CHUNK_BYTES // (4 * (t + d1)))
     ref_ws = min(m, ref_chunk) * (4 * d1 + 4 * t)  # fp32 key chunk + fp32 scores
     gemm_ws = min(m, 65_536) * (d1 * elem + t * elem)
@@ -111,7 +122,9 @@ def derive(row: Row, nominal_tflops: float | None) -> dict[str, float]:
         out["read_probe_gbps"] = probe_gbps
     if gemm_tflops:
         out["gemm_probe_tflops"] = gemm_tflops
-    for peer in ("triton", "cuda", "eager", "compiled"):
+    if "cascade" in tm and "read_probe" in tm:
+        out["cascade_x_read"] = tm["cascade"] / tm["read_probe"]
+    for peer in ("triton", "cascade", "cuda", "eager", "compiled"):
         if peer not in tm:
             continue
         secs = tm[peer] * 1e-3
@@ -124,6 +137,8 @@ def derive(row: Row, nominal_tflops: float | None) -> dict[str, float]:
             out[f"{peer}_pct_gemm_probe"] = 100.0 * tflops / gemm_tflops
         if nominal_tflops:
             out[f"{peer}_pct_nominal"] = 100.0 * tflops / nominal_tflops
+        if peer == "cascade" and "triton" in tm:
+            out["cascade_speedup_vs_triton"] = tm["triton"] / tm["cascade"]
         for base in ("eager", "compiled"):
             if base in tm and base != peer:
                 out[f"{peer}_speedup_vs_{base}"] = tm[base] / tm[peer]
@@ -141,7 +156,7 @@ def format_table(rows: list[Row]) -> str:
     head = (
         f"{'T':>5} {'m':>9} {'d1':>6} | "
         + " ".join(f"{p:>10}" for p in PEERS)
-        + " | triton%rd  cuda%rd  tri/eag  tri/cmp  tri%gemm"
+        + " | triton%rd  cuda%rd  tri/eag  tri/cmp  tri%gemm  cas/rd  tri/cas"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -154,9 +169,11 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"{r.t:>5} {r.m:>9} {r.d1:>6} | {cells} | {f('triton_pct_read_probe')} "
             f"{f('cuda_pct_read_probe')} {f('triton_speedup_vs_eager', '{:8.2f}')} "
-            f"{f('triton_speedup_vs_compiled', '{:8.2f}')} {f('triton_pct_gemm_probe')}"
+            f"{f('triton_speedup_vs_compiled', '{:8.2f}')} {f('triton_pct_gemm_probe')} "
+            f"{f('cascade_x_read', '{:7.3f}')} {f('cascade_speedup_vs_triton', '{:7.2f}')}"
         )
     lines.append("times in ms per call (median); %rd = % of the same-run key read; tri/eag, tri/cmp = speedups")
+    lines.append("cas/rd = cascade time / key-read time (below 1: under the fp16 floor); tri/cas = its speedup")
     return "\n".join(lines)
 
 
@@ -274,18 +291,21 @@ def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, li
     avail = {p: backends.BACKENDS[p].unavailable_reason("cuda") for p in ("triton", "cuda")}
     meta["unavailable"] = {p: r for p, r in avail.items() if r}
     rows: list[Row] = []
-    db_key, keys, values = None, None, None
+    db_key, keys, values, sketches = None, None, None, None
     for shp in shapes:
         if db_key != (shp.m, shp.d1):
-            keys = values = None
+            keys = values = sketches = None
             torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info()
-            need = bytes_needed(shp.m, shp.d1, d2, max(s.t for s in shapes if (s.m, s.d1) == (shp.m, shp.d1)))
+            t_max = max(s.t for s in shapes if (s.m, s.d1) == (shp.m, shp.d1))
+            need = bytes_needed(shp.m, shp.d1, d2, t_max, sketches="cascade" in peers)
             if not fits(need, free):
                 log(f"skip m={shp.m} d1={shp.d1}: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
                 db_key = (shp.m, shp.d1)
                 continue
             keys, values = build_db(shp.m, shp.d1, d2)
+            if "cascade" in peers:
+                sketches = (neuraldb_kernels.build_sketch(keys), neuraldb_kernels.build_signs(keys))
             db_key = (shp.m, shp.d1)
         if keys is None:
             continue
@@ -299,11 +319,19 @@ def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, li
             if avail.get(peer):
                 row.notes[peer] = f"unavailable: {avail[peer]}"
                 continue
-            if peer == "gemm_probe" and shp.t < 16:
+            if (peer == "gemm_probe" and shp.t < 16) or (peer == "cascade" and shp.t > 16):
                 continue
             try:
                 if peer in ("triton", "cuda"):
                     fn = lambda p=peer: neuraldb_kernels.gated_retrieval(q, keys, values, gamma, backend=p)
+                    t0 = time.perf_counter()
+                    results[peer] = fn()
+                    torch.cuda.synchronize()
+                    row.first_call_s[peer] = time.perf_counter() - t0
+                elif peer == "cascade":
+                    fn = lambda: neuraldb_kernels.gated_retrieval_prefiltered(
+                        q, keys, values, gamma, *sketches, backend="triton"
+                    )
                     t0 = time.perf_counter()
                     results[peer] = fn()
                     torch.cuda.synchronize()
@@ -328,6 +356,8 @@ def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, li
             except Exception as exc:  # a peer failing (OOM, compile error) must not lose the rest of the table
                 row.notes[peer] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
                 torch.cuda.empty_cache()
+        if "cascade" in results and "triton" in results:
+            row.derived["cascade_matches_triton"] = matches_plain(results["cascade"], results["triton"], gamma)
         if "eager" in results:
             ref_idx = results["eager"][1]
             for peer in ("triton", "cuda", "compiled"):
@@ -338,6 +368,16 @@ def measure(shapes, d2, peers, gamma, max_unrolled, log=print) -> tuple[dict, li
         log(format_table([row]).splitlines()[2])
         del results
     return meta, rows
+
+
+def matches_plain(cascade, plain, gamma: float) -> float:
+    """Share of rows where the cascade's (out, idx, score) is the plain op's bitwise, its closed gates as the
+    pre-filtered contract reports them (-1, -inf, zeros)."""
+    out, idx, score = plain
+    open_ = (score > gamma) & (idx >= 0)
+    want_idx, want_score = torch.where(open_, idx, -1), torch.where(open_, score, float("-inf"))
+    same = (cascade[1] == want_idx) & (cascade[2] == want_score) & (cascade[0] == out).all(dim=1)
+    return same.float().mean().item()
 
 
 def _version(mod: str) -> str | None:
@@ -366,7 +406,7 @@ def main(argv=None) -> int:
     shapes = plan(args.T, args.m, args.d1)
     if args.dry_run:
         for s in shapes:
-            need = bytes_needed(s.m, s.d1, args.d2, s.t)
+            need = bytes_needed(s.m, s.d1, args.d2, s.t, sketches="cascade" in args.peers)
             print(f"T={s.t:>5} m={s.m:>9} d1={s.d1:>6}: {need / 2**30:6.2f} GiB")
         return 0
     if not torch.cuda.is_available():

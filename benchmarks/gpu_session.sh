@@ -6,7 +6,9 @@
 #      1M (issue 6's floor target: in a replayed graph the patch adds its kernels' device time and no host time);
 #   3. tests/test_gpu.py for the CUDA kernel;
 #   4. the eager decode steps with each backend paired (in a launch-bound eager step the host time is what the patch
-#      adds), the op table at the issue's targets, the host time of each layer of the patched path.
+#      adds), the op table at the issue's targets (with the exact cascade's column), the host time of each layer of
+#      the patched path;
+#   5. the Triton cascade against the plain Triton scan at 2k-1M keys (issue 27): its table goes to bench.log only.
 # OUTDIR gets 8 files (the device tool returns at most 8): env.txt, build.log, tests.log, bench.log and four JSON
 # results.
 # The 1M-fact points of 8B width peak at ~75 GB (the database doubling its buffers next to a 16 GB model): on the
@@ -68,4 +70,8 @@ echo "op table rc=$?" >>"$OUTDIR/bench.log"
 timeout 90 "$PY" benchmarks/experiments/host_overhead.py --device cuda --calls 300 --out "$OUTDIR/host_overhead.json" \
     >>"$OUTDIR/bench.log" 2>&1
 echo "host overhead rc=$?" >>"$OUTDIR/bench.log"
+# JSON kept out of OUTDIR (8 files at most); the 1M point needs ~46 GB (keys, values, sketches).
+timeout 150 "$PY" benchmarks/gpu_op_table.py --T 1 8 --m 2000 10000 100000 1000000 --d1 14336 \
+    --peers triton cascade read_probe --out "$WORK/op_table_cascade.json" >>"$OUTDIR/bench.log" 2>&1
+echo "op table cascade rc=$?" >>"$OUTDIR/bench.log"
 rm -rf "$WORK"

@@ -27,6 +27,7 @@ CHECKS = [
     "test_plan_builds_each_database_once",
     "test_memory_estimate",
     "test_derived_columns",
+    "test_cascade_columns",
     "test_nominal_peak_lookup",
     "test_table_and_json",
     "test_dry_run_needs_no_gpu",
