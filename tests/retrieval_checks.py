@@ -11,7 +11,11 @@ Used by the op tests on CPU, the Triton interpreter tests, the emulated CUDA ker
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -19,6 +23,25 @@ import torch
 
 from neuraldb_kernels import config
 from neuraldb_kernels.reference import gated_retrieval_reference, normalize_queries, score_error_bound
+
+
+def run_under_interpreter(test_file: str) -> None:
+    """Run ``test_file`` in a subprocess with ``TRITON_INTERPRET=1`` (``triton.jit`` reads it at import, so it cannot
+    be switched on inside this process) and fail with its output unless every test there passed, none skipped."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / "tests"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
 
 
 def use_config(request: pytest.FixtureRequest, **changes: object) -> None:

@@ -10,8 +10,6 @@ As in test_triton_interpret.py, a normal run holds one test that re-runs this fi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrieval_checks import adversarial_cases, near_queries, unit_keys
+from retrieval_checks import adversarial_cases, near_queries, run_under_interpreter, unit_keys
 
 from neuraldb_kernels.prefilter import _gamma_n
 
@@ -31,19 +29,7 @@ if not INTERPRETING:
 
     def test_cascade_under_the_interpreter():
         """Runs the interpreter tests below in a subprocess with TRITON_INTERPRET=1 (under a minute on 2 cores)."""
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+        run_under_interpreter(__file__)
 
     def test_rank_margin_covers_the_documented_terms():
         from neuraldb_kernels.triton_cascade import rank_margin
